@@ -1,0 +1,372 @@
+"""The vfio-user server driven by the project's own client: every command, hostile input."""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import socket
+import stat
+import struct
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+from vfio_user_client import Client, ErrorReply, ServerThread, eventfd, eventfd_count
+
+from vfio_ep.pci import testdev
+from vfio_ep.pci.capabilities import PCI_CAP_ID_EXP, PCI_CAP_ID_MSI, PCI_CAP_ID_MSIX, PCI_CAP_ID_PM
+from vfio_ep.vfio_user import protocol as p
+from vfio_ep.vfio_user.protocol import Command, Irq, Region
+
+MSIX_CTRL_ENABLE = 0x8000
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[ServerThread]:
+    with ServerThread(testdev.build({}), tmp_path / "run" / "ep.sock") as srv:
+        yield srv
+
+
+@pytest.fixture
+def client(server: ServerThread) -> Iterator[Client]:
+    c = Client(server.path)
+    yield c
+    c.close()
+
+
+def wait_disconnected(server: ServerThread) -> None:
+    for _ in range(100):
+        if server.listener.active is None:
+            return
+        threading.Event().wait(0.05)
+    raise AssertionError("the server still serves the old client")
+
+
+def serves_again(server: ServerThread) -> None:
+    """After whatever happened, a fresh client negotiates and reads config space."""
+    wait_disconnected(server)
+    c = Client(server.path)
+    assert c.cfg_read32(0) == 0xEDDA16C3
+    c.close()
+
+
+def test_socket_is_private_and_parent_created(server: ServerThread) -> None:
+    mode = server.path.stat().st_mode
+    assert stat.S_ISSOCK(mode)
+    assert stat.S_IMODE(mode) == 0o600
+
+
+def test_version_and_device_info(client: Client) -> None:
+    caps = client.version()["capabilities"]
+    assert caps["max_msg_fds"] == 16
+    assert caps["max_data_xfer_size"] == 1 << 20
+    assert caps["write_multiple"] is True
+    assert len(p.version_capabilities()) + 16 + 4 + 1 < 214  # QEMU's reply buffer
+    info = client.device_info()
+    assert info["flags"] == p.DEVICE_FLAGS_PCI | p.DEVICE_FLAGS_RESET
+    assert (info["num_regions"], info["num_irqs"]) == (9, 5)
+
+
+def test_region_info_sizes_and_sparse_mmap(client: Client, server: ServerThread) -> None:
+    sizes = {i: client.region_info(i)[0]["size"] for i in range(9)}
+    assert sizes == {0: 16 << 10, 1: 64 << 10, 2: 1 << 20, 3: 0, 4: 0, 5: 0, 6: 0, 7: 4096, 8: 0}
+    short, caps, fds = client.region_info(Region.BAR2)
+    assert short["argsz"] > 32 and not short["flags"] & p.REGION_INFO_FLAG_CAPS
+    assert not caps and not fds
+    info, caps, fds = client.region_info(Region.BAR2, argsz=short["argsz"])
+    assert info["flags"] & p.REGION_INFO_FLAG_MMAP and info["cap_offset"] == 32
+    assert len(fds) == 1
+    cap = p.SparseMmapCap.parse(caps)
+    assert cap.id == p.REGION_INFO_CAP_SPARSE_MMAP
+    assert [(a.offset, a.size) for a in cap.areas] == [(0, 1 << 20)]
+    # The guest's mapping and the server's see the same bytes.
+    m = mmap.mmap(fds[0], 1 << 20, offset=info["offset"])
+    os.close(fds[0])
+    m[0x100:0x104] = b"ABCD"
+    assert client.read(Region.BAR2, 0x100, 4) == b"ABCD"
+    client.write(Region.BAR2, 0x200, b"wxyz")
+    assert m[0x200:0x204] == b"wxyz"
+    m.close()
+    # Register BARs are trapped: no MMAP, no fd.
+    info, _, fds = client.region_info(Region.BAR0, argsz=256)
+    assert not info["flags"] & p.REGION_INFO_FLAG_MMAP and not fds
+
+
+def test_config_space_write_semantics(client: Client) -> None:
+    assert client.cfg_read32(0x00) == 0xEDDA16C3
+    assert client.cfg_read32(0x08) >> 8 == 0xFF0000
+    # BAR sizing: the writable bits are the address bits.
+    client.cfg_write(0x10, 0xFFFFFFFF)
+    assert client.cfg_read32(0x10) == ~((16 << 10) - 1) & 0xFFFFFFFF
+    assert client.cfg_read32(0x18) & 0xF == 0xC  # BAR2: 64-bit prefetchable
+    client.cfg_write(0x18, 0xFFFFFFFF)
+    client.cfg_write(0x1C, 0xFFFFFFFF)
+    assert client.cfg_read32(0x18) == (~((1 << 20) - 1) & 0xFFFFFFF0) | 0xC
+    assert client.cfg_read32(0x1C) == 0xFFFFFFFF
+    client.cfg_write(0x20, 0xFFFFFFFF)  # absent BAR4
+    assert client.cfg_read32(0x20) == 0
+    client.cfg_write(0x30, 0xFFFFF800)  # no ROM
+    assert client.cfg_read32(0x30) == 0
+    # COMMAND keeps only its defined RW bits; vendor ID is read-only.
+    client.cfg_write(0x04, 0xFFFF, size=2)
+    assert client.cfg_read32(0x04) & 0xFFFF == 0x0547
+    client.cfg_write(0x00, 0x12345678)
+    assert client.cfg_read32(0x00) == 0xEDDA16C3
+    # Unaligned, odd-sized writes are accepted (QEMU does this for MSI-X flags).
+    client.write(Region.CONFIG, 0x3D, b"\x07\x07")
+    assert client.read(Region.CONFIG, 0x3D, 1) == b"\x01"  # INT_PIN is read-only
+
+
+def test_capability_list(client: Client) -> None:
+    cfg = client.read(Region.CONFIG, 0, 256)
+    assert cfg[0x06] & 0x10
+    found = []
+    pos = cfg[0x34]
+    while pos:
+        found.append(cfg[pos])
+        pos = cfg[pos + 1]
+    assert found == [PCI_CAP_ID_PM, PCI_CAP_ID_MSI, PCI_CAP_ID_MSIX, PCI_CAP_ID_EXP]
+    msix = cfg.index(bytes([PCI_CAP_ID_MSIX]), 0x40)
+    ctrl, table, pba = struct.unpack_from("<HII", cfg, msix + 2)
+    assert ctrl & 0x7FF == 31 and table == 0x1000 and pba == 0x2000
+    assert client.read(Region.BAR0, 0x2000, 8) == bytes(8)  # PBA reads are forwarded
+    assert len(client.read(Region.CONFIG, 0, 4096)) == 4096
+
+
+def test_posted_writes_are_ordered_and_unanswered(client: Client) -> None:
+    for i in range(100):
+        client.write(Region.BAR0, 0x40, struct.pack("<I", i), posted=True)
+    client.write(Region.BAR0, 0x48, b"\x01\x02", posted=True)
+    # The next reply is the read's: nothing was answered for the posted writes.
+    assert client.read(Region.BAR0, 0x40, 4) == struct.pack("<I", 99)
+    assert client.read(Region.BAR0, 0x48, 2) == b"\x01\x02"
+
+
+def test_write_multi(client: Client) -> None:
+    client.write_multi([(Region.BAR0, 0x50, b"\x11\x22\x33\x44"), (Region.BAR0, 0x54, b"\x55"),
+                        (Region.BAR1, 0x10, b"12345678")])
+    assert client.read(Region.BAR0, 0x50, 8) == b"\x11\x22\x33\x44\x55\0\0\0"
+    assert client.read(Region.BAR1, 0x10, 8) == b"12345678"
+
+
+def _enable_msix(client: Client) -> int:
+    cfg = client.read(Region.CONFIG, 0, 256)
+    pos = cfg.index(bytes([PCI_CAP_ID_MSIX]), 0x40)
+    client.cfg_write(pos + 2, MSIX_CTRL_ENABLE, size=2)
+    return pos
+
+
+def _raise(client: Client, irq_type: int, number: int) -> None:
+    client.write(Region.BAR0, testdev.REG_IRQ_TYPE, struct.pack("<I", irq_type), posted=True)
+    client.write(Region.BAR0, testdev.REG_IRQ_NUMBER, struct.pack("<I", number), posted=True)
+    client.write(Region.BAR0, testdev.REG_COMMAND,
+                 struct.pack("<I", 1 << irq_type), posted=True)
+
+
+def test_msix_vectors_added_one_by_one(client: Client) -> None:
+    info = client.irq_info(Irq.MSIX)
+    assert info["count"] == 32 and not info["flags"] & 0x8  # no NORESIZE
+    assert client.irq_info(Irq.ERR)["count"] == 0
+    _enable_msix(client)
+    client.set_irqs(Irq.MSIX, p.IRQ_SET_DATA_EVENTFD | p.IRQ_SET_ACTION_TRIGGER, 0, 1)
+    fds = [eventfd() for _ in range(3)]
+    for v, fd in enumerate(fds):
+        client.set_irqs(Irq.MSIX, p.IRQ_SET_DATA_EVENTFD | p.IRQ_SET_ACTION_TRIGGER, v, 1, (fd,))
+    _raise(client, 2, 2)
+    assert client.read(Region.BAR0, testdev.REG_STATUS, 4) == struct.pack("<I", 1 << 6)
+    assert [eventfd_count(fd) for fd in fds] == [0, 1, 0]
+    # De-assigning (a chunk of -1s, sent without fds) stops signalling.
+    client.set_irqs(Irq.MSIX, p.IRQ_SET_DATA_EVENTFD | p.IRQ_SET_ACTION_TRIGGER, 1, 1)
+    _raise(client, 2, 2)
+    client.read(Region.BAR0, 0, 4)
+    assert eventfd_count(fds[1]) == 0
+    client.set_irqs(Irq.MSIX, p.IRQ_SET_DATA_NONE | p.IRQ_SET_ACTION_TRIGGER, 0, 0)
+    for fd in fds:
+        os.close(fd)
+
+
+def test_msi_respects_enabled_vector_count(client: Client) -> None:
+    cfg = client.read(Region.CONFIG, 0, 256)
+    pos = cfg.index(bytes([PCI_CAP_ID_MSI]), 0x40)
+    client.cfg_write(pos + 2, 0x1 | (1 << 4), size=2)  # enable, 2 vectors
+    fds = [eventfd(), eventfd()]
+    client.set_irqs(Irq.MSI, p.IRQ_SET_DATA_EVENTFD | p.IRQ_SET_ACTION_TRIGGER, 0, 2, tuple(fds))
+    _raise(client, 1, 2)
+    _raise(client, 1, 3)  # beyond what the host enabled: not raised
+    client.read(Region.BAR0, 0, 4)
+    assert [eventfd_count(fd) for fd in fds] == [0, 1]
+    with pytest.raises(ErrorReply) as e:  # more vectors than the capability has
+        client.set_irqs(Irq.MSI, p.IRQ_SET_DATA_EVENTFD | p.IRQ_SET_ACTION_TRIGGER, 31, 2,
+                        (eventfd(), eventfd()))
+    assert e.value.errno == errno.EINVAL
+    for fd in fds:
+        os.close(fd)
+
+
+def test_intx_is_level_and_automasked(client: Client) -> None:
+    fd = eventfd()
+    client.set_irqs(Irq.INTX, p.IRQ_SET_DATA_EVENTFD | p.IRQ_SET_ACTION_TRIGGER, 0, 1, (fd,))
+    _raise(client, 0, 0)
+    _raise(client, 0, 0)  # masked until the host unmasks: no second edge
+    client.read(Region.BAR0, 0, 4)
+    assert eventfd_count(fd) == 1
+    client.set_irqs(Irq.INTX, p.IRQ_SET_DATA_NONE | p.IRQ_SET_ACTION_UNMASK, 0, 1)
+    _raise(client, 0, 0)
+    client.read(Region.BAR0, 0, 4)
+    assert eventfd_count(fd) == 1
+    # COMMAND.INTX_DISABLE holds the line back.
+    client.set_irqs(Irq.INTX, p.IRQ_SET_DATA_NONE | p.IRQ_SET_ACTION_UNMASK, 0, 1)
+    client.cfg_write(0x04, 0x400, size=2)
+    _raise(client, 0, 0)
+    client.read(Region.BAR0, 0, 4)
+    assert eventfd_count(fd) == 0
+    os.close(fd)
+
+
+def test_dma_through_shared_memfd(client: Client, server: ServerThread) -> None:
+    size = 1 << 20
+    fd = os.memfd_create("guest-ram")
+    os.ftruncate(fd, 2 * size)
+    client.dma_map(0x100000, size, fd, offset=size)
+    guest = mmap.mmap(fd, 2 * size)
+    os.close(fd)
+    conn = server.listener.active
+    assert conn is not None
+    trio.from_thread.run(conn.dma.write, 0x100010, b"hello", trio_token=server._token)
+    assert guest[size + 0x10 : size + 0x15] == b"hello"
+    guest[size + 0x20 : size + 0x23] = b"abc"
+    assert trio.from_thread.run(conn.dma.read, 0x100020, 3, trio_token=server._token) == b"abc"
+    with pytest.raises(Exception, match="not mapped"):
+        trio.from_thread.run(conn.dma.read, 0x1FFFFE, 4, trio_token=server._token)
+    client.dma_unmap(0x100000, size)
+    assert len(conn.dma) == 0
+    guest.close()
+
+
+def test_dma_without_fd_uses_messages(client: Client, server: ServerThread) -> None:
+    client.dma_map(0x4000, 0x2000)
+    client.fdless[0x4000][0x10:0x14] = b"RAM!"
+    conn = server.listener.active
+    assert conn is not None
+    result: list[bytes] = []
+
+    def device_side() -> None:
+        result.append(trio.from_thread.run(conn.dma.read, 0x4010, 4, trio_token=server._token))
+        trio.from_thread.run(conn.dma.write, 0x5000, b"back", trio_token=server._token)
+
+    t = threading.Thread(target=device_side)
+    t.start()
+    client.pump()
+    client.pump()
+    t.join(10)
+    assert result == [b"RAM!"]
+    assert client.fdless[0x4000][0x1000:0x1004] == b"back"
+
+
+def test_reset_keeps_dma_and_clears_registers(client: Client, server: ServerThread) -> None:
+    fd = os.memfd_create("guest-ram")
+    os.ftruncate(fd, 0x10000)
+    client.dma_map(0, 0x10000, fd)
+    os.close(fd)
+    client.write(Region.BAR0, 0x40, b"\xaa\xbb\xcc\xdd")
+    client.cfg_write(0x04, 0x6, size=2)
+    client.reset()
+    assert client.read(Region.BAR0, 0x40, 4) == bytes(4)
+    assert client.cfg_read32(0x04) & 0xFFFF == 0
+    assert server.listener.active is not None and len(server.listener.active.dma) == 1
+
+
+def test_reconnect_keeps_device_state_and_releases_mappings(server: ServerThread) -> None:
+    c = Client(server.path)
+    fd = os.memfd_create("guest-ram")
+    os.ftruncate(fd, 0x10000)
+    c.dma_map(0, 0x10000, fd)
+    os.close(fd)
+    c.write(Region.BAR0, 0x60, b"keep")
+    conn = server.listener.active
+    c.close()
+    serves_again(server)
+    assert conn is not None and len(conn.dma) == 0
+    wait_disconnected(server)
+    c = Client(server.path)
+    assert c.read(Region.BAR0, 0x60, 4) == b"keep"
+    assert server.listener.connections == 3
+    c.close()
+
+
+def test_second_client_is_refused(client: Client, server: ServerThread) -> None:
+    other = Client(server.path, negotiate=False)
+    other.sock.settimeout(5)
+    assert other.sock.recv(16) == b""  # closed without a word
+    other.close()
+    assert client.cfg_read32(0) == 0xEDDA16C3
+
+
+def test_commands_before_version_are_refused(server: ServerThread) -> None:
+    c = Client(server.path, negotiate=False)
+    with pytest.raises(ErrorReply) as e:
+        c.device_info()
+    assert e.value.errno == errno.EINVAL
+    c.version()
+    assert c.device_info()["num_regions"] == 9
+    c.close()
+
+
+@pytest.mark.parametrize(
+    ("cmd", "payload", "err"),
+    [
+        (99, b"", errno.ENOSYS),  # unknown command
+        (Command.DEVICE_GET_REGION_IO_FDS, b"\0" * 16, errno.ENOSYS),
+        (Command.REGION_READ, b"\0" * 8, errno.EINVAL),  # truncated payload
+        (Command.REGION_READ, struct.pack("<QII", 0, 42, 4), errno.EINVAL),  # bad region
+        (Command.REGION_READ, struct.pack("<QII", 0x3FFE, 0, 4), errno.EINVAL),  # past BAR0
+        (Command.REGION_READ, struct.pack("<QII", 0, 7, 1 << 30), errno.EINVAL),  # huge count
+        (Command.REGION_WRITE, struct.pack("<QII", 0x40, 0, 8) + b"abcd", errno.EINVAL),
+        (Command.REGION_WRITE, struct.pack("<QII", 0x41, 0, 4) + b"abcd", errno.EINVAL),
+        (Command.REGION_WRITE, struct.pack("<QII", 0x40, 3, 4) + b"abcd", errno.EINVAL),
+        (Command.DEVICE_GET_REGION_INFO, p.RegionInfo.build(
+            {"argsz": 32, "flags": 0, "index": 9, "cap_offset": 0, "size": 0, "offset": 0}),
+         errno.EINVAL),
+        (Command.DEVICE_GET_IRQ_INFO, struct.pack("<4I", 16, 0, 7, 0), errno.EINVAL),
+        (Command.DEVICE_SET_IRQS, struct.pack("<5I", 20, 0x24, 9, 0, 1), errno.EINVAL),
+        (Command.DMA_MAP, b"\0" * 4, errno.EINVAL),
+    ],
+)
+def test_bad_requests_get_error_replies(client: Client, server: ServerThread, cmd: int,
+                                        payload: bytes, err: int) -> None:
+    with pytest.raises(ErrorReply) as e:
+        client.request(cmd, payload)
+    assert e.value.errno == err
+    assert client.cfg_read32(0) == 0xEDDA16C3  # the same connection goes on
+    client.close()
+    serves_again(server)
+
+
+def test_fds_on_a_request_that_takes_none_are_closed(client: Client) -> None:
+    fd = eventfd()
+    client.request(Command.DEVICE_GET_INFO, p.DeviceInfo.build(
+        {"argsz": 16, "flags": 0, "num_regions": 0, "num_irqs": 0}), (fd,))
+    os.close(fd)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"\x01\x00\x09",  # short header, then gone
+        p.pack_header(1, Command.REGION_READ, 8, 0),  # size < 16
+        p.pack_header(1, Command.REGION_WRITE, 0xFFFFFF00, 0),  # far larger than allowed
+        p.pack_header(1, Command.REGION_WRITE, 64, 0) + b"\0" * 10,  # vanishes mid-payload
+        p.pack_header(1, Command.REGION_READ, 32, 0x7),  # neither request nor reply
+    ],
+)
+def test_untrustworthy_streams_are_closed(client: Client, server: ServerThread, raw: bytes
+                                          ) -> None:
+    client.send_raw(raw)
+    client.sock.shutdown(socket.SHUT_WR)
+    client.sock.settimeout(5)
+    assert client.sock.recv(64) == b""
+    client.close()
+    serves_again(server)

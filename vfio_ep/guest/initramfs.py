@@ -1,0 +1,131 @@
+"""The guest's initramfs: a gzip'd cpio "newc" archive written in pure Python, and its /init.
+
+Writing the archive ourselves needs no host ``cpio`` and no root, yet can hold device nodes
+(/dev/console must exist before /init runs, or the guest has no stdout).
+
+/init wraps the requested command between two markers on the serial console, so the launcher
+can cut the command's output and exit status out of the console log (:func:`parse_console`).
+"""
+
+from __future__ import annotations
+
+import gzip
+import re
+import stat
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+BEGIN = "@@vfio-ep: begin@@"
+END = "@@vfio-ep: exit status "
+_END_RE = re.compile(re.escape(END) + r"(\d+)@@")
+GUEST_SCRIPT = "guest.sh"
+
+INIT = """#!/bin/sh
+# vfio-ep guest /init: mount the pseudo filesystems, run /{script}, report, power off.
+mkdir -p /proc /sys /dev /tmp /run
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+mount -t debugfs debugfs /sys/kernel/debug
+mount -t tmpfs tmpfs /tmp 2>/dev/null
+# Kernel messages would interleave with the command's output: keep them in dmesg.
+dmesg -n 1
+cd /
+echo '{begin}'
+sh /{script} </dev/null 2>&1
+echo "{end}$?@@"
+echo '--- dmesg ---'
+dmesg
+sync
+poweroff -f
+"""
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One cpio member: a path inside the archive, its mode and its data (a link's target)."""
+
+    name: str
+    mode: int
+    data: bytes = b""
+    rdev: tuple[int, int] = (0, 0)
+
+
+def guest_init(script: str) -> tuple[str, dict[str, bytes]]:
+    """The /init text and the extra file that carries ``script`` (a busybox sh script)."""
+    init = INIT.format(script=GUEST_SCRIPT, begin=BEGIN, end=END)
+    return init, {GUEST_SCRIPT: script.encode()}
+
+
+def parse_console(console: str) -> tuple[str, int | None]:
+    """The command's output and exit status from a console log (status None: it never ended)."""
+    text = console.replace("\r", "")
+    start = text.find(BEGIN + "\n")
+    if start < 0:
+        return "", None
+    body = text[start + len(BEGIN) + 1:]
+    end = _END_RE.search(body)
+    if end is None:
+        return body, None
+    return body[:end.start()], int(end.group(1))
+
+
+def build_initramfs(out: Path, files: dict[str, Path | bytes], init_script: str,
+                    busybox: Path = Path("/bin/busybox")) -> Path:
+    """Write ``out`` (gzip'd newc cpio) with busybox and its applet links, ``files`` and /init.
+
+    ``files`` maps archive paths (``"pci_endpoint_test"``, ``"etc/x.toml"``) to host files or
+    bytes; host files keep their executable bit. The archive is deterministic (mtime 0), so the
+    same inputs give the same bytes.
+    """
+    entries = [
+        _Entry("dev/console", stat.S_IFCHR | 0o600, rdev=(5, 1)),
+        _Entry("bin/busybox", stat.S_IFREG | 0o755, busybox.read_bytes()),
+        *(_Entry(link, stat.S_IFLNK | 0o777, b"/bin/busybox") for link in _applets(busybox)),
+        _Entry("init", stat.S_IFREG | 0o755, init_script.encode()),
+        *(_file_entry(name, source) for name, source in files.items()),
+    ]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.GzipFile(out, "wb", mtime=0) as archive:
+        archive.write(_cpio(_with_parents(entries)))
+    return out
+
+
+def _applets(busybox: Path) -> list[str]:
+    """Every applet as its install path (``usr/bin/[``, ``sbin/ip``...), from busybox itself."""
+    listing = subprocess.run([str(busybox), "--list-full"], capture_output=True, text=True,
+                             check=True).stdout.split()
+    return [path for path in listing if path != "bin/busybox"]
+
+
+def _file_entry(name: str, source: Path | bytes) -> _Entry:
+    if isinstance(source, bytes):
+        return _Entry(name.lstrip("/"), stat.S_IFREG | 0o644, source)
+    executable = source.stat().st_mode & 0o111
+    return _Entry(name.lstrip("/"), stat.S_IFREG | (0o755 if executable else 0o644),
+                  source.read_bytes())
+
+
+def _with_parents(entries: list[_Entry]) -> list[_Entry]:
+    """Directory entries first, for every parent of every member (cpio does not imply them)."""
+    dirs = sorted({str(parent) for e in entries for parent in Path(e.name).parents} - {"."})
+    return [_Entry(d, stat.S_IFDIR | 0o755) for d in dirs] + entries
+
+
+def _cpio(entries: list[_Entry]) -> bytes:
+    chunks = [_member(ino, entry) for ino, entry in enumerate(entries, start=1)]
+    chunks.append(_member(0, _Entry("TRAILER!!!", 0)))
+    return b"".join(chunks)
+
+
+def _member(ino: int, entry: _Entry) -> bytes:
+    """One newc header + name + data, each padded to 4 bytes."""
+    name = entry.name.encode() + b"\0"
+    fields = (ino, entry.mode, 0, 0, 1, 0, len(entry.data), 0, 0, *entry.rdev, len(name), 0)
+    header = b"070701" + b"".join(b"%08X" % value for value in fields)
+    return _pad(header + name) + _pad(entry.data)
+
+
+def _pad(data: bytes) -> bytes:
+    return data + b"\0" * (-len(data) % 4)

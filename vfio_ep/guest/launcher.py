@@ -1,0 +1,368 @@
+"""Boot a QEMU guest against a freshly started vfio-ep server, and own both processes.
+
+The QEMU command line is assembled here and nowhere else. A run starts the server first, waits
+for its socket, then starts QEMU (serial console on a pipe read live, QMP on a socket this
+process listens on) and always tears both down: on success, failure, timeout, Ctrl-C or SIGTERM.
+QMP (asyncio, PyPI ``qemu.qmp``) lives in this launcher process, never in the trio server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from qemu.qmp import QMPClient
+
+from vfio_ep.guest.initramfs import BEGIN, END, build_initramfs, guest_init, parse_console
+from vfio_ep.guest.provision import GuestAssets, Qemu, cache_dir, provision_all
+
+DEFAULT_APPEND = "console=ttyS0 panic=-1 quiet"
+DEFAULT_MEMORY_MB = 256
+DEFAULT_MSG_TIMEOUT_MS = 10_000  # TCG guest + Python server: give slow replies room
+ROOT_PORT = "rp0"
+DEVICE_ID = "ep0"
+SERVER_READY_TIMEOUT = 30.0
+GRACE = 5.0
+KEEP_RUNS = 20
+KSELFTEST_NAME = "pci_endpoint_test"
+_PR_SET_PDEATHSIG = 1
+
+Live = Callable[[str], None]
+
+
+class LaunchError(RuntimeError):
+    """The server or QEMU could not be started; the message carries the tail of its log."""
+
+
+@dataclass
+class GuestResult:
+    """What a guest run produced. ``exit_status`` is None when the guest command never ended."""
+
+    exit_status: int | None
+    output: str
+    run_dir: Path
+    server_log: str
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_status == 0
+
+
+def boot_guest(
+    script: str,
+    *,
+    server_args: list[str] | None,
+    assets: GuestAssets | None = None,
+    timeout: float = 300,
+    run_dir: Path | None = None,
+    extra_files: dict[str, Path | bytes] | None = None,
+    live: Live | None = None,
+    server_argv: Sequence[str] | None = None,
+    socket: Path | None = None,
+    memory_mb: int = DEFAULT_MEMORY_MB,
+    append: str = DEFAULT_APPEND,
+    msg_timeout_ms: int = DEFAULT_MSG_TIMEOUT_MS,
+) -> GuestResult:
+    """Boot a guest that runs ``script`` (busybox sh) and powers off; return its output.
+
+    ``server_args`` go to ``vfio-ep serve``; None boots without a vfio-user device.
+    ``server_argv`` replaces the ``python -m vfio_ep -v serve`` prefix; ``socket`` attaches to an
+    already running server (e.g. one in this process) instead of starting one. ``live`` gets
+    each line of the command's output as the guest prints it. ``timeout`` covers the whole run.
+    """
+    run = GuestRun(script, server_args=server_args, assets=assets, run_dir=run_dir,
+                   extra_files=extra_files, live=live, server_argv=server_argv, socket=socket,
+                   memory_mb=memory_mb, append=append, msg_timeout_ms=msg_timeout_ms)
+    return _run_async(run.run(timeout))
+
+
+class GuestRun:
+    """One guest boot and the processes it owns; ``async with`` it to hot-plug over QMP."""
+
+    def __init__(
+        self,
+        script: str,
+        *,
+        server_args: list[str] | None,
+        assets: GuestAssets | None = None,
+        run_dir: Path | None = None,
+        extra_files: dict[str, Path | bytes] | None = None,
+        live: Live | None = None,
+        server_argv: Sequence[str] | None = None,
+        socket: Path | None = None,
+        memory_mb: int = DEFAULT_MEMORY_MB,
+        append: str = DEFAULT_APPEND,
+        msg_timeout_ms: int = DEFAULT_MSG_TIMEOUT_MS,
+    ) -> None:
+        self.assets = assets or provision_all()
+        self.run_dir = _new_run_dir(run_dir)
+        self.script = script
+        self.extra_files = extra_files or {}
+        self.live = live
+        self.memory_mb = memory_mb
+        self.append = append
+        self.msg_timeout_ms = msg_timeout_ms
+        self._sockets = Path(tempfile.mkdtemp(prefix="vfio-ep-"))  # short: sun_path <= 107
+        self.socket = socket or (self._sockets / "ep.sock" if server_args is not None else None)
+        self.server_cmd = (None if socket or server_args is None
+                           else server_command(self.socket, server_args, server_argv))
+        self.qmp = QMPClient("vfio-ep-guest")
+        self._server: asyncio.subprocess.Process | None = None
+        self._qemu: asyncio.subprocess.Process | None = None
+        self._console: asyncio.Task[None] | None = None
+        self._started = time.monotonic()
+        self._meta: dict[str, Any] = {"server_argv": self.server_cmd}
+
+    async def __aenter__(self) -> GuestRun:
+        try:
+            await self._start()
+        except BaseException:
+            await self._stop()
+            raise
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self._stop()
+
+    async def run(self, timeout: float) -> GuestResult:
+        """Start, wait for the guest to power off (or ``timeout``), tear down, report."""
+        async with self:
+            return await self.wait(timeout - (time.monotonic() - self._started))
+
+    async def wait(self, timeout: float) -> GuestResult:
+        """Wait for QEMU to exit (the guest powers off after its command) and read the result."""
+        assert self._qemu is not None and self._console is not None
+        error = None
+        try:
+            await asyncio.wait_for(self._qemu.wait(), max(timeout, 0))
+            await self._console
+            if self._qemu.returncode != 0:
+                error = f"QEMU exited with {self._qemu.returncode}: {_tail(self._log('qemu'))}"
+        except TimeoutError:
+            error = f"timed out after {time.monotonic() - self._started:.0f} s"
+        output, status = parse_console(self._log("console"))
+        if status is None and error is None:
+            error = "the guest stopped before its command finished; see console.log"
+        result = GuestResult(status, output, self.run_dir, self._log("server"), error)
+        self._meta.update(exit_status=status, error=error)
+        return result
+
+    async def execute(self, command: str, arguments: dict[str, Any] | None = None) -> object:
+        """One QMP command."""
+        return await self.qmp.execute(command, arguments)
+
+    async def device_add(self, device: dict[str, Any]) -> None:
+        """Hot-plug a device, e.g. ``vfio_user_device(sock)`` on the root port."""
+        await self.qmp.execute("device_add", device)
+
+    async def device_del(self, device_id: str = DEVICE_ID, timeout: float = 30) -> None:
+        """Hot-unplug a device and wait until QEMU reports it gone (the guest must let go)."""
+        with self.qmp.listener("DEVICE_DELETED") as listener:
+            await self.qmp.execute("device_del", {"id": device_id})
+            async with asyncio.timeout(timeout):
+                while (await listener.get())["data"].get("device") != device_id:
+                    pass
+
+    async def _start(self) -> None:
+        files = {KSELFTEST_NAME: self.assets.kselftest, **self.extra_files}
+        init, script_file = guest_init(self.script)
+        initrd = build_initramfs(self.run_dir / "initramfs.gz", {**files, **script_file}, init,
+                                 self.assets.busybox)
+        if self.server_cmd:
+            self._server = await _spawn(self.server_cmd, stdout=self._open_log("server"))
+            await self._wait_for_socket()
+        qmp_socket = self._sockets / "qmp.sock"
+        await self.qmp.start_server(str(qmp_socket))
+        argv = qemu_command(self.assets.qemu, kernel=self.assets.kernel, initrd=initrd,
+                            qmp=qmp_socket, memory_mb=self.memory_mb, append=self.append,
+                            device=(vfio_user_device(self.socket, self.msg_timeout_ms)
+                                    if self.socket else None))
+        self._meta["qemu_argv"] = argv
+        self._qemu = await _spawn(argv, stdout=asyncio.subprocess.PIPE,
+                                  stderr=self._open_log("qemu"),
+                                  env={**os.environ, **self.assets.qemu.env})
+        self._console = asyncio.create_task(self._read_console())
+        await self._accept_qmp()
+
+    async def _wait_for_socket(self) -> None:
+        """The server is ready once its socket exists; fail with its log if it died first."""
+        assert self._server is not None and self.socket is not None
+        deadline = time.monotonic() + SERVER_READY_TIMEOUT
+        while not self.socket.exists():
+            if self._server.returncode is not None:
+                raise LaunchError(f"vfio-ep server exited with {self._server.returncode} before "
+                                  f"creating {self.socket}:\n{_tail(self._log('server'))}")
+            if time.monotonic() > deadline:
+                raise LaunchError(f"vfio-ep server made no socket in {SERVER_READY_TIMEOUT:.0f} "
+                                  f"s:\n{_tail(self._log('server'))}")
+            await asyncio.sleep(0.05)
+
+    async def _accept_qmp(self) -> None:
+        assert self._qemu is not None
+        accept = asyncio.create_task(self.qmp.accept())
+        exited = asyncio.create_task(self._qemu.wait())
+        await asyncio.wait({accept, exited}, timeout=60, return_when=asyncio.FIRST_COMPLETED)
+        exited.cancel()
+        if not accept.done():
+            accept.cancel()
+            await asyncio.gather(accept, return_exceptions=True)
+            raise LaunchError(f"QEMU did not start (exit {self._qemu.returncode}):\n"
+                              f"{_tail(self._log('qemu'))}\nserver log:\n"
+                              f"{_tail(self._log('server'))}")
+        accept.result()
+
+    async def _read_console(self) -> None:
+        """Copy the serial console to console.log and hand the command's lines to ``live``."""
+        assert self._qemu is not None and self._qemu.stdout is not None
+        inside = False
+        with (self.run_dir / "console.log").open("wb") as log:
+            while line := await self._qemu.stdout.readline():
+                log.write(line)
+                log.flush()
+                text = line.decode(errors="replace").rstrip("\r\n")
+                if text.startswith(END):
+                    inside = False
+                elif inside and self.live:
+                    self.live(text)
+                elif text == BEGIN:
+                    inside = True
+
+    async def _stop(self) -> None:
+        """QMP quit, then SIGTERM, then SIGKILL; QEMU (the client) before the server."""
+        if self._qemu and self._qemu.returncode is None and self.qmp.runstate.name == "RUNNING":
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.qmp.execute("quit"), GRACE)
+        with contextlib.suppress(Exception):
+            await self.qmp.disconnect()
+        for proc in (self._qemu, self._server):
+            if proc:
+                await _terminate(proc)
+        if self._console:
+            await asyncio.gather(self._console, return_exceptions=True)
+        shutil.rmtree(self._sockets, ignore_errors=True)
+        self._meta["seconds"] = round(time.monotonic() - self._started, 1)
+        (self.run_dir / "run.json").write_text(json.dumps(self._meta, indent=2) + "\n")
+
+    def _open_log(self, name: str) -> Any:
+        return (self.run_dir / f"{name}.log").open("wb")
+
+    def _log(self, name: str) -> str:
+        path = self.run_dir / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+
+def server_command(socket: Path, server_args: list[str],
+                   server_argv: Sequence[str] | None = None) -> list[str]:
+    """``vfio-ep serve`` on ``socket``; ``server_argv`` swaps the program part."""
+    prefix = list(server_argv or [sys.executable, "-m", "vfio_ep", "-v", "serve"])
+    return [*prefix, "--socket", str(socket), *server_args]
+
+
+def vfio_user_device(socket: Path, msg_timeout_ms: int = DEFAULT_MSG_TIMEOUT_MS,
+                     device_id: str = DEVICE_ID, bus: str = ROOT_PORT) -> dict[str, Any]:
+    """The vfio-user-pci device, as -device JSON or QMP ``device_add`` arguments."""
+    return {"driver": "vfio-user-pci", "id": device_id, "bus": bus,
+            "socket": {"type": "unix", "path": str(socket)}, "x-msg-timeout": msg_timeout_ms}
+
+
+def qemu_command(qemu: Qemu, *, kernel: Path, initrd: Path, qmp: Path, memory_mb: int,
+                 append: str, device: dict[str, Any] | None) -> list[str]:
+    """The one QEMU command line: q35 under TCG, memfd RAM (so the server can DMA directly),
+    serial console on stdout, QMP to our socket, a PCIe root port for the endpoint."""
+    argv = [
+        *qemu.argv,
+        "-machine", "q35,memory-backend=mem", "-accel", "tcg", "-m", str(memory_mb),
+        "-object", f"memory-backend-memfd,id=mem,size={memory_mb}M,share=on",
+        "-nodefaults", "-nographic", "-no-reboot",
+        "-serial", "stdio", "-qmp", f"unix:{qmp}",
+        "-kernel", str(kernel), "-initrd", str(initrd), "-append", append,
+        "-device", f"pcie-root-port,id={ROOT_PORT},bus=pcie.0,chassis=1",
+    ]
+    if device:
+        argv += ["-device", json.dumps(device)]
+    return argv
+
+
+async def _spawn(argv: Sequence[str], *, stdout: Any, stderr: Any = asyncio.subprocess.STDOUT,
+                 env: dict[str, str] | None = None) -> asyncio.subprocess.Process:
+    """Start a child in its own session (the terminal's Ctrl-C reaches only us, and we stop it
+    in order) that dies with us even if we are SIGKILLed."""
+    env = dict(env or os.environ)
+    package_root = str(Path(__file__).resolve().parents[2])  # `-m vfio_ep` from any cwd
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+    try:
+        return await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=stdout, stderr=stderr, env=env,
+            start_new_session=True, preexec_fn=_die_with_parent, limit=1 << 20)
+    finally:
+        for stream in (stdout, stderr):
+            if hasattr(stream, "close"):
+                stream.close()
+
+
+def _die_with_parent() -> None:
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+async def _terminate(proc: asyncio.subprocess.Process) -> None:
+    """SIGTERM the child's process group, SIGKILL it after :data:`GRACE` seconds."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if proc.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(proc.wait(), GRACE)
+
+
+def _run_async(coro: Any) -> GuestResult:
+    """asyncio.run, with SIGTERM cancelling the run like Ctrl-C does, so teardown happens."""
+    terminated = []
+
+    def on_sigterm(task: asyncio.Task[GuestResult]) -> None:
+        terminated.append(True)
+        task.cancel()
+
+    async def main() -> GuestResult:
+        task = asyncio.current_task()
+        if threading.current_thread() is threading.main_thread():
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, on_sigterm, task)
+        try:
+            return await coro
+        except asyncio.CancelledError:
+            if terminated:
+                raise SystemExit(128 + signal.SIGTERM) from None
+            raise
+
+    return asyncio.run(main())
+
+
+def _new_run_dir(run_dir: Path | None) -> Path:
+    if run_dir:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return run_dir.resolve()
+    runs = cache_dir() / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    for old in sorted(runs.iterdir())[:-KEEP_RUNS]:
+        shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=time.strftime("%Y%m%d-%H%M%S-"), dir=runs))
+
+
+def _tail(text: str, lines: int = 20) -> str:
+    return "\n".join(text.rstrip().splitlines()[-lines:])

@@ -1,0 +1,44 @@
+"""Shared memory backed by a memfd: what BAR RAM (and EP RAM) lives in.
+
+A memfd can be handed to QEMU with a region-info reply, which mmaps it into
+the guest's BAR so guest accesses never reach the socket, while the server
+keeps its own mapping of the same pages.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+
+
+class SharedMemory:
+    """A named, page-rounded, zero-filled memfd and the server's mapping of it."""
+
+    def __init__(self, name: str, size: int) -> None:
+        self.size = (size + mmap.PAGESIZE - 1) & ~(mmap.PAGESIZE - 1)
+        self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        os.ftruncate(self.fd, self.size)
+        self._map = mmap.mmap(self.fd, self.size, flags=mmap.MAP_SHARED,
+                              prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        self.view = memoryview(self._map)
+
+    def read(self, offset: int, size: int) -> bytes:
+        self._check(offset, size)
+        return bytes(self.view[offset : offset + size])
+
+    def write(self, offset: int, data: bytes | memoryview) -> None:
+        self._check(offset, len(data))
+        self.view[offset : offset + len(data)] = data
+
+    def fill(self, offset: int, size: int, byte: int = 0) -> None:
+        self._check(offset, size)
+        self.view[offset : offset + size] = bytes([byte]) * size
+
+    def _check(self, offset: int, size: int) -> None:
+        if offset < 0 or size < 0 or offset + size > self.size:
+            raise ValueError(f"[{offset:#x}, {offset + size:#x}) outside {self.size:#x} bytes")
+
+    def close(self) -> None:
+        self.view.release()
+        self._map.close()
+        os.close(self.fd)

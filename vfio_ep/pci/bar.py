@@ -1,0 +1,146 @@
+"""BARs: their description, and the window table that routes accesses inside them.
+
+A BAR is a list of windows.  A RAM window is backed by shared memory (a
+memfd) and, when page-aligned, exported to QEMU as a sparse-mmap area so the
+guest reaches it at memory speed.  An MMIO window traps: every access becomes
+a call on its handler.  The table is plain data (bar, start, end, kind,
+target, target offset) so that the C fast path walks the very same rows.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import mmap
+from dataclasses import dataclass
+from typing import Protocol
+
+from vfio_ep.memory import SharedMemory
+
+log = logging.getLogger(__name__)
+
+PCI_BASE_ADDRESS_SPACE_IO = 0x1
+PCI_BASE_ADDRESS_MEM_TYPE_64 = 0x4
+PCI_BASE_ADDRESS_MEM_PREFETCH = 0x8
+NUM_BARS = 6
+
+
+@dataclass(frozen=True)
+class BarSpec:
+    """One BAR as configured: size is a power of two (0 = absent)."""
+
+    index: int
+    size: int
+    is_64bit: bool = False
+    prefetch: bool = False
+    is_io: bool = False
+
+    def __post_init__(self) -> None:
+        if self.size and self.size & (self.size - 1):
+            raise ValueError(f"BAR{self.index} size {self.size:#x} is not a power of two")
+        if self.is_64bit and self.index == NUM_BARS - 1:
+            raise ValueError("BAR5 cannot be 64-bit: it has no upper half")
+        if self.is_io and (self.is_64bit or self.prefetch):
+            raise ValueError(f"BAR{self.index}: an I/O BAR is neither 64-bit nor prefetchable")
+        if self.is_io and self.size > 256:
+            raise ValueError(f"BAR{self.index}: I/O BARs are at most 256 bytes")
+        if self.size and not self.is_io and self.size < 16:
+            raise ValueError(f"BAR{self.index}: memory BARs are at least 16 bytes")
+
+    def type_bits(self) -> int:
+        if self.is_io:
+            return PCI_BASE_ADDRESS_SPACE_IO
+        return ((PCI_BASE_ADDRESS_MEM_TYPE_64 if self.is_64bit else 0)
+                | (PCI_BASE_ADDRESS_MEM_PREFETCH if self.prefetch else 0))
+
+    def address_mask(self) -> int:
+        """Writable bits of the (64-bit view of the) BAR register: its address bits."""
+        if not self.size:
+            return 0
+        low = 0x3 if self.is_io else 0xF
+        width = 64 if self.is_64bit else 32
+        return ~(self.size - 1) & ~low & ((1 << width) - 1)
+
+
+class MmioHandler(Protocol):
+    """A trapped register block; offsets are relative to the block."""
+
+    def read(self, offset: int, size: int) -> int: ...
+
+    def write(self, offset: int, size: int, value: int) -> None: ...
+
+
+class WindowKind(enum.IntEnum):
+    RAM = 0
+    MMIO = 1
+
+
+@dataclass(frozen=True)
+class Window:
+    bar: int
+    start: int
+    end: int
+    kind: WindowKind
+    target: SharedMemory | MmioHandler
+    target_offset: int = 0  # offset in the memfd (RAM) or in the handler's space (MMIO)
+
+    def mappable(self) -> bool:
+        """Page-aligned RAM can be mmapped by QEMU so guest accesses bypass the socket."""
+        page = mmap.PAGESIZE - 1
+        return (self.kind is WindowKind.RAM and not (self.start & page)
+                and not (self.end & page) and not (self.target_offset & page))
+
+
+class BarAccessError(Exception):
+    """An access the BAR layout cannot serve (no window, straddling, odd size)."""
+
+
+class WindowTable:
+    """The dispatch table: windows of all BARs, non-overlapping within a BAR."""
+
+    def __init__(self) -> None:
+        self.windows: list[Window] = []
+
+    def add(self, window: Window) -> Window:
+        for w in self.windows:
+            if w.bar == window.bar and w.start < window.end and window.start < w.end:
+                raise ValueError(f"BAR{window.bar} window [{window.start:#x}, {window.end:#x}) "
+                                 f"overlaps [{w.start:#x}, {w.end:#x})")
+        self.windows.append(window)
+        self.windows.sort(key=lambda w: (w.bar, w.start))
+        return window
+
+    def remove_bar(self, bar: int) -> None:
+        self.windows = [w for w in self.windows if w.bar != bar]
+
+    def of_bar(self, bar: int) -> list[Window]:
+        return [w for w in self.windows if w.bar == bar]
+
+    def find(self, bar: int, offset: int, size: int) -> Window:
+        for w in self.windows:
+            if w.bar == bar and w.start <= offset and offset + size <= w.end:
+                return w
+        raise BarAccessError(f"BAR{bar} [{offset:#x}, {offset + size:#x}) hits no window")
+
+    def read(self, bar: int, offset: int, size: int) -> bytes:
+        w = self.find(bar, offset, size)
+        rel = offset - w.start + w.target_offset
+        if isinstance(w.target, SharedMemory):
+            return w.target.read(rel, size)
+        _check_mmio_size(bar, offset, size)
+        return w.target.read(rel, size).to_bytes(size, "little")
+
+    def write(self, bar: int, offset: int, data: bytes) -> None:
+        w = self.find(bar, offset, len(data))
+        rel = offset - w.start + w.target_offset
+        if isinstance(w.target, SharedMemory):
+            w.target.write(rel, data)
+            return
+        _check_mmio_size(bar, offset, len(data))
+        w.target.write(rel, len(data), int.from_bytes(data, "little"))
+
+
+def _check_mmio_size(bar: int, offset: int, size: int) -> None:
+    if size not in (1, 2, 4, 8) or offset % size:
+        raise BarAccessError(f"BAR{bar} register access of {size} bytes at {offset:#x} "
+                             "is not a naturally aligned 1/2/4/8-byte access")

@@ -1,0 +1,510 @@
+"""The vfio-user server: a UNIX socket listener and one client connection at a time.
+
+Requests are handled strictly in the order they arrive, inline in the single
+reader task, and never wait on the client: DMA_READ/DMA_WRITE requests that
+the device sends are awaited only from device tasks, while the reader keeps
+answering QEMU (whose vCPU thread may hold the BQL that QEMU's DMA handling
+needs).  Bad input is answered with an error reply when the stream can still
+be trusted, and with a logged close when it cannot; either way the listener
+goes on to serve the next client with the same device.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import errno
+import json
+import logging
+import os
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import trio
+from construct import ConstructError
+
+from vfio_ep.pci.device import PciDevice
+from vfio_ep.vfio_user import protocol as p
+from vfio_ep.vfio_user.dma import DmaError, DmaTable
+from vfio_ep.vfio_user.irq import IrqSet
+from vfio_ep.vfio_user.protocol import Command, ProtocolError, StreamError
+
+log = logging.getLogger(__name__)
+
+_ANC_SIZE = socket.CMSG_SPACE(p.MAX_MSG_FDS * array.array("i").itemsize)
+_DMA_REPLY_TIMEOUT = 10.0
+
+Handler = Callable[["Connection", int, bytes, list[int]], tuple[bytes, int | None] | None]
+
+
+class ClientGone(Exception):
+    """EOF at a message boundary: the client closed the connection."""
+
+
+class Connection:
+    """One client: its DMA table, its IRQ eventfds, and the request loop."""
+
+    def __init__(self, sock: trio.socket.SocketType, device: PciDevice, peer: str) -> None:
+        self.sock = sock
+        self.device = device
+        self.peer = peer
+        self.dma = DmaTable()
+        self.irqs = IrqSet(device.irq_counts())
+        self.dma_layout = p.DmaLayout.QEMU
+        self.client_max_xfer = p.MAX_DATA_XFER_SIZE
+        self.negotiated = False
+        self._send_lock = trio.Lock()
+        self._next_id = 0
+        self._replies: dict[int, tuple[trio.Event, list[tuple[dict, bytes]]]] = {}
+        self._nursery: trio.Nursery | None = None
+        self._resample_scope: trio.CancelScope | None = None
+        self.dma.message_read = self._dma_read_message
+        self.dma.message_write = self._dma_write_message
+
+    # -- Host protocol (what the device sees) -------------------------------
+    def spawn(self, fn: Callable[[], Awaitable[None]], name: str) -> None:
+        if self._nursery is None:
+            log.warning("%s: no client to run %s", self.peer, name)
+            return
+        self._nursery.start_soon(self._guarded, fn, name, name=name)
+
+    async def _guarded(self, fn: Callable[[], Awaitable[None]], name: str) -> None:
+        try:
+            await fn()
+        except DmaError as e:
+            log.warning("%s: %s failed: %s", self.peer, name, e)
+
+    # -- main loop ----------------------------------------------------------
+    async def serve(self) -> None:
+        log.info("client %s connected", self.peer)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                self.device.attach(self)
+                await self._request_loop_until_gone()
+                nursery.cancel_scope.cancel()
+        finally:
+            self._nursery = None
+            self.device.detach()
+            self._fail_pending_dma()
+            log.info("client %s: released %d DMA mappings and its IRQ eventfds",
+                     self.peer, len(self.dma))
+            self.dma.clear()
+            self.irqs.close()
+            self.sock.close()
+
+    async def _request_loop_until_gone(self) -> None:
+        try:
+            await self._request_loop()
+        except ClientGone:
+            log.info("client %s disconnected", self.peer)
+        except StreamError as e:
+            log.warning("client %s: closing connection: %s", self.peer, e)
+        except OSError as e:
+            log.warning("client %s: connection lost: %s", self.peer, e)
+
+    async def _request_loop(self) -> None:
+        while True:
+            hdr, body, fds = await self._recv_message()
+            mtype = hdr["flags"] & p.FLAG_TYPE_MASK
+            if mtype == p.FLAG_REPLY:
+                _close_fds(fds)
+                self._deliver_reply(hdr, body)
+                continue
+            if mtype != p.FLAG_REQUEST:
+                _close_fds(fds)
+                raise StreamError(f"message type {mtype} is neither request nor reply")
+            await self._handle_request(hdr, body, fds)
+
+    async def _recv_message(self) -> tuple[dict, bytes, list[int]]:
+        head = bytearray()
+        fds: list[int] = []
+        while len(head) < p.HEADER_SIZE:
+            data, anc, flags, _ = await self.sock.recvmsg(
+                p.HEADER_SIZE - len(head), _ANC_SIZE, socket.MSG_CMSG_CLOEXEC)
+            fds += _fds_from(anc)
+            if flags & socket.MSG_CTRUNC:
+                _close_fds(fds)
+                raise StreamError("file descriptors truncated (more than max_msg_fds)")
+            if not data:
+                _close_fds(fds)
+                if head:
+                    raise StreamError(f"EOF after {len(head)} bytes of a message header")
+                raise ClientGone
+            head += data
+        hdr = p.Header.parse(head)
+        size = hdr["size"]
+        if size < p.HEADER_SIZE or size > p.MAX_MESSAGE_SIZE:
+            _close_fds(fds)
+            raise StreamError(f"message size {size} outside [16, {p.MAX_MESSAGE_SIZE}] "
+                              f"(command {hdr['command']}, id {hdr['msg_id']})")
+        body = await self._recv_exact(size - p.HEADER_SIZE, fds)
+        return hdr, body, fds
+
+    async def _recv_exact(self, n: int, fds: list[int]) -> bytes:
+        buf = bytearray(n)
+        view = memoryview(buf)
+        got = 0
+        while got < n:
+            k = await self.sock.recv_into(view[got:])
+            if not k:
+                _close_fds(fds)
+                raise StreamError(f"EOF after {got} of {n} payload bytes")
+            got += k
+        return bytes(buf)
+
+    async def _handle_request(self, hdr: dict, body: bytes, fds: list[int]) -> None:
+        cmd, msg_id = hdr["command"], hdr["msg_id"]
+        posted = bool(hdr["flags"] & p.FLAG_NO_REPLY)
+        handler = _HANDLERS.get(cmd)
+        if cmd not in _TAKES_FDS:
+            _close_fds(fds)
+            fds = []
+        result: tuple[bytes, int | None] | None = None
+        err = 0
+        try:
+            if handler is None:
+                raise ProtocolError(errno.ENOSYS, f"unknown command {cmd}")
+            if not self.negotiated and cmd != Command.VERSION:
+                _close_fds(fds)
+                raise ProtocolError(errno.EINVAL, f"{_name(cmd)} before VERSION")
+            result = handler(self, msg_id, body, fds)  # owns fds from here, even on error
+        except ProtocolError as e:
+            err = e.errno
+            log.warning("client %s: refused %s (id %d): %s", self.peer, _name(cmd), msg_id,
+                        e.reason)
+        except (ConstructError, struct.error, DmaError, ValueError, OSError) as e:
+            err = errno.EINVAL
+            log.warning("client %s: refused %s (id %d): %s", self.peer, _name(cmd), msg_id, e)
+        if posted:
+            return
+        if err:
+            await self._send(p.pack_header(msg_id, cmd, p.HEADER_SIZE,
+                                           p.FLAG_REPLY | p.FLAG_ERROR, err))
+            return
+        payload, fd = result if result else (b"", None)
+        await self._send(p.pack_header(msg_id, cmd, p.HEADER_SIZE + len(payload), p.FLAG_REPLY)
+                         + payload, fd)
+
+    async def _send(self, data: bytes, fd: int | None = None) -> None:
+        async with self._send_lock:
+            anc = [] if fd is None else [
+                (socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]).tobytes())]
+            sent = await self.sock.sendmsg([data], anc)
+            while sent < len(data):
+                sent += await self.sock.send(data[sent:])
+
+    # -- server -> client DMA ------------------------------------------------
+    async def _dma_request(self, cmd: Command, payload: bytes) -> bytes:
+        self._next_id = (self._next_id + 1) & 0xFFFF
+        msg_id = self._next_id
+        event = trio.Event()
+        box: list[tuple[dict, bytes]] = []
+        self._replies[msg_id] = (event, box)
+        try:
+            await self._send(p.pack_header(msg_id, cmd, p.HEADER_SIZE + len(payload),
+                                           p.FLAG_REQUEST) + payload)
+            with trio.move_on_after(_DMA_REPLY_TIMEOUT):
+                await event.wait()
+        finally:
+            self._replies.pop(msg_id, None)
+        if not box:
+            raise DmaError(f"{cmd.name} id {msg_id}: no reply from the client")
+        hdr, body = box[0]
+        if hdr["flags"] & p.FLAG_ERROR:
+            raise DmaError(f"{cmd.name} id {msg_id}: client error {hdr['error']}")
+        return body
+
+    async def _dma_read_message(self, iova: int, size: int) -> bytes:
+        out = bytearray()
+        for off in range(0, size, self.client_max_xfer):
+            n = min(self.client_max_xfer, size - off)
+            body = await self._dma_request(Command.DMA_READ,
+                                           p.pack_dma_request(self.dma_layout, iova + off, n))
+            out += p.unpack_dma_read_reply(self.dma_layout, body, n)
+        return bytes(out)
+
+    async def _dma_write_message(self, iova: int, data: bytes) -> None:
+        for off in range(0, len(data), self.client_max_xfer):
+            chunk = data[off : off + self.client_max_xfer]
+            await self._dma_request(Command.DMA_WRITE,
+                                    p.pack_dma_request(self.dma_layout, iova + off, len(chunk),
+                                                       chunk))
+
+    def _deliver_reply(self, hdr: dict, body: bytes) -> None:
+        waiter = self._replies.get(hdr["msg_id"])
+        if waiter is None:
+            log.warning("client %s: reply id %d matches no request of ours", self.peer,
+                        hdr["msg_id"])
+            return
+        event, box = waiter
+        box.append((hdr, body))
+        event.set()
+
+    def _fail_pending_dma(self) -> None:
+        for event, _ in self._replies.values():
+            event.set()
+
+    # -- INTx resample eventfd ----------------------------------------------
+    def _watch_resample_fd(self) -> None:
+        if self._resample_scope is not None:
+            self._resample_scope.cancel()
+            self._resample_scope = None
+        fd = self.irqs.intx.resample_fd
+        if fd is not None and self._nursery is not None:
+            scope = trio.CancelScope()
+            self._resample_scope = scope
+            self._nursery.start_soon(self._resample_loop, fd, scope)
+
+    async def _resample_loop(self, fd: int, scope: trio.CancelScope) -> None:
+        with scope:
+            while True:
+                await trio.lowlevel.wait_readable(fd)
+                try:
+                    os.eventfd_read(fd)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    return
+                self.irqs.unmask_intx()
+
+
+# -- request handlers: (connection, msg_id, payload, fds) -> (reply, fd) -----
+def _version(c: Connection, msg_id: int, body: bytes, fds: list[int]) -> tuple[bytes, None]:
+    v = p.Version.parse(body)
+    if v.major != 0:
+        raise ProtocolError(errno.EINVAL, f"unsupported protocol version {v.major}.{v.minor}")
+    try:
+        client = json.loads(v.json or "{}").get("capabilities", {})
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise ProtocolError(errno.EINVAL, f"malformed VERSION capabilities: {e}") from None
+    c.client_max_xfer = min(int(client.get("max_data_xfer_size", p.MAX_DATA_XFER_SIZE)),
+                            p.MAX_DATA_XFER_SIZE)
+    c.negotiated = True
+    log.info("client %s: vfio-user %d.%d, capabilities %s", c.peer, v.major, v.minor, client)
+    return struct.pack("<HH", 0, 0) + p.version_capabilities() + b"\0", None
+
+
+def _dma_map(c: Connection, msg_id: int, body: bytes, fds: list[int]) -> None:
+    try:
+        m = p.DmaMap.parse(body)
+        if len(fds) > 1:
+            raise ProtocolError(errno.EINVAL, f"DMA_MAP with {len(fds)} fds")
+        fd = fds[0] if fds else None
+        c.dma.map(m["iova"], m["size"], m["flags"], fd, m["offset"])
+    finally:
+        _close_fds(fds)
+    log.info("client %s: DMA map [%#x, %#x) %s", c.peer, m["iova"], m["iova"] + m["size"],
+             f"fd offset {m['offset']:#x}" if fd is not None else "without fd (DMA messages)")
+    return None
+
+
+def _dma_unmap(c: Connection, msg_id: int, body: bytes, fds: list[int]) -> None:
+    m = p.DmaUnmap.parse(body)
+    if m["flags"] & p.DMA_UNMAP_FLAG_ALL:
+        c.dma.clear()
+        log.info("client %s: DMA unmap all", c.peer)
+    else:
+        n = c.dma.unmap(m["iova"], m["size"])
+        log.info("client %s: DMA unmap [%#x, %#x) (%d mappings)", c.peer, m["iova"],
+                 m["iova"] + m["size"], n)
+    return None
+
+
+def _device_get_info(c: Connection, msg_id: int, body: bytes, fds: list[int]
+                     ) -> tuple[bytes, None]:
+    return p.DeviceInfo.build({"argsz": 16, "flags": p.DEVICE_FLAGS_PCI | p.DEVICE_FLAGS_RESET,
+                               "num_regions": p.NUM_REGIONS, "num_irqs": p.NUM_IRQS}), None
+
+
+def _get_region_info(c: Connection, msg_id: int, body: bytes, fds: list[int]
+                     ) -> tuple[bytes, int | None]:
+    req = p.RegionInfo.parse(body)
+    info = c.device.region_info(req["index"])
+    caps = b""
+    flags = info.flags
+    if info.fd is not None:
+        caps = p.SparseMmapCap.build({"id": p.REGION_INFO_CAP_SPARSE_MMAP, "version": 1,
+                                      "next": 0, "nr_areas": len(info.areas), "reserved": 0,
+                                      "areas": [{"offset": o, "size": s} for o, s in info.areas]})
+        flags |= p.REGION_INFO_FLAG_CAPS
+    need = p.REGION_INFO_SIZE + len(caps)
+    fits = req["argsz"] >= need
+    reply = p.RegionInfo.build({
+        "argsz": need, "flags": flags if fits else flags & ~p.REGION_INFO_FLAG_CAPS,
+        "index": req["index"], "cap_offset": p.REGION_INFO_SIZE if caps and fits else 0,
+        "size": info.size, "offset": info.offset})
+    return (reply + caps, info.fd) if fits else (reply, None)
+
+
+def _get_irq_info(c: Connection, msg_id: int, body: bytes, fds: list[int]
+                  ) -> tuple[bytes, None]:
+    req = p.IrqInfo.parse(body)
+    flags, count = c.irqs.info(req["index"])
+    return p.IrqInfo.build({"argsz": 16, "flags": flags, "index": req["index"],
+                            "count": count}), None
+
+
+def _set_irqs(c: Connection, msg_id: int, body: bytes, fds: list[int]) -> None:
+    try:
+        s = p.IrqSet.parse(body)
+        if s["argsz"] < 20:
+            raise ProtocolError(errno.EINVAL, f"SET_IRQS argsz {s['argsz']} < 20")
+    except (ProtocolError, ConstructError, struct.error):
+        _close_fds(fds)
+        raise
+    log.debug("client %s: SET_IRQS flags %#x index %d start %d count %d fds %d", c.peer,
+              s["flags"], s["index"], s["start"], s["count"], len(fds))
+    c.irqs.set_irqs(s["flags"], s["index"], s["start"], s["count"], fds)
+    if s["index"] == p.Irq.INTX:
+        c._watch_resample_fd()
+    return None
+
+
+def _region_access(body: bytes, writing: bool) -> tuple[int, int, int, bytes]:
+    if len(body) < p.REGION_ACCESS_SIZE:
+        raise ProtocolError(errno.EINVAL, f"region access payload of {len(body)} bytes")
+    a = p.RegionAccess.parse(body)
+    count, data = a["count"], a["data"]
+    if count > p.MAX_DATA_XFER_SIZE:
+        raise ProtocolError(errno.EINVAL, f"count {count} > max_data_xfer_size")
+    if writing and len(data) != count:
+        raise ProtocolError(errno.EINVAL, f"count {count} but {len(data)} data bytes")
+    if not writing and data:
+        raise ProtocolError(errno.EINVAL, f"read request carries {len(data)} stray bytes")
+    return a["offset"], a["region"], count, data
+
+
+def _region_read(c: Connection, msg_id: int, body: bytes, fds: list[int]) -> tuple[bytes, None]:
+    offset, region, count, _ = _region_access(body, writing=False)
+    data = c.device.region_read(region, offset, count)
+    return p.RegionAccess.build({"offset": offset, "region": region, "count": count,
+                                 "data": data}), None
+
+
+def _region_write(c: Connection, msg_id: int, body: bytes, fds: list[int]
+                  ) -> tuple[bytes, None]:
+    offset, region, count, data = _region_access(body, writing=True)
+    c.device.region_write(region, offset, data)
+    return p.RegionAccess.build({"offset": offset, "region": region, "count": count,
+                                 "data": b""}), None
+
+
+def _region_write_multi(c: Connection, msg_id: int, body: bytes, fds: list[int]) -> None:
+    m = p.WriteMulti.parse(body)
+    if m["wr_cnt"] > p.WRITE_MULTI_MAX or len(body) != 8 + 24 * m["wr_cnt"]:
+        raise ProtocolError(errno.EINVAL, f"WRITE_MULTI of {m['wr_cnt']} entries in "
+                            f"{len(body)} bytes")
+    for e in m["entries"]:
+        if not 1 <= e["count"] <= 8:
+            raise ProtocolError(errno.EINVAL, f"WRITE_MULTI entry count {e['count']}")
+        c.device.region_write(e["region"], e["offset"], e["data"][: e["count"]])
+    return None
+
+
+def _device_reset(c: Connection, msg_id: int, body: bytes, fds: list[int]) -> None:
+    log.info("client %s: device reset", c.peer)
+    c.device.reset()
+    return None
+
+
+_TAKES_FDS = frozenset({Command.DMA_MAP, Command.DEVICE_SET_IRQS})
+_HANDLERS: dict[int, Handler] = {
+    Command.VERSION: _version,
+    Command.DMA_MAP: _dma_map,
+    Command.DMA_UNMAP: _dma_unmap,
+    Command.DEVICE_GET_INFO: _device_get_info,
+    Command.DEVICE_GET_REGION_INFO: _get_region_info,
+    Command.DEVICE_GET_IRQ_INFO: _get_irq_info,
+    Command.DEVICE_SET_IRQS: _set_irqs,
+    Command.REGION_READ: _region_read,
+    Command.REGION_WRITE: _region_write,
+    Command.REGION_WRITE_MULTI: _region_write_multi,
+    Command.DEVICE_RESET: _device_reset,
+}
+
+
+def _name(cmd: int) -> str:
+    try:
+        return Command(cmd).name
+    except ValueError:
+        return f"command {cmd}"
+
+
+def _fds_from(anc: list[tuple[int, int, bytes]]) -> list[int]:
+    fds: list[int] = []
+    for level, kind, data in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            arr = array.array("i")
+            arr.frombytes(data[: len(data) - len(data) % arr.itemsize])
+            fds += arr
+    return fds
+
+
+def _close_fds(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def _peer(sock: trio.socket.SocketType) -> str:
+    try:
+        pid, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                          struct.calcsize("3i")))
+        return f"pid {pid} uid {uid}"
+    except OSError:
+        return "unknown peer"
+
+
+class Listener:
+    """Listen on a UNIX socket and serve one client at a time with ``device``."""
+
+    def __init__(self, path: Path, device: PciDevice) -> None:
+        self.path = path
+        self.device = device
+        self.active: Connection | None = None
+        self.connections = 0
+
+    async def _bind(self) -> trio.socket.SocketType:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists() or self.path.is_symlink():
+            if not self.path.is_socket():
+                raise FileExistsError(f"{self.path} exists and is not a socket")
+            self.path.unlink()
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)  # the socket is born 0600: no window for other users
+        try:
+            await sock.bind(str(self.path))
+        finally:
+            os.umask(old)
+        sock.listen(4)
+        return sock
+
+    async def serve(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        sock = await self._bind()
+        log.info("listening on %s", self.path)
+        try:
+            async with trio.open_nursery() as nursery:
+                task_status.started()
+                while True:
+                    conn_sock, _ = await sock.accept()
+                    peer = _peer(conn_sock)
+                    if self.active is not None:
+                        log.warning("refusing client %s: already serving %s", peer,
+                                    self.active.peer)
+                        conn_sock.close()
+                        continue
+                    self.active = Connection(conn_sock, self.device, peer)
+                    self.connections += 1
+                    nursery.start_soon(self._run, self.active)
+        finally:
+            sock.close()
+            self.path.unlink(missing_ok=True)
+
+    async def _run(self, conn: Connection) -> None:
+        try:
+            await conn.serve()
+        finally:
+            self.active = None
