@@ -12,14 +12,16 @@ from typing import Any
 import trio
 
 from vfio_ep import config
+from vfio_ep.epf.functions import pci_epf_test
 from vfio_ep.pci import testdev
 from vfio_ep.pci.device import PciDevice
 from vfio_ep.vfio_user.server import Listener
 
 log = logging.getLogger(__name__)
 
-DEFAULT_FUNCTION = "testdev"
+DEFAULT_FUNCTION = "pci-epf-test"
 FUNCTIONS: dict[str, Callable[[dict[str, Any]], PciDevice]] = {
+    "pci-epf-test": pci_epf_test.build,
     "testdev": testdev.build,
 }
 

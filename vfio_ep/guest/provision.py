@@ -262,6 +262,8 @@ class PrivateApt:
             "Dir::State::status": self.root / "status",
             "Dir::Cache": self.root,
             "Dir::Cache::Archives": archives,
+            "Dir::Cache::pkgcache": self.root / "pkgcache.bin",  # some hosts disable it;
+            "Dir::Cache::srcpkgcache": self.root / "srcpkgcache.bin",  # it makes look-ups fast
             "APT::Sandbox::User": "root",
             "Debug::NoLocking": "1",
         }

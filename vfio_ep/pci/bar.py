@@ -83,11 +83,12 @@ class Window:
     kind: WindowKind
     target: SharedMemory | MmioHandler
     target_offset: int = 0  # offset in the memfd (RAM) or in the handler's space (MMIO)
+    mmap: bool = False  # its owner allows exporting it (the translation will not change)
 
     def mappable(self) -> bool:
-        """Page-aligned RAM can be mmapped by QEMU so guest accesses bypass the socket."""
+        """Exportable, page-aligned RAM: QEMU mmaps it and guest accesses bypass the socket."""
         page = mmap.PAGESIZE - 1
-        return (self.kind is WindowKind.RAM and not (self.start & page)
+        return (self.mmap and self.kind is WindowKind.RAM and not (self.start & page)
                 and not (self.end & page) and not (self.target_offset & page))
 
 
@@ -110,8 +111,10 @@ class WindowTable:
         self.windows.sort(key=lambda w: (w.bar, w.start))
         return window
 
-    def remove_bar(self, bar: int) -> None:
+    def replace_bar(self, bar: int, rows: list[Window]) -> None:
         self.windows = [w for w in self.windows if w.bar != bar]
+        for w in rows:
+            self.add(w)
 
     def of_bar(self, bar: int) -> list[Window]:
         return [w for w in self.windows if w.bar == bar]

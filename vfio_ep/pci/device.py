@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import mmap
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -116,16 +115,6 @@ class Host(Protocol):
     def spawn(self, fn: Callable[[], Awaitable[None]], name: str) -> None: ...
 
 
-class PbaHandler:
-    """The PBA: QEMU emulates pending bits itself but forwards reads; answer zeros."""
-
-    def read(self, offset: int, size: int) -> int:
-        return 0
-
-    def write(self, offset: int, size: int, value: int) -> None:
-        log.debug("ignored PBA write at %#x", offset)
-
-
 @dataclass
 class PciDevice:
     """Config space + BAR windows + interrupts, with the host attached or not."""
@@ -135,6 +124,9 @@ class PciDevice:
     host: Host | None = None
     reset_hooks: list[Callable[[], None]] = field(default_factory=list)
     link_hooks: list[Callable[[bool], None]] = field(default_factory=list)
+    # Long-lived tasks of the model (an endpoint controller's "CPU"), started by the
+    # listener with trio's nursery.start protocol before the first client is served.
+    background: list[Callable[..., Awaitable[None]]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.bars: dict[int, BarSpec] = {b.index: b for b in self.spec.bars}
@@ -144,10 +136,6 @@ class PciDevice:
         self.msi_pos = self.config.find_capability(caps.PCI_CAP_ID_MSI)
         self.msix_pos = self.config.find_capability(caps.PCI_CAP_ID_MSIX)
         self.config.on_write(PCI_COMMAND, 2, self._command_written)
-        if self.spec.msix:
-            m = self.spec.msix
-            pba_size = max(8, (self.spec.msix_interrupts + 63) // 64 * 8)
-            self.windows_add_mmio(m.bar, m.pba_offset, pba_size, PbaHandler())
 
     # -- construction -------------------------------------------------------
     def _check_bars(self) -> None:
@@ -161,10 +149,10 @@ class PciDevice:
             if m is None or m.bar not in self.bars:
                 raise ValueError("MSI-X needs a table BAR")
             table_end = m.table_offset + self.spec.msix_interrupts * caps.PCI_MSIX_ENTRY_SIZE
-            if (m.table_offset | m.pba_offset) & (mmap.PAGESIZE - 1) or max(
+            if (m.table_offset | m.pba_offset) & 7 or max(
                 table_end, m.pba_offset + 8
             ) > self.bars[m.bar].size:
-                raise ValueError(f"MSI-X table/PBA do not fit page-aligned in BAR{m.bar}")
+                raise ValueError(f"MSI-X table/PBA do not fit (QWORD aligned) in BAR{m.bar}")
 
     def _build_config(self) -> ConfigSpace:
         h = self.spec.header

@@ -109,7 +109,10 @@ def build(values: dict[str, Any]) -> PciDevice:
     regs = TestdevRegisters(pci)
     pci.windows_add_mmio(0, 0, REGS_SIZE, regs)
     pci.reset_hooks.append(regs.reset)
+    # The MSI-X table is QEMU's; the PBA reads back our (never pending) RAM.
+    msix_pages = SharedMemory("testdev-msix", MSIX_PBA + 0x1000 - MSIX_TABLE)
+    pci.windows.add(Window(0, MSIX_TABLE, MSIX_PBA + 0x1000, WindowKind.RAM, msix_pages))
     for b in spec.bars[1:]:
         mem = SharedMemory(f"testdev-bar{b.index}", b.size)
-        pci.windows.add(Window(b.index, 0, b.size, WindowKind.RAM, mem))
+        pci.windows.add(Window(b.index, 0, b.size, WindowKind.RAM, mem, mmap=True))
     return pci

@@ -487,6 +487,8 @@ class Listener:
         log.info("listening on %s", self.path)
         try:
             async with trio.open_nursery() as nursery:
+                for task in self.device.background:
+                    await nursery.start(task)
                 task_status.started()
                 while True:
                     conn_sock, _ = await sock.accept()

@@ -1,0 +1,266 @@
+"""The endpoint SoC's physical address space: EP RAM, MMIO blocks, the outbound aperture.
+
+Everything the EP side touches has an EP address, as on the SoC: the EPF's
+BAR backing (``pci_epf_alloc_space``) and DMA buffers live in EP RAM, the
+eDMA and the MSI controller are MMIO blocks, and the outbound aperture
+(``pci_epc_mem``) reaches RC memory through the outbound iATU.  Inbound BAR
+accesses are routed here by the inbound iATU.
+
+EP RAM may carry write watches: an inbound write into a watched range runs a
+callback right after it lands, which is how a function reacts to a register
+write without polling (pci-epf-test's 1 ms COMMAND poll becomes a trap).
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from vfio_ep.memory import SharedMemory
+from vfio_ep.pci.bar import MmioHandler
+
+PAGE = 0x1000
+
+log = logging.getLogger(__name__)
+
+WatchCallback = Callable[[int, int], None]
+
+
+class AddressError(Exception):
+    """An EP-side access that hits nothing (a bus error on the SoC)."""
+
+
+class Aperture(Protocol):
+    """An address range whose accesses leave the SoC (the outbound iATU)."""
+
+    async def read(self, offset: int, size: int) -> bytes: ...
+
+    async def write(self, offset: int, data: bytes | memoryview) -> None: ...
+
+
+@dataclass(frozen=True)
+class MmioBlock:
+    name: str
+    base: int
+    size: int
+    handler: MmioHandler
+
+
+@dataclass(frozen=True)
+class Watch:
+    start: int
+    end: int
+    callback: WatchCallback
+
+
+class EpRam:
+    """EP DRAM: pages of one memfd, a first-fit allocator, and a page remap table.
+
+    EP addresses normally sit at the same offset in the memfd.  Pages can be
+    remapped (their contents move with them) so that a BAR the client maps
+    directly keeps showing, at each BAR offset, whatever EP address the
+    inbound iATU translates it to: see :meth:`place`.
+    """
+
+    def __init__(self, base: int, size: int) -> None:
+        self.base = base
+        self.mem = SharedMemory("ep-ram", size)
+        self.size = self.mem.size
+        self._free: list[tuple[int, int]] = [(0, self.size)]  # (offset, size), sorted
+        self._ep2phys: dict[int, int] = {}  # page -> physical page, non-identity only
+        self._phys2ep: dict[int, int] = {}
+
+    def contains(self, addr: int, size: int) -> bool:
+        return self.base <= addr and addr + size <= self.base + self.size
+
+    def alloc(self, size: int, align: int = PAGE) -> int:
+        """Allocate zeroed EP RAM; returns its EP address."""
+        align = max(align, PAGE)
+        size = -(-size // PAGE) * PAGE
+        for i, (off, length) in enumerate(self._free):
+            start = (off + align - 1) // align * align
+            if start + size <= off + length:
+                pieces = [(off, start - off), (start + size, off + length - start - size)]
+                self._free[i : i + 1] = [(o, n) for o, n in pieces if n]
+                self.write(self.base + start, bytes(size))
+                return self.base + start
+        raise MemoryError(f"EP RAM exhausted: no {size:#x} bytes aligned to {align:#x}")
+
+    def free(self, addr: int, size: int) -> None:
+        off = addr - self.base
+        size = -(-size // PAGE) * PAGE
+        i = bisect.bisect(self._free, (off, size))
+        self._free.insert(i, (off, size))
+        merged: list[tuple[int, int]] = []
+        for o, n in self._free:
+            if merged and merged[-1][0] + merged[-1][1] == o:
+                merged[-1] = (merged[-1][0], merged[-1][1] + n)
+            else:
+                merged.append((o, n))
+        self._free = merged
+
+    # -- translation ---------------------------------------------------------
+    def phys(self, addr: int) -> int:
+        """Offset in the memfd of EP address ``addr``."""
+        off = addr - self.base
+        page = off // PAGE
+        return self._ep2phys.get(page, page) * PAGE + off % PAGE
+
+    def extents(self, addr: int, size: int) -> list[tuple[int, int, int]]:
+        """[(ep address, memfd offset, length)] of physically contiguous pieces."""
+        if not self.contains(addr, size):
+            raise AddressError(f"[{addr:#x}, {addr + size:#x}) is not EP RAM")
+        out: list[tuple[int, int, int]] = []
+        end = addr + size
+        while addr < end:
+            n = min(end, (addr // PAGE + 1) * PAGE) - addr
+            phys = self.phys(addr)
+            if out and out[-1][1] + out[-1][2] == phys:
+                out[-1] = (out[-1][0], out[-1][1], out[-1][2] + n)
+            else:
+                out.append((addr, phys, n))
+            addr += n
+        return out
+
+    def view(self, addr: int, size: int) -> memoryview:
+        """Zero-copy window; the range must be physically contiguous."""
+        ext = self.extents(addr, size)
+        if len(ext) > 1:
+            raise AddressError(f"EP RAM [{addr:#x}, {addr + size:#x}) is remapped in pieces")
+        _, phys, _ = ext[0] if ext else (addr, self.phys(addr), 0)
+        return self.mem.view[phys : phys + size]
+
+    def read(self, addr: int, size: int) -> bytes:
+        return b"".join(bytes(self.mem.view[p : p + n]) for _, p, n in self.extents(addr, size))
+
+    def write(self, addr: int, data: bytes | memoryview) -> None:
+        pos = 0
+        for _, p, n in self.extents(addr, len(data)):
+            self.mem.view[p : p + n] = data[pos : pos + n]
+            pos += n
+
+    def place(self, addr: int, size: int, phys: int) -> None:
+        """Move the pages of [addr, addr+size) (contents included) to memfd offset ``phys``.
+
+        Whatever EP pages sat there are swapped out to the pages freed.
+        """
+        if (addr - self.base) % PAGE or size % PAGE or phys % PAGE:
+            raise AddressError(f"remap of [{addr:#x}+{size:#x}) -> {phys:#x} is not "
+                               "page-aligned")
+        first = (addr - self.base) // PAGE
+        for i in range(size // PAGE):
+            self._swap(first + i, self._phys2ep.get(phys // PAGE + i, phys // PAGE + i))
+
+    def _swap(self, a: int, b: int) -> None:
+        pa, pb = self._ep2phys.get(a, a), self._ep2phys.get(b, b)
+        if pa == pb:
+            return
+        va = bytes(self.mem.view[pa * PAGE : (pa + 1) * PAGE])
+        self.mem.view[pa * PAGE : (pa + 1) * PAGE] = self.mem.view[pb * PAGE : (pb + 1) * PAGE]
+        self.mem.view[pb * PAGE : (pb + 1) * PAGE] = va
+        for page, p in ((a, pb), (b, pa)):
+            if page == p:
+                self._ep2phys.pop(page, None)
+                self._phys2ep.pop(p, None)
+            else:
+                self._ep2phys[page] = p
+                self._phys2ep[p] = page
+
+
+class EpAddressSpace:
+    """EP RAM + MMIO blocks + outbound apertures, addressed like the SoC's bus."""
+
+    def __init__(self, ram: EpRam) -> None:
+        self.ram = ram
+        self.blocks: list[MmioBlock] = []
+        self.apertures: list[tuple[int, int, Aperture]] = []
+        self.watches: list[Watch] = []
+        self.on_layout_change: list[Callable[[], None]] = []
+
+    def add_block(self, block: MmioBlock) -> MmioBlock:
+        self.blocks.append(block)
+        return block
+
+    def add_aperture(self, base: int, size: int, aperture: Aperture) -> None:
+        self.apertures.append((base, size, aperture))
+
+    def block_at(self, addr: int, size: int = 1) -> MmioBlock | None:
+        for b in self.blocks:
+            if b.base <= addr and addr + size <= b.base + b.size:
+                return b
+        return None
+
+    def watch(self, addr: int, size: int, callback: WatchCallback) -> Watch:
+        w = Watch(addr, addr + size, callback)
+        self.watches.append(w)
+        self._changed()
+        return w
+
+    def unwatch(self, w: Watch) -> None:
+        self.watches.remove(w)
+        self._changed()
+
+    def _changed(self) -> None:
+        for hook in self.on_layout_change:
+            hook()
+
+    # EP-side "CPU" accesses.  RC memory is only reachable through an aperture,
+    # which may have to wait for the client (DMA messages): hence async.
+    async def read(self, addr: int, size: int) -> bytes:
+        if self.ram.contains(addr, size):
+            return self.ram.read(addr, size)
+        target = self._aperture(addr, size)
+        if target:
+            base, aperture = target
+            return await aperture.read(addr - base, size)
+        block = self.block_at(addr, size)
+        if block:
+            return block.handler.read(addr - block.base, size).to_bytes(size, "little")
+        raise AddressError(f"EP read of [{addr:#x}, {addr + size:#x}) hits nothing")
+
+    async def write(self, addr: int, data: bytes | memoryview) -> None:
+        size = len(data)
+        if self.ram.contains(addr, size):
+            self.ram.write(addr, data)
+            return
+        target = self._aperture(addr, size)
+        if target:
+            base, aperture = target
+            await aperture.write(addr - base, data)
+            return
+        block = self.block_at(addr, size)
+        if block:
+            block.handler.write(addr - block.base, size, int.from_bytes(data, "little"))
+            return
+        raise AddressError(f"EP write of [{addr:#x}, {addr + size:#x}) hits nothing")
+
+    def _aperture(self, addr: int, size: int) -> tuple[int, Aperture] | None:
+        for base, length, aperture in self.apertures:
+            if base <= addr and addr + size <= base + length:
+                return base, aperture
+        return None
+
+
+class WatchedRam:
+    """A trapped window onto watched EP RAM: plain memory, then the watch callbacks.
+
+    Offsets are memfd offsets; ``ep_delta`` turns them back into EP addresses.
+    """
+
+    def __init__(self, ram: EpRam, watches: list[Watch], ep_delta: int) -> None:
+        self.ram = ram
+        self.watches = watches
+        self.ep_delta = ep_delta
+
+    def read(self, offset: int, size: int) -> int:
+        return int.from_bytes(self.ram.mem.view[offset : offset + size], "little")
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        self.ram.mem.view[offset : offset + size] = value.to_bytes(size, "little")
+        addr = offset + self.ep_delta
+        for w in self.watches:
+            if w.start < addr + size and addr < w.end:
+                w.callback(addr, size)

@@ -1,0 +1,135 @@
+"""EP-side interrupts: virqs, request_irq/free_irq, and handlers run as trio tasks.
+
+Platform blocks (eDMA, MSI controller, doorbells) raise a virq with
+:meth:`IrqDomain.handle`; the actions requested on it run in order in a
+task.  Semantics follow kernel/irq: sharing needs IRQF_SHARED on every
+action and agreeing IRQF_ONESHOT, a threaded request without a primary
+handler needs IRQF_ONESHOT, a line does not nest (a raise while its handlers
+run is replayed once afterwards), and a raise nobody claims is counted as
+spurious.
+"""
+
+from __future__ import annotations
+
+import errno
+import inspect
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+IRQF_SHARED = 0x00000080
+IRQF_ONESHOT = 0x00002000
+IRQ_NONE = 0
+IRQ_HANDLED = 1
+
+IrqHandler = Callable[[int, Any], int | Awaitable[int]]
+Spawn = Callable[[Callable[[], Awaitable[None]], str], None]
+
+
+class IrqError(Exception):
+    def __init__(self, err: int, reason: str) -> None:
+        super().__init__(reason)
+        self.errno = err
+
+
+@dataclass
+class IrqAction:
+    handler: IrqHandler
+    flags: int
+    name: str
+    dev_id: Any
+
+
+@dataclass
+class IrqDesc:
+    virq: int
+    chip: str
+    actions: list[IrqAction] = field(default_factory=list)
+    running: bool = False
+    pending: bool = False
+    count: int = 0
+    spurious: int = 0
+
+
+class IrqDomain:
+    """The EP's interrupt controller as functions see it: virq numbers and actions."""
+
+    def __init__(self, spawn: Spawn) -> None:
+        self._spawn = spawn
+        self.descs: dict[int, IrqDesc] = {}
+        self._next = 32  # like Linux: low numbers are legacy, start above them
+
+    def alloc(self, chip: str) -> int:
+        virq = self._next
+        self._next += 1
+        self.descs[virq] = IrqDesc(virq, chip)
+        return virq
+
+    def dispose(self, virq: int) -> None:
+        desc = self.descs.pop(virq, None)
+        if desc and desc.actions:
+            log.warning("virq %d (%s) disposed with %d actions still requested", virq,
+                        desc.chip, len(desc.actions))
+
+    def request_irq(self, virq: int, handler: IrqHandler, flags: int, name: str,
+                    dev_id: Any) -> None:
+        """request_irq()/request_threaded_irq(NULL, fn): both run ``handler`` in a task."""
+        desc = self.descs.get(virq)
+        if desc is None:
+            raise IrqError(errno.EINVAL, f"virq {virq} does not exist")
+        if flags & IRQF_SHARED and dev_id is None:
+            raise IrqError(errno.EINVAL, f"{name}: shared IRQ needs a dev_id")
+        if desc.actions:
+            first = desc.actions[0]
+            if not (flags & first.flags & IRQF_SHARED):
+                raise IrqError(errno.EBUSY, f"{name}: virq {virq} already requested by "
+                               f"{first.name} and not shared by both")
+            if (flags ^ first.flags) & IRQF_ONESHOT:
+                raise IrqError(errno.EBUSY, f"{name}: IRQF_ONESHOT mismatch with {first.name}"
+                               f" on virq {virq}")
+        desc.actions.append(IrqAction(handler, flags, name, dev_id))
+
+    def free_irq(self, virq: int, dev_id: Any) -> None:
+        desc = self.descs.get(virq)
+        if desc is None:
+            log.warning("free_irq of unknown virq %d", virq)
+            return
+        for a in desc.actions:
+            if a.dev_id is dev_id:
+                desc.actions.remove(a)
+                return
+        log.warning("free_irq: virq %d has no action for %r", virq, dev_id)
+
+    def handle(self, virq: int) -> None:
+        """generic_handle_irq(): the hardware raised ``virq``."""
+        desc = self.descs.get(virq)
+        if desc is None:
+            log.warning("interrupt on unknown virq %d", virq)
+            return
+        desc.count += 1
+        if desc.running:
+            desc.pending = True
+            return
+        desc.running = True
+        self._spawn(lambda: self._run(desc), f"irq-{virq}-{desc.chip}")
+
+    async def _run(self, desc: IrqDesc) -> None:
+        try:
+            while True:
+                desc.pending = False
+                handled = False
+                for action in list(desc.actions):
+                    result = action.handler(desc.virq, action.dev_id)
+                    if inspect.isawaitable(result):
+                        result = await result
+                    handled |= result == IRQ_HANDLED
+                if not handled:
+                    desc.spurious += 1
+                    log.info("virq %d (%s): nobody cared", desc.virq, desc.chip)
+                if not desc.pending:
+                    return
+        finally:
+            desc.running = False

@@ -1,0 +1,120 @@
+"""Endpoint function core: ``struct pci_epf`` and what pci-epf-core.c gives functions.
+
+A function binds to a controller, allocates BAR backing in EP RAM
+(``pci_epf_alloc_space`` with the same size rules as the kernel), and gets
+the controller's events: ``epc_init``/``epc_deinit`` (the controller is
+usable / going away, e.g. on PERST#) and ``link_up``/``link_down`` (an RC
+connected or went away).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field, replace
+
+from vfio_ep.epc.core import PciEpc
+from vfio_ep.epc.features import BarType, EpcFeatures
+from vfio_ep.pci.bar import NUM_BARS, PCI_BASE_ADDRESS_MEM_TYPE_64
+from vfio_ep.pci.device import PciHeader
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PciEpfBarSubmap:
+    phys_addr: int
+    size: int
+
+
+@dataclass
+class PciEpfBar:
+    """struct pci_epf_bar: ``phys_addr`` is the EP address backing the BAR."""
+
+    barno: int
+    phys_addr: int = 0
+    size: int = 0
+    mem_size: int = 0
+    flags: int = 0
+    submap: list[PciEpfBarSubmap] = field(default_factory=list)
+    # Emulator hint: keep guest accesses trapped, because the function may point this
+    # BAR at MMIO later (a doorbell); otherwise the client may map it directly.
+    trapped: bool = False
+
+    def copy(self) -> PciEpfBar:
+        return replace(self, submap=list(self.submap))
+
+
+def required_bar_size(size: int, bar: int, features: EpcFeatures) -> tuple[int, int]:
+    """pci_epf_get_required_bar_size(): (BAR size, aligned memory size); ValueError if too big."""
+    desc = features.bar[bar]
+    size = max(size, 128)
+    if desc.type == BarType.RESIZABLE and size < 1 << 20:
+        size = 1 << 20
+    if desc.type == BarType.FIXED and desc.fixed_size:
+        if size > desc.fixed_size:
+            raise ValueError(f"BAR{bar}: requested size is larger than fixed size")
+        size = desc.fixed_size
+    else:
+        size = 1 << (size - 1).bit_length()
+    align = features.align
+    return size, (size + align - 1) // align * align if align else size
+
+
+class PciEpf:
+    """A function: header, interrupt counts, BARs; subclasses implement the event ops."""
+
+    name = "pci_epf"
+
+    def __init__(self, header: PciHeader, msi_interrupts: int, msix_interrupts: int) -> None:
+        self.header = header
+        self.msi_interrupts = msi_interrupts
+        self.msix_interrupts = msix_interrupts
+        self.epc: PciEpc | None = None
+        self.bar: list[PciEpfBar | None] = [None] * NUM_BARS
+
+    @property
+    def controller(self) -> PciEpc:
+        if self.epc is None:
+            raise RuntimeError(f"{self.name} is not bound to a controller")
+        return self.epc
+
+    def bind_to(self, epc: PciEpc) -> None:
+        """pci_epc_add_epf() + the driver's .bind."""
+        self.epc = epc
+        epc.add_epf(self)
+        self.bind()
+
+    def alloc_space(self, size: int, bar: int, features: EpcFeatures) -> PciEpfBar | None:
+        """pci_epf_alloc_space(): zeroed EP RAM aligned to the BAR size; None on failure."""
+        try:
+            size, mem_size = required_bar_size(size, bar, features)
+            phys = self.controller.ram.alloc(mem_size, align=max(size, features.align, 0x1000))
+        except (ValueError, MemoryError) as e:
+            log.error("%s: cannot allocate BAR%d space: %s", self.name, bar, e)
+            return None
+        flags = PCI_BASE_ADDRESS_MEM_TYPE_64 if size >> 32 or features.bar[bar].only_64bit \
+            else 0
+        self.bar[bar] = PciEpfBar(bar, phys, size, mem_size, flags)
+        return self.bar[bar]
+
+    def free_space(self, bar: int) -> None:
+        b = self.bar[bar]
+        if b is not None:
+            self.controller.ram.free(b.phys_addr, b.mem_size)
+            self.bar[bar] = None
+
+    # Driver ops and controller events: overridden by functions.
+    def bind(self) -> None:
+        """Called once bound: query features, allocate space."""
+
+    def epc_init(self) -> None:
+        """The controller is ready: write the header, set BARs and interrupts."""
+
+    def epc_deinit(self) -> None:
+        """The controller goes down (PERST#): stop using it."""
+
+    def link_up(self) -> None:
+        """An RC is connected."""
+
+    def link_down(self) -> None:
+        """The RC went away."""

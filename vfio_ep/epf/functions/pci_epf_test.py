@@ -1,0 +1,541 @@
+"""pci-epf-test, as drivers/pci/endpoint/functions/pci-epf-test.c in Linux 7.3.4.
+
+Register map, COMMAND/STATUS/CAPS bits, CRC32 semantics, BAR sizes and the
+order of operations follow the kernel function line by line, so the guest's
+unmodified ``pci_endpoint_test`` driver and the kselftest see the same device
+as on an SoC.  One deliberate difference: the kernel polls COMMAND every
+1 ms from a workqueue; here a write watch on COMMAND starts the handler the
+moment the RC's write lands.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+from construct import Int32ul, Int64ul, Struct
+
+from vfio_ep.config import attributes, parse_int
+from vfio_ep.epc.address_space import AddressError, Watch
+from vfio_ep.epc.core import EpcError, IrqType, PciEpc
+from vfio_ep.epc.edma import DmaChannel
+from vfio_ep.epc.features import NO_BAR, BarType, get_first_free_bar, get_next_free_bar, profile
+from vfio_ep.epf.core import PciEpf, PciEpfBar, PciEpfBarSubmap
+from vfio_ep.pci.bar import NUM_BARS
+from vfio_ep.pci.device import PciDevice, PciHeader
+from vfio_ep.vfio_user.dma import DmaError
+
+log = logging.getLogger(__name__)
+
+IRQ_TYPE_INTX, IRQ_TYPE_MSI, IRQ_TYPE_MSIX = 0, 1, 2
+
+COMMAND_RAISE_INTX_IRQ = 1 << 0
+COMMAND_RAISE_MSI_IRQ = 1 << 1
+COMMAND_RAISE_MSIX_IRQ = 1 << 2
+COMMAND_READ = 1 << 3
+COMMAND_WRITE = 1 << 4
+COMMAND_COPY = 1 << 5
+COMMAND_ENABLE_DOORBELL = 1 << 6
+COMMAND_DISABLE_DOORBELL = 1 << 7
+COMMAND_BAR_SUBRANGE_SETUP = 1 << 8
+COMMAND_BAR_SUBRANGE_CLEAR = 1 << 9
+
+STATUS_READ_SUCCESS = 1 << 0
+STATUS_READ_FAIL = 1 << 1
+STATUS_WRITE_SUCCESS = 1 << 2
+STATUS_WRITE_FAIL = 1 << 3
+STATUS_COPY_SUCCESS = 1 << 4
+STATUS_COPY_FAIL = 1 << 5
+STATUS_IRQ_RAISED = 1 << 6
+STATUS_SRC_ADDR_INVALID = 1 << 7
+STATUS_DST_ADDR_INVALID = 1 << 8
+STATUS_DOORBELL_SUCCESS = 1 << 9
+STATUS_DOORBELL_ENABLE_SUCCESS = 1 << 10
+STATUS_DOORBELL_ENABLE_FAIL = 1 << 11
+STATUS_DOORBELL_DISABLE_SUCCESS = 1 << 12
+STATUS_DOORBELL_DISABLE_FAIL = 1 << 13
+STATUS_BAR_SUBRANGE_SETUP_SUCCESS = 1 << 14
+STATUS_BAR_SUBRANGE_SETUP_FAIL = 1 << 15
+STATUS_BAR_SUBRANGE_CLEAR_SUCCESS = 1 << 16
+STATUS_BAR_SUBRANGE_CLEAR_FAIL = 1 << 17
+STATUS_NO_RESOURCE = 1 << 18
+
+FLAG_USE_DMA = 1 << 0
+
+CAP_UNALIGNED_ACCESS = 1 << 0
+CAP_MSI = 1 << 1
+CAP_MSIX = 1 << 2
+CAP_INTX = 1 << 3
+CAP_SUBRANGE_MAPPING = 1 << 4
+CAP_DYNAMIC_INBOUND_MAPPING = 1 << 5
+CAP_BAR0_RESERVED = 1 << 6
+
+BAR_SUBRANGE_NSUB = 2
+DEFAULT_BAR_SIZE = (131072, 131072, 131072, 131072, 131072, 1048576)
+
+# struct pci_epf_test_reg (__packed)
+TestReg = Struct(
+    "magic" / Int32ul, "command" / Int32ul, "status" / Int32ul,
+    "src_addr" / Int64ul, "dst_addr" / Int64ul, "size" / Int32ul, "checksum" / Int32ul,
+    "irq_type" / Int32ul, "irq_number" / Int32ul, "flags" / Int32ul, "caps" / Int32ul,
+    "doorbell_bar" / Int32ul, "doorbell_offset" / Int32ul, "doorbell_data" / Int32ul,
+)
+REG_OFFSET: dict[str, tuple[int, int]] = {}
+_pos = 0
+for _sc in TestReg.subcons:
+    REG_OFFSET[_sc.name] = (_pos, _sc.sizeof())
+    _pos += _sc.sizeof()
+TEST_REG_SIZE = (TestReg.sizeof() + 127) // 128 * 128  # ALIGN(sizeof(reg), 128)
+
+
+def crc32_le(data: bytes) -> int:
+    """The kernel's crc32_le(~0, data, len): zlib's CRC32 without the final inversion."""
+    return zlib.crc32(data) ^ 0xFFFFFFFF
+
+
+class TestRegs:
+    """The register block: little-endian fields in the EP RAM behind test_reg_bar."""
+
+    def __init__(self, view: memoryview) -> None:
+        self.view = view
+
+    def __getitem__(self, name: str) -> int:
+        off, size = REG_OFFSET[name]
+        return int.from_bytes(self.view[off : off + size], "little")
+
+    def __setitem__(self, name: str, value: int) -> None:
+        off, size = REG_OFFSET[name]
+        self.view[off : off + size] = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+
+
+@dataclass(frozen=True)
+class PciEpfTestAttributes:
+    """configfs: the function's header/interrupt attributes, pci_epf_test's BAR sizes,
+    and which controller it is bound to."""
+
+    vendorid: int = 0x16C3
+    deviceid: int = 0xEDDA
+    revid: int = 0
+    progif_code: int = 0
+    subclass_code: int = 0
+    baseclass_code: int = 0xFF  # PCI_CLASS_OTHERS
+    cache_line_size: int = 0
+    subsys_vendor_id: int = 0
+    subsys_id: int = 0
+    interrupt_pin: int = 1
+    msi_interrupts: int = 32
+    msix_interrupts: int = 32
+    bar0_size: int = DEFAULT_BAR_SIZE[0]
+    bar1_size: int = DEFAULT_BAR_SIZE[1]
+    bar2_size: int = DEFAULT_BAR_SIZE[2]
+    bar3_size: int = DEFAULT_BAR_SIZE[3]
+    bar4_size: int = DEFAULT_BAR_SIZE[4]
+    bar5_size: int = DEFAULT_BAR_SIZE[5]
+    controller: str = "generic"
+    ram_size: int = 256 << 20
+    # Controller overrides, e.g. to make the register BAR land elsewhere (AM654 uses BAR2).
+    reserved_bars: str = ""
+
+    def __post_init__(self) -> None:
+        for bar in range(NUM_BARS):
+            size = getattr(self, f"bar{bar}_size")
+            if size <= 0 or size & (size - 1):
+                raise ValueError(f"bar{bar}_size {size} is not a power of two")
+
+
+class PciEpfTest(PciEpf):
+    name = "pci_epf_test"
+
+    def __init__(self, header: PciHeader, msi_interrupts: int, msix_interrupts: int,
+                 bar_size: tuple[int, ...]) -> None:
+        super().__init__(header, msi_interrupts, msix_interrupts)
+        self.bar_size = list(bar_size)
+        self.test_reg_bar = 0
+        self.msix_table_offset = 0
+        self.reg_space: dict[int, PciEpfBar] = {}
+        self.dma_supported = False
+        self.dma_chan_tx: DmaChannel | None = None
+        self.dma_chan_rx: DmaChannel | None = None
+        self._watch: Watch | None = None
+        self._busy = False
+        self._again = False
+
+    @property
+    def regs(self) -> TestRegs:
+        b = self.reg_space[self.test_reg_bar]
+        return TestRegs(self.controller.ram.view(b.phys_addr, TestReg.sizeof()))
+
+    # -- bind / space ------------------------------------------------------------
+    def bind(self) -> None:
+        features = self.controller.get_features()
+        bar = get_first_free_bar(features)
+        if bar < 0:
+            raise EpcError(22, "no free BAR for the test registers")
+        self.test_reg_bar = bar
+        self._alloc_space()
+
+    def _alloc_space(self) -> None:
+        features = self.controller.get_features()
+        msix_table_size = pba_size = 0
+        if features.msix_capable:
+            msix_table_size = 16 * self.msix_interrupts
+            self.msix_table_offset = TEST_REG_SIZE
+            pba_size = (-(-self.msix_interrupts // 8) + 7) // 8 * 8
+        b = self.alloc_space(TEST_REG_SIZE + msix_table_size + pba_size, self.test_reg_bar,
+                             features)
+        if b is None:
+            raise EpcError(12, "failed to allocate register space")
+        self.reg_space[self.test_reg_bar] = b
+        # ENABLE_DOORBELL maps the next free BAR onto the doorbell target: keep it trapped.
+        doorbell_bar = get_next_free_bar(features, self.test_reg_bar + 1)
+        bar = 0
+        while bar < NUM_BARS:
+            bar = get_next_free_bar(features, bar)
+            if bar == NO_BAR:
+                break
+            if bar != self.test_reg_bar:
+                size = (features.bar[bar].fixed_size if features.bar[bar].type == BarType.FIXED
+                        else self.bar_size[bar])
+                b = self.alloc_space(size, bar, features)
+                if b is None:
+                    log.error("Failed to allocate space for BAR%d", bar)
+                else:
+                    b.trapped = bar == doorbell_bar
+                    self.reg_space[bar] = b
+            bar += 1
+
+    # -- controller events ---------------------------------------------------
+    def epc_init(self) -> None:
+        epc = self.controller
+        features = epc.get_features()
+        self.dma_chan_rx = epc.dma_channel("rd")
+        self.dma_chan_tx = epc.dma_channel("wr")
+        self.dma_supported = self.dma_chan_rx is not None and self.dma_chan_tx is not None
+        epc.write_header(self.header)
+        self._set_capabilities()
+        for bar in sorted(self.reg_space):
+            try:
+                epc.set_bar(self.reg_space[bar])
+            except EpcError as e:
+                log.error("Failed to set BAR%d: %s", bar, e)
+                if bar == self.test_reg_bar:
+                    raise
+                self.free_space(bar)
+                del self.reg_space[bar]
+        if features.msi_capable:
+            epc.set_msi(self.msi_interrupts)
+        if features.msix_capable:
+            epc.set_msix(self.msix_interrupts, self.test_reg_bar, self.msix_table_offset)
+        b = self.reg_space[self.test_reg_bar]
+        off, size = REG_OFFSET["command"]
+        self._watch = epc.space.watch(b.phys_addr + off, size, self._command_written)
+
+    def epc_deinit(self) -> None:
+        epc = self.controller
+        if self._watch is not None:
+            epc.space.unwatch(self._watch)
+            self._watch = None
+        for chan in (self.dma_chan_rx, self.dma_chan_tx):
+            if chan is not None:
+                chan.release()
+        self.dma_chan_rx = self.dma_chan_tx = None
+        for b in self.reg_space.values():
+            epc.clear_bar(b)
+
+    def _set_capabilities(self) -> None:
+        f = self.controller.get_features()
+        caps = CAP_UNALIGNED_ACCESS  # our controller implements align_addr
+        caps |= CAP_MSI if f.msi_capable else 0
+        caps |= CAP_MSIX if f.msix_capable else 0
+        caps |= CAP_INTX if f.intx_capable else 0
+        caps |= CAP_DYNAMIC_INBOUND_MAPPING if f.dynamic_inbound_mapping else 0
+        caps |= CAP_SUBRANGE_MAPPING if f.dynamic_inbound_mapping and f.subrange_mapping else 0
+        for bar in range(NUM_BARS):
+            if f.bar[bar].type == BarType.RESERVED:
+                caps |= CAP_BAR0_RESERVED << bar
+        self.regs["caps"] = caps
+
+    # -- the command handler -------------------------------------------------
+    def _command_written(self, addr: int, size: int) -> None:
+        """The RC wrote COMMAND: run the handler now (serialised like the kernel's work item)."""
+        if self._busy:
+            self._again = True
+            return
+        self._busy = True
+        self.controller.spawn(self._cmd_handler, "pci-epf-test-cmd")
+
+    async def _cmd_handler(self) -> None:
+        try:
+            while True:
+                self._again = False
+                await self._handle_one()
+                if not self._again:
+                    return
+        finally:
+            self._busy = False
+
+    async def _handle_one(self) -> None:
+        reg = self.regs
+        irq_type = reg["irq_type"]
+        command = reg["command"]
+        if not command:
+            return
+        reg["command"] = 0
+        reg["status"] = 0
+        log.debug("command %#x irq_type %d irq_number %d flags %#x", command, irq_type,
+                  reg["irq_number"], reg["flags"])
+        if reg["flags"] & FLAG_USE_DMA and not self.dma_supported:
+            log.error("Cannot transfer data using DMA")
+            return
+        if irq_type > IRQ_TYPE_MSIX:
+            log.error("Failed to detect IRQ type")
+            return
+        handlers = {
+            COMMAND_WRITE: self._write,
+            COMMAND_READ: self._read,
+            COMMAND_COPY: self._copy,
+            COMMAND_ENABLE_DOORBELL: self._enable_doorbell,
+            COMMAND_DISABLE_DOORBELL: self._disable_doorbell,
+            COMMAND_BAR_SUBRANGE_SETUP: self._bar_subrange_setup,
+            COMMAND_BAR_SUBRANGE_CLEAR: self._bar_subrange_clear,
+        }
+        if command in (COMMAND_RAISE_INTX_IRQ, COMMAND_RAISE_MSI_IRQ, COMMAND_RAISE_MSIX_IRQ):
+            self._raise_irq()
+        elif command in handlers:
+            await handlers[command](reg)
+            self._raise_irq()
+        else:
+            log.error("Invalid command 0x%x", command)
+
+    def _raise_irq(self) -> None:
+        reg = self.regs
+        reg["status"] = reg["status"] | STATUS_IRQ_RAISED
+        irq_type, irq_number = reg["irq_type"], reg["irq_number"]
+        epc = self.controller
+        try:
+            if irq_type == IRQ_TYPE_INTX:
+                epc.raise_irq(IrqType.INTX, 0)
+            elif irq_type == IRQ_TYPE_MSI:
+                count = epc.get_msi()
+                if irq_number > count or count <= 0:
+                    log.error("Invalid MSI IRQ number %d / %d", irq_number, count)
+                    return
+                epc.raise_irq(IrqType.MSI, irq_number)
+            elif irq_type == IRQ_TYPE_MSIX:
+                count = epc.get_msix()
+                if irq_number > count or count <= 0:
+                    log.error("Invalid MSI-X IRQ number %d / %d", irq_number, count)
+                    return
+                epc.raise_irq(IrqType.MSIX, irq_number)
+            else:
+                log.error("Failed to raise IRQ, unknown type")
+        except EpcError as e:
+            log.error("raise_irq: %s", e)
+
+    # -- data transfer -------------------------------------------------------
+    async def _dma(self, chan: DmaChannel | None, src: int, dst: int, size: int,
+                   local_copy: bool = False) -> None:
+        if chan is None or not await chan.transfer(src, dst, size, local_copy):
+            raise EpcError(5, "DMA transfer failed")
+
+    async def _read(self, reg: TestRegs) -> None:
+        """COMMAND_READ: the EP reads RC memory at SRC_ADDR and checks its CRC."""
+        epc = self.controller
+        src_addr, size = reg["src_addr"], reg["size"]
+        use_dma = reg["flags"] & FLAG_USE_DMA
+        status = 0
+        ok = False
+        buf = bytearray()
+        bounce = epc.ram.alloc(max(size, 1)) if use_dma else 0
+        try:
+            while len(buf) < size:
+                try:
+                    m = epc.mem_map(src_addr, size - len(buf))
+                except EpcError as e:
+                    log.error("Failed to map address: %s", e)
+                    status = STATUS_SRC_ADDR_INVALID
+                    break
+                try:
+                    if use_dma:
+                        await self._dma(self.dma_chan_rx, src_addr, bounce + len(buf), m.pci_size)
+                        buf += epc.ram.view(bounce + len(buf), m.pci_size)
+                    else:
+                        buf += await epc.space.read(m.phys_addr, m.pci_size)
+                finally:
+                    epc.mem_unmap(m)
+                src_addr += m.pci_size
+            else:
+                ok = crc32_le(bytes(buf)) == reg["checksum"]
+                if not ok:
+                    log.warning("READ: CRC mismatch over %d bytes", size)
+        except (AddressError, DmaError, EpcError) as e:
+            log.error("READ failed: %s", e)
+        finally:
+            if use_dma:
+                epc.ram.free(bounce, max(size, 1))
+        reg["status"] = status | (STATUS_READ_SUCCESS if ok else STATUS_READ_FAIL)
+
+    async def _write(self, reg: TestRegs) -> None:
+        """COMMAND_WRITE: random data to RC memory at DST_ADDR, its CRC in CHECKSUM."""
+        epc = self.controller
+        dst_addr, size = reg["dst_addr"], reg["size"]
+        use_dma = reg["flags"] & FLAG_USE_DMA
+        data = os.urandom(size)
+        reg["checksum"] = crc32_le(data)
+        status = 0
+        ok = False
+        bounce = epc.ram.alloc(max(size, 1)) if use_dma else 0
+        pos = 0
+        try:
+            if use_dma:
+                epc.ram.view(bounce, size)[:] = data
+            while pos < size:
+                try:
+                    m = epc.mem_map(dst_addr, size - pos)
+                except EpcError as e:
+                    log.error("Failed to map address: %s", e)
+                    status = STATUS_DST_ADDR_INVALID
+                    break
+                try:
+                    if use_dma:
+                        await self._dma(self.dma_chan_tx, bounce + pos, dst_addr, m.pci_size)
+                    else:
+                        await epc.space.write(m.phys_addr, data[pos : pos + m.pci_size])
+                finally:
+                    epc.mem_unmap(m)
+                pos += m.pci_size
+                dst_addr += m.pci_size
+            else:
+                ok = True
+                await trio.sleep(0.001)  # the kernel's usleep_range(1000, 2000)
+        except (AddressError, DmaError, EpcError) as e:
+            log.error("WRITE failed: %s", e)
+        finally:
+            if use_dma:
+                epc.ram.free(bounce, max(size, 1))
+        reg["status"] = status | (STATUS_WRITE_SUCCESS if ok else STATUS_WRITE_FAIL)
+
+    async def _copy(self, reg: TestRegs) -> None:
+        """COMMAND_COPY: RC memory SRC_ADDR -> DST_ADDR through two outbound maps."""
+        epc = self.controller
+        src_addr, dst_addr, size = reg["src_addr"], reg["dst_addr"], reg["size"]
+        use_dma = reg["flags"] & FLAG_USE_DMA
+        status = 0
+        ok = False
+        try:
+            while size:
+                try:
+                    src = epc.mem_map(src_addr, size)
+                except EpcError as e:
+                    log.error("Failed to map source address: %s", e)
+                    status = STATUS_SRC_ADDR_INVALID
+                    break
+                try:
+                    dst = epc.mem_map(dst_addr, size)
+                except EpcError as e:
+                    log.error("Failed to map destination address: %s", e)
+                    status = STATUS_DST_ADDR_INVALID
+                    epc.mem_unmap(src)
+                    break
+                try:
+                    n = min(src.pci_size, dst.pci_size)
+                    if use_dma:
+                        await self._dma(self.dma_chan_tx, src.phys_addr, dst.phys_addr, n,
+                                        local_copy=True)
+                    else:
+                        await epc.space.write(dst.phys_addr, await epc.space.read(src.phys_addr,
+                                                                                 n))
+                finally:
+                    epc.mem_unmap(dst)
+                    epc.mem_unmap(src)
+                size -= n
+                src_addr += n
+                dst_addr += n
+            else:
+                ok = True
+        except (AddressError, DmaError, EpcError) as e:
+            log.error("COPY failed: %s", e)
+        reg["status"] = status | (STATUS_COPY_SUCCESS if ok else STATUS_COPY_FAIL)
+
+    # -- doorbell (the doorbell API brings the backends) ----------------------
+    async def _enable_doorbell(self, reg: TestRegs) -> None:
+        log.error("ENABLE_DOORBELL: no doorbell backend on this controller")
+        reg["status"] = reg["status"] | STATUS_DOORBELL_ENABLE_FAIL
+
+    async def _disable_doorbell(self, reg: TestRegs) -> None:
+        reg["status"] = reg["status"] | STATUS_DOORBELL_DISABLE_FAIL
+
+    # -- BAR subrange mapping ------------------------------------------------
+    async def _bar_subrange_setup(self, reg: TestRegs) -> None:
+        barno = reg["size"]  # SIZE carries the BAR number for BAR_SUBRANGE_*
+        status = reg["status"]
+        features = self.controller.get_features()
+        bar = self.reg_space.get(barno) if barno < NUM_BARS else None
+        if barno >= NUM_BARS or barno == self.test_reg_bar or bar is None:
+            log.error("Invalid barno for subrange test: %d", barno)
+        elif not (features.dynamic_inbound_mapping and features.subrange_mapping):
+            log.error("epc driver does not support subrange mapping")
+        elif bar.size % BAR_SUBRANGE_NSUB:
+            log.error("BAR size %d is not divisible by %d", bar.size, BAR_SUBRANGE_NSUB)
+        else:
+            sub = bar.size // BAR_SUBRANGE_NSUB
+            old = bar.submap
+            # Swap the two halves so the RC can verify the ordering.
+            bar.submap = [PciEpfBarSubmap(bar.phys_addr + (i ^ 1) * sub, sub)
+                          for i in range(BAR_SUBRANGE_NSUB)]
+            try:
+                self.controller.set_bar(bar)
+            except EpcError as e:
+                log.error("pci_epc_set_bar() failed: %s", e)
+                if e.errno == 28:  # ENOSPC
+                    status |= STATUS_NO_RESOURCE
+                bar.submap = old
+                self.controller.set_bar(bar)
+            else:
+                ram = self.controller.ram
+                for i in range(BAR_SUBRANGE_NSUB):
+                    sig = 0x50 + barno * 8 + i
+                    ram.view(bar.phys_addr + (i ^ 1) * sub, sub)[:] = bytes([sig]) * sub
+                reg["status"] = status | STATUS_BAR_SUBRANGE_SETUP_SUCCESS
+                return
+        reg["status"] = status | STATUS_BAR_SUBRANGE_SETUP_FAIL
+
+    async def _bar_subrange_clear(self, reg: TestRegs) -> None:
+        barno = reg["size"]
+        status = reg["status"]
+        bar = self.reg_space.get(barno) if barno < NUM_BARS else None
+        if bar is None or not bar.submap:
+            reg["status"] = status | STATUS_BAR_SUBRANGE_CLEAR_FAIL
+            return
+        old = bar.submap
+        bar.submap = []
+        try:
+            self.controller.set_bar(bar)
+        except EpcError as e:
+            bar.submap = old
+            log.error("pci_epc_set_bar() failed: %s", e)
+            reg["status"] = status | STATUS_BAR_SUBRANGE_CLEAR_FAIL
+            return
+        reg["status"] = status | STATUS_BAR_SUBRANGE_CLEAR_SUCCESS
+
+
+def build(values: dict[str, Any]) -> PciDevice:
+    """Controller + pci-epf-test bound to it, initialised and started."""
+    a = attributes(PciEpfTestAttributes, values, "pci-epf-test")
+    reserved = tuple(parse_int(b) for b in a.reserved_bars.split(",") if b.strip())
+    prof = profile(a.controller, reserved_bars=reserved)
+    epc = PciEpc(prof, ram_size=a.ram_size)
+    header = PciHeader(vendorid=a.vendorid, deviceid=a.deviceid, revid=a.revid,
+                       progif_code=a.progif_code, subclass_code=a.subclass_code,
+                       baseclass_code=a.baseclass_code, cache_line_size=a.cache_line_size,
+                       subsys_vendor_id=a.subsys_vendor_id, subsys_id=a.subsys_id,
+                       interrupt_pin=a.interrupt_pin if prof.features.intx_capable else 0)
+    epf = PciEpfTest(header, a.msi_interrupts, a.msix_interrupts,
+                     tuple(getattr(a, f"bar{i}_size") for i in range(NUM_BARS)))
+    epf.bind_to(epc)
+    epf.epc_init()
+    return epc.start()

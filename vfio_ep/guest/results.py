@@ -1,0 +1,149 @@
+"""Read the kselftest harness's TAP 13 and report it: a summary table, TAP, JUnit XML and JSON.
+
+A test the plan announced but the stream never reported (the guest died mid-run) counts as an
+error, so a truncated run can never look green.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import xml.etree.ElementTree as ET
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+_RESULT = re.compile(r"(not ok|ok) (\d+)(?: ([^#].*?))?(?:\s+#\s*(.*))?$")
+_DIRECTIVE = re.compile(r"(SKIP|XFAIL|XPASS|error)\b\s*(.*)", re.IGNORECASE)
+_PLAN = re.compile(r"1\.\.(\d+)")
+_TOTALS = re.compile(r"# Totals: (.*)")
+_RUN = re.compile(r"#\s+RUN\s")
+_HARNESS_STATUS = re.compile(r"#\s+(OK|FAIL|SKIP|XFAIL|XPASS)\s")
+FAILING = ("fail", "xpass", "error")
+
+
+@dataclass
+class TestCase:
+    """One reported test: status is pass, fail, skip, xfail, xpass or error."""
+
+    number: int
+    name: str
+    status: str
+    reason: str = ""
+    diagnostics: list[str] = field(default_factory=list)
+
+    @property
+    def failed(self) -> bool:
+        return self.status in FAILING
+
+
+@dataclass
+class Report:
+    """A parsed TAP stream."""
+
+    tests: list[TestCase]
+    planned: int | None
+    totals: dict[str, int] | None
+    tap: str
+
+    def counts(self) -> dict[str, int]:
+        counts = dict.fromkeys(("pass", "fail", "skip", "xfail", "xpass", "error"), 0)
+        for test in self.tests:
+            counts[test.status] += 1
+        return counts
+
+    @property
+    def passed(self) -> bool:
+        """No test failed, none went missing, and the harness's own totals agree."""
+        totals_bad = bool(self.totals) and any(self.totals.get(k, 0) for k in FAILING)
+        return not totals_bad and not any(test.failed for test in self.tests)
+
+
+def parse_tap(text: str) -> Report:
+    """Parse kselftest TAP; diagnostics between ``#  RUN`` and a result belong to that test."""
+    tests: list[TestCase] = []
+    planned = totals = None
+    pending: list[str] | None = None
+    for line in text.splitlines():
+        if match := _RESULT.match(line):
+            tests.append(_test_case(match, pending or []))
+            pending = None
+        elif match := _PLAN.match(line):
+            planned = int(match.group(1))
+        elif match := _TOTALS.match(line):
+            totals = {key: int(value) for key, value in re.findall(r"(\w+):(\d+)", match[1])}
+        elif _RUN.match(line):
+            pending = []
+        elif pending is not None and line.startswith("#") and not _HARNESS_STATUS.match(line):
+            pending.append(line[1:].strip())
+    return Report(tests + _missing(tests, planned), planned, totals, text)
+
+
+def _test_case(match: re.Match[str], diagnostics: list[str]) -> TestCase:
+    verdict, number, name, comment = match.groups()
+    directive = _DIRECTIVE.match(comment or "")
+    if directive:
+        status, reason = directive.group(1).lower(), directive.group(2)
+    else:
+        status, reason = ("pass" if verdict == "ok" else "fail"), (comment or "").strip()
+    return TestCase(int(number), name or f"test {number}", status, reason, diagnostics)
+
+
+def _missing(tests: list[TestCase], planned: int | None) -> list[TestCase]:
+    seen = {test.number for test in tests}
+    return [TestCase(n, f"test {n}", "error", "planned but never reported")
+            for n in range(1, (planned or 0) + 1) if n not in seen]
+
+
+def summary_table(report: Report) -> str:
+    """A table of every test and its first diagnostic, then the counts."""
+    if not report.tests:
+        return "no test results in the guest's output"
+    width = max(len(test.name) for test in report.tests)
+    lines = [f"{'#':>3}  {'result':<6}  {'test':<{width}}  detail"]
+    for test in report.tests:
+        detail = test.reason or (test.diagnostics[0] if test.failed and test.diagnostics else "")
+        lines.append(f"{test.number:>3}  {test.status.upper():<6}  {test.name:<{width}}  "
+                     f"{detail}".rstrip())
+    counts = report.counts()
+    summary = ", ".join(f"{n} {status}" for status, n in counts.items() if n)
+    lines.append(f"{len(report.tests)} tests: {summary}"
+                 + (f" (plan: {report.planned})" if report.planned is not None else ""))
+    return "\n".join(lines)
+
+
+def write_results(report: Report, run_dir: Path, *, exit_status: int | None,
+                  error: str | None) -> None:
+    """results.tap, results.xml (JUnit) and results.json in ``run_dir``."""
+    (run_dir / "results.tap").write_text(report.tap)
+    ET.ElementTree(_junit(report)).write(run_dir / "results.xml", encoding="utf-8",
+                                         xml_declaration=True)
+    summary = {
+        "passed": report.passed and exit_status == 0,
+        "exit_status": exit_status,
+        "error": error,
+        "planned": report.planned,
+        "counts": report.counts(),
+        "totals": report.totals,
+        "tests": [asdict(test) for test in report.tests],
+    }
+    (run_dir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def _junit(report: Report) -> ET.Element:
+    counts = report.counts()
+    attrs = {"name": "pci_endpoint_test", "tests": str(len(report.tests)),
+             "failures": str(counts["fail"] + counts["xpass"]), "errors": str(counts["error"]),
+             "skipped": str(counts["skip"] + counts["xfail"])}
+    suites = ET.Element("testsuites", attrs)
+    suite = ET.SubElement(suites, "testsuite", attrs)
+    for test in report.tests:
+        classname, _, name = test.name.rpartition(".")
+        case = ET.SubElement(suite, "testcase", {"classname": classname or attrs["name"],
+                                                 "name": name})
+        tag = {"fail": "failure", "xpass": "failure", "error": "error", "skip": "skipped",
+               "xfail": "skipped"}.get(test.status)
+        if tag:
+            ET.SubElement(case, tag, {"message": test.reason or test.status}).text = (
+                "\n".join(test.diagnostics))
+    ET.SubElement(suite, "system-out").text = report.tap
+    return suites
