@@ -7,6 +7,7 @@ keeps its own mapping of the same pages.
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
 
@@ -21,6 +22,8 @@ class SharedMemory:
         self._map = mmap.mmap(self.fd, self.size, flags=mmap.MAP_SHARED,
                               prot=mmap.PROT_READ | mmap.PROT_WRITE)
         self.view = memoryview(self._map)
+        # Host address of the mapping, for the C fast path (the export is dropped at once).
+        self.address = ctypes.addressof(ctypes.c_char.from_buffer(self._map))
 
     def read(self, offset: int, size: int) -> bytes:
         self._check(offset, size)

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import ctypes
 import json
+import logging
 import os
 import shutil
 import signal
@@ -180,6 +181,8 @@ class GuestRun:
                     pass
 
     async def _start(self) -> None:
+        if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+            logging.getLogger("qemu.qmp").setLevel(logging.WARNING)  # EOF at poweroff is normal
         files = {KSELFTEST_NAME: self.assets.kselftest, **self.extra_files}
         init, script_file = guest_init(self.script)
         initrd = build_initramfs(self.run_dir / "initramfs.gz", {**files, **script_file}, init,
@@ -240,7 +243,7 @@ class GuestRun:
                     inside = False
                 elif inside and self.live:
                     self.live(text)
-                elif text == BEGIN:
+                elif text.endswith(BEGIN):  # firmware may leave escape codes before it
                     inside = True
 
     async def _stop(self) -> None:

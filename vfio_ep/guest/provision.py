@@ -73,7 +73,7 @@ class GuestAssets:
 def cache_dir() -> Path:
     """``$VFIO_EP_CACHE``, else ``~/.cache/vfio-ep``."""
     env = os.environ.get("VFIO_EP_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "vfio-ep"
+    return Path(env).expanduser().absolute() if env else Path.home() / ".cache" / "vfio-ep"
 
 
 def provision_all(qemu: Path | None = None, kernel: Path | None = None) -> GuestAssets:
@@ -435,8 +435,11 @@ def _compile_kselftest(src: Path, binary: Path) -> None:
     selftests = src / KSELFTEST_DIR
     tmp = binary.with_name(binary.name + ".partial")
     tmp.parent.mkdir(parents=True, exist_ok=True)
+    source = src / KSELFTEST_SOURCE
+    # Compiled from its own directory so diagnostics name the file as upstream's do.
     _check_call(["gcc", "-static", "-O2", "-Wall", "-I", str(selftests),
-                 "-I", str(src / "include/uapi"), "-o", str(tmp), str(src / KSELFTEST_SOURCE)])
+                 "-I", str(src / "include/uapi"), "-o", str(tmp), source.name],
+                cwd=source.parent)
     tmp.rename(binary)
 
 
@@ -485,8 +488,8 @@ def _fresh_dir(path: Path) -> Path:
     return path
 
 
-def _check_call(argv: list[str]) -> None:
-    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+def _check_call(argv: list[str], cwd: Path | None = None) -> None:
+    proc = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise ProvisionError(f"{' '.join(argv)} failed:\n{_tail(proc.stdout + proc.stderr)}")
 

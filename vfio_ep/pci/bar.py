@@ -71,8 +71,11 @@ class MmioHandler(Protocol):
 
 
 class WindowKind(enum.IntEnum):
+    """Values shared with native/vfu_fast.h."""
+
     RAM = 0
     MMIO = 1
+    DOORBELL = 2
 
 
 @dataclass(frozen=True)
@@ -101,6 +104,7 @@ class WindowTable:
 
     def __init__(self) -> None:
         self.windows: list[Window] = []
+        self.version = 0  # bumped on every change, so copies (the C fast path) can re-sync
 
     def add(self, window: Window) -> Window:
         for w in self.windows:
@@ -109,10 +113,12 @@ class WindowTable:
                                  f"overlaps [{w.start:#x}, {w.end:#x})")
         self.windows.append(window)
         self.windows.sort(key=lambda w: (w.bar, w.start))
+        self.version += 1
         return window
 
     def replace_bar(self, bar: int, rows: list[Window]) -> None:
         self.windows = [w for w in self.windows if w.bar != bar]
+        self.version += 1
         for w in rows:
             self.add(w)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import ctypes
 import errno
 import json
 import logging
@@ -26,6 +27,7 @@ import trio
 from construct import ConstructError
 
 from vfio_ep.pci.device import PciDevice
+from vfio_ep.vfio_user import fastpath
 from vfio_ep.vfio_user import protocol as p
 from vfio_ep.vfio_user.dma import DmaError, DmaTable
 from vfio_ep.vfio_user.irq import IrqSet
@@ -62,6 +64,8 @@ class Connection:
         self._resample_scope: trio.CancelScope | None = None
         self.dma.message_read = self._dma_read_message
         self.dma.message_write = self._dma_write_message
+        use_fast, _ = fastpath.available()
+        self.fast = fastpath.FastPath(sock.fileno(), device.windows) if use_fast else None
 
     # -- Host protocol (what the device sees) -------------------------------
     def spawn(self, fn: Callable[[], Awaitable[None]], name: str) -> None:
@@ -119,6 +123,8 @@ class Connection:
             await self._handle_request(hdr, body, fds)
 
     async def _recv_message(self) -> tuple[dict, bytes, list[int]]:
+        if self.fast is not None:
+            return await self._recv_message_fast(self.fast)
         head = bytearray()
         fds: list[int] = []
         while len(head) < p.HEADER_SIZE:
@@ -142,6 +148,29 @@ class Connection:
                               f"(command {hdr['command']}, id {hdr['msg_id']})")
         body = await self._recv_exact(size - p.HEADER_SIZE, fds)
         return hdr, body, fds
+
+    async def _recv_message_fast(self, fast: fastpath.FastPath) -> tuple[dict, bytes, list[int]]:
+        """Let C serve the hot messages; return the first one that needs Python."""
+        while True:
+            if self._send_lock.locked():  # a device task is mid-send: C must not interleave
+                async with self._send_lock:
+                    pass
+            r = fast.poll()
+            if r == fastpath.AGAIN:
+                await trio.lowlevel.wait_readable(self.sock.fileno())
+                continue
+            if r == fastpath.MESSAGE:
+                data, fds, truncated = fast.take()
+                if truncated:
+                    _close_fds(fds)
+                    raise StreamError("file descriptors truncated (more than max_msg_fds)")
+                return p.Header.parse(data), data[p.HEADER_SIZE :], fds
+            fast.drop()
+            if r == fastpath.EOF:
+                raise ClientGone
+            if r == fastpath.BROKEN:
+                raise StreamError("malformed message framing (bad size or EOF mid-message)")
+            raise OSError(ctypes.get_errno(), "socket error in the fast path")
 
     async def _recv_exact(self, n: int, fds: list[int]) -> bytes:
         buf = bytearray(n)
@@ -484,7 +513,9 @@ class Listener:
 
     async def serve(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         sock = await self._bind()
-        log.info("listening on %s", self.path)
+        use_fast, why = fastpath.available()
+        log.info("listening on %s (%s)", self.path,
+                 "C fast path" if use_fast else f"Python path: {why}")
         try:
             async with trio.open_nursery() as nursery:
                 for task in self.device.background:

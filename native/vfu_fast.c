@@ -1,0 +1,258 @@
+/* See vfu_fast.h.  Little-endian hosts only (x86-64, arm64), like QEMU's wire format. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <poll.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "vfu_fast.h"
+
+#define HDR 16
+#define CMD_REGION_READ 9
+#define CMD_REGION_WRITE 10
+#define CMD_REGION_WRITE_MULTI 15
+#define FLAG_TYPE_MASK 0xf
+#define FLAG_REPLY 0x1
+#define FLAG_NO_REPLY 0x10
+#define NUM_BARS 6
+
+struct hdr {
+	uint16_t msg_id;
+	uint16_t command;
+	uint32_t size;
+	uint32_t flags;
+	uint32_t error;
+} __attribute__((packed));
+
+struct access {
+	uint64_t offset;
+	uint32_t region;
+	uint32_t count;
+} __attribute__((packed));
+
+struct multi_entry {
+	uint64_t offset;
+	uint32_t region;
+	uint32_t count;
+	uint8_t data[8];
+} __attribute__((packed));
+
+static const struct vfu_window *find(const struct vfu_fast *f, uint32_t bar, uint64_t off,
+				     uint32_t count)
+{
+	for (int i = 0; i < f->nwindows; i++) {
+		const struct vfu_window *w = &f->windows[i];
+		if (w->bar == bar && w->start <= off && off + count <= w->end)
+			return w;
+	}
+	return NULL;
+}
+
+/* Send every byte of the iovecs, waiting briefly if the socket buffer is full. */
+static int send_iov(int sock, struct iovec *iov, int n)
+{
+	while (n) {
+		struct msghdr mh = { .msg_iov = iov, .msg_iovlen = n };
+		ssize_t sent = sendmsg(sock, &mh, MSG_NOSIGNAL);
+		if (sent < 0) {
+			if (errno == EINTR)
+				continue;
+			if (errno != EAGAIN)
+				return -1;
+			struct pollfd pfd = { .fd = sock, .events = POLLOUT };
+			poll(&pfd, 1, 1000);
+			continue;
+		}
+		while (n && (size_t)sent >= iov->iov_len) {
+			sent -= iov->iov_len;
+			iov++;
+			n--;
+		}
+		if (n) {
+			iov->iov_base = (uint8_t *)iov->iov_base + sent;
+			iov->iov_len -= sent;
+		}
+	}
+	return 0;
+}
+
+/* A write the fast path may apply: RAM, or exactly the doorbell register. */
+static int fast_write_ok(const struct vfu_window *w, uint32_t count)
+{
+	if (!w)
+		return 0;
+	if (w->kind == VFU_WINDOW_RAM)
+		return 1;
+	return w->kind == VFU_WINDOW_DOORBELL && count == 4;
+}
+
+static void apply_write(struct vfu_fast *f, const struct vfu_window *w, uint64_t off,
+			const uint8_t *data, uint32_t count)
+{
+	if (w->kind == VFU_WINDOW_RAM) {
+		memcpy(w->ram + (off - w->start), data, count);
+		f->stats.fast_writes++;
+		return;
+	}
+	uint32_t value;
+	memcpy(&value, data, 4);
+	if (off - w->start != w->db_offset || value != w->db_data) {
+		/* Wrong offset or value: no interrupt; Python logs the counter. */
+		f->stats.doorbell_ignored++;
+		return;
+	}
+	*w->db_pending = 1;
+	uint64_t one = 1;
+	if (write(w->efd, &one, sizeof(one)) < 0)
+		f->stats.doorbell_ignored++;
+	f->stats.doorbells++;
+}
+
+/* Serve the message in f->buf if it is a hot one; 1 = served, 0 = Python's, -1 = I/O error. */
+static int serve(struct vfu_fast *f)
+{
+	struct hdr *h = (struct hdr *)f->buf;
+	uint8_t *body = f->buf + HDR;
+	uint32_t len = h->size - HDR;
+
+	if (f->nfds || (h->flags & FLAG_TYPE_MASK) != 0)
+		return 0;
+	if (h->command == CMD_REGION_READ || h->command == CMD_REGION_WRITE) {
+		if (len < sizeof(struct access))
+			return 0;
+		struct access *a = (struct access *)body;
+		if (a->region >= NUM_BARS || a->count == 0 || a->count > (1 << 20))
+			return 0;
+		const struct vfu_window *w = find(f, a->region, a->offset, a->count);
+		if (h->command == CMD_REGION_READ) {
+			if (!w || w->kind != VFU_WINDOW_RAM || len != sizeof(*a))
+				return 0;
+			struct hdr rh = { h->msg_id, h->command, HDR + sizeof(*a) + a->count,
+					  FLAG_REPLY, 0 };
+			struct iovec iov[3] = {
+				{ &rh, HDR }, { a, sizeof(*a) },
+				{ w->ram + (a->offset - w->start), a->count },
+			};
+			if (send_iov(f->sock, iov, 3))
+				return -1;
+			f->stats.fast_reads++;
+			return 1;
+		}
+		if (len != sizeof(*a) + a->count || !fast_write_ok(w, a->count))
+			return 0;
+		apply_write(f, w, a->offset, body + sizeof(*a), a->count);
+		if (!(h->flags & FLAG_NO_REPLY)) {
+			struct hdr rh = { h->msg_id, h->command, HDR + sizeof(*a), FLAG_REPLY, 0 };
+			struct access ra = { a->offset, a->region, a->count };
+			struct iovec iov[2] = { { &rh, HDR }, { &ra, sizeof(ra) } };
+			if (send_iov(f->sock, iov, 2))
+				return -1;
+		}
+		return 1;
+	}
+	if (h->command == CMD_REGION_WRITE_MULTI && (h->flags & FLAG_NO_REPLY)) {
+		if (len < 8)
+			return 0;
+		uint64_t cnt;
+		memcpy(&cnt, body, 8);
+		if (cnt > 200 || len != 8 + cnt * sizeof(struct multi_entry))
+			return 0;
+		struct multi_entry *e = (struct multi_entry *)(body + 8);
+		for (uint64_t i = 0; i < cnt; i++) {
+			if (e[i].region >= NUM_BARS || e[i].count < 1 || e[i].count > 8 ||
+			    !fast_write_ok(find(f, e[i].region, e[i].offset, e[i].count),
+					   e[i].count))
+				return 0;
+		}
+		for (uint64_t i = 0; i < cnt; i++)
+			apply_write(f, find(f, e[i].region, e[i].offset, e[i].count), e[i].offset,
+				    e[i].data, e[i].count);
+		return 1;
+	}
+	return 0;
+}
+
+static void drop_fds(struct vfu_fast *f)
+{
+	for (int i = 0; i < f->nfds; i++)
+		close(f->fds[i]);
+	f->nfds = 0;
+}
+
+/* Read more of the current message; 1 = complete, 0 = would block, else a VFU_* error. */
+static int fill(struct vfu_fast *f)
+{
+	for (;;) {
+		uint32_t want = HDR;
+		if (f->have >= HDR) {
+			want = ((struct hdr *)f->buf)->size;
+			if (want < HDR || want > VFU_MAX_MSG)
+				return VFU_BROKEN;
+		}
+		if (f->have == want)
+			return 1;
+		ssize_t n;
+		if (f->have < HDR) {
+			/* fds arrive with the header bytes */
+			union {
+				struct cmsghdr align;
+				char buf[CMSG_SPACE(sizeof(int) * VFU_MAX_FDS)];
+			} ctl;
+			struct iovec iov = { f->buf + f->have, HDR - f->have };
+			struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1,
+					     .msg_control = ctl.buf, .msg_controllen = sizeof(ctl.buf) };
+			n = recvmsg(f->sock, &mh, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+			if (n > 0) {
+				for (struct cmsghdr *c = CMSG_FIRSTHDR(&mh); c; c = CMSG_NXTHDR(&mh, c)) {
+					if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
+						continue;
+					int k = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+					int *in = (int *)CMSG_DATA(c);
+					for (int j = 0; j < k; j++) {
+						if (f->nfds < VFU_MAX_FDS)
+							f->fds[f->nfds++] = in[j];
+						else
+							close(in[j]);
+					}
+				}
+				if (mh.msg_flags & MSG_CTRUNC)
+					f->fds_truncated = 1;
+			}
+		} else {
+			n = recv(f->sock, f->buf + f->have, want - f->have, MSG_DONTWAIT);
+		}
+		if (n == 0)
+			return f->have ? VFU_BROKEN : VFU_EOF;
+		if (n < 0) {
+			if (errno == EINTR)
+				continue;
+			if (errno == EAGAIN)
+				return 0;
+			return VFU_IOERR;
+		}
+		f->have += n;
+	}
+}
+
+int vfu_fast_poll(struct vfu_fast *f)
+{
+	/* Yield to the event loop now and then: the socket stays readable. */
+	for (int budget = 256; budget; budget--) {
+		int r = fill(f);
+		if (r == 0)
+			return VFU_AGAIN;
+		if (r != 1)
+			return r;
+		r = serve(f);
+		if (r < 0)
+			return VFU_IOERR;
+		if (r == 0) {
+			f->stats.to_python++;
+			return VFU_MESSAGE; /* Python takes buf/fds, then resets have/nfds */
+		}
+		f->have = 0;
+		drop_fds(f);
+	}
+	return VFU_AGAIN;
+}

@@ -1,0 +1,57 @@
+/* vfio-ep fast path: the hot vfio-user messages handled without the interpreter.
+ *
+ * The Python server owns the dispatch table (struct vfu_window rows, the same
+ * plain data as vfio_ep.pci.bar.WindowTable) and the socket.  vfu_fast_poll()
+ * reads messages in order; REGION_READ/REGION_WRITE/REGION_WRITE_MULTI that
+ * land entirely in RAM windows are served here, doorbell-window writes mark
+ * the doorbell pending and signal its eventfd; the first message that needs
+ * anything else is handed back to Python, whole and with its fds, so the
+ * order of the stream is kept.
+ */
+#include <stdint.h>
+
+enum vfu_window_kind { VFU_WINDOW_RAM = 0, VFU_WINDOW_MMIO = 1, VFU_WINDOW_DOORBELL = 2 };
+
+struct vfu_window {
+	uint32_t bar;
+	uint32_t kind;
+	uint64_t start;          /* BAR offset, inclusive */
+	uint64_t end;            /* BAR offset, exclusive */
+	uint8_t *ram;            /* RAM: host address of BAR offset `start` */
+	int32_t efd;             /* DOORBELL: eventfd to signal */
+	uint32_t db_offset;      /* DOORBELL: offset of the doorbell register in the window */
+	uint32_t db_data;        /* DOORBELL: the value that rings it */
+	uint32_t *db_pending;    /* DOORBELL: set to 1 when rung */
+};
+
+#define VFU_MAX_FDS 16
+#define VFU_MAX_MSG 1048608 /* header + access + max_data_xfer_size */
+
+struct vfu_fast_stats {
+	uint64_t fast_reads;
+	uint64_t fast_writes;
+	uint64_t doorbells;
+	uint64_t doorbell_ignored;
+	uint64_t to_python;
+};
+
+struct vfu_fast {
+	int sock;
+	struct vfu_window *windows;
+	int nwindows;
+	uint8_t *buf;            /* VFU_MAX_MSG bytes, owned by the caller */
+	uint32_t have;           /* bytes of the current message read so far */
+	int fds[16]; /* VFU_MAX_FDS */
+	int nfds;
+	int fds_truncated;
+	struct vfu_fast_stats stats;
+};
+
+/* Results of vfu_fast_poll(). */
+#define VFU_AGAIN 0      /* nothing complete to read: wait for the socket */
+#define VFU_MESSAGE 1    /* buf holds one whole message (and fds) for Python */
+#define VFU_EOF 2        /* peer closed at a message boundary */
+#define VFU_BROKEN 3     /* stream cannot be trusted (bad size, EOF mid-message) */
+#define VFU_IOERR 4      /* a socket error; errno says which */
+
+int vfu_fast_poll(struct vfu_fast *f);
