@@ -31,7 +31,6 @@ struct vfu_fast_stats {
 	uint64_t fast_reads;
 	uint64_t fast_writes;
 	uint64_t doorbells;
-	uint64_t doorbell_ignored;
 	uint64_t to_python;
 };
 

@@ -17,7 +17,7 @@ import bisect
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from vfio_ep.memory import SharedMemory
 from vfio_ep.pci.bar import MmioHandler
@@ -178,6 +178,7 @@ class EpAddressSpace:
         self.blocks: list[MmioBlock] = []
         self.apertures: list[tuple[int, int, Aperture]] = []
         self.watches: list[Watch] = []
+        self.doorbells: list[Any] = []  # DoorbellTarget: a 4-byte register at .addr
         self.on_layout_change: list[Callable[[], None]] = []
 
     def add_block(self, block: MmioBlock) -> MmioBlock:
@@ -202,6 +203,16 @@ class EpAddressSpace:
     def unwatch(self, w: Watch) -> None:
         self.watches.remove(w)
         self._changed()
+
+    def add_doorbell(self, target: Any) -> None:
+        self.doorbells.append(target)
+        self._changed()
+
+    def doorbell_at(self, addr: int, size: int) -> Any:
+        for d in self.doorbells:
+            if d.addr == addr and size == 4:
+                return d
+        return None
 
     def _changed(self) -> None:
         for hook in self.on_layout_change:

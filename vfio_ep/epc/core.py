@@ -31,10 +31,12 @@ from typing import TYPE_CHECKING
 import trio
 
 from vfio_ep.epc.address_space import PAGE, AddressError, EpAddressSpace, EpRam, MmioBlock
-from vfio_ep.epc.edma import EDMA_REGS_SIZE, DmaChannel, DwEdma
+from vfio_ep.epc.doorbell import DoorbellTarget
+from vfio_ep.epc.edma import EDMA_REGS_SIZE, EMUL_DOORBELL_OFFSET, DmaChannel, DwEdma
 from vfio_ep.epc.features import BarType, ControllerProfile, EpcFeatures
 from vfio_ep.epc.iatu import InboundAtu, NoInboundWindow
 from vfio_ep.epc.irq import IrqDomain
+from vfio_ep.epc.msi_controller import PlatformMsiController
 from vfio_ep.epc.outbound import OutboundAtu, PciEpcMem
 from vfio_ep.pci.bar import (
     PCI_BASE_ADDRESS_MEM_PREFETCH,
@@ -55,6 +57,20 @@ EP_RAM_BASE = 0x8000_0000
 OUTBOUND_BASE = 0x1_0000_0000
 OUTBOUND_SIZE = 0x4000_0000
 EDMA_BASE = 0xF000_0000
+MSI_BASE = 0xF010_0000
+
+
+@dataclass(frozen=True)
+class PciEpcAuxResource:
+    """struct pci_epc_aux_resource (type PCI_EPC_AUX_DOORBELL_MMIO is "doorbell-mmio")."""
+
+    type: str
+    phys_addr: int
+    size: int
+    bar: int
+    bar_offset: int
+    irq: int
+    data: int
 
 
 class EpcError(Exception):
@@ -89,6 +105,7 @@ class PciEpcMap:
 class PciEpc:
     profile: ControllerProfile
     ram_size: int = 256 << 20
+    doorbell_poll_interval: float = 0.001
     epfs: list[PciEpf] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -101,17 +118,24 @@ class PciEpc:
         self.outbound = OutboundAtu(self.mem, self.profile.num_ob_windows, self._rc_dma)
         self.space.add_aperture(OUTBOUND_BASE, OUTBOUND_SIZE, self.outbound)
         self.inbound = InboundAtu(self.space, self.profile.num_ib_windows)
-        self.space.on_layout_change.append(self._refresh_all_bars)
+        self.pci: PciDevice | None = None
         self.edma: DwEdma | None = None
         if self.profile.edma:
             self.edma = DwEdma(self.space, self.irqs, self.spawn, self.profile.edma_channels,
                                self._rc_dma)
             self.space.add_block(MmioBlock("dw-edma", EDMA_BASE, EDMA_REGS_SIZE, self.edma))
+            self.edma_doorbell = DoorbellTarget("dw-edma-emul", EDMA_BASE + EMUL_DOORBELL_OFFSET,
+                                                self.irqs, self.spawn, self.edma,
+                                                EMUL_DOORBELL_OFFSET)
+            self.space.add_doorbell(self.edma_doorbell)
+        self.msi = (PlatformMsiController(MSI_BASE, self.space, self.irqs, self.spawn,
+                                          immutable=not self.profile.msi_mutable)
+                    if self.profile.msi_controller else None)
         self.header = PciHeader()
         self.bars: dict[int, PciEpfBar] = {}
         self.msi_interrupts = 0
         self.msix: tuple[int, int, int] | None = None  # (count, bar, table offset)
-        self.pci: PciDevice | None = None
+        self.space.on_layout_change.append(self._refresh_all_bars)
         self.direct: dict[int, int] = {}  # direct BAR -> memfd offset of its aperture
         self._nursery: trio.Nursery | None = None
 
@@ -273,9 +297,19 @@ class PciEpc:
         elif not pci.raise_msix(interrupt_num - 1):
             raise EpcError(errno.EINVAL, f"MSI-X {interrupt_num} not raised")
 
-    def get_aux_resources(self) -> list:
-        """pci_epc_get_aux_resources(); the doorbell issue fills it."""
-        return []
+    def get_aux_resources(self) -> list[PciEpcAuxResource]:
+        """dw_pcie_ep_get_aux_resources(): the eDMA interrupt-emulation doorbell, at its
+        EP address and, when a reserved BAR shows the eDMA registers, pre-exposed there."""
+        if self.edma is None:
+            return []
+        bar = self.profile.edma_bar
+        return [PciEpcAuxResource("doorbell-mmio", EDMA_BASE + EMUL_DOORBELL_OFFSET, 4, bar,
+                                  EMUL_DOORBELL_OFFSET if bar >= 0 else 0,
+                                  self.edma.emul_virq, 0)]
+
+    def start_doorbell(self, res: PciEpcAuxResource) -> None:
+        """Arm the doorbell register behind an aux resource ("write 0 to assert")."""
+        self.edma_doorbell.add_event(res.data, res.irq)
 
     # -- pci_epc_mem ---------------------------------------------------------
     def mem_map(self, pci_addr: int, pci_size: int) -> PciEpcMap:

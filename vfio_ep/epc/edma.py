@@ -98,8 +98,8 @@ class DwEdma:
         self.dirs = {"wr": Direction("write"), "rd": Direction("read")}
         self.irqs = irqs
         self.virq = irqs.alloc("dw-edma")
-        self.emul_virq = irqs.alloc("dw-edma-emul")
-        self.emul_asserted = False
+        # dw_edma_emul_irqchip: handle_level_irq, acked by a zero write to INT_CLEAR.
+        self.emul_virq = irqs.alloc("dw-edma-emul", ack=lambda: self.write(RD_INT_CLEAR, 4, 0))
 
     # -- MmioHandler -------------------------------------------------------
     def read(self, offset: int, size: int) -> int:
@@ -116,13 +116,9 @@ class DwEdma:
         wr, rd = self.dirs["wr"], self.dirs["rd"]
         match offset:
             case 0x4C | 0xA0:  # WR/RD_INT_STATUS: interrupt emulation
-                self.emul_asserted = True
                 self.irqs.handle(self.emul_virq)
             case 0x58 | 0xAC:  # WR/RD_INT_CLEAR (W1C; a zero write acks emulation)
-                d = wr if offset == WR_INT_CLEAR else rd
-                d.int_status &= ~value
-                if value == 0:
-                    self.emul_asserted = False
+                (wr if offset == WR_INT_CLEAR else rd).int_status &= ~value
             case 0x54 | 0xA8:
                 (wr if offset == WR_INT_MASK else rd).int_mask = value
             case 0x0C | 0x2C:

@@ -61,6 +61,7 @@ class ControllerProfile:
     edma: bool = True
     edma_channels: int = 2  # per direction
     msi_controller: bool = True
+    msi_mutable: bool = False  # messages change on affinity changes (the doorbell core refuses)
     edma_bar: int = NO_BAR  # a reserved BAR exposing the eDMA registers (RK3588 BAR4)
 
 
@@ -97,7 +98,8 @@ PROFILES: dict[str, ControllerProfile] = {
 }
 
 
-def profile(name: str, reserved_bars: tuple[int, ...] = ()) -> ControllerProfile:
+def profile(name: str, reserved_bars: tuple[int, ...] = (), msi_mutable: bool = False
+            ) -> ControllerProfile:
     """A named profile; ``reserved_bars`` marks more BARs reserved (e.g. to move the
     register BAR of pci-epf-test to BAR2 as on AM654)."""
     try:
@@ -110,7 +112,8 @@ def profile(name: str, reserved_bars: tuple[int, ...] = ()) -> ControllerProfile
         if not 0 <= bar < NUM_BARS:
             raise ValueError(f"reserved BAR {bar} out of range")
         bars[bar] = BarDesc(BarType.RESERVED)
-    return replace(base, features=replace(base.features, bar=tuple(bars)))
+    return replace(base, features=replace(base.features, bar=tuple(bars)),
+                   msi_mutable=msi_mutable)
 
 
 def get_next_free_bar(features: EpcFeatures | None, bar: int) -> int:

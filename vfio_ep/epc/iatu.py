@@ -73,6 +73,8 @@ class InboundAtu:
             cuts |= {b.base, b.base + b.size}
         for w in space.watches:
             cuts |= {w.start, w.end}
+        for d in space.doorbells:
+            cuts |= {d.addr, d.addr + 4}
         points = sorted(c for c in cuts if lo <= c <= hi)
         rows = []
         for start, end in itertools.pairwise(points):
@@ -88,6 +90,10 @@ class InboundAtu:
                     else:
                         rows.append(Window(r.bar, b0, b0 + n, WindowKind.RAM, ram.mem, phys,
                                            mmap=mmap))
+                continue
+            doorbell = space.doorbell_at(start, end - start)
+            if doorbell:
+                rows.append(Window(r.bar, bar_start, bar_end, WindowKind.DOORBELL, doorbell))
                 continue
             block = space.block_at(start, end - start)
             if block:

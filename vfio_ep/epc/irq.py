@@ -47,6 +47,7 @@ class IrqAction:
 class IrqDesc:
     virq: int
     chip: str
+    ack: Callable[[], None] | None = None  # irq_chip.irq_ack: called before the handlers
     actions: list[IrqAction] = field(default_factory=list)
     running: bool = False
     pending: bool = False
@@ -62,10 +63,10 @@ class IrqDomain:
         self.descs: dict[int, IrqDesc] = {}
         self._next = 32  # like Linux: low numbers are legacy, start above them
 
-    def alloc(self, chip: str) -> int:
+    def alloc(self, chip: str, ack: Callable[[], None] | None = None) -> int:
         virq = self._next
         self._next += 1
-        self.descs[virq] = IrqDesc(virq, chip)
+        self.descs[virq] = IrqDesc(virq, chip, ack)
         return virq
 
     def dispose(self, virq: int) -> None:
@@ -120,6 +121,8 @@ class IrqDomain:
         try:
             while True:
                 desc.pending = False
+                if desc.ack:
+                    desc.ack()
                 handled = False
                 for action in list(desc.actions):
                     result = action.handler(desc.virq, action.dev_id)

@@ -11,11 +11,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 from vfio_ep.epc.core import PciEpc
 from vfio_ep.epc.features import BarType, EpcFeatures
 from vfio_ep.pci.bar import NUM_BARS, PCI_BASE_ADDRESS_MEM_TYPE_64
 from vfio_ep.pci.device import PciHeader
+
+if TYPE_CHECKING:
+    from vfio_ep.epc.doorbell import PollDoorbell
+    from vfio_ep.epf.doorbell import PciEpfDoorbellMsg
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +70,18 @@ class PciEpf:
 
     name = "pci_epf"
 
-    def __init__(self, header: PciHeader, msi_interrupts: int, msix_interrupts: int) -> None:
+    def __init__(self, header: PciHeader, msi_interrupts: int, msix_interrupts: int,
+                 doorbell: str = "auto") -> None:
         self.header = header
         self.msi_interrupts = msi_interrupts
         self.msix_interrupts = msix_interrupts
         self.epc: PciEpc | None = None
         self.bar: list[PciEpfBar | None] = [None] * NUM_BARS
+        # Doorbells (vfio_ep.epf.doorbell): the configured backend and what it handed out.
+        self.doorbell = doorbell
+        self.db_msg: list[PciEpfDoorbellMsg] = []
+        self.db_backend = ""
+        self.db_poll: PollDoorbell | None = None
 
     @property
     def controller(self) -> PciEpc:
@@ -83,6 +94,12 @@ class PciEpf:
         self.epc = epc
         epc.add_epf(self)
         self.bind()
+
+    def align_inbound_addr(self, bar: int, addr: int) -> tuple[int, int]:
+        """pci_epf_align_inbound_addr(): (BAR-size aligned base, offset of ``addr`` in it)."""
+        b = self.bar[bar]
+        align = b.size if b else 1
+        return addr & ~(align - 1), addr & (align - 1)
 
     def alloc_space(self, size: int, bar: int, features: EpcFeatures) -> PciEpfBar | None:
         """pci_epf_alloc_space(): zeroed EP RAM aligned to the BAR size; None on failure."""

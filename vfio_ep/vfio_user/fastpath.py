@@ -65,7 +65,7 @@ class FastPath:
                 db = w.target
                 c.kind = lib.VFU_WINDOW_DOORBELL
                 c.efd, c.db_offset, c.db_data = db.efd, db.offset, db.data
-                c.db_pending = db.pending_ptr()
+                c.db_pending = ffi.cast("uint32_t *", db.pending_ptr())
             else:
                 c.kind = lib.VFU_WINDOW_MMIO
         self.f.windows = table
@@ -95,4 +95,4 @@ class FastPath:
     def stats(self) -> dict[str, int]:
         s = self.f.stats
         return {k: getattr(s, k) for k in ("fast_reads", "fast_writes", "doorbells",
-                                           "doorbell_ignored", "to_python")}
+                                           "to_python")}

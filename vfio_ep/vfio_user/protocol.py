@@ -122,7 +122,9 @@ Version = Struct("major" / Int16ul, "minor" / Int16ul, "json" / CString("utf8"))
 DmaMap = Struct(
     "argsz" / Int32ul, "flags" / Int32ul, "offset" / Int64ul, "iova" / Int64ul, "size" / Int64ul
 ).compile()
-DmaUnmap = Struct("argsz" / Int32ul, "flags" / Int32ul, "iova" / Int64ul, "size" / Int64ul).compile()
+DmaUnmap = Struct(
+    "argsz" / Int32ul, "flags" / Int32ul, "iova" / Int64ul, "size" / Int64ul
+).compile()
 
 DeviceInfo = Struct(
     "argsz" / Int32ul, "flags" / Int32ul, "num_regions" / Int32ul, "num_irqs" / Int32ul
@@ -147,7 +149,9 @@ SparseMmapCap = Struct(
     "areas" / Array(this.nr_areas, Struct("offset" / Int64ul, "size" / Int64ul)),
 )
 
-IrqInfo = Struct("argsz" / Int32ul, "flags" / Int32ul, "index" / Int32ul, "count" / Int32ul).compile()
+IrqInfo = Struct(
+    "argsz" / Int32ul, "flags" / Int32ul, "index" / Int32ul, "count" / Int32ul
+).compile()
 
 IrqSet = Struct(
     "argsz" / Int32ul,

@@ -207,6 +207,10 @@ class Connection:
         except (ConstructError, struct.error, DmaError, ValueError, OSError) as e:
             err = errno.EINVAL
             log.warning("client %s: refused %s (id %d): %s", self.peer, _name(cmd), msg_id, e)
+        except Exception:  # a device-model bug must not take the server down
+            err = errno.EIO
+            log.exception("client %s: internal error handling %s (id %d)", self.peer,
+                          _name(cmd), msg_id)
         if posted:
             return
         if err:

@@ -24,7 +24,10 @@ from vfio_ep.epc.address_space import AddressError, Watch
 from vfio_ep.epc.core import EpcError, IrqType, PciEpc
 from vfio_ep.epc.edma import DmaChannel
 from vfio_ep.epc.features import NO_BAR, BarType, get_first_free_bar, get_next_free_bar, profile
+from vfio_ep.epc.irq import IRQ_HANDLED, IRQF_ONESHOT, IrqError
 from vfio_ep.epf.core import PciEpf, PciEpfBar, PciEpfBarSubmap
+from vfio_ep.epf.doorbell import CHOICES as DOORBELL_CHOICES
+from vfio_ep.epf.doorbell import DoorbellError, pci_epf_alloc_doorbell, pci_epf_free_doorbell
 from vfio_ep.pci.bar import NUM_BARS
 from vfio_ep.pci.device import PciDevice, PciHeader
 from vfio_ep.vfio_user.dma import DmaError
@@ -137,10 +140,16 @@ class PciEpfTestAttributes:
     bar5_size: int = DEFAULT_BAR_SIZE[5]
     controller: str = "generic"
     ram_size: int = 256 << 20
+    msi_mutable: bool = False
+    # The doorbell backend (vfio_ep.epf.doorbell): msi | embedded | poll | auto.
+    doorbell: str = "auto"
+    doorbell_poll_interval_us: int = 1000
     # Controller overrides, e.g. to make the register BAR land elsewhere (AM654 uses BAR2).
     reserved_bars: str = ""
 
     def __post_init__(self) -> None:
+        if self.doorbell not in DOORBELL_CHOICES:
+            raise ValueError(f"doorbell must be one of {', '.join(DOORBELL_CHOICES)}")
         for bar in range(NUM_BARS):
             size = getattr(self, f"bar{bar}_size")
             if size <= 0 or size & (size - 1):
@@ -151,8 +160,10 @@ class PciEpfTest(PciEpf):
     name = "pci_epf_test"
 
     def __init__(self, header: PciHeader, msi_interrupts: int, msix_interrupts: int,
-                 bar_size: tuple[int, ...]) -> None:
-        super().__init__(header, msi_interrupts, msix_interrupts)
+                 bar_size: tuple[int, ...], doorbell: str = "auto") -> None:
+        super().__init__(header, msi_interrupts, msix_interrupts, doorbell)
+        self.db_bar: PciEpfBar | None = None
+        self.db_bar_programmed = False
         self.bar_size = list(bar_size)
         self.test_reg_bar = 0
         self.msix_table_offset = 0
@@ -461,13 +472,85 @@ class PciEpfTest(PciEpf):
             log.error("COPY failed: %s", e)
         reg["status"] = status | (STATUS_COPY_SUCCESS if ok else STATUS_COPY_FAIL)
 
-    # -- doorbell (the doorbell API brings the backends) ----------------------
+    # -- doorbell ------------------------------------------------------------
+    def _doorbell_handler(self, virq: int, dev_id: object) -> int:
+        reg = self.regs
+        reg["status"] = reg["status"] | STATUS_DOORBELL_SUCCESS
+        self._raise_irq()
+        return IRQ_HANDLED
+
+    def _doorbell_cleanup(self) -> None:
+        self.regs["doorbell_bar"] = NO_BAR
+        pci_epf_free_doorbell(self)
+
     async def _enable_doorbell(self, reg: TestRegs) -> None:
-        log.error("ENABLE_DOORBELL: no doorbell backend on this controller")
-        reg["status"] = reg["status"] | STATUS_DOORBELL_ENABLE_FAIL
+        epc = self.controller
+        status = reg["status"]
+        try:
+            pci_epf_alloc_doorbell(self, 1)
+        except DoorbellError:
+            reg["status"] = status | STATUS_DOORBELL_ENABLE_FAIL
+            return
+        db = self.db_msg[0]
+        self.db_bar_programmed = False
+        if db.bar != NO_BAR:  # already exposed through a platform-owned fixed BAR
+            bar, offset = db.bar, db.offset
+        else:
+            bar = get_next_free_bar(epc.get_features(), self.test_reg_bar + 1)
+            if bar < 0:
+                self._doorbell_cleanup()
+                reg["status"] = status | STATUS_DOORBELL_ENABLE_FAIL
+                return
+        try:
+            epc.irqs.request_irq(db.virq, self._doorbell_handler, db.irq_flags | IRQF_ONESHOT,
+                                 "pci-ep-test-doorbell", self)
+        except IrqError as e:
+            log.error("Failed to request doorbell IRQ %d: %s", db.virq, e)
+            self._doorbell_cleanup()
+            reg["status"] = status | STATUS_DOORBELL_ENABLE_FAIL
+            return
+        reg["doorbell_data"] = db.msg.data
+        reg["doorbell_bar"] = bar
+        if db.bar == NO_BAR:
+            phys, offset = self.align_inbound_addr(bar, db.msg.address)
+        reg["doorbell_offset"] = offset
+        if db.bar == NO_BAR:
+            own = self.bar[bar]
+            assert own is not None
+            self.db_bar = PciEpfBar(bar, phys, own.size, flags=own.flags)
+            try:
+                epc.set_bar(self.db_bar)
+            except EpcError as e:
+                log.error("Failed to map the doorbell into BAR%d: %s", bar, e)
+                epc.irqs.free_irq(db.virq, self)
+                self._doorbell_cleanup()
+                reg["status"] = status | STATUS_DOORBELL_ENABLE_FAIL
+                return
+            self.db_bar_programmed = True
+        reg["status"] = status | STATUS_DOORBELL_ENABLE_SUCCESS
 
     async def _disable_doorbell(self, reg: TestRegs) -> None:
-        reg["status"] = reg["status"] | STATUS_DOORBELL_DISABLE_FAIL
+        epc = self.controller
+        bar = reg["doorbell_bar"]
+        status = reg["status"]
+        if bar >= NUM_BARS or not self.db_msg:
+            reg["status"] = status | STATUS_DOORBELL_DISABLE_FAIL
+            return
+        epc.irqs.free_irq(self.db_msg[0].virq, self)
+        self._doorbell_cleanup()
+        if self.db_bar_programmed:
+            # Restore the BAR's own inbound translation (set_bar again, never clear_bar,
+            # which would drop the BAR address the host assigned).
+            own = self.bar[bar]
+            try:
+                assert own is not None
+                epc.set_bar(own)
+            except EpcError as e:
+                log.error("Failed to restore BAR%d: %s", bar, e)
+                reg["status"] = status | STATUS_DOORBELL_DISABLE_FAIL
+                return
+            self.db_bar_programmed = False
+        reg["status"] = status | STATUS_DOORBELL_DISABLE_SUCCESS
 
     # -- BAR subrange mapping ------------------------------------------------
     async def _bar_subrange_setup(self, reg: TestRegs) -> None:
@@ -527,15 +610,16 @@ def build(values: dict[str, Any]) -> PciDevice:
     """Controller + pci-epf-test bound to it, initialised and started."""
     a = attributes(PciEpfTestAttributes, values, "pci-epf-test")
     reserved = tuple(parse_int(b) for b in a.reserved_bars.split(",") if b.strip())
-    prof = profile(a.controller, reserved_bars=reserved)
-    epc = PciEpc(prof, ram_size=a.ram_size)
+    prof = profile(a.controller, reserved_bars=reserved, msi_mutable=a.msi_mutable)
+    epc = PciEpc(prof, ram_size=a.ram_size,
+                 doorbell_poll_interval=a.doorbell_poll_interval_us / 1e6)
     header = PciHeader(vendorid=a.vendorid, deviceid=a.deviceid, revid=a.revid,
                        progif_code=a.progif_code, subclass_code=a.subclass_code,
                        baseclass_code=a.baseclass_code, cache_line_size=a.cache_line_size,
                        subsys_vendor_id=a.subsys_vendor_id, subsys_id=a.subsys_id,
                        interrupt_pin=a.interrupt_pin if prof.features.intx_capable else 0)
     epf = PciEpfTest(header, a.msi_interrupts, a.msix_interrupts,
-                     tuple(getattr(a, f"bar{i}_size") for i in range(NUM_BARS)))
+                     tuple(getattr(a, f"bar{i}_size") for i in range(NUM_BARS)), a.doorbell)
     epf.bind_to(epc)
     epf.epc_init()
     return epc.start()

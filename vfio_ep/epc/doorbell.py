@@ -1,0 +1,143 @@
+"""Doorbell targets: an EP address where one 32-bit RC write becomes an EP interrupt.
+
+A :class:`DoorbellTarget` sits on a register of an MMIO block (the MSI
+controller's translator, the eDMA's interrupt-emulation register).  The
+inbound iATU gives it its own 4-byte window of kind DOORBELL, which the C
+fast path serves without the interpreter: a write of a known value marks the
+doorbell pending and signals its eventfd; the EP interrupt layer, waiting on
+that eventfd, runs the virq's handlers.  The Python path does exactly the
+same.  Writes with any other value or width are ignored, counted and logged.
+
+:class:`PollDoorbell` is the backend without hardware: a word in EP RAM that
+a task checks every ``interval`` seconds, only while it is allocated.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+
+import trio
+
+from vfio_ep.epc.address_space import EpRam
+from vfio_ep.epc.irq import IrqDomain, Spawn
+from vfio_ep.pci.bar import MmioHandler
+
+log = logging.getLogger(__name__)
+
+DOORBELL_SIZE = 4
+
+
+class DoorbellTarget:
+    """An MmioHandler for one doorbell register: data value -> virq."""
+
+    def __init__(self, name: str, addr: int, irqs: IrqDomain, spawn: Spawn,
+                 underlying: MmioHandler | None = None, underlying_offset: int = 0) -> None:
+        self.name = name
+        self.addr = addr
+        self.irqs = irqs
+        self.spawn = spawn
+        self._running = False
+        self.events: dict[int, int] = {}  # data -> virq
+        self.underlying = underlying
+        self.underlying_offset = underlying_offset
+        self.efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._pending = ctypes.c_uint32(0)  # set by C: the first event was rung
+        self._rung_values: set[int] = set()  # rung through Python
+        self.rung = 0
+        self.ignored = 0
+        self._scope = trio.CancelScope()
+
+    # Fields the C fast path reads (native/vfu_fast.h: struct vfu_window).
+    offset = 0
+
+    def add_event(self, data: int, virq: int) -> None:
+        """Make a write of ``data`` raise ``virq``; the eventfd waiter starts with the first."""
+        self.events[data] = virq
+        if not self._running:
+            self._running = True
+            self.spawn(self._run, f"doorbell-{self.name}")
+
+    def remove_event(self, data: int) -> None:
+        self.events.pop(data, None)
+
+    @property
+    def data(self) -> int:
+        """The value C may ring on its own (the first event); others go to Python."""
+        return next(iter(self.events), 0xFFFFFFFF)
+
+    def pending_ptr(self) -> int:
+        return ctypes.addressof(self._pending)
+
+    def read(self, offset: int, size: int) -> int:
+        if self.underlying is None:
+            return 0
+        return self.underlying.read(self.underlying_offset + offset, size)
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        if offset or size != DOORBELL_SIZE or value not in self.events:
+            self.ignored += 1
+            log.warning("doorbell %s: ignored write of %#x (%d bytes at +%#x): not a doorbell "
+                        "value", self.name, value, size, offset)
+            return
+        self._ring(value)
+
+    def _ring(self, value: int) -> None:
+        self._rung_values.add(value)
+        os.eventfd_write(self.efd, 1)
+
+    async def _run(self) -> None:
+        with self._scope:
+            while True:
+                await trio.lowlevel.wait_readable(self.efd)
+                try:
+                    os.eventfd_read(self.efd)
+                except BlockingIOError:
+                    continue
+                fired, self._rung_values = self._rung_values, set()
+                if self._pending.value:
+                    self._pending.value = 0
+                    fired.add(self.data)
+                for value in fired:
+                    self.rung += 1
+                    virq = self.events.get(value)
+                    if virq is not None:
+                        self.irqs.handle(virq)
+
+class PollDoorbell:
+    """A doorbell word in EP RAM, polled while allocated: the core's fallback backend."""
+
+    def __init__(self, ram: EpRam, irqs: IrqDomain, spawn: Spawn, data: int,
+                 interval: float) -> None:
+        self.ram = ram
+        self.irqs = irqs
+        self.data = data
+        self.interval = interval
+        self.addr = ram.alloc(DOORBELL_SIZE)
+        self.virq = irqs.alloc("poll-doorbell")
+        self.rung = 0
+        self.ignored = 0
+        self._scope = trio.CancelScope()
+        spawn(self._run, "poll-doorbell")
+
+    async def _run(self) -> None:
+        with self._scope:
+            while True:
+                await trio.sleep(self.interval)
+                value = int.from_bytes(self.ram.read(self.addr, DOORBELL_SIZE), "little")
+                if not value:
+                    continue
+                self.ram.write(self.addr, bytes(DOORBELL_SIZE))
+                if value != self.data:
+                    self.ignored += 1
+                    log.warning("poll doorbell: ignored value %#x (expects %#x)", value,
+                                self.data)
+                    continue
+                self.rung += 1
+                self.irqs.handle(self.virq)
+
+    def close(self) -> None:
+        self._scope.cancel()
+        self.irqs.dispose(self.virq)
+        self.ram.free(self.addr, DOORBELL_SIZE)
