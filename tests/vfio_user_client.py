@@ -17,6 +17,7 @@ from contextlib import suppress
 from pathlib import Path
 
 import trio
+import trio.testing
 
 from vfio_ep.pci.device import PciDevice
 from vfio_ep.vfio_user import protocol as p

@@ -608,6 +608,11 @@ class PciEpfTest(PciEpf):
 
 def build(values: dict[str, Any]) -> PciDevice:
     """Controller + pci-epf-test bound to it, initialised and started."""
+    return build_epc(values)[0].start()
+
+
+def build_epc(values: dict[str, Any]) -> tuple[PciEpc, PciEpfTest]:
+    """The controller with pci-epf-test bound and initialised (not yet started)."""
     a = attributes(PciEpfTestAttributes, values, "pci-epf-test")
     reserved = tuple(parse_int(b) for b in a.reserved_bars.split(",") if b.strip())
     prof = profile(a.controller, reserved_bars=reserved, msi_mutable=a.msi_mutable)
@@ -622,4 +627,4 @@ def build(values: dict[str, Any]) -> PciDevice:
                      tuple(getattr(a, f"bar{i}_size") for i in range(NUM_BARS)), a.doorbell)
     epf.bind_to(epc)
     epf.epc_init()
-    return epc.start()
+    return epc, epf

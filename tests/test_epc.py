@@ -1,0 +1,173 @@
+"""The endpoint controller's parts on their own: EP RAM remapping, iATU, outbound, eDMA, IRQs."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+import trio
+import trio.testing
+
+from vfio_ep.epc.address_space import PAGE, AddressError, EpAddressSpace, EpRam, MmioBlock
+from vfio_ep.epc.edma import EDMA_REGS_SIZE, DmaChannel, DwEdma
+from vfio_ep.epc.iatu import InboundAtu, NoInboundWindow
+from vfio_ep.epc.irq import IRQ_HANDLED, IRQ_NONE, IRQF_ONESHOT, IRQF_SHARED, IrqDomain, IrqError
+from vfio_ep.epc.outbound import OutboundAtu, PciEpcMem
+from vfio_ep.pci.bar import WindowKind
+from vfio_ep.vfio_user.dma import DmaTable
+
+BASE = 0x8000_0000
+
+
+def test_ep_ram_allocator_aligns_and_reuses() -> None:
+    ram = EpRam(BASE, 1 << 20)
+    a = ram.alloc(100)
+    b = ram.alloc(0x10000, align=0x10000)
+    assert a == BASE and b % 0x10000 == 0
+    ram.free(a, 100)
+    assert ram.alloc(PAGE) == BASE
+    with pytest.raises(MemoryError):
+        ram.alloc(2 << 20)
+
+
+def test_place_moves_pages_with_their_contents() -> None:
+    ram = EpRam(BASE, 1 << 20)
+    ram.write(BASE, b"A" * PAGE + b"B" * PAGE)
+    ram.place(BASE + PAGE, PAGE, 0)  # EP page 1 now lives at memfd offset 0
+    assert ram.read(BASE, 2) == b"AA" and ram.read(BASE + PAGE, 2) == b"BB"
+    assert bytes(ram.mem.view[0:2]) == b"BB" and bytes(ram.mem.view[PAGE : PAGE + 2]) == b"AA"
+    assert ram.extents(BASE, 2 * PAGE) == [(BASE, PAGE, PAGE), (BASE + PAGE, 0, PAGE)]
+    with pytest.raises(AddressError, match="in pieces"):
+        ram.view(BASE, 2 * PAGE)
+    ram.place(BASE, 2 * PAGE, 0)  # back to identity
+    assert ram.extents(BASE, 2 * PAGE) == [(BASE, 0, 2 * PAGE)]
+    assert ram.read(BASE + PAGE - 1, 2) == b"AB"
+
+
+def _space() -> EpAddressSpace:
+    space = EpAddressSpace(EpRam(BASE, 1 << 20))
+    space.add_block(MmioBlock("regs", 0xF000_0000, 0x1000, _Regs()))
+    return space
+
+
+class _Regs:
+    def __init__(self) -> None:
+        self.writes: list[tuple[int, int]] = []
+
+    def read(self, offset: int, size: int) -> int:
+        return 0x1234
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        self.writes.append((offset, value))
+
+
+def test_iatu_subrange_split_and_kinds() -> None:
+    space = _space()
+    atu = InboundAtu(space, num_windows=3)
+    atu.program(1, [(BASE + 0x2000, 0x1000), (0xF000_0000, 0x1000)])
+    rows = atu.windows(1, mmap=False)
+    assert [(w.start, w.end, w.kind) for w in rows] == [
+        (0, 0x1000, WindowKind.RAM), (0x1000, 0x2000, WindowKind.MMIO)]
+    assert rows[0].target_offset == 0x2000
+    seen: list[int] = []
+    space.watch(BASE + 0x2004, 4, lambda addr, size: seen.append(addr))
+    rows = atu.windows(1, mmap=False)
+    assert [w.kind for w in rows] == [WindowKind.RAM, WindowKind.MMIO, WindowKind.RAM,
+                                      WindowKind.MMIO]
+    rows[1].target.write(rows[1].target_offset, 4, 7)
+    assert seen == [BASE + 0x2004]
+    with pytest.raises(NoInboundWindow):
+        atu.program(2, [(BASE, 0x1000), (BASE + 0x1000, 0x1000)])
+
+
+def test_outbound_translation_and_errors() -> None:
+    table = DmaTable()
+    fd = os.memfd_create("rc")
+    os.ftruncate(fd, 0x10000)
+    table.map(0x40000, 0x10000, 3, fd, 0)
+    os.close(fd)
+    mem = PciEpcMem(0x1_0000_0000, 0x100000, PAGE)
+    ob = OutboundAtu(mem, 2, lambda: table)
+    phys = mem.alloc_addr(0x2000)
+    assert phys == 0x1_0000_0000
+    ob.map_addr(phys, 0x40000, 0x2000)
+
+    async def go() -> None:
+        await ob.write(0x10, b"hi")
+        assert await ob.read(0x10, 2) == b"hi"
+        with pytest.raises(AddressError, match="not mapped"):
+            await ob.read(0x2000, 4)
+
+    trio.run(go)
+    assert bytes(table.view(0x40010, 2)) == b"hi"
+
+
+def test_irq_sharing_and_oneshot_rules() -> None:
+    calls: list[str] = []
+    gate = trio.Event()
+
+    async def slow(virq: int, dev: object) -> int:
+        calls.append("a")
+        await gate.wait()
+        return IRQ_HANDLED
+
+    async def go() -> None:
+        async with trio.open_nursery() as n:
+            irqs = IrqDomain(lambda fn, name: n.start_soon(fn))
+            virq = irqs.alloc("test")
+            irqs.request_irq(virq, slow, IRQF_SHARED | IRQF_ONESHOT, "a", "a")
+            with pytest.raises(IrqError) as e:
+                irqs.request_irq(virq, lambda v, d: IRQ_HANDLED, 0, "b", "b")
+            assert e.value.errno == errno.EBUSY
+            with pytest.raises(IrqError, match="ONESHOT mismatch"):
+                irqs.request_irq(virq, lambda v, d: IRQ_HANDLED, IRQF_SHARED, "c", "c")
+            irqs.request_irq(virq, lambda v, d: calls.append("d") or IRQ_NONE,
+                             IRQF_SHARED | IRQF_ONESHOT, "d", "d")
+            irqs.handle(virq)
+            await trio.testing.wait_all_tasks_blocked()
+            irqs.handle(virq)  # while the handlers run: not nested,
+            irqs.handle(virq)  # but replayed once afterwards
+            await trio.testing.wait_all_tasks_blocked()
+            assert calls == ["a"]
+            gate.set()
+            await trio.testing.wait_all_tasks_blocked()
+            assert calls == ["a", "d", "a", "d"]
+            irqs.free_irq(virq, "a")
+            irqs.handle(virq)
+            await trio.testing.wait_all_tasks_blocked()
+            assert irqs.descs[virq].spurious == 1  # only "d", which returned IRQ_NONE
+            assert irqs.descs[virq].count == 4
+            n.cancel_scope.cancel()
+
+    trio.run(go)
+
+
+def test_edma_moves_data_both_ways_and_aborts_cleanly() -> None:
+    table = DmaTable()
+    fd = os.memfd_create("rc")
+    os.ftruncate(fd, 0x10000)
+    table.map(0, 0x10000, 3, fd, 0)
+    os.close(fd)
+    space = EpAddressSpace(EpRam(BASE, 1 << 20))
+
+    async def go() -> None:
+        async with trio.open_nursery() as n:
+            def spawn(fn, name):
+                n.start_soon(fn)
+
+            irqs = IrqDomain(spawn)
+            edma = DwEdma(space, irqs, spawn, 2, lambda: table)
+            space.add_block(MmioBlock("edma", 0xF000_0000, EDMA_REGS_SIZE, edma))
+            rd = DmaChannel(edma, 0xF000_0000, "rd", 0)
+            wr = DmaChannel(edma, 0xF000_0000, "wr", 1)
+            table.view(0x100, 4)[:] = b"RC->"
+            assert await rd.transfer(0x100, BASE + 0x10, 4)
+            assert space.ram.read(BASE + 0x10, 4) == b"RC->"
+            space.ram.write(BASE + 0x20, b"<-EP")
+            assert await wr.transfer(BASE + 0x20, 0x200, 4)
+            assert bytes(table.view(0x200, 4)) == b"<-EP"
+            assert not await wr.transfer(BASE + 0x20, 0x20000, 4)  # RC address unmapped
+            n.cancel_scope.cancel()
+
+    trio.run(go)

@@ -1,0 +1,114 @@
+"""Guest tooling: cpio, console markers, TAP, kconfig merge (pure), and one plain boot."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+
+from vfio_ep.guest import initramfs, provision, results
+
+TAP = """TAP version 13
+1..4
+# Starting 4 tests from 2 test cases.
+#  RUN           pci_ep_bar.BAR0.BAR_TEST ...
+#            OK  pci_ep_bar.BAR0.BAR_TEST
+ok 1 pci_ep_bar.BAR0.BAR_TEST
+#  RUN           pci_ep_bar.BAR1.BAR_TEST ...
+# pci_endpoint_test.c:93:BAR_TEST:Expected 0 (0) == ret (-5)
+#          FAIL  pci_ep_bar.BAR1.BAR_TEST
+not ok 2 pci_ep_bar.BAR1.BAR_TEST
+#  RUN           pci_ep_bar.BAR2.BAR_TEST ...
+#      SKIP      BAR is disabled
+#            OK  pci_ep_bar.BAR2.BAR_TEST
+ok 3 pci_ep_bar.BAR2.BAR_TEST # SKIP BAR is disabled
+# Totals: pass:1 fail:1 xfail:0 xpass:0 skip:1 error:0
+"""
+
+
+def _cpio_members(data: bytes) -> dict[str, tuple[int, bytes]]:
+    """Minimal newc reader: {name: (mode, data)}."""
+    members, pos = {}, 0
+    while True:
+        fields = [int(data[pos + 6 + 8 * i:pos + 14 + 8 * i], 16) for i in range(13)]
+        mode, size, namesize = fields[1], fields[6], fields[11]
+        name = data[pos + 110:pos + 110 + namesize - 1].decode()
+        pos = (pos + 110 + namesize + 3) & ~3
+        if name == "TRAILER!!!":
+            return members
+        members[name] = (mode, data[pos:pos + size])
+        pos = (pos + size + 3) & ~3
+
+
+def test_initramfs_holds_init_files_links_and_console(tmp_path: Path) -> None:
+    busybox = Path("/bin/busybox")
+    if not busybox.exists():
+        pytest.skip("needs /bin/busybox (busybox-static)")
+    init, script = initramfs.guest_init("echo hi")
+    out = initramfs.build_initramfs(tmp_path / "i.gz", {**script, "etc/x": b"x"}, init, busybox)
+    members = _cpio_members(gzip.decompress(out.read_bytes()))
+    assert members["init"] == (0o100755, init.encode())
+    assert members["guest.sh"][1] == b"echo hi"
+    assert members["bin/sh"] == (0o120777, b"/bin/busybox")
+    assert members["dev/console"][0] == 0o020600
+    assert members["etc"][0] == 0o040755
+
+
+def test_parse_console_cuts_between_markers() -> None:
+    console = ("SeaBIOS\r\n\x1b[2J" + initramfs.BEGIN + "\r\nline\r\n"
+               + initramfs.END + "3@@\r\n--- dmesg ---\r\n")
+    assert initramfs.parse_console(console) == ("line\n", 3)
+    assert initramfs.parse_console(initramfs.BEGIN + "\npartial\n") == ("partial\n", None)
+    assert initramfs.parse_console("kernel panic") == ("", None)
+
+
+def test_tap_report_and_files(tmp_path: Path) -> None:
+    report = results.parse_tap(TAP)
+    statuses = [(t.number, t.status) for t in report.tests]
+    assert statuses == [(1, "pass"), (2, "fail"), (3, "skip"), (4, "error")]
+    assert report.tests[1].diagnostics == [
+        "pci_endpoint_test.c:93:BAR_TEST:Expected 0 (0) == ret (-5)"]
+    assert report.tests[2].reason == "BAR is disabled"
+    assert not report.passed
+    assert "4 tests: 1 pass, 1 fail, 1 skip, 1 error" in results.summary_table(report)
+    results.write_results(report, tmp_path, exit_status=1, error=None)
+    assert json.loads((tmp_path / "results.json").read_text())["counts"]["error"] == 1
+    assert 'failures="1" errors="1"' in (tmp_path / "results.xml").read_text()
+    assert (tmp_path / "results.tap").read_text() == TAP
+
+
+def test_tap_all_passing() -> None:
+    report = results.parse_tap("1..1\nok 1 a.b.c\n# Totals: pass:1 fail:0 xfail:0 xpass:0 "
+                               "skip:0 error:0\n")
+    assert report.passed
+
+
+def test_kconfig_merge_and_dropped_symbols() -> None:
+    base = "CONFIG_A=y\n# CONFIG_B is not set\nCONFIG_AB=y\n"
+    fragment = provision._parse_config("CONFIG_B=y\n# CONFIG_A is not set\n")
+    merged = provision._parse_config(provision._merge_config(base, fragment))
+    assert merged == {"CONFIG_A": "n", "CONFIG_B": "y", "CONFIG_AB": "y"}
+    assert provision._dropped_symbols(fragment, {"CONFIG_A": "n"}) == ["CONFIG_B"]
+
+
+def test_fragment_has_the_drivers_under_test() -> None:
+    fragment = provision._parse_config(provision.FRAGMENT.read_text())
+    for symbol in ("PCI_ENDPOINT_TEST", "NTB_EPF", "NTB_TRANSPORT", "HOTPLUG_PCI_PCIE", "DEVMEM"):
+        assert fragment[f"CONFIG_{symbol}"] == "y"
+
+
+@pytest.mark.guest
+def test_plain_guest_boots_with_drivers_and_kselftest(tmp_path: Path) -> None:
+    from vfio_ep.guest.launcher import boot_guest
+
+    # Without an endpoint every kselftest case fails fast, but all 23 must run and report.
+    result = boot_guest("ls /sys/bus/pci/drivers; /pci_endpoint_test; echo status=$?",
+                        server_args=None, timeout=120, run_dir=tmp_path)
+    assert result.exit_status == 0, result.error
+    assert "pci-endpoint-test" in result.output
+    assert "ntb_hw_epf" in result.output
+    report = results.parse_tap(result.output)
+    assert (report.planned, len(report.tests)) == (23, 23)
+    assert "status=1" in result.output

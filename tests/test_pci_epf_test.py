@@ -1,0 +1,260 @@
+"""pci-epf-test behind the vfio-user server, driven like the guest driver would.
+
+Every test runs twice: with the C fast path and with the Python path, which
+must behave the same.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import select
+import struct
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from vfio_user_client import Client, ServerThread, eventfd
+
+from vfio_ep.epc.irq import IRQ_HANDLED, IRQF_ONESHOT, IRQF_SHARED, IrqError
+from vfio_ep.epf.functions import pci_epf_test as t
+from vfio_ep.pci.capabilities import PCI_CAP_ID_MSI, PCI_CAP_ID_MSIX
+from vfio_ep.vfio_user import fastpath
+from vfio_ep.vfio_user import protocol as p
+from vfio_ep.vfio_user.protocol import Irq, Region
+
+GUEST = 0x100000  # iova of our "guest RAM"
+GUEST_SIZE = 4 << 20
+REG = {name: off for name, (off, _) in t.REG_OFFSET.items()}
+
+
+def _caps(cfg: bytes) -> dict[int, int]:
+    """Capability ID -> offset, walking the list like the guest does."""
+    found = {}
+    pos = cfg[0x34]
+    while pos:
+        found[cfg[pos]] = pos
+        pos = cfg[pos + 1]
+    return found
+
+
+class Guest:
+    """Plays the RC side of pci_endpoint_test over our client."""
+
+    def __init__(self, client: Client, reg_bar: int = 0) -> None:
+        self.c = client
+        self.bar = reg_bar
+        fd = os.memfd_create("guest-ram")
+        os.ftruncate(fd, GUEST_SIZE)
+        client.dma_map(GUEST, GUEST_SIZE, fd)
+        self.mem = mmap.mmap(fd, GUEST_SIZE)
+        os.close(fd)
+        client.cfg_write(0x04, 0x6, size=2)  # memory + bus master
+        cfg = client.read(Region.CONFIG, 0, 256)
+        self.irq = [eventfd() for _ in range(2)]
+        if PCI_CAP_ID_MSIX in _caps(cfg):
+            client.cfg_write(_caps(cfg)[PCI_CAP_ID_MSIX] + 2, 0x8000, size=2)
+            self.irq_type, index = t.IRQ_TYPE_MSIX, Irq.MSIX
+        else:  # R-Car S4: MSI only; enable 2 vectors
+            client.cfg_write(_caps(cfg)[PCI_CAP_ID_MSI] + 2, 0x1 | 1 << 4, size=2)
+            self.irq_type, index = t.IRQ_TYPE_MSI, Irq.MSI
+        for v, fd in enumerate(self.irq):
+            client.set_irqs(index, p.IRQ_SET_DATA_EVENTFD | p.IRQ_SET_ACTION_TRIGGER, v, 1, (fd,))
+
+    def w(self, name: str, value: int) -> None:
+        size = t.REG_OFFSET[name][1]
+        self.c.write(self.bar, REG[name], value.to_bytes(size, "little"))
+
+    def r(self, name: str) -> int:
+        return int.from_bytes(self.c.read(self.bar, REG[name], t.REG_OFFSET[name][1]), "little")
+
+    def wait_irq(self, vector: int = 0, timeout: float = 5.0) -> bool:
+        ready, _, _ = select.select([self.irq[vector]], [], [], timeout)
+        if ready:
+            os.eventfd_read(self.irq[vector])
+        return bool(ready)
+
+    def command(self, cmd: int, **regs: int) -> int:
+        self.w("status", 0)
+        self.w("irq_type", self.irq_type)
+        self.w("irq_number", 1)
+        for name, value in regs.items():
+            self.w(name, value)
+        self.w("command", cmd)
+        assert self.wait_irq(), f"no completion interrupt for command {cmd:#x}"
+        return self.r("status")
+
+
+@pytest.fixture(params=["c", "python"])
+def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    if request.param == "c" and not fastpath.available()[0]:
+        pytest.skip("C fast path not built")
+    monkeypatch.setenv("VFIO_EP_FASTPATH", "1" if request.param == "c" else "0")
+    return request.param
+
+
+@contextmanager
+def serve(tmp_path: Path, **attrs: object) -> Iterator[tuple[ServerThread, Guest]]:
+    epc, _ = t.build_epc(dict(attrs))
+    with ServerThread(epc.start(), tmp_path / "ep.sock") as srv:
+        srv.epc = epc
+        client = Client(srv.path)
+        yield srv, Guest(client)
+        client.close()
+
+
+@pytest.fixture
+def ep(tmp_path: Path, path: str) -> Iterator[tuple[ServerThread, Guest]]:
+    with serve(tmp_path) as served:
+        yield served
+
+
+def test_caps_and_bars(ep: tuple[ServerThread, Guest]) -> None:
+    _srv, g = ep
+    caps = g.r("caps")
+    assert caps == (t.CAP_UNALIGNED_ACCESS | t.CAP_MSI | t.CAP_MSIX | t.CAP_INTX
+                    | t.CAP_SUBRANGE_MAPPING | t.CAP_DYNAMIC_INBOUND_MAPPING)
+    sizes = [g.c.region_info(i)[0]["size"] for i in range(6)]
+    assert sizes == [1024, 128 << 10, 128 << 10, 128 << 10, 128 << 10, 1 << 20]
+
+
+@pytest.mark.parametrize("use_dma", [0, t.FLAG_USE_DMA])
+def test_read_write_copy(ep: tuple[ServerThread, Guest], use_dma: int) -> None:
+    _, g = ep
+    data = os.urandom(100_001)
+    g.mem[0x1003 : 0x1003 + len(data)] = data
+    status = g.command(t.COMMAND_READ, src_addr=GUEST + 0x1003, size=len(data),
+                       checksum=zlib.crc32(data) ^ 0xFFFFFFFF, flags=use_dma)
+    assert status == t.STATUS_READ_SUCCESS | t.STATUS_IRQ_RAISED
+    status = g.command(t.COMMAND_WRITE, dst_addr=GUEST + 0x80001, size=4097, flags=use_dma)
+    assert status == t.STATUS_WRITE_SUCCESS | t.STATUS_IRQ_RAISED
+    written = bytes(g.mem[0x80001 : 0x80001 + 4097])
+    assert zlib.crc32(written) ^ 0xFFFFFFFF == g.r("checksum")
+    status = g.command(t.COMMAND_COPY, src_addr=GUEST + 0x1003, dst_addr=GUEST + 0x200000,
+                       size=len(data), flags=use_dma)
+    assert status == t.STATUS_COPY_SUCCESS | t.STATUS_IRQ_RAISED
+    assert bytes(g.mem[0x200000 : 0x200000 + len(data)]) == data
+
+
+def test_bad_addresses_fail_but_still_interrupt(ep: tuple[ServerThread, Guest],
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    _, g = ep
+    caplog.set_level(logging.WARNING)
+    status = g.command(t.COMMAND_READ, src_addr=0x7000_0000, size=64, checksum=0)
+    assert status == t.STATUS_READ_FAIL | t.STATUS_IRQ_RAISED
+    status = g.command(t.COMMAND_WRITE, dst_addr=GUEST + GUEST_SIZE - 8, size=64)
+    assert status & t.STATUS_WRITE_FAIL and status & t.STATUS_IRQ_RAISED
+    status = g.command(t.COMMAND_COPY, src_addr=GUEST, dst_addr=0x7000_0000, size=64)
+    assert status & t.STATUS_COPY_FAIL and status & t.STATUS_IRQ_RAISED
+    assert "not mapped" in caplog.text
+
+
+def test_irq_number_beyond_enabled_vectors_is_refused(ep: tuple[ServerThread, Guest],
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    _, g = ep
+    g.w("irq_type", t.IRQ_TYPE_MSIX)
+    g.w("irq_number", 33)
+    g.w("command", t.COMMAND_RAISE_MSIX_IRQ)
+    assert not g.wait_irq(timeout=0.5)
+    assert "Invalid MSI-X IRQ number 33 / 32" in caplog.text
+    assert g.r("status") == t.STATUS_IRQ_RAISED  # set before the check, as in the kernel
+
+
+def test_bar_subrange_swaps_halves_in_a_direct_bar(ep: tuple[ServerThread, Guest]) -> None:
+    _srv, g = ep
+    info, _, fds = g.c.region_info(2, argsz=64)
+    assert info["flags"] & p.REGION_INFO_FLAG_MMAP  # BAR2 is mapped directly
+    bar2 = mmap.mmap(fds[0], 128 << 10, offset=info["offset"])
+    os.close(fds[0])
+    assert g.command(t.COMMAND_BAR_SUBRANGE_SETUP, size=2) & \
+        t.STATUS_BAR_SUBRANGE_SETUP_SUCCESS
+    half = 64 << 10
+    assert bar2[0] == 0x50 + 2 * 8 and bar2[half] == 0x50 + 2 * 8 + 1  # what the RC checks
+    bar2[0:4] = b"\xa0" * 4
+    assert g.command(t.COMMAND_BAR_SUBRANGE_CLEAR, size=2) & \
+        t.STATUS_BAR_SUBRANGE_CLEAR_SUCCESS
+    assert bar2[half : half + 4] == b"\xa0" * 4  # BAR offset 0 was EP memory's second half
+    bar2.close()
+
+
+def _ring(g: Guest, value: int | None = None, delta: int = 0, timeout: float = 5.0) -> bool:
+    bar, offset = g.r("doorbell_bar"), g.r("doorbell_offset")
+    data = g.r("doorbell_data") if value is None else value
+    g.w("status", 0)
+    g.c.write(bar, offset + delta, struct.pack("<I", data), posted=True)
+    return g.wait_irq(timeout=timeout)
+
+
+@pytest.mark.parametrize("backend", ["msi", "embedded", "poll"])
+def test_doorbell_cycles(tmp_path: Path, path: str, backend: str,
+                         caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    with serve(tmp_path, doorbell=backend, doorbell_poll_interval_us=200) as (_, g):
+        for cycle in range(3):  # free/re-alloc cycles
+            status = g.command(t.COMMAND_ENABLE_DOORBELL)
+            assert status & t.STATUS_DOORBELL_ENABLE_SUCCESS, hex(status)
+            assert _ring(g)
+            assert g.r("status") & t.STATUS_DOORBELL_SUCCESS
+            if cycle == 0:
+                wrong = g.r("doorbell_data") ^ 0x5A
+                assert not _ring(g, value=wrong, timeout=0.5)  # wrong value: ignored
+                if backend != "poll":  # wrong offset: not the doorbell register
+                    assert not _ring(g, delta=4, timeout=0.5)
+                assert _ring(g)  # and the doorbell still works
+            status = g.command(t.COMMAND_DISABLE_DOORBELL)
+            assert status & t.STATUS_DOORBELL_DISABLE_SUCCESS
+            assert g.r("doorbell_bar") == 0xFFFFFFFF
+        expected = {"msi": "Using MSI doorbell", "embedded": "Using embedded (DMA) doorbell",
+                    "poll": "Using poll-mode doorbell"}[backend]
+        assert expected in caplog.text
+        assert "ignored" in caplog.text
+
+
+def test_mutable_msi_controller_is_refused(tmp_path: Path, path: str,
+                                           caplog: pytest.LogCaptureFixture) -> None:
+    with serve(tmp_path, doorbell="msi", msi_mutable=True) as (_, g):
+        status = g.command(t.COMMAND_ENABLE_DOORBELL)
+        assert status & t.STATUS_DOORBELL_ENABLE_FAIL
+        assert "Mutable MSI controller not supported" in caplog.text
+
+
+def test_auto_falls_back_in_kernel_order(tmp_path: Path, path: str,
+                                         caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    with serve(tmp_path, doorbell="auto", controller="rcar-s4") as (_, g):
+        # R-Car S4 has no platform MSI controller: the eDMA doorbell is next.
+        assert g.command(t.COMMAND_ENABLE_DOORBELL) & t.STATUS_DOORBELL_ENABLE_SUCCESS
+        assert "Using embedded (DMA) doorbell fallback" in caplog.text
+        assert _ring(g)
+
+
+def test_rk3588_doorbell_is_pre_exposed_in_bar4(tmp_path: Path, path: str) -> None:
+    with serve(tmp_path, doorbell="embedded", controller="rk3588") as (_, g):
+        assert g.command(t.COMMAND_ENABLE_DOORBELL) & t.STATUS_DOORBELL_ENABLE_SUCCESS
+        assert (g.r("doorbell_bar"), g.r("doorbell_offset")) == (4, 0xA0)
+        assert _ring(g)
+
+
+def test_embedded_doorbell_irq_is_shared(tmp_path: Path, path: str) -> None:
+    """IRQF_SHARED: another handler on the eDMA doorbell virq runs alongside pci-epf-test's."""
+    with serve(tmp_path, doorbell="embedded") as (srv, g):
+        assert g.command(t.COMMAND_ENABLE_DOORBELL) & t.STATUS_DOORBELL_ENABLE_SUCCESS
+        epc = srv.epc
+        seen: list[int] = []
+
+        def other(virq: int, dev_id: object) -> int:
+            seen.append(virq)
+            return IRQ_HANDLED
+
+        virq = epc.edma.emul_virq
+        srv.call(epc.irqs.request_irq, virq, other, IRQF_SHARED | IRQF_ONESHOT, "other", seen)
+        with pytest.raises(IrqError):  # not shared: refused
+            srv.call(epc.irqs.request_irq, virq, lambda v, d: IRQ_HANDLED, IRQF_ONESHOT,
+                     "exclusive", object())
+        assert _ring(g)
+        srv.wait_idle()  # the guest's interrupt may arrive before the next handler ran
+        assert seen == [virq]
+        assert g.r("status") & t.STATUS_DOORBELL_SUCCESS
