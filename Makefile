@@ -1,11 +1,42 @@
-PYTHON ?= python3
+# vfio-ep: a userspace PCIe endpoint for QEMU guests over vfio-user.
+# Everything runs from a private virtualenv (.venv); the guest toolchain is cached
+# under ~/.cache/vfio-ep (override with VFIO_EP_CACHE).
 
-.PHONY: provision demo
+PY ?= python3
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
 
-# Fetch QEMU, build the guest kernel and kselftest (cached under ~/.cache/vfio-ep).
-provision:
+.PHONY: install provision demo test unit lint bench container-test clean
+
+$(STAMP): pyproject.toml setup.py native/vfu_fast.c native/vfu_fast.h native/build.py
+	$(PY) -m venv $(VENV)
+	$(PYTHON) -m pip install -q --upgrade pip
+	$(PYTHON) -m pip install -q -e '.[test]'
+	touch $@
+
+install: $(STAMP)
+
+# Fetch QEMU, build the guest kernel and kselftest (cached; a cold run takes 6-8 minutes).
+provision: $(STAMP)
 	$(PYTHON) -m vfio_ep provision
 
 # Boot a guest against a fresh vfio-ep and run the upstream pci_endpoint_test kselftest.
-demo:
+demo: $(STAMP)
 	$(PYTHON) -m vfio_ep run
+
+# Everything: lint, unit tests, and the guest integration tests (real QEMU, real drivers).
+test: $(STAMP) lint provision
+	$(PYTHON) -m pytest -ra
+
+unit: $(STAMP)
+	$(PYTHON) -m pytest -ra -m "not guest"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check vfio_ep tests native setup.py
+
+bench: $(STAMP)
+	$(PYTHON) -m vfio_ep.bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info vfio_ep/_native*
