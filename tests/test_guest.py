@@ -45,7 +45,9 @@ def test_testdev_in_guest(tmp_path: Path) -> None:
     script = r"""
 for d in /sys/bus/pci/devices/*; do [ "$(cat $d/vendor)" = 0x16c3 ] && D=$d; done
 echo "ids $(cat $D/vendor) $(cat $D/device)"
-while read start end flags; do echo "bar $(( end > start ? end - start + 1 : 0 ))"; done < $D/resource
+while read start end flags; do
+    echo "bar $(( end > start ? end - start + 1 : 0 ))"
+done < $D/resource
 B0=$(awk 'NR==1{print $1}' $D/resource)
 B2=$(awk 'NR==3{print $1}' $D/resource)
 devmem $((B0 + 0x40)) 32 0x12345678
