@@ -216,8 +216,7 @@ class PciEpc:
 
     def _check_direct(self, bar: int, pieces: list[tuple[int, int]]) -> None:
         """Refuse what a directly mapped BAR cannot show (see the mmap rule above)."""
-        pinned = {ep // PAGE for b, (phys, size) in self._apertures().items() if b != bar
-                  for ep in self._aperture_pages(b, phys, size)}
+        pinned = {ep // PAGE for b in self.direct if b != bar for ep in self._shown_pages(b)}
         for ep_addr, n in pieces:
             if not self.ram.contains(ep_addr, n) or ep_addr % PAGE or n % PAGE:
                 raise EpcError(errno.EBUSY, f"BAR{bar} is mapped directly by the client: it "
@@ -227,10 +226,7 @@ class PciEpc:
                 raise EpcError(errno.EBUSY, f"BAR{bar}: [{ep_addr:#x}+{n:#x}) is shown by "
                                "another directly mapped BAR")
 
-    def _apertures(self) -> dict[int, tuple[int, int]]:
-        return {b: (phys, self.bars[b].size) for b, phys in self.direct.items()}
-
-    def _aperture_pages(self, bar: int, phys: int, size: int) -> list[int]:
+    def _shown_pages(self, bar: int) -> list[int]:
         """EP addresses of the pages currently shown by direct BAR ``bar``."""
         return [r.ep_addr + off for r in self.inbound.regions.get(bar, [])
                 for off in range(0, r.size, PAGE)]

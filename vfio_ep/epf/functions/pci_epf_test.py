@@ -247,6 +247,10 @@ class PciEpfTest(PciEpf):
 
     def epc_deinit(self) -> None:
         epc = self.controller
+        if self.db_msg:  # a reset while the doorbell is on: drop it like DISABLE would
+            epc.irqs.free_irq(self.db_msg[0].virq, self)
+            self._doorbell_cleanup()
+            self.db_bar_programmed = False
         if self._watch is not None:
             epc.space.unwatch(self._watch)
             self._watch = None
