@@ -12,7 +12,7 @@ from __future__ import annotations
 import errno
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Protocol
 
 from vfio_ep.memory import SharedMemory
@@ -77,6 +77,17 @@ class PciHeader:
     subsys_vendor_id: int = 0
     subsys_id: int = 0
     interrupt_pin: int = 1  # INTA; 0 = no INTx
+
+
+@dataclass(frozen=True)
+class FunctionAttributes(PciHeader):
+    """What every function's configfs directory has: the header and interrupt counts."""
+
+    msi_interrupts: int = 32
+    msix_interrupts: int = 32
+
+    def header(self) -> PciHeader:
+        return PciHeader(**{f.name: getattr(self, f.name) for f in fields(PciHeader)})
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from typing import Any
 from vfio_ep.config import attributes
 from vfio_ep.memory import SharedMemory
 from vfio_ep.pci.bar import BarSpec, Window, WindowKind
-from vfio_ep.pci.device import MsixPlacement, PciDevice, PciDeviceSpec, PciHeader
+from vfio_ep.pci.device import FunctionAttributes, MsixPlacement, PciDevice, PciDeviceSpec
 
 log = logging.getLogger(__name__)
 
@@ -33,15 +33,7 @@ MSIX_PBA = 0x2000
 
 
 @dataclass(frozen=True)
-class TestdevAttributes:
-    vendorid: int = 0x16C3
-    deviceid: int = 0xEDDA
-    subsys_vendor_id: int = 0
-    subsys_id: int = 0
-    baseclass_code: int = 0xFF
-    interrupt_pin: int = 1
-    msi_interrupts: int = 32
-    msix_interrupts: int = 32
+class TestdevAttributes(FunctionAttributes):
     bar0_size: int = 16 << 10
     bar1_size: int = 64 << 10
     bar2_size: int = 1 << 20
@@ -97,9 +89,7 @@ def build(values: dict[str, Any]) -> PciDevice:
     if a.bar0_size < MSIX_PBA + 0x1000:
         raise ValueError(f"testdev: bar0_size must be at least {MSIX_PBA + 0x1000:#x}")
     spec = PciDeviceSpec(
-        header=PciHeader(vendorid=a.vendorid, deviceid=a.deviceid,
-                         baseclass_code=a.baseclass_code, subsys_vendor_id=a.subsys_vendor_id,
-                         subsys_id=a.subsys_id, interrupt_pin=a.interrupt_pin),
+        header=a.header(),
         bars=tuple(b for b in bars if b.size),
         msi_interrupts=a.msi_interrupts,
         msix_interrupts=a.msix_interrupts,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import trio
@@ -29,7 +29,7 @@ from vfio_ep.epf.core import PciEpf, PciEpfBar, PciEpfBarSubmap
 from vfio_ep.epf.doorbell import CHOICES as DOORBELL_CHOICES
 from vfio_ep.epf.doorbell import DoorbellError, pci_epf_alloc_doorbell, pci_epf_free_doorbell
 from vfio_ep.pci.bar import NUM_BARS
-from vfio_ep.pci.device import PciDevice, PciHeader
+from vfio_ep.pci.device import FunctionAttributes, PciDevice, PciHeader
 from vfio_ep.vfio_user.dma import DmaError
 
 log = logging.getLogger(__name__)
@@ -116,22 +116,10 @@ class TestRegs:
 
 
 @dataclass(frozen=True)
-class PciEpfTestAttributes:
-    """configfs: the function's header/interrupt attributes, pci_epf_test's BAR sizes,
-    and which controller it is bound to."""
+class PciEpfTestAttributes(FunctionAttributes):
+    """configfs: the function's header/interrupts (baseclass ff = PCI_CLASS_OTHERS),
+    pci_epf_test's BAR sizes, and the controller it is bound to."""
 
-    vendorid: int = 0x16C3
-    deviceid: int = 0xEDDA
-    revid: int = 0
-    progif_code: int = 0
-    subclass_code: int = 0
-    baseclass_code: int = 0xFF  # PCI_CLASS_OTHERS
-    cache_line_size: int = 0
-    subsys_vendor_id: int = 0
-    subsys_id: int = 0
-    interrupt_pin: int = 1
-    msi_interrupts: int = 32
-    msix_interrupts: int = 32
     bar0_size: int = DEFAULT_BAR_SIZE[0]
     bar1_size: int = DEFAULT_BAR_SIZE[1]
     bar2_size: int = DEFAULT_BAR_SIZE[2]
@@ -622,11 +610,8 @@ def build_epc(values: dict[str, Any]) -> tuple[PciEpc, PciEpfTest]:
     prof = profile(a.controller, reserved_bars=reserved, msi_mutable=a.msi_mutable)
     epc = PciEpc(prof, ram_size=a.ram_size,
                  doorbell_poll_interval=a.doorbell_poll_interval_us / 1e6)
-    header = PciHeader(vendorid=a.vendorid, deviceid=a.deviceid, revid=a.revid,
-                       progif_code=a.progif_code, subclass_code=a.subclass_code,
-                       baseclass_code=a.baseclass_code, cache_line_size=a.cache_line_size,
-                       subsys_vendor_id=a.subsys_vendor_id, subsys_id=a.subsys_id,
-                       interrupt_pin=a.interrupt_pin if prof.features.intx_capable else 0)
+    header = replace(a.header(),
+                     interrupt_pin=a.interrupt_pin if prof.features.intx_capable else 0)
     epf = PciEpfTest(header, a.msi_interrupts, a.msix_interrupts,
                      tuple(getattr(a, f"bar{i}_size") for i in range(NUM_BARS)), a.doorbell)
     epf.bind_to(epc)
