@@ -78,6 +78,7 @@ def boot_guest(
     memory_mb: int = DEFAULT_MEMORY_MB,
     append: str = DEFAULT_APPEND,
     msg_timeout_ms: int = DEFAULT_MSG_TIMEOUT_MS,
+    extra_qemu_args: Sequence[str] = (),
 ) -> GuestResult:
     """Boot a guest that runs ``script`` (busybox sh) and powers off; return its output.
 
@@ -85,10 +86,12 @@ def boot_guest(
     ``server_argv`` replaces the ``python -m vfio_ep -v serve`` prefix; ``socket`` attaches to an
     already running server (e.g. one in this process) instead of starting one. ``live`` gets
     each line of the command's output as the guest prints it. ``timeout`` covers the whole run.
+    ``extra_qemu_args`` are appended to the QEMU command line (e.g. another device).
     """
     run = GuestRun(script, server_args=server_args, assets=assets, run_dir=run_dir,
                    extra_files=extra_files, live=live, server_argv=server_argv, socket=socket,
-                   memory_mb=memory_mb, append=append, msg_timeout_ms=msg_timeout_ms)
+                   memory_mb=memory_mb, append=append, msg_timeout_ms=msg_timeout_ms,
+                   extra_qemu_args=extra_qemu_args)
     return _run_async(run.run(timeout))
 
 
@@ -109,6 +112,7 @@ class GuestRun:
         memory_mb: int = DEFAULT_MEMORY_MB,
         append: str = DEFAULT_APPEND,
         msg_timeout_ms: int = DEFAULT_MSG_TIMEOUT_MS,
+        extra_qemu_args: Sequence[str] = (),
     ) -> None:
         self.assets = assets or provision_all()
         self.run_dir = _new_run_dir(run_dir)
@@ -118,6 +122,7 @@ class GuestRun:
         self.memory_mb = memory_mb
         self.append = append
         self.msg_timeout_ms = msg_timeout_ms
+        self.extra_qemu_args = list(extra_qemu_args)
         self._sockets = Path(tempfile.mkdtemp(prefix="vfio-ep-"))  # short: sun_path <= 107
         self.socket = socket or (self._sockets / "ep.sock" if server_args is not None else None)
         self.server_cmd = (None if socket or server_args is None
@@ -195,7 +200,8 @@ class GuestRun:
         argv = qemu_command(self.assets.qemu, kernel=self.assets.kernel, initrd=initrd,
                             qmp=qmp_socket, memory_mb=self.memory_mb, append=self.append,
                             device=(vfio_user_device(self.socket, self.msg_timeout_ms)
-                                    if self.socket else None))
+                                    if self.socket else None),
+                            extra_args=self.extra_qemu_args)
         self._meta["qemu_argv"] = argv
         self._qemu = await _spawn(argv, stdout=asyncio.subprocess.PIPE,
                                   stderr=self._open_log("qemu"),
@@ -285,7 +291,8 @@ def vfio_user_device(socket: Path, msg_timeout_ms: int = DEFAULT_MSG_TIMEOUT_MS,
 
 
 def qemu_command(qemu: Qemu, *, kernel: Path, initrd: Path, qmp: Path, memory_mb: int,
-                 append: str, device: dict[str, Any] | None) -> list[str]:
+                 append: str, device: dict[str, Any] | None,
+                 extra_args: Sequence[str] = ()) -> list[str]:
     """The one QEMU command line: q35 under TCG, memfd RAM (so the server can DMA directly),
     serial console on stdout, QMP to our socket, a PCIe root port for the endpoint."""
     argv = [
@@ -301,7 +308,7 @@ def qemu_command(qemu: Qemu, *, kernel: Path, initrd: Path, qmp: Path, memory_mb
     ]
     if device:
         argv += ["-device", json.dumps(device)]
-    return argv
+    return argv + list(extra_args)
 
 
 async def _spawn(argv: Sequence[str], *, stdout: Any, stderr: Any = asyncio.subprocess.STDOUT,

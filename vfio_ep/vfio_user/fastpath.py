@@ -86,6 +86,11 @@ class FastPath:
         self.f.have = self.f.nfds = self.f.fds_truncated = 0
         return data, fds, truncated
 
+    @staticmethod
+    def errno() -> int:
+        """errno of the socket error that vfu_fast_poll() reported."""
+        return ffi.errno
+
     def drop(self) -> None:
         """Release what a broken stream left half-read."""
         for i in range(self.f.nfds):

@@ -170,7 +170,8 @@ class Connection:
                 raise ClientGone
             if r == fastpath.BROKEN:
                 raise StreamError("malformed message framing (bad size or EOF mid-message)")
-            raise OSError(ctypes.get_errno(), "socket error in the fast path")
+            err = fast.errno()
+            raise OSError(err, f"socket error in the fast path: {os.strerror(err)}")
 
     async def _recv_exact(self, n: int, fds: list[int]) -> bytes:
         buf = bytearray(n)
