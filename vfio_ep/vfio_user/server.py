@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import array
 import contextlib
-import ctypes
 import errno
 import json
 import logging
