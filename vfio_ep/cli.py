@@ -58,7 +58,10 @@ def run(function: str | None, config_file: Path | None, sets: tuple[str, ...],
 @click.option("--qemu", type=click.Path(exists=True, path_type=Path))
 def provision(qemu: Path | None) -> None:
     """Provision QEMU, the guest kernel, busybox and the kselftest (cached)."""
-    from vfio_ep.guest.provision import provision_all
+    from vfio_ep.guest.provision import ProvisionError, provision_all
 
-    assets = provision_all(qemu=qemu)
+    try:
+        assets = provision_all(qemu=qemu)
+    except ProvisionError as e:
+        raise click.ClickException(str(e)) from None
     click.echo(assets.describe())
