@@ -45,7 +45,7 @@ from vfio_ep.pci.bar import (
     BarSpec,
 )
 from vfio_ep.pci.device import MsixPlacement, PciDevice, PciDeviceSpec, PciHeader
-from vfio_ep.vfio_user.dma import DmaTable
+from vfio_ep.vfio_user.dma import DmaError, DmaTable
 
 if TYPE_CHECKING:
     from vfio_ep.epf.core import PciEpf, PciEpfBar
@@ -153,10 +153,13 @@ class PciEpc:
 
     @staticmethod
     async def _guarded(fn: Callable[[], Awaitable[None]], name: str) -> None:
+        """EP work never takes the server down: a bus error is logged, a bug too."""
         try:
             await fn()
-        except (AddressError, EpcError) as e:
+        except (AddressError, EpcError, DmaError) as e:
             log.warning("%s failed: %s", name, e)
+        except Exception:
+            log.exception("%s crashed", name)
 
     def _rc_dma(self) -> DmaTable | None:
         host = self.pci.host if self.pci else None

@@ -22,8 +22,10 @@ sysroot QEMU the host may have cached in the same volume. No ``/dev/kvm``: guest
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -41,9 +43,11 @@ CONTAINER_CACHE = "/root/.cache/vfio-ep"
 HOST_PACKAGES = ("podman", "runc", "debootstrap")
 PODMAN_OPTIONS = ("--runtime", "runc", "--cgroup-manager=cgroupfs")
 CONTAINERS_CONF = "[containers]\ndefault_ulimits = []\n"
-# Extra CA certificates (a TLS-intercepting egress proxy): the image's update-ca-certificates
-# picks them up when they are mounted here during the build, so pip can reach PyPI.
+# The host's extra CA certificates (e.g. a TLS-intercepting egress proxy), mounted read-only for
+# the build under the image's own /usr/local/share/ca-certificates, where the Containerfile's
+# update-ca-certificates takes them in, so pip can reach PyPI as it does on the host.
 LOCAL_CA_DIR = Path("/usr/local/share/ca-certificates")
+BUILD_CA_DIR = LOCAL_CA_DIR / "host"
 # Keep in step with the Containerfile's CMD: the integration suite.
 SUITE = ("python", "-m", "pytest", "-m", "guest", "-v", "-ra")
 PROJECT = Path(__file__).resolve().parents[2]
@@ -127,29 +131,48 @@ def build_base(podman: Podman, *, rebuild: bool = False) -> None:
             raise ContainerError(f"tar of {rootfs} failed ({tar.returncode})")
 
 
-def build_image(podman: Podman, image: str = IMAGE, context: Path = PROJECT) -> None:
+def build_image(podman: Podman, image: str = IMAGE, context: Path = PROJECT, *,
+                no_cache: bool = False) -> None:
     """The project image from ``Containerfile`` (apt layers are cached by podman)."""
     containerfile = context / "Containerfile"
     if not containerfile.is_file():
         raise ContainerError(f"no Containerfile in {context}: run this from a checkout of "
                              "vfio-ep (an installed copy has none)")
     args = ["build", "--pull=never", "--network=host", "-t", image, "-f", str(containerfile)]
+    if no_cache:
+        args.append("--no-cache")
     if any(LOCAL_CA_DIR.glob("*.crt")):
-        args += ["--volume", f"{LOCAL_CA_DIR}:{LOCAL_CA_DIR}:ro"]
+        args += ["--volume", f"{LOCAL_CA_DIR}:{BUILD_CA_DIR}:ro"]
     with _step(f"project image {image}: podman build (cold ~2-4 min, cached layers seconds)"):
         podman.run(*args, str(context))
 
 
 def run_in_image(podman: Podman, command: Sequence[str], *, image: str = IMAGE,
                  network: str = "none", cache: Path | None = None) -> int:
-    """Run ``command`` in a fresh container with the provisioning cache mounted; its status."""
+    """Run ``command`` in a fresh container with the provisioning cache mounted; its status.
+
+    The container is named, and removed if this process is interrupted (Ctrl-C, SIGTERM), so
+    no guest outlives the run.
+    """
     cache = cache or cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
-    argv = ["run", "--rm", f"--network={network}", "-v", f"{cache}:{CONTAINER_CACHE}",
-            image, *command]
+    name = f"vfio-ep-{os.getpid()}-{next(_serial)}"
+    argv = ["run", "--rm", "--name", name, f"--network={network}",
+            "-v", f"{cache}:{CONTAINER_CACHE}", image, *command]
     _say(f"$ podman run --rm --network={network} -v {cache}:{CONTAINER_CACHE} {image} "
          f"{' '.join(command)}")
-    return podman.run(*argv, check=False).returncode
+    proc = subprocess.Popen(podman.argv(*argv), env=podman.env())
+    try:
+        return proc.wait()
+    except BaseException:
+        _say(f"interrupted: removing container {name}")
+        podman.run("rm", "--force", "--time", "5", name, capture=True, check=False)
+        proc.kill()
+        proc.wait()
+        raise
+
+
+_serial = itertools.count(1)
 
 
 def prepare(*, image: str = IMAGE, build: bool = True, rebuild_base: bool = False) -> Podman:
@@ -182,12 +205,13 @@ _passthrough = {"ignore_unknown_options": True, "allow_interspersed_args": False
 @main.command()
 @_image
 @click.option("--rebuild-base", is_flag=True, help="Debootstrap the base image again.")
-def build(image: str, rebuild_base: bool) -> None:
+@click.option("--no-cache", is_flag=True, help="Rebuild every layer of the project image.")
+def build(image: str, rebuild_base: bool, no_cache: bool) -> None:
     """Build the base image (once) and the project image."""
     podman = Podman(cache_dir() / "container")
     _guard(podman.setup)
     _guard(lambda: build_base(podman, rebuild=rebuild_base))
-    _guard(lambda: build_image(podman, image))
+    _guard(lambda: build_image(podman, image, no_cache=no_cache))
 
 
 @main.command(context_settings=_passthrough)
@@ -257,5 +281,10 @@ def _say(message: str) -> None:
     print(f"[vfio-ep container] {message}", file=sys.stderr, flush=True)
 
 
+def _sigterm(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _sigterm)
     main()
