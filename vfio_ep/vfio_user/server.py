@@ -417,12 +417,10 @@ def _region_read(c: Connection, msg_id: int, body: bytes, fds: list[int]) -> tup
                                  "data": data}), None
 
 
-def _region_write(c: Connection, msg_id: int, body: bytes, fds: list[int]
-                  ) -> tuple[bytes, None]:
-    offset, region, count, data = _region_access(body, writing=True)
+def _region_write(c: Connection, msg_id: int, body: bytes, fds: list[int]) -> None:
+    offset, region, _, data = _region_access(body, writing=True)
     c.device.region_write(region, offset, data)
-    return p.RegionAccess.build({"offset": offset, "region": region, "count": count,
-                                 "data": b""}), None
+    return None  # QEMU takes a header-only reply (and posted writes get none)
 
 
 def _region_write_multi(c: Connection, msg_id: int, body: bytes, fds: list[int]) -> None:
