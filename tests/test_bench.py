@@ -1,0 +1,72 @@
+"""Smoke test of the benchmarks that need no guest: tiny N and sizes, so this checks the
+plumbing (server subprocesses, sinks, the client, the results files), never the numbers."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+
+from vfio_ep.bench import dispatch, doorbell, transfer
+from vfio_ep.bench.__main__ import main
+from vfio_ep.bench.common import Result, write_results
+
+needs_gcc = pytest.mark.skipif(shutil.which("gcc") is None, reason="the C sink needs gcc")
+
+
+def _well_formed(r: Result, name: str) -> None:
+    assert r.name == name and r.rows and r.baseline
+    keys = {c.key for c in r.columns}
+    for row in r.rows:
+        assert keys <= row.keys() | {"ms"}, row
+        assert row["ratio"] is not None and math.isfinite(row["ratio"]) and row["ratio"] > 0
+    lines = r.text().splitlines()
+    assert len(lines) >= 4 + len(r.rows)
+    assert r.markdown().count("\n|") >= 2 + len(r.rows)
+
+
+@needs_gcc
+def test_dispatch_small() -> None:
+    r = dispatch.run(n=2000, reps=1)
+    _well_formed(r, "dispatch")
+    rows = {row["target"]: row for row in r.rows}
+    assert rows["raw AF_UNIX sink (C)"]["ratio"] == 1.0
+    assert "server, Python path" in rows
+    assert all(row["rate"] > 0 for row in r.rows)
+
+
+def test_transfer_small() -> None:
+    r = transfer.run(sizes=(64 << 10,), reps=1)
+    _well_formed(r, "transfer")
+    ops = [row["op"] for row in r.rows]
+    assert ops == ["host memcpy", "READ memcpy", "WRITE memcpy", "COPY memcpy", "READ DMA",
+                   "WRITE DMA", "COPY DMA"]
+
+
+def test_results_files_merge(tmp_path: Path) -> None:
+    out = tmp_path / "bench-results.json"
+    a = transfer.run(sizes=(64 << 10,), reps=1)
+    write_results([a], out)
+    b = Result("dispatch", "t", "b", a.columns, a.rows)
+    json_path, md_path = write_results([b], out)
+    data = json.loads(json_path.read_text())
+    assert list(data["benchmarks"]) == ["dispatch", "transfer"]  # kept, in canonical order
+    md = md_path.read_text()
+    assert "**dispatch**" in md and "**transfer**" in md and "| operation |" in md
+
+
+def test_cli_rejects_unknown(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["nope"])
+    assert "unknown benchmark" in capsys.readouterr().err
+
+
+def test_guest_result_lines_parse() -> None:
+    out = ("doorbell BAR1+0x0 data 0x0 (mmap)\n"
+           "RESULT doorbell-round-trip n=10 median_ns=1500 p99_ns=9000 via=vfio-mmap\n")
+    got = doorbell.parse_results(out)
+    assert got == {"doorbell-round-trip": {"n": 10.0, "median_ns": 1500.0, "p99_ns": 9000.0,
+                                           "via": "vfio-mmap"}}

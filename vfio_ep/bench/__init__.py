@@ -1,0 +1,10 @@
+"""``make bench``: the issue-6 benchmarks, each reported as a ratio to a baseline measured in
+the same run (the machine is shared, so absolute numbers only mean something side by side).
+
+- ``dispatch``: posted REGION_WRITE rate, C fast path vs Python path vs a raw socket sink
+- ``doorbell``: in-guest doorbell round trip per backend vs an in-QEMU MMIO read
+- ``transfer``: pci-epf-test READ/WRITE/COPY throughput vs a host memcpy
+- ``idle``: server CPU with a doorbell enabled, per backend, vs no doorbell
+"""
+
+NAMES = ("dispatch", "doorbell", "transfer", "idle")

@@ -1,0 +1,76 @@
+"""``python -m vfio_ep.bench [dispatch|doorbell|transfer|idle ...] [--out FILE] [--quick]``
+
+Runs the named benchmarks (all by default), prints each table, and merges the results into
+``bench-results.json`` and ``bench-results.md`` (repo root, or next to ``--out``).  A
+benchmark that fails is reported and the others still run; the exit status says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+from vfio_ep.bench import NAMES
+from vfio_ep.bench.common import DEFAULT_OUT, BenchError, Result, write_results
+
+
+def _runners(quick: bool) -> dict[str, Callable[[], Result]]:
+    """Each benchmark with its full or ``--quick`` (sanity-check sized) parameters."""
+    from vfio_ep.bench import dispatch, doorbell, idle, transfer
+
+    if quick:
+        return {"dispatch": lambda: dispatch.run(n=20_000, reps=2),
+                "doorbell": lambda: doorbell.run(n=200, n_mmio=2000),
+                "transfer": lambda: transfer.run(sizes=(1 << 20,), reps=1),
+                "idle": lambda: idle.run(seconds=3)}
+    return {"dispatch": dispatch.run, "doorbell": doorbell.run, "transfer": transfer.run,
+            "idle": idle.run}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vfio_ep.bench",
+                                     description="vfio-ep benchmarks (ratios to baselines "
+                                     "measured in the same run)")
+    parser.add_argument("names", nargs="*", metavar="NAME",
+                        help=f"benchmarks to run: {', '.join(NAMES)} (default: all)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                        help="results JSON (the markdown table goes next to it as .md); "
+                        "default %(default)s")
+    parser.add_argument("--quick", action="store_true",
+                        help="small N and sizes: checks the plumbing, numbers are rough")
+    args = parser.parse_args(argv)
+    unknown = [n for n in args.names if n not in NAMES]
+    if unknown:
+        parser.error(f"unknown benchmark {', '.join(unknown)}; choose from {', '.join(NAMES)}")
+    runners = _runners(args.quick)
+    started = time.monotonic()
+    results: list[Result] = []
+    failed: list[str] = []
+    for name in args.names or NAMES:
+        print(f"-- {name} ...", file=sys.stderr, flush=True)
+        try:
+            result = runners[name]()
+        except BenchError as e:
+            print(f"{name}: FAILED: {e}", file=sys.stderr)
+            failed.append(name)
+            continue
+        except Exception:
+            traceback.print_exc()
+            failed.append(name)
+            continue
+        results.append(result)
+        print(f"{result.text()}\n   ({result.seconds:.0f} s)\n", flush=True)
+    if results:
+        out, md = write_results(results, args.out)
+        print(f"results: {out}, {md}")
+    print(f"total {time.monotonic() - started:.0f} s" +
+          (f"; failed: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""dispatch: how many posted REGION_WRITEs a second the server applies to a RAM window.
+
+A guest's MMIO writes reach the server as posted 4-byte REGION_WRITE messages; this is the
+rate that bounds a write-heavy driver.  The client stays cheap so that it is not what is
+measured: N messages are built up front in one buffer, ``sendall`` in one go, followed by one
+non-posted REGION_READ as a fence (answered only after everything before it was applied).
+rate = N / (time until the fence's reply).
+
+Targets: pci-epf-test's BAR1 (trapped, plain EP RAM), served by the C fast path and by the
+Python path (``VFIO_EP_FASTPATH=0``), each in its own server process; the baseline is a C
+sink that reads the same stream and walks its framing without doing anything, the floor of
+the transport.  A Python sink shows what any Python receiver pays per message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import socket
+import struct
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from vfio_ep.bench.client import Client
+from vfio_ep.bench.common import (
+    HERE,
+    BenchError,
+    Column,
+    Result,
+    build_c,
+    median,
+    ratio,
+    serve,
+)
+from vfio_ep.vfio_user import fastpath
+from vfio_ep.vfio_user import protocol as p
+from vfio_ep.vfio_user.protocol import Command
+
+BAR = 1  # pci-epf-test's BAR1: trapped (the doorbell BAR), EP RAM behind it
+BAR_SIZE = 128 << 10
+WRITE_SIZE = 4
+_MSG = struct.Struct("<HHIIIQIII")  # header, access (offset, region, count), 4 data bytes
+_HDR = struct.Struct("<HHIII")
+_ACCESS = struct.Struct("<QII")
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    label: str
+    fraction: float  # of N this target gets, so that each run lasts long enough
+
+
+def _targets() -> list[Target]:
+    out = [Target("sink-c", "raw AF_UNIX sink (C)", 10.0),  # long enough to time
+           Target("sink-py", "raw AF_UNIX sink (Python)", 5.0)]
+    if fastpath.available()[0]:
+        out.append(Target("c-path", "server, C fast path", 1.0))
+    out.append(Target("py-path", "server, Python path", 0.1))
+    return out
+
+
+@functools.cache
+def build_stream(n: int) -> tuple[bytes, int, int]:
+    """N posted 4-byte writes over the BAR (as a driver filling a buffer would), with ids
+    1..N; returns the stream and the last write's offset and value, for the fence to check.
+    Built once per N and reused: the server replies to none of them, so ids may repeat."""
+    buf = bytearray(_MSG.size * n)
+    words = BAR_SIZE // WRITE_SIZE
+    flags = p.FLAG_REQUEST | p.FLAG_NO_REPLY
+    off = value = 0
+    for i in range(n):
+        off = (i % words) * WRITE_SIZE
+        value = (i * 2654435761) & 0xFFFFFFFF
+        _MSG.pack_into(buf, i * _MSG.size, (1 + i) & 0xFFFF, Command.REGION_WRITE,
+                       _MSG.size, flags, 0, off, BAR, WRITE_SIZE, value)
+    return bytes(buf), off, value
+
+
+def run_once(client: Client, n: int, check: bool) -> float:
+    """Send N posted writes and the fence; seconds until the fence's reply."""
+    stream, last_off, last_value = build_stream(n)
+    client.msg_id = n & 0xFFFF
+    fence_id = client.next_id()
+    fence = _HDR.pack(fence_id, Command.REGION_READ, p.HEADER_SIZE + _ACCESS.size,
+                      p.FLAG_REQUEST, 0) + _ACCESS.pack(last_off, BAR, WRITE_SIZE)
+    start = time.perf_counter()
+    client.sock.sendall(stream)
+    client.sock.sendall(fence)
+    body = client.reply(fence_id, Command.REGION_READ)
+    elapsed = time.perf_counter() - start
+    got = int.from_bytes(body[_ACCESS.size :], "little")
+    if check and got != last_value:
+        raise BenchError(f"fence read {got:#x} at BAR{BAR}+{last_off:#x}, wrote {last_value:#x}")
+    return elapsed
+
+
+@contextlib.contextmanager
+def _target(t: Target) -> Iterator[Client]:
+    if t.name == "sink-c":
+        ctx = serve(argv=[str(build_c(HERE / "sink.c"))])
+    elif t.name == "sink-py":
+        ctx = serve(argv=[sys.executable, "-m", "vfio_ep.bench.dispatch", "--sink"])
+    else:
+        ctx = serve(fastpath=t.name == "c-path")
+    with ctx as server, Client(server.socket, negotiate=not t.name.startswith("sink")) as c:
+        yield c
+
+
+def run(n: int = 200_000, reps: int = 5) -> Result:
+    """Interleave the targets rep by rep, so load from other jobs hits them alike."""
+    started = time.monotonic()
+    targets = _targets()
+    times: dict[str, list[float]] = {t.name: [] for t in targets}
+    counts = {t.name: max(int(n * t.fraction), 100) for t in targets}
+    check = {t.name: not t.name.startswith("sink") for t in targets}
+    try:
+        with contextlib.ExitStack() as stack:
+            clients = {t.name: stack.enter_context(_target(t)) for t in targets}
+            for t in targets:  # warm-up: first-touch page faults, caches, trio's first wakeups
+                run_once(clients[t.name], max(counts[t.name] // 10, 100), check[t.name])
+            for _ in range(reps):
+                for t in targets:
+                    times[t.name].append(run_once(clients[t.name], counts[t.name],
+                                                  check[t.name]))
+    finally:
+        build_stream.cache_clear()  # up to 10 N messages
+    rates = {name: counts[name] / median(ts) for name, ts in times.items()}
+    base = rates["sink-c"]
+    rows = [{"target": t.label, "messages": counts[t.name], "rate": rates[t.name],
+             "ns_per_msg": 1e9 / rates[t.name], "wire_mb_s": rates[t.name] * _MSG.size / 1e6,
+             "ratio": ratio(rates[t.name], base),
+             "vs_c": ratio(rates[t.name], rates.get("c-path")),
+             "spread": (max(times[t.name]) - min(times[t.name])) / median(times[t.name])}
+            for t in targets]
+    notes = [f"{WRITE_SIZE}-byte posted REGION_WRITEs ({_MSG.size} bytes on the wire) to BAR{BAR}"
+             f" RAM, then one REGION_READ fence; median of {reps} runs, targets interleaved."]
+    if not fastpath.available()[0]:
+        notes.append(f"C fast path not measured: {fastpath.available()[1]}")
+    return Result(
+        "dispatch", "posted REGION_WRITE messages applied per second", "raw AF_UNIX sink (C)",
+        [Column("target", "target"), Column("messages", "N"),
+         Column("rate", "msg/s", "{:,.0f}"), Column("ns_per_msg", "ns/msg", "{:,.0f}"),
+         Column("wire_mb_s", "wire MB/s", "{:,.1f}"), Column("ratio", "vs sink", "{:.3g}x"),
+         Column("vs_c", "vs C path", "{:.3g}x"),
+         Column("spread", "spread", "{:.0%}")],
+        rows, {"n": n, "reps": reps, "bar": BAR, "write_size": WRITE_SIZE}, notes,
+        time.monotonic() - started)
+
+
+# -- the Python sink (a subprocess: python -m vfio_ep.bench.dispatch --sink SOCKET) ----------
+def python_sink(path: str) -> None:
+    """Read the stream in 1 MiB chunks and walk its framing; answer what wants a reply."""
+    lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    lsock.bind(path)
+    lsock.listen(4)
+    while True:
+        conn, _ = lsock.accept()
+        with conn:
+            _drain(conn)
+
+
+def _drain(conn: socket.socket) -> None:
+    buf = bytearray(2 << 20)
+    view = memoryview(buf)
+    have = 0
+    unpack = struct.Struct("<I").unpack_from
+    while True:
+        k = conn.recv_into(view[have:])
+        if not k:
+            return
+        have += k
+        pos = 0
+        while have - pos >= p.HEADER_SIZE:
+            (size,) = unpack(buf, pos + 4)
+            if have - pos < size:
+                break
+            if not buf[pos + 8] & (p.FLAG_TYPE_MASK | p.FLAG_NO_REPLY):
+                _reply(conn, bytes(buf[pos : pos + size]))
+            pos += size
+        buf[: have - pos] = buf[pos:have]
+        have -= pos
+
+
+def _reply(conn: socket.socket, msg: bytes) -> None:
+    msg_id, cmd, _, _, _ = _HDR.unpack_from(msg)
+    if cmd == Command.REGION_READ:
+        off, region, count = _ACCESS.unpack_from(msg, p.HEADER_SIZE)
+        body = _ACCESS.pack(off, region, count) + bytes(count)
+    else:
+        body = b""
+    conn.sendall(_HDR.pack(msg_id, cmd, p.HEADER_SIZE + len(body), p.FLAG_REPLY, 0) + body)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sink", metavar="SOCKET", required=True)
+    python_sink(parser.parse_args().sink)
+
+
+if __name__ == "__main__":
+    main()
