@@ -50,6 +50,9 @@ LOCAL_CA_DIR = Path("/usr/local/share/ca-certificates")
 BUILD_CA_DIR = LOCAL_CA_DIR / "host"
 # Keep in step with the Containerfile's CMD: the integration suite.
 SUITE = ("python", "-m", "pytest", "-m", "guest", "-v", "-ra")
+# pytest's temporary directories (each guest test's run directory: console, server log) go to
+# the shared cache, so a failure inside the container leaves its logs on the host.
+BASETEMP = "container/pytest"
 PROJECT = Path(__file__).resolve().parents[2]
 
 
@@ -226,8 +229,12 @@ def test(image: str, no_build: bool, rebuild_base: bool, pytest_args: tuple[str,
     """
     started = time.monotonic()
     podman = _guard(lambda: prepare(image=image, build=not no_build, rebuild_base=rebuild_base))
+    basetemp = [] if any(a.startswith("--basetemp") for a in pytest_args) else [
+        f"--basetemp={CONTAINER_CACHE}/{BASETEMP}"]
     with _step("integration suite in the container (--network=none)"):
-        status = run_in_image(podman, [*SUITE, *pytest_args], image=image)
+        status = run_in_image(podman, [*SUITE, *basetemp, *pytest_args], image=image)
+    if status != 0 and basetemp:
+        _say(f"the tests' run directories (console, server log) are in {cache_dir() / BASETEMP}")
     _finish(status, started, "container suite")
 
 
