@@ -40,3 +40,7 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info vfio_ep/_native*
+
+# Build the podman image (Debian trixie, QEMU from trixie-backports) and run the guest suite in it.
+container-test: $(STAMP)
+	$(PYTHON) -m vfio_ep.guest.container test $(PYTEST_ARGS)

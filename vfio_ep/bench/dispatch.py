@@ -6,10 +6,11 @@ measured: N messages are built up front in one buffer, ``sendall`` in one go, fo
 non-posted REGION_READ as a fence (answered only after everything before it was applied).
 rate = N / (time until the fence's reply).
 
-Targets: pci-epf-test's BAR1 (trapped, plain EP RAM), served by the C fast path and by the
-Python path (``VFIO_EP_FASTPATH=0``), each in its own server process; the baseline is a C
-sink that reads the same stream and walks its framing without doing anything, the floor of
-the transport.  A Python sink shows what any Python receiver pays per message.
+Targets: pci-epf-test's BAR1 (EP RAM; our client writes it over the socket), served by the C
+fast path and by the Python path (``VFIO_EP_FASTPATH=0``), each in its own server process;
+the baseline is a C sink that reads the same stream and walks its framing without doing
+anything, the floor of the transport.  A Python sink shows what any Python receiver pays
+per message.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from vfio_ep.vfio_user import fastpath
 from vfio_ep.vfio_user import protocol as p
 from vfio_ep.vfio_user.protocol import Command
 
-BAR = 1  # pci-epf-test's BAR1: trapped (the doorbell BAR), EP RAM behind it
+BAR = 1  # pci-epf-test's BAR1: plain EP RAM behind it
 BAR_SIZE = 128 << 10
 WRITE_SIZE = 4
 _MSG = struct.Struct("<HHIIIQIII")  # header, access (offset, region, count), 4 data bytes

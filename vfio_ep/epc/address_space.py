@@ -62,16 +62,19 @@ class EpRam:
     EP addresses normally sit at the same offset in the memfd.  Pages can be
     remapped (their contents move with them) so that a BAR the client maps
     directly keeps showing, at each BAR offset, whatever EP address the
-    inbound iATU translates it to: see :meth:`place`.
+    inbound iATU translates it to: see :meth:`place`.  Behind the EP RAM the
+    memfd has as many *scratch* pages, never addressed by the EP, that
+    :meth:`evict` swaps in where a directly mapped BAR must not show EP RAM.
     """
 
     def __init__(self, base: int, size: int) -> None:
         self.base = base
-        self.mem = SharedMemory("ep-ram", size)
-        self.size = self.mem.size
+        self.size = -(-size // PAGE) * PAGE
+        self.mem = SharedMemory("ep-ram", 2 * self.size)  # RAM, then scratch (sparse)
         self._free: list[tuple[int, int]] = [(0, self.size)]  # (offset, size), sorted
         self._ep2phys: dict[int, int] = {}  # page -> physical page, non-identity only
         self._phys2ep: dict[int, int] = {}
+        self._next_scratch = self.size // PAGE
 
     def contains(self, addr: int, size: int) -> bool:
         return self.base <= addr and addr + size <= self.base + self.size
@@ -153,6 +156,23 @@ class EpRam:
         first = (addr - self.base) // PAGE
         for i in range(size // PAGE):
             self._swap(first + i, self._phys2ep.get(phys // PAGE + i, phys // PAGE + i))
+
+    def evict(self, phys: int, size: int) -> None:
+        """Make memfd [phys, phys+size) hold scratch pages; EP RAM there moves aside."""
+        for page in range(phys // PAGE, (phys + size) // PAGE):
+            owner = self._phys2ep.get(page, page)
+            if owner < self.size // PAGE:
+                self._swap(owner, self._free_scratch())
+
+    def _free_scratch(self) -> int:
+        """A scratch page still at its own place (not swapped into some BAR)."""
+        first = self.size // PAGE
+        for i in range(self.size // PAGE):
+            page = first + (self._next_scratch - first + i) % (self.size // PAGE)
+            if self._ep2phys.get(page, page) == page:
+                self._next_scratch = page + 1
+                return page
+        raise MemoryError("no scratch page left")
 
     def _swap(self, a: int, b: int) -> None:
         pa, pb = self._ep2phys.get(a, a), self._ep2phys.get(b, b)

@@ -10,13 +10,19 @@ never again, yet the iATU may be reprogrammed while the guest runs.  So:
 
 * a BAR is *direct* (exported for mmap, guest accesses never reach us) when,
   at ``start()``, it translates to page-aligned EP RAM, holds no watched
-  registers, and its function did not ask for it to stay trapped;
+  registers, and is at least DIRECT_MIN_SIZE (smaller BARs are cheap to trap,
+  and a subrange of them could not be page-aligned);
 * a direct BAR's mmap shows one fixed memfd range (its *aperture*).  When its
   translation changes, the EP RAM pages it now translates to are *moved*
   into the aperture (contents and EP addresses kept, see ``EpRam.place``),
-  so the guest sees the new translation at memory speed.  A translation a
-  direct BAR cannot honour (MMIO, unaligned) is refused with -EBUSY;
-* every other BAR stays trapped, and each access follows the current iATU.
+  so the guest sees the new translation at memory speed; where it now
+  translates to anything but RAM, scratch pages are swapped in
+  (``EpRam.evict``), so guest writes there can never land in EP RAM;
+* a BAR its function may point at a doorbell (``PciEpfBar.doorbell_target``)
+  keeps the pages a doorbell register would land on out of the mmap
+  (*holes*): those accesses stay trapped and reach the doorbell;
+* a translation a direct BAR cannot show (not page-aligned) is refused with
+  -EBUSY; every other BAR stays trapped and follows the current iATU.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import enum
 import errno
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import trio
@@ -43,6 +49,7 @@ from vfio_ep.pci.bar import (
     PCI_BASE_ADDRESS_MEM_TYPE_64,
     PCI_BASE_ADDRESS_SPACE_IO,
     BarSpec,
+    Window,
 )
 from vfio_ep.pci.device import MsixPlacement, PciDevice, PciDeviceSpec, PciHeader
 from vfio_ep.vfio_user.dma import DmaError, DmaTable
@@ -58,6 +65,7 @@ OUTBOUND_BASE = 0x1_0000_0000
 OUTBOUND_SIZE = 0x4000_0000
 EDMA_BASE = 0xF000_0000
 MSI_BASE = 0xF010_0000
+DIRECT_MIN_SIZE = 0x10000  # smallest BAR exported for mmap (see the mmap rule)
 
 
 @dataclass(frozen=True)
@@ -137,6 +145,7 @@ class PciEpc:
         self.msix: tuple[int, int, int] | None = None  # (count, bar, table offset)
         self.space.on_layout_change.append(self._refresh_all_bars)
         self.direct: dict[int, int] = {}  # direct BAR -> memfd offset of its aperture
+        self.holes: dict[int, set[int]] = {}  # direct BAR -> trapped page offsets
         self._nursery: trio.Nursery | None = None
 
     # -- the EP "CPU": where functions' work and IRQ handlers run ------------
@@ -210,10 +219,7 @@ class PciEpc:
         except NoInboundWindow as e:
             raise EpcError(errno.ENOSPC, str(e)) from None
         if bar in self.direct:
-            offset = 0
-            for ep_addr, n in pieces:
-                self.ram.place(ep_addr, n, self.direct[bar] + offset)
-                offset += n
+            self._show_direct(bar, pieces)
         self.bars[bar] = epf_bar.copy()
         self._refresh_all_bars()  # a placement may have moved pages other BARs show
 
@@ -221,13 +227,26 @@ class PciEpc:
         """Refuse what a directly mapped BAR cannot show (see the mmap rule above)."""
         pinned = {ep // PAGE for b in self.direct if b != bar for ep in self._shown_pages(b)}
         for ep_addr, n in pieces:
-            if not self.ram.contains(ep_addr, n) or ep_addr % PAGE or n % PAGE:
+            if ep_addr % PAGE or n % PAGE:
                 raise EpcError(errno.EBUSY, f"BAR{bar} is mapped directly by the client: it "
-                               f"cannot translate to [{ep_addr:#x}+{n:#x}) (not page-aligned "
-                               "EP RAM) until the client reconnects")
+                               f"cannot translate to [{ep_addr:#x}+{n:#x}) (not page-aligned) "
+                               "until the client reconnects")
             if any(p in pinned for p in range(ep_addr // PAGE, (ep_addr + n) // PAGE)):
                 raise EpcError(errno.EBUSY, f"BAR{bar}: [{ep_addr:#x}+{n:#x}) is shown by "
                                "another directly mapped BAR")
+
+    def _show_direct(self, bar: int, pieces: list[tuple[int, int]]) -> None:
+        """Make the aperture of direct BAR ``bar`` hold what ``pieces`` translate to."""
+        aperture = self.direct[bar]
+        offset = 0
+        for ep_addr, n in pieces:
+            for page in range(ep_addr, ep_addr + n, PAGE):
+                phys = aperture + offset + page - ep_addr
+                if self.ram.contains(page, PAGE):
+                    self.ram.place(page, PAGE, phys)
+                else:
+                    self.ram.evict(phys, PAGE)
+            offset += n
 
     def _shown_pages(self, bar: int) -> list[int]:
         """EP addresses of the pages currently shown by direct BAR ``bar``."""
@@ -355,6 +374,8 @@ class PciEpc:
         )
         self.direct = {bar: self.ram.phys(b.phys_addr) for bar, b in self.bars.items()
                        if self._can_be_direct(bar, b)}
+        self.holes = {bar: self._doorbell_pages(self.bars[bar].size) for bar in self.direct
+                      if self.bars[bar].doorbell_target}
         self.pci = PciDevice(spec)
         self.pci.link_hooks.append(self._link_changed)
         self.pci.reset_hooks.append(self._perst)
@@ -362,10 +383,15 @@ class PciEpc:
         self._refresh_all_bars()
         return self.pci
 
+    def _doorbell_pages(self, size: int) -> set[int]:
+        """BAR offsets of the pages where a doorbell register lands when a BAR of ``size``
+        is pointed at it (pci_epf_align_inbound_addr: base aligned to the BAR size)."""
+        return {(d.addr & (size - 1)) & ~(PAGE - 1) for d in self.space.doorbells}
+
     def _can_be_direct(self, bar: int, b: PciEpfBar) -> bool:
         regions = self.inbound.regions.get(bar, [])
-        return (not b.trapped and len(regions) == 1 and not b.phys_addr % PAGE
-                and not b.size % PAGE and self.ram.contains(b.phys_addr, b.size)
+        return (len(regions) == 1 and not b.phys_addr % PAGE
+                and b.size >= DIRECT_MIN_SIZE and self.ram.contains(b.phys_addr, b.size)
                 and not any(w.start < b.phys_addr + b.size and b.phys_addr < w.end
                             for w in self.space.watches))
 
@@ -392,7 +418,10 @@ class PciEpc:
     def _refresh_bar(self, bar: int) -> None:
         if self.pci is None:
             return
-        self.pci.windows.replace_bar(bar, self.inbound.windows(bar, bar in self.direct))
+        rows = self.inbound.windows(bar, bar in self.direct)
+        for hole in self.holes.get(bar, ()):
+            rows = [part for w in rows for part in _cut(w, hole, hole + PAGE)]
+        self.pci.windows.replace_bar(bar, rows)
 
     def _refresh_all_bars(self) -> None:
         for bar in range(6):
@@ -411,3 +440,16 @@ class PciEpc:
             epf.epc_deinit()
         for epf in self.epfs:
             epf.epc_init()
+
+
+def _cut(w: Window, start: int, end: int) -> list[Window]:
+    """Split ``w`` so that [start, end) is its own, never exported, row."""
+    if end <= w.start or w.end <= start:
+        return [w]
+    parts = []
+    for lo, hi, mmap in ((w.start, start, w.mmap), (start, end, False), (end, w.end, w.mmap)):
+        lo, hi = max(lo, w.start), min(hi, w.end)
+        if lo < hi:
+            parts.append(replace(w, start=lo, end=hi, mmap=mmap,
+                                 target_offset=w.target_offset + lo - w.start))
+    return parts

@@ -41,9 +41,9 @@ class PciEpfBar:
     mem_size: int = 0
     flags: int = 0
     submap: list[PciEpfBarSubmap] = field(default_factory=list)
-    # Emulator hint: keep guest accesses trapped, because the function may point this
-    # BAR at MMIO later (a doorbell); otherwise the client may map it directly.
-    trapped: bool = False
+    # Emulator hint: the function may point this BAR at a doorbell register, so the
+    # controller keeps the pages a doorbell would land on trapped (see vfio_ep.epc.core).
+    doorbell_target: bool = False
 
     def copy(self) -> PciEpfBar:
         return replace(self, submap=list(self.submap))

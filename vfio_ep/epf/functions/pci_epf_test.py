@@ -20,7 +20,7 @@ import trio
 from construct import Int32ul, Int64ul, Struct
 
 from vfio_ep.config import attributes, parse_int
-from vfio_ep.epc.address_space import AddressError, Watch
+from vfio_ep.epc.address_space import AddressError, EpRam, Watch
 from vfio_ep.epc.core import EpcError, IrqType, PciEpc
 from vfio_ep.epc.edma import DmaChannel
 from vfio_ep.epc.features import NO_BAR, BarType, get_first_free_bar, get_next_free_bar, profile
@@ -101,18 +101,23 @@ def crc32_le(data: bytes) -> int:
 
 
 class TestRegs:
-    """The register block: little-endian fields in the EP RAM behind test_reg_bar."""
+    """The register block: little-endian fields in the EP RAM behind test_reg_bar.
 
-    def __init__(self, view: memoryview) -> None:
-        self.view = view
+    Accessed by EP address every time, never through a kept view: a directly mapped BAR
+    may move EP RAM pages around (EpRam.place), as the iATU does not on hardware.
+    """
+
+    def __init__(self, ram: EpRam, addr: int) -> None:
+        self.ram = ram
+        self.addr = addr
 
     def __getitem__(self, name: str) -> int:
         off, size = REG_OFFSET[name]
-        return int.from_bytes(self.view[off : off + size], "little")
+        return int.from_bytes(self.ram.read(self.addr + off, size), "little")
 
     def __setitem__(self, name: str, value: int) -> None:
         off, size = REG_OFFSET[name]
-        self.view[off : off + size] = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+        self.ram.write(self.addr + off, (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little"))
 
 
 @dataclass(frozen=True)
@@ -165,8 +170,7 @@ class PciEpfTest(PciEpf):
 
     @property
     def regs(self) -> TestRegs:
-        b = self.reg_space[self.test_reg_bar]
-        return TestRegs(self.controller.ram.view(b.phys_addr, TestReg.sizeof()))
+        return TestRegs(self.controller.ram, self.reg_space[self.test_reg_bar].phys_addr)
 
     # -- bind / space ------------------------------------------------------------
     def bind(self) -> None:
@@ -189,7 +193,7 @@ class PciEpfTest(PciEpf):
         if b is None:
             raise EpcError(12, "failed to allocate register space")
         self.reg_space[self.test_reg_bar] = b
-        # ENABLE_DOORBELL maps the next free BAR onto the doorbell target: keep it trapped.
+        # ENABLE_DOORBELL maps the next free BAR onto the doorbell target.
         doorbell_bar = get_next_free_bar(features, self.test_reg_bar + 1)
         bar = 0
         while bar < NUM_BARS:
@@ -203,7 +207,7 @@ class PciEpfTest(PciEpf):
                 if b is None:
                     log.error("Failed to allocate space for BAR%d", bar)
                 else:
-                    b.trapped = bar == doorbell_bar
+                    b.doorbell_target = bar == doorbell_bar
                     self.reg_space[bar] = b
             bar += 1
 
@@ -365,7 +369,7 @@ class PciEpfTest(PciEpf):
                 try:
                     if use_dma:
                         await self._dma(self.dma_chan_rx, src_addr, bounce + len(buf), m.pci_size)
-                        buf += epc.ram.view(bounce + len(buf), m.pci_size)
+                        buf += epc.ram.read(bounce + len(buf), m.pci_size)
                     else:
                         buf += await epc.space.read(m.phys_addr, m.pci_size)
                 finally:
@@ -395,7 +399,7 @@ class PciEpfTest(PciEpf):
         pos = 0
         try:
             if use_dma:
-                epc.ram.view(bounce, size)[:] = data
+                epc.ram.write(bounce, data)
             while pos < size:
                 try:
                     m = epc.mem_map(dst_addr, size - pos)
@@ -574,7 +578,7 @@ class PciEpfTest(PciEpf):
                 ram = self.controller.ram
                 for i in range(BAR_SUBRANGE_NSUB):
                     sig = 0x50 + barno * 8 + i
-                    ram.view(bar.phys_addr + (i ^ 1) * sub, sub)[:] = bytes([sig]) * sub
+                    ram.write(bar.phys_addr + (i ^ 1) * sub, bytes([sig]) * sub)
                 reg["status"] = status | STATUS_BAR_SUBRANGE_SETUP_SUCCESS
                 return
         reg["status"] = status | STATUS_BAR_SUBRANGE_SETUP_FAIL
