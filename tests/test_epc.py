@@ -45,6 +45,16 @@ def test_place_moves_pages_with_their_contents() -> None:
     assert ram.read(BASE + PAGE - 1, 2) == b"AB"
 
 
+def test_evict_swaps_in_scratch_and_place_brings_ram_back() -> None:
+    ram = EpRam(BASE, 1 << 20)
+    ram.write(BASE, b"keep")
+    ram.evict(0, PAGE)  # memfd page 0 must not hold EP RAM any more
+    ram.mem.view[0:4] = b"junk"  # what a guest would scribble through a BAR
+    assert ram.read(BASE, 4) == b"keep"
+    ram.place(BASE, PAGE, 0)
+    assert bytes(ram.mem.view[0:4]) == b"keep" and ram.read(BASE, 4) == b"keep"
+
+
 def _space() -> EpAddressSpace:
     space = EpAddressSpace(EpRam(BASE, 1 << 20))
     space.add_block(MmioBlock("regs", 0xF000_0000, 0x1000, _Regs()))

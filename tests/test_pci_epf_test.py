@@ -180,6 +180,16 @@ def test_bar_subrange_swaps_halves_in_a_direct_bar(ep: tuple[ServerThread, Guest
     bar2.close()
 
 
+def test_doorbell_bar_is_direct_with_its_doorbell_pages_trapped(ep: tuple[ServerThread, Guest]
+                                                                ) -> None:
+    _, g = ep
+    info, caps, _ = g.c.region_info(1, argsz=128)
+    areas = [(a.offset, a.size) for a in p.SparseMmapCap.parse(caps).areas]
+    # eDMA doorbell (+0xa0) and ITS translater (+0x10040) pages, as BAR1 would show them
+    assert areas == [(0x1000, 0xF000), (0x11000, 0xF000)]
+    assert info["flags"] & p.REGION_INFO_FLAG_MMAP
+
+
 def _ring(g: Guest, value: int | None = None, delta: int = 0, timeout: float = 5.0) -> bool:
     bar, offset = g.r("doorbell_bar"), g.r("doorbell_offset")
     data = g.r("doorbell_data") if value is None else value
