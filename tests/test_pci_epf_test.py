@@ -268,3 +268,13 @@ def test_embedded_doorbell_irq_is_shared(tmp_path: Path, path: str) -> None:
         srv.wait_idle()  # the guest's interrupt may arrive before the next handler ran
         assert seen == [virq]
         assert g.r("status") & t.STATUS_DOORBELL_SUCCESS
+
+
+def test_c_path_rings_the_doorbell_itself(tmp_path: Path, path: str) -> None:
+    with serve(tmp_path, doorbell="msi") as (srv, g):
+        assert g.command(t.COMMAND_ENABLE_DOORBELL) & t.STATUS_DOORBELL_ENABLE_SUCCESS
+        assert _ring(g)
+        conn = srv.listener.active
+        assert conn is not None
+        rung_by_c = conn.fast.stats()["doorbells"] if conn.fast else 0
+        assert rung_by_c == (1 if path == "c" else 0)

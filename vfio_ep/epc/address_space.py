@@ -226,6 +226,7 @@ class EpAddressSpace:
 
     def add_doorbell(self, target: Any) -> None:
         self.doorbells.append(target)
+        target.on_change = self._changed  # its data values are part of the window table
         self._changed()
 
     def doorbell_at(self, addr: int, size: int) -> Any:

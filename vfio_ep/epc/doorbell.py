@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+from collections.abc import Callable
 
 import trio
 
@@ -48,6 +49,8 @@ class DoorbellTarget:
         self.rung = 0
         self.ignored = 0
         self._scope = trio.CancelScope()
+        # Set by the address space: the window table (and the C copy of it) must see events.
+        self.on_change: Callable[[], None] = lambda: None
 
     # Fields the C fast path reads (native/vfu_fast.h: struct vfu_window).
     offset = 0
@@ -55,12 +58,14 @@ class DoorbellTarget:
     def add_event(self, data: int, virq: int) -> None:
         """Make a write of ``data`` raise ``virq``; the eventfd waiter starts with the first."""
         self.events[data] = virq
+        self.on_change()
         if not self._running:
             self._running = True
             self.spawn(self._run, f"doorbell-{self.name}")
 
     def remove_event(self, data: int) -> None:
         self.events.pop(data, None)
+        self.on_change()
 
     @property
     def data(self) -> int:
