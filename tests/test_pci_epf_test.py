@@ -152,6 +152,18 @@ def test_bad_addresses_fail_but_still_interrupt(ep: tuple[ServerThread, Guest],
     assert "not mapped" in caplog.text
 
 
+@pytest.mark.parametrize("use_dma", [0, t.FLAG_USE_DMA])
+def test_sizes_beyond_any_buffer_fail_like_enomem(ep: tuple[ServerThread, Guest], use_dma: int,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    _, g = ep
+    huge = 0xFFFF_FFF0
+    for cmd, fail in ((t.COMMAND_READ, t.STATUS_READ_FAIL), (t.COMMAND_WRITE, t.STATUS_WRITE_FAIL),
+                      (t.COMMAND_COPY, t.STATUS_COPY_FAIL)):
+        status = g.command(cmd, src_addr=GUEST, dst_addr=GUEST, size=huge, flags=use_dma)
+        assert status & fail and status & t.STATUS_IRQ_RAISED, hex(status)
+    assert "EP RAM exhausted" in caplog.text or "cannot hold" in caplog.text
+
+
 def test_irq_number_beyond_enabled_vectors_is_refused(ep: tuple[ServerThread, Guest],
                                                       caplog: pytest.LogCaptureFixture) -> None:
     _, g = ep

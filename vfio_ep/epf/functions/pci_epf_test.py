@@ -13,6 +13,8 @@ from __future__ import annotations
 import logging
 import os
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -349,6 +351,17 @@ class PciEpfTest(PciEpf):
         if chan is None or not await chan.transfer(src, dst, size, local_copy):
             raise EpcError(5, "DMA transfer failed")
 
+    @contextmanager
+    def _kzalloc(self, size: int) -> Iterator[int]:
+        """The kernel's kzalloc'd transfer buffer, in EP RAM; MemoryError when it cannot be
+        had (a size the guest made up), which fails the command like -ENOMEM does."""
+        ram = self.controller.ram
+        addr = ram.alloc(max(size, 1))
+        try:
+            yield addr
+        finally:
+            ram.free(addr, max(size, 1))
+
     async def _read(self, reg: TestRegs) -> None:
         """COMMAND_READ: the EP reads RC memory at SRC_ADDR and checks its CRC."""
         epc = self.controller
@@ -356,34 +369,34 @@ class PciEpfTest(PciEpf):
         use_dma = reg["flags"] & FLAG_USE_DMA
         status = 0
         ok = False
-        buf = bytearray()
-        bounce = epc.ram.alloc(max(size, 1)) if use_dma else 0
         try:
-            while len(buf) < size:
-                try:
-                    m = epc.mem_map(src_addr, size - len(buf))
-                except EpcError as e:
-                    log.error("Failed to map address: %s", e)
-                    status = STATUS_SRC_ADDR_INVALID
-                    break
-                try:
-                    if use_dma:
-                        await self._dma(self.dma_chan_rx, src_addr, bounce + len(buf), m.pci_size)
-                        buf += epc.ram.read(bounce + len(buf), m.pci_size)
-                    else:
-                        buf += await epc.space.read(m.phys_addr, m.pci_size)
-                finally:
-                    epc.mem_unmap(m)
-                src_addr += m.pci_size
-            else:
-                ok = crc32_le(bytes(buf)) == reg["checksum"]
-                if not ok:
-                    log.warning("READ: CRC mismatch over %d bytes", size)
+            with self._kzalloc(size) as buf:
+                pos = 0
+                while pos < size:
+                    try:
+                        m = epc.mem_map(src_addr, size - pos)
+                    except EpcError as e:
+                        log.error("Failed to map address: %s", e)
+                        status = STATUS_SRC_ADDR_INVALID
+                        break
+                    try:
+                        if use_dma:
+                            await self._dma(self.dma_chan_rx, src_addr, buf + pos, m.pci_size)
+                        else:
+                            epc.ram.write(buf + pos, await epc.space.read(m.phys_addr,
+                                                                          m.pci_size))
+                    finally:
+                        epc.mem_unmap(m)
+                    pos += m.pci_size
+                    src_addr += m.pci_size
+                else:
+                    ok = crc32_le(epc.ram.read(buf, size)) == reg["checksum"]
+                    if not ok:
+                        log.warning("READ: CRC mismatch over %d bytes", size)
+        except MemoryError as e:
+            log.error("READ of %d bytes: %s", size, e)
         except (AddressError, DmaError, EpcError) as e:
             log.error("READ failed: %s", e)
-        finally:
-            if use_dma:
-                epc.ram.free(bounce, max(size, 1))
         reg["status"] = status | (STATUS_READ_SUCCESS if ok else STATUS_READ_FAIL)
 
     async def _write(self, reg: TestRegs) -> None:
@@ -391,39 +404,37 @@ class PciEpfTest(PciEpf):
         epc = self.controller
         dst_addr, size = reg["dst_addr"], reg["size"]
         use_dma = reg["flags"] & FLAG_USE_DMA
-        data = os.urandom(size)
-        reg["checksum"] = crc32_le(data)
         status = 0
         ok = False
-        bounce = epc.ram.alloc(max(size, 1)) if use_dma else 0
-        pos = 0
         try:
-            if use_dma:
-                epc.ram.write(bounce, data)
-            while pos < size:
-                try:
-                    m = epc.mem_map(dst_addr, size - pos)
-                except EpcError as e:
-                    log.error("Failed to map address: %s", e)
-                    status = STATUS_DST_ADDR_INVALID
-                    break
-                try:
-                    if use_dma:
-                        await self._dma(self.dma_chan_tx, bounce + pos, dst_addr, m.pci_size)
-                    else:
-                        await epc.space.write(m.phys_addr, data[pos : pos + m.pci_size])
-                finally:
-                    epc.mem_unmap(m)
-                pos += m.pci_size
-                dst_addr += m.pci_size
-            else:
-                ok = True
-                await trio.sleep(0.001)  # the kernel's usleep_range(1000, 2000)
+            with self._kzalloc(size) as buf:
+                data = os.urandom(size)
+                epc.ram.write(buf, data)
+                reg["checksum"] = crc32_le(data)
+                pos = 0
+                while pos < size:
+                    try:
+                        m = epc.mem_map(dst_addr, size - pos)
+                    except EpcError as e:
+                        log.error("Failed to map address: %s", e)
+                        status = STATUS_DST_ADDR_INVALID
+                        break
+                    try:
+                        if use_dma:
+                            await self._dma(self.dma_chan_tx, buf + pos, dst_addr, m.pci_size)
+                        else:
+                            await epc.space.write(m.phys_addr, data[pos : pos + m.pci_size])
+                    finally:
+                        epc.mem_unmap(m)
+                    pos += m.pci_size
+                    dst_addr += m.pci_size
+                else:
+                    ok = True
+                    await trio.sleep(0.001)  # the kernel's usleep_range(1000, 2000)
+        except MemoryError as e:
+            log.error("WRITE of %d bytes: %s", size, e)
         except (AddressError, DmaError, EpcError) as e:
             log.error("WRITE failed: %s", e)
-        finally:
-            if use_dma:
-                epc.ram.free(bounce, max(size, 1))
         reg["status"] = status | (STATUS_WRITE_SUCCESS if ok else STATUS_WRITE_FAIL)
 
     async def _copy(self, reg: TestRegs) -> None:
@@ -434,36 +445,40 @@ class PciEpfTest(PciEpf):
         status = 0
         ok = False
         try:
-            while size:
-                try:
-                    src = epc.mem_map(src_addr, size)
-                except EpcError as e:
-                    log.error("Failed to map source address: %s", e)
-                    status = STATUS_SRC_ADDR_INVALID
-                    break
-                try:
-                    dst = epc.mem_map(dst_addr, size)
-                except EpcError as e:
-                    log.error("Failed to map destination address: %s", e)
-                    status = STATUS_DST_ADDR_INVALID
-                    epc.mem_unmap(src)
-                    break
-                try:
-                    n = min(src.pci_size, dst.pci_size)
-                    if use_dma:
-                        await self._dma(self.dma_chan_tx, src.phys_addr, dst.phys_addr, n,
-                                        local_copy=True)
-                    else:
-                        await epc.space.write(dst.phys_addr, await epc.space.read(src.phys_addr,
-                                                                                 n))
-                finally:
-                    epc.mem_unmap(dst)
-                    epc.mem_unmap(src)
-                size -= n
-                src_addr += n
-                dst_addr += n
-            else:
-                ok = True
+            # The memcpy variant stages through a kzalloc'd buffer, the DMA one does not.
+            with nullcontext(0) if use_dma else self._kzalloc(size) as buf:
+                while size:
+                    try:
+                        src = epc.mem_map(src_addr, size)
+                    except EpcError as e:
+                        log.error("Failed to map source address: %s", e)
+                        status = STATUS_SRC_ADDR_INVALID
+                        break
+                    try:
+                        dst = epc.mem_map(dst_addr, size)
+                    except EpcError as e:
+                        log.error("Failed to map destination address: %s", e)
+                        status = STATUS_DST_ADDR_INVALID
+                        epc.mem_unmap(src)
+                        break
+                    try:
+                        n = min(src.pci_size, dst.pci_size)
+                        if use_dma:
+                            await self._dma(self.dma_chan_tx, src.phys_addr, dst.phys_addr, n,
+                                            local_copy=True)
+                        else:
+                            epc.ram.write(buf, await epc.space.read(src.phys_addr, n))
+                            await epc.space.write(dst.phys_addr, epc.ram.read(buf, n))
+                    finally:
+                        epc.mem_unmap(dst)
+                        epc.mem_unmap(src)
+                    size -= n
+                    src_addr += n
+                    dst_addr += n
+                else:
+                    ok = True
+        except MemoryError as e:
+            log.error("COPY of %d bytes: %s", size, e)
         except (AddressError, DmaError, EpcError) as e:
             log.error("COPY failed: %s", e)
         reg["status"] = status | (STATUS_COPY_SUCCESS if ok else STATUS_COPY_FAIL)
