@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import zlib
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from typing import Any
@@ -23,7 +23,7 @@ from construct import Int32ul, Int64ul, Struct
 
 from vfio_ep.config import attributes, parse_int
 from vfio_ep.epc.address_space import AddressError, EpRam, Watch
-from vfio_ep.epc.core import EpcError, IrqType, PciEpc
+from vfio_ep.epc.core import EpcError, IrqType, PciEpc, PciEpcMap
 from vfio_ep.epc.edma import DmaChannel
 from vfio_ep.epc.features import NO_BAR, BarType, get_first_free_bar, get_next_free_bar, profile
 from vfio_ep.epc.irq import IRQ_HANDLED, IRQF_ONESHOT, IrqError
@@ -362,6 +362,25 @@ class PciEpfTest(PciEpf):
         finally:
             ram.free(addr, max(size, 1))
 
+    async def _over_maps(self, pci_addr: int, size: int,
+                         step: Callable[[PciEpcMap, int], Awaitable[None]]) -> bool:
+        """Map RC memory window by window (pci_epc_mem_map) and run ``step(map, offset)`` on
+        each; False when a window cannot be mapped."""
+        epc = self.controller
+        pos = 0
+        while pos < size:
+            try:
+                m = epc.mem_map(pci_addr + pos, size - pos)
+            except EpcError as e:
+                log.error("Failed to map address: %s", e)
+                return False
+            try:
+                await step(m, pos)
+            finally:
+                epc.mem_unmap(m)
+            pos += m.pci_size
+        return True
+
     async def _read(self, reg: TestRegs) -> None:
         """COMMAND_READ: the EP reads RC memory at SRC_ADDR and checks its CRC."""
         epc = self.controller
@@ -371,24 +390,15 @@ class PciEpfTest(PciEpf):
         ok = False
         try:
             with self._kzalloc(size) as buf:
-                pos = 0
-                while pos < size:
-                    try:
-                        m = epc.mem_map(src_addr, size - pos)
-                    except EpcError as e:
-                        log.error("Failed to map address: %s", e)
-                        status = STATUS_SRC_ADDR_INVALID
-                        break
-                    try:
-                        if use_dma:
-                            await self._dma(self.dma_chan_rx, src_addr, buf + pos, m.pci_size)
-                        else:
-                            epc.ram.write(buf + pos, await epc.space.read(m.phys_addr,
-                                                                          m.pci_size))
-                    finally:
-                        epc.mem_unmap(m)
-                    pos += m.pci_size
-                    src_addr += m.pci_size
+
+                async def step(m: PciEpcMap, pos: int) -> None:
+                    if use_dma:
+                        await self._dma(self.dma_chan_rx, src_addr + pos, buf + pos, m.pci_size)
+                    else:
+                        epc.ram.write(buf + pos, await epc.space.read(m.phys_addr, m.pci_size))
+
+                if not await self._over_maps(src_addr, size, step):
+                    status = STATUS_SRC_ADDR_INVALID
                 else:
                     ok = crc32_le(epc.ram.read(buf, size)) == reg["checksum"]
                     if not ok:
@@ -411,23 +421,15 @@ class PciEpfTest(PciEpf):
                 data = os.urandom(size)
                 epc.ram.write(buf, data)
                 reg["checksum"] = crc32_le(data)
-                pos = 0
-                while pos < size:
-                    try:
-                        m = epc.mem_map(dst_addr, size - pos)
-                    except EpcError as e:
-                        log.error("Failed to map address: %s", e)
-                        status = STATUS_DST_ADDR_INVALID
-                        break
-                    try:
-                        if use_dma:
-                            await self._dma(self.dma_chan_tx, buf + pos, dst_addr, m.pci_size)
-                        else:
-                            await epc.space.write(m.phys_addr, data[pos : pos + m.pci_size])
-                    finally:
-                        epc.mem_unmap(m)
-                    pos += m.pci_size
-                    dst_addr += m.pci_size
+
+                async def step(m: PciEpcMap, pos: int) -> None:
+                    if use_dma:
+                        await self._dma(self.dma_chan_tx, buf + pos, dst_addr + pos, m.pci_size)
+                    else:
+                        await epc.space.write(m.phys_addr, data[pos : pos + m.pci_size])
+
+                if not await self._over_maps(dst_addr, size, step):
+                    status = STATUS_DST_ADDR_INVALID
                 else:
                     ok = True
                     await trio.sleep(0.001)  # the kernel's usleep_range(1000, 2000)
