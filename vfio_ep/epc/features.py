@@ -86,13 +86,15 @@ PROFILES: dict[str, ControllerProfile] = {
                               bar4=BarDesc(BarType.FIXED, fixed_size=256), bar5=_DISABLED)),
         msi_controller=False,
     ),
-    # RK3588 (pcie-dw-rockchip.c): BAR4 is reserved and shows the eDMA registers.
+    # RK3588 (pcie-dw-rockchip.c): BAR4 is reserved and shows the eDMA registers; as on the
+    # Rock 5B in the seeds, the EP finds no MSI domain, so doorbells use the eDMA.
     "rk3588": ControllerProfile(
         "rk3588",
         EpcFeatures(linkup_notifier=True, intx_capable=False, align=1 << 16,
                     bar=_bars(bar0=_RESIZABLE, bar1=_RESIZABLE, bar2=_RESIZABLE,
                               bar3=_RESIZABLE, bar4=BarDesc(BarType.RESERVED),
                               bar5=_RESIZABLE)),
+        msi_controller=False,
         edma_bar=4,
     ),
 }
