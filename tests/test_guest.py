@@ -89,6 +89,7 @@ def test_kselftest_passes_with_each_doorbell(tmp_path: Path, doorbell: str) -> N
                for v in ("memcpy", "dma") for t in ("READ", "WRITE", "COPY"))
     assert all(s[f"pci_ep_bar.BAR{b}.BAR_TEST"] == "pass" for b in range(6))
     assert all(s[f"pci_ep_bar.BAR{b}.BAR_SUBRANGE_TEST"] == "pass" for b in range(1, 6))
+    assert s["pci_ep_basic.MSI_TEST"] == "pass"  # all 32 vectors (interrupt remapping)
     using = {"msi": "Using MSI doorbell", "embedded": "Using embedded (DMA) doorbell fallback",
              "poll": "Using poll-mode doorbell fallback"}[doorbell]
     assert using in result.server_log

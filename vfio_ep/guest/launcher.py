@@ -302,6 +302,8 @@ def qemu_command(qemu: Qemu, *, kernel: Path, initrd: Path, qmp: Path, memory_mb
         "-nodefaults", "-nographic", "-no-reboot",
         "-serial", "stdio", "-qmp", f"unix:{qmp}",
         "-kernel", str(kernel), "-initrd", str(initrd), "-append", append,
+        # Interrupt remapping only (x86 multi-MSI needs it); must come before PCI devices.
+        "-device", "intel-iommu,intremap=on,dma-translation=off",
         "-device", f"pcie-root-port,id={ROOT_PORT},bus=pcie.0,chassis=1",
         # Native PCIe hot-plug (pciehp, in the guest kernel) instead of q35's ACPI hot-plug.
         "-global", "ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off",
