@@ -33,10 +33,6 @@ class SharedMemory:
         self._check(offset, len(data))
         self.view[offset : offset + len(data)] = data
 
-    def fill(self, offset: int, size: int, byte: int = 0) -> None:
-        self._check(offset, size)
-        self.view[offset : offset + size] = bytes([byte]) * size
-
     def _check(self, offset: int, size: int) -> None:
         if offset < 0 or size < 0 or offset + size > self.size:
             raise ValueError(f"[{offset:#x}, {offset + size:#x}) outside {self.size:#x} bytes")

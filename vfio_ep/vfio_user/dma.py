@@ -56,9 +56,6 @@ class DmaTable:
     def __len__(self) -> int:
         return len(self._regions)
 
-    def regions(self) -> list[DmaRegion]:
-        return list(self._regions)
-
     def map(self, iova: int, size: int, prot: int, fd: int | None, offset: int) -> None:
         """Add a mapping; an overlap replaces the old range (QEMU aborts on failed maps)."""
         if size == 0:
