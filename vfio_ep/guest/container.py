@@ -34,7 +34,12 @@ from pathlib import Path
 
 import click
 
-from vfio_ep.guest.provision import ProvisionError, _mirror, cache_dir, ensure_host_packages
+from vfio_ep.guest.provision import (
+    ProvisionError,
+    cache_dir,
+    debian_mirror,
+    ensure_host_packages,
+)
 
 BASE_IMAGE = "docker.io/library/debian:trixie"
 BASE_SUITE = "trixie"
@@ -107,7 +112,7 @@ def build_base(podman: Podman, *, rebuild: bool = False) -> None:
     if not rebuild and podman.image_exists(BASE_IMAGE):
         _say(f"base image {BASE_IMAGE}: present")
         return
-    mirror = _mirror()
+    mirror = debian_mirror()
     rootfs = podman.root / f"rootfs-{BASE_SUITE}"
     if rootfs.exists():
         shutil.rmtree(rootfs)

@@ -211,7 +211,7 @@ class PrivateApt:
             self._update()
             found = self._candidate(package)
         if found is None:
-            raise ProvisionError(f"{package} is not in {SUITE} at {_mirror()}; "
+            raise ProvisionError(f"{package} is not in {SUITE} at {debian_mirror()}; "
                                  f"see {self.root / 'sources.list'}")
         return found
 
@@ -241,7 +241,7 @@ class PrivateApt:
                        f"{self.root})")
         (self.root / "lists" / "partial").mkdir(parents=True, exist_ok=True)
         (self.root / "status").touch()
-        mirror = _mirror()
+        mirror = debian_mirror()
         (self.root / "sources.list").write_text(
             f"deb {mirror} trixie main\ndeb {mirror} {SUITE} main\n")
         self._run(["apt-get", "update"])
@@ -303,7 +303,7 @@ def _dpkg_installed(package: str) -> bool:
     return proc.stdout.strip() == "installed"
 
 
-def _mirror() -> str:
+def debian_mirror() -> str:
     """The Debian archive the host already uses (``$VFIO_EP_DEBIAN_MIRROR`` overrides)."""
     if env := os.environ.get("VFIO_EP_DEBIAN_MIRROR"):
         return env
