@@ -381,14 +381,27 @@ class PciEpfTest(PciEpf):
             pos += m.pci_size
         return True
 
+    async def _transfer(self, reg: TestRegs, what: str, fail: int,
+                        body: Callable[[], Awaitable[int]]) -> None:
+        """Run a data command's ``body`` (which returns its STATUS bits); an allocation the
+        guest's size made impossible (-ENOMEM) or a bus error sets the command's FAIL bit."""
+        try:
+            status = await body()
+        except MemoryError as e:
+            log.error("%s of %d bytes: %s", what, reg["size"], e)
+            status = fail
+        except (AddressError, DmaError, EpcError) as e:
+            log.error("%s failed: %s", what, e)
+            status = fail
+        reg["status"] = status
+
     async def _read(self, reg: TestRegs) -> None:
         """COMMAND_READ: the EP reads RC memory at SRC_ADDR and checks its CRC."""
         epc = self.controller
         src_addr, size = reg["src_addr"], reg["size"]
         use_dma = reg["flags"] & FLAG_USE_DMA
-        status = 0
-        ok = False
-        try:
+
+        async def body() -> int:
             with self._kzalloc(size) as buf:
 
                 async def step(m: PciEpcMap, pos: int) -> None:
@@ -398,25 +411,21 @@ class PciEpfTest(PciEpf):
                         epc.ram.write(buf + pos, await epc.space.read(m.phys_addr, m.pci_size))
 
                 if not await self._over_maps(src_addr, size, step):
-                    status = STATUS_SRC_ADDR_INVALID
-                else:
-                    ok = crc32_le(epc.ram.read(buf, size)) == reg["checksum"]
-                    if not ok:
-                        log.warning("READ: CRC mismatch over %d bytes", size)
-        except MemoryError as e:
-            log.error("READ of %d bytes: %s", size, e)
-        except (AddressError, DmaError, EpcError) as e:
-            log.error("READ failed: %s", e)
-        reg["status"] = status | (STATUS_READ_SUCCESS if ok else STATUS_READ_FAIL)
+                    return STATUS_SRC_ADDR_INVALID | STATUS_READ_FAIL
+                if crc32_le(epc.ram.read(buf, size)) != reg["checksum"]:
+                    log.warning("READ: CRC mismatch over %d bytes", size)
+                    return STATUS_READ_FAIL
+                return STATUS_READ_SUCCESS
+
+        await self._transfer(reg, "READ", STATUS_READ_FAIL, body)
 
     async def _write(self, reg: TestRegs) -> None:
         """COMMAND_WRITE: random data to RC memory at DST_ADDR, its CRC in CHECKSUM."""
         epc = self.controller
         dst_addr, size = reg["dst_addr"], reg["size"]
         use_dma = reg["flags"] & FLAG_USE_DMA
-        status = 0
-        ok = False
-        try:
+
+        async def body() -> int:
             with self._kzalloc(size) as buf:
                 data = os.urandom(size)
                 epc.ram.write(buf, data)
@@ -429,24 +438,20 @@ class PciEpfTest(PciEpf):
                         await epc.space.write(m.phys_addr, data[pos : pos + m.pci_size])
 
                 if not await self._over_maps(dst_addr, size, step):
-                    status = STATUS_DST_ADDR_INVALID
-                else:
-                    ok = True
-                    await trio.sleep(0.001)  # the kernel's usleep_range(1000, 2000)
-        except MemoryError as e:
-            log.error("WRITE of %d bytes: %s", size, e)
-        except (AddressError, DmaError, EpcError) as e:
-            log.error("WRITE failed: %s", e)
-        reg["status"] = status | (STATUS_WRITE_SUCCESS if ok else STATUS_WRITE_FAIL)
+                    return STATUS_DST_ADDR_INVALID | STATUS_WRITE_FAIL
+                await trio.sleep(0.001)  # the kernel's usleep_range(1000, 2000)
+                return STATUS_WRITE_SUCCESS
+
+        await self._transfer(reg, "WRITE", STATUS_WRITE_FAIL, body)
 
     async def _copy(self, reg: TestRegs) -> None:
         """COMMAND_COPY: RC memory SRC_ADDR -> DST_ADDR through two outbound maps."""
         epc = self.controller
         src_addr, dst_addr, size = reg["src_addr"], reg["dst_addr"], reg["size"]
         use_dma = reg["flags"] & FLAG_USE_DMA
-        status = 0
-        ok = False
-        try:
+
+        async def body() -> int:
+            nonlocal src_addr, dst_addr, size
             # The memcpy variant stages through a kzalloc'd buffer, the DMA one does not.
             with nullcontext(0) if use_dma else self._kzalloc(size) as buf:
                 while size:
@@ -454,15 +459,13 @@ class PciEpfTest(PciEpf):
                         src = epc.mem_map(src_addr, size)
                     except EpcError as e:
                         log.error("Failed to map source address: %s", e)
-                        status = STATUS_SRC_ADDR_INVALID
-                        break
+                        return STATUS_SRC_ADDR_INVALID | STATUS_COPY_FAIL
                     try:
                         dst = epc.mem_map(dst_addr, size)
                     except EpcError as e:
                         log.error("Failed to map destination address: %s", e)
-                        status = STATUS_DST_ADDR_INVALID
                         epc.mem_unmap(src)
-                        break
+                        return STATUS_DST_ADDR_INVALID | STATUS_COPY_FAIL
                     try:
                         n = min(src.pci_size, dst.pci_size)
                         if use_dma:
@@ -477,13 +480,9 @@ class PciEpfTest(PciEpf):
                     size -= n
                     src_addr += n
                     dst_addr += n
-                else:
-                    ok = True
-        except MemoryError as e:
-            log.error("COPY of %d bytes: %s", size, e)
-        except (AddressError, DmaError, EpcError) as e:
-            log.error("COPY failed: %s", e)
-        reg["status"] = status | (STATUS_COPY_SUCCESS if ok else STATUS_COPY_FAIL)
+            return STATUS_COPY_SUCCESS
+
+        await self._transfer(reg, "COPY", STATUS_COPY_FAIL, body)
 
     # -- doorbell ------------------------------------------------------------
     def _doorbell_handler(self, virq: int, dev_id: object) -> int:
