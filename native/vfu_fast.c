@@ -38,12 +38,14 @@ struct multi_entry {
 	uint8_t data[8];
 } __attribute__((packed));
 
+/* The window holding all of [off, off + count), or NULL.  The bounds are client-controlled
+ * u64s: compared without forming off + count, which could wrap past 2^64. */
 static const struct vfu_window *find(const struct vfu_fast *f, uint32_t bar, uint64_t off,
 				     uint32_t count)
 {
 	for (int i = 0; i < f->nwindows; i++) {
 		const struct vfu_window *w = &f->windows[i];
-		if (w->bar == bar && w->start <= off && off + count <= w->end)
+		if (w->bar == bar && off >= w->start && off < w->end && count <= w->end - off)
 			return w;
 	}
 	return NULL;

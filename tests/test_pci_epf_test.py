@@ -22,7 +22,6 @@ from vfio_user_client import Client, ServerThread, eventfd
 from vfio_ep.epc.irq import IRQ_HANDLED, IRQF_ONESHOT, IRQF_SHARED, IrqError
 from vfio_ep.epf.functions import pci_epf_test as t
 from vfio_ep.pci.capabilities import PCI_CAP_ID_MSI, PCI_CAP_ID_MSIX
-from vfio_ep.vfio_user import fastpath
 from vfio_ep.vfio_user import protocol as p
 from vfio_ep.vfio_user.protocol import Irq, Region
 
@@ -86,14 +85,6 @@ class Guest:
         self.w("command", cmd)
         assert self.wait_irq(), f"no completion interrupt for command {cmd:#x}"
         return self.r("status")
-
-
-@pytest.fixture(params=["c", "python"])
-def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    if request.param == "c" and not fastpath.available()[0]:
-        pytest.skip("C fast path not built")
-    monkeypatch.setenv("VFIO_EP_FASTPATH", "1" if request.param == "c" else "0")
-    return request.param
 
 
 @contextmanager

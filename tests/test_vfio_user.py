@@ -25,7 +25,8 @@ MSIX_CTRL_ENABLE = 0x8000
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[ServerThread]:
+def server(tmp_path: Path, path: str) -> Iterator[ServerThread]:
+    """testdev served on the C fast path and on the Python path (the ``path`` fixture)."""
     with ServerThread(testdev.build({}), tmp_path / "run" / "ep.sock") as srv:
         yield srv
 
@@ -343,6 +344,27 @@ def test_bad_requests_get_error_replies(client: Client, server: ServerThread, cm
     assert client.cfg_read32(0) == 0xEDDA16C3  # the same connection goes on
     client.close()
     serves_again(server)
+
+
+U64_WRAP = 0xFFFFFFFFFFFFFFF0  # offset + count wraps past 2^64 for count >= 16
+
+
+@pytest.mark.parametrize("region", [Region.BAR1, Region.BAR2])  # RAM windows: C serves them
+@pytest.mark.parametrize("count", [32, 512 << 10])
+def test_accesses_wrapping_past_2_64_are_refused(client: Client, server: ServerThread,
+                                                 region: int, count: int) -> None:
+    """offset + count past 2^64 must not wrap into a window (it read and wrote server memory)."""
+    client.write(region, 0, b"\xa5" * 16)
+    with pytest.raises(ErrorReply) as e:
+        client.read(region, U64_WRAP, count)
+    assert e.value.errno == errno.EINVAL
+    with pytest.raises(ErrorReply) as e:
+        client.write(region, U64_WRAP, b"\x5a" * 32)
+    assert e.value.errno == errno.EINVAL
+    entry = struct.pack("<QII", U64_WRAP, region, 8) + b"\x5a" * 8
+    client.send(Command.REGION_WRITE_MULTI, struct.pack("<Q", 1) + entry, flags=p.FLAG_NO_REPLY)
+    assert client.read(region, 0, 16) == b"\xa5" * 16  # nothing before or in the window moved
+    assert client.cfg_read32(0) == 0xEDDA16C3
 
 
 def test_fds_on_a_request_that_takes_none_are_closed(client: Client) -> None:
