@@ -73,7 +73,7 @@ def test_tap_report_and_files(tmp_path: Path) -> None:
     assert report.tests[2].reason == "BAR is disabled"
     assert not report.passed
     assert "4 tests: 1 pass, 1 fail, 1 skip, 1 error" in results.summary_table(report)
-    results.write_results(report, tmp_path, exit_status=1, error=None)
+    results.write_results(report, tmp_path, exit_status=1, error=None, suite="t")
     assert json.loads((tmp_path / "results.json").read_text())["counts"]["error"] == 1
     assert 'failures="1" errors="1"' in (tmp_path / "results.xml").read_text()
     assert (tmp_path / "results.tap").read_text() == TAP
@@ -83,6 +83,15 @@ def test_tap_all_passing() -> None:
     report = results.parse_tap("1..1\nok 1 a.b.c\n# Totals: pass:1 fail:0 xfail:0 xpass:0 "
                                "skip:0 error:0\n")
     assert report.passed
+
+
+def test_tap_with_no_test_is_not_a_pass() -> None:
+    """A selection that matched nothing (the harness plans 0 and exits 0) must not pass."""
+    report = results.parse_tap("TAP version 13\n1..0\n# Starting 0 tests from 0 test cases.\n"
+                               "# Totals: pass:0 fail:0 xfail:0 xpass:0 skip:0 error:0\n")
+    assert report.ran_nothing and not report.passed
+    assert results.summary_table(report) == "no test ran (plan: 0)"
+    assert not results.parse_tap("garbage\n").passed
 
 
 def test_kconfig_merge_and_dropped_symbols() -> None:
@@ -95,8 +104,10 @@ def test_kconfig_merge_and_dropped_symbols() -> None:
 
 def test_fragment_has_the_drivers_under_test() -> None:
     fragment = provision._parse_config(provision.FRAGMENT.read_text())
-    for symbol in ("PCI_ENDPOINT_TEST", "NTB_EPF", "NTB_TRANSPORT", "HOTPLUG_PCI_PCIE", "DEVMEM"):
+    for symbol in ("PCI_ENDPOINT_TEST", "NTB_EPF", "HOTPLUG_PCI_PCIE", "DEVMEM", "MODULES"):
         assert fragment[f"CONFIG_{symbol}"] == "y"
+    for client in ("NTB_TRANSPORT", "NTB_NETDEV", "NTB_TOOL", "NTB_PINGPONG", "NTB_PERF"):
+        assert fragment[f"CONFIG_{client}"] == "m"
 
 
 @pytest.mark.guest

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from vfio_user_client import Client, ServerThread, eventfd
 
+from vfio_ep.composition import Composition
 from vfio_ep.epc.irq import IRQ_HANDLED, IRQF_ONESHOT, IRQF_SHARED, IrqError
 from vfio_ep.epf.functions import pci_epf_test as t
 from vfio_ep.pci.capabilities import PCI_CAP_ID_MSI, PCI_CAP_ID_MSIX
@@ -89,9 +90,13 @@ class Guest:
 
 @contextmanager
 def serve(tmp_path: Path, **attrs: object) -> Iterator[tuple[ServerThread, Guest]]:
-    epc, _ = t.build_epc(dict(attrs))
-    with ServerThread(epc.start(), tmp_path / "ep.sock") as srv:
-        srv.epc = epc
+    """pci-epf-test in the one-function composition (controller and function attributes
+    in one namespace, as ``--set`` has them)."""
+    comp = Composition.single("pci-epf-test", dict(attrs))
+    comp.assign_sockets([str(tmp_path / "ep.sock")])
+    ep = comp.build()[0]
+    with ServerThread(ep.device, ep.socket) as srv:
+        srv.epc = ep.epc
         client = Client(srv.path)
         yield srv, Guest(client)
         client.close()

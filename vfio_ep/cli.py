@@ -3,39 +3,71 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 
 
+def _verbosity(ctx: click.Context, _param: click.Parameter, count: int) -> None:
+    """-v counts wherever it stands (``vfio-ep -v run`` or ``vfio-ep run -v``): INFO, then DEBUG.
+
+    Each occurrence adds to the total kept on the shared context, and the root logger follows.
+    """
+    total = ctx.meta.get("vfio_ep.verbose", 0) + count
+    ctx.meta["vfio_ep.verbose"] = total
+    logging.getLogger().setLevel(logging.WARNING - 10 * min(total + 1, 2))
+
+
+verbose_option = click.option(
+    "-v", "--verbose", count=True, expose_value=False, callback=_verbosity,
+    help="More logging (-vv for per-message traces); also after the subcommand.")
+
+
 @click.group()
-@click.option("-v", "--verbose", count=True, help="More logging (-vv for per-message traces).")
-def main(verbose: int) -> None:
+@verbose_option
+def main() -> None:
     """A userspace PCIe endpoint for QEMU guests, over vfio-user."""
-    level = logging.WARNING - 10 * min(verbose + 1, 2)
-    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+
+
+def composition_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--function / --config / --configfs / --set: what to serve (vfio_ep.composition)."""
+    for option in reversed([
+        click.option("--function", default=None,
+                     help="The function of a one-function endpoint (pci-epf-test, "
+                     "pci-epf-vntb, testdev)."),
+        click.option("--config", "config_file", type=click.Path(exists=True, path_type=Path),
+                     help="TOML: configfs-named attributes, flat or [controllers.*] and "
+                     "[functions.*] tables."),
+        click.option("--configfs", type=click.Path(exists=True, path_type=Path),
+                     help="A pci_ep configfs shell script (cd/mkdir/echo/ln -s) to set up "
+                     "controllers and functions from."),
+        click.option("--set", "sets", multiple=True, metavar="[NAME.]KEY=VALUE",
+                     help="Set one attribute (repeatable); NAME picks a controller or "
+                     "function."),
+    ]):
+        fn = option(fn)
+    return fn
 
 
 @main.command()
-@click.option("--socket", "socket_path", required=True, type=click.Path(path_type=Path),
-              help="UNIX socket path to listen on (created 0600).")
-@click.option("--function", default=None, help="Endpoint function to expose.")
-@click.option("--config", "config_file", type=click.Path(exists=True, path_type=Path),
-              help="TOML file with configfs-named attributes.")
-@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
-              help="Override one attribute (repeatable).")
-def serve(socket_path: Path, function: str | None, config_file: Path | None,
-          sets: tuple[str, ...]) -> None:
-    """Serve one endpoint device on SOCKET until SIGINT/SIGTERM."""
+@verbose_option
+@click.option("--socket", "sockets", multiple=True, metavar="[CONTROLLER=]PATH",
+              help="UNIX socket to serve a controller on (created 0600); repeatable.")
+@composition_options
+def serve(sockets: tuple[str, ...], function: str | None, config_file: Path | None,
+          configfs: Path | None, sets: tuple[str, ...]) -> None:
+    """Serve every started controller on its socket until SIGINT/SIGTERM."""
     from vfio_ep.serve import serve_forever
 
-    serve_forever(socket_path, function, config_file, list(sets))
+    serve_forever(list(sockets), function, config_file, list(sets), configfs)
 
 
 @main.command(context_settings={"ignore_unknown_options": True})
-@click.option("--function", default=None, help="Endpoint function to expose.")
-@click.option("--config", "config_file", type=click.Path(exists=True, path_type=Path))
-@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE")
+@verbose_option
+@composition_options
 @click.option("--kernel", type=click.Path(exists=True, path_type=Path),
               help="Use this bzImage instead of the provisioned one.")
 @click.option("--qemu", type=click.Path(exists=True, path_type=Path),
@@ -43,18 +75,25 @@ def serve(socket_path: Path, function: str | None, config_file: Path | None,
 @click.option("--timeout", default=600.0, show_default=True, help="Seconds for the whole run.")
 @click.option("--run-dir", type=click.Path(path_type=Path), help="Where logs and results go.")
 @click.argument("guest_args", nargs=-1, type=click.UNPROCESSED)
-def run(function: str | None, config_file: Path | None, sets: tuple[str, ...],
-        kernel: Path | None, qemu: Path | None, timeout: float, run_dir: Path | None,
-        guest_args: tuple[str, ...]) -> None:
-    """Boot a guest against a fresh vfio-ep and run the pci_endpoint_test kselftest."""
-    from vfio_ep.guest.runner import run_kselftest
+def run(function: str | None, config_file: Path | None, configfs: Path | None,
+        sets: tuple[str, ...], kernel: Path | None, qemu: Path | None, timeout: float,
+        run_dir: Path | None, guest_args: tuple[str, ...]) -> None:
+    """Boot a guest against a fresh vfio-ep and run the function's suite.
 
-    raise SystemExit(run_kselftest(function=function, config_file=config_file, sets=list(sets),
-                                   kernel=kernel, qemu=qemu, timeout=timeout, run_dir=run_dir,
-                                   guest_args=list(guest_args)))
+    pci-epf-test runs the upstream pci_endpoint_test kselftest: options vfio-ep does not know
+    go to it (``-t MSI_TEST``); put its own ``-v VARIANT`` after ``--``.  pci-epf-vntb runs
+    the NTB suite (ntb_hw_epf, ntb_tool, ntb_pingpong, ntb_transport + ntb_netdev).  A run
+    whose selection matches no test fails.
+    """
+    from vfio_ep.guest.runner import run_suite
+
+    raise SystemExit(run_suite(function=function, config_file=config_file, configfs=configfs,
+                               sets=list(sets), kernel=kernel, qemu=qemu, timeout=timeout,
+                               run_dir=run_dir, guest_args=list(guest_args)))
 
 
 @main.command()
+@verbose_option
 @click.option("--qemu", type=click.Path(exists=True, path_type=Path))
 def provision(qemu: Path | None) -> None:
     """Provision QEMU, the guest kernel, busybox and the kselftest (cached)."""

@@ -1,4 +1,4 @@
-"""Configuration: configfs attribute names, from a TOML file and ``--set KEY=VALUE``.
+"""Configuration values: configfs attribute names and spellings, checked strictly.
 
 Users paste what they know from configfs (``vendorid``, ``deviceid``,
 ``msi_interrupts``, ``bar0_size``, ...), so attributes keep those names and
@@ -10,10 +10,8 @@ with the list of known ones.
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 import types
 import typing
-from pathlib import Path
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -23,27 +21,6 @@ _SUFFIXES = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
 class ConfigError(ValueError):
     """A configuration the user must fix; the message says what and how."""
-
-
-def load(config_file: Path | None, sets: list[str]) -> dict[str, Any]:
-    """Merge a TOML file (flat, or with a ``[function]`` table) and ``KEY=VALUE`` overrides."""
-    values: dict[str, Any] = {}
-    if config_file is not None:
-        try:
-            data = tomllib.loads(config_file.read_text())
-        except (OSError, tomllib.TOMLDecodeError) as e:
-            raise ConfigError(f"{config_file}: {e}") from None
-        for key, value in data.items():
-            if isinstance(value, dict):
-                values.update(value)
-            else:
-                values[key] = value
-    for item in sets:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
-        values[key.strip().replace("-", "_")] = value.strip()
-    return values
 
 
 def parse_int(text: str | int) -> int:
@@ -85,6 +62,10 @@ def _convert(kind: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"{key}: {e}") from None
     if kind is str:
         return str(value)
+    if origin is tuple:  # tuple[int, ...]: a TOML array, or "0,1" from --set / configfs
+        items = value if isinstance(value, list | tuple) else [
+            v for v in str(value).split(",") if v.strip()]
+        return tuple(_convert(typing.get_args(kind)[0], v, key) for v in items)
     raise ConfigError(f"{key}: unsupported attribute type {kind}")
 
 

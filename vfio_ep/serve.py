@@ -1,49 +1,29 @@
-"""``vfio-ep serve``: build the configured device and serve it until SIGINT/SIGTERM."""
+"""``vfio-ep serve``: build the composition and serve each controller until SIGINT/SIGTERM."""
 
 from __future__ import annotations
 
 import logging
 import signal
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import trio
 
-from vfio_ep import config
-from vfio_ep.epf.functions import pci_epf_test
-from vfio_ep.pci import testdev
-from vfio_ep.pci.device import PciDevice
+from vfio_ep import cmdline
+from vfio_ep.composition import Endpoint
+from vfio_ep.config import ConfigError
+from vfio_ep.epc.core import EpcError
 from vfio_ep.vfio_user.server import Listener
 
 log = logging.getLogger(__name__)
 
-DEFAULT_FUNCTION = "pci-epf-test"
-FUNCTIONS: dict[str, Callable[[dict[str, Any]], PciDevice]] = {
-    "pci-epf-test": pci_epf_test.build,
-    "testdev": testdev.build,
-}
 
-
-def build_device(function: str | None, values: dict[str, Any]) -> PciDevice:
-    """The device for ``function``; a ``function`` key in the config file also selects it."""
-    values = dict(values)
-    name = function or values.pop("function", None) or DEFAULT_FUNCTION
-    values.pop("function", None)
-    try:
-        builder = FUNCTIONS[name]
-    except KeyError:
-        raise config.ConfigError(f"unknown function {name!r}; known: "
-                                 f"{', '.join(sorted(FUNCTIONS))}") from None
-    return builder(values)
-
-
-async def serve(socket_path: Path, device: PciDevice) -> None:
-    listener = Listener(socket_path, device)
+async def serve(endpoints: list[Endpoint]) -> None:
+    """Every endpoint on its own socket, in one trio loop, until a signal."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
-            await nursery.start(listener.serve)
+            for e in endpoints:
+                await nursery.start(Listener(e.socket, e.device).serve)
 
             async def stop_on_signal() -> None:
                 async for signum in signals:
@@ -54,12 +34,19 @@ async def serve(socket_path: Path, device: PciDevice) -> None:
             nursery.start_soon(stop_on_signal)
 
 
-def serve_forever(socket_path: Path, function: str | None, config_file: Path | None,
-                  sets: list[str]) -> None:
+def serve_forever(sockets: list[str], function: str | None, config_file: Path | None,
+                  sets: list[str], configfs: Path | None = None) -> None:
     try:
-        device = build_device(function, config.load(config_file, sets))
-    except (config.ConfigError, ValueError) as e:
+        comp = cmdline.load(config_file, function, sets, configfs, sockets)
+        endpoints = comp.build()
+    except (ConfigError, ValueError) as e:
         sys.exit(f"vfio-ep: {e}")
-    log.info("serving %s %04x:%04x on %s", function or DEFAULT_FUNCTION,
-             device.spec.header.vendorid, device.spec.header.deviceid, socket_path)
-    trio.run(serve, socket_path, device)
+    except EpcError as e:
+        sys.exit(f"vfio-ep: a function failed to bind: {e} (errno {e.errno})")
+    for e in endpoints:
+        h = e.device.spec.header
+        what = ", ".join(f.tag.split("/")[-1] + f" ({f.name})" for f in e.functions) or \
+            "testdev"
+        log.info("serving controller %s: %s %04x:%04x on %s", e.controller, what, h.vendorid,
+                 h.deviceid, e.socket)
+    trio.run(serve, endpoints)

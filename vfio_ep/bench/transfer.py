@@ -17,7 +17,7 @@ import zlib
 
 from vfio_ep.bench.client import Client, RcSide
 from vfio_ep.bench.common import BenchError, Column, Result, median, ratio, serve
-from vfio_ep.epc.core import OUTBOUND_SIZE
+from vfio_ep.epc.core import OUTBOUND_SIZE, PciEpcAttributes
 from vfio_ep.epf.functions import pci_epf_test as t
 
 MIB = 1 << 20
@@ -83,7 +83,7 @@ class Endpoint:
 def run(sizes: tuple[int, ...] = SIZES, reps: int = 3) -> Result:
     started = time.monotonic()
     rows = []
-    ram_size = t.PciEpfTestAttributes.ram_size
+    ram_size = PciEpcAttributes.ram_size
     if max(sizes) > ram_size // 2:  # a DMA READ/WRITE bounces through EP RAM
         raise BenchError(f"sizes up to {max(sizes)} need ram_size > {2 * max(sizes)}")
     with serve() as server, Client(server.socket) as client:

@@ -39,7 +39,7 @@ import trio
 from vfio_ep.epc.address_space import PAGE, AddressError, EpAddressSpace, EpRam, MmioBlock
 from vfio_ep.epc.doorbell import DoorbellTarget
 from vfio_ep.epc.edma import EDMA_REGS_SIZE, EMUL_DOORBELL_OFFSET, DmaChannel, DwEdma
-from vfio_ep.epc.features import BarType, ControllerProfile, EpcFeatures
+from vfio_ep.epc.features import BarType, ControllerProfile, EpcFeatures, profile
 from vfio_ep.epc.iatu import InboundAtu, NoInboundWindow
 from vfio_ep.epc.irq import IrqDomain
 from vfio_ep.epc.msi_controller import PlatformMsiController
@@ -109,12 +109,40 @@ class PciEpcMap:
     phys_addr: int
 
 
+@dataclass(frozen=True)
+class PciEpcAttributes:
+    """The SoC behind ``controllers/<name>``: what a kernel EPC driver hard-codes (its
+    profile, reserved BARs), the EP RAM size, and the period of the core's poll doorbell."""
+
+    profile: str = "generic"
+    ram_size: int = 256 << 20
+    # More reserved BARs than the profile has, e.g. (0, 1) puts pci-epf-test's registers
+    # in BAR2 as on AM654.
+    reserved_bars: tuple[int, ...] = ()
+    msi_mutable: bool = False
+    doorbell_poll_interval_us: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.doorbell_poll_interval_us <= 0:
+            raise ValueError("doorbell_poll_interval_us must be positive")
+        if self.ram_size < PAGE:
+            raise ValueError(f"ram_size {self.ram_size} is smaller than a page")
+
+
 @dataclass
 class PciEpc:
     profile: ControllerProfile
     ram_size: int = 256 << 20
     doorbell_poll_interval: float = 0.001
     epfs: list[PciEpf] = field(default_factory=list)
+    name: str = "ep0"
+
+    @classmethod
+    def create(cls, name: str, a: PciEpcAttributes) -> PciEpc:
+        """The controller ``controllers/<name>`` (ValueError for an unknown profile/BAR)."""
+        prof = profile(a.profile, reserved_bars=a.reserved_bars, msi_mutable=a.msi_mutable)
+        return cls(prof, ram_size=a.ram_size,
+                   doorbell_poll_interval=a.doorbell_poll_interval_us / 1e6, name=name)
 
     def __post_init__(self) -> None:
         self.features: EpcFeatures = self.profile.features
@@ -147,17 +175,23 @@ class PciEpc:
         self.direct: dict[int, int] = {}  # direct BAR -> memfd offset of its aperture
         self.holes: dict[int, set[int]] = {}  # direct BAR -> trapped page offsets
         self._nursery: trio.Nursery | None = None
+        self._queued: list[tuple[Callable[[], Awaitable[None]], str]] = []
 
     # -- the EP "CPU": where functions' work and IRQ handlers run ------------
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            for fn, name in self._queued:
+                nursery.start_soon(self._guarded, fn, name, name=name)
+            self._queued.clear()
             task_status.started()
             await trio.sleep_forever()
 
     def spawn(self, fn: Callable[[], Awaitable[None]], name: str) -> None:
+        """Run ``fn`` on the EP's CPU; work queued before it runs (at bind) starts with it."""
         if self._nursery is None:
-            raise RuntimeError(f"EPC not running: cannot start {name}")
+            self._queued.append((fn, name))
+            return
         self._nursery.start_soon(self._guarded, fn, name, name=name)
 
     @staticmethod
@@ -359,6 +393,11 @@ class PciEpc:
     # -- lifecycle -----------------------------------------------------------
     def add_epf(self, epf: PciEpf) -> None:
         self.epfs.append(epf)
+
+    def init_notify(self) -> None:
+        """pci_epc_init_notify(): the controller is ready, functions program it (epc_init)."""
+        for epf in self.epfs:
+            epf.epc_init()
 
     def start(self) -> PciDevice:
         """pci_epc_start(): freeze the config space and expose the device."""

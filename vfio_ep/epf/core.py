@@ -76,6 +76,9 @@ class PciEpf:
         self.msi_interrupts = msi_interrupts
         self.msix_interrupts = msix_interrupts
         self.epc: PciEpc | None = None
+        self.func_no = 0
+        # Who this is in logs: "<controller>/<configfs function name>", set by the composition.
+        self.tag = self.name
         self.bar: list[PciEpfBar | None] = [None] * NUM_BARS
         # Doorbells (vfio_ep.epf.doorbell): the configured backend and what it handed out.
         self.doorbell = doorbell

@@ -62,14 +62,24 @@ class PciEpfDoorbellMsg:
     iova_size: int = 0
 
 
-def pci_epf_alloc_doorbell(epf: PciEpf, num_db: int) -> None:
-    """Fill ``epf.db_msg`` with ``num_db`` doorbells from the configured backend."""
+def pci_epf_alloc_doorbell(epf: PciEpf, num_db: int, allow_poll: bool = True) -> None:
+    """pci_epf_alloc_doorbell(): fill ``epf.db_msg`` with ``num_db`` doorbells from the
+    backend ``epf.doorbell`` names (``auto``: MSI, embedded, then poll).
+
+    A function with a polling fallback of its own (pci-epf-vntb) passes ``allow_poll=False``:
+    only the kernel's two interrupt backends are tried, as in Linux.  Raises DoorbellError:
+    -EINVAL for a second function on the controller, -EBUSY if allocated already, -ENODEV
+    when no allowed backend exists, or the backend's own errno.
+    """
     epc = epf.controller
     if epc.epfs and epc.epfs[0] is not epf:
         raise DoorbellError(errno.EINVAL, "Doorbell doesn't support multiple EPF")
     if epf.db_msg:
         raise DoorbellError(errno.EBUSY, "doorbells already allocated")
-    order = BACKENDS if epf.doorbell == "auto" else (epf.doorbell,)
+    order = tuple(b for b in (BACKENDS if epf.doorbell == "auto" else (epf.doorbell,))
+                  if allow_poll or b != "poll")
+    if not order:
+        raise DoorbellError(errno.ENODEV, f"{epf.doorbell} doorbells are the caller's own")
     reasons = []
     for name in order:
         try:

@@ -40,6 +40,7 @@ SERVER_READY_TIMEOUT = 30.0
 GRACE = 5.0
 KEEP_RUNS = 20
 KSELFTEST_NAME = "pci_endpoint_test"
+GUEST_MODULES = "lib/modules"  # where the initramfs holds the kernel's modules (insmod PATH)
 _PR_SET_PDEATHSIG = 1
 
 Live = Callable[[str], None]
@@ -115,7 +116,7 @@ class GuestRun:
         extra_qemu_args: Sequence[str] = (),
     ) -> None:
         self.assets = assets or provision_all()
-        self.run_dir = _new_run_dir(run_dir)
+        self.run_dir = new_run_dir(run_dir)
         self.script = script
         self.extra_files = extra_files or {}
         self.live = live
@@ -188,7 +189,9 @@ class GuestRun:
     async def _start(self) -> None:
         if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
             logging.getLogger("qemu.qmp").setLevel(logging.WARNING)  # EOF at poweroff is normal
-        files = {KSELFTEST_NAME: self.assets.kselftest, **self.extra_files}
+        files = {KSELFTEST_NAME: self.assets.kselftest,
+                 **{f"{GUEST_MODULES}/{ko.name}": ko for ko in self.assets.modules},
+                 **self.extra_files}
         init, script_file = guest_init(self.script)
         initrd = build_initramfs(self.run_dir / "initramfs.gz", {**files, **script_file}, init,
                                  self.assets.busybox)
@@ -367,7 +370,9 @@ def _run_async(coro: Any) -> GuestResult:
     return asyncio.run(main())
 
 
-def _new_run_dir(run_dir: Path | None) -> Path:
+def new_run_dir(run_dir: Path | None) -> Path:
+    """``run_dir`` (created), else a fresh directory under the cache's runs/, the oldest
+    pruned beyond KEEP_RUNS."""
     if run_dir:
         run_dir.mkdir(parents=True, exist_ok=True)
         return run_dir.resolve()

@@ -27,6 +27,7 @@ QEMU_PACKAGE = "qemu-system-x86"
 LINUX_SOURCE = "linux-source-7.3"
 MIN_QEMU = (10, 1)
 FRAGMENT = Path(__file__).with_name("kernel.config")
+MODULES = "modules"  # beside the bzImage: the build's *.ko, flat
 KSELFTEST_DIR = "tools/testing/selftests"
 KSELFTEST_SOURCE = f"{KSELFTEST_DIR}/pci_endpoint/pci_endpoint_test.c"
 BUSYBOX = Path("/bin/busybox")
@@ -57,6 +58,7 @@ class GuestAssets:
     kernel: Path
     kselftest: Path
     busybox: Path
+    modules: tuple[Path, ...] = ()  # the kernel's loadable modules (*.ko), for the initramfs
 
     def describe(self) -> str:
         """A human summary, for ``vfio-ep provision``."""
@@ -65,6 +67,7 @@ class GuestAssets:
             ("kernel", f"{self.kernel} ({_mib(self.kernel)})"),
             ("kselftest", f"{self.kselftest} ({_mib(self.kselftest)})"),
             ("busybox", f"{self.busybox} ({_mib(self.busybox)})"),
+            ("modules", ", ".join(m.stem for m in self.modules) or "none"),
             ("cache", str(cache_dir())),
         ]
         return "\n".join(f"{name:<10} {value}" for name, value in rows)
@@ -87,11 +90,13 @@ def provision_all(qemu: Path | None = None, kernel: Path | None = None) -> Guest
     started = time.monotonic()
     with _locked(root / "provision.lock"):
         prov = _Provisioner(root)
+        image = _check_bzimage(kernel) if kernel else prov.kernel()
         assets = GuestAssets(
             qemu=prov.qemu(qemu or _env_path("VFIO_EP_QEMU")),
-            kernel=_check_bzimage(kernel) if kernel else prov.kernel(),
+            kernel=image,
             kselftest=prov.kselftest(),
             busybox=prov.busybox(),
+            modules=() if kernel else tuple(sorted((image.parent / MODULES).glob("*.ko"))),
         )
     if prov.worked:
         _say(f"provisioned in {time.monotonic() - started:.0f} s")
@@ -165,10 +170,14 @@ class _Provisioner:
         if not image.is_file():
             src = self.source()
             ensure_host_packages(KERNEL_HOST_PACKAGES)
-            self._work(f"kernel: building bzImage from {src} (4-8 minutes on 2 cores)")
+            self._work(f"kernel: building bzImage and modules from {src} (4-8 minutes on 2 "
+                       "cores)")
             build = out / "build"
             _build_kernel(src, build, out / "build.log")
             shutil.copyfile(build / ".config", out / "config")
+            modules = _fresh_dir(out / MODULES)
+            for ko in build.rglob("*.ko"):
+                shutil.copyfile(ko, modules / ko.name)
             _install_file(build / "arch/x86/boot/bzImage", image)
             shutil.rmtree(build)  # ~230 MB of objects that no later run reuses
         return image
@@ -390,7 +399,8 @@ def _build_kernel(src: Path, build: Path, log: Path) -> None:
         if dropped:
             raise ProvisionError(f"olddefconfig dropped {', '.join(dropped)} from "
                                  f"{FRAGMENT.name}: fix their dependencies in the fragment")
-        _make([*make, f"-j{os.cpu_count() or 1}", "bzImage"], sink, "kernel: bzImage")
+        _make([*make, f"-j{os.cpu_count() or 1}", "bzImage", "modules"], sink,
+              "kernel: bzImage and modules")
 
 
 def _make(argv: list[str], log: TextIO, label: str) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import re
 import xml.etree.ElementTree as ET
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 _RESULT = re.compile(r"(not ok|ok) (\d+)(?: ([^#].*?))?(?:\s+#\s*(.*))?$")
@@ -52,10 +52,16 @@ class Report:
         return counts
 
     @property
+    def ran_nothing(self) -> bool:
+        """No test reported: a selection that matched nothing proves nothing."""
+        return not self.tests
+
+    @property
     def passed(self) -> bool:
-        """No test failed, none went missing, and the harness's own totals agree."""
+        """Something ran, no test failed, none went missing, and the harness's totals agree."""
         totals_bad = bool(self.totals) and any(self.totals.get(k, 0) for k in FAILING)
-        return not totals_bad and not any(test.failed for test in self.tests)
+        return (not self.ran_nothing and not totals_bad
+                and not any(test.failed for test in self.tests))
 
 
 def parse_tap(text: str) -> Report:
@@ -94,10 +100,20 @@ def _missing(tests: list[TestCase], planned: int | None) -> list[TestCase]:
             for n in range(1, (planned or 0) + 1) if n not in seen]
 
 
+def merge_reports(reports: list[Report]) -> Report:
+    """Several TAP streams (one per guest) as one report, tests numbered in order."""
+    tests: list[TestCase] = []
+    for report in reports:
+        tests += [replace(t, number=len(tests) + i) for i, t in enumerate(report.tests, 1)]
+    planned = sum(r.planned or len(r.tests) for r in reports)
+    return Report(tests, planned, None, "".join(r.tap for r in reports))
+
+
 def summary_table(report: Report) -> str:
     """A table of every test and its first diagnostic, then the counts."""
-    if not report.tests:
-        return "no test results in the guest's output"
+    if report.ran_nothing:
+        return "no test ran" + (" (plan: 0)" if report.planned == 0 else
+                                " (no TAP results in the guest's output)")
     width = max(len(test.name) for test in report.tests)
     lines = [f"{'#':>3}  {'result':<6}  {'test':<{width}}  detail"]
     for test in report.tests:
@@ -112,11 +128,11 @@ def summary_table(report: Report) -> str:
 
 
 def write_results(report: Report, run_dir: Path, *, exit_status: int | None,
-                  error: str | None) -> None:
-    """results.tap, results.xml (JUnit) and results.json in ``run_dir``."""
+                  error: str | None, suite: str) -> None:
+    """results.tap, results.xml (JUnit, test suite ``suite``) and results.json in ``run_dir``."""
     (run_dir / "results.tap").write_text(report.tap)
-    ET.ElementTree(_junit(report)).write(run_dir / "results.xml", encoding="utf-8",
-                                         xml_declaration=True)
+    ET.ElementTree(_junit(report, suite)).write(run_dir / "results.xml", encoding="utf-8",
+                                                xml_declaration=True)
     summary = {
         "passed": report.passed and exit_status == 0,
         "exit_status": exit_status,
@@ -129,9 +145,9 @@ def write_results(report: Report, run_dir: Path, *, exit_status: int | None,
     (run_dir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 
-def _junit(report: Report) -> ET.Element:
+def _junit(report: Report, suite_name: str) -> ET.Element:
     counts = report.counts()
-    attrs = {"name": "pci_endpoint_test", "tests": str(len(report.tests)),
+    attrs = {"name": suite_name, "tests": str(len(report.tests)),
              "failures": str(counts["fail"] + counts["xpass"]), "errors": str(counts["error"]),
              "skipped": str(counts["skip"] + counts["xfail"])}
     suites = ET.Element("testsuites", attrs)

@@ -1,50 +1,147 @@
-"""``vfio-ep run``: boot a guest against a fresh vfio-ep and run the upstream pci_endpoint_test."""
+"""``vfio-ep run``: boot a guest against a fresh vfio-ep and run the function's suite.
+
+pci-epf-test gets the upstream pci_endpoint_test kselftest; pci-epf-vntb gets the NTB suite
+(``ntb_suite.sh``): one guest per EP-side client (tool, pingpong, netdev), each phase's TAP
+merged into one report.  Either way TAP, JUnit and JSON land in the run directory.
+"""
 
 from __future__ import annotations
 
+import copy
 import shlex
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
-from vfio_ep.guest.launcher import KSELFTEST_NAME, LaunchError, boot_guest
-from vfio_ep.guest.provision import ProvisionError, provision_all
-from vfio_ep.guest.results import parse_tap, summary_table, write_results
+from vfio_ep import cmdline
+from vfio_ep.composition import Composition
+from vfio_ep.config import ConfigError
+from vfio_ep.epc.core import EpcError
+from vfio_ep.epf.functions.pci_epf_vntb import PciEpfVntb
+from vfio_ep.guest.launcher import KSELFTEST_NAME, LaunchError, boot_guest, new_run_dir
+from vfio_ep.guest.provision import GuestAssets, ProvisionError, provision_all
+from vfio_ep.guest.results import Report, merge_reports, parse_tap, summary_table, write_results
+
+NTB_SUITE = Path(__file__).with_name("ntb_suite.sh")
+NTB_PHASES = ("tool", "pingpong", "netdev")
+PINGPONG_DELAY_MS = 20  # the guest's ntb_pingpong is loaded with the same delay_ms
 
 
-def run_kselftest(function: str | None = None, config_file: Path | None = None,
-                  sets: list[str] | None = None, kernel: Path | None = None,
-                  qemu: Path | None = None, timeout: float = 600, run_dir: Path | None = None,
-                  guest_args: list[str] | None = None) -> int:
-    """Run the kselftest in a guest, streaming its TAP; 0 only if every test passed.
+@dataclass(frozen=True)
+class Target:
+    """What ``vfio-ep serve`` is asked to serve, as the command line said it."""
 
-    ``guest_args`` go to the kselftest (``-f pci_ep_bar``, ``-t BAR_TEST``...). Returns 1 when a
-    test failed or the guest never finished, 2 when provisioning or launching failed.
+    function: str | None
+    config_file: Path | None
+    configfs: Path | None
+    sets: tuple[str, ...]
+
+    def server_args(self, *extra_sets: str) -> list[str]:
+        args = ["--function", self.function] if self.function else []
+        if self.config_file:
+            args += ["--config", str(self.config_file.resolve())]
+        if self.configfs:
+            args += ["--configfs", str(self.configfs.resolve())]
+        for item in (*self.sets, *extra_sets):
+            args += ["--set", item]
+        return args
+
+
+def run_suite(function: str | None = None, config_file: Path | None = None,
+              configfs: Path | None = None, sets: list[str] | None = None,
+              kernel: Path | None = None, qemu: Path | None = None, timeout: float = 600,
+              run_dir: Path | None = None, guest_args: list[str] | None = None) -> int:
+    """Run the suite of the configured function; 0 only if every test passed.
+
+    Returns 1 when a test failed, none ran or the guest never finished, 2 when the
+    configuration, provisioning or launching failed.
     """
+    target = Target(function, config_file, configfs, tuple(sets or []))
     try:
+        comp = cmdline.load(config_file, function, list(target.sets), configfs)
+        if len(comp.functions) != 1:
+            raise ConfigError(f"vfio-ep run boots one guest against one function; this "
+                              f"composition has {len(comp.functions)} "
+                              f"({', '.join(comp.functions)})")
+        func = next(iter(comp.functions.values()))
         assets = provision_all(qemu=qemu, kernel=kernel)
-        result = boot_guest(f"/{KSELFTEST_NAME} {shlex.join(guest_args or [])}",
-                            server_args=server_args(function, config_file, sets or []),
-                            assets=assets, timeout=timeout, run_dir=run_dir, live=_echo)
-    except (ProvisionError, LaunchError) as exc:
+        if func.driver == "pci_epf_vntb":
+            return _run_ntb_suite(target, assets, _vntb_doorbells(comp), timeout, run_dir,
+                                  guest_args or [])
+        return _run_kselftest(target, assets, timeout, run_dir, guest_args or [])
+    except (ConfigError, ValueError, EpcError, ProvisionError, LaunchError) as exc:
         print(f"vfio-ep run: {exc}", file=sys.stderr)
         return 2
+
+
+def _run_kselftest(target: Target, assets: GuestAssets, timeout: float,
+                   run_dir: Path | None, guest_args: list[str]) -> int:
+    result = boot_guest(f"/{KSELFTEST_NAME} {shlex.join(guest_args)}",
+                        server_args=target.server_args(), assets=assets, timeout=timeout,
+                        run_dir=run_dir, live=_echo)
     report = parse_tap(result.output)
-    write_results(report, result.run_dir, exit_status=result.exit_status, error=result.error)
+    write_results(report, result.run_dir, exit_status=result.exit_status, error=result.error,
+                  suite=KSELFTEST_NAME)
     print(f"\n{summary_table(report)}")
     if result.error:
         print(f"vfio-ep run: {result.error}", file=sys.stderr)
+    elif report.ran_nothing:
+        print(_nothing_selected(guest_args, assets, result.run_dir / "list"),
+              file=sys.stderr)
     print(f"run directory: {result.run_dir}")
     return 0 if result.exit_status == 0 and report.passed else 1
 
 
-def server_args(function: str | None, config_file: Path | None, sets: list[str]) -> list[str]:
-    """``vfio-ep serve`` options for the endpoint under test."""
-    args = ["--function", function] if function else []
-    if config_file:
-        args += ["--config", str(config_file.resolve())]
-    for item in sets:
-        args += ["--set", item]
-    return args
+def _nothing_selected(guest_args: list[str], assets: GuestAssets, run_dir: Path) -> str:
+    """Why a run that ran no test fails: the selection, and the tests that exist (``-l``)."""
+    selection = shlex.join(guest_args) or "(no arguments)"
+    listing = boot_guest(f"/{KSELFTEST_NAME} -l", server_args=None, assets=assets, timeout=120,
+                         run_dir=run_dir)
+    return (f"vfio-ep run: the kselftest selection {selection} matched no test, so the run "
+            f"fails.\nThe kselftest's tests (its -l; select with -- -f FIXTURE, -v VARIANT, "
+            f"-t TEST or -T FIXTURE.VARIANT.TEST):\n{listing.output.rstrip()}")
+
+
+def _vntb_doorbells(comp: Composition) -> tuple[int, bool]:
+    """How many doorbells the EP will answer, and whether they share one register: the
+    function bound once here, with no client, as the server will bind it."""
+    probe = copy.deepcopy(comp)
+    probe.set("ntb_client=none")
+    probe.assign_sockets(["unused"])
+    epf = probe.build()[0].functions[0]
+    assert isinstance(epf, PciEpfVntb)
+    return epf.db_count - 2, epf.db_backend == "embedded"
+
+
+def _run_ntb_suite(target: Target, assets: GuestAssets, doorbells: tuple[int, bool],
+                   timeout: float, run_dir: Path | None, phases: list[str]) -> int:
+    """One guest per phase, the EP running the matching client; ``phases`` selects some."""
+    unknown = [p for p in phases if p not in NTB_PHASES]
+    if unknown:
+        raise ConfigError(f"no NTB suite phase {', '.join(unknown)}; the phases are "
+                          f"{', '.join(NTB_PHASES)}")
+    top = new_run_dir(run_dir)
+    reports: list[Report] = []
+    failed_boots = []
+    for phase in phases or NTB_PHASES:
+        print(f"# --- {phase}: the EP runs its {phase} client ---", flush=True)
+        result = boot_guest(
+            f"sh /ntb_suite.sh {phase} {doorbells[0]} {int(doorbells[1])}",
+            server_args=target.server_args(f"ntb_client={phase}",
+                                           f"pingpong_delay_ms={PINGPONG_DELAY_MS}"),
+            assets=assets, timeout=timeout, run_dir=top / phase,
+            extra_files={"ntb_suite.sh": NTB_SUITE}, live=_echo)
+        reports.append(parse_tap(result.output))
+        if result.error or result.exit_status != 0:
+            failed_boots.append(f"{phase}: {result.error or f'exit {result.exit_status}'}")
+    report = merge_reports(reports)
+    write_results(report, top, exit_status=1 if failed_boots else 0,
+                  error="; ".join(failed_boots) or None, suite="ntb")
+    print(f"\n{summary_table(report)}")
+    for line in failed_boots:
+        print(f"vfio-ep run: {line}", file=sys.stderr)
+    print(f"run directory: {top}")
+    return 0 if report.passed and not failed_boots else 1
 
 
 def _echo(line: str) -> None:

@@ -16,22 +16,21 @@ import zlib
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
-from typing import Any
 
 import trio
 from construct import Int32ul, Int64ul, Struct
 
-from vfio_ep.config import attributes, parse_int
-from vfio_ep.epc.address_space import AddressError, EpRam, Watch
-from vfio_ep.epc.core import EpcError, IrqType, PciEpc, PciEpcMap
+from vfio_ep.epc.address_space import AddressError, Watch
+from vfio_ep.epc.core import EpcError, IrqType, PciEpcMap
 from vfio_ep.epc.edma import DmaChannel
-from vfio_ep.epc.features import NO_BAR, BarType, get_first_free_bar, get_next_free_bar, profile
+from vfio_ep.epc.features import NO_BAR, BarType, get_first_free_bar, get_next_free_bar
 from vfio_ep.epc.irq import IRQ_HANDLED, IRQF_ONESHOT, IrqError
 from vfio_ep.epf.core import PciEpf, PciEpfBar, PciEpfBarSubmap
 from vfio_ep.epf.doorbell import CHOICES as DOORBELL_CHOICES
 from vfio_ep.epf.doorbell import DoorbellError, pci_epf_alloc_doorbell, pci_epf_free_doorbell
+from vfio_ep.epf.regs import RegisterBlock, field_offsets
 from vfio_ep.pci.bar import NUM_BARS
-from vfio_ep.pci.device import FunctionAttributes, PciDevice, PciHeader
+from vfio_ep.pci.device import FunctionAttributes, PciHeader
 from vfio_ep.vfio_user.dma import DmaError
 
 log = logging.getLogger(__name__)
@@ -89,11 +88,7 @@ TestReg = Struct(
     "irq_type" / Int32ul, "irq_number" / Int32ul, "flags" / Int32ul, "caps" / Int32ul,
     "doorbell_bar" / Int32ul, "doorbell_offset" / Int32ul, "doorbell_data" / Int32ul,
 )
-REG_OFFSET: dict[str, tuple[int, int]] = {}
-_pos = 0
-for _sc in TestReg.subcons:
-    REG_OFFSET[_sc.name] = (_pos, _sc.sizeof())
-    _pos += _sc.sizeof()
+REG_OFFSET = field_offsets(TestReg)
 TEST_REG_SIZE = (TestReg.sizeof() + 127) // 128 * 128  # ALIGN(sizeof(reg), 128)
 
 
@@ -102,30 +97,10 @@ def crc32_le(data: bytes) -> int:
     return zlib.crc32(data) ^ 0xFFFFFFFF
 
 
-class TestRegs:
-    """The register block: little-endian fields in the EP RAM behind test_reg_bar.
-
-    Accessed by EP address every time, never through a kept view: a directly mapped BAR
-    may move EP RAM pages around (EpRam.place), as the iATU does not on hardware.
-    """
-
-    def __init__(self, ram: EpRam, addr: int) -> None:
-        self.ram = ram
-        self.addr = addr
-
-    def __getitem__(self, name: str) -> int:
-        off, size = REG_OFFSET[name]
-        return int.from_bytes(self.ram.read(self.addr + off, size), "little")
-
-    def __setitem__(self, name: str, value: int) -> None:
-        off, size = REG_OFFSET[name]
-        self.ram.write(self.addr + off, (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little"))
-
-
 @dataclass(frozen=True)
 class PciEpfTestAttributes(FunctionAttributes):
     """configfs: the function's header/interrupts (baseclass ff = PCI_CLASS_OTHERS),
-    pci_epf_test's BAR sizes, and the controller it is bound to."""
+    pci_epf_test.N/barN_size, and the doorbell backend the function asks the core for."""
 
     bar0_size: int = DEFAULT_BAR_SIZE[0]
     bar1_size: int = DEFAULT_BAR_SIZE[1]
@@ -133,14 +108,8 @@ class PciEpfTestAttributes(FunctionAttributes):
     bar3_size: int = DEFAULT_BAR_SIZE[3]
     bar4_size: int = DEFAULT_BAR_SIZE[4]
     bar5_size: int = DEFAULT_BAR_SIZE[5]
-    controller: str = "generic"
-    ram_size: int = 256 << 20
-    msi_mutable: bool = False
     # The doorbell backend (vfio_ep.epf.doorbell): msi | embedded | poll | auto.
     doorbell: str = "auto"
-    doorbell_poll_interval_us: int = 1000
-    # Controller overrides, e.g. to make the register BAR land elsewhere (AM654 uses BAR2).
-    reserved_bars: str = ""
 
     def __post_init__(self) -> None:
         if self.doorbell not in DOORBELL_CHOICES:
@@ -171,12 +140,16 @@ class PciEpfTest(PciEpf):
         self._again = False
 
     @property
-    def regs(self) -> TestRegs:
-        return TestRegs(self.controller.ram, self.reg_space[self.test_reg_bar].phys_addr)
+    def regs(self) -> RegisterBlock:
+        """struct pci_epf_test_reg in the EP RAM behind test_reg_bar."""
+        return RegisterBlock(TestReg, self.controller.ram,
+                             self.reg_space[self.test_reg_bar].phys_addr)
 
     # -- bind / space ------------------------------------------------------------
     def bind(self) -> None:
         features = self.controller.get_features()
+        if not features.intx_capable:
+            self.header = replace(self.header, interrupt_pin=0)
         bar = get_first_free_bar(features)
         if bar < 0:
             raise EpcError(22, "no free BAR for the test registers")
@@ -381,7 +354,7 @@ class PciEpfTest(PciEpf):
             pos += m.pci_size
         return True
 
-    async def _transfer(self, reg: TestRegs, what: str, fail: int,
+    async def _transfer(self, reg: RegisterBlock, what: str, fail: int,
                         body: Callable[[], Awaitable[int]]) -> None:
         """Run a data command's ``body`` (which returns its STATUS bits); an allocation the
         guest's size made impossible (-ENOMEM) or a bus error sets the command's FAIL bit."""
@@ -395,7 +368,7 @@ class PciEpfTest(PciEpf):
             status = fail
         reg["status"] = status
 
-    async def _read(self, reg: TestRegs) -> None:
+    async def _read(self, reg: RegisterBlock) -> None:
         """COMMAND_READ: the EP reads RC memory at SRC_ADDR and checks its CRC."""
         epc = self.controller
         src_addr, size = reg["src_addr"], reg["size"]
@@ -419,7 +392,7 @@ class PciEpfTest(PciEpf):
 
         await self._transfer(reg, "READ", STATUS_READ_FAIL, body)
 
-    async def _write(self, reg: TestRegs) -> None:
+    async def _write(self, reg: RegisterBlock) -> None:
         """COMMAND_WRITE: random data to RC memory at DST_ADDR, its CRC in CHECKSUM."""
         epc = self.controller
         dst_addr, size = reg["dst_addr"], reg["size"]
@@ -444,7 +417,7 @@ class PciEpfTest(PciEpf):
 
         await self._transfer(reg, "WRITE", STATUS_WRITE_FAIL, body)
 
-    async def _copy(self, reg: TestRegs) -> None:
+    async def _copy(self, reg: RegisterBlock) -> None:
         """COMMAND_COPY: RC memory SRC_ADDR -> DST_ADDR through two outbound maps."""
         epc = self.controller
         src_addr, dst_addr, size = reg["src_addr"], reg["dst_addr"], reg["size"]
@@ -495,7 +468,7 @@ class PciEpfTest(PciEpf):
         self.regs["doorbell_bar"] = NO_BAR
         pci_epf_free_doorbell(self)
 
-    async def _enable_doorbell(self, reg: TestRegs) -> None:
+    async def _enable_doorbell(self, reg: RegisterBlock) -> None:
         epc = self.controller
         status = reg["status"]
         try:
@@ -541,7 +514,7 @@ class PciEpfTest(PciEpf):
             self.db_bar_programmed = True
         reg["status"] = status | STATUS_DOORBELL_ENABLE_SUCCESS
 
-    async def _disable_doorbell(self, reg: TestRegs) -> None:
+    async def _disable_doorbell(self, reg: RegisterBlock) -> None:
         epc = self.controller
         bar = reg["doorbell_bar"]
         status = reg["status"]
@@ -565,7 +538,7 @@ class PciEpfTest(PciEpf):
         reg["status"] = status | STATUS_DOORBELL_DISABLE_SUCCESS
 
     # -- BAR subrange mapping ------------------------------------------------
-    async def _bar_subrange_setup(self, reg: TestRegs) -> None:
+    async def _bar_subrange_setup(self, reg: RegisterBlock) -> None:
         barno = reg["size"]  # SIZE carries the BAR number for BAR_SUBRANGE_*
         status = reg["status"]
         features = self.controller.get_features()
@@ -599,7 +572,7 @@ class PciEpfTest(PciEpf):
                 return
         reg["status"] = status | STATUS_BAR_SUBRANGE_SETUP_FAIL
 
-    async def _bar_subrange_clear(self, reg: TestRegs) -> None:
+    async def _bar_subrange_clear(self, reg: RegisterBlock) -> None:
         barno = reg["size"]
         status = reg["status"]
         bar = self.reg_space.get(barno) if barno < NUM_BARS else None
@@ -618,22 +591,7 @@ class PciEpfTest(PciEpf):
         reg["status"] = status | STATUS_BAR_SUBRANGE_CLEAR_SUCCESS
 
 
-def build(values: dict[str, Any]) -> PciDevice:
-    """Controller + pci-epf-test bound to it, initialised and started."""
-    return build_epc(values)[0].start()
-
-
-def build_epc(values: dict[str, Any]) -> tuple[PciEpc, PciEpfTest]:
-    """The controller with pci-epf-test bound and initialised (not yet started)."""
-    a = attributes(PciEpfTestAttributes, values, "pci-epf-test")
-    reserved = tuple(parse_int(b) for b in a.reserved_bars.split(",") if b.strip())
-    prof = profile(a.controller, reserved_bars=reserved, msi_mutable=a.msi_mutable)
-    epc = PciEpc(prof, ram_size=a.ram_size,
-                 doorbell_poll_interval=a.doorbell_poll_interval_us / 1e6)
-    header = replace(a.header(),
-                     interrupt_pin=a.interrupt_pin if prof.features.intx_capable else 0)
-    epf = PciEpfTest(header, a.msi_interrupts, a.msix_interrupts,
-                     tuple(getattr(a, f"bar{i}_size") for i in range(NUM_BARS)), a.doorbell)
-    epf.bind_to(epc)
-    epf.epc_init()
-    return epc, epf
+def probe(a: PciEpfTestAttributes) -> PciEpfTest:
+    """pci_epf_test_probe(): the function, configured, not yet bound to a controller."""
+    return PciEpfTest(a.header(), a.msi_interrupts, a.msix_interrupts,
+                      tuple(getattr(a, f"bar{i}_size") for i in range(NUM_BARS)), a.doorbell)

@@ -1,0 +1,222 @@
+"""pci-epf-vntb behind the vfio-user server, driven the way ntb_hw_epf drives it.
+
+The RC side here is our own client doing what 7.3.4's ntb_hw_epf does on the bus (the
+real driver runs in the guest tests); the EP side is the function with its tool client,
+so each primitive is checked in both directions.  Every test runs on the C and the
+Python path.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import select
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from vfio_user_client import Client, ServerThread, eventfd
+
+from vfio_ep.composition import Composition
+from vfio_ep.config import ConfigError
+from vfio_ep.epc.core import EpcError
+from vfio_ep.epc.edma import EMUL_DOORBELL_OFFSET
+from vfio_ep.epf.functions import pci_epf_vntb as v
+from vfio_ep.epf.regs import field_offsets
+from vfio_ep.pci.capabilities import PCI_CAP_ID_MSI, PCI_CAP_ID_MSIX
+from vfio_ep.vfio_user import protocol as p
+from vfio_ep.vfio_user.protocol import Irq
+
+CTRL = {name: off for name, (off, _) in field_offsets(v.EpfNtbCtrl).items()}
+GUEST = 0x100000
+GUEST_SIZE = 2 << 20
+MSI_VECTORS = 16
+CTRL_BAR, MW1_BAR, DB_BAR = 0, 2, 4  # the seeds' R-Car layout (vfio-ep's defaults)
+
+
+def _caps(cfg: bytes) -> dict[int, int]:
+    found, pos = {}, cfg[0x34]
+    while pos:
+        found[cfg[pos]] = pos
+        pos = cfg[pos + 1]
+    return found
+
+
+class Rc:
+    """ntb_hw_epf's side of the bus: control registers, commands, doorbells, MSI."""
+
+    def __init__(self, client: Client) -> None:
+        self.c = client
+        fd = os.memfd_create("guest-ram")
+        os.ftruncate(fd, GUEST_SIZE)
+        client.dma_map(GUEST, GUEST_SIZE, fd)
+        self.mem = mmap.mmap(fd, GUEST_SIZE)
+        os.close(fd)
+        client.cfg_write(0x04, 0x6, size=2)  # memory + bus master
+        msi = _caps(client.read(p.Region.CONFIG, 0, 256))[PCI_CAP_ID_MSI]
+        client.cfg_write(msi + 2, 0x1 | 4 << 4, size=2)  # 16 vectors
+        self.irq = [eventfd() for _ in range(MSI_VECTORS)]
+        client.set_irqs(Irq.MSI, p.IRQ_SET_DATA_EVENTFD | p.IRQ_SET_ACTION_TRIGGER, 0,
+                        MSI_VECTORS, tuple(self.irq))
+
+    def r(self, name: str, index: int = 0, size: int = 4) -> int:
+        return int.from_bytes(self.c.read(CTRL_BAR, CTRL[name] + 4 * index, size), "little")
+
+    def w(self, name: str, value: int, size: int = 4) -> None:
+        self.c.write(CTRL_BAR, CTRL[name], value.to_bytes(size, "little"))
+
+    def command(self, cmd: int, arg: int = 0, timeout: float = 1.0) -> int:
+        """ntb_epf_send_command(): 0 on timeout, like the driver's WARN case."""
+        self.w("argument", arg)
+        self.w("command", cmd)
+        deadline = time.monotonic() + timeout
+        status = 0
+        while time.monotonic() < deadline and not status:
+            status = self.r("command_status", size=2)
+        self.w("command_status", 0, size=2)
+        return status
+
+    def spad(self, i: int, peer: bool = False) -> int:
+        count = self.r("spad_count")
+        return int.from_bytes(self.c.read(CTRL_BAR, self.r("spad_offset") + 4 * (
+            i + (count if peer else 0)), 4), "little")
+
+    def write_peer_spad(self, i: int, value: int) -> None:
+        self.c.write(CTRL_BAR, self.r("spad_offset") + 4 * (self.r("spad_count") + i),
+                     value.to_bytes(4, "little"))
+
+    def peer_db_set(self, bit: int) -> None:
+        """ntb_epf_peer_db_set(): slot bit + 2, data and offset re-read every time."""
+        slot = bit + 2
+        addr = self.r("db_entry_size") * slot + self.r("db_offset", slot)
+        self.c.write(DB_BAR, addr, self.r("db_data", slot).to_bytes(4, "little"))
+
+    def wait_irq(self, vector: int, timeout: float = 5.0) -> bool:
+        ready, _, _ = select.select([self.irq[vector]], [], [], timeout)
+        if ready:
+            os.eventfd_read(self.irq[vector])
+        return bool(ready)
+
+
+@contextmanager
+def vntb(tmp_path: Path, **attrs: object) -> Iterator[tuple[Rc, v.PciEpfVntb]]:
+    comp = Composition.single("pci-epf-vntb", {"ntb_client": "tool", **attrs})
+    comp.assign_sockets([str(tmp_path / "ep.sock")])
+    ep = comp.build()[0]
+    with ServerThread(ep.device, ep.socket) as srv:
+        client = Client(srv.path)
+        rc = Rc(client)
+        epf = ep.functions[0]
+        assert isinstance(epf, v.PciEpfVntb)
+        yield rc, epf
+        client.close()
+
+
+def test_the_rc_sees_what_ntb_hw_epf_reads_at_probe(tmp_path: Path, path: str) -> None:
+    with vntb(tmp_path) as (rc, _):
+        cfg = rc.c.read(p.Region.CONFIG, 0, 256)
+        assert cfg[0:4] == bytes.fromhex("12193000") and cfg[0x0B] == 0x05  # class memory
+        caps = _caps(cfg)
+        assert PCI_CAP_ID_MSIX not in caps
+        assert (int.from_bytes(cfg[caps[PCI_CAP_ID_MSI] + 2:][:2], "little") >> 1) & 7 == 4
+        assert {i: rc.c.region_info(i)[0]["size"] for i in (0, 2, 4)} == {
+            0: 2048, 2: 1 << 20, 4: 128}
+        assert (rc.r("spad_offset"), rc.r("spad_count"), rc.r("num_mws")) == (0x134, 128, 1)
+        assert rc.r("db_entry_size") == 0  # an interrupt doorbell
+        data = [rc.r("db_data", i) for i in range(4)]
+        assert len(set(data)) == 4 and len({rc.r("db_offset", i) for i in range(4)}) == 1
+
+
+def test_commands_and_their_status(tmp_path: Path, path: str,
+                                   caplog: pytest.LogCaptureFixture) -> None:
+    with vntb(tmp_path) as (rc, epf):
+        assert rc.command(v.COMMAND_CONFIGURE_DOORBELL, MSI_VECTORS) == v.COMMAND_STATUS_OK
+        assert rc.r("link_status", size=2) == 0
+        assert rc.command(v.COMMAND_LINK_UP) == v.COMMAND_STATUS_OK
+        assert rc.r("link_status", size=2) == v.LINK_STATUS_UP
+        assert epf.ntb is not None and epf.ntb.link_is_up()
+        rc.w("addr", GUEST)
+        rc.w("size", 0x10000)
+        assert rc.command(v.COMMAND_CONFIGURE_MW, 0) == v.COMMAND_STATUS_OK
+        assert rc.command(v.COMMAND_CONFIGURE_MW, 3) == v.COMMAND_STATUS_ERROR  # no MW4
+        rc.w("size", 2 << 20)
+        assert rc.command(v.COMMAND_CONFIGURE_MW, 0) == v.COMMAND_STATUS_ERROR  # > mw1
+        assert rc.command(99, timeout=0.2) == 0  # unknown: no status, the RC times out
+        assert rc.r("command") == 0 and "UNKNOWN command: 99" in caplog.text
+        assert rc.command(v.COMMAND_TEARDOWN_MW, 0) == v.COMMAND_STATUS_OK
+        assert rc.command(v.COMMAND_LINK_DOWN) == v.COMMAND_STATUS_OK
+        assert not epf.ntb.link_is_up()
+
+
+@pytest.mark.parametrize("backend", ["msi", "embedded", "poll"])
+def test_scratchpads_and_doorbells_both_ways(tmp_path: Path, path: str, backend: str) -> None:
+    """Each doorbell comes back on its own slot; the embedded doorbell is one register for
+    all of them, so in 7.3.4 any ring raises every doorbell on the EP, and all come back."""
+    with vntb(tmp_path, doorbell=backend, doorbell_poll_interval_us=200,
+              db_count=6) as (rc, _):
+        assert rc.r("db_entry_size") == (4 if backend == "poll" else 0)
+        assert rc.command(v.COMMAND_LINK_UP) == v.COMMAND_STATUS_OK
+        for bit in range(4):  # db_count 6: doorbells 0-3
+            for i in range(4):
+                rc.write_peer_spad(i, 0x5A5A0000 + 16 * bit + i)
+            rc.peer_db_set(bit)
+            for answer in range(4) if backend == "embedded" else [bit]:
+                assert rc.wait_irq(answer + 2), f"no MSI on slot {answer + 2} (rang {bit})"
+            for i in range(4):  # the EP (tool client) read ours and answered in its own
+                assert rc.spad(i) == ~(0x5A5A0000 + 16 * bit + i) & 0xFFFFFFFF
+        assert not any(rc.wait_irq(slot, 0) for slot in range(MSI_VECTORS))
+
+
+def test_memory_windows_both_ways(tmp_path: Path, path: str) -> None:
+    """RC -> EP through the MW BAR, EP -> RC through the outbound window CONFIGURE_MW set."""
+    with vntb(tmp_path) as (rc, _):
+        rc.w("addr", GUEST)
+        rc.w("size", 0x10000)
+        assert rc.command(v.COMMAND_CONFIGURE_MW, 0) == v.COMMAND_STATUS_OK
+        pattern = os.urandom(0x10000)
+        for off in range(0, len(pattern), 4096):
+            rc.c.write(MW1_BAR, off, pattern[off:off + 4096])
+        rc.peer_db_set(0)
+        assert rc.wait_irq(2)
+        assert rc.mem[:0x10000] == pattern
+
+
+def test_rk3588_reuses_the_doorbell_pre_exposed_in_bar4(tmp_path: Path, path: str) -> None:
+    with vntb(tmp_path, controller="rk3588", doorbell="auto") as (rc, epf):
+        assert epf.db_backend == "embedded"
+        assert {rc.r("db_offset", i) for i in range(4)} == {EMUL_DOORBELL_OFFSET}
+        assert rc.command(v.COMMAND_LINK_UP) == v.COMMAND_STATUS_OK
+        rc.peer_db_set(1)  # the embedded doorbell rings every bit: the EP answers 0 and 1
+        assert rc.wait_irq(2) and rc.wait_irq(3)
+
+
+@pytest.mark.parametrize(("attrs", "error"), [
+    ({"db_count": 2}, "db_count 2 out of range"),
+    ({"num_mws": 5}, "num_mws 5 > 4"),
+    ({"mw2": 4096}, "mw2 set but num_mws is 1: -ERANGE"),
+    ({"db_bar": 6}, "db_bar out of range"),
+    ({"ntb_client": "ftp"}, "ntb_client must be one of"),
+    ({"netdev": "eth0"}, "builtin or tap:NAME"),
+])
+def test_configuration_is_checked_like_the_stores(attrs: dict[str, object], error: str) -> None:
+    with pytest.raises(ConfigError, match=error):
+        Composition.single("pci-epf-vntb", dict(attrs)).function_attributes("func1")
+
+
+def test_the_last_memory_window_gets_no_automatic_bar(tmp_path: Path) -> None:
+    """7.3.4's optional-BAR loop starts at the MW1 slot: MW2 of two stays without a BAR."""
+    comp = Composition.single("pci-epf-vntb", {"num_mws": 2, "mw2": 0x10000,
+                                               "ntb_client": "none"})
+    comp.assign_sockets([str(tmp_path / "s")])
+    with pytest.raises(EpcError, match=r"MW2 got no BAR.*set mw2_bar"):
+        comp.build()
+    comp.set("mw2_bar=3")
+    assert {b.index for b in comp.build()[0].device.spec.bars} == {0, 2, 3, 4}
+
+
+def test_sizes_struct_as_in_the_kernel() -> None:
+    assert v.EpfNtbCtrl.sizeof() == 0x134 == v.CTRL_SIZE
+    assert (CTRL["command_status"], CTRL["link_status"], CTRL["spad_offset"],
+            CTRL["db_data"], CTRL["db_offset"]) == (0x08, 0x0A, 0x28, 0x34, 0xB4)

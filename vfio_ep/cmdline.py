@@ -1,0 +1,73 @@
+"""What a command line asks to serve: ``--config``, ``--configfs``, ``--function``, ``--set``
+and ``--socket`` turned into one :class:`~vfio_ep.composition.Composition`."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from vfio_ep.composition import Composition
+from vfio_ep.config import ConfigError
+from vfio_ep.configfs_script import parse_script
+
+
+def load(config_file: Path | None, function: str | None, sets: list[str],
+         configfs: Path | None = None, sockets: list[str] | None = None) -> Composition:
+    """The composition a command line asks for (``--config``, ``--configfs``, ``--function``,
+    ``--set``, ``--socket``)."""
+    if config_file is not None and configfs is not None:
+        raise ConfigError("--config and --configfs are two ways of saying the same: pick one")
+    if configfs is not None:
+        comp = _no_function_flag(function, parse_script(_read(configfs), str(configfs)),
+                                 "--configfs")
+    elif config_file is not None:
+        data = _parse_toml(config_file)
+        if "controllers" in data or "functions" in data:
+            comp = _no_function_flag(function, Composition.from_toml(data, str(config_file)),
+                                     "a [functions.*] file")
+        else:
+            comp = Composition.single(function, _flat(data, config_file))
+    else:
+        comp = Composition.single(function, {})
+    for item in sets:
+        comp.set(item)
+    comp.assign_sockets(sockets or [])
+    return comp
+
+
+def _flat(data: dict[str, Any], source: Path) -> dict[str, Any]:
+    """A flat file: top-level keys, or one table holding them (``[pci_epf_test]``)."""
+    tables = [k for k, v in data.items() if isinstance(v, dict)]
+    if len(tables) > 1:
+        raise ConfigError(f"{source}: tables {', '.join(tables)}: a flat file has at most one "
+                          "table; several functions need [functions.NAME] tables")
+    values = {k: v for k, v in data.items() if not isinstance(v, dict)}
+    for table in tables:
+        clash = sorted(set(values) & set(data[table]))
+        if clash:
+            raise ConfigError(f"{source}: {', '.join(clash)} both at the top and in "
+                              f"[{table}]")
+        values |= data[table]
+    return values
+
+
+def _no_function_flag(function: str | None, comp: Composition, what: str) -> Composition:
+    if function is not None:
+        raise ConfigError(f"--function is for the one-function form; {what} names the types "
+                          "of its functions itself")
+    return comp
+
+
+def _parse_toml(path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(_read(path))
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError as e:
+        raise ConfigError(f"{path}: {e.strerror}") from None

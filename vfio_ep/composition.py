@@ -1,0 +1,255 @@
+"""pci-ep-cfs in one process: named controllers, and functions bound to them.
+
+As ``/sys/kernel/config/pci_ep`` has ``controllers/<name>`` (one endpoint controller each)
+and ``functions/<driver>/<name>`` (a function with its attributes, linked to a controller as
+``primary`` and, for pci-epf-ntb, ``secondary``), a composition names its controllers and
+functions.  Each controller is served on a vfio-user socket of its own, so one process can
+be the endpoint of several guests.  Three spellings lead here:
+
+* the flat form of one function (``--function``, ``--set KEY=VALUE``, a TOML file with no
+  ``controllers``/``functions`` tables): controller ``ep0``, function ``func1``;
+* TOML tables ``[controllers.NAME]`` (``socket``, the controller's attributes) and
+  ``[functions.NAME]`` (``type``, ``primary``, ``secondary``, the function's attributes);
+* a configfs script (:mod:`vfio_ep.configfs_script`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vfio_ep.config import ConfigError, attributes
+from vfio_ep.epc.core import PciEpc, PciEpcAttributes
+from vfio_ep.epf.core import PciEpf
+from vfio_ep.epf.functions import DRIVERS, canonical
+from vfio_ep.pci import testdev
+from vfio_ep.pci.device import PciDevice
+
+DEFAULT_FUNCTION = "pci_epf_test"
+TESTDEV = "testdev"  # a plain PCI device (no controller behind it), to prove the transport
+SINGLE_CONTROLLER = "ep0"
+SINGLE_FUNCTION = "func1"
+SOCKET = "socket"
+# The flat form names the controller's profile ``controller`` (``--set controller=rk3588``).
+FLAT_ALIASES = {"controller": "profile"}
+CONTROLLER_KEYS = frozenset(f.name for f in dataclasses.fields(PciEpcAttributes)) | {SOCKET}
+
+
+@dataclass
+class ControllerGroup:
+    """``controllers/<name>``: its socket and attributes, and whether it was started."""
+
+    name: str
+    values: dict[str, Any] = field(default_factory=dict)
+    started: bool = True
+
+
+@dataclass
+class FunctionGroup:
+    """``functions/<driver>/<name>``: attributes, and the controllers it is linked to."""
+
+    name: str
+    driver: str
+    values: dict[str, Any] = field(default_factory=dict)
+    primary: str | None = None
+    secondary: str | None = None
+
+
+@dataclass
+class Endpoint:
+    """A started controller: the device served on ``socket``, and what is behind it."""
+
+    controller: str
+    socket: Path
+    device: PciDevice
+    epc: PciEpc | None = None
+    functions: list[PciEpf] = field(default_factory=list)
+
+
+@dataclass
+class Composition:
+    controllers: dict[str, ControllerGroup] = field(default_factory=dict)
+    functions: dict[str, FunctionGroup] = field(default_factory=dict)
+
+    # -- the three spellings --------------------------------------------------
+    @classmethod
+    def single(cls, function: str | None, values: dict[str, Any]) -> Composition:
+        """The flat form: one controller ``ep0`` and one function ``func1`` bound to it;
+        controller attributes and function attributes share one namespace."""
+        values = {FLAT_ALIASES.get(k, k): v for k, v in values.items()}
+        driver = _driver(function or values.pop("function", None) or DEFAULT_FUNCTION)
+        values.pop("function", None)
+        ctrl = {k: values.pop(k) for k in list(values) if k in CONTROLLER_KEYS}
+        return cls({SINGLE_CONTROLLER: ControllerGroup(SINGLE_CONTROLLER, ctrl)},
+                   {SINGLE_FUNCTION: FunctionGroup(SINGLE_FUNCTION, driver,
+                                                   _defaults(driver) | values,
+                                                   primary=SINGLE_CONTROLLER)})
+
+    @classmethod
+    def from_toml(cls, data: dict[str, Any], source: str) -> Composition:
+        """``[controllers.NAME]`` and ``[functions.NAME]`` tables."""
+        unknown = sorted(set(data) - {"controllers", "functions"})
+        if unknown:
+            raise ConfigError(f"{source}: {', '.join(unknown)} outside [controllers.*] and "
+                              "[functions.*] (a composition keeps every attribute in a table)")
+        comp = cls()
+        for name, table in _tables(data, "controllers", source).items():
+            table = dict(table)
+            started = table.pop("start", True)
+            comp.controllers[name] = ControllerGroup(name, table, bool(started))
+        for name, table in _tables(data, "functions", source).items():
+            table = dict(table)
+            if "type" not in table:
+                raise ConfigError(f"{source}: [functions.{name}] needs type = \"DRIVER\" "
+                                  f"(one of {', '.join(known_types())})")
+            driver = _driver(str(table.pop("type")))
+            primary, secondary = table.pop("primary", None), table.pop("secondary", None)
+            comp.functions[name] = FunctionGroup(name, driver, _defaults(driver) | table,
+                                                 primary=primary, secondary=secondary)
+        return comp
+
+    # -- edits --------------------------------------------------------------
+    def set(self, item: str) -> None:
+        """``--set [NAME.]KEY=VALUE``: NAME is a controller or function; without it, the key
+        goes to the only function (or, for controller attributes, the only controller)."""
+        key, sep, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected [NAME.]KEY=VALUE")
+        name, dot, attr = key.rpartition(".")
+        group = self._group_for(name, attr, item) if dot else self._group_for(None, key, item)
+        attr = attr if dot else key
+        group.values[FLAT_ALIASES.get(attr, attr) if group in self.controllers.values()
+                     else attr] = value.strip()
+
+    def _group_for(self, name: str | None, key: str, item: str
+                   ) -> ControllerGroup | FunctionGroup:
+        if name is not None:
+            if name in self.controllers:
+                return self.controllers[name]
+            if name in self.functions:
+                return self.functions[name]
+            raise ConfigError(f"--set {item!r}: no controller or function named {name!r} "
+                              f"(have {', '.join([*self.controllers, *self.functions])})")
+        if FLAT_ALIASES.get(key, key) in CONTROLLER_KEYS and len(self.controllers) == 1:
+            return next(iter(self.controllers.values()))
+        if len(self.functions) == 1:
+            return next(iter(self.functions.values()))
+        raise ConfigError(f"--set {item!r}: several functions; name one: --set NAME.{key}=...")
+
+    def assign_sockets(self, specs: list[str]) -> None:
+        """``--socket PATH`` (one controller) or ``--socket NAME=PATH`` (repeatable)."""
+        for spec in specs:
+            name, sep, path = spec.rpartition("=")
+            if not sep:
+                if len(self.controllers) != 1:
+                    raise ConfigError(f"--socket {spec}: several controllers "
+                                      f"({', '.join(self.controllers)}); use NAME=PATH")
+                name = next(iter(self.controllers))
+            if name not in self.controllers:
+                raise ConfigError(f"--socket {spec}: no controller named {name!r} "
+                                  f"(have {', '.join(self.controllers)})")
+            self.controllers[name].values[SOCKET] = path
+
+    # -- pci_epc_start ------------------------------------------------------
+    def build(self) -> list[Endpoint]:
+        """Create the controllers, probe and bind the functions, start the controllers."""
+        self._check_links()
+        started = [c for c in self.controllers.values() if c.started]
+        sockets = {c.name: _socket(c) for c in started}
+        endpoints: list[Endpoint] = []
+        epcs: dict[str, PciEpc] = {}
+        for ctrl in started:
+            func = next(f for f in self.functions.values() if ctrl.name in (f.primary,
+                                                                             f.secondary))
+            values = _without(ctrl.values, SOCKET)
+            if func.driver == TESTDEV:
+                endpoints.append(Endpoint(ctrl.name, sockets[ctrl.name],
+                                          testdev.build(values | func.values)))
+            else:
+                epcs[ctrl.name] = PciEpc.create(ctrl.name, attributes(
+                    PciEpcAttributes, values, f"controllers/{ctrl.name}"))
+        bound: dict[str, list[PciEpf]] = {name: [] for name in epcs}
+        for func in self.functions.values():
+            if func.driver == TESTDEV or func.primary not in epcs:
+                continue
+            epf = DRIVERS[func.driver].probe(self.function_attributes(func.name))
+            epf.tag = f"{func.primary}/{func.name}"
+            epf.bind_to(epcs[func.primary])
+            bound[func.primary].append(epf)
+        for name, epc in epcs.items():
+            epc.init_notify()
+            endpoints.append(Endpoint(name, sockets[name], epc.start(), epc, bound[name]))
+        return endpoints
+
+    def function_attributes(self, name: str) -> Any:
+        """Function ``name``'s attributes, checked (ConfigError as at build)."""
+        func = self.functions[name]
+        drv = DRIVERS[func.driver]
+        return attributes(drv.attributes, func.values, f"functions/{func.driver}/{name}")
+
+    def _check_links(self) -> None:
+        if not self.functions:
+            raise ConfigError("no function: nothing to serve")
+        for func in self.functions.values():
+            need = DRIVERS[func.driver].interfaces if func.driver in DRIVERS else 1
+            for role, target in (("primary", func.primary), ("secondary", func.secondary)):
+                if target is not None and target not in self.controllers:
+                    raise ConfigError(f"function {func.name}: {role} controller {target!r} "
+                                      f"does not exist (have {', '.join(self.controllers)})")
+            if func.primary is None:
+                raise ConfigError(f"function {func.name} is linked to no controller "
+                                  "(primary = \"NAME\", or ln -s controllers/NAME "
+                                  f"functions/{func.driver}/{func.name}/primary/)")
+            if need == 2 and func.secondary is None:
+                raise ConfigError(f"function {func.name} ({func.driver}) needs a secondary "
+                                  "controller as well")
+            if need == 1 and func.secondary is not None:
+                raise ConfigError(f"function {func.name} ({func.driver}) has no secondary "
+                                  "interface")
+        for ctrl in self.controllers.values():
+            linked = [f.name for f in self.functions.values()
+                      if ctrl.name in (f.primary, f.secondary)]
+            if not linked:
+                raise ConfigError(f"controller {ctrl.name} has no function linked to it")
+            if len(linked) > 1:
+                raise ConfigError(f"controller {ctrl.name}: functions {', '.join(linked)} "
+                                  "are linked to it; an emulated controller has one function")
+
+
+def _defaults(driver: str) -> dict[str, Any]:
+    return dict(DRIVERS[driver].defaults) if driver in DRIVERS else {}
+
+
+def known_types() -> list[str]:
+    return sorted([*(d.replace("_", "-") for d in DRIVERS), TESTDEV])
+
+
+def _driver(name: str) -> str:
+    if name == TESTDEV:
+        return TESTDEV
+    driver = canonical(name)
+    if driver not in DRIVERS:
+        raise ConfigError(f"unknown function {name!r}; known: {', '.join(known_types())}")
+    return driver
+
+
+def _tables(data: dict[str, Any], key: str, source: str) -> dict[str, dict[str, Any]]:
+    tables = data.get(key, {})
+    if not isinstance(tables, dict) or not all(isinstance(t, dict) for t in tables.values()):
+        raise ConfigError(f"{source}: {key} must be tables, [{key}.NAME]")
+    return tables
+
+
+def _socket(ctrl: ControllerGroup) -> Path:
+    path = ctrl.values.get(SOCKET)
+    if not path:
+        raise ConfigError(f"controller {ctrl.name} has no socket: --socket {ctrl.name}=PATH, "
+                          f"or socket = \"PATH\" in [controllers.{ctrl.name}]")
+    return Path(str(path))
+
+
+def _without(values: dict[str, Any], key: str) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if k != key}

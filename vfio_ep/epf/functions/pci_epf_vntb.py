@@ -1,0 +1,631 @@
+"""pci-epf-vntb, as drivers/pci/endpoint/functions/pci-epf-vntb.c in Linux 7.3.4.
+
+The RC sees an NTB endpoint that ``ntb_hw_epf`` drives (control BAR with ``epf_ntb_ctrl``
+and both scratchpad arrays, a doorbell BAR, memory-window BARs); the EP gets a virtual NTB
+device (:class:`VntbNtbDev`) that an EP-side client binds to, as the kernel's "pci-vntb"
+driver registers one on its virtual PCI bus.  BAR assignment (including 7.3.4's skipped
+last MW), the command protocol with u16 CMD_STATUS/LINK_STATUS, the legacy doorbell slot
+layout (slot 0 link, slot 1 unused, DB#n on slot n+2), ``db_valid_mask``,
+``db_vector_count``/``mask`` and the deferred ``peer_db_set`` follow the kernel.
+
+Differences, all on purpose: COMMAND is trapped instead of polled every 5 ms; RC->EP
+doorbells come from the project's doorbell API (``doorbell = msi | embedded | poll |
+auto``), where ``poll`` (and ``auto`` when no interrupt doorbell exists) selects the
+kernel's own polled doorbell BAR, scanned every ``doorbell_poll_interval_us``; guest input
+the kernel would act on blindly (a memory window index or size out of range) gets
+CMD_STATUS ERROR and a log line; and losing the PCIe link (the RC's QEMU went away) takes
+the NTB link down, so EP clients see the peer leave.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+from construct import Array, Int16ul, Int32ul, Int64ul, Struct
+
+from vfio_ep.config import ConfigError, parse_int
+from vfio_ep.epc.address_space import PAGE, AddressError, Watch
+from vfio_ep.epc.core import EpcError, IrqType
+from vfio_ep.epc.features import NO_BAR, get_next_free_bar
+from vfio_ep.epc.irq import IRQ_HANDLED, IrqError
+from vfio_ep.epf.core import PciEpf, PciEpfBar, required_bar_size
+from vfio_ep.epf.doorbell import CHOICES as DOORBELL_CHOICES
+from vfio_ep.epf.doorbell import DoorbellError, pci_epf_alloc_doorbell, pci_epf_free_doorbell
+from vfio_ep.epf.regs import RegisterBlock
+from vfio_ep.ntb.clients import NtbClientAttributes, create_client
+from vfio_ep.ntb.core import SZ_4K, NtbDev, NtbIoError
+from vfio_ep.pci.bar import NUM_BARS, PCI_BASE_ADDRESS_MEM_TYPE_64
+from vfio_ep.pci.device import FunctionAttributes
+from vfio_ep.vfio_user.dma import DmaError
+
+log = logging.getLogger(__name__)
+
+COMMAND_CONFIGURE_DOORBELL = 1
+COMMAND_TEARDOWN_DOORBELL = 2
+COMMAND_CONFIGURE_MW = 3
+COMMAND_TEARDOWN_MW = 4
+COMMAND_LINK_UP = 5
+COMMAND_LINK_DOWN = 6
+COMMAND_STATUS_OK = 1
+COMMAND_STATUS_ERROR = 2
+LINK_STATUS_UP = 1 << 0
+
+MAX_MW = 4
+MAX_DB_COUNT = 32
+EPF_IRQ_LINK, EPF_IRQ_RESERVED_DB, EPF_IRQ_DB_START = 0, 1, 2  # the legacy slot layout
+MIN_DB_COUNT = EPF_IRQ_DB_START + 1
+VNTB_MSI_VECTORS = 16  # epf_ntb_configure_interrupt: pci_epc_set_msi(..., 16)
+VNTB_PEER_DB_WORK_BUDGET = 5
+PCI_BASE_CLASS_MEMORY = 0x05
+PCI_ANY_ID = 0xFFFF
+
+# enum epf_ntb_bar: the slots of epf_ntb_bar[]
+BAR_CONFIG, BAR_DB, BAR_MW1 = 0, 1, 2
+VNTB_BAR_NUM = 6
+
+# struct epf_ntb_ctrl (__packed)
+EpfNtbCtrl = Struct(
+    "command" / Int32ul, "argument" / Int32ul, "command_status" / Int16ul,
+    "link_status" / Int16ul, "topology" / Int32ul, "addr" / Int64ul, "size" / Int64ul,
+    "num_mws" / Int32ul, "reserved" / Int32ul, "spad_offset" / Int32ul, "spad_count" / Int32ul,
+    "db_entry_size" / Int32ul, "db_data" / Array(MAX_DB_COUNT, Int32ul),
+    "db_offset" / Array(MAX_DB_COUNT, Int32ul),
+)
+CTRL_SIZE = (EpfNtbCtrl.sizeof() + 3) // 4 * 4  # ALIGN(sizeof(struct epf_ntb_ctrl), 4)
+
+COMMAND_NAMES = {COMMAND_CONFIGURE_DOORBELL: "CONFIGURE_DOORBELL",
+                 COMMAND_TEARDOWN_DOORBELL: "TEARDOWN_DOORBELL",
+                 COMMAND_CONFIGURE_MW: "CONFIGURE_MW", COMMAND_TEARDOWN_MW: "TEARDOWN_MW",
+                 COMMAND_LINK_UP: "LINK_UP", COMMAND_LINK_DOWN: "LINK_DOWN"}
+
+# The attributes configfs shows in functions/pci_epf_vntb/<func>/pci_epf_vntb.<N>/.
+CFS_ATTRIBUTES = ("spad_count", "db_count", "num_mws", "mw1", "mw2", "mw3", "mw4",
+                  "vbus_number", "vntb_pid", "vntb_vid", "ctrl_bar", "db_bar", "mw1_bar",
+                  "mw2_bar", "mw3_bar", "mw4_bar")
+
+
+@dataclass(frozen=True)
+class PciEpfVntbAttributes(FunctionAttributes, NtbClientAttributes):
+    """configfs (kernel defaults: IDs ffff:ffff, class 05 memory, db_count 0 = unset), the
+    doorbell backend, and the EP-side NTB client (:mod:`vfio_ep.ntb.clients`)."""
+
+    vendorid: int = PCI_ANY_ID
+    deviceid: int = PCI_ANY_ID
+    baseclass_code: int = PCI_BASE_CLASS_MEMORY
+    spad_count: int = 0
+    db_count: int = 0
+    num_mws: int = 0
+    mw1: int = 0
+    mw2: int = 0
+    mw3: int = 0
+    mw4: int = 0
+    vbus_number: int = 0xFF
+    vntb_pid: int = 0
+    vntb_vid: int = 0
+    ctrl_bar: int = NO_BAR
+    db_bar: int = NO_BAR
+    mw1_bar: int = NO_BAR
+    mw2_bar: int = NO_BAR
+    mw3_bar: int = NO_BAR
+    mw4_bar: int = NO_BAR
+    doorbell: str = "auto"
+
+    def __post_init__(self) -> None:
+        """The checks of the configfs stores, on the final values."""
+        NtbClientAttributes.__post_init__(self)
+        if self.doorbell not in DOORBELL_CHOICES:
+            raise ValueError(f"doorbell must be one of {', '.join(DOORBELL_CHOICES)}")
+        if not MIN_DB_COUNT <= self.db_count <= MAX_DB_COUNT:
+            raise ValueError(f"db_count {self.db_count} out of range ({MIN_DB_COUNT} - "
+                             f"{MAX_DB_COUNT}): -EINVAL (it counts the link and the reserved "
+                             "slot: db_count 4 gives 2 doorbells)")
+        if self.num_mws > MAX_MW:
+            raise ValueError(f"num_mws {self.num_mws} > {MAX_MW}: -EINVAL")
+        for n in range(1, MAX_MW + 1):
+            if getattr(self, f"mw{n}") and n > self.num_mws:
+                raise ValueError(f"mw{n} set but num_mws is {self.num_mws}: -ERANGE (set "
+                                 "num_mws first)")
+            if not NO_BAR <= getattr(self, f"mw{n}_bar") < NUM_BARS:
+                raise ValueError(f"mw{n}_bar out of range (-1..5): -EINVAL")
+        for name in ("ctrl_bar", "db_bar"):
+            if not NO_BAR <= getattr(self, name) < NUM_BARS:
+                raise ValueError(f"{name} out of range (-1..5): -EINVAL")
+
+
+# vfio-ep's defaults for the flat and TOML forms (a configfs script starts from the kernel's):
+# the seeds' R-Car setup, which ntb_hw_epf binds with its 1912:0030 BAR map (0/4/2).
+DEFAULTS: dict[str, Any] = {
+    "vendorid": 0x1912, "deviceid": 0x0030, "msi_interrupts": 32, "db_count": 4,
+    "spad_count": 128, "num_mws": 1, "mw1": 0x100000, "vntb_vid": 0x1912, "vntb_pid": 0x0030,
+    "vbus_number": 0x10, "ctrl_bar": 0, "db_bar": 4, "mw1_bar": 2,
+}
+
+
+def store(values: dict[str, Any], key: str, value: str, linked: bool) -> None:
+    """One configfs write into pci_epf_vntb.N/, checked as the kernel's _store functions."""
+    if linked:
+        raise ConfigError(f"{key}: -EOPNOTSUPP, the function is linked to a controller "
+                          "already (7.3.4 refuses stores once attached)")
+    number = parse_int(value)
+    if key == "db_count" and not MIN_DB_COUNT <= number <= MAX_DB_COUNT:
+        raise ConfigError(f"db_count {number}: -EINVAL (range {MIN_DB_COUNT} - {MAX_DB_COUNT})")
+    if key == "num_mws" and number > MAX_MW:
+        raise ConfigError(f"num_mws {number}: -EINVAL (at most {MAX_MW})")
+    if key in ("mw1", "mw2", "mw3", "mw4") and int(key[2]) > parse_int(
+            values.get("num_mws", 0)):
+        raise ConfigError(f"{key}: -ERANGE, MW{key[2]} out of range (num_mws="
+                          f"{values.get('num_mws', 0)}): write num_mws first")
+    if key.endswith("_bar") and not NO_BAR <= number < NUM_BARS:
+        raise ConfigError(f"{key} {number}: -EINVAL (range -1..5)")
+
+
+def probe(a: PciEpfVntbAttributes) -> PciEpfVntb:
+    """epf_ntb_probe(): the function with its configfs values, not yet bound."""
+    return PciEpfVntb(a)
+
+
+class PciEpfVntb(PciEpf):
+    name = "pci_epf_vntb"
+
+    def __init__(self, a: PciEpfVntbAttributes) -> None:
+        super().__init__(a.header(), a.msi_interrupts, a.msix_interrupts, a.doorbell)
+        self.attrs = a
+        self.spad_count = a.spad_count
+        self.db_count = a.db_count
+        self.num_mws = a.num_mws
+        self.mws_size = [a.mw1, a.mw2, a.mw3, a.mw4]
+        self.epf_ntb_bar = [a.ctrl_bar, a.db_bar, a.mw1_bar, a.mw2_bar, a.mw3_bar, a.mw4_bar]
+        self.vpci_mw_phy = [0] * MAX_MW
+        self.msi_doorbell = False
+        self.db = 0  # atomic64 db: doorbell bits the RC rang, for db_read/db_clear
+        self.peer_db_pending = 0
+        self._peer_db_work = False
+        self.epf_db: int | None = None  # polled doorbell entries (EP address)
+        self.ntb: VntbNtbDev | None = None
+        self._watch: Watch | None = None
+        self._busy = self._again = False
+        self._poll_scope: trio.CancelScope | None = None
+
+    @property
+    def reg(self) -> RegisterBlock:
+        """struct epf_ntb_ctrl at the start of the config BAR."""
+        b = self.bar[self.epf_ntb_bar[BAR_CONFIG]]
+        assert b is not None
+        return RegisterBlock(EpfNtbCtrl, self.controller.ram, b.phys_addr)
+
+    # -- bind: BARs, interrupts, doorbells, memory windows, the NTB device ------------
+    def bind(self) -> None:
+        """epf_ntb_bind(); raises EpcError with the errno the kernel's bind returns."""
+        self._init_epc_bar()
+        self._config_spad_bar_alloc()
+        self._epc_init()
+        self.ntb = VntbNtbDev(self)
+        log.info("%s: virtual NTB device %02x:00.0 [%04x:%04x] registered", self.tag,
+                 self.attrs.vbus_number, self.attrs.vntb_vid, self.attrs.vntb_pid)
+        if self.attrs.ntb_client != "none":
+            self.ntb.register_client(create_client(self.attrs))
+        # The command handler: trapped COMMAND, plus the doorbell poller when polling.
+        self._watch = self.controller.space.watch(self.reg.addr + self.reg.offset("command"),
+                                                  4, self._command_written)
+        if not self.msi_doorbell:
+            self.controller.spawn(self._poll_doorbells, f"{self.tag}-db-poll")
+
+    def _init_epc_bar(self) -> None:
+        """epf_ntb_init_epc_bar(): explicit BARs first, the mandatory ones automatically."""
+        features = self.controller.get_features()
+        barno = 0
+        for bar in (BAR_CONFIG, BAR_DB, BAR_MW1):
+            barno = self._find_bar(features, bar, barno)
+            if barno < 0:
+                raise EpcError(errno.ENOENT, "Fail to get NTB function BAR")
+        # 7.3.4 starts the optional loop at the MW1 slot, so the last MW never gets a BAR.
+        for i, bar in enumerate(range(BAR_MW1, BAR_MW1 + self.num_mws - 1), start=1):
+            barno = self._find_bar(features, bar, barno)
+            if barno < 0:
+                self.num_mws = i
+                log.info("%s: BAR not available for > MW%d", self.tag, i + 1)
+        for i in range(self.num_mws):
+            if self.epf_ntb_bar[BAR_MW1 + i] == NO_BAR:
+                raise EpcError(errno.EINVAL, f"MW{i + 1} got no BAR: Linux 7.3.4's automatic "
+                               "assignment skips the last memory window (it would index "
+                               f"bar[-1]); set mw{i + 1}_bar")
+
+    def _find_bar(self, features: Any, bar: int, barno: int) -> int:
+        """epf_ntb_find_bar()."""
+        while self.epf_ntb_bar[bar] < 0:
+            barno = get_next_free_bar(features, barno)
+            if barno < 0:
+                break
+            if barno not in self.epf_ntb_bar:
+                self.epf_ntb_bar[bar] = barno
+            barno += 1
+        return barno
+
+    def _config_spad_bar_alloc(self) -> None:
+        """epf_ntb_config_spad_bar_alloc(): ctrl + 2 scratchpad arrays, then the ctrl
+        fields the RC reads at probe."""
+        features = self.controller.get_features()
+        barno = self.epf_ntb_bar[BAR_CONFIG]
+        if self.alloc_space(CTRL_SIZE + 2 * self.spad_count * 4, barno, features) is None:
+            raise EpcError(errno.ENOMEM, "Config/Status/SPAD alloc region fail")
+        reg = self.reg
+        reg["spad_offset"] = CTRL_SIZE
+        reg["spad_count"] = self.spad_count
+        reg["num_mws"] = self.num_mws
+        reg["db_entry_size"] = 4
+        for i in range(self.db_count):
+            reg.set("db_data", 1 + i, i)
+            reg.set("db_offset", 0, i)
+
+    def _epc_init(self) -> None:
+        """epf_ntb_epc_init()."""
+        epc = self.controller
+        self._set_bar(self.epf_ntb_bar[BAR_CONFIG])
+        features = epc.get_features()
+        if not (features.msix_capable or features.msi_capable):
+            raise EpcError(errno.EINVAL, "MSI or MSI-X is required for doorbell")
+        if features.msi_capable:
+            epc.set_msi(VNTB_MSI_VECTORS)
+        self._db_bar_init()
+        self._mw_bar_init()
+        epc.write_header(self.header)
+
+    def _set_bar(self, barno: int) -> None:
+        b = self.bar[barno]
+        assert b is not None
+        self.controller.set_bar(b)
+
+    # -- RC -> EP doorbells ---------------------------------------------------
+    def _db_bar_init(self) -> None:
+        """epf_ntb_db_bar_init(): an interrupt doorbell, else the polled doorbell BAR."""
+        if self.doorbell != "poll":
+            try:
+                self._db_bar_init_msi_doorbell()
+                return
+            except (DoorbellError, EpcError, IrqError) as e:
+                log.info("%s: no interrupt doorbell (%s): polling the doorbell BAR every "
+                         "%.0f us", self.tag, e, self.controller.doorbell_poll_interval * 1e6)
+        else:
+            log.info("%s: doorbell = poll: polling the doorbell BAR every %.0f us", self.tag,
+                     self.controller.doorbell_poll_interval * 1e6)
+        barno = self.epf_ntb_bar[BAR_DB]
+        b = self.alloc_space(4 * self.db_count, barno, self.controller.get_features())
+        if b is None:
+            raise EpcError(errno.ENOMEM, "Failed to allocate OB address")
+        self.epf_db = b.phys_addr
+        self.controller.set_bar(b)
+
+    def _db_bar_init_msi_doorbell(self) -> None:
+        """epf_ntb_db_bar_init_msi_doorbell()."""
+        epc = self.controller
+        barno = self.epf_ntb_bar[BAR_DB]
+        pci_epf_alloc_doorbell(self, self.db_count, allow_poll=False)
+        requested: list[int] = []
+        try:
+            if self.db_msg[0].bar not in (NO_BAR, barno):
+                raise EpcError(errno.EINVAL, f"the doorbell is pre-exposed in BAR"
+                               f"{self.db_msg[0].bar}, not in db_bar {barno}")
+            for msg in self.db_msg:
+                if msg.virq not in requested:
+                    epc.irqs.request_irq(msg.virq, self._doorbell_handler, msg.irq_flags,
+                                         "pci_epf_vntb_db", self)
+                    requested.append(msg.virq)
+            reg = self.reg
+            if self.db_msg[0].bar != NO_BAR:
+                for i, msg in enumerate(self.db_msg):
+                    reg.set("db_data", msg.msg.data, i)
+                    reg.set("db_offset", msg.offset, i)
+            else:
+                addrs = [m.msg.address for m in self.db_msg]
+                self._assign_bar_space(max(addrs) - min(addrs) + 4, barno, min(addrs))
+                self._set_bar(barno)
+                for i, msg in enumerate(self.db_msg):
+                    _, offset = self.align_inbound_addr(barno, msg.msg.address)
+                    reg.set("db_data", msg.msg.data, i)
+                    reg.set("db_offset", offset, i)
+            reg["db_entry_size"] = 0
+            self.msi_doorbell = True
+            log.info("%s: %s doorbells in BAR%d", self.tag, self.db_backend, barno)
+        except (EpcError, IrqError):
+            for virq in requested:
+                epc.irqs.free_irq(virq, self)
+            pci_epf_free_doorbell(self)
+            raise
+
+    def _assign_bar_space(self, size: int, barno: int, bar_addr: int) -> None:
+        """pci_epf_assign_bar_space(): a BAR (no memory of its own) onto [bar_addr, +size)."""
+        limit = bar_addr + size - 1
+        pos = max((limit ^ bar_addr).bit_length() - 1, 0)
+        try:
+            bar_size, mem_size = required_bar_size(1 << (pos + 1), barno,
+                                                   self.controller.get_features())
+        except ValueError as e:
+            raise EpcError(errno.ENOMEM, str(e)) from None
+        phys = bar_addr // mem_size * mem_size
+        if phys + bar_size < limit:
+            raise EpcError(errno.ENOMEM, f"BAR{barno} of {bar_size:#x} bytes cannot cover "
+                           f"[{bar_addr:#x}, {limit:#x}]")
+        flags = PCI_BASE_ADDRESS_MEM_TYPE_64 if (
+            size >> 32 or self.controller.get_features().bar[barno].only_64bit) else 0
+        self.bar[barno] = PciEpfBar(barno, phys, bar_size, mem_size, flags,
+                                    doorbell_target=True)
+
+    def _doorbell_handler(self, virq: int, dev_id: object) -> int:
+        """epf_ntb_doorbell_handler(): slot i >= 2 is doorbell vector i - 2."""
+        if self.ntb is None:
+            return IRQ_HANDLED
+        for i in range(EPF_IRQ_DB_START, self.db_count):
+            if virq == self.db_msg[i].virq:
+                log.debug("%s: doorbell slot %d (DB#%d)", self.tag, i, i - EPF_IRQ_DB_START)
+                self.db |= 1 << (i - EPF_IRQ_DB_START)
+                self.ntb.db_event(i - EPF_IRQ_DB_START)
+        return IRQ_HANDLED
+
+    async def _poll_doorbells(self) -> None:
+        """The polled doorbell BAR: entry i nonzero means slot i was rung (DB#i-2)."""
+        epc = self.controller
+        with trio.CancelScope() as self._poll_scope:
+            while True:
+                await trio.sleep(epc.doorbell_poll_interval)
+                if self.epf_db is None or self.ntb is None:
+                    continue
+                for i in range(EPF_IRQ_DB_START, self.db_count):
+                    addr = self.epf_db + 4 * i
+                    if int.from_bytes(epc.ram.read(addr, 4), "little"):
+                        self.db |= 1 << (i - EPF_IRQ_DB_START)
+                        self.ntb.db_event(i - EPF_IRQ_DB_START)
+                        epc.ram.write(addr, bytes(4))
+
+    # -- memory windows -------------------------------------------------------
+    def _mw_bar_init(self) -> None:
+        """epf_ntb_mw_bar_init(): each MW BAR (no backing until the EP's mw_set_trans), and
+        an outbound window the EP writes the RC's buffer through."""
+        epc = self.controller
+        for i in range(self.num_mws):
+            size = self.mws_size[i]
+            barno = self.epf_ntb_bar[BAR_MW1 + i]
+            self.bar[barno] = PciEpfBar(barno, 0, size,
+                                        flags=PCI_BASE_ADDRESS_MEM_TYPE_64 if size >> 32 else 0)
+            self._set_bar(barno)
+            phys = epc.mem.alloc_addr(size)
+            if phys is None:
+                raise EpcError(errno.ENOMEM, f"Failed to allocate source address for MW{i + 1}"
+                               f" ({size:#x} bytes of outbound space)")
+            self.vpci_mw_phy[i] = phys
+
+    # -- the command handler --------------------------------------------------
+    def _command_written(self, addr: int, size: int) -> None:
+        if self._busy:
+            self._again = True
+            return
+        self._busy = True
+        self.controller.spawn(self._cmd_handler, f"{self.tag}-cmd")
+
+    async def _cmd_handler(self) -> None:
+        try:
+            while True:
+                self._again = False
+                self._handle_command()
+                if not self._again:
+                    return
+        finally:
+            self._busy = False
+
+    def _handle_command(self) -> None:
+        """epf_ntb_cmd_handler(): one command, its status in CMD_STATUS."""
+        reg = self.reg
+        command = reg["command"]
+        if not command:
+            return
+        argument = reg["argument"]
+        reg["command"] = 0
+        reg["argument"] = 0
+        name = COMMAND_NAMES.get(command, f"command {command}")
+        if command in (COMMAND_CONFIGURE_DOORBELL, COMMAND_TEARDOWN_DOORBELL):
+            status = COMMAND_STATUS_OK
+        elif command == COMMAND_CONFIGURE_MW:
+            status = self._configure_mw(argument, reg["addr"], reg["size"])
+        elif command == COMMAND_TEARDOWN_MW:
+            if argument < self.num_mws:
+                self.controller.unmap_addr(self.vpci_mw_phy[argument])
+            else:
+                log.warning("%s: TEARDOWN_MW of MW index %d (num_mws %d) ignored", self.tag,
+                            argument, self.num_mws)
+            status = COMMAND_STATUS_OK
+        elif command in (COMMAND_LINK_UP, COMMAND_LINK_DOWN):
+            self._set_link(command == COMMAND_LINK_UP)
+            status = COMMAND_STATUS_OK
+        else:
+            log.error("%s: UNKNOWN command: %d (no status: the RC times out)", self.tag,
+                      command)
+            return
+        reg["command_status"] = status
+        log.debug("%s: %s(%#x) -> %s", self.tag, name, argument,
+                  "OK" if status == COMMAND_STATUS_OK else "ERROR")
+
+    def _configure_mw(self, mw: int, addr: int, size: int) -> int:
+        """epf_ntb_configure_mw(): the outbound window of MW ``mw`` onto the RC's buffer."""
+        if mw >= self.num_mws or not 0 < size <= self.mws_size[mw]:
+            log.warning("%s: CONFIGURE_MW %d [%#x+%#x] refused: %d memory windows of %s "
+                        "bytes", self.tag, mw, addr, size, self.num_mws,
+                        "/".join(f"{s:#x}" for s in self.mws_size[:self.num_mws]))
+            return COMMAND_STATUS_ERROR
+        try:
+            self.controller.map_addr(self.vpci_mw_phy[mw], addr, size)
+        except AddressError as e:  # no free outbound iATU region
+            log.error("%s: Failed to map memory window %d address: %s", self.tag, mw, e)
+            return COMMAND_STATUS_ERROR
+        return COMMAND_STATUS_OK
+
+    def _set_link(self, up: bool) -> None:
+        """epf_ntb_link_up(): LINK_STATUS, then the EP client's link event."""
+        reg = self.reg
+        status = reg["link_status"]
+        reg["link_status"] = status | LINK_STATUS_UP if up else status & ~LINK_STATUS_UP
+        log.info("%s: NTB link %s", self.tag, "up" if up else "down")
+        if self.ntb is not None:
+            self.ntb.link_event()
+
+    # -- controller events ----------------------------------------------------
+    def link_down(self) -> None:
+        """The PCIe link went away (the RC's QEMU is gone): the NTB link with it."""
+        if self.bar[self.epf_ntb_bar[BAR_CONFIG]] is not None and \
+                self.reg["link_status"] & LINK_STATUS_UP:
+            self._set_link(False)
+
+    # -- EP -> RC doorbells ---------------------------------------------------
+    def peer_db_set(self, bits: int) -> None:
+        """vntb_epf_peer_db_set(): coalesce, raise from a work item."""
+        bits &= self.ntb.db_valid_mask() if self.ntb else 0
+        if bits:
+            self.peer_db_pending |= bits
+            self._queue_peer_db_work()
+
+    def _queue_peer_db_work(self) -> None:
+        if not self._peer_db_work:
+            self._peer_db_work = True
+            self.controller.spawn(self._peer_db_worker, f"{self.tag}-peer-db")
+
+    async def _peer_db_worker(self) -> None:
+        """vntb_epf_peer_db_work(): MSI bit + 3 (slot bit + 2) per pending bit, lowest first."""
+        try:
+            for _ in range(VNTB_PEER_DB_WORK_BUDGET):
+                bits, self.peer_db_pending = self.peer_db_pending, 0
+                if not bits:
+                    return
+                while bits:
+                    bit = (bits & -bits).bit_length() - 1
+                    bits &= bits - 1
+                    interrupt_num = bit + EPF_IRQ_DB_START + 1
+                    try:
+                        self.controller.raise_irq(IrqType.MSI, interrupt_num)
+                    except EpcError as e:
+                        log.error("%s: Failed to raise IRQ for interrupt_num %d: %s", self.tag,
+                                  interrupt_num, e)
+                await trio.sleep(0)
+        finally:
+            self._peer_db_work = False
+        if self.peer_db_pending:  # the budget ran out: requeue, as queue_work() does
+            self._queue_peer_db_work()
+
+
+class VntbNtbDev(NtbDev):
+    """The virtual NTB device the EP's clients see (vntb_epf_ops)."""
+
+    def __init__(self, epf: PciEpfVntb) -> None:
+        # pci_name() of the function on the virtual bus: the name EP clients' debugfs uses.
+        super().__init__(f"0000:{epf.attrs.vbus_number:02x}:00.0", epf.controller.spawn)
+        self.epf = epf
+        self.epc = epf.controller
+
+    def _ctrl(self) -> tuple[RegisterBlock, int, int]:
+        reg = self.epf.reg
+        return reg, reg["spad_offset"], reg["spad_count"]
+
+    def _spad_addr(self, idx: int, peer: bool) -> int:
+        reg, off, count = self._ctrl()
+        if not 0 <= idx < count:
+            raise IndexError(f"scratchpad {idx} out of range ({count})")
+        return reg.addr + off + (0 if peer else count * 4) + 4 * idx
+
+    def mw_count(self, pidx: int = 0) -> int:
+        return self.epf.num_mws
+
+    def mw_get_align(self, pidx: int, idx: int) -> tuple[int, int, int]:
+        return SZ_4K, 1, self.epf.mws_size[idx]
+
+    def mw_set_trans(self, pidx: int, idx: int, addr: int, size: int) -> None:
+        """vntb_epf_mw_set_trans(): the MW BAR's inbound translation onto ``addr``."""
+        barno = self.epf.epf_ntb_bar[BAR_MW1 + idx]
+        b = self.epf.bar[barno]
+        assert b is not None
+        b.phys_addr, b.size = addr, size
+        try:
+            self.epc.set_bar(b)
+        except EpcError as e:
+            raise OSError(e.errno, f"failure set mw trans: {e}") from None
+
+    def mw_clear_trans(self, pidx: int, idx: int) -> None:
+        """A no-op in 7.3.4: the BAR keeps pointing at the old buffer."""
+
+    def peer_mw_count(self) -> int:
+        return self.epf.num_mws
+
+    def peer_mw_get_addr(self, idx: int) -> tuple[int, int]:
+        return self.epf.vpci_mw_phy[idx], self.epf.mws_size[idx]
+
+    def link_is_up(self) -> bool:
+        return bool(self.epf.reg["link_status"])
+
+    def link_enable(self) -> None:
+        """A no-op: the EP cannot bring the link up; the RC's LINK_UP does."""
+
+    def link_disable(self) -> None:
+        """A no-op, as link_enable."""
+
+    def db_vector_count(self) -> int:
+        count = self.epf.db_count
+        return count - EPF_IRQ_DB_START if MIN_DB_COUNT <= count <= MAX_DB_COUNT else 0
+
+    def db_valid_mask(self) -> int:
+        return (1 << self.db_vector_count()) - 1
+
+    def db_vector_mask(self, vector: int) -> int:
+        return 1 << vector if 0 <= vector < self.db_vector_count() else 0
+
+    def db_read(self) -> int:
+        return self.epf.db
+
+    def db_clear(self, bits: int) -> None:
+        self.epf.db &= ~bits
+
+    def peer_db_set(self, bits: int) -> None:
+        self.epf.peer_db_set(bits)
+
+    def spad_count(self) -> int:
+        return self.epf.spad_count
+
+    def spad_read(self, idx: int) -> int:
+        """The second array: what the RC writes as its peer scratchpads."""
+        return int.from_bytes(self.epc.ram.read(self._spad_addr(idx, peer=False), 4), "little")
+
+    def spad_write(self, idx: int, value: int) -> None:
+        self.epc.ram.write(self._spad_addr(idx, peer=False), (value & 0xFFFFFFFF).to_bytes(4,
+                                                                                   "little"))
+
+    def peer_spad_read(self, pidx: int, idx: int) -> int:
+        """The first array: the RC's own scratchpads."""
+        return int.from_bytes(self.epc.ram.read(self._spad_addr(idx, peer=True), 4), "little")
+
+    def peer_spad_write(self, pidx: int, idx: int, value: int) -> None:
+        self.epc.ram.write(self._spad_addr(idx, peer=True), (value & 0xFFFFFFFF).to_bytes(4,
+                                                                                  "little"))
+
+    def dma_alloc(self, size: int, align: int) -> int:
+        return self.epc.ram.alloc(size, align=max(align, PAGE))
+
+    def dma_free(self, addr: int, size: int) -> None:
+        self.epc.ram.free(addr, size)
+
+    def mem_read(self, addr: int, size: int) -> bytes:
+        return self.epc.ram.read(addr, size)
+
+    def mem_write(self, addr: int, data: bytes | memoryview) -> None:
+        self.epc.ram.write(addr, data)
+
+    async def io_read(self, addr: int, size: int) -> bytes:
+        try:
+            return await self.epc.space.read(addr, size)
+        except (AddressError, DmaError) as e:
+            raise NtbIoError(errno.EFAULT, str(e)) from None
+
+    async def io_write(self, addr: int, data: bytes | memoryview) -> None:
+        try:
+            await self.epc.space.write(addr, data)
+        except (AddressError, DmaError) as e:
+            raise NtbIoError(errno.EFAULT, str(e)) from None
+
