@@ -21,9 +21,11 @@ install: $(STAMP)
 provision: $(STAMP)
 	$(PYTHON) -m vfio_ep provision
 
-# Boot a guest against a fresh vfio-ep and run the upstream pci_endpoint_test kselftest.
+# Boot a guest against a fresh vfio-ep and run the upstream pci_endpoint_test kselftest,
+# then the NTB suite against pci-epf-vntb (ntb_hw_epf, ntb_tool, ntb_pingpong, ntb_netdev).
 demo: $(STAMP)
 	$(PYTHON) -m vfio_ep run
+	$(PYTHON) -m vfio_ep run --function pci-epf-vntb
 
 # Everything: lint, unit tests, and the guest integration tests (real QEMU, real drivers).
 test: $(STAMP) lint provision

@@ -18,10 +18,9 @@ import pytest
 pytestmark = pytest.mark.guest
 
 ROOT = Path(__file__).resolve().parents[1]
-# A small, real slice of the integration suite: one kselftest run in a guest.
-SELECTION = ("tests/test_guest.py", "-k", "kselftest_passes_with_each_doorbell and poll")
-# Until tests/test_guest.py exists: boot a guest with the CLI and run one kselftest group.
-SMOKE = ("vfio-ep", "run", "--", "-f", "pci_ep_basic")
+# A small, real slice of the integration suite: one kselftest run and one vNTB suite run.
+SELECTION = ("tests/test_guest.py", "tests/test_guest_ntb.py", "-k",
+             "kselftest_passes_with_each_doorbell and poll or vntb_suite and msi")
 TIMEOUT = 1800  # a cold image build (podman and debootstrap installed too) plus a guest boot
 
 
@@ -30,12 +29,8 @@ TIMEOUT = 1800  # a cold image build (podman and debootstrap installed too) plus
                     reason="podman is absent: the container suite needs it "
                            "(apt-get install podman runc debootstrap)")
 def test_guest_suite_runs_in_the_container() -> None:
-    if (ROOT / SELECTION[0]).is_file():
-        command = ["test", *SELECTION]
-        passed = "1 passed"
-    else:
-        command = ["run", "--", *SMOKE]
-        passed = "PASSED: 4 / 4 tests passed"
+    command = ["test", *SELECTION]
+    passed = "2 passed"
     proc = subprocess.Popen([sys.executable, "-m", "vfio_ep.guest.container", *command],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

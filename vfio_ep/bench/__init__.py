@@ -5,6 +5,7 @@ the same run (the machine is shared, so absolute numbers only mean something sid
 - ``doorbell``: in-guest doorbell round trip per backend vs an in-QEMU MMIO read
 - ``transfer``: pci-epf-test READ/WRITE/COPY throughput vs a host memcpy
 - ``idle``: server CPU with a doorbell enabled, per backend, vs no doorbell
+- ``ntb``: vNTB ping round trip over ntb_netdev per doorbell backend, vs the MSI doorbell
 """
 
-NAMES = ("dispatch", "doorbell", "transfer", "idle")
+NAMES = ("dispatch", "doorbell", "transfer", "idle", "ntb")

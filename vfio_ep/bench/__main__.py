@@ -20,15 +20,16 @@ from vfio_ep.bench.common import DEFAULT_OUT, BenchError, Result, write_results
 
 def _runners(quick: bool) -> dict[str, Callable[[], Result]]:
     """Each benchmark with its full or ``--quick`` (sanity-check sized) parameters."""
-    from vfio_ep.bench import dispatch, doorbell, idle, transfer
+    from vfio_ep.bench import dispatch, doorbell, idle, ntb, transfer
 
     if quick:
         return {"dispatch": lambda: dispatch.run(n=20_000, reps=2),
                 "doorbell": lambda: doorbell.run(n=200, n_mmio=2000),
                 "transfer": lambda: transfer.run(sizes=(1 << 20,), reps=1),
-                "idle": lambda: idle.run(seconds=3)}
+                "idle": lambda: idle.run(seconds=3),
+                "ntb": lambda: ntb.run(count=20)}
     return {"dispatch": dispatch.run, "doorbell": doorbell.run, "transfer": transfer.run,
-            "idle": idle.run}
+            "idle": idle.run, "ntb": ntb.run}
 
 
 def main(argv: list[str] | None = None) -> int:

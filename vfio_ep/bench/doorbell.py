@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 from vfio_ep.bench.common import BenchError, Column, Result, guest_programs, ratio, serve
+from vfio_ep.epc.core import PciEpcAttributes
 from vfio_ep.epf.functions.pci_epf_test import PciEpfTestAttributes
 from vfio_ep.guest.launcher import GuestResult, boot_guest
 
@@ -107,7 +108,7 @@ def run(n: int = 2000, n_mmio: int = 20000, backends: tuple[str, ...] = BACKENDS
                      "ratio_median": ratio(ring["median_ns"], floor["median_ns"]),
                      "ratio_p99": ratio(ring["p99_ns"], floor["p99_ns"]),
                      "reg_read_us": reg["median_ns"] / 1e3, "ring_via": ring["via"]})
-    poll_us = PciEpfTestAttributes.doorbell_poll_interval_us
+    poll_us = PciEpcAttributes.doorbell_poll_interval_us
     notes = [f"{n} rings per backend after 20 warm-up rings; floor: {n_mmio} reads of "
              "ivshmem-plain BAR0 in the same guest (TCG); rdtsc-timed in the guest.",
              "register read: a pci-epf-test STATUS read from the same guest, one non-posted "

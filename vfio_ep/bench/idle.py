@@ -23,7 +23,7 @@ from vfio_ep.bench.common import (
     sample_process,
 )
 from vfio_ep.bench.doorbell import BACKENDS, PROGRAM, run_guest, vfio_prelude
-from vfio_ep.epf.functions.pci_epf_test import PciEpfTestAttributes
+from vfio_ep.epc.core import PciEpcAttributes
 
 BASELINE = "no doorbell"
 RESOLUTION_PCT = 0.01  # 100 us of CPU a second: below this, a ratio to the baseline is noise
@@ -71,7 +71,7 @@ def run(seconds: float = 10, backends: tuple[str, ...] = BACKENDS) -> Result:
     for row in rows:
         row["ratio"] = ratio(row["cpu_pct"], base) if base >= RESOLUTION_PCT else None
         row["extra_pct"] = row["cpu_pct"] - base
-    poll_us = PciEpfTestAttributes.doorbell_poll_interval_us
+    poll_us = PciEpcAttributes.doorbell_poll_interval_us
     notes = [f"server CPU over a {seconds:g} s idle window (guest attached, MSI-X set up through "
              "VFIO); CPU % of one core from the process CPU clock (ns, all threads), utime+stime "
              "(10 ms ticks) alongside; wakeups: context switches of the trio thread.",

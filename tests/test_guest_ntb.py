@@ -1,0 +1,105 @@
+"""Acceptance: a guest's ntb_hw_epf, ntb_tool, ntb_pingpong, ntb_transport and ntb_netdev
+against pci-epf-vntb, with `vfio-ep run` exactly as a user runs it.
+
+Each run boots one guest per EP-side client (tool, pingpong, netdev) and checks, from the
+guest: ntb_hw_epf bound with the seeds' IDs, link up, scratchpads and every doorbell both
+ways, memory-window data both ways byte for byte, ntb_pingpong counting, ntb_netdev
+``ping -c 100`` with no loss, 16 MiB echoed over TCP with equal checksums, and the link
+going down and up again across an unbind/rebind of ntb_hw_epf.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from vfio_ep.guest.provision import ensure_host_packages
+
+pytestmark = pytest.mark.guest
+
+SEED = Path(__file__).parent / "data" / "seed-vntb-setup.sh"
+SUITE = [f"tool.{t}" for t in ("hw_epf_bound", "tool_bound", "link_up", "spads_both_ways",
+                               "doorbell_0", "doorbell_1", "mw_both_ways")] + [
+    f"pingpong.{t}" for t in ("hw_epf_bound", "pingpong_bound", "pingpong_counts")] + [
+    f"netdev.{t}" for t in ("hw_epf_bound", "netdev_link_up", "ping_100", "tcp_16mib_echo",
+                            "unbind_takes_link_down", "rebind", "relink_up",
+                            "ping_after_rebind")]
+
+
+def vfio_ep_run(tmp_path: Path, *args: str, prefix: tuple[str, ...] = ()
+                ) -> tuple[subprocess.CompletedProcess[str], dict]:
+    run_dir = tmp_path / "run"
+    proc = subprocess.run([*prefix, sys.executable, "-m", "vfio_ep", "run", "--run-dir",
+                           str(run_dir), *args], capture_output=True, text=True, timeout=900)
+    results = run_dir / "results.json"
+    assert results.is_file(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc, json.loads(results.read_text())
+
+
+def assert_passed(proc: subprocess.CompletedProcess[str], results: dict,
+                  names: list[str]) -> None:
+    failed = [f"{t['name']}: {t['reason']} {t['diagnostics']}" for t in results["tests"]
+              if t["status"] != "pass"]
+    assert not failed, f"{failed}\n{proc.stdout[-4000:]}"
+    assert [t["name"] for t in results["tests"]] == names
+    assert proc.returncode == 0 and results["passed"], proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("sets", [
+    ("doorbell=msi",),
+    ("doorbell=embedded",),
+    ("doorbell=poll",),
+    ("controller=rk3588",),  # the eDMA doorbell pre-exposed in BAR4 = db_bar
+    ("controller=rcar-s4",),  # no MSI controller: the embedded doorbell, BAR4 fixed 256 B
+], ids=lambda s: s[0])
+def test_vntb_suite(tmp_path: Path, sets: tuple[str, ...]) -> None:
+    args = [a for s in sets for a in ("--set", s)]
+    proc, results = vfio_ep_run(tmp_path, "--function", "pci-epf-vntb", *args)
+    assert_passed(proc, results, SUITE)
+    logs = "".join(p.read_text() for p in (tmp_path / "run").glob("*/server.log"))
+    if sets == ("doorbell=poll",):
+        assert "doorbell = poll: polling the doorbell BAR" in logs
+    else:
+        assert "doorbells in BAR4" in logs  # an interrupt doorbell, where ntb_hw_epf rings
+
+
+def test_the_seeds_configfs_setup_as_written(tmp_path: Path) -> None:
+    """The seeds' configfs block, unmodified: the guest binds ntb_hw_epf to the result."""
+    proc, results = vfio_ep_run(tmp_path, "--configfs", str(SEED), "--", "netdev")
+    assert_passed(proc, results, [n for n in SUITE if n.startswith("netdev.")])
+    log = (tmp_path / "run" / "netdev" / "server.log").read_text()
+    assert "serving controller e65d0000.pcie-ep: func1 (pci_epf_vntb) 1912:0030" in log
+
+
+ECHO_SERVER = textwrap.dedent("""
+    import socket, threading
+    def echo(c):
+        while data := c.recv(1 << 16):
+            c.sendall(data)
+        c.close()
+    s = socket.create_server(("10.0.0.11", 7))
+    while True:
+        threading.Thread(target=echo, args=(s.accept()[0],), daemon=True).start()
+""")
+
+
+def test_netdev_bridged_to_a_tap_device_in_a_private_network_namespace(tmp_path: Path) -> None:
+    """netdev = tap:NAME: the host kernel in a namespace of the test's own answers ping and
+    TCP; no address is configured anywhere else."""
+    ensure_host_packages(("iproute2", "util-linux"))  # ip, unshare
+    (tmp_path / "echo.py").write_text(ECHO_SERVER)
+    setup = (f"set -e; ip link set lo up; ip tuntap add dev ntb0 mode tap; "
+             f"ip addr add 10.0.0.11/24 dev ntb0; ip link set ntb0 up; "
+             f"{sys.executable} {tmp_path / 'echo.py'} & echo=$!; set +e; "
+             f"\"$@\"; status=$?; kill $echo; exit $status")
+    proc, results = vfio_ep_run(tmp_path, "--function", "pci-epf-vntb",
+                                "--set", "netdev=tap:ntb0", "--", "netdev",
+                                prefix=("unshare", "-rn", "sh", "-c", setup, "sh"))
+    assert_passed(proc, results, [n for n in SUITE if n.startswith("netdev.")])
+    log = (tmp_path / "run" / "netdev" / "server.log").read_text()
+    assert "ntb_netdev bridged to TAP device ntb0" in log
