@@ -66,7 +66,7 @@ def test_composition_tables_name_controllers_and_functions(tmp_path: Path) -> No
     assert (func.driver, func.primary, func.values["db_count"]) == ("pci_epf_vntb", "ep0", "6")
     assert func.values["vendorid"] == 0x1912  # vfio-ep's vNTB defaults: the seeds' R-Car
     ep = comp.build()[0]
-    assert (ep.controller, ep.socket, ep.epc.profile.name) == ("ep0", Path("/run/ep0.sock"),
+    assert (ep.controller, ep.socket, ep.epc.ops.profile.name) == ("ep0", Path("/run/ep0.sock"),
                                                                "rk3588")
     assert ep.device.config.u32(0) == 0x00301912
 

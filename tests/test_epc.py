@@ -98,10 +98,12 @@ def test_outbound_translation_and_errors() -> None:
     table.map(0x40000, 0x10000, 3, fd, 0)
     os.close(fd)
     mem = PciEpcMem(0x1_0000_0000, 0x100000, PAGE)
-    ob = OutboundAtu(mem, 2, lambda: table)
+    ob = OutboundAtu(0x1_0000_0000, 0x100000, 2, lambda: table)
     phys = mem.alloc_addr(0x2000)
     assert phys == 0x1_0000_0000
     ob.map_addr(phys, 0x40000, 0x2000)
+    ob.map_addr(phys, 0x40000, 0x2000)  # mapping the same address again reprograms it
+    assert len(ob.regions) == 1
 
     async def go() -> None:
         await ob.write(0x10, b"hi")

@@ -267,7 +267,7 @@ def test_embedded_doorbell_irq_is_shared(tmp_path: Path, path: str) -> None:
             seen.append(virq)
             return IRQ_HANDLED
 
-        virq = epc.edma.emul_virq
+        virq = epc.soc.edma.emul_virq
         srv.call(epc.irqs.request_irq, virq, other, IRQF_SHARED | IRQF_ONESHOT, "other", seen)
         with pytest.raises(IrqError):  # not shared: refused
             srv.call(epc.irqs.request_irq, virq, lambda v, d: IRQ_HANDLED, IRQF_ONESHOT,

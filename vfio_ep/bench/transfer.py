@@ -17,7 +17,8 @@ import zlib
 
 from vfio_ep.bench.client import Client, RcSide
 from vfio_ep.bench.common import BenchError, Column, Result, median, ratio, serve
-from vfio_ep.epc.core import OUTBOUND_SIZE, PciEpcAttributes
+from vfio_ep.epc.core import PciEpcAttributes
+from vfio_ep.epc.dw import OUTBOUND_SIZE
 from vfio_ep.epf.functions import pci_epf_test as t
 
 MIB = 1 << 20

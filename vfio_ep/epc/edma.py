@@ -27,7 +27,7 @@ from construct import Int32ul, Struct
 
 from vfio_ep.epc.address_space import AddressError, EpAddressSpace
 from vfio_ep.epc.irq import IRQ_HANDLED, IRQ_NONE, IRQF_SHARED, IrqDomain, Spawn
-from vfio_ep.vfio_user.dma import DmaError, DmaTable
+from vfio_ep.pci.host import RcBusError, RcMemory
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ class DwEdma:
     """The register block (an MmioHandler) and the engine behind it."""
 
     def __init__(self, space: EpAddressSpace, irqs: IrqDomain, spawn: Spawn,
-                 channels: int, rc_dma: Callable[[], DmaTable | None]) -> None:
+                 channels: int, rc_dma: Callable[[], RcMemory | None]) -> None:
         self.space = space
         self.rc_dma = rc_dma
         self.spawn = spawn
@@ -163,7 +163,7 @@ class DwEdma:
                 await self.space.write(dar, data)
             else:
                 await self._rc().write(dar, data)
-        except (AddressError, DmaError) as e:
+        except (AddressError, RcBusError) as e:
             ok = False
             log.warning("eDMA %s channel %d aborted: %s", self.dirs[direction].name, ch, e)
         await trio.lowlevel.checkpoint()
@@ -174,7 +174,7 @@ class DwEdma:
         if not d.int_mask & bit:
             self.irqs.handle(self.virq)
 
-    def _rc(self) -> DmaTable:
+    def _rc(self) -> RcMemory:
         dma = self.rc_dma()
         if dma is None:
             raise AddressError("eDMA: no RC attached (link down)")

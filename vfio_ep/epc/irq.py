@@ -18,6 +18,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from vfio_ep.errors import ErrnoError
+
 log = logging.getLogger(__name__)
 
 IRQF_SHARED = 0x00000080
@@ -29,10 +31,8 @@ IrqHandler = Callable[[int, Any], int | Awaitable[int]]
 Spawn = Callable[[Callable[[], Awaitable[None]], str], None]
 
 
-class IrqError(Exception):
-    def __init__(self, err: int, reason: str) -> None:
-        super().__init__(reason)
-        self.errno = err
+class IrqError(ErrnoError):
+    """request_irq() refused."""
 
 
 @dataclass

@@ -2,8 +2,8 @@
 
 ``pci_epc_mem_alloc_addr`` hands out pages of the outbound aperture (EP
 addresses); ``map_addr`` points an outbound iATU region from such an EP
-address to an RC bus address.  An EP access inside a mapped region becomes a
-DMA access to guest memory through the client's DMA table; anything outside
+address to an RC bus address.  An EP access inside a mapped region becomes an
+access to RC memory (the attached client's ``RcMemory``); anything outside
 is an error that the caller reports, never an exception that escapes.
 """
 
@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from vfio_ep.epc.address_space import AddressError
-from vfio_ep.vfio_user.dma import DmaTable
+from vfio_ep.pci.host import RcMemory
 
 log = logging.getLogger(__name__)
 
@@ -54,38 +54,41 @@ class PciEpcMem:
 
 
 class OutboundAtu:
-    """Outbound iATU regions, and the aperture they make reachable."""
+    """Outbound iATU regions, and the aperture [base, base + size) they make reachable."""
 
-    def __init__(self, mem: PciEpcMem, num_windows: int,
-                 dma: Callable[[], DmaTable | None]) -> None:
-        self.mem = mem
+    def __init__(self, base: int, size: int, num_windows: int,
+                 rc: Callable[[], RcMemory | None]) -> None:
+        self.base = base
+        self.size = size
         self.num_windows = num_windows
         self.regions: list[OutboundRegion] = []
-        self._dma = dma
+        self._rc = rc
 
     def map_addr(self, phys_addr: int, pci_addr: int, size: int) -> None:
-        if len(self.regions) >= self.num_windows:
+        """Program a region; mapping an address that is mapped already reprograms its
+        region (as dw_pcie_ep_map_addr() finds the window by address)."""
+        others = [r for r in self.regions if r.phys_addr != phys_addr]
+        if len(others) >= self.num_windows:
             raise AddressError(f"no free outbound iATU region ({self.num_windows} in use)")
-        if not (self.mem.phys_base <= phys_addr
-                and phys_addr + size <= self.mem.phys_base + self.mem.size):
+        if not (self.base <= phys_addr and phys_addr + size <= self.base + self.size):
             raise AddressError(f"outbound map of {phys_addr:#x}+{size:#x} outside the aperture")
-        self.regions.append(OutboundRegion(phys_addr, pci_addr, size))
+        self.regions = [*others, OutboundRegion(phys_addr, pci_addr, size)]
 
     def unmap_addr(self, phys_addr: int) -> None:
         self.regions = [r for r in self.regions if r.phys_addr != phys_addr]
 
     def translate(self, offset: int, size: int) -> int:
-        addr = self.mem.phys_base + offset
+        addr = self.base + offset
         for r in self.regions:
             if r.phys_addr <= addr and addr + size <= r.phys_addr + r.size:
                 return r.pci_addr + addr - r.phys_addr
         raise AddressError(f"outbound access [{addr:#x}, {addr + size:#x}) is not mapped")
 
-    def _table(self) -> DmaTable:
-        dma = self._dma()
-        if dma is None:
+    def _table(self) -> RcMemory:
+        rc = self._rc()
+        if rc is None:
             raise AddressError("outbound access with no RC attached (link down)")
-        return dma
+        return rc
 
     # The Aperture protocol (EpAddressSpace routes the aperture's addresses here).
     async def read(self, offset: int, size: int) -> bytes:

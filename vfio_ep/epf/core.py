@@ -10,9 +10,9 @@ connected or went away).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from vfio_ep.epc.bar import PciEpfBar
 from vfio_ep.epc.core import PciEpc
 from vfio_ep.epc.features import BarType, EpcFeatures
 from vfio_ep.pci.bar import NUM_BARS, PCI_BASE_ADDRESS_MEM_TYPE_64
@@ -23,30 +23,6 @@ if TYPE_CHECKING:
     from vfio_ep.epf.doorbell import PciEpfDoorbellMsg
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class PciEpfBarSubmap:
-    phys_addr: int
-    size: int
-
-
-@dataclass
-class PciEpfBar:
-    """struct pci_epf_bar: ``phys_addr`` is the EP address backing the BAR."""
-
-    barno: int
-    phys_addr: int = 0
-    size: int = 0
-    mem_size: int = 0
-    flags: int = 0
-    submap: list[PciEpfBarSubmap] = field(default_factory=list)
-    # Emulator hint: the function may point this BAR at a doorbell register, so the
-    # controller keeps the pages a doorbell would land on trapped (see vfio_ep.epc.core).
-    doorbell_target: bool = False
-
-    def copy(self) -> PciEpfBar:
-        return replace(self, submap=list(self.submap))
 
 
 def required_bar_size(size: int, bar: int, features: EpcFeatures) -> tuple[int, int]:
@@ -65,6 +41,13 @@ def required_bar_size(size: int, bar: int, features: EpcFeatures) -> tuple[int, 
     return size, (size + align - 1) // align * align if align else size
 
 
+class _Tagged(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """A function's log lines start with "<controller>/<function>"."""
+
+    def process(self, msg: object, kwargs: Any) -> tuple[object, Any]:
+        return f"{self.extra['epf'].tag}: {msg}", kwargs  # type: ignore[index]
+
+
 class PciEpf:
     """A function: header, interrupt counts, BARs; subclasses implement the event ops."""
 
@@ -77,8 +60,10 @@ class PciEpf:
         self.msix_interrupts = msix_interrupts
         self.epc: PciEpc | None = None
         self.func_no = 0
+        self.vfunc_no = 0
         # Who this is in logs: "<controller>/<configfs function name>", set by the composition.
         self.tag = self.name
+        self.log = _Tagged(logging.getLogger(type(self).__module__), {"epf": self})
         self.bar: list[PciEpfBar | None] = [None] * NUM_BARS
         # Doorbells (vfio_ep.epf.doorbell): the configured backend and what it handed out.
         self.doorbell = doorbell
@@ -91,6 +76,11 @@ class PciEpf:
         if self.epc is None:
             raise RuntimeError(f"{self.name} is not bound to a controller")
         return self.epc
+
+    @property
+    def features(self) -> EpcFeatures:
+        """pci_epc_get_features() of this function's controller."""
+        return self.controller.get_features(self.func_no, self.vfunc_no)
 
     def bind_to(self, epc: PciEpc) -> None:
         """pci_epc_add_epf() + the driver's .bind."""

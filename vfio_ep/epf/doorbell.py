@@ -21,6 +21,7 @@ from vfio_ep.epc.doorbell import PollDoorbell
 from vfio_ep.epc.features import NO_BAR
 from vfio_ep.epc.irq import IRQF_SHARED
 from vfio_ep.epc.msi_controller import MsiMsg
+from vfio_ep.errors import ErrnoError
 
 if TYPE_CHECKING:
     from vfio_ep.epf.core import PciEpf
@@ -42,10 +43,8 @@ BACKENDS = ("msi", "embedded", "poll")
 CHOICES = (*BACKENDS, "auto")
 
 
-class DoorbellError(Exception):
-    def __init__(self, err: int, reason: str) -> None:
-        super().__init__(reason)
-        self.errno = err
+class DoorbellError(ErrnoError):
+    """pci_epf_alloc_doorbell() refused."""
 
 
 @dataclass
@@ -87,13 +86,13 @@ def pci_epf_alloc_doorbell(epf: PciEpf, num_db: int, allow_poll: bool = True) ->
         except DoorbellError as e:
             reasons.append(f"{name}: {e}")
             if e.errno != errno.ENODEV or name == order[-1]:
-                log.error("%s: Failed to allocate doorbell: %s", epf.name, "; ".join(reasons))
+                log.error("%s: Failed to allocate doorbell: %s", epf.tag, "; ".join(reasons))
                 raise
-            log.warning("%s: %s doorbell unavailable (%s), trying the next backend", epf.name,
+            log.warning("%s: %s doorbell unavailable (%s), trying the next backend", epf.tag,
                         name, e)
             continue
         epf.db_backend = name
-        log.info("%s: %s", epf.name, _USING[name].format(
+        log.info("%s: %s", epf.tag, _USING[name].format(
             interval=epc.doorbell_poll_interval * 1e6))
         return
 

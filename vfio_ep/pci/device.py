@@ -13,7 +13,6 @@ import errno
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, fields
-from typing import Protocol
 
 from vfio_ep.memory import SharedMemory
 from vfio_ep.pci import capabilities as caps
@@ -49,8 +48,7 @@ from vfio_ep.pci.config_space import (
     PCI_VENDOR_ID,
     ConfigSpace,
 )
-from vfio_ep.vfio_user.dma import DmaTable
-from vfio_ep.vfio_user.irq import IrqSet
+from vfio_ep.pci.host import Host
 from vfio_ep.vfio_user.protocol import (
     REGION_INFO_FLAG_MMAP,
     REGION_INFO_FLAG_READ,
@@ -115,15 +113,6 @@ class RegionInfo:
     fd: int | None = None
     offset: int = 0
     areas: tuple[tuple[int, int], ...] = ()
-
-
-class Host(Protocol):
-    """What the attached client offers the device: its memory, its IRQs, a task runner."""
-
-    dma: DmaTable
-    irqs: IrqSet
-
-    def spawn(self, fn: Callable[[], Awaitable[None]], name: str) -> None: ...
 
 
 @dataclass

@@ -17,10 +17,12 @@ import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from vfio_ep.pci.host import RcBusError
+
 log = logging.getLogger(__name__)
 
 
-class DmaError(Exception):
+class DmaError(RcBusError):
     """An access to guest memory that no mapping covers."""
 
 

@@ -23,6 +23,8 @@ from construct import (
     this,
 )
 
+from vfio_ep.errors import ErrnoError
+
 HEADER_SIZE = 16
 
 
@@ -223,13 +225,8 @@ def version_capabilities() -> bytes:
     return json.dumps(caps, separators=(",", ":")).encode()
 
 
-class ProtocolError(Exception):
+class ProtocolError(ErrnoError):
     """A request we refuse: answered with an error reply carrying ``errno``."""
-
-    def __init__(self, err: int, reason: str) -> None:
-        super().__init__(reason)
-        self.errno = err
-        self.reason = reason
 
 
 class StreamError(Exception):

@@ -10,7 +10,6 @@ moment the RC's write lands.
 
 from __future__ import annotations
 
-import logging
 import os
 import zlib
 from collections.abc import Awaitable, Callable, Iterator
@@ -21,19 +20,18 @@ import trio
 from construct import Int32ul, Int64ul, Struct
 
 from vfio_ep.epc.address_space import AddressError, Watch
+from vfio_ep.epc.bar import PciEpfBar, PciEpfBarSubmap
 from vfio_ep.epc.core import EpcError, IrqType, PciEpcMap
 from vfio_ep.epc.edma import DmaChannel
 from vfio_ep.epc.features import NO_BAR, BarType, get_first_free_bar, get_next_free_bar
 from vfio_ep.epc.irq import IRQ_HANDLED, IRQF_ONESHOT, IrqError
-from vfio_ep.epf.core import PciEpf, PciEpfBar, PciEpfBarSubmap
+from vfio_ep.epf.core import PciEpf
 from vfio_ep.epf.doorbell import CHOICES as DOORBELL_CHOICES
 from vfio_ep.epf.doorbell import DoorbellError, pci_epf_alloc_doorbell, pci_epf_free_doorbell
 from vfio_ep.epf.regs import RegisterBlock, field_offsets
 from vfio_ep.pci.bar import NUM_BARS
 from vfio_ep.pci.device import FunctionAttributes, PciHeader
-from vfio_ep.vfio_user.dma import DmaError
-
-log = logging.getLogger(__name__)
+from vfio_ep.pci.host import RcBusError
 
 IRQ_TYPE_INTX, IRQ_TYPE_MSI, IRQ_TYPE_MSIX = 0, 1, 2
 
@@ -147,7 +145,7 @@ class PciEpfTest(PciEpf):
 
     # -- bind / space ------------------------------------------------------------
     def bind(self) -> None:
-        features = self.controller.get_features()
+        features = self.features
         if not features.intx_capable:
             self.header = replace(self.header, interrupt_pin=0)
         bar = get_first_free_bar(features)
@@ -157,7 +155,7 @@ class PciEpfTest(PciEpf):
         self._alloc_space()
 
     def _alloc_space(self) -> None:
-        features = self.controller.get_features()
+        features = self.features
         msix_table_size = pba_size = 0
         if features.msix_capable:
             msix_table_size = 16 * self.msix_interrupts
@@ -180,7 +178,7 @@ class PciEpfTest(PciEpf):
                         else self.bar_size[bar])
                 b = self.alloc_space(size, bar, features)
                 if b is None:
-                    log.error("Failed to allocate space for BAR%d", bar)
+                    self.log.error("Failed to allocate space for BAR%d", bar)
                 else:
                     b.doorbell_target = bar == doorbell_bar
                     self.reg_space[bar] = b
@@ -189,25 +187,26 @@ class PciEpfTest(PciEpf):
     # -- controller events ---------------------------------------------------
     def epc_init(self) -> None:
         epc = self.controller
-        features = epc.get_features()
+        features = self.features
         self.dma_chan_rx = epc.dma_channel("rd")
         self.dma_chan_tx = epc.dma_channel("wr")
         self.dma_supported = self.dma_chan_rx is not None and self.dma_chan_tx is not None
-        epc.write_header(self.header)
+        epc.write_header(self.func_no, self.vfunc_no, self.header)
         self._set_capabilities()
         for bar in sorted(self.reg_space):
             try:
-                epc.set_bar(self.reg_space[bar])
+                epc.set_bar(self.func_no, self.vfunc_no, self.reg_space[bar])
             except EpcError as e:
-                log.error("Failed to set BAR%d: %s", bar, e)
+                self.log.error("Failed to set BAR%d: %s", bar, e)
                 if bar == self.test_reg_bar:
                     raise
                 self.free_space(bar)
                 del self.reg_space[bar]
         if features.msi_capable:
-            epc.set_msi(self.msi_interrupts)
+            epc.set_msi(self.func_no, self.vfunc_no, self.msi_interrupts)
         if features.msix_capable:
-            epc.set_msix(self.msix_interrupts, self.test_reg_bar, self.msix_table_offset)
+            epc.set_msix(self.func_no, self.vfunc_no, self.msix_interrupts, self.test_reg_bar,
+                         self.msix_table_offset)
         b = self.reg_space[self.test_reg_bar]
         off, size = REG_OFFSET["command"]
         self._watch = epc.space.watch(b.phys_addr + off, size, self._command_written)
@@ -226,10 +225,10 @@ class PciEpfTest(PciEpf):
                 chan.release()
         self.dma_chan_rx = self.dma_chan_tx = None
         for b in self.reg_space.values():
-            epc.clear_bar(b)
+            epc.clear_bar(self.func_no, self.vfunc_no, b)
 
     def _set_capabilities(self) -> None:
-        f = self.controller.get_features()
+        f = self.features
         caps = CAP_UNALIGNED_ACCESS  # our controller implements align_addr
         caps |= CAP_MSI if f.msi_capable else 0
         caps |= CAP_MSIX if f.msix_capable else 0
@@ -268,13 +267,13 @@ class PciEpfTest(PciEpf):
             return
         reg["command"] = 0
         reg["status"] = 0
-        log.debug("command %#x irq_type %d irq_number %d flags %#x", command, irq_type,
+        self.log.debug("command %#x irq_type %d irq_number %d flags %#x", command, irq_type,
                   reg["irq_number"], reg["flags"])
         if reg["flags"] & FLAG_USE_DMA and not self.dma_supported:
-            log.error("Cannot transfer data using DMA")
+            self.log.error("Cannot transfer data using DMA")
             return
         if irq_type > IRQ_TYPE_MSIX:
-            log.error("Failed to detect IRQ type")
+            self.log.error("Failed to detect IRQ type")
             return
         handlers = {
             COMMAND_WRITE: self._write,
@@ -291,7 +290,7 @@ class PciEpfTest(PciEpf):
             await handlers[command](reg)
             self._raise_irq()
         else:
-            log.error("Invalid command 0x%x", command)
+            self.log.error("Invalid command 0x%x", command)
 
     def _raise_irq(self) -> None:
         reg = self.regs
@@ -300,23 +299,23 @@ class PciEpfTest(PciEpf):
         epc = self.controller
         try:
             if irq_type == IRQ_TYPE_INTX:
-                epc.raise_irq(IrqType.INTX, 0)
+                epc.raise_irq(self.func_no, self.vfunc_no, IrqType.INTX, 0)
             elif irq_type == IRQ_TYPE_MSI:
-                count = epc.get_msi()
+                count = epc.get_msi(self.func_no, self.vfunc_no)
                 if irq_number > count or count <= 0:
-                    log.error("Invalid MSI IRQ number %d / %d", irq_number, count)
+                    self.log.error("Invalid MSI IRQ number %d / %d", irq_number, count)
                     return
-                epc.raise_irq(IrqType.MSI, irq_number)
+                epc.raise_irq(self.func_no, self.vfunc_no, IrqType.MSI, irq_number)
             elif irq_type == IRQ_TYPE_MSIX:
-                count = epc.get_msix()
+                count = epc.get_msix(self.func_no, self.vfunc_no)
                 if irq_number > count or count <= 0:
-                    log.error("Invalid MSI-X IRQ number %d / %d", irq_number, count)
+                    self.log.error("Invalid MSI-X IRQ number %d / %d", irq_number, count)
                     return
-                epc.raise_irq(IrqType.MSIX, irq_number)
+                epc.raise_irq(self.func_no, self.vfunc_no, IrqType.MSIX, irq_number)
             else:
-                log.error("Failed to raise IRQ, unknown type")
+                self.log.error("Failed to raise IRQ, unknown type")
         except EpcError as e:
-            log.error("raise_irq: %s", e)
+            self.log.error("raise_irq: %s", e)
 
     # -- data transfer -------------------------------------------------------
     async def _dma(self, chan: DmaChannel | None, src: int, dst: int, size: int,
@@ -343,14 +342,14 @@ class PciEpfTest(PciEpf):
         pos = 0
         while pos < size:
             try:
-                m = epc.mem_map(pci_addr + pos, size - pos)
+                m = epc.mem_map(self.func_no, self.vfunc_no, pci_addr + pos, size - pos)
             except EpcError as e:
-                log.error("Failed to map address: %s", e)
+                self.log.error("Failed to map address: %s", e)
                 return False
             try:
                 await step(m, pos)
             finally:
-                epc.mem_unmap(m)
+                epc.mem_unmap(self.func_no, self.vfunc_no, m)
             pos += m.pci_size
         return True
 
@@ -361,10 +360,10 @@ class PciEpfTest(PciEpf):
         try:
             status = await body()
         except MemoryError as e:
-            log.error("%s of %d bytes: %s", what, reg["size"], e)
+            self.log.error("%s of %d bytes: %s", what, reg["size"], e)
             status = fail
-        except (AddressError, DmaError, EpcError) as e:
-            log.error("%s failed: %s", what, e)
+        except (AddressError, RcBusError, EpcError) as e:
+            self.log.error("%s failed: %s", what, e)
             status = fail
         reg["status"] = status
 
@@ -386,7 +385,7 @@ class PciEpfTest(PciEpf):
                 if not await self._over_maps(src_addr, size, step):
                     return STATUS_SRC_ADDR_INVALID | STATUS_READ_FAIL
                 if crc32_le(epc.ram.read(buf, size)) != reg["checksum"]:
-                    log.warning("READ: CRC mismatch over %d bytes", size)
+                    self.log.warning("READ: CRC mismatch over %d bytes", size)
                     return STATUS_READ_FAIL
                 return STATUS_READ_SUCCESS
 
@@ -429,15 +428,15 @@ class PciEpfTest(PciEpf):
             with nullcontext(0) if use_dma else self._kzalloc(size) as buf:
                 while size:
                     try:
-                        src = epc.mem_map(src_addr, size)
+                        src = epc.mem_map(self.func_no, self.vfunc_no, src_addr, size)
                     except EpcError as e:
-                        log.error("Failed to map source address: %s", e)
+                        self.log.error("Failed to map source address: %s", e)
                         return STATUS_SRC_ADDR_INVALID | STATUS_COPY_FAIL
                     try:
-                        dst = epc.mem_map(dst_addr, size)
+                        dst = epc.mem_map(self.func_no, self.vfunc_no, dst_addr, size)
                     except EpcError as e:
-                        log.error("Failed to map destination address: %s", e)
-                        epc.mem_unmap(src)
+                        self.log.error("Failed to map destination address: %s", e)
+                        epc.mem_unmap(self.func_no, self.vfunc_no, src)
                         return STATUS_DST_ADDR_INVALID | STATUS_COPY_FAIL
                     try:
                         n = min(src.pci_size, dst.pci_size)
@@ -448,8 +447,8 @@ class PciEpfTest(PciEpf):
                             epc.ram.write(buf, await epc.space.read(src.phys_addr, n))
                             await epc.space.write(dst.phys_addr, epc.ram.read(buf, n))
                     finally:
-                        epc.mem_unmap(dst)
-                        epc.mem_unmap(src)
+                        epc.mem_unmap(self.func_no, self.vfunc_no, dst)
+                        epc.mem_unmap(self.func_no, self.vfunc_no, src)
                     size -= n
                     src_addr += n
                     dst_addr += n
@@ -481,7 +480,7 @@ class PciEpfTest(PciEpf):
         if db.bar != NO_BAR:  # already exposed through a platform-owned fixed BAR
             bar, offset = db.bar, db.offset
         else:
-            bar = get_next_free_bar(epc.get_features(), self.test_reg_bar + 1)
+            bar = get_next_free_bar(self.features, self.test_reg_bar + 1)
             if bar < 0:
                 self._doorbell_cleanup()
                 reg["status"] = status | STATUS_DOORBELL_ENABLE_FAIL
@@ -490,7 +489,7 @@ class PciEpfTest(PciEpf):
             epc.irqs.request_irq(db.virq, self._doorbell_handler, db.irq_flags | IRQF_ONESHOT,
                                  "pci-ep-test-doorbell", self)
         except IrqError as e:
-            log.error("Failed to request doorbell IRQ %d: %s", db.virq, e)
+            self.log.error("Failed to request doorbell IRQ %d: %s", db.virq, e)
             self._doorbell_cleanup()
             reg["status"] = status | STATUS_DOORBELL_ENABLE_FAIL
             return
@@ -504,9 +503,9 @@ class PciEpfTest(PciEpf):
             assert own is not None
             self.db_bar = PciEpfBar(bar, phys, own.size, flags=own.flags)
             try:
-                epc.set_bar(self.db_bar)
+                epc.set_bar(self.func_no, self.vfunc_no, self.db_bar)
             except EpcError as e:
-                log.error("Failed to map the doorbell into BAR%d: %s", bar, e)
+                self.log.error("Failed to map the doorbell into BAR%d: %s", bar, e)
                 epc.irqs.free_irq(db.virq, self)
                 self._doorbell_cleanup()
                 reg["status"] = status | STATUS_DOORBELL_ENABLE_FAIL
@@ -529,9 +528,9 @@ class PciEpfTest(PciEpf):
             own = self.bar[bar]
             try:
                 assert own is not None
-                epc.set_bar(own)
+                epc.set_bar(self.func_no, self.vfunc_no, own)
             except EpcError as e:
-                log.error("Failed to restore BAR%d: %s", bar, e)
+                self.log.error("Failed to restore BAR%d: %s", bar, e)
                 reg["status"] = status | STATUS_DOORBELL_DISABLE_FAIL
                 return
             self.db_bar_programmed = False
@@ -541,14 +540,14 @@ class PciEpfTest(PciEpf):
     async def _bar_subrange_setup(self, reg: RegisterBlock) -> None:
         barno = reg["size"]  # SIZE carries the BAR number for BAR_SUBRANGE_*
         status = reg["status"]
-        features = self.controller.get_features()
+        features = self.features
         bar = self.reg_space.get(barno) if barno < NUM_BARS else None
         if barno >= NUM_BARS or barno == self.test_reg_bar or bar is None:
-            log.error("Invalid barno for subrange test: %d", barno)
+            self.log.error("Invalid barno for subrange test: %d", barno)
         elif not (features.dynamic_inbound_mapping and features.subrange_mapping):
-            log.error("epc driver does not support subrange mapping")
+            self.log.error("epc driver does not support subrange mapping")
         elif bar.size % BAR_SUBRANGE_NSUB:
-            log.error("BAR size %d is not divisible by %d", bar.size, BAR_SUBRANGE_NSUB)
+            self.log.error("BAR size %d is not divisible by %d", bar.size, BAR_SUBRANGE_NSUB)
         else:
             sub = bar.size // BAR_SUBRANGE_NSUB
             old = bar.submap
@@ -556,13 +555,13 @@ class PciEpfTest(PciEpf):
             bar.submap = [PciEpfBarSubmap(bar.phys_addr + (i ^ 1) * sub, sub)
                           for i in range(BAR_SUBRANGE_NSUB)]
             try:
-                self.controller.set_bar(bar)
+                self.controller.set_bar(self.func_no, self.vfunc_no, bar)
             except EpcError as e:
-                log.error("pci_epc_set_bar() failed: %s", e)
+                self.log.error("pci_epc_set_bar() failed: %s", e)
                 if e.errno == 28:  # ENOSPC
                     status |= STATUS_NO_RESOURCE
                 bar.submap = old
-                self.controller.set_bar(bar)
+                self.controller.set_bar(self.func_no, self.vfunc_no, bar)
             else:
                 ram = self.controller.ram
                 for i in range(BAR_SUBRANGE_NSUB):
@@ -582,10 +581,10 @@ class PciEpfTest(PciEpf):
         old = bar.submap
         bar.submap = []
         try:
-            self.controller.set_bar(bar)
+            self.controller.set_bar(self.func_no, self.vfunc_no, bar)
         except EpcError as e:
             bar.submap = old
-            log.error("pci_epc_set_bar() failed: %s", e)
+            self.log.error("pci_epc_set_bar() failed: %s", e)
             reg["status"] = status | STATUS_BAR_SUBRANGE_CLEAR_FAIL
             return
         reg["status"] = status | STATUS_BAR_SUBRANGE_CLEAR_SUCCESS

@@ -29,10 +29,11 @@ from construct import Array, Int16ul, Int32ul, Int64ul, Struct
 
 from vfio_ep.config import ConfigError, parse_int
 from vfio_ep.epc.address_space import PAGE, AddressError, Watch
+from vfio_ep.epc.bar import PciEpfBar
 from vfio_ep.epc.core import EpcError, IrqType
 from vfio_ep.epc.features import NO_BAR, get_next_free_bar
 from vfio_ep.epc.irq import IRQ_HANDLED, IrqError
-from vfio_ep.epf.core import PciEpf, PciEpfBar, required_bar_size
+from vfio_ep.epf.core import PciEpf, required_bar_size
 from vfio_ep.epf.doorbell import CHOICES as DOORBELL_CHOICES
 from vfio_ep.epf.doorbell import DoorbellError, pci_epf_alloc_doorbell, pci_epf_free_doorbell
 from vfio_ep.epf.regs import RegisterBlock
@@ -40,7 +41,7 @@ from vfio_ep.ntb.clients import NtbClientAttributes, create_client
 from vfio_ep.ntb.core import SZ_4K, NtbDev, NtbIoError
 from vfio_ep.pci.bar import NUM_BARS, PCI_BASE_ADDRESS_MEM_TYPE_64
 from vfio_ep.pci.device import FunctionAttributes
-from vfio_ep.vfio_user.dma import DmaError
+from vfio_ep.pci.host import RcBusError
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +217,7 @@ class PciEpfVntb(PciEpf):
 
     def _init_epc_bar(self) -> None:
         """epf_ntb_init_epc_bar(): explicit BARs first, the mandatory ones automatically."""
-        features = self.controller.get_features()
+        features = self.features
         barno = 0
         for bar in (BAR_CONFIG, BAR_DB, BAR_MW1):
             barno = self._find_bar(features, bar, barno)
@@ -248,7 +249,7 @@ class PciEpfVntb(PciEpf):
     def _config_spad_bar_alloc(self) -> None:
         """epf_ntb_config_spad_bar_alloc(): ctrl + 2 scratchpad arrays, then the ctrl
         fields the RC reads at probe."""
-        features = self.controller.get_features()
+        features = self.features
         barno = self.epf_ntb_bar[BAR_CONFIG]
         if self.alloc_space(CTRL_SIZE + 2 * self.spad_count * 4, barno, features) is None:
             raise EpcError(errno.ENOMEM, "Config/Status/SPAD alloc region fail")
@@ -265,19 +266,19 @@ class PciEpfVntb(PciEpf):
         """epf_ntb_epc_init()."""
         epc = self.controller
         self._set_bar(self.epf_ntb_bar[BAR_CONFIG])
-        features = epc.get_features()
+        features = self.features
         if not (features.msix_capable or features.msi_capable):
             raise EpcError(errno.EINVAL, "MSI or MSI-X is required for doorbell")
         if features.msi_capable:
-            epc.set_msi(VNTB_MSI_VECTORS)
+            epc.set_msi(self.func_no, self.vfunc_no, VNTB_MSI_VECTORS)
         self._db_bar_init()
         self._mw_bar_init()
-        epc.write_header(self.header)
+        epc.write_header(self.func_no, self.vfunc_no, self.header)
 
     def _set_bar(self, barno: int) -> None:
         b = self.bar[barno]
         assert b is not None
-        self.controller.set_bar(b)
+        self.controller.set_bar(self.func_no, self.vfunc_no, b)
 
     # -- RC -> EP doorbells ---------------------------------------------------
     def _db_bar_init(self) -> None:
@@ -293,11 +294,11 @@ class PciEpfVntb(PciEpf):
             log.info("%s: doorbell = poll: polling the doorbell BAR every %.0f us", self.tag,
                      self.controller.doorbell_poll_interval * 1e6)
         barno = self.epf_ntb_bar[BAR_DB]
-        b = self.alloc_space(4 * self.db_count, barno, self.controller.get_features())
+        b = self.alloc_space(4 * self.db_count, barno, self.features)
         if b is None:
             raise EpcError(errno.ENOMEM, "Failed to allocate OB address")
         self.epf_db = b.phys_addr
-        self.controller.set_bar(b)
+        self.controller.set_bar(self.func_no, self.vfunc_no, b)
 
     def _db_bar_init_msi_doorbell(self) -> None:
         """epf_ntb_db_bar_init_msi_doorbell()."""
@@ -342,7 +343,7 @@ class PciEpfVntb(PciEpf):
         pos = max((limit ^ bar_addr).bit_length() - 1, 0)
         try:
             bar_size, mem_size = required_bar_size(1 << (pos + 1), barno,
-                                                   self.controller.get_features())
+                                                   self.features)
         except ValueError as e:
             raise EpcError(errno.ENOMEM, str(e)) from None
         phys = bar_addr // mem_size * mem_size
@@ -350,7 +351,7 @@ class PciEpfVntb(PciEpf):
             raise EpcError(errno.ENOMEM, f"BAR{barno} of {bar_size:#x} bytes cannot cover "
                            f"[{bar_addr:#x}, {limit:#x}]")
         flags = PCI_BASE_ADDRESS_MEM_TYPE_64 if (
-            size >> 32 or self.controller.get_features().bar[barno].only_64bit) else 0
+            size >> 32 or self.features.bar[barno].only_64bit) else 0
         self.bar[barno] = PciEpfBar(barno, phys, bar_size, mem_size, flags,
                                     doorbell_target=True)
 
@@ -391,7 +392,7 @@ class PciEpfVntb(PciEpf):
             self.bar[barno] = PciEpfBar(barno, 0, size,
                                         flags=PCI_BASE_ADDRESS_MEM_TYPE_64 if size >> 32 else 0)
             self._set_bar(barno)
-            phys = epc.mem.alloc_addr(size)
+            phys = epc.mem_alloc_addr(size)
             if phys is None:
                 raise EpcError(errno.ENOMEM, f"Failed to allocate source address for MW{i + 1}"
                                f" ({size:#x} bytes of outbound space)")
@@ -431,7 +432,7 @@ class PciEpfVntb(PciEpf):
             status = self._configure_mw(argument, reg["addr"], reg["size"])
         elif command == COMMAND_TEARDOWN_MW:
             if argument < self.num_mws:
-                self.controller.unmap_addr(self.vpci_mw_phy[argument])
+                self.controller.unmap_addr(self.func_no, self.vfunc_no, self.vpci_mw_phy[argument])
             else:
                 log.warning("%s: TEARDOWN_MW of MW index %d (num_mws %d) ignored", self.tag,
                             argument, self.num_mws)
@@ -455,8 +456,8 @@ class PciEpfVntb(PciEpf):
                         "/".join(f"{s:#x}" for s in self.mws_size[:self.num_mws]))
             return COMMAND_STATUS_ERROR
         try:
-            self.controller.map_addr(self.vpci_mw_phy[mw], addr, size)
-        except AddressError as e:  # no free outbound iATU region
+            self.controller.map_addr(self.func_no, self.vfunc_no, self.vpci_mw_phy[mw], addr, size)
+        except EpcError as e:  # no free outbound iATU region
             log.error("%s: Failed to map memory window %d address: %s", self.tag, mw, e)
             return COMMAND_STATUS_ERROR
         return COMMAND_STATUS_OK
@@ -502,7 +503,8 @@ class PciEpfVntb(PciEpf):
                     bits &= bits - 1
                     interrupt_num = bit + EPF_IRQ_DB_START + 1
                     try:
-                        self.controller.raise_irq(IrqType.MSI, interrupt_num)
+                        self.controller.raise_irq(self.func_no, self.vfunc_no, IrqType.MSI,
+                                                  interrupt_num)
                     except EpcError as e:
                         log.error("%s: Failed to raise IRQ for interrupt_num %d: %s", self.tag,
                                   interrupt_num, e)
@@ -545,7 +547,7 @@ class VntbNtbDev(NtbDev):
         assert b is not None
         b.phys_addr, b.size = addr, size
         try:
-            self.epc.set_bar(b)
+            self.epc.set_bar(0, 0, b)  # func 0 hard-coded, as in 7.3.4
         except EpcError as e:
             raise OSError(e.errno, f"failure set mw trans: {e}") from None
 
@@ -620,12 +622,12 @@ class VntbNtbDev(NtbDev):
     async def io_read(self, addr: int, size: int) -> bytes:
         try:
             return await self.epc.space.read(addr, size)
-        except (AddressError, DmaError) as e:
+        except (AddressError, RcBusError) as e:
             raise NtbIoError(errno.EFAULT, str(e)) from None
 
     async def io_write(self, addr: int, data: bytes | memoryview) -> None:
         try:
             await self.epc.space.write(addr, data)
-        except (AddressError, DmaError) as e:
+        except (AddressError, RcBusError) as e:
             raise NtbIoError(errno.EFAULT, str(e)) from None
 

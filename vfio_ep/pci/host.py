@@ -1,0 +1,45 @@
+"""What the device model needs from whoever plays the root complex: its memory and its IRQs.
+
+The PCI device, the endpoint controller behind it and the functions reach RC memory and raise
+interrupts through these interfaces; the vfio-user connection implements them (its DMA table
+and IRQ eventfds), so nothing below the transport imports it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+
+class RcBusError(Exception):
+    """An access to RC memory that nothing answers: unmapped, or no RC attached (on PCIe, a
+    completion with Unsupported Request)."""
+
+
+class RcMemory(Protocol):
+    """RC (guest) memory by bus address; both calls raise RcBusError where nothing is mapped.
+
+    Async, because a range without shared memory is reached with messages to the client."""
+
+    async def read(self, addr: int, size: int) -> bytes: ...
+
+    async def write(self, addr: int, data: bytes | memoryview) -> None: ...
+
+
+class Interrupts(Protocol):
+    """Interrupt delivery to the RC: INTx level, MSI/MSI-X vectors by index."""
+
+    def set_intx(self, level: bool) -> None: ...
+
+    def set_intx_disabled(self, disabled: bool) -> None: ...
+
+    def trigger(self, index: int, vector: int) -> bool: ...
+
+
+class Host(Protocol):
+    """The attached client: its memory, its interrupts, and a task runner."""
+
+    dma: RcMemory
+    irqs: Interrupts
+
+    def spawn(self, fn: Callable[[], Awaitable[None]], name: str) -> None: ...
