@@ -22,10 +22,12 @@ provision: $(STAMP)
 	$(PYTHON) -m vfio_ep provision
 
 # Boot a guest against a fresh vfio-ep and run the upstream pci_endpoint_test kselftest,
-# then the NTB suite against pci-epf-vntb (ntb_hw_epf, ntb_tool, ntb_pingpong, ntb_netdev).
+# then the NTB suite against pci-epf-vntb (ntb_hw_epf, ntb_tool, ntb_pingpong, ntb_netdev),
+# then two guests joined by pci-epf-ntb.
 demo: $(STAMP)
 	$(PYTHON) -m vfio_ep run
 	$(PYTHON) -m vfio_ep run --function pci-epf-vntb
+	$(PYTHON) -m vfio_ep run --function pci-epf-ntb
 
 # Everything: lint, unit tests, and the guest integration tests (real QEMU, real drivers).
 test: $(STAMP) lint provision

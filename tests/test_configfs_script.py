@@ -78,3 +78,28 @@ def test_a_script_through_the_command_line(tmp_path: Path) -> None:
     assert comp.functions["func1"].values["ntb_client"] == "pingpong"
     with pytest.raises(ConfigError, match="--function is for the one-function form"):
         load(None, "pci-epf-test", [], configfs=SEED)
+
+
+HOWTO = Path(__file__).parent / "data" / "howto-ntb-setup.sh"
+
+
+def test_the_ntb_howto_binds_one_function_to_two_controllers(tmp_path: Path) -> None:
+    """pci-ntb-howto.rst's commands: one pci-epf-ntb, a vfio-user socket per interface."""
+    comp = parse_script(HOWTO.read_text(), HOWTO.name)
+    func = comp.functions["func1"]
+    assert (func.driver, func.primary, func.secondary) == (
+        "pci_epf_ntb", "2900000.pcie-ep", "2910000.pcie-ep")
+    comp.assign_sockets([f"{c}={tmp_path / c}.sock" for c in comp.controllers])
+    primary, secondary = sorted(comp.build(), key=lambda ep: ep.socket)
+    for ep in (primary, secondary):
+        assert ep.device.config.u32(0) == 0xb00d104c
+    assert primary.epc.soc is secondary.epc.soc  # one SoC bridges both hosts
+
+
+def test_the_howtos_hyphenated_link_gets_a_hint() -> None:
+    """The howto's own ln lines say functions/pci-epf-ntb/; the error says what configfs
+    calls it."""
+    text = HOWTO.read_text().replace("functions/pci_epf_ntb/func1/primary",
+                                     "functions/pci-epf-ntb/func1/primary")
+    with pytest.raises(ConfigError, match="configfs names it functions/pci_epf_ntb"):
+        parse_script(text, HOWTO.name)

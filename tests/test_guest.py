@@ -7,12 +7,10 @@ guest, what a kernel developer would check on hardware.
 from __future__ import annotations
 
 import asyncio
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from vfio_ep_cli import vfio_ep_run
 from vfio_user_client import ServerThread
 
 from vfio_ep.guest.launcher import (
@@ -173,24 +171,16 @@ echo "ram $(devmem $(( $(bar2 $D) + 0x80 )) 32)"
     assert connections == 2
 
 
-def _vfio_ep_run(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], dict]:
-    """``vfio-ep run ARGS`` as a user types it; its exit status and results.json."""
-    run_dir = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-m", "vfio_ep", "run", "--run-dir", str(run_dir),
-                           *args], capture_output=True, text=True, timeout=600)
-    return proc, json.loads((run_dir / "results.json").read_text())
-
-
 def test_run_verbose_after_the_subcommand_selects_one_test(tmp_path: Path) -> None:
     """`run -v -t DOORBELL_TEST`: -v is vfio-ep's, -t the kselftest's; one test runs."""
-    proc, results = _vfio_ep_run(tmp_path, "-v", "-t", "DOORBELL_TEST")
+    proc, results = vfio_ep_run(tmp_path, "-v", "-t", "DOORBELL_TEST")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert [t["name"] for t in results["tests"]] == ["pcie_ep_doorbell.DOORBELL_TEST"]
     assert results["passed"]
 
 
 def test_run_that_selects_no_test_fails_and_lists_the_tests(tmp_path: Path) -> None:
-    proc, results = _vfio_ep_run(tmp_path, "--", "-t", "NOPE")
+    proc, results = vfio_ep_run(tmp_path, "--", "-t", "NOPE")
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "no test ran" in proc.stdout
     assert "selection -t NOPE matched no test" in proc.stderr

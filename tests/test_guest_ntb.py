@@ -10,13 +10,12 @@ going down and up again across an unbind/rebind of ntb_hw_epf.
 
 from __future__ import annotations
 
-import json
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+from vfio_ep_cli import assert_passed, vfio_ep_run
 
 from vfio_ep.guest.provision import ensure_host_packages
 
@@ -29,25 +28,6 @@ SUITE = [f"tool.{t}" for t in ("hw_epf_bound", "tool_bound", "link_up", "spads_b
     f"netdev.{t}" for t in ("hw_epf_bound", "netdev_link_up", "ping_100", "tcp_16mib_echo",
                             "unbind_takes_link_down", "rebind", "relink_up",
                             "ping_after_rebind")]
-
-
-def vfio_ep_run(tmp_path: Path, *args: str, prefix: tuple[str, ...] = ()
-                ) -> tuple[subprocess.CompletedProcess[str], dict]:
-    run_dir = tmp_path / "run"
-    proc = subprocess.run([*prefix, sys.executable, "-m", "vfio_ep", "run", "--run-dir",
-                           str(run_dir), *args], capture_output=True, text=True, timeout=900)
-    results = run_dir / "results.json"
-    assert results.is_file(), proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc, json.loads(results.read_text())
-
-
-def assert_passed(proc: subprocess.CompletedProcess[str], results: dict,
-                  names: list[str]) -> None:
-    failed = [f"{t['name']}: {t['reason']} {t['diagnostics']}" for t in results["tests"]
-              if t["status"] != "pass"]
-    assert not failed, f"{failed}\n{proc.stdout[-4000:]}"
-    assert [t["name"] for t in results["tests"]] == names
-    assert proc.returncode == 0 and results["passed"], proc.stderr[-3000:]
 
 
 @pytest.mark.parametrize("sets", [

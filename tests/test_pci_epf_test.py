@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import mmap
 import os
-import select
 import struct
 import zlib
 from collections.abc import Iterator
@@ -17,28 +16,17 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from vfio_user_client import Client, ServerThread, eventfd
+from vfio_user_client import Client, ServerThread, wait_eventfd
 
 from vfio_ep.composition import Composition
 from vfio_ep.epc.irq import IRQ_HANDLED, IRQF_ONESHOT, IRQF_SHARED, IrqError
 from vfio_ep.epf.functions import pci_epf_test as t
-from vfio_ep.pci.capabilities import PCI_CAP_ID_MSI, PCI_CAP_ID_MSIX
+from vfio_ep.pci.capabilities import PCI_CAP_ID_MSIX
 from vfio_ep.vfio_user import protocol as p
-from vfio_ep.vfio_user.protocol import Irq, Region
 
 GUEST = 0x100000  # iova of our "guest RAM"
 GUEST_SIZE = 4 << 20
 REG = {name: off for name, (off, _) in t.REG_OFFSET.items()}
-
-
-def _caps(cfg: bytes) -> dict[int, int]:
-    """Capability ID -> offset, walking the list like the guest does."""
-    found = {}
-    pos = cfg[0x34]
-    while pos:
-        found[cfg[pos]] = pos
-        pos = cfg[pos + 1]
-    return found
 
 
 class Guest:
@@ -47,22 +35,10 @@ class Guest:
     def __init__(self, client: Client, reg_bar: int = 0) -> None:
         self.c = client
         self.bar = reg_bar
-        fd = os.memfd_create("guest-ram")
-        os.ftruncate(fd, GUEST_SIZE)
-        client.dma_map(GUEST, GUEST_SIZE, fd)
-        self.mem = mmap.mmap(fd, GUEST_SIZE)
-        os.close(fd)
-        client.cfg_write(0x04, 0x6, size=2)  # memory + bus master
-        cfg = client.read(Region.CONFIG, 0, 256)
-        self.irq = [eventfd() for _ in range(2)]
-        if PCI_CAP_ID_MSIX in _caps(cfg):
-            client.cfg_write(_caps(cfg)[PCI_CAP_ID_MSIX] + 2, 0x8000, size=2)
-            self.irq_type, index = t.IRQ_TYPE_MSIX, Irq.MSIX
-        else:  # R-Car S4: MSI only; enable 2 vectors
-            client.cfg_write(_caps(cfg)[PCI_CAP_ID_MSI] + 2, 0x1 | 1 << 4, size=2)
-            self.irq_type, index = t.IRQ_TYPE_MSI, Irq.MSI
-        for v, fd in enumerate(self.irq):
-            client.set_irqs(index, p.IRQ_SET_DATA_EVENTFD | p.IRQ_SET_ACTION_TRIGGER, v, 1, (fd,))
+        self.mem = client.guest_memory(GUEST, GUEST_SIZE)
+        msix = PCI_CAP_ID_MSIX in client.capabilities()  # R-Car S4: MSI only, 2 vectors
+        self.irq = client.enable_interrupts(2, msix)
+        self.irq_type = t.IRQ_TYPE_MSIX if msix else t.IRQ_TYPE_MSI
 
     def w(self, name: str, value: int) -> None:
         size = t.REG_OFFSET[name][1]
@@ -72,10 +48,7 @@ class Guest:
         return int.from_bytes(self.c.read(self.bar, REG[name], t.REG_OFFSET[name][1]), "little")
 
     def wait_irq(self, vector: int = 0, timeout: float = 5.0) -> bool:
-        ready, _, _ = select.select([self.irq[vector]], [], [], timeout)
-        if ready:
-            os.eventfd_read(self.irq[vector])
-        return bool(ready)
+        return wait_eventfd(self.irq[vector], timeout)
 
     def command(self, cmd: int, **regs: int) -> int:
         self.w("status", 0)
@@ -267,7 +240,7 @@ def test_embedded_doorbell_irq_is_shared(tmp_path: Path, path: str) -> None:
             seen.append(virq)
             return IRQ_HANDLED
 
-        virq = epc.soc.edma.emul_virq
+        virq = epc.ops.edma.emul_virq
         srv.call(epc.irqs.request_irq, virq, other, IRQF_SHARED | IRQF_ONESHOT, "other", seen)
         with pytest.raises(IrqError):  # not shared: refused
             srv.call(epc.irqs.request_irq, virq, lambda v, d: IRQ_HANDLED, IRQF_ONESHOT,

@@ -8,16 +8,14 @@ Python path.
 
 from __future__ import annotations
 
-import mmap
 import os
-import select
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from vfio_user_client import Client, ServerThread, eventfd
+from vfio_user_client import Client, ServerThread, wait_eventfd
 
 from vfio_ep.composition import Composition
 from vfio_ep.config import ConfigError
@@ -27,7 +25,6 @@ from vfio_ep.epf.functions import pci_epf_vntb as v
 from vfio_ep.epf.regs import field_offsets
 from vfio_ep.pci.capabilities import PCI_CAP_ID_MSI, PCI_CAP_ID_MSIX
 from vfio_ep.vfio_user import protocol as p
-from vfio_ep.vfio_user.protocol import Irq
 
 CTRL = {name: off for name, (off, _) in field_offsets(v.EpfNtbCtrl).items()}
 GUEST = 0x100000
@@ -36,30 +33,13 @@ MSI_VECTORS = 16
 CTRL_BAR, MW1_BAR, DB_BAR = 0, 2, 4  # the seeds' R-Car layout (vfio-ep's defaults)
 
 
-def _caps(cfg: bytes) -> dict[int, int]:
-    found, pos = {}, cfg[0x34]
-    while pos:
-        found[cfg[pos]] = pos
-        pos = cfg[pos + 1]
-    return found
-
-
 class Rc:
     """ntb_hw_epf's side of the bus: control registers, commands, doorbells, MSI."""
 
     def __init__(self, client: Client) -> None:
         self.c = client
-        fd = os.memfd_create("guest-ram")
-        os.ftruncate(fd, GUEST_SIZE)
-        client.dma_map(GUEST, GUEST_SIZE, fd)
-        self.mem = mmap.mmap(fd, GUEST_SIZE)
-        os.close(fd)
-        client.cfg_write(0x04, 0x6, size=2)  # memory + bus master
-        msi = _caps(client.read(p.Region.CONFIG, 0, 256))[PCI_CAP_ID_MSI]
-        client.cfg_write(msi + 2, 0x1 | 4 << 4, size=2)  # 16 vectors
-        self.irq = [eventfd() for _ in range(MSI_VECTORS)]
-        client.set_irqs(Irq.MSI, p.IRQ_SET_DATA_EVENTFD | p.IRQ_SET_ACTION_TRIGGER, 0,
-                        MSI_VECTORS, tuple(self.irq))
+        self.mem = client.guest_memory(GUEST, GUEST_SIZE)
+        self.irq = client.enable_interrupts(MSI_VECTORS, msix=False)
 
     def r(self, name: str, index: int = 0, size: int = 4) -> int:
         return int.from_bytes(self.c.read(CTRL_BAR, CTRL[name] + 4 * index, size), "little")
@@ -94,10 +74,7 @@ class Rc:
         self.c.write(DB_BAR, addr, self.r("db_data", slot).to_bytes(4, "little"))
 
     def wait_irq(self, vector: int, timeout: float = 5.0) -> bool:
-        ready, _, _ = select.select([self.irq[vector]], [], [], timeout)
-        if ready:
-            os.eventfd_read(self.irq[vector])
-        return bool(ready)
+        return wait_eventfd(self.irq[vector], timeout)
 
 
 @contextmanager
@@ -118,7 +95,7 @@ def test_the_rc_sees_what_ntb_hw_epf_reads_at_probe(tmp_path: Path, path: str) -
     with vntb(tmp_path) as (rc, _):
         cfg = rc.c.read(p.Region.CONFIG, 0, 256)
         assert cfg[0:4] == bytes.fromhex("12193000") and cfg[0x0B] == 0x05  # class memory
-        caps = _caps(cfg)
+        caps = rc.c.capabilities()
         assert PCI_CAP_ID_MSIX not in caps
         assert (int.from_bytes(cfg[caps[PCI_CAP_ID_MSI] + 2:][:2], "little") >> 1) & 7 == 4
         assert {i: rc.c.region_info(i)[0]["size"] for i in (0, 2, 4)} == {

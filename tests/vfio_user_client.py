@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import array
 import json
+import mmap
 import os
+import select
 import socket
 import struct
 import threading
@@ -19,6 +21,19 @@ from pathlib import Path
 import trio
 import trio.testing
 
+from vfio_ep.pci.capabilities import (
+    PCI_CAP_ID_MSI,
+    PCI_CAP_ID_MSIX,
+    PCI_MSI_FLAGS_ENABLE,
+    PCI_MSI_FLAGS_QSIZE,
+    PCI_MSIX_FLAGS_ENABLE,
+)
+from vfio_ep.pci.config_space import (
+    PCI_CAPABILITY_LIST,
+    PCI_COMMAND,
+    PCI_COMMAND_MASTER,
+    PCI_COMMAND_MEMORY,
+)
 from vfio_ep.pci.device import PciDevice
 from vfio_ep.vfio_user import protocol as p
 from vfio_ep.vfio_user.protocol import Command
@@ -183,14 +198,52 @@ class Client:
     def cfg_write(self, offset: int, value: int, size: int = 4) -> None:
         self.write(p.Region.CONFIG, offset, value.to_bytes(size, "little"))
 
+    def capabilities(self) -> dict[int, int]:
+        """Capability ID -> offset, walking the list like the guest does."""
+        cfg = self.read(p.Region.CONFIG, 0, 256)
+        found, pos = {}, cfg[PCI_CAPABILITY_LIST]
+        while pos:
+            found[cfg[pos]] = pos
+            pos = cfg[pos + 1]
+        return found
+
+    def guest_memory(self, iova: int, size: int) -> mmap.mmap:
+        """RC memory the device may DMA to: a memfd mapped at ``iova``, and our view of it."""
+        fd = os.memfd_create("guest-ram")
+        try:
+            os.ftruncate(fd, size)
+            self.dma_map(iova, size, fd)
+            return mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+
+    def enable_interrupts(self, vectors: int, msix: bool) -> list[int]:
+        """What the RC's driver does before using the device: memory and bus master on,
+        MSI-X (or MSI with ``vectors``, a power of 2) enabled, an eventfd per vector."""
+        self.cfg_write(PCI_COMMAND, PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER, size=2)
+        caps = self.capabilities()
+        flags = 2  # the flags word of MSI and MSI-X
+        if msix:
+            self.cfg_write(caps[PCI_CAP_ID_MSIX] + flags, PCI_MSIX_FLAGS_ENABLE, size=2)
+        else:
+            qsize = (vectors.bit_length() - 1) * (PCI_MSI_FLAGS_QSIZE & -PCI_MSI_FLAGS_QSIZE)
+            self.cfg_write(caps[PCI_CAP_ID_MSI] + flags, PCI_MSI_FLAGS_ENABLE | qsize, size=2)
+        fds = [eventfd() for _ in range(vectors)]
+        self.set_irqs(p.Irq.MSIX if msix else p.Irq.MSI,
+                      p.IRQ_SET_DATA_EVENTFD | p.IRQ_SET_ACTION_TRIGGER, 0, vectors, tuple(fds))
+        return fds
+
 
 class ServerThread:
     """A Listener for ``device`` running its own trio loop in a thread."""
 
-    def __init__(self, device: PciDevice, path: Path) -> None:
+    def __init__(self, device: PciDevice, path: Path,
+                 more: tuple[tuple[PciDevice, Path], ...] = ()) -> None:
+        """``more`` serves further devices in the same loop (controllers of one SoC)."""
         self.device = device
         self.path = path
         self.listener = Listener(path, device)
+        self.listeners = [self.listener, *(Listener(p, d) for d, p in more)]
         self._ready = threading.Event()
         self._thread = threading.Thread(target=trio.run, args=(self._main,), daemon=True)
 
@@ -198,7 +251,8 @@ class ServerThread:
         self._token = trio.lowlevel.current_trio_token()
         with trio.CancelScope() as self._scope:
             async with trio.open_nursery() as nursery:
-                await nursery.start(self.listener.serve)
+                for listener in self.listeners:
+                    await nursery.start(listener.serve)
                 self._ready.set()
 
     def __enter__(self) -> ServerThread:
@@ -218,6 +272,14 @@ class ServerThread:
     def wait_idle(self) -> None:
         """Let the server handle everything already sent."""
         trio.from_thread.run(trio.testing.wait_all_tasks_blocked, trio_token=self._token)
+
+
+def wait_eventfd(fd: int, timeout: float = 5.0) -> bool:
+    """Whether ``fd`` fired within ``timeout`` (and consume it)."""
+    ready, _, _ = select.select([fd], [], [], timeout)
+    if ready:
+        os.eventfd_read(fd)
+    return bool(ready)
 
 
 def eventfd() -> int:

@@ -22,7 +22,7 @@ from typing import Any
 
 from vfio_ep.config import ConfigError, attributes
 from vfio_ep.epc.core import PciEpc, PciEpcAttributes
-from vfio_ep.epf.core import PciEpf
+from vfio_ep.epf.core import PRIMARY_INTERFACE, SECONDARY_INTERFACE, PciEpf
 from vfio_ep.epf.functions import DRIVERS, canonical
 from vfio_ep.pci import testdev
 from vfio_ep.pci.device import PciDevice
@@ -31,6 +31,7 @@ DEFAULT_FUNCTION = "pci_epf_test"
 TESTDEV = "testdev"  # a plain PCI device (no controller behind it), to prove the transport
 SINGLE_CONTROLLER = "ep0"
 SINGLE_FUNCTION = "func1"
+PAIR_CONTROLLERS = ("ep0", "ep1")  # a one-function pci-epf-ntb: primary, secondary
 SOCKET = "socket"
 # The flat form names the controller's profile ``controller`` (``--set controller=rk3588``).
 FLAT_ALIASES = {"controller": "profile"}
@@ -76,12 +77,18 @@ class Composition:
     # -- the three spellings --------------------------------------------------
     @classmethod
     def single(cls, function: str | None, values: dict[str, Any]) -> Composition:
-        """The flat form: one controller ``ep0`` and one function ``func1`` bound to it;
-        controller attributes and function attributes share one namespace."""
+        """The flat form: one controller ``ep0`` and one function ``func1`` bound to it (a
+        two-interface function gets ``ep0`` and ``ep1``); controller attributes and function
+        attributes share one namespace."""
         values = {FLAT_ALIASES.get(k, k): v for k, v in values.items()}
         driver = _driver(function or values.pop("function", None) or DEFAULT_FUNCTION)
         values.pop("function", None)
         ctrl = {k: values.pop(k) for k in list(values) if k in CONTROLLER_KEYS}
+        if driver in DRIVERS and DRIVERS[driver].interfaces == 2:  # pci-epf-ntb: ep0 + ep1
+            return cls({name: ControllerGroup(name, dict(ctrl)) for name in PAIR_CONTROLLERS},
+                       {SINGLE_FUNCTION: FunctionGroup(SINGLE_FUNCTION, driver,
+                                                       _defaults(driver) | values,
+                                                       *PAIR_CONTROLLERS)})
         return cls({SINGLE_CONTROLLER: ControllerGroup(SINGLE_CONTROLLER, ctrl)},
                    {SINGLE_FUNCTION: FunctionGroup(SINGLE_FUNCTION, driver,
                                                    _defaults(driver) | values,
@@ -113,12 +120,16 @@ class Composition:
     # -- edits --------------------------------------------------------------
     def set(self, item: str) -> None:
         """``--set [NAME.]KEY=VALUE``: NAME is a controller or function; without it, the key
-        goes to the only function (or, for controller attributes, the only controller)."""
+        goes to the only function, or, for a controller attribute, to every controller."""
         key, sep, value = item.partition("=")
         key = key.strip().replace("-", "_")
         if not sep or not key:
             raise ConfigError(f"--set {item!r}: expected [NAME.]KEY=VALUE")
         name, dot, attr = key.rpartition(".")
+        if not dot and FLAT_ALIASES.get(key, key) in CONTROLLER_KEYS:  # every controller
+            for ctrl in self.controllers.values():
+                ctrl.values[FLAT_ALIASES.get(key, key)] = value.strip()
+            return
         group = self._group_for(name, attr, item) if dot else self._group_for(None, key, item)
         attr = attr if dot else key
         group.values[FLAT_ALIASES.get(attr, attr) if group in self.controllers.values()
@@ -133,8 +144,6 @@ class Composition:
                 return self.functions[name]
             raise ConfigError(f"--set {item!r}: no controller or function named {name!r} "
                               f"(have {', '.join([*self.controllers, *self.functions])})")
-        if FLAT_ALIASES.get(key, key) in CONTROLLER_KEYS and len(self.controllers) == 1:
-            return next(iter(self.controllers.values()))
         if len(self.functions) == 1:
             return next(iter(self.functions.values()))
         raise ConfigError(f"--set {item!r}: several functions; name one: --set NAME.{key}=...")
@@ -161,7 +170,8 @@ class Composition:
         sockets = {c.name: _socket(c) for c in started}
         endpoints: list[Endpoint] = []
         epcs: dict[str, PciEpc] = {}
-        for ctrl in started:
+        socs = self._socs()
+        for ctrl in sorted(started, key=lambda c: c.name in socs):  # SoC owners first
             func = next(f for f in self.functions.values() if ctrl.name in (f.primary,
                                                                              f.secondary))
             values = _without(ctrl.values, SOCKET)
@@ -169,20 +179,31 @@ class Composition:
                 endpoints.append(Endpoint(ctrl.name, sockets[ctrl.name],
                                           testdev.build(values | func.values)))
             else:
-                epcs[ctrl.name] = PciEpc.create(ctrl.name, attributes(
-                    PciEpcAttributes, values, f"controllers/{ctrl.name}"))
+                shared = socs.get(ctrl.name)
+                epcs[ctrl.name] = PciEpc.create(
+                    ctrl.name, attributes(PciEpcAttributes, values, f"controllers/{ctrl.name}"),
+                    epcs[shared].soc if shared in epcs else None)
         bound: dict[str, list[PciEpf]] = {name: [] for name in epcs}
         for func in self.functions.values():
             if func.driver == TESTDEV or func.primary not in epcs:
                 continue
             epf = DRIVERS[func.driver].probe(self.function_attributes(func.name))
             epf.tag = f"{func.primary}/{func.name}"
-            epf.bind_to(epcs[func.primary])
-            bound[func.primary].append(epf)
+            for interface, name in ((PRIMARY_INTERFACE, func.primary),
+                                    (SECONDARY_INTERFACE, func.secondary)):
+                if name is not None and name in epcs:
+                    epf.bind_to(epcs[name], interface)
+                    bound[name].append(epf)
         for name, epc in epcs.items():
             epc.init_notify()
             endpoints.append(Endpoint(name, sockets[name], epc.start(), epc, bound[name]))
         return endpoints
+
+    def _socs(self) -> dict[str, str]:
+        """Controllers bridged by one function share a SoC (bus, RAM): controller -> the
+        controller whose SoC it joins (the primary's)."""
+        return {f.secondary: f.primary for f in self.functions.values()
+                if f.secondary is not None and f.primary is not None}
 
     def function_attributes(self, name: str) -> Any:
         """Function ``name``'s attributes, checked (ConfigError as at build)."""

@@ -10,9 +10,10 @@ one); those lines are accepted as they are written::
     ln -s controllers/e65d0000.pcie-ep functions/pci_epf_vntb/func1/primary/
     echo 1 > controllers/e65d0000.pcie-ep/start
 
-``cd``, ``mkdir [-p]``, ``echo VALUE > FILE``, ``ln -s`` (the function into ``primary/`` or
-``secondary/``, or the older ``ln -s functions/D/F controllers/C/``) are understood; blank
-lines, ``#`` comments and footnote markers such as ``[*]`` are skipped.  Header attributes
+``mount -t configfs`` (a no-op), ``cd``, ``mkdir [-p]``, ``echo VALUE > FILE``, ``ln -s``
+(the controller into the function's ``primary/`` or ``secondary/``, or the older
+``ln -s functions/D/F controllers/C/``) are understood; blank lines, ``#`` comments and
+footnote markers such as ``[*]`` are skipped.  Header attributes
 live in the function's directory, the driver's own in ``<driver>.<N>/``, as in configfs;
 a write is checked as the driver's ``_store`` checks it.  Anything else is an error that
 names the line.
@@ -55,9 +56,11 @@ class _Script:
             self._echo(args)
         elif cmd == "ln" and args[:1] == ["-s"] and len(args) == 3:
             self._link(self._rel(args[1]), self._rel(args[2]))
+        elif cmd == "mount" and args[:2] == ["-t", "configfs"]:
+            pass  # the howtos mount configfs first; here it is always there
         else:
             raise _ScriptError(f"{cmd}: not a configfs step this importer knows "
-                               "(cd, mkdir, echo VALUE > FILE, ln -s)")
+                               "(mount -t configfs, cd, mkdir, echo VALUE > FILE, ln -s)")
 
     # -- paths ----------------------------------------------------------------
     def _path(self, arg: str) -> str:
@@ -129,18 +132,27 @@ class _Script:
     def _driver(self, name: str) -> str:
         if name not in DRIVERS:
             raise _ScriptError(f"functions/{name}: no such function driver (known: "
-                               f"{', '.join(sorted(DRIVERS))})")
+                               f"{', '.join(sorted(DRIVERS))}){_underscores(name)}")
         return name
 
     def _function(self, driver: str, name: str) -> FunctionGroup:
         func = self.comp.functions.get(name)
         if func is None or func.driver != driver:
-            raise _ScriptError(f"functions/{driver}/{name} does not exist (mkdir it first)")
+            raise _ScriptError(f"functions/{driver}/{name} does not exist (mkdir it "
+                               f"first){_underscores(driver)}")
         return func
 
     def _controller(self, name: str) -> ControllerGroup:
         # The SoC's controllers exist before the script runs: any name the script uses is one.
         return self.comp.controllers.setdefault(name, ControllerGroup(name, started=False))
+
+
+def _underscores(driver: str) -> str:
+    """A hint for ``pci-epf-ntb``: pci-ntb-howto.rst's ``ln`` lines spell the driver's
+    directory with hyphens, which configfs does not have."""
+    fixed = driver.replace("-", "_")
+    return f"; configfs names it functions/{fixed}" if fixed != driver and fixed in DRIVERS \
+        else ""
 
 
 def parse_script(text: str, source: str) -> Composition:

@@ -41,3 +41,23 @@ class SharedMemory:
         self.view.release()
         self._map.close()
         os.close(self.fd)
+
+
+class ForeignMemory:
+    """Memory the server has mapped but does not own (a guest's RAM, shared with its QEMU):
+    a window onto it that the C fast path can copy into directly.  Never exported to a
+    client, and valid only until its owner changes its mappings (whoever hands one out
+    must replace it before then)."""
+
+    def __init__(self, view: memoryview) -> None:
+        self.view = view
+        self.size = len(view)
+        anchor = (ctypes.c_char * max(len(view), 1)).from_buffer(view)
+        self.address = ctypes.addressof(anchor)
+        del anchor  # the address stays valid while ``view`` holds the mapping
+
+    def read(self, offset: int, size: int) -> bytes:
+        return bytes(self.view[offset : offset + size])
+
+    def write(self, offset: int, data: bytes | memoryview) -> None:
+        self.view[offset : offset + len(data)] = data

@@ -34,11 +34,21 @@ class AddressError(Exception):
 
 
 class Aperture(Protocol):
-    """An address range whose accesses leave the SoC (the outbound iATU)."""
+    """An address range whose accesses leave the SoC (the outbound iATU).
+
+    The EP's CPU uses the async calls (RC memory may need messages to the client); a BAR
+    of another controller translating onto the aperture (pci-epf-ntb) uses the sync ones,
+    which reach RC memory only where it is shared (AddressError otherwise)."""
 
     async def read(self, offset: int, size: int) -> bytes: ...
 
     async def write(self, offset: int, data: bytes | memoryview) -> None: ...
+
+    def read_sync(self, offset: int, size: int) -> bytes: ...
+
+    def write_sync(self, offset: int, data: bytes) -> None: ...
+
+    def shared_extents(self, offset: int, size: int) -> list[tuple[int, int, Any]]: ...
 
 
 @dataclass(frozen=True)
@@ -217,17 +227,17 @@ class EpAddressSpace:
     def watch(self, addr: int, size: int, callback: WatchCallback) -> Watch:
         w = Watch(addr, addr + size, callback)
         self.watches.append(w)
-        self._changed()
+        self.changed()
         return w
 
     def unwatch(self, w: Watch) -> None:
         self.watches.remove(w)
-        self._changed()
+        self.changed()
 
     def add_doorbell(self, target: Any) -> None:
         self.doorbells.append(target)
-        target.on_change = self._changed  # its data values are part of the window table
-        self._changed()
+        target.on_change = self.changed  # its data values are part of the window table
+        self.changed()
 
     def doorbell_at(self, addr: int, size: int) -> Any:
         for d in self.doorbells:
@@ -235,7 +245,8 @@ class EpAddressSpace:
                 return d
         return None
 
-    def _changed(self) -> None:
+    def changed(self) -> None:
+        """Something the BAR windows are made of changed: every controller re-derives them."""
         for hook in self.on_layout_change:
             hook()
 
@@ -244,7 +255,7 @@ class EpAddressSpace:
     async def read(self, addr: int, size: int) -> bytes:
         if self.ram.contains(addr, size):
             return self.ram.read(addr, size)
-        target = self._aperture(addr, size)
+        target = self.aperture_at(addr, size)
         if target:
             base, aperture = target
             return await aperture.read(addr - base, size)
@@ -258,7 +269,7 @@ class EpAddressSpace:
         if self.ram.contains(addr, size):
             self.ram.write(addr, data)
             return
-        target = self._aperture(addr, size)
+        target = self.aperture_at(addr, size)
         if target:
             base, aperture = target
             await aperture.write(addr - base, data)
@@ -269,7 +280,10 @@ class EpAddressSpace:
             return
         raise AddressError(f"EP write of [{addr:#x}, {addr + size:#x}) hits nothing")
 
-    def _aperture(self, addr: int, size: int) -> tuple[int, Aperture] | None:
+    def aperture_bounds(self) -> list[tuple[int, int]]:
+        return [(base, base + size) for base, size, _ in self.apertures]
+
+    def aperture_at(self, addr: int, size: int) -> tuple[int, Aperture] | None:
         for base, length, aperture in self.apertures:
             if base <= addr and addr + size <= base + length:
                 return base, aperture
@@ -296,3 +310,18 @@ class WatchedRam:
         for w in self.watches:
             if w.start < addr + size and addr < w.end:
                 w.callback(addr, size)
+
+
+class ApertureWindow:
+    """A BAR window translating onto an outbound aperture (a MemoryHandler): another
+    controller's inbound access leaving the SoC through this one's outbound iATU."""
+
+    def __init__(self, aperture: Aperture, base_offset: int) -> None:
+        self.aperture = aperture
+        self.base_offset = base_offset
+
+    def read_bytes(self, offset: int, size: int) -> bytes:
+        return self.aperture.read_sync(self.base_offset + offset, size)
+
+    def write_bytes(self, offset: int, data: bytes) -> None:
+        self.aperture.write_sync(self.base_offset + offset, data)

@@ -97,6 +97,9 @@ class PciEpcOps(Protocol):
 
     def unmap_addr(self, func_no: int, vfunc_no: int, phys_addr: int) -> None: ...
 
+    def map_msi_irq(self, func_no: int, vfunc_no: int, phys_addr: int, interrupt_num: int,
+                    entry_size: int, msix: bool) -> tuple[int, int]: ...
+
     def set_msi(self, func_no: int, vfunc_no: int, nr_irqs: int) -> None: ...
 
     def get_msi(self, func_no: int, vfunc_no: int) -> int: ...
@@ -113,6 +116,10 @@ class PciEpcOps(Protocol):
     def raise_msix(self, func_no: int, vfunc_no: int, interrupt_num: int) -> None: ...
 
     def get_aux_resources(self, func_no: int, vfunc_no: int) -> list[PciEpcAuxResource]: ...
+
+    def start_doorbell(self, res: PciEpcAuxResource) -> None: ...
+
+    def dma_channel(self, direction: str, ch: int) -> DmaChannel | None: ...
 
     def outbound_window(self) -> tuple[int, int, int]: ...
 
@@ -151,11 +158,12 @@ class PciEpc:
         ops.on_link = self._link_changed
 
     @classmethod
-    def create(cls, name: str, a: PciEpcAttributes) -> PciEpc:
-        """``controllers/<name>``: the SoC of profile ``a.profile`` and its DesignWare-like
-        controller.  ValueError for an unknown profile or BAR."""
+    def create(cls, name: str, a: PciEpcAttributes, soc: EpSoc | None = None) -> PciEpc:
+        """``controllers/<name>``: a DesignWare-like controller of profile ``a.profile``,
+        on ``soc`` or on a SoC of its own.  ValueError for an unknown profile or BAR."""
         prof = profile(a.profile, reserved_bars=a.reserved_bars, msi_mutable=a.msi_mutable)
-        soc = EpSoc(name, prof, a.ram_size, a.doorbell_poll_interval_us / 1e6)
+        if soc is None:
+            soc = EpSoc(name, prof, a.ram_size, a.doorbell_poll_interval_us / 1e6)
         return cls(name, DwPcieEp(prof, soc), soc)
 
     # -- what the SoC offers, forwarded for functions ---------------------------------
@@ -183,7 +191,8 @@ class PciEpc:
         self.soc.spawn(fn, name)
 
     def dma_channel(self, direction: str, ch: int = 0) -> DmaChannel | None:
-        return self.soc.dma_channel(direction, ch)
+        """dma_request_channel() for this controller's eDMA (None without one)."""
+        return self.ops.dma_channel(direction, ch)
 
     # -- pci_epc_* -------------------------------------------------------------------
     def _check_function(self, func_no: int, vfunc_no: int) -> None:
@@ -259,6 +268,19 @@ class PciEpc:
         self._check_function(func_no, vfunc_no)
         self.ops.unmap_addr(func_no, vfunc_no, phys_addr)
 
+    def map_msi_irq(self, func_no: int, vfunc_no: int, phys_addr: int, interrupt_num: int,
+                    entry_size: int, msix: bool = False) -> tuple[int, int]:
+        """pci_epc_map_msi_irq(): make ``interrupt_num`` slots of ``entry_size`` bytes at EP
+        address ``phys_addr`` raise the RC's MSI vectors; (data, offset): slot i rings with
+        ``data | i`` written at ``offset`` in the slot.  ``msix`` (a vfio-ep extension) does
+        the same for MSI-X vectors, whose table only QEMU sees.
+
+        Raises EpcError -EINVAL (invalid function, fewer vectors enabled, outside the
+        outbound aperture)."""
+        self._check_function(func_no, vfunc_no)
+        return self.ops.map_msi_irq(func_no, vfunc_no, phys_addr, interrupt_num, entry_size,
+                                    msix)
+
     def set_msi(self, func_no: int, vfunc_no: int, nr_irqs: int) -> None:
         """pci_epc_set_msi(): advertise ``nr_irqs`` MSI vectors (rounded up to a power of 2).
 
@@ -314,10 +336,10 @@ class PciEpc:
         return self.ops.get_aux_resources(func_no, vfunc_no)
 
     def start_doorbell(self, res: PciEpcAuxResource) -> None:
-        """Arm the doorbell register behind an aux resource ("write 0 to assert")."""
-        if self.soc.edma is None:
-            raise EpcError(errno.ENODEV, f"{self.name}: no embedded doorbell")
-        self.soc.edma_doorbell.add_event(res.data, res.irq)
+        """Arm the doorbell register behind an aux resource ("write 0 to assert").
+
+        Raises EpcError -ENODEV on a controller without one."""
+        self.ops.start_doorbell(res)
 
     # -- pci_epc_mem --------------------------------------------------------------
     def mem_alloc_addr(self, size: int) -> int | None:

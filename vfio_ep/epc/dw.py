@@ -1,9 +1,10 @@
 """A DesignWare-like PCIe endpoint controller: the ``pci_epc_ops`` behind the EPC core.
 
 It owns the inbound iATU (BAR match and address match), the outbound iATU and its aperture
-on the SoC bus, per-function state (header, BARs, MSI/MSI-X, as ``dw_pcie_ep_func``), and the
-PCI device the vfio-user server exposes once the controller starts.  Its eDMA, platform MSI
-controller and IRQ domain belong to the SoC around it (:mod:`vfio_ep.epc.soc`).
+on the SoC bus, the integrated eDMA (with its interrupt-emulation doorbell), per-function
+state (header, BARs, MSI/MSI-X, as ``dw_pcie_ep_func``), and the PCI device the vfio-user
+server exposes once the controller starts.  RAM, the platform MSI controller and the IRQ
+domain belong to the SoC around it (:mod:`vfio_ep.epc.soc`).
 
 The BAR mmap rule.  QEMU reads a BAR's mmap layout once per connection and never again, yet
 the iATU may be reprogrammed while the guest runs.  So:
@@ -31,13 +32,14 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from vfio_ep.epc.address_space import PAGE, AddressError
+from vfio_ep.epc.address_space import PAGE, AddressError, MmioBlock
 from vfio_ep.epc.bar import PciEpfBar
-from vfio_ep.epc.edma import EDMA_REGS_SIZE, EMUL_DOORBELL_OFFSET
+from vfio_ep.epc.doorbell import DoorbellTarget
+from vfio_ep.epc.edma import EDMA_REGS_SIZE, EMUL_DOORBELL_OFFSET, DmaChannel, DwEdma
 from vfio_ep.epc.features import NO_BAR, ControllerProfile, EpcFeatures
 from vfio_ep.epc.iatu import InboundAtu, NoInboundWindow
 from vfio_ep.epc.outbound import OutboundAtu
-from vfio_ep.epc.soc import EDMA_BASE, EpcError, EpSoc
+from vfio_ep.epc.soc import EpcError, EpSoc
 from vfio_ep.pci.bar import (
     PCI_BASE_ADDRESS_MEM_PREFETCH,
     PCI_BASE_ADDRESS_MEM_TYPE_64,
@@ -50,8 +52,11 @@ from vfio_ep.pci.host import RcMemory
 
 log = logging.getLogger(__name__)
 
+# Where controller k's blocks sit on the SoC bus.
 OUTBOUND_BASE = 0x1_0000_0000
 OUTBOUND_SIZE = 0x4000_0000
+EDMA_BASE = 0xF000_0000
+EDMA_STRIDE = 0x10000
 DIRECT_MIN_SIZE = 0x10000  # smallest BAR exported for mmap (see the mmap rule)
 MAX_FUNCTIONS = 1  # one vfio-user device is one PCI function
 
@@ -87,13 +92,28 @@ class DwPcieEp:
         self.profile = profile
         self.soc = soc
         self.features: EpcFeatures = profile.features
-        self.outbound = OutboundAtu(OUTBOUND_BASE, OUTBOUND_SIZE, profile.num_ob_windows,
+        index = soc.add_controller()
+        self.outbound_base = OUTBOUND_BASE + index * OUTBOUND_SIZE
+        self.outbound = OutboundAtu(self.outbound_base, OUTBOUND_SIZE, profile.num_ob_windows,
                                     self.rc_memory)
-        soc.space.add_aperture(OUTBOUND_BASE, OUTBOUND_SIZE, self.outbound)
-        soc.rc_memory = self.rc_memory
+        soc.space.add_aperture(self.outbound_base, OUTBOUND_SIZE, self.outbound)
+        self.outbound.on_change.append(soc.space.changed)
         self.inbound = InboundAtu(soc.space, profile.num_ib_windows)
+        # The integrated eDMA, with its interrupt-emulation doorbell.
+        self.edma: DwEdma | None = None
+        self.edma_base = EDMA_BASE + index * EDMA_STRIDE
+        if profile.edma:
+            self.edma = DwEdma(soc.space, soc.irqs, soc.spawn, profile.edma_channels,
+                               self.rc_memory)
+            soc.space.add_block(MmioBlock(f"dw-edma{index}", self.edma_base, EDMA_REGS_SIZE,
+                                          self.edma))
+            self.edma_doorbell = DoorbellTarget(
+                f"dw-edma{index}-emul", self.edma_base + EMUL_DOORBELL_OFFSET, soc.irqs,
+                soc.spawn, self.edma, EMUL_DOORBELL_OFFSET)
+            soc.space.add_doorbell(self.edma_doorbell)
         self.funcs = [DwPcieEpFunc(f) for f in range(MAX_FUNCTIONS)]
         self.pci: PciDevice | None = None
+        self._bme_told = False
         self.direct: dict[int, int] = {}  # direct BAR -> memfd offset of its aperture
         self.holes: dict[int, set[int]] = {}  # direct BAR -> trapped page offsets
         soc.space.on_layout_change.append(self._refresh_all_bars)
@@ -104,7 +124,8 @@ class DwPcieEp:
     def rc_memory(self) -> RcMemory | None:
         """The RC's memory through the link, or None with no RC attached."""
         host = self.pci.host if self.pci else None
-        if host is not None and self.pci and not self.pci.bus_master():
+        if host is not None and self.pci and not self.pci.bus_master() and not self._bme_told:
+            self._bme_told = True  # once per connection: a guest may take its time
             log.warning("EP access to RC memory while Bus Master Enable is off")
         return host.dma if host is not None else None
 
@@ -163,6 +184,33 @@ class DwPcieEp:
     def unmap_addr(self, func_no: int, vfunc_no: int, phys_addr: int) -> None:
         self.outbound.unmap_addr(phys_addr)
 
+    def map_msi_irq(self, func_no: int, vfunc_no: int, phys_addr: int, interrupt_num: int,
+                    entry_size: int, msix: bool) -> tuple[int, int]:
+        """pci_epc_map_msi_irq(), as Cadence's: ``interrupt_num`` slots of ``entry_size``
+        bytes at ``phys_addr`` become MSI (or MSI-X) writes to the RC.  Returns (data,
+        offset): slot i rings when ``data | i`` is written at ``offset`` in it.
+
+        Here the outbound region is an interrupt translation and the value written selects
+        the vector.  Raises EpcError -EINVAL unless the RC enabled that many vectors."""
+        pci = self._started()
+        st = pci.msix_state() if msix else pci.msi_state()
+        if st is None or not st.enabled or interrupt_num > st.vectors:
+            raise EpcError(errno.EINVAL, f"{'MSI-X' if msix else 'MSI'} with "
+                           f"{interrupt_num} vectors, RC state {st}")
+        raise_irq = self.raise_msix if msix else self.raise_msi
+
+        def write(offset: int, value: int) -> None:
+            try:
+                raise_irq(func_no, vfunc_no, (value & 0x7FF) + 1)
+            except EpcError as e:
+                log.warning("interrupt write %#x at +%#x not delivered: %s", value, offset, e)
+
+        try:
+            self.outbound.map_irq(phys_addr, interrupt_num * entry_size, write)
+        except AddressError as e:
+            raise EpcError(errno.EINVAL, str(e)) from None
+        return 0, 0
+
     def set_msi(self, func_no: int, vfunc_no: int, nr_irqs: int) -> None:
         func = self.funcs[func_no]
         vectors = 1 << (nr_irqs - 1).bit_length()
@@ -203,17 +251,28 @@ class DwPcieEp:
     def get_aux_resources(self, func_no: int, vfunc_no: int) -> list[PciEpcAuxResource]:
         """dw_pcie_ep_get_aux_resources(): the eDMA interrupt-emulation doorbell, at its EP
         address and, when a reserved BAR shows the eDMA registers, pre-exposed there."""
-        edma = self.soc.edma
-        if edma is None:
+        if self.edma is None:
             return []
         bar = self.profile.edma_bar
-        return [PciEpcAuxResource("doorbell-mmio", EDMA_BASE + EMUL_DOORBELL_OFFSET, 4, bar,
-                                  EMUL_DOORBELL_OFFSET if bar != NO_BAR else 0,
-                                  edma.emul_virq, 0)]
+        return [PciEpcAuxResource("doorbell-mmio", self.edma_base + EMUL_DOORBELL_OFFSET, 4,
+                                  bar, EMUL_DOORBELL_OFFSET if bar != NO_BAR else 0,
+                                  self.edma.emul_virq, 0)]
+
+    def start_doorbell(self, res: PciEpcAuxResource) -> None:
+        """Arm the eDMA's interrupt-emulation doorbell ("write 0 to assert")."""
+        if self.edma is None:
+            raise EpcError(errno.ENODEV, "no embedded doorbell")
+        self.edma_doorbell.add_event(res.data, res.irq)
+
+    def dma_channel(self, direction: str, ch: int = 0) -> DmaChannel | None:
+        """A private eDMA channel (dma_request_channel), None without an eDMA."""
+        if self.edma is None:
+            return None
+        return DmaChannel(self.edma, self.edma_base, direction, ch)
 
     def outbound_window(self) -> tuple[int, int, int]:
         """(base, size, page) of the outbound aperture: what pci_epc_mem manages."""
-        return OUTBOUND_BASE, OUTBOUND_SIZE, self.profile.region_align
+        return self.outbound_base, OUTBOUND_SIZE, self.profile.region_align
 
     def start(self) -> PciDevice:
         """dw_pcie_ep_start(): freeze the config space and expose the device."""
@@ -234,11 +293,21 @@ class DwPcieEp:
         self.holes = {bar: self._doorbell_pages(func.bars[bar].size) for bar in self.direct
                       if func.bars[bar].doorbell_target}
         self.pci = PciDevice(spec)
-        self.pci.link_hooks.append(lambda up: self.on_link(up))
+        self.pci.link_hooks.append(self._link_changed)
         self.pci.reset_hooks.append(lambda: self.on_reset())
         self.pci.background.append(self.soc.run)
         self._refresh_all_bars()
         return self.pci
+
+    def _link_changed(self, up: bool) -> None:
+        """An RC attached or left: what the outbound aperture shows of its memory changed,
+        and will change whenever it maps or unmaps memory."""
+        host = self.pci.host if self.pci else None
+        self._bme_told = False
+        if up and host is not None:
+            host.dma.on_change.append(self.outbound.changed)
+        self.outbound.changed()
+        self.on_link(up)
 
     # -- direct BARs ------------------------------------------------------------------
     def _check_direct(self, bar: int, pieces: list[tuple[int, int]]) -> None:
@@ -290,9 +359,9 @@ class DwPcieEp:
             specs.append(BarSpec(bar, b.size, is_64bit=bool(b.flags & PCI_BASE_ADDRESS_MEM_TYPE_64),
                                  prefetch=bool(b.flags & PCI_BASE_ADDRESS_MEM_PREFETCH),
                                  is_io=bool(b.flags & PCI_BASE_ADDRESS_SPACE_IO)))
-        if self.profile.edma_bar != NO_BAR and self.soc.edma:
+        if self.profile.edma_bar != NO_BAR and self.edma:
             specs.append(BarSpec(self.profile.edma_bar, EDMA_REGS_SIZE))
-            self.inbound.program(self.profile.edma_bar, [(EDMA_BASE, EDMA_REGS_SIZE)])
+            self.inbound.program(self.profile.edma_bar, [(self.edma_base, EDMA_REGS_SIZE)])
         return specs
 
     def _frozen(self, what: str, old: object, new: object) -> None:

@@ -14,7 +14,7 @@ import itertools
 import logging
 from dataclasses import dataclass
 
-from vfio_ep.epc.address_space import EpAddressSpace, WatchedRam
+from vfio_ep.epc.address_space import ApertureWindow, EpAddressSpace, WatchedRam
 from vfio_ep.pci.bar import Window, WindowKind
 
 log = logging.getLogger(__name__)
@@ -75,6 +75,8 @@ class InboundAtu:
             cuts |= {w.start, w.end}
         for d in space.doorbells:
             cuts |= {d.addr, d.addr + 4}
+        for base, end in space.aperture_bounds():
+            cuts |= {base, end}
         points = sorted(c for c in cuts if lo <= c <= hi)
         rows = []
         for start, end in itertools.pairwise(points):
@@ -96,9 +98,17 @@ class InboundAtu:
                 rows.append(Window(r.bar, bar_start, bar_end, WindowKind.DOORBELL, doorbell))
                 continue
             block = space.block_at(start, end - start)
+            aperture = space.aperture_at(start, end - start)
             if block:
                 rows.append(Window(r.bar, bar_start, bar_end, WindowKind.MMIO, block.handler,
                                    start - block.base))
+            elif aperture:
+                base, target = aperture
+                for off, n, mem in target.shared_extents(start - base, end - start):
+                    b0 = bar_start + off - (start - base)
+                    rows.append(Window(r.bar, b0, b0 + n, WindowKind.RAM, mem) if mem else
+                                Window(r.bar, b0, b0 + n, WindowKind.MMIO,
+                                       ApertureWindow(target, off)))
             else:
                 log.debug("BAR%d [%#x, %#x) translates to unbacked EP address %#x",
                           r.bar, bar_start, bar_end, start)

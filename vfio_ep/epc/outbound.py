@@ -14,9 +14,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from vfio_ep.epc.address_space import AddressError
-from vfio_ep.pci.host import RcMemory
+from vfio_ep.memory import ForeignMemory
+from vfio_ep.pci.host import RcBusError, RcMemory
 
 log = logging.getLogger(__name__)
+
+
+IrqWrite = Callable[[int, int], None]  # (offset in the region, value written)
 
 
 @dataclass(frozen=True)
@@ -24,6 +28,7 @@ class OutboundRegion:
     phys_addr: int  # EP address inside the aperture
     pci_addr: int
     size: int
+    irq: IrqWrite | None = None  # an MSI translation: writes raise an interrupt on the RC
 
 
 class PciEpcMem:
@@ -63,6 +68,16 @@ class OutboundAtu:
         self.num_windows = num_windows
         self.regions: list[OutboundRegion] = []
         self._rc = rc
+        # Set when another controller's BAR translates onto this aperture: such BARs show
+        # RC memory through it (shared_extents), so every change must refresh them.
+        self.shown = False
+        self.on_change: list[Callable[[], None]] = []
+
+    def changed(self) -> None:
+        """The translation or the RC memory behind it changed: refresh BARs showing it."""
+        if self.shown:
+            for hook in self.on_change:
+                hook()
 
     def map_addr(self, phys_addr: int, pci_addr: int, size: int) -> None:
         """Program a region; mapping an address that is mapped already reprograms its
@@ -73,16 +88,58 @@ class OutboundAtu:
         if not (self.base <= phys_addr and phys_addr + size <= self.base + self.size):
             raise AddressError(f"outbound map of {phys_addr:#x}+{size:#x} outside the aperture")
         self.regions = [*others, OutboundRegion(phys_addr, pci_addr, size)]
+        self.changed()
+
+    def map_irq(self, phys_addr: int, size: int, irq: IrqWrite) -> None:
+        """A region whose writes are MSI writes: ``irq(offset, value)`` raises them."""
+        self.map_addr(phys_addr, 0, size)
+        self.regions = [r if r.phys_addr != phys_addr else OutboundRegion(
+            phys_addr, 0, size, irq) for r in self.regions]
+        self.changed()
 
     def unmap_addr(self, phys_addr: int) -> None:
+        before = len(self.regions)
         self.regions = [r for r in self.regions if r.phys_addr != phys_addr]
+        if len(self.regions) != before:
+            self.changed()
 
-    def translate(self, offset: int, size: int) -> int:
+    def shared_extents(self, offset: int, size: int) -> list[tuple[int, int, ForeignMemory | None]]:
+        """[(offset, length, memory)] covering [offset, offset + size): where the range is
+        mapped onto RC memory the server shares, that memory (accessed directly, by C too);
+        elsewhere None (an interrupt region, nothing mapped, no RC, no shared fd)."""
+        self.shown = True
+        rc = self._rc()
+        out: list[tuple[int, int, ForeignMemory | None]] = []
+        pos, end = self.base + offset, self.base + offset + size
+        while pos < end:
+            region = next((r for r in self.regions
+                           if r.phys_addr <= pos < r.phys_addr + r.size), None)
+            if region is None:
+                nxt = min([r.phys_addr for r in self.regions if r.phys_addr > pos] + [end])
+                out.append((pos - self.base, nxt - pos, None))
+                pos = nxt
+                continue
+            n = min(end, region.phys_addr + region.size) - pos
+            mem = None
+            if region.irq is None and rc is not None:
+                try:
+                    mem = ForeignMemory(rc.view(region.pci_addr + pos - region.phys_addr, n))
+                except RcBusError:
+                    mem = None
+            out.append((pos - self.base, n, mem))
+            pos += n
+        return out
+
+    def _region(self, offset: int, size: int) -> OutboundRegion:
         addr = self.base + offset
         for r in self.regions:
             if r.phys_addr <= addr and addr + size <= r.phys_addr + r.size:
-                return r.pci_addr + addr - r.phys_addr
+                return r
         raise AddressError(f"outbound access [{addr:#x}, {addr + size:#x}) is not mapped")
+
+    def translate(self, offset: int, size: int) -> int:
+        r = self._region(offset, size)
+        return r.pci_addr + self.base + offset - r.phys_addr
 
     def _table(self) -> RcMemory:
         rc = self._rc()
@@ -90,9 +147,33 @@ class OutboundAtu:
             raise AddressError("outbound access with no RC attached (link down)")
         return rc
 
+    def _interrupt(self, offset: int, data: bytes | memoryview) -> bool:
+        """Deliver a write that lands in an interrupt region; False for any other region."""
+        r = self._region(offset, len(data))
+        if r.irq is None:
+            return False
+        r.irq(self.base + offset - r.phys_addr, int.from_bytes(data, "little"))
+        return True
+
     # The Aperture protocol (EpAddressSpace routes the aperture's addresses here).
     async def read(self, offset: int, size: int) -> bytes:
         return await self._table().read(self.translate(offset, size), size)
 
     async def write(self, offset: int, data: bytes | memoryview) -> None:
-        await self._table().write(self.translate(offset, len(data)), data)
+        if not self._interrupt(offset, data):
+            await self._table().write(self.translate(offset, len(data)), data)
+
+    def read_sync(self, offset: int, size: int) -> bytes:
+        if self._region(offset, size).irq is not None:
+            return bytes(size)  # MSI targets read as zero
+        return bytes(self._view(offset, size))
+
+    def write_sync(self, offset: int, data: bytes) -> None:
+        if not self._interrupt(offset, data):
+            self._view(offset, len(data))[:] = data
+
+    def _view(self, offset: int, size: int) -> memoryview:
+        try:
+            return self._table().view(self.translate(offset, size), size)
+        except RcBusError as e:
+            raise AddressError(str(e)) from None

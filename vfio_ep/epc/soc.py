@@ -5,8 +5,9 @@ DRAM (``dma_alloc_coherent``, ``pci_epf_alloc_space``), the SoC bus (``ioremap``
 interrupt controller (``request_irq``), a CPU to run work on (workqueues, threaded IRQs), a
 platform MSI controller (the ``msi-parent`` doorbells are allocated from) and the DesignWare
 eDMA (``dmaengine``).  Which of them a SoC has is its profile's business.  The PCIe
-controller (:mod:`vfio_ep.epc.dw`) sits on the same bus: its outbound aperture and register
-blocks are addresses here.
+controllers (:mod:`vfio_ep.epc.dw`, one or more) sit on the same bus, each with its
+integrated eDMA and its outbound aperture at addresses of its own, so a function bridging two
+of them (pci-epf-ntb) reaches one controller's aperture through the other's BAR.
 """
 
 from __future__ import annotations
@@ -16,20 +17,17 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-from vfio_ep.epc.address_space import AddressError, EpAddressSpace, EpRam, MmioBlock
-from vfio_ep.epc.doorbell import DoorbellTarget
-from vfio_ep.epc.edma import EDMA_REGS_SIZE, EMUL_DOORBELL_OFFSET, DmaChannel, DwEdma
+from vfio_ep.epc.address_space import AddressError, EpAddressSpace, EpRam
 from vfio_ep.epc.features import ControllerProfile
 from vfio_ep.epc.irq import IrqDomain
 from vfio_ep.epc.msi_controller import PlatformMsiController
 from vfio_ep.errors import ErrnoError
-from vfio_ep.pci.host import RcBusError, RcMemory
+from vfio_ep.pci.host import RcBusError
 
 log = logging.getLogger(__name__)
 
-# The SoC memory map.
+# The SoC memory map (each PCIe controller's blocks are placed by vfio_ep.epc.dw).
 EP_RAM_BASE = 0x8000_0000
-EDMA_BASE = 0xF000_0000
 MSI_BASE = 0xF010_0000
 
 Work = Callable[[], Awaitable[None]]
@@ -40,7 +38,7 @@ class EpcError(ErrnoError):
 
 
 class EpSoc:
-    """DRAM, bus, IRQs, a CPU, and the platform MSI controller and eDMA a profile has."""
+    """DRAM, bus, IRQs, a CPU, and the platform MSI controller a profile has."""
 
     def __init__(self, name: str, profile: ControllerProfile, ram_size: int,
                  doorbell_poll_interval: float) -> None:
@@ -49,17 +47,7 @@ class EpSoc:
         self.ram = EpRam(EP_RAM_BASE, ram_size)
         self.space = EpAddressSpace(self.ram)
         self.irqs = IrqDomain(self.spawn)
-        # The RC's memory, as the PCIe controller reaches it (set by the controller).
-        self.rc_memory: Callable[[], RcMemory | None] = lambda: None
-        self.edma: DwEdma | None = None
-        if profile.edma:
-            self.edma = DwEdma(self.space, self.irqs, self.spawn, profile.edma_channels,
-                               lambda: self.rc_memory())
-            self.space.add_block(MmioBlock("dw-edma", EDMA_BASE, EDMA_REGS_SIZE, self.edma))
-            self.edma_doorbell = DoorbellTarget("dw-edma-emul", EDMA_BASE + EMUL_DOORBELL_OFFSET,
-                                                self.irqs, self.spawn, self.edma,
-                                                EMUL_DOORBELL_OFFSET)
-            self.space.add_doorbell(self.edma_doorbell)
+        self.controllers = 0  # PCIe controllers on this SoC (each gets its own bus ranges)
         self.msi = (PlatformMsiController(MSI_BASE, self.space, self.irqs, self.spawn,
                                           immutable=not profile.msi_mutable)
                     if profile.msi_controller else None)
@@ -68,6 +56,10 @@ class EpSoc:
 
     # -- the CPU: where functions' work and IRQ handlers run ----------------------
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The CPU; each controller's device starts it, the first one runs it."""
+        if self._nursery is not None:
+            task_status.started()
+            await trio.sleep_forever()
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             for fn, name in self._queued:
@@ -92,9 +84,8 @@ class EpSoc:
         except Exception:
             log.exception("%s: %s crashed", self.name, name)
 
-    # -- dmaengine --------------------------------------------------------------
-    def dma_channel(self, direction: str, ch: int = 0) -> DmaChannel | None:
-        """dma_request_channel() on the eDMA: a private channel (None without an eDMA)."""
-        if self.edma is None:
-            return None
-        return DmaChannel(self.edma, EDMA_BASE, direction, ch)
+    def add_controller(self) -> int:
+        """A PCIe controller joins the SoC: its index, which places its register blocks and
+        outbound aperture on the bus."""
+        self.controllers += 1
+        return self.controllers - 1

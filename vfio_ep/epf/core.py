@@ -13,7 +13,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from vfio_ep.epc.bar import PciEpfBar
-from vfio_ep.epc.core import PciEpc
+from vfio_ep.epc.core import EpcEvents, PciEpc
 from vfio_ep.epc.features import BarType, EpcFeatures
 from vfio_ep.pci.bar import NUM_BARS, PCI_BASE_ADDRESS_MEM_TYPE_64
 from vfio_ep.pci.device import PciHeader
@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     from vfio_ep.epf.doorbell import PciEpfDoorbellMsg
 
 log = logging.getLogger(__name__)
+
+PRIMARY_INTERFACE, SECONDARY_INTERFACE = 0, 1  # enum pci_epc_interface_type
 
 
 def required_bar_size(size: int, bar: int, features: EpcFeatures) -> tuple[int, int]:
@@ -65,6 +67,10 @@ class PciEpf:
         self.tag = self.name
         self.log = _Tagged(logging.getLogger(type(self).__module__), {"epf": self})
         self.bar: list[PciEpfBar | None] = [None] * NUM_BARS
+        # The secondary interface of a function bridging two controllers (pci-epf-ntb).
+        self.sec_epc: PciEpc | None = None
+        self.sec_epc_func_no = 0
+        self.sec_epc_bar: list[PciEpfBar | None] = [None] * NUM_BARS
         # Doorbells (vfio_ep.epf.doorbell): the configured backend and what it handed out.
         self.doorbell = doorbell
         self.db_msg: list[PciEpfDoorbellMsg] = []
@@ -82,11 +88,20 @@ class PciEpf:
         """pci_epc_get_features() of this function's controller."""
         return self.controller.get_features(self.func_no, self.vfunc_no)
 
-    def bind_to(self, epc: PciEpc) -> None:
-        """pci_epc_add_epf() + the driver's .bind."""
-        self.epc = epc
-        epc.add_epf(self)
+    def bind_to(self, epc: PciEpc, interface: int = PRIMARY_INTERFACE) -> None:
+        """pci_epc_add_epf() (as the primary or the secondary interface) + the driver's
+        .bind, which a two-interface function runs once both are linked."""
+        if interface == PRIMARY_INTERFACE:
+            self.epc = epc
+        else:
+            self.sec_epc = epc
+        epc.add_epf(self.events_for(interface))
         self.bind()
+
+    def events_for(self, interface: int) -> EpcEvents:
+        """Who hears the controller's events on ``interface``: the function itself, unless
+        it must know which of its two controllers spoke."""
+        return self
 
     def align_inbound_addr(self, bar: int, addr: int) -> tuple[int, int]:
         """pci_epf_align_inbound_addr(): (BAR-size aligned base, offset of ``addr`` in it)."""
@@ -94,18 +109,21 @@ class PciEpf:
         align = b.size if b else 1
         return addr & ~(align - 1), addr & (align - 1)
 
-    def alloc_space(self, size: int, bar: int, features: EpcFeatures) -> PciEpfBar | None:
-        """pci_epf_alloc_space(): zeroed EP RAM aligned to the BAR size; None on failure."""
+    def alloc_space(self, size: int, bar: int, features: EpcFeatures,
+                    interface: int = PRIMARY_INTERFACE) -> PciEpfBar | None:
+        """pci_epf_alloc_space(): zeroed EP RAM aligned to the BAR size, recorded in the
+        interface's BAR array; None on failure (too big for a fixed BAR, RAM exhausted)."""
         try:
             size, mem_size = required_bar_size(size, bar, features)
             phys = self.controller.ram.alloc(mem_size, align=max(size, features.align, 0x1000))
         except (ValueError, MemoryError) as e:
-            log.error("%s: cannot allocate BAR%d space: %s", self.name, bar, e)
+            self.log.error("cannot allocate BAR%d space: %s", bar, e)
             return None
         flags = PCI_BASE_ADDRESS_MEM_TYPE_64 if size >> 32 or features.bar[bar].only_64bit \
             else 0
-        self.bar[bar] = PciEpfBar(bar, phys, size, mem_size, flags)
-        return self.bar[bar]
+        bars = self.bar if interface == PRIMARY_INTERFACE else self.sec_epc_bar
+        bars[bar] = PciEpfBar(bar, phys, size, mem_size, flags)
+        return bars[bar]
 
     def free_space(self, bar: int) -> None:
         b = self.bar[bar]

@@ -21,7 +21,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -127,7 +127,7 @@ class GuestRun:
         self._sockets = Path(tempfile.mkdtemp(prefix="vfio-ep-"))  # short: sun_path <= 107
         self.socket = socket or (self._sockets / "ep.sock" if server_args is not None else None)
         self.server_cmd = (None if socket or server_args is None
-                           else server_command(self.socket, server_args, server_argv))
+                           else server_command([str(self.socket)], server_args, server_argv))
         self.qmp = QMPClient("vfio-ep-guest")
         self._server: asyncio.subprocess.Process | None = None
         self._qemu: asyncio.subprocess.Process | None = None
@@ -213,17 +213,8 @@ class GuestRun:
         await self._accept_qmp()
 
     async def _wait_for_socket(self) -> None:
-        """The server is ready once its socket exists; fail with its log if it died first."""
         assert self._server is not None and self.socket is not None
-        deadline = time.monotonic() + SERVER_READY_TIMEOUT
-        while not self.socket.exists():
-            if self._server.returncode is not None:
-                raise LaunchError(f"vfio-ep server exited with {self._server.returncode} before "
-                                  f"creating {self.socket}:\n{_tail(self._log('server'))}")
-            if time.monotonic() > deadline:
-                raise LaunchError(f"vfio-ep server made no socket in {SERVER_READY_TIMEOUT:.0f} "
-                                  f"s:\n{_tail(self._log('server'))}")
-            await asyncio.sleep(0.05)
+        await wait_for_sockets(self._server, [self.socket], self.run_dir / "server.log")
 
     async def _accept_qmp(self) -> None:
         assert self._qemu is not None
@@ -279,11 +270,71 @@ class GuestRun:
         return path.read_text(errors="replace") if path.exists() else ""
 
 
-def server_command(socket: Path, server_args: list[str],
+def server_command(sockets: Sequence[str], server_args: list[str],
                    server_argv: Sequence[str] | None = None) -> list[str]:
-    """``vfio-ep serve`` on ``socket``; ``server_argv`` swaps the program part."""
+    """``vfio-ep serve`` on ``sockets`` (``PATH`` or ``CONTROLLER=PATH``); ``server_argv``
+    swaps the program part."""
     prefix = list(server_argv or [sys.executable, "-m", "vfio_ep", "-v", "serve"])
-    return [*prefix, "--socket", str(socket), *server_args]
+    return [*prefix, *(a for s in sockets for a in ("--socket", s)), *server_args]
+
+
+async def wait_for_sockets(server: asyncio.subprocess.Process, sockets: Sequence[Path],
+                           log: Path) -> None:
+    """The server is ready once its sockets exist; fail with its log if it died first."""
+    deadline = time.monotonic() + SERVER_READY_TIMEOUT
+    while not all(s.exists() for s in sockets):
+        text = log.read_text(errors="replace") if log.exists() else ""
+        if server.returncode is not None:
+            raise LaunchError(f"vfio-ep server exited with {server.returncode} before creating "
+                              f"{', '.join(map(str, sockets))}:\n{_tail(text)}")
+        if time.monotonic() > deadline:
+            raise LaunchError(f"vfio-ep server made no socket in {SERVER_READY_TIMEOUT:.0f} "
+                              f"s:\n{_tail(text)}")
+        await asyncio.sleep(0.05)
+
+
+@dataclass(frozen=True)
+class GuestSpec:
+    """One guest of several against one server: attached to ``controller``'s socket."""
+
+    label: str
+    controller: str
+    script: str
+
+
+def boot_guests(specs: Sequence[GuestSpec], *, server_args: list[str],
+                assets: GuestAssets | None = None, timeout: float = 300, run_dir: Path,
+                extra_files: dict[str, Path | bytes] | None = None,
+                live: Callable[[str, str], None] | None = None) -> list[GuestResult]:
+    """Start one ``vfio-ep serve`` with a socket per controller the specs name, boot every
+    guest at once against it (run directory ``run_dir/<label>``), and return their results
+    in order.  ``live`` gets (label, line) as each guest prints."""
+    return _run_async(_boot_guests(specs, server_args, assets or provision_all(), timeout,
+                                   run_dir, extra_files or {}, live))
+
+
+async def _boot_guests(specs: Sequence[GuestSpec], server_args: list[str],
+                       assets: GuestAssets, timeout: float, run_dir: Path,
+                       extra_files: dict[str, Path | bytes],
+                       live: Callable[[str, str], None] | None) -> list[GuestResult]:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="vfio-ep-"))
+    sockets = {s.controller: tmp / f"{s.controller}.sock" for s in specs}
+    log = run_dir / "server.log"
+    cmd = server_command([f"{c}={p}" for c, p in sockets.items()], server_args)
+    server = await _spawn(cmd, stdout=log.open("wb"))
+    try:
+        await wait_for_sockets(server, list(sockets.values()), log)
+        runs = [GuestRun(s.script, server_args=[], assets=assets, socket=sockets[s.controller],
+                         run_dir=run_dir / s.label, extra_files=extra_files,
+                         live=(lambda line, label=s.label: live(label, line)) if live else None)
+                for s in specs]
+        results = await asyncio.gather(*(r.run(timeout) for r in runs))
+    finally:
+        await _terminate(server)
+        shutil.rmtree(tmp, ignore_errors=True)
+    server_log = log.read_text(errors="replace")
+    return [replace(r, server_log=server_log) for r in results]
 
 
 def vfio_user_device(socket: Path, msg_timeout_ms: int = DEFAULT_MSG_TIMEOUT_MS,

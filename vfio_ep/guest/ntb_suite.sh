@@ -15,25 +15,8 @@ SHARED=$3
 MODULES=/lib/modules
 PEER=10.0.0.11
 SELF=10.0.0.10/24
-N=0
-
-ok() { N=$((N + 1)); echo "ok $N $PHASE.$1"; }
-not_ok() { N=$((N + 1)); echo "not ok $N $PHASE.$1"; echo "# $2"; }
-# check NAME REASON COMMAND...: one test, passed when COMMAND succeeds.
-check() {
-	name=$1; reason=$2; shift 2
-	if "$@"; then ok "$name"; else not_ok "$name" "$reason"; fi
-}
-# wait_for SECONDS COMMAND...: poll COMMAND every 0.1 s until it succeeds.
-wait_for() {
-	tries=$(($1 * 10)); shift
-	while [ $tries -gt 0 ]; do
-		"$@" && return 0
-		sleep 0.1
-		tries=$((tries - 1))
-	done
-	return 1
-}
+TAP_PREFIX=$PHASE.
+. /tap_lib.sh
 hex() { printf '%#x' "$1"; }
 
 DEV=$(ls /sys/bus/pci/drivers/ntb_hw_epf 2>/dev/null | grep : | head -n 1)
@@ -115,9 +98,7 @@ phase_netdev() {
 	check hw_epf_bound "no device bound to ntb_hw_epf" [ -n "$DEV" ]
 	insmod $MODULES/ntb_transport.ko
 	check netdev_link_up "eth0 (ntb_netdev) got no carrier" netdev_up
-	ping -c 100 -A -W 5 $PEER > /tmp/ping 2>&1
-	sed 's/^/# /' /tmp/ping | tail -n 3
-	check ping_100 "ping lost packets" grep -q " 0% packet loss" /tmp/ping
+	check ping_100 "ping lost packets" pings 100 $PEER -A
 
 	dd if=/dev/urandom of=/tmp/data bs=1M count=16 2>/dev/null
 	timeout 300 nc $PEER 7 < /tmp/data > /tmp/echo
@@ -133,8 +114,7 @@ phase_netdev() {
 		wait_for 10 [ -e "/sys/bus/pci/drivers/ntb_hw_epf/$DEV" ]
 	rmmod ntb_netdev
 	check relink_up "no carrier after rebinding" netdev_up
-	ping -c 10 -A -W 5 $PEER > /tmp/ping 2>&1
-	check ping_after_rebind "ping after rebinding lost packets" grep -q " 0% packet loss" /tmp/ping
+	check ping_after_rebind "ping after rebinding lost packets" pings 10 $PEER -A
 }
 
 case "$PHASE" in

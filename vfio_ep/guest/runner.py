@@ -18,11 +18,21 @@ from vfio_ep.composition import Composition
 from vfio_ep.config import ConfigError
 from vfio_ep.epc.core import EpcError
 from vfio_ep.epf.functions.pci_epf_vntb import PciEpfVntb
-from vfio_ep.guest.launcher import KSELFTEST_NAME, LaunchError, boot_guest, new_run_dir
+from vfio_ep.guest.launcher import (
+    KSELFTEST_NAME,
+    GuestSpec,
+    LaunchError,
+    boot_guest,
+    boot_guests,
+    new_run_dir,
+)
 from vfio_ep.guest.provision import GuestAssets, ProvisionError, provision_all
 from vfio_ep.guest.results import Report, merge_reports, parse_tap, summary_table, write_results
 
 NTB_SUITE = Path(__file__).with_name("ntb_suite.sh")
+NTB_PAIR = Path(__file__).with_name("ntb_pair.sh")
+TAP_LIB = Path(__file__).with_name("tap_lib.sh")  # sourced by both
+PAIR_ROLES = ("a", "b")
 NTB_PHASES = ("tool", "pingpong", "netdev")
 PINGPONG_DELAY_MS = 20  # the guest's ntb_pingpong is loaded with the same delay_ms
 
@@ -68,6 +78,10 @@ def run_suite(function: str | None = None, config_file: Path | None = None,
         if func.driver == "pci_epf_vntb":
             return _run_ntb_suite(target, assets, _vntb_doorbells(comp), timeout, run_dir,
                                   guest_args or [])
+        if func.driver == "pci_epf_ntb":
+            assert func.primary is not None and func.secondary is not None
+            return _run_ntb_pair(target, assets, (func.primary, func.secondary), timeout,
+                                 run_dir, guest_args or [])
         return _run_kselftest(target, assets, timeout, run_dir, guest_args or [])
     except (ConfigError, ValueError, EpcError, ProvisionError, LaunchError) as exc:
         print(f"vfio-ep run: {exc}", file=sys.stderr)
@@ -130,13 +144,47 @@ def _run_ntb_suite(target: Target, assets: GuestAssets, doorbells: tuple[int, bo
             server_args=target.server_args(f"ntb_client={phase}",
                                            f"pingpong_delay_ms={PINGPONG_DELAY_MS}"),
             assets=assets, timeout=timeout, run_dir=top / phase,
-            extra_files={"ntb_suite.sh": NTB_SUITE}, live=_echo)
+            extra_files={"ntb_suite.sh": NTB_SUITE, "tap_lib.sh": TAP_LIB}, live=_echo)
         reports.append(parse_tap(result.output))
         if result.error or result.exit_status != 0:
             failed_boots.append(f"{phase}: {result.error or f'exit {result.exit_status}'}")
     report = merge_reports(reports)
     write_results(report, top, exit_status=1 if failed_boots else 0,
                   error="; ".join(failed_boots) or None, suite="ntb")
+    print(f"\n{summary_table(report)}")
+    for line in failed_boots:
+        print(f"vfio-ep run: {line}", file=sys.stderr)
+    print(f"run directory: {top}")
+    return 0 if report.passed and not failed_boots else 1
+
+
+def _run_ntb_pair(target: Target, assets: GuestAssets, controllers: tuple[str, str],
+                  timeout: float, run_dir: Path | None, phases: list[str]) -> int:
+    """Two guests on one pci-epf-ntb (guest a on the primary, b on the secondary), booted
+    together once per phase; ``phases`` selects some."""
+    unknown = [p for p in phases if p not in NTB_PHASES]
+    if unknown:
+        raise ConfigError(f"no NTB pair phase {', '.join(unknown)}; the phases are "
+                          f"{', '.join(NTB_PHASES)}")
+    top = new_run_dir(run_dir)
+    reports: list[Report] = []
+    failed_boots = []
+    for phase in phases or NTB_PHASES:
+        print(f"# --- {phase}: both guests run {phase} ---", flush=True)
+        specs = [GuestSpec(role, ctrl, f"sh /ntb_pair.sh {role} {phase}")
+                 for role, ctrl in zip(PAIR_ROLES, controllers, strict=True)]
+        results = boot_guests(specs, server_args=target.server_args(), assets=assets,
+                              timeout=timeout, run_dir=top / phase,
+                              extra_files={"ntb_pair.sh": NTB_PAIR, "tap_lib.sh": TAP_LIB},
+                              live=lambda role, line: _echo(f"{role}: {line}"))
+        for role, result in zip(PAIR_ROLES, results, strict=True):
+            reports.append(parse_tap(result.output))
+            if result.error or result.exit_status != 0:
+                failed_boots.append(f"{phase}/{role}: "
+                                    f"{result.error or f'exit {result.exit_status}'}")
+    report = merge_reports(reports)
+    write_results(report, top, exit_status=1 if failed_boots else 0,
+                  error="; ".join(failed_boots) or None, suite="ntb-pair")
     print(f"\n{summary_table(report)}")
     for line in failed_boots:
         print(f"vfio-ep run: {line}", file=sys.stderr)

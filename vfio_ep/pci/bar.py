@@ -13,9 +13,9 @@ import enum
 import logging
 import mmap
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
-from vfio_ep.memory import SharedMemory
+from vfio_ep.memory import ForeignMemory, SharedMemory
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,16 @@ class MmioHandler(Protocol):
     def write(self, offset: int, size: int, value: int) -> None: ...
 
 
+@runtime_checkable
+class MemoryHandler(Protocol):
+    """A trapped window that is memory, not registers (another bus's memory behind a bridge):
+    accesses of any size and alignment."""
+
+    def read_bytes(self, offset: int, size: int) -> bytes: ...
+
+    def write_bytes(self, offset: int, data: bytes) -> None: ...
+
+
 class WindowKind(enum.IntEnum):
     """Values shared with native/vfu_fast.h."""
 
@@ -84,7 +94,7 @@ class Window:
     start: int
     end: int
     kind: WindowKind
-    target: SharedMemory | MmioHandler
+    target: SharedMemory | ForeignMemory | MmioHandler | MemoryHandler
     target_offset: int = 0  # offset in the memfd (RAM) or in the handler's space (MMIO)
     mmap: bool = False  # its owner allows exporting it (the translation will not change)
 
@@ -134,16 +144,21 @@ class WindowTable:
     def read(self, bar: int, offset: int, size: int) -> bytes:
         w = self.find(bar, offset, size)
         rel = offset - w.start + w.target_offset
-        if isinstance(w.target, SharedMemory):
+        if isinstance(w.target, SharedMemory | ForeignMemory):
             return w.target.read(rel, size)
+        if isinstance(w.target, MemoryHandler):
+            return w.target.read_bytes(rel, size)
         _check_mmio_size(bar, offset, size)
         return w.target.read(rel, size).to_bytes(size, "little")
 
     def write(self, bar: int, offset: int, data: bytes) -> None:
         w = self.find(bar, offset, len(data))
         rel = offset - w.start + w.target_offset
-        if isinstance(w.target, SharedMemory):
+        if isinstance(w.target, SharedMemory | ForeignMemory):
             w.target.write(rel, data)
+            return
+        if isinstance(w.target, MemoryHandler):
+            w.target.write_bytes(rel, data)
             return
         _check_mmio_size(bar, offset, len(data))
         w.target.write(rel, len(data), int.from_bytes(data, "little"))

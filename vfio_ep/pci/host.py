@@ -19,11 +19,19 @@ class RcBusError(Exception):
 class RcMemory(Protocol):
     """RC (guest) memory by bus address; both calls raise RcBusError where nothing is mapped.
 
-    Async, because a range without shared memory is reached with messages to the client."""
+    Async, because a range without shared memory is reached with messages to the client.
+    ``on_change`` hooks run after the client maps or unmaps memory: views taken before are
+    stale from then on."""
+
+    on_change: list[Callable[[], None]]
 
     async def read(self, addr: int, size: int) -> bytes: ...
 
     async def write(self, addr: int, data: bytes | memoryview) -> None: ...
+
+    def view(self, addr: int, size: int) -> memoryview:
+        """Zero-copy access where the range is shared memory (RcBusError otherwise)."""
+        ...
 
 
 class Interrupts(Protocol):

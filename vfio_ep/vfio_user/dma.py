@@ -54,6 +54,8 @@ class DmaTable:
         # Installed by the connection: message-based access for fd-less ranges.
         self.message_read: MessageRead | None = None
         self.message_write: MessageWrite | None = None
+        # Run after every map/unmap: whoever holds views (a bridge's windows) re-derives them.
+        self.on_change: list[Callable[[], None]] = []
 
     def __len__(self) -> int:
         return len(self._regions)
@@ -78,6 +80,7 @@ class DmaTable:
         i = bisect.bisect_left(self._starts, iova)
         self._regions.insert(i, region)
         self._starts.insert(i, iova)
+        self._changed()
 
     def unmap(self, iova: int, size: int) -> int:
         """Drop every mapping overlapping [iova, iova+size); return how many went."""
@@ -92,8 +95,14 @@ class DmaTable:
                 r.view.release()
         self._regions = keep
         self._starts = [r.iova for r in keep]
+        if gone:
+            self._changed()
         self._close_unused_files()
         return len(gone)
+
+    def _changed(self) -> None:
+        for hook in self.on_change:
+            hook()
 
     def clear(self) -> None:
         self.unmap(0, 1 << 64)

@@ -13,7 +13,7 @@ import logging
 import os
 from typing import Any
 
-from vfio_ep.memory import SharedMemory
+from vfio_ep.memory import ForeignMemory, SharedMemory
 from vfio_ep.pci.bar import WindowKind, WindowTable
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,8 @@ class FastPath:
         for i, w in enumerate(rows):
             c = table[i]
             c.bar, c.start, c.end = w.bar, w.start, w.end
-            if w.kind is WindowKind.RAM and isinstance(w.target, SharedMemory):
+            if w.kind is WindowKind.RAM and isinstance(w.target,
+                                                         SharedMemory | ForeignMemory):
                 c.kind = lib.VFU_WINDOW_RAM
                 c.ram = ffi.cast("uint8_t *", w.target.address + w.target_offset)
             elif w.kind is WindowKind.DOORBELL:

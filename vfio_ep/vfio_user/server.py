@@ -92,6 +92,9 @@ class Connection:
             self._nursery = None
             self.device.detach()
             self._fail_pending_dma()
+            if self.fast is not None:
+                log.info("client %s: C fast path served %s", self.peer, ", ".join(
+                    f"{n} {what.replace('_', ' ')}" for what, n in self.fast.stats().items()))
             log.info("client %s: released %d DMA mappings and its IRQ eventfds",
                      self.peer, len(self.dma))
             self.dma.clear()

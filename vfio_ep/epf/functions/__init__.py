@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vfio_ep.epf.core import PciEpf
-from vfio_ep.epf.functions import pci_epf_test, pci_epf_vntb
+from vfio_ep.epf.functions import pci_epf_ntb, pci_epf_test, pci_epf_vntb
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,9 @@ DRIVERS: dict[str, EpfDriver] = {
         EpfDriver("pci_epf_vntb", pci_epf_vntb.PciEpfVntbAttributes, pci_epf_vntb.probe,
                   pci_epf_vntb.CFS_ATTRIBUTES, pci_epf_vntb.store,
                   defaults=pci_epf_vntb.DEFAULTS),
+        EpfDriver("pci_epf_ntb", pci_epf_ntb.PciEpfNtbAttributes, pci_epf_ntb.probe,
+                  pci_epf_ntb.CFS_ATTRIBUTES, pci_epf_ntb.store, interfaces=2,
+                  defaults=pci_epf_ntb.DEFAULTS),
     )
 }
 

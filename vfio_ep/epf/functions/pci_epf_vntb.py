@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import trio
-from construct import Array, Int16ul, Int32ul, Int64ul, Struct
 
 from vfio_ep.config import ConfigError, parse_int
 from vfio_ep.epc.address_space import PAGE, AddressError, Watch
@@ -36,6 +35,23 @@ from vfio_ep.epc.irq import IRQ_HANDLED, IrqError
 from vfio_ep.epf.core import PciEpf, required_bar_size
 from vfio_ep.epf.doorbell import CHOICES as DOORBELL_CHOICES
 from vfio_ep.epf.doorbell import DoorbellError, pci_epf_alloc_doorbell, pci_epf_free_doorbell
+from vfio_ep.epf.functions.ntb_ctrl import (
+    COMMAND_CONFIGURE_DOORBELL,
+    COMMAND_CONFIGURE_MW,
+    COMMAND_LINK_DOWN,
+    COMMAND_LINK_UP,
+    COMMAND_NAMES,
+    COMMAND_STATUS_ERROR,
+    COMMAND_STATUS_OK,
+    COMMAND_TEARDOWN_DOORBELL,
+    COMMAND_TEARDOWN_MW,
+    LINK_STATUS_UP,
+    MAX_DB_COUNT,
+    MAX_MW,
+    PCI_ANY_ID,
+    PCI_BASE_CLASS_MEMORY,
+    EpfNtbCtrl,
+)
 from vfio_ep.epf.regs import RegisterBlock
 from vfio_ep.ntb.clients import NtbClientAttributes, create_client
 from vfio_ep.ntb.core import SZ_4K, NtbDev, NtbIoError
@@ -45,43 +61,16 @@ from vfio_ep.pci.host import RcBusError
 
 log = logging.getLogger(__name__)
 
-COMMAND_CONFIGURE_DOORBELL = 1
-COMMAND_TEARDOWN_DOORBELL = 2
-COMMAND_CONFIGURE_MW = 3
-COMMAND_TEARDOWN_MW = 4
-COMMAND_LINK_UP = 5
-COMMAND_LINK_DOWN = 6
-COMMAND_STATUS_OK = 1
-COMMAND_STATUS_ERROR = 2
-LINK_STATUS_UP = 1 << 0
-
-MAX_MW = 4
-MAX_DB_COUNT = 32
 EPF_IRQ_LINK, EPF_IRQ_RESERVED_DB, EPF_IRQ_DB_START = 0, 1, 2  # the legacy slot layout
 MIN_DB_COUNT = EPF_IRQ_DB_START + 1
 VNTB_MSI_VECTORS = 16  # epf_ntb_configure_interrupt: pci_epc_set_msi(..., 16)
 VNTB_PEER_DB_WORK_BUDGET = 5
-PCI_BASE_CLASS_MEMORY = 0x05
-PCI_ANY_ID = 0xFFFF
 
 # enum epf_ntb_bar: the slots of epf_ntb_bar[]
 BAR_CONFIG, BAR_DB, BAR_MW1 = 0, 1, 2
 VNTB_BAR_NUM = 6
 
-# struct epf_ntb_ctrl (__packed)
-EpfNtbCtrl = Struct(
-    "command" / Int32ul, "argument" / Int32ul, "command_status" / Int16ul,
-    "link_status" / Int16ul, "topology" / Int32ul, "addr" / Int64ul, "size" / Int64ul,
-    "num_mws" / Int32ul, "reserved" / Int32ul, "spad_offset" / Int32ul, "spad_count" / Int32ul,
-    "db_entry_size" / Int32ul, "db_data" / Array(MAX_DB_COUNT, Int32ul),
-    "db_offset" / Array(MAX_DB_COUNT, Int32ul),
-)
 CTRL_SIZE = (EpfNtbCtrl.sizeof() + 3) // 4 * 4  # ALIGN(sizeof(struct epf_ntb_ctrl), 4)
-
-COMMAND_NAMES = {COMMAND_CONFIGURE_DOORBELL: "CONFIGURE_DOORBELL",
-                 COMMAND_TEARDOWN_DOORBELL: "TEARDOWN_DOORBELL",
-                 COMMAND_CONFIGURE_MW: "CONFIGURE_MW", COMMAND_TEARDOWN_MW: "TEARDOWN_MW",
-                 COMMAND_LINK_UP: "LINK_UP", COMMAND_LINK_DOWN: "LINK_DOWN"}
 
 # The attributes configfs shows in functions/pci_epf_vntb/<func>/pci_epf_vntb.<N>/.
 CFS_ATTRIBUTES = ("spad_count", "db_count", "num_mws", "mw1", "mw2", "mw3", "mw4",

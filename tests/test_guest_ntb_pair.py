@@ -1,0 +1,47 @@
+"""Acceptance: two guests joined by one pci-epf-ntb, with `vfio-ep run` as a user runs it.
+
+One vfio-ep serves both controllers of the function; each guest binds its unmodified
+ntb_hw_epf to its side and runs the same NTB client against the other guest, in step
+(vfio_ep/guest/ntb_pair.sh): ntb_tool (link, scratchpads, every doorbell and the memory
+window, both ways), ntb_pingpong (both counting), ntb_transport + ntb_netdev (ping -c 100
+with no loss each way, 64 MiB with equal checksums, one guest unbinding and rebinding
+ntb_hw_epf: both links go down and come back, ping again).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from vfio_ep_cli import assert_passed, vfio_ep_run
+
+pytestmark = pytest.mark.guest
+
+HOWTO = Path(__file__).parent / "data" / "howto-ntb-setup.sh"
+PHASES = {
+    "tool": ("hw_epf_bound", "link_up", "spads_both_ways", "doorbells_14_both_ways",
+             "mw_both_ways"),
+    "pingpong": ("hw_epf_bound", "pingpong_counts"),
+    "netdev": ("hw_epf_bound", "netdev_link_up", "ping_100", "transfer_64mib", "link_down",
+               "relink_up", "ping_after_relink"),
+}
+
+
+def names(phase: str, tests: tuple[str, ...] | None = None) -> list[str]:
+    return [f"{role}.{phase}.{t}" for role in "ab" for t in tests or PHASES[phase]]
+
+
+def test_ntb_pair_suite(tmp_path: Path) -> None:
+    proc, results = vfio_ep_run(tmp_path, "--function", "pci-epf-ntb")
+    assert_passed(proc, results, [n for phase in PHASES for n in names(phase)])
+    log = (tmp_path / "run" / "netdev" / "server.log").read_text()
+    assert "serving controller ep0: func1 (pci_epf_ntb) 104c:b00d" in log
+    assert "serving controller ep1: func1 (pci_epf_ntb) 104c:b00d" in log
+
+
+def test_the_kernels_ntb_howto(tmp_path: Path) -> None:
+    """pci-ntb-howto.rst's configfs steps (db_count 4: two doorbells, two 1 MiB windows)."""
+    proc, results = vfio_ep_run(tmp_path, "--configfs", str(HOWTO), "--", "tool")
+    tool = ("hw_epf_bound", "link_up", "spads_both_ways", "doorbells_2_both_ways",
+            "mw_both_ways")
+    assert_passed(proc, results, names("tool", tool))

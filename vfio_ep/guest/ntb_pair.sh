@@ -1,0 +1,193 @@
+#!/bin/sh
+# vfio-ep's NTB pair suite: run in both guests of a pci-epf-ntb pair at once; TAP 13.
+#
+# Usage: ntb_pair.sh ROLE PHASE
+#   ROLE is a or b (each guest knows only its own role: the other one is its peer).
+#   PHASE is what both run: tool, pingpong or netdev.
+# Both guests run the same clients against each other, in step: a barrier is a number
+# written into the peer's last scratchpad and awaited in ours, so neither side runs ahead of
+# what the other set up (scratchpads hold values: no ring can be lost to a clear).
+
+ROLE=$1
+PHASE=$2
+MODULES=/lib/modules
+if [ "$ROLE" = a ]; then PEER=b; SELF_IP=10.0.0.1; PEER_IP=10.0.0.2
+else PEER=a; SELF_IP=10.0.0.2; PEER_IP=10.0.0.1; fi
+TAP_PREFIX=$ROLE.$PHASE.
+. /tap_lib.sh
+
+# pci_endpoint_test claims 104c:b00d too: hand the device to ntb_hw_epf.
+DEV=
+for d in /sys/bus/pci/devices/*; do
+	[ "$(cat $d/vendor):$(cat $d/device)" = 0x104c:0xb00d ] && DEV=${d##*/}
+done
+bind_ntb_hw_epf() {
+	[ -n "$DEV" ] || return 1
+	echo ntb_hw_epf > /sys/bus/pci/devices/$DEV/driver_override
+	[ -e /sys/bus/pci/devices/$DEV/driver ] && echo $DEV > /sys/bus/pci/devices/$DEV/driver/unbind
+	echo $DEV > /sys/bus/pci/drivers_probe
+	[ -e /sys/bus/pci/drivers/ntb_hw_epf/$DEV ]
+}
+
+pattern() { yes "vfio-ep ntb pair: a pattern from $1" | head -c 65536; }
+
+phase_tool() {
+	echo "1..5"
+	check hw_epf_bound "ntb_hw_epf did not bind ${DEV:-the device}" bind_ntb_hw_epf
+	insmod $MODULES/ntb_tool.ko
+	T=/sys/kernel/debug/ntb_tool/$DEV
+	echo Y > "$T/link"
+	check link_up "peer0/link_event did not report the link up" \
+		timeout 60 sh -c "echo Y > $T/peer0/link_event"
+	DB_BITS=$(awk -v m=$(($(cat "$T/db_valid_mask"))) 'BEGIN { while (m) { n++; m = int(m / 2) } print n }')
+	SYNC=$(( $(ls -d "$T"/spad* | wc -l) - 1 ))
+	reached() { [ $(( $(cat "$T/spad$SYNC") )) -ge $1 ]; }
+	# barrier N: tell the peer we reached step N, wait until it has too.
+	barrier() {
+		echo "$1" > "$T/peer0/spad$SYNC"
+		wait_for 60 reached $1
+	}
+	has() { [ $(( $(cat "$T/db") & $1 )) != 0 ]; }
+	# ring BIT: ring the peer's doorbell BIT, wait for the peer's ring of the same bit.
+	ring() {
+		echo "s $1" > "$T/peer_db"
+		wait_for 30 has $1
+		status=$?
+		echo "c $1" > "$T/db"
+		return $status
+	}
+
+	# Scratchpads: ours into the peer's (peer0/spadN is its own spad N), and back.
+	base=$([ "$ROLE" = a ] && echo $((0xa0000000)) || echo $((0xb0000000)))
+	peer_base=$([ "$ROLE" = a ] && echo $((0xb0000000)) || echo $((0xa0000000)))
+	for i in 0 1 2 3; do echo $((base + i)) > "$T/peer0/spad$i"; done
+	barrier 1
+	spads_ok=1
+	for i in 0 1 2 3; do
+		got=$(( $(cat "$T/spad$i") ))
+		[ $got = $((peer_base + i)) ] || { spads_ok=0; echo "# spad$i: $(cat $T/spad$i)"; }
+	done
+	check spads_both_ways "the peer's scratchpad writes did not arrive" [ $spads_ok = 1 ]
+
+	# Every doorbell: ring it, and get the peer's ring of the same bit.
+	db_ok=1
+	b=0
+	while [ $b -lt "$DB_BITS" ]; do
+		ring $((1 << b)) || { db_ok=0; echo "# doorbell $b: no ring from the peer"; }
+		b=$((b + 1))
+	done
+	check "doorbells_${DB_BITS}_both_ways" "doorbells were lost" [ $db_ok = 1 ]
+	barrier 2
+
+	# Memory windows: our buffer for the peer, then each writes its pattern into the other.
+	echo 65536 > "$T/peer0/mw_trans0"
+	echo "0:65536" > "$T/peer0/peer_mw_trans0"
+	barrier 3
+	pattern $ROLE > /tmp/mine
+	pattern $PEER > /tmp/theirs
+	dd if=/tmp/mine of="$T/peer0/peer_mw0" bs=4096 count=16 2>/dev/null
+	barrier 4
+	dd if="$T/peer0/mw0" of=/tmp/got bs=4096 count=16 2>/dev/null
+	check mw_both_ways "memory window data differs from the peer's pattern" \
+		cmp -s /tmp/theirs /tmp/got
+	barrier 5  # the peer has read its window: we may go
+}
+
+phase_pingpong() {
+	echo "1..2"
+	check hw_epf_bound "ntb_hw_epf did not bind ${DEV:-the device}" bind_ntb_hw_epf
+	insmod $MODULES/ntb_pingpong.ko delay_ms=20
+	C=/sys/kernel/debug/ntb_pingpong/$DEV/count
+	counting() { [ "$(cat $C 2>/dev/null || echo 0)" -ge 20 ]; }
+	wait_for 60 counting
+	check pingpong_counts "count is $(cat $C 2>/dev/null) after 60 s, want >= 20" counting
+	sleep 5  # keep answering while the peer counts up to its 20 too
+}
+
+# hear PORT / tell PORT: a one-line message over the netdev, so one guest waits for the other.
+hear() { timeout 300 nc -l -p $1 < /dev/null > /dev/null; }
+tell() { wait_for 60 sh -c "echo x | timeout 30 nc $PEER_IP $1"; }
+
+# ping_in_turn NAME COUNT INTERVAL PORT: a pings b, then b pings a (busybox ping's raw socket
+# has a 7 KiB receive buffer that also queues the other guest's echo requests: pinging both
+# ways at once overflows it, and the socket drops replies the kernel did receive).
+ping_in_turn() {
+	if [ "$ROLE" = a ]; then
+		check $1 "ping to the peer lost packets" pings $2 $PEER_IP -i $3
+		tell $4
+		hear $(($4 + 1))
+	else
+		hear $4
+		check $1 "ping to the peer lost packets" pings $2 $PEER_IP -i $3
+		tell $(($4 + 1))
+	fi
+}
+
+netdev_up() {
+	insmod $MODULES/ntb_netdev.ko
+	wait_for 10 [ -d /sys/class/net/eth0 ] || return 1
+	ip addr add $SELF_IP/24 dev eth0 && ip link set eth0 up
+	wait_for 60 grep -q 1 /sys/class/net/eth0/carrier
+}
+
+phase_netdev() {
+	echo "1..7"
+	check hw_epf_bound "ntb_hw_epf did not bind ${DEV:-the device}" bind_ntb_hw_epf
+	insmod $MODULES/ntb_transport.ko
+	check netdev_link_up "eth0 (ntb_netdev) got no carrier" netdev_up
+	wait_for 60 ping -c 1 -W 1 $PEER_IP > /dev/null  # until the peer has its address too
+	ping_in_turn ping_100 100 0.02 5010
+
+	# 64 MiB from a to b; then a sends its checksum, which b compares with what it got.
+	# (One direction at a time: nc copies stdin to the socket blocking, so two guests'
+	# TCP stacks echoing a large stream at each other would fill every buffer and wait.)
+	if [ "$ROLE" = b ]; then
+		for f in recv want; do  # nc -e runs a program on the connection: one per file
+			printf '#!/bin/sh\ncat > /tmp/%s\n' $f > /tmp/$f.sh
+			chmod +x /tmp/$f.sh
+		done
+		timeout 900 nc -l -p 5001 -e /tmp/recv.sh
+		timeout 120 nc -l -p 5002 -e /tmp/want.sh
+		got=$(md5sum < /tmp/recv | cut -c1-32)
+		echo "# received $(wc -c < /tmp/recv) bytes, md5 $got"
+		check transfer_64mib "md5 $got, the sender's $(cat /tmp/want)" [ "$got" = "$(cat /tmp/want)" ]
+	else
+		dd if=/dev/urandom of=/tmp/data bs=1M count=64 2>/dev/null
+		start=$(date +%s)
+		# until b listens: a refused connection ends nc at once, so try again
+		wait_for 60 sh -c "timeout 900 nc $PEER_IP 5001 < /tmp/data"
+		echo "# 64 MiB sent in $(( $(date +%s) - start )) s"
+		sum=$(md5sum < /tmp/data | cut -c1-32)
+		check transfer_64mib "could not send the checksum" \
+			wait_for 60 sh -c "echo $sum | timeout 60 nc $PEER_IP 5002"
+	fi
+
+	# a unbinds and rebinds ntb_hw_epf (once b watches): both see the link go and come back.
+	gone() { ! grep -q 1 /sys/class/net/eth0/carrier 2>/dev/null; }
+	if [ "$ROLE" = a ]; then
+		hear 5005
+		echo $DEV > /sys/bus/pci/drivers/ntb_hw_epf/unbind
+		check link_down "eth0 still there after unbinding" wait_for 10 gone
+		sleep 2
+		echo $DEV > /sys/bus/pci/drivers/ntb_hw_epf/bind
+		rmmod ntb_netdev
+		check relink_up "no carrier after rebinding" netdev_up
+	else
+		tell 5005
+		check link_down "the carrier stayed on while the peer was unbound" wait_for 60 gone
+		check relink_up "no carrier once the peer was back" \
+			wait_for 120 grep -q 1 /sys/class/net/eth0/carrier
+	fi
+	wait_for 60 ping -c 1 -W 1 $PEER_IP > /dev/null
+	ping_in_turn ping_after_relink 10 0.05 5012
+	# Neither guest powers off (taking the link down) before the other is done.
+	if [ "$ROLE" = a ]; then hear 5003; else tell 5003; fi
+}
+
+case "$PHASE" in
+tool) phase_tool ;;
+pingpong) phase_pingpong ;;
+netdev) phase_netdev ;;
+*) echo "Bail out! unknown phase $PHASE"; exit 2 ;;
+esac
+dmesg | grep -iE "ntb|epf" | tail -n 15 | sed 's/^/# dmesg: /'

@@ -1,0 +1,52 @@
+# Helpers of vfio-ep's guest suites (sourced): TAP 13 lines, checks, polling, ping.
+# The sourcing script sets TAP_PREFIX (what each test name starts with) and prints its plan.
+
+N=0
+ok() { N=$((N + 1)); echo "ok $N $TAP_PREFIX$1"; }
+not_ok() { N=$((N + 1)); echo "not ok $N $TAP_PREFIX$1"; echo "# $2"; }
+# check NAME REASON COMMAND...: one test, passed when COMMAND succeeds.
+check() {
+	name=$1; reason=$2; shift 2
+	if "$@"; then ok "$name"; else not_ok "$name" "$reason"; fi
+}
+# wait_for SECONDS COMMAND...: poll COMMAND every 0.1 s until it succeeds.
+wait_for() {
+	tries=$(($1 * 10)); shift
+	while [ $tries -gt 0 ]; do
+		"$@" && return 0
+		sleep 0.1
+		tries=$((tries - 1))
+	done
+	return 1
+}
+# pings COUNT ADDRESS [PING OPTIONS]: true when ADDRESS answered COUNT echo requests.
+# busybox ping gives the last reply only max(1 s, 2 x the slowest RTT) before it stops, and
+# a TCG guest sharing two host cores can stall longer than that: one more request goes out,
+# and only the first COUNT are judged, by sequence number.
+pings() {
+	count=$1; addr=$2; shift 2
+	ping -c $((count + 1)) -W 5 "$@" "$addr" > /tmp/ping 2>&1
+	missing=$(awk -v n="$count" '
+		match($0, /seq=[0-9]+/) { got[substr($0, RSTART + 4, RLENGTH - 4)] = 1 }
+		END { for (i = 0; i < n; i++) if (!(i in got)) printf " %d", i }' /tmp/ping)
+	grep round-trip /tmp/ping | sed 's/^/# /'
+	if [ -n "$missing" ]; then
+		echo "# no reply to seq$missing"
+		grep -v "bytes from" /tmp/ping | sed 's/^/# /'
+		netdev_stats
+		return 1
+	fi
+	echo "# $count of $count answered"
+}
+# netdev_stats: eth0's non-zero counters and ntb_transport's queue statistics, as TAP
+# diagnostics (for a failed network check: where did the packet go?).
+netdev_stats() {
+	for f in /sys/class/net/eth0/statistics/*; do
+		v=$(cat "$f" 2>/dev/null)
+		[ "${v:-0}" != 0 ] && echo "# eth0 ${f##*/} $v"
+	done
+	grep -E "^(Ip|Icmp|Udp):" /proc/net/snmp | sed 's/^/# snmp /'
+	for f in /sys/kernel/debug/ntb_transport/*/qp*/stats; do
+		[ -f "$f" ] && grep -iE "err|empty|full|pkts|index|link|db" "$f" | sed 's/^/# qp: /'
+	done
+}
