@@ -18,9 +18,10 @@ import pytest
 pytestmark = pytest.mark.guest
 
 ROOT = Path(__file__).resolve().parents[1]
-# A small, real slice of the integration suite: one kselftest run and one vNTB suite run.
-SELECTION = ("tests/test_guest.py", "tests/test_guest_ntb.py", "-k",
-             "kselftest_passes_with_each_doorbell and poll or vntb_suite and msi")
+# A real slice of the integration suite: one kselftest run, one vNTB suite run, the NTB pair.
+SELECTION = ("tests/test_guest.py", "tests/test_guest_ntb.py", "tests/test_guest_ntb_pair.py",
+             "-k", "kselftest_passes_with_each_doorbell and poll or vntb_suite and msi "
+             "or ntb_pair_suite")
 TIMEOUT = 1800  # a cold image build (podman and debootstrap installed too) plus a guest boot
 
 
@@ -30,7 +31,7 @@ TIMEOUT = 1800  # a cold image build (podman and debootstrap installed too) plus
                            "(apt-get install podman runc debootstrap)")
 def test_guest_suite_runs_in_the_container() -> None:
     command = ["test", *SELECTION]
-    passed = "2 passed"
+    passed = "3 passed"
     proc = subprocess.Popen([sys.executable, "-m", "vfio_ep.guest.container", *command],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

@@ -5,7 +5,9 @@ ntb_hw_epf to its side and runs the same NTB client against the other guest, in 
 (vfio_ep/guest/ntb_pair.sh): ntb_tool (link, scratchpads, every doorbell and the memory
 window, both ways), ntb_pingpong (both counting), ntb_transport + ntb_netdev (ping -c 100
 with no loss each way, 64 MiB with equal checksums, one guest unbinding and rebinding
-ntb_hw_epf: both links go down and come back, ping again).
+ntb_hw_epf: both links go down and come back, ping again), ntb_perf a -> b (b's link goes
+down when a's QEMU is gone), and b's QEMU going away mid-session and b booting again (a's
+link goes down, not hung, and comes back; both carry on).
 """
 
 from __future__ import annotations
@@ -18,22 +20,27 @@ from vfio_ep_cli import assert_passed, vfio_ep_run
 pytestmark = pytest.mark.guest
 
 HOWTO = Path(__file__).parent / "data" / "howto-ntb-setup.sh"
-PHASES = {
-    "tool": ("hw_epf_bound", "link_up", "spads_both_ways", "doorbells_14_both_ways",
-             "mw_both_ways"),
-    "pingpong": ("hw_epf_bound", "pingpong_counts"),
-    "netdev": ("hw_epf_bound", "netdev_link_up", "ping_100", "transfer_64mib", "link_down",
-               "relink_up", "ping_after_relink"),
+TOOL = ("hw_epf_bound", "link_up")
+SUITE = {  # phase: the tests of a, b (and b booting again), in order
+    "tool": {r: (*TOOL, "spads_both_ways", "doorbells_14_both_ways", "mw_both_ways")
+             for r in "ab"},
+    "pingpong": {r: ("hw_epf_bound", "pingpong_counts") for r in "ab"},
+    "perf": {"a": ("hw_epf_bound", "perf_run"), "b": ("hw_epf_bound", "peer_left")},
+    "netdev": {r: ("hw_epf_bound", "netdev_link_up", "ping_100", "transfer_64mib",
+                   "link_down", "relink_up", "ping_after_relink") for r in "ab"},
+    "rejoin": {"a": (*TOOL, "spads_both_ways", "peer_gone", "peer_back",
+                     "spads_after_rejoin"),
+               "b": (*TOOL, "spads_both_ways"), "b2": (*TOOL, "spads_after_rejoin")},
 }
 
 
-def names(phase: str, tests: tuple[str, ...] | None = None) -> list[str]:
-    return [f"{role}.{phase}.{t}" for role in "ab" for t in tests or PHASES[phase]]
+def names(phase: str, suite: dict[str, dict[str, tuple[str, ...]]] = SUITE) -> list[str]:
+    return [f"{label}.{phase}.{t}" for label, tests in suite[phase].items() for t in tests]
 
 
 def test_ntb_pair_suite(tmp_path: Path) -> None:
     proc, results = vfio_ep_run(tmp_path, "--function", "pci-epf-ntb")
-    assert_passed(proc, results, [n for phase in PHASES for n in names(phase)])
+    assert_passed(proc, results, [n for phase in SUITE for n in names(phase)])
     log = (tmp_path / "run" / "netdev" / "server.log").read_text()
     assert "serving controller ep0: func1 (pci_epf_ntb) 104c:b00d" in log
     assert "serving controller ep1: func1 (pci_epf_ntb) 104c:b00d" in log
@@ -42,6 +49,5 @@ def test_ntb_pair_suite(tmp_path: Path) -> None:
 def test_the_kernels_ntb_howto(tmp_path: Path) -> None:
     """pci-ntb-howto.rst's configfs steps (db_count 4: two doorbells, two 1 MiB windows)."""
     proc, results = vfio_ep_run(tmp_path, "--configfs", str(HOWTO), "--", "tool")
-    tool = ("hw_epf_bound", "link_up", "spads_both_ways", "doorbells_2_both_ways",
-            "mw_both_ways")
-    assert_passed(proc, results, names("tool", tool))
+    tool = (*TOOL, "spads_both_ways", "doorbells_2_both_ways", "mw_both_ways")
+    assert_passed(proc, results, names("tool", {"tool": {r: tool for r in "ab"}}))

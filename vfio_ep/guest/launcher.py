@@ -295,11 +295,15 @@ async def wait_for_sockets(server: asyncio.subprocess.Process, sockets: Sequence
 
 @dataclass(frozen=True)
 class GuestSpec:
-    """One guest of several against one server: attached to ``controller``'s socket."""
+    """One guest of several against one server: attached to ``controller``'s socket.  With
+    ``after``, it boots once the guest labelled so has exited: the same host coming back.
+    ``qemu_args`` go on its QEMU command line (a NIC, say)."""
 
     label: str
     controller: str
     script: str
+    after: str | None = None
+    qemu_args: tuple[str, ...] = ()
 
 
 def boot_guests(specs: Sequence[GuestSpec], *, server_args: list[str],
@@ -307,8 +311,9 @@ def boot_guests(specs: Sequence[GuestSpec], *, server_args: list[str],
                 extra_files: dict[str, Path | bytes] | None = None,
                 live: Callable[[str, str], None] | None = None) -> list[GuestResult]:
     """Start one ``vfio-ep serve`` with a socket per controller the specs name, boot every
-    guest at once against it (run directory ``run_dir/<label>``), and return their results
-    in order.  ``live`` gets (label, line) as each guest prints."""
+    guest at once against it (run directory ``run_dir/<label>``; a guest with ``after`` when
+    that one has exited), and return their results in order.  ``live`` gets (label, line)
+    as each guest prints."""
     return _run_async(_boot_guests(specs, server_args, assets or provision_all(), timeout,
                                    run_dir, extra_files or {}, live))
 
@@ -325,16 +330,27 @@ async def _boot_guests(specs: Sequence[GuestSpec], server_args: list[str],
     server = await _spawn(cmd, stdout=log.open("wb"))
     try:
         await wait_for_sockets(server, list(sockets.values()), log)
-        runs = [GuestRun(s.script, server_args=[], assets=assets, socket=sockets[s.controller],
-                         run_dir=run_dir / s.label, extra_files=extra_files,
-                         live=(lambda line, label=s.label: live(label, line)) if live else None)
-                for s in specs]
-        results = await asyncio.gather(*(r.run(timeout) for r in runs))
+        tasks: dict[str, asyncio.Task[GuestResult]] = {}
+        for s in specs:
+            run = GuestRun(s.script, server_args=[], assets=assets,
+                           socket=sockets[s.controller], run_dir=run_dir / s.label,
+                           extra_files=extra_files, extra_qemu_args=s.qemu_args,
+                           live=(lambda line, label=s.label: live(label, line)) if live else None)
+            tasks[s.label] = asyncio.create_task(_boot_after(
+                tasks[s.after] if s.after else None, run, timeout))
+        results = await asyncio.gather(*tasks.values())
     finally:
         await _terminate(server)
         shutil.rmtree(tmp, ignore_errors=True)
     server_log = log.read_text(errors="replace")
     return [replace(r, server_log=server_log) for r in results]
+
+
+async def _boot_after(before: asyncio.Task[GuestResult] | None, run: GuestRun,
+                      timeout: float) -> GuestResult:
+    if before is not None:
+        await asyncio.wait([before])  # its failure is its own result
+    return await run.run(timeout)
 
 
 def vfio_user_device(socket: Path, msg_timeout_ms: int = DEFAULT_MSG_TIMEOUT_MS,

@@ -1,19 +1,26 @@
 #!/bin/sh
 # vfio-ep's NTB pair suite: run in both guests of a pci-epf-ntb pair at once; TAP 13.
 #
-# Usage: ntb_pair.sh ROLE PHASE
+# Usage: ntb_pair.sh ROLE PHASE [BOOT]
 #   ROLE is a or b (each guest knows only its own role: the other one is its peer).
-#   PHASE is what both run: tool, pingpong or netdev.
+#   PHASE is what both run: tool, pingpong, perf, netdev or rejoin.
+#   BOOT counts the boots of one host within a phase (rejoin: b leaves, b comes back as 2).
+# PERF_ORDER (environment) is log2 of what ntb_perf moves (default 22, 4 MiB).
+# The bench "phase" is no test: both guests also have a virtio-net NIC joined to each other,
+# and a measures ping and a TCP transfer over each (vfio_ep/bench/ntb_pair.py reads it).
 # Both guests run the same clients against each other, in step: a barrier is a number
 # written into the peer's last scratchpad and awaited in ours, so neither side runs ahead of
 # what the other set up (scratchpads hold values: no ring can be lost to a clear).
 
 ROLE=$1
 PHASE=$2
+BOOT=${3:-1}
 MODULES=/lib/modules
 if [ "$ROLE" = a ]; then PEER=b; SELF_IP=10.0.0.1; PEER_IP=10.0.0.2
 else PEER=a; SELF_IP=10.0.0.2; PEER_IP=10.0.0.1; fi
-TAP_PREFIX=$ROLE.$PHASE.
+LABEL=$ROLE
+[ "$BOOT" = 1 ] || LABEL=$ROLE$BOOT
+TAP_PREFIX=$LABEL.$PHASE.
 . /tap_lib.sh
 
 # pci_endpoint_test claims 104c:b00d too: hand the device to ntb_hw_epf.
@@ -31,22 +38,45 @@ bind_ntb_hw_epf() {
 
 pattern() { yes "vfio-ep ntb pair: a pattern from $1" | head -c 65536; }
 
-phase_tool() {
-	echo "1..5"
+# ntb_tool_up: two tests, ntb_hw_epf bound and ntb_tool's link up; then T is ntb_tool's
+# directory, SYNC the scratchpad barriers use.
+ntb_tool_up() {
 	check hw_epf_bound "ntb_hw_epf did not bind ${DEV:-the device}" bind_ntb_hw_epf
 	insmod $MODULES/ntb_tool.ko
 	T=/sys/kernel/debug/ntb_tool/$DEV
 	echo Y > "$T/link"
-	check link_up "peer0/link_event did not report the link up" \
-		timeout 60 sh -c "echo Y > $T/peer0/link_event"
-	DB_BITS=$(awk -v m=$(($(cat "$T/db_valid_mask"))) 'BEGIN { while (m) { n++; m = int(m / 2) } print n }')
+	check link_up "peer0/link_event did not report the link up" link_is up 60
 	SYNC=$(( $(ls -d "$T"/spad* | wc -l) - 1 ))
-	reached() { [ $(( $(cat "$T/spad$SYNC") )) -ge $1 ]; }
-	# barrier N: tell the peer we reached step N, wait until it has too.
-	barrier() {
-		echo "$1" > "$T/peer0/spad$SYNC"
-		wait_for 60 reached $1
-	}
+}
+# link_is up|down SECONDS: wait until ntb_tool reports the peer's link so.
+link_is() {
+	want=Y; [ "$1" = up ] || want=N
+	timeout $2 sh -c "echo $want > $T/peer0/link_event"
+}
+reached() { [ $(( $(cat "$T/spad$SYNC") )) -ge $1 ]; }
+# barrier N: tell the peer we reached step N, wait until it has too.
+barrier() {
+	echo "$1" > "$T/peer0/spad$SYNC"
+	wait_for 60 reached $1
+}
+# spads_swap STEP: write ours into the peer's scratchpads 0-3 (peer0/spadN is its own spad
+# N), meet the peer at barrier STEP, and check its writes into ours (STEP is in the values:
+# a value left from an earlier step, or an earlier boot of the peer, does not pass).
+spads_swap() {
+	base=$([ "$ROLE" = a ] && echo $((0xa0000000)) || echo $((0xb0000000)))
+	peer_base=$([ "$ROLE" = a ] && echo $((0xb0000000)) || echo $((0xa0000000)))
+	for i in 0 1 2 3; do echo $((base + $1 * 16 + i)) > "$T/peer0/spad$i"; done
+	barrier $1 || return 1
+	for i in 0 1 2 3; do
+		got=$(( $(cat "$T/spad$i") ))
+		[ $got = $((peer_base + $1 * 16 + i)) ] || { echo "# spad$i: $(cat $T/spad$i)"; return 1; }
+	done
+}
+
+phase_tool() {
+	echo "1..5"
+	ntb_tool_up
+	DB_BITS=$(awk -v m=$(($(cat "$T/db_valid_mask"))) 'BEGIN { while (m) { n++; m = int(m / 2) } print n }')
 	has() { [ $(( $(cat "$T/db") & $1 )) != 0 ]; }
 	# ring BIT: ring the peer's doorbell BIT, wait for the peer's ring of the same bit.
 	ring() {
@@ -57,17 +87,7 @@ phase_tool() {
 		return $status
 	}
 
-	# Scratchpads: ours into the peer's (peer0/spadN is its own spad N), and back.
-	base=$([ "$ROLE" = a ] && echo $((0xa0000000)) || echo $((0xb0000000)))
-	peer_base=$([ "$ROLE" = a ] && echo $((0xb0000000)) || echo $((0xa0000000)))
-	for i in 0 1 2 3; do echo $((base + i)) > "$T/peer0/spad$i"; done
-	barrier 1
-	spads_ok=1
-	for i in 0 1 2 3; do
-		got=$(( $(cat "$T/spad$i") ))
-		[ $got = $((peer_base + i)) ] || { spads_ok=0; echo "# spad$i: $(cat $T/spad$i)"; }
-	done
-	check spads_both_ways "the peer's scratchpad writes did not arrive" [ $spads_ok = 1 ]
+	check spads_both_ways "the peer's scratchpad writes did not arrive" spads_swap 1
 
 	# Every doorbell: ring it, and get the peer's ring of the same bit.
 	db_ok=1
@@ -102,6 +122,54 @@ phase_pingpong() {
 	wait_for 60 counting
 	check pingpong_counts "count is $(cat $C 2>/dev/null) after 60 s, want >= 20" counting
 	sleep 5  # keep answering while the peer counts up to its 20 too
+}
+
+# ntb_perf: a measures a -> b, b serves until a's QEMU is gone (which takes the link down
+# for b: a pair never waits on a dead peer).  4 MiB in 64 KiB chunks: the default 1 GiB
+# would take TCG minutes.
+PERF_ORDER=${PERF_ORDER:-22}
+phase_perf() {
+	echo "1..2"
+	check hw_epf_bound "ntb_hw_epf did not bind ${DEV:-the device}" bind_ntb_hw_epf
+	insmod $MODULES/ntb_perf.ko total_order=$PERF_ORDER chunk_order=16
+	P=/sys/kernel/debug/ntb_perf/$DEV
+	if [ "$ROLE" = a ]; then
+		perf_run() {
+			timeout 300 sh -c "echo 0 > $P/run" || return 1
+			cat $P/run > /tmp/perf
+			sed 's/^ */# /' /tmp/perf
+			grep -q "copied $((1 << PERF_ORDER)) bytes" /tmp/perf
+		}
+		check perf_run "ntb_perf did not complete a run to the peer" perf_run
+	else
+		peer_link() { grep -q "Link status: $1" $P/info; }
+		wait_for 120 peer_link up
+		check peer_left "ntb_perf still saw a's link after a's run (or never saw it)" \
+			wait_for 300 peer_link down
+	fi
+}
+
+# rejoin: b's QEMU goes away mid-session and b boots again; a sees the link go down (not
+# hung) and come back, and both carry on.
+phase_rejoin() {
+	if [ "$LABEL" = a ]; then
+		echo "1..6"
+		ntb_tool_up
+		check spads_both_ways "b's scratchpad writes did not arrive" spads_swap 1
+		check peer_gone "the link stayed up after b's QEMU went away" link_is down 60
+		check peer_back "the link did not come back with b" link_is up 180
+		check spads_after_rejoin "b's scratchpad writes did not arrive" spads_swap 2
+		barrier 3
+	elif [ "$BOOT" = 1 ]; then
+		echo "1..3"
+		ntb_tool_up
+		check spads_both_ways "a's scratchpad writes did not arrive" spads_swap 1
+	else
+		echo "1..3"
+		ntb_tool_up
+		check spads_after_rejoin "a's scratchpad writes did not arrive" spads_swap 2
+		barrier 3
+	fi
 }
 
 # hear PORT / tell PORT: a one-line message over the netdev, so one guest waits for the other.
@@ -184,10 +252,42 @@ phase_netdev() {
 	if [ "$ROLE" = a ]; then hear 5003; else tell 5003; fi
 }
 
+# bench: ntb_netdev against virtio-net between the same guests.  The virtio NIC (eth0 at
+# boot) becomes vnet0, so ntb_netdev's interface is eth0 as in the other phases.
+BENCH_BYTES=$((16 << 20))
+phase_bench() {
+	ip link set eth0 name vnet0 && ip addr add ${SELF_IP%.*}.$((${SELF_IP##*.} + 100))/24 dev vnet0
+	ip link set vnet0 up
+	bind_ntb_hw_epf && insmod $MODULES/ntb_transport.ko && netdev_up || exit 1
+	VNET_PEER=${PEER_IP%.*}.$((${PEER_IP##*.} + 100))
+	if [ "$ROLE" = a ]; then
+		wait_for 60 ping -c 1 -W 1 $PEER_IP > /dev/null
+		wait_for 60 ping -c 1 -W 1 $VNET_PEER > /dev/null
+		for net in ntb:$PEER_IP virtio:$VNET_PEER; do
+			ping -c 10 -i 0.05 ${net#*:} > /dev/null
+			ping -c ${BENCH_PINGS:-200} -i 0.05 -W 5 ${net#*:} | sed "s/^/${net%%:*} ping: /"
+		done
+		for net in ntb:$PEER_IP:5001 virtio:$VNET_PEER:5002; do
+			host=${net#*:}
+			start=$(cut -d' ' -f1 /proc/uptime)
+			wait_for 60 sh -c "head -c $BENCH_BYTES /dev/zero | nc ${host%:*} ${host#*:}" || exit 1
+			end=$(cut -d' ' -f1 /proc/uptime)
+			echo "${net%%:*} transfer: $BENCH_BYTES bytes in $(awk "BEGIN { print $end - $start }") s"
+		done
+	else
+		timeout 600 nc -l -p 5001 > /dev/null &
+		timeout 600 nc -l -p 5002 > /dev/null
+		wait
+	fi
+}
+
 case "$PHASE" in
 tool) phase_tool ;;
 pingpong) phase_pingpong ;;
+perf) phase_perf ;;
 netdev) phase_netdev ;;
+rejoin) phase_rejoin ;;
+bench) phase_bench ;;
 *) echo "Bail out! unknown phase $PHASE"; exit 2 ;;
 esac
 dmesg | grep -iE "ntb|epf" | tail -n 15 | sed 's/^/# dmesg: /'

@@ -34,6 +34,7 @@ NTB_PAIR = Path(__file__).with_name("ntb_pair.sh")
 TAP_LIB = Path(__file__).with_name("tap_lib.sh")  # sourced by both
 PAIR_ROLES = ("a", "b")
 NTB_PHASES = ("tool", "pingpong", "netdev")
+PAIR_PHASES = ("tool", "pingpong", "perf", "netdev", "rejoin")
 PINGPONG_DELAY_MS = 20  # the guest's ntb_pingpong is loaded with the same delay_ms
 
 
@@ -130,14 +131,10 @@ def _vntb_doorbells(comp: Composition) -> tuple[int, bool]:
 def _run_ntb_suite(target: Target, assets: GuestAssets, doorbells: tuple[int, bool],
                    timeout: float, run_dir: Path | None, phases: list[str]) -> int:
     """One guest per phase, the EP running the matching client; ``phases`` selects some."""
-    unknown = [p for p in phases if p not in NTB_PHASES]
-    if unknown:
-        raise ConfigError(f"no NTB suite phase {', '.join(unknown)}; the phases are "
-                          f"{', '.join(NTB_PHASES)}")
     top = new_run_dir(run_dir)
     reports: list[Report] = []
     failed_boots = []
-    for phase in phases or NTB_PHASES:
+    for phase in _phases("NTB suite", phases, NTB_PHASES):
         print(f"# --- {phase}: the EP runs its {phase} client ---", flush=True)
         result = boot_guest(
             f"sh /ntb_suite.sh {phase} {doorbells[0]} {int(doorbells[1])}",
@@ -148,43 +145,49 @@ def _run_ntb_suite(target: Target, assets: GuestAssets, doorbells: tuple[int, bo
         reports.append(parse_tap(result.output))
         if result.error or result.exit_status != 0:
             failed_boots.append(f"{phase}: {result.error or f'exit {result.exit_status}'}")
-    report = merge_reports(reports)
-    write_results(report, top, exit_status=1 if failed_boots else 0,
-                  error="; ".join(failed_boots) or None, suite="ntb")
-    print(f"\n{summary_table(report)}")
-    for line in failed_boots:
-        print(f"vfio-ep run: {line}", file=sys.stderr)
-    print(f"run directory: {top}")
-    return 0 if report.passed and not failed_boots else 1
+    return _finish(reports, failed_boots, top, "ntb")
 
 
 def _run_ntb_pair(target: Target, assets: GuestAssets, controllers: tuple[str, str],
                   timeout: float, run_dir: Path | None, phases: list[str]) -> int:
     """Two guests on one pci-epf-ntb (guest a on the primary, b on the secondary), booted
-    together once per phase; ``phases`` selects some."""
-    unknown = [p for p in phases if p not in NTB_PHASES]
-    if unknown:
-        raise ConfigError(f"no NTB pair phase {', '.join(unknown)}; the phases are "
-                          f"{', '.join(NTB_PHASES)}")
+    together once per phase (rejoin: b boots twice); ``phases`` selects some."""
     top = new_run_dir(run_dir)
     reports: list[Report] = []
     failed_boots = []
-    for phase in phases or NTB_PHASES:
+    for phase in _phases("NTB pair phase", phases, PAIR_PHASES):
         print(f"# --- {phase}: both guests run {phase} ---", flush=True)
         specs = [GuestSpec(role, ctrl, f"sh /ntb_pair.sh {role} {phase}")
                  for role, ctrl in zip(PAIR_ROLES, controllers, strict=True)]
+        if phase == "rejoin":  # b's QEMU is gone, and b boots again
+            specs.append(GuestSpec("b2", controllers[1], f"sh /ntb_pair.sh b {phase} 2",
+                                   after="b"))
         results = boot_guests(specs, server_args=target.server_args(), assets=assets,
                               timeout=timeout, run_dir=top / phase,
                               extra_files={"ntb_pair.sh": NTB_PAIR, "tap_lib.sh": TAP_LIB},
-                              live=lambda role, line: _echo(f"{role}: {line}"))
-        for role, result in zip(PAIR_ROLES, results, strict=True):
+                              live=lambda label, line: _echo(f"{label}: {line}"))
+        for spec, result in zip(specs, results, strict=True):
             reports.append(parse_tap(result.output))
             if result.error or result.exit_status != 0:
-                failed_boots.append(f"{phase}/{role}: "
+                failed_boots.append(f"{phase}/{spec.label}: "
                                     f"{result.error or f'exit {result.exit_status}'}")
+    return _finish(reports, failed_boots, top, "ntb-pair")
+
+
+def _phases(what: str, chosen: list[str], known: tuple[str, ...]) -> list[str]:
+    """The phases to run: those named after ``--`` (checked), else all."""
+    unknown = [p for p in chosen if p not in known]
+    if unknown:
+        raise ConfigError(f"no {what} {', '.join(unknown)}; the phases are "
+                          f"{', '.join(known)}")
+    return chosen or list(known)
+
+
+def _finish(reports: list[Report], failed_boots: list[str], top: Path, suite: str) -> int:
+    """Merge the boots' reports into one result, print it; 0 only if all passed."""
     report = merge_reports(reports)
     write_results(report, top, exit_status=1 if failed_boots else 0,
-                  error="; ".join(failed_boots) or None, suite="ntb-pair")
+                  error="; ".join(failed_boots) or None, suite=suite)
     print(f"\n{summary_table(report)}")
     for line in failed_boots:
         print(f"vfio-ep run: {line}", file=sys.stderr)
