@@ -40,3 +40,49 @@ def test_serve_refuses_bad_configuration(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode != 0
     assert "msix_interrupts" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _serve(sock: Path, *sets: str) -> subprocess.CompletedProcess[str]:
+    """``vfio-ep serve`` that is expected to refuse at once."""
+    return subprocess.run([sys.executable, "-m", "vfio_ep", "serve", "--socket", str(sock),
+                           *(a for s in sets for a in ("--set", s))],
+                          capture_output=True, text=True, timeout=30)
+
+
+@pytest.mark.parametrize("bad", ["msi_interrupts=99", "msix_interrupts=4096"])
+def test_values_the_controller_refuses_are_one_line(tmp_path: Path, bad: str) -> None:
+    proc = _serve(tmp_path / "s", bad)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("vfio-ep: a function failed to bind")
+    assert "errno 22" in proc.stderr
+
+
+def test_serve_refuses_a_path_that_is_not_a_socket(tmp_path: Path) -> None:
+    path = tmp_path / "afile"
+    path.write_text("mine")
+    proc = _serve(path)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip() == f"vfio-ep: {path} exists and is not a socket"
+    assert path.read_text() == "mine"
+
+
+def test_a_second_server_on_a_live_socket_is_refused_and_the_first_keeps_it(
+        tmp_path: Path) -> None:
+    sock = tmp_path / "ep.sock"
+    first = subprocess.Popen([sys.executable, "-m", "vfio_ep", "serve", "--socket", str(sock)],
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(100):
+            if sock.exists():
+                break
+            time.sleep(0.05)
+        proc = _serve(sock)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert "another server is listening on it" in proc.stderr
+        c = Client(sock)  # still the first server's
+        assert c.cfg_read32(0) == 0xEDDA16C3
+        c.close()
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=10)
+    assert not sock.exists()

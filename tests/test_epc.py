@@ -93,7 +93,7 @@ def test_iatu_subrange_split_and_kinds() -> None:
 
 def test_outbound_translation_and_errors() -> None:
     table = DmaTable()
-    fd = os.memfd_create("rc")
+    fd = os.memfd_create("rc", os.MFD_ALLOW_SEALING)
     os.ftruncate(fd, 0x10000)
     table.map(0x40000, 0x10000, 3, fd, 0)
     os.close(fd)
@@ -157,7 +157,7 @@ def test_irq_sharing_and_oneshot_rules() -> None:
 
 def test_edma_moves_data_both_ways_and_aborts_cleanly() -> None:
     table = DmaTable()
-    fd = os.memfd_create("rc")
+    fd = os.memfd_create("rc", os.MFD_ALLOW_SEALING)
     os.ftruncate(fd, 0x10000)
     table.map(0, 0x10000, 3, fd, 0)
     os.close(fd)

@@ -259,3 +259,26 @@ def test_c_path_rings_the_doorbell_itself(tmp_path: Path, path: str) -> None:
         assert conn is not None
         rung_by_c = conn.fast.stats()["doorbells"] if conn.fast else 0
         assert rung_by_c == (1 if path == "c" else 0)
+
+
+def test_reset_while_a_dma_transfer_waits_for_the_client(tmp_path: Path, path: str) -> None:
+    """DEVICE_RESET while the eDMA waits on a DMA_READ the client never answers: the
+    command is cancelled with the reset (cancel_work_sync, dmaengine_terminate_sync) and
+    the next command after re-enabling works, without waiting out the DMA timeout."""
+    fdless = 0x4000_0000
+    with serve(tmp_path) as (_, g):
+        c = g.c
+        c.dma_map(fdless, 1 << 20)  # no fd: the server reaches it with DMA_READ messages
+        for name, value in (("status", 0), ("irq_type", g.irq_type), ("irq_number", 1),
+                            ("src_addr", fdless), ("size", 4096), ("checksum", 0),
+                            ("flags", t.FLAG_USE_DMA), ("command", t.COMMAND_READ)):
+            g.w(name, value)
+        hdr, _, _ = c.recv()
+        assert hdr["command"] == p.Command.DMA_READ  # left unanswered
+        c.reset()
+        g = Guest(c)
+        data = os.urandom(4096)
+        g.mem[:4096] = data
+        status = g.command(t.COMMAND_READ, src_addr=GUEST, size=4096,
+                           checksum=zlib.crc32(data) ^ 0xFFFFFFFF, flags=t.FLAG_USE_DMA)
+        assert status == t.STATUS_READ_SUCCESS | t.STATUS_IRQ_RAISED

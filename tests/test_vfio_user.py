@@ -19,7 +19,9 @@ from vfio_user_client import Client, ErrorReply, ServerThread, eventfd, eventfd_
 from vfio_ep.pci import testdev
 from vfio_ep.pci.capabilities import PCI_CAP_ID_EXP, PCI_CAP_ID_MSI, PCI_CAP_ID_MSIX, PCI_CAP_ID_PM
 from vfio_ep.vfio_user import protocol as p
+from vfio_ep.vfio_user.dma import DmaError
 from vfio_ep.vfio_user.protocol import Command, Irq, Region
+from vfio_ep.vfio_user.server import Listener, SocketPathError
 
 MSIX_CTRL_ENABLE = 0x8000
 
@@ -58,6 +60,40 @@ def test_socket_is_private_and_parent_created(server: ServerThread) -> None:
     mode = server.path.stat().st_mode
     assert stat.S_ISSOCK(mode)
     assert stat.S_IMODE(mode) == 0o600
+    assert stat.S_IMODE(server.path.parent.stat().st_mode) == 0o700
+
+
+def test_a_stale_socket_is_replaced(tmp_path: Path) -> None:
+    path = tmp_path / "ep.sock"
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(path))  # a crashed server's: bound, nobody listening
+    stale.close()
+    with ServerThread(testdev.build({}), path):
+        c = Client(path)
+        assert c.cfg_read32(0) == 0xEDDA16C3
+        c.close()
+
+
+def test_on_exit_only_our_own_socket_is_unlinked(tmp_path: Path) -> None:
+    """A successor that replaced our socket file keeps it when we stop."""
+    path = tmp_path / "ep.sock"
+    with ServerThread(testdev.build({}), path):
+        path.unlink()
+        successor = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        successor.bind(str(path))
+    assert path.is_socket()
+    successor.close()
+
+
+def test_a_live_socket_is_not_taken_over(server: ServerThread) -> None:
+    with pytest.raises(SocketPathError, match="another server is listening") as e:
+        Listener(server.path, testdev.build({})).bind()
+    assert e.value.errno == errno.EADDRINUSE
+    for _ in range(100):  # the probe was a (brief) client of the live server
+        if server.listener.connections:
+            break
+        threading.Event().wait(0.05)
+    serves_again(server)
 
 
 def test_version_and_device_info(client: Client) -> None:
@@ -229,7 +265,7 @@ def test_intx_is_level_and_automasked(client: Client) -> None:
 
 def test_dma_through_shared_memfd(client: Client, server: ServerThread) -> None:
     size = 1 << 20
-    fd = os.memfd_create("guest-ram")
+    fd = os.memfd_create("guest-ram", os.MFD_ALLOW_SEALING)
     os.ftruncate(fd, 2 * size)
     client.dma_map(0x100000, size, fd, offset=size)
     guest = mmap.mmap(fd, 2 * size)
@@ -268,7 +304,7 @@ def test_dma_without_fd_uses_messages(client: Client, server: ServerThread) -> N
 
 
 def test_reset_keeps_dma_and_clears_registers(client: Client, server: ServerThread) -> None:
-    fd = os.memfd_create("guest-ram")
+    fd = os.memfd_create("guest-ram", os.MFD_ALLOW_SEALING)
     os.ftruncate(fd, 0x10000)
     client.dma_map(0, 0x10000, fd)
     os.close(fd)
@@ -282,7 +318,7 @@ def test_reset_keeps_dma_and_clears_registers(client: Client, server: ServerThre
 
 def test_reconnect_keeps_device_state_and_releases_mappings(server: ServerThread) -> None:
     c = Client(server.path)
-    fd = os.memfd_create("guest-ram")
+    fd = os.memfd_create("guest-ram", os.MFD_ALLOW_SEALING)
     os.ftruncate(fd, 0x10000)
     c.dma_map(0, 0x10000, fd)
     os.close(fd)
@@ -392,3 +428,126 @@ def test_untrustworthy_streams_are_closed(client: Client, server: ServerThread, 
     assert client.sock.recv(64) == b""
     client.close()
     serves_again(server)
+
+
+EVENTFD_MAX = 0xFFFFFFFFFFFFFFFE
+
+
+def test_an_irq_fd_that_is_not_an_eventfd_is_refused(client: Client,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    _enable_msix(client)
+    r, w = os.pipe()
+    with pytest.raises(ErrorReply) as e:
+        client.set_irqs(Irq.MSIX, p.IRQ_SET_DATA_EVENTFD | p.IRQ_SET_ACTION_TRIGGER, 0, 1, (w,))
+    assert e.value.errno == errno.EINVAL
+    assert "is not an eventfd" in caplog.text
+    _raise(client, 2, 1)  # vector 0: nothing assigned: counted as lost, no traceback
+    assert client.cfg_read32(0) == 0xEDDA16C3
+    assert not [rec for rec in caplog.records if rec.exc_info]
+    os.close(r)
+    os.close(w)
+
+
+def test_a_full_eventfd_does_not_block_the_server(client: Client) -> None:
+    """An eventfd whose counter the client left at its maximum: the write that raises the
+    interrupt would block; the server coalesces it and keeps answering."""
+    _enable_msix(client)
+    fd = eventfd()
+    os.eventfd_write(fd, EVENTFD_MAX)
+    client.set_irqs(Irq.MSIX, p.IRQ_SET_DATA_EVENTFD | p.IRQ_SET_ACTION_TRIGGER, 0, 1, (fd,))
+    _raise(client, 2, 1)  # MSI-X vector 0
+    client.sock.settimeout(5)
+    assert client.cfg_read32(0) == 0xEDDA16C3  # answered, not stuck in a write
+    assert os.eventfd_read(fd) == EVENTFD_MAX  # still signalled
+    _raise(client, 2, 1)  # MSI-X vector 0
+    client.read(Region.BAR0, 0, 4)
+    assert eventfd_count(fd) == 1  # and the next interrupt is delivered
+    os.close(fd)
+
+
+@pytest.mark.parametrize("caps", [
+    b'{"capabilities": null}', b'{"capabilities": [1, 2]}', b'[]', b'"caps"', b'{nope',
+    b'{"capabilities": {"max_data_xfer_size": 1e400}}',
+    b'{"capabilities": {"max_data_xfer_size": 0}}',
+    b'{"capabilities": {"max_data_xfer_size": -1}}',
+    b'{"capabilities": {"max_data_xfer_size": 512}}',
+    b'{"capabilities": {"max_data_xfer_size": "1M"}}',
+    b'{"capabilities": {"max_data_xfer_size": true}}',
+    b'{"capabilities": {"max_msg_fds": -3}}',
+])
+def test_hostile_version_capabilities_are_refused(server: ServerThread, caps: bytes,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    c = Client(server.path, negotiate=False)
+    with pytest.raises(ErrorReply) as e:
+        c.request(Command.VERSION, struct.pack("<HH", 0, 0) + caps + b"\0")
+    assert e.value.errno == errno.EINVAL
+    assert "refused VERSION" in caplog.text
+    assert not [rec for rec in caplog.records if rec.exc_info]
+    c.version()  # a sound VERSION on the same connection is accepted
+    assert c.cfg_read32(0) == 0xEDDA16C3
+    c.close()
+
+
+def test_a_small_max_data_xfer_size_splits_dma_messages(server: ServerThread) -> None:
+    """Chunks of the client's max_data_xfer_size: nothing is lost, nothing is oversized."""
+    c = Client(server.path, negotiate=False)
+    c.request(Command.VERSION, struct.pack("<HH", 0, 0)
+              + b'{"capabilities": {"max_data_xfer_size": 4096}}\0')
+    c.dma_map(0x4000, 0x4000)
+    conn = server.listener.active
+    assert conn is not None
+    data = os.urandom(10000)
+    t = threading.Thread(target=lambda: trio.from_thread.run(
+        conn.dma.write, 0x4001, data, trio_token=server._token))
+    t.start()
+    for _ in range(3):  # 4096 + 4096 + 1808
+        c.pump()
+    t.join(10)
+    assert bytes(c.fdless[0x4000][1:10001]) == data
+    c.close()
+
+
+def test_dma_map_wrapping_past_2_64_is_refused(client: Client) -> None:
+    with pytest.raises(ErrorReply) as e:
+        client.dma_map(0xFFFF_FFFF_FFFF_F000, 0x2000)
+    assert e.value.errno == errno.EINVAL
+    assert client.cfg_read32(0) == 0xEDDA16C3
+
+
+def test_a_memfd_shrunk_after_dma_map_does_not_crash_the_server(
+        client: Client, server: ServerThread) -> None:
+    """Guest RAM that the client could truncate is sealed against shrinking, or, when it
+    cannot be sealed, reached with DMA messages: never a SIGBUS in the server."""
+    size = 1 << 20
+    sealable = os.memfd_create("guest-ram", os.MFD_ALLOW_SEALING)
+    plain = os.memfd_create("guest-ram")  # without MFD_ALLOW_SEALING: cannot be sealed
+    for fd, iova in ((sealable, 0x100000), (plain, 0x400000)):
+        os.ftruncate(fd, size)
+        client.dma_map(iova, size, fd)
+    with pytest.raises(PermissionError):
+        os.ftruncate(sealable, 4096)  # sealed by the server
+    os.ftruncate(plain, 4096)  # allowed, but the server does not touch it directly
+    conn = server.listener.active
+    assert conn is not None
+    assert trio.from_thread.run(conn.dma.read, 0x100000 + size - 4, 4,
+                                trio_token=server._token) == bytes(4)
+    refused: list[Exception] = []
+
+    def device_side() -> None:
+        try:
+            trio.from_thread.run(conn.dma.write, 0x400000 + size - 4, b"late",
+                                 trio_token=server._token)
+        except DmaError as e:
+            refused.append(e)
+
+    t = threading.Thread(target=device_side)
+    t.start()
+    hdr, _, _ = client.recv()  # a DMA_WRITE message, which the client may refuse
+    assert hdr["command"] == Command.DMA_WRITE
+    client.send_raw(p.pack_header(hdr["msg_id"], hdr["command"], 16,
+                                  p.FLAG_REPLY | p.FLAG_ERROR, errno.EFAULT))
+    t.join(10)
+    assert "client error" in str(refused[0])
+    assert client.cfg_read32(0) == 0xEDDA16C3
+    os.close(sealable)
+    os.close(plain)

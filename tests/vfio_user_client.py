@@ -209,7 +209,7 @@ class Client:
 
     def guest_memory(self, iova: int, size: int) -> mmap.mmap:
         """RC memory the device may DMA to: a memfd mapped at ``iova``, and our view of it."""
-        fd = os.memfd_create("guest-ram")
+        fd = os.memfd_create("guest-ram", os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(fd, size)
             self.dma_map(iova, size, fd)

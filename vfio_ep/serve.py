@@ -10,20 +10,19 @@ from pathlib import Path
 import trio
 
 from vfio_ep import cmdline
-from vfio_ep.composition import Endpoint
 from vfio_ep.config import ConfigError
 from vfio_ep.epc.core import EpcError
-from vfio_ep.vfio_user.server import Listener
+from vfio_ep.vfio_user.server import Listener, SocketPathError
 
 log = logging.getLogger(__name__)
 
 
-async def serve(endpoints: list[Endpoint]) -> None:
+async def serve(listeners: list[Listener]) -> None:
     """Every endpoint on its own socket, in one trio loop, until a signal."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
-            for e in endpoints:
-                await nursery.start(Listener(e.socket, e.device).serve)
+            for listener in listeners:
+                await nursery.start(listener.serve)
 
             async def stop_on_signal() -> None:
                 async for signum in signals:
@@ -43,10 +42,16 @@ def serve_forever(sockets: list[str], function: str | None, config_file: Path | 
         sys.exit(f"vfio-ep: {e}")
     except EpcError as e:
         sys.exit(f"vfio-ep: a function failed to bind: {e} (errno {e.errno})")
+    listeners = [Listener(e.socket, e.device) for e in endpoints]
+    try:
+        for listener in listeners:
+            listener.bind()
+    except SocketPathError as e:
+        sys.exit(f"vfio-ep: {e}")
     for e in endpoints:
         h = e.device.spec.header
         what = ", ".join(f.tag.split("/")[-1] + f" ({f.name})" for f in e.functions) or \
             "testdev"
         log.info("serving controller %s: %s %04x:%04x on %s", e.controller, what, h.vendorid,
                  h.deviceid, e.socket)
-    trio.run(serve, endpoints)
+    trio.run(serve, listeners)

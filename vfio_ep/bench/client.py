@@ -120,7 +120,7 @@ class RcSide:
     def __init__(self, client: Client, iova: int, size: int) -> None:
         self.c = client
         self.iova = iova
-        fd = os.memfd_create("bench-guest-ram")
+        fd = os.memfd_create("bench-guest-ram", os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(fd, size)
             client.dma_map(iova, size, fd)

@@ -28,7 +28,7 @@ from vfio_ep.epc.features import BarType, EpcFeatures, profile
 from vfio_ep.epc.irq import IrqDomain
 from vfio_ep.epc.msi_controller import PlatformMsiController
 from vfio_ep.epc.outbound import PciEpcMem
-from vfio_ep.epc.soc import EpcError, EpSoc
+from vfio_ep.epc.soc import EpcError, EpSoc, EpWork
 from vfio_ep.pci.bar import NUM_BARS, PCI_BASE_ADDRESS_MEM_TYPE_64, PCI_BASE_ADDRESS_SPACE_IO
 from vfio_ep.pci.device import PciDevice, PciHeader
 
@@ -187,8 +187,9 @@ class PciEpc:
     def doorbell_poll_interval(self) -> float:
         return self.soc.doorbell_poll_interval
 
-    def spawn(self, fn: Callable[[], Awaitable[None]], name: str) -> None:
-        self.soc.spawn(fn, name)
+    def spawn(self, fn: Callable[[], Awaitable[None]], name: str) -> EpWork:
+        """queue_work() on the EP's CPU; the handle cancels it (cancel_work_sync())."""
+        return self.soc.spawn(fn, name)
 
     def dma_channel(self, direction: str, ch: int = 0) -> DmaChannel | None:
         """dma_request_channel() for this controller's eDMA (None without one)."""

@@ -201,6 +201,11 @@ class DmaChannel:
                               self)
 
     def release(self) -> None:
+        """dmaengine_terminate_sync() + dma_release_channel(): a transfer still waiting
+        returns as aborted (the engine's late completion finds no one)."""
+        if self._done is not None:
+            self._result = False
+            self._done.set()
         self.edma.irqs.free_irq(self.edma.virq, self)
 
     def _interrupt(self, virq: int, dev_id: object) -> int:

@@ -33,6 +33,17 @@ MSI_BASE = 0xF010_0000
 Work = Callable[[], Awaitable[None]]
 
 
+class EpWork:
+    """Work queued on the EP's CPU; :meth:`cancel` is the kernel's ``cancel_work_sync()``
+    (a reset must not leave a function's handler waiting on a host that forgot it)."""
+
+    def __init__(self) -> None:
+        self.scope = trio.CancelScope()
+
+    def cancel(self) -> None:
+        self.scope.cancel()
+
+
 class EpcError(ErrnoError):
     """An EPC or platform call refused, with the errno the kernel would return."""
 
@@ -52,7 +63,7 @@ class EpSoc:
                                           immutable=not profile.msi_mutable)
                     if profile.msi_controller else None)
         self._nursery: trio.Nursery | None = None
-        self._queued: list[tuple[Work, str]] = []
+        self._queued: list[tuple[Work, str, EpWork]] = []
 
     # -- the CPU: where functions' work and IRQ handlers run ----------------------
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -62,23 +73,26 @@ class EpSoc:
             await trio.sleep_forever()
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            for fn, name in self._queued:
-                nursery.start_soon(self._guarded, fn, name, name=name)
+            for fn, name, work in self._queued:
+                nursery.start_soon(self._guarded, fn, name, work, name=name)
             self._queued.clear()
             task_status.started()
             await trio.sleep_forever()
 
-    def spawn(self, fn: Work, name: str) -> None:
+    def spawn(self, fn: Work, name: str) -> EpWork:
         """Run ``fn`` on the EP's CPU; work queued before it runs (at bind) starts with it."""
+        work = EpWork()
         if self._nursery is None:
-            self._queued.append((fn, name))
-            return
-        self._nursery.start_soon(self._guarded, fn, name, name=name)
+            self._queued.append((fn, name, work))
+        else:
+            self._nursery.start_soon(self._guarded, fn, name, work, name=name)
+        return work
 
-    async def _guarded(self, fn: Work, name: str) -> None:
+    async def _guarded(self, fn: Work, name: str, work: EpWork) -> None:
         """EP work never takes the server down: a bus error is logged, a bug too."""
         try:
-            await fn()
+            with work.scope:
+                await fn()
         except (AddressError, EpcError, RcBusError) as e:
             log.warning("%s: %s failed: %s", self.name, name, e)
         except Exception:

@@ -11,6 +11,7 @@ crash.
 from __future__ import annotations
 
 import bisect
+import fcntl
 import logging
 import mmap
 import os
@@ -61,17 +62,29 @@ class DmaTable:
         return len(self._regions)
 
     def map(self, iova: int, size: int, prot: int, fd: int | None, offset: int) -> None:
-        """Add a mapping; an overlap replaces the old range (QEMU aborts on failed maps)."""
+        """Add a mapping; an overlap replaces the old range (QEMU aborts on failed maps).
+
+        Memory behind an fd is accessed directly only when the client cannot shrink it
+        under us (a truncated mapping is a SIGBUS in the server): the fd is sealed against
+        shrinking (QEMU's memfd already is), else its range is reached with DMA messages.
+        """
         if size == 0:
             return
+        if iova + size > 1 << 64:
+            raise DmaError(f"DMA_MAP [{iova:#x}+{size:#x}) wraps past 2^64")
         self.unmap(iova, size)
         view = None
         ident = None
         if fd is not None:
             st = os.fstat(fd)
-            ident = (st.st_dev, st.st_ino)
             if offset + size > st.st_size:
                 raise DmaError(f"DMA_MAP [{offset:#x}+{size:#x}) beyond its fd ({st.st_size:#x})")
+            if not _sealed_against_shrinking(fd):
+                log.warning("DMA_MAP [%#x, %#x): its fd can be shrunk by the client and cannot "
+                            "be sealed; reaching it with DMA messages", iova, iova + size)
+                fd = None
+        if fd is not None:
+            ident = (st.st_dev, st.st_ino)
             if ident not in self._files:
                 self._files[ident] = mmap.mmap(fd, st.st_size, flags=mmap.MAP_SHARED,
                                                prot=mmap.PROT_READ | mmap.PROT_WRITE)
@@ -172,3 +185,20 @@ class DmaTable:
         if self.message_write is None:
             raise DmaError(f"no client to serve DMA_WRITE at {iova:#x}")
         await self.message_write(iova, data)
+
+
+def _sealed_against_shrinking(fd: int) -> bool:
+    """Whether ``fd``'s file cannot shrink: F_SEAL_SHRINK is on, or we could add it."""
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:  # not a memfd (a regular or hugetlbfs file): no seals at all
+        return False
+    if seals & fcntl.F_SEAL_SHRINK:
+        return True
+    if seals & fcntl.F_SEAL_SEAL:  # made without MFD_ALLOW_SEALING, or sealed shut
+        return False
+    try:
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+    except OSError:
+        return False
+    return True

@@ -50,6 +50,7 @@ class IrqSet:
     fds: dict[Irq, dict[int, int]] = field(default_factory=lambda: {i: {} for i in Irq})
     intx: IntxLine = field(default_factory=IntxLine)
     lost: int = 0
+    coalesced: int = 0
 
     def info(self, index: int) -> tuple[int, int]:
         """(flags, count) for GET_IRQ_INFO; no NORESIZE, so QEMU adds MSI-X vectors singly."""
@@ -105,6 +106,8 @@ class IrqSet:
             self.unmask_intx()
 
     def _assign(self, irq: Irq, vector: int, fd: int | None) -> None:
+        if fd is not None:
+            _check_eventfd(fd)
         old = self.fds[irq].pop(vector, None)
         if old is not None:
             os.close(old)
@@ -112,6 +115,8 @@ class IrqSet:
             self.fds[irq][vector] = fd
 
     def _set_resample_fd(self, fd: int | None) -> None:
+        if fd is not None:
+            _check_eventfd(fd)
         if self.intx.resample_fd is not None:
             os.close(self.intx.resample_fd)
         self.intx.resample_fd = fd
@@ -136,7 +141,12 @@ class IrqSet:
             self.lost += 1
             log.info("%s vector %d raised but not assigned by the guest", irq.name, vector)
             return False
-        os.eventfd_write(fd, 1)
+        try:
+            os.eventfd_write(fd, 1)
+        except BlockingIOError:  # the counter is at its maximum: still signalled
+            self.coalesced += 1
+            log.warning("%s vector %d: the client's eventfd is full (never read); the "
+                        "interrupt is coalesced", irq.name, vector)
         return True
 
     # INTx is a level: signal on assert when unmasked, re-signal on unmask while asserted.
@@ -156,6 +166,18 @@ class IrqSet:
         line = self.intx
         if line.asserted and not line.masked and not line.disabled and self.trigger(Irq.INTX, 0):
             line.masked = True
+
+
+def _check_eventfd(fd: int) -> None:
+    """An IRQ fd must be an eventfd, made non-blocking: a write to a full counter (or to a
+    pipe nobody reads) must not stop the server."""
+    try:
+        kind = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError as e:
+        raise ProtocolError(errno.EBADF, f"SET_IRQS fd {fd}: {e.strerror}") from None
+    if kind != "anon_inode:[eventfd]":
+        raise ProtocolError(errno.EINVAL, f"SET_IRQS fd is not an eventfd ({kind})")
+    os.set_blocking(fd, False)
 
 
 def _close_all(fds: list[int]) -> None:

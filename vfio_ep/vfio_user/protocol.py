@@ -106,6 +106,9 @@ DMA_UNMAP_FLAG_ALL = 0x2
 # max_data_xfer_size > 64 MiB; 1 MiB matches QEMU's own default.
 MAX_MSG_FDS = 16
 MAX_DATA_XFER_SIZE = 1 << 20
+# The smallest max_data_xfer_size a client may ask for (a page; smaller would only make DMA
+# crawl through tiny messages).
+MIN_DATA_XFER_SIZE = 4096
 # Largest message we accept: a REGION_WRITE of max_data_xfer_size, or a full
 # WRITE_MULTI (200 entries).  Anything bigger means the stream is corrupt.
 MAX_MESSAGE_SIZE = HEADER_SIZE + 16 + MAX_DATA_XFER_SIZE

@@ -25,6 +25,7 @@ from pathlib import Path
 import trio
 from construct import ConstructError
 
+from vfio_ep.errors import ErrnoError
 from vfio_ep.pci.device import PciDevice
 from vfio_ep.vfio_user import fastpath
 from vfio_ep.vfio_user import protocol as p
@@ -312,15 +313,34 @@ def _version(c: Connection, msg_id: int, body: bytes, fds: list[int]) -> tuple[b
     v = p.Version.parse(body)
     if v.major != 0:
         raise ProtocolError(errno.EINVAL, f"unsupported protocol version {v.major}.{v.minor}")
-    try:
-        client = json.loads(v.json or "{}").get("capabilities", {})
-    except (json.JSONDecodeError, AttributeError) as e:
-        raise ProtocolError(errno.EINVAL, f"malformed VERSION capabilities: {e}") from None
-    c.client_max_xfer = min(int(client.get("max_data_xfer_size", p.MAX_DATA_XFER_SIZE)),
+    client = _client_capabilities(v.json)
+    c.client_max_xfer = min(client.get("max_data_xfer_size", p.MAX_DATA_XFER_SIZE),
                             p.MAX_DATA_XFER_SIZE)
     c.negotiated = True
     log.info("client %s: vfio-user %d.%d, capabilities %s", c.peer, v.major, v.minor, client)
     return struct.pack("<HH", 0, 0) + p.version_capabilities() + b"\0", None
+
+
+def _client_capabilities(text: str | None) -> dict:
+    """The client's VERSION capabilities, checked: a JSON object whose ``capabilities`` is
+    an object, its sizes integers in range (the DMA path splits transfers by
+    ``max_data_xfer_size``: 0 or -1 there would stall or silently drop them)."""
+    try:
+        doc = json.loads(text or "{}")
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise ProtocolError(errno.EINVAL, f"VERSION capabilities are not JSON: {e}") from None
+    if not isinstance(doc, dict):
+        raise ProtocolError(errno.EINVAL, f"VERSION JSON is a {type(doc).__name__}, not an "
+                            "object")
+    caps = doc.get("capabilities", {})
+    if not isinstance(caps, dict):
+        raise ProtocolError(errno.EINVAL, f"VERSION capabilities is a {type(caps).__name__}, "
+                            "not an object")
+    for key, low in (("max_data_xfer_size", p.MIN_DATA_XFER_SIZE), ("max_msg_fds", 0)):
+        if key in caps and (type(caps[key]) is not int or caps[key] < low):
+            raise ProtocolError(errno.EINVAL, f"VERSION {key} {caps[key]!r}: want an integer "
+                                f">= {low}")
+    return caps
 
 
 def _dma_map(c: Connection, msg_id: int, body: bytes, fds: list[int]) -> None:
@@ -492,32 +512,63 @@ def _peer(sock: trio.socket.SocketType) -> str:
         return "unknown peer"
 
 
+class SocketPathError(ErrnoError):
+    """The socket path cannot be ours: another live server owns it, or it is not a socket."""
+
+
 class Listener:
-    """Listen on a UNIX socket and serve one client at a time with ``device``."""
+    """Listen on a UNIX socket and serve one client at a time with ``device``.
+
+    The path is claimed with care: a missing parent directory is created 0700, a stale
+    socket (nobody accepts on it) is replaced, a live one or any other file is refused, and
+    on exit the path is unlinked only if it is still the socket this listener bound.
+    """
 
     def __init__(self, path: Path, device: PciDevice) -> None:
         self.path = path
         self.device = device
         self.active: Connection | None = None
         self.connections = 0
+        self._sock: socket.socket | None = None
+        self._ident: tuple[int, int] | None = None  # (st_dev, st_ino) of our socket file
 
-    async def _bind(self) -> trio.socket.SocketType:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+    def bind(self) -> None:
+        """Claim the path and listen; SocketPathError says why not (callable before trio
+        runs, so ``vfio-ep serve`` reports it in one line)."""
+        _make_private_dirs(self.path.parent)
         if self.path.exists() or self.path.is_symlink():
-            if not self.path.is_socket():
-                raise FileExistsError(f"{self.path} exists and is not a socket")
+            if self.path.is_symlink() or not self.path.is_socket():
+                raise SocketPathError(errno.EEXIST, f"{self.path} exists and is not a socket")
+            if _accepts(self.path):
+                raise SocketPathError(errno.EADDRINUSE, f"{self.path}: another server is "
+                                      "listening on it (stop it, or choose another --socket)")
+            log.info("%s: replacing a stale socket (nobody listens on it)", self.path)
             self.path.unlink()
-        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o177)  # the socket is born 0600: no window for other users
         try:
-            await sock.bind(str(self.path))
+            sock.bind(str(self.path))
+        except OSError as e:
+            sock.close()
+            raise SocketPathError(e.errno or errno.EIO, f"{self.path}: {e.strerror}") from None
         finally:
             os.umask(old)
         sock.listen(4)
-        return sock
+        st = os.stat(self.path)
+        self._sock, self._ident = sock, (st.st_dev, st.st_ino)
+
+    def _release_path(self) -> None:
+        """Unlink the path only if it is still our socket (a successor may own it now)."""
+        with contextlib.suppress(OSError):
+            st = os.stat(self.path)
+            if (st.st_dev, st.st_ino) == self._ident:
+                self.path.unlink()
 
     async def serve(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        sock = await self._bind()
+        if self._sock is None:
+            self.bind()
+        assert self._sock is not None
+        sock = trio.socket.from_stdlib_socket(self._sock)
         use_fast, why = fastpath.available()
         log.info("listening on %s (%s)", self.path,
                  "C fast path" if use_fast else f"Python path: {why}")
@@ -539,10 +590,34 @@ class Listener:
                     nursery.start_soon(self._run, self.active)
         finally:
             sock.close()
-            self.path.unlink(missing_ok=True)
+            self._sock = None
+            self._release_path()
 
     async def _run(self, conn: Connection) -> None:
         try:
             await conn.serve()
         finally:
             self.active = None
+
+
+def _make_private_dirs(path: Path) -> None:
+    """Create ``path`` and any missing parents 0700 (sockets live there: others keep out)."""
+    missing = []
+    while not path.exists():
+        missing.append(path)
+        path = path.parent
+    for d in reversed(missing):
+        d.mkdir(mode=0o700)
+        os.chmod(d, 0o700)  # whatever the umask
+
+
+def _accepts(path: Path) -> bool:
+    """Whether a server is listening on the socket at ``path``."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True

@@ -21,7 +21,7 @@ from construct import Int32ul, Int64ul, Struct
 
 from vfio_ep.epc.address_space import AddressError, Watch
 from vfio_ep.epc.bar import PciEpfBar, PciEpfBarSubmap
-from vfio_ep.epc.core import EpcError, IrqType, PciEpcMap
+from vfio_ep.epc.core import EpcError, EpWork, IrqType, PciEpcMap
 from vfio_ep.epc.edma import DmaChannel
 from vfio_ep.epc.features import NO_BAR, BarType, get_first_free_bar, get_next_free_bar
 from vfio_ep.epc.irq import IRQ_HANDLED, IRQF_ONESHOT, IrqError
@@ -136,6 +136,7 @@ class PciEpfTest(PciEpf):
         self._watch: Watch | None = None
         self._busy = False
         self._again = False
+        self._cmd_work: EpWork | None = None
 
     @property
     def regs(self) -> RegisterBlock:
@@ -213,6 +214,10 @@ class PciEpfTest(PciEpf):
 
     def epc_deinit(self) -> None:
         epc = self.controller
+        if self._cmd_work is not None:  # cancel_delayed_work_sync(&epf_test->cmd_handler)
+            self._cmd_work.cancel()
+            self._cmd_work = None
+            self._busy = self._again = False
         if self.db_msg:  # a reset while the doorbell is on: drop it like DISABLE would
             epc.irqs.free_irq(self.db_msg[0].virq, self)
             self._doorbell_cleanup()
@@ -247,9 +252,10 @@ class PciEpfTest(PciEpf):
             self._again = True
             return
         self._busy = True
-        self.controller.spawn(self._cmd_handler, "pci-epf-test-cmd")
+        self._cmd_work = self.controller.spawn(self._cmd_handler, "pci-epf-test-cmd")
 
     async def _cmd_handler(self) -> None:
+        work = self._cmd_work
         try:
             while True:
                 self._again = False
@@ -257,7 +263,9 @@ class PciEpfTest(PciEpf):
                 if not self._again:
                     return
         finally:
-            self._busy = False
+            if self._cmd_work is work:  # not cancelled by a reset (which made it idle)
+                self._busy = False
+                self._cmd_work = None
 
     async def _handle_one(self) -> None:
         reg = self.regs
