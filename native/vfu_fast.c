@@ -188,8 +188,10 @@ static int fill(struct vfu_fast *f)
 		uint32_t want = HDR;
 		if (f->have >= HDR) {
 			want = ((struct hdr *)f->buf)->size;
-			if (want < HDR || want > VFU_MAX_MSG)
+			if (want < HDR)
 				return VFU_BROKEN;
+			if (want > VFU_MAX_MSG) /* only the header is in: Python drains the rest */
+				return VFU_OVERSIZED;
 		}
 		if (f->have == want)
 			return 1;

@@ -52,5 +52,6 @@ struct vfu_fast {
 #define VFU_EOF 2        /* peer closed at a message boundary */
 #define VFU_BROKEN 3     /* stream cannot be trusted (bad size, EOF mid-message) */
 #define VFU_IOERR 4      /* a socket error; errno says which */
+#define VFU_OVERSIZED 5  /* buf holds the header of a message larger than VFU_MAX_MSG */
 
 int vfu_fast_poll(struct vfu_fast *f);

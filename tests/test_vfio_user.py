@@ -415,7 +415,7 @@ def test_fds_on_a_request_that_takes_none_are_closed(client: Client) -> None:
     [
         b"\x01\x00\x09",  # short header, then gone
         p.pack_header(1, Command.REGION_READ, 8, 0),  # size < 16
-        p.pack_header(1, Command.REGION_WRITE, 0xFFFFFF00, 0),  # far larger than allowed
+        p.pack_header(1, Command.REGION_WRITE, p.MAX_DRAIN_SIZE + 1, 0),  # too big to drain
         p.pack_header(1, Command.REGION_WRITE, 64, 0) + b"\0" * 10,  # vanishes mid-payload
         p.pack_header(1, Command.REGION_READ, 32, 0x7),  # neither request nor reply
     ],
@@ -551,3 +551,20 @@ def test_a_memfd_shrunk_after_dma_map_does_not_crash_the_server(
     assert client.cfg_read32(0) == 0xEDDA16C3
     os.close(sealable)
     os.close(plain)
+
+
+def test_a_write_beyond_max_data_xfer_size_gets_an_error_like_a_read(client: Client) -> None:
+    """The stream is still sound (its size is known): read past it and refuse, as for a READ
+    of the same count, and the connection goes on."""
+    count = p.MAX_DATA_XFER_SIZE + 4096
+    with pytest.raises(ErrorReply) as e:
+        client.read(Region.BAR1, 0, count)
+    assert e.value.errno == errno.EINVAL
+    with pytest.raises(ErrorReply) as e:
+        client.write(Region.BAR1, 0, bytes(count))
+    assert e.value.errno == errno.EINVAL
+    fd = eventfd()  # fds on an oversized message are closed, not leaked
+    client.send(Command.REGION_WRITE, struct.pack("<QII", 0, Region.BAR1, count) + bytes(count),
+                (fd,), flags=p.FLAG_NO_REPLY)
+    os.close(fd)
+    assert client.cfg_read32(0) == 0xEDDA16C3

@@ -63,7 +63,8 @@ class Client:
     def send_raw(self, data: bytes, fds: list[int] | tuple[int, ...] = ()) -> None:
         anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds \
             else []
-        self.sock.sendmsg([data], anc)
+        sent = self.sock.sendmsg([data], anc)  # the fds go with the first bytes
+        self.sock.sendall(data[sent:])
 
     def send(self, cmd: int, payload: bytes = b"", fds: tuple[int, ...] = (), flags: int = 0
              ) -> int:

@@ -26,7 +26,7 @@ except ImportError as e:  # the extension was not built: the Python path serves
     ffi = lib = None
     _IMPORT_ERROR = str(e)
 
-AGAIN, MESSAGE, EOF, BROKEN, IOERR = 0, 1, 2, 3, 4
+AGAIN, MESSAGE, EOF, BROKEN, IOERR, OVERSIZED = 0, 1, 2, 3, 4, 5
 
 
 def available() -> tuple[bool, str]:

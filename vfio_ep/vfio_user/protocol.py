@@ -112,6 +112,10 @@ MIN_DATA_XFER_SIZE = 4096
 # Largest message we accept: a REGION_WRITE of max_data_xfer_size, or a full
 # WRITE_MULTI (200 entries).  Anything bigger means the stream is corrupt.
 MAX_MESSAGE_SIZE = HEADER_SIZE + 16 + MAX_DATA_XFER_SIZE
+# A larger message whose size is still below this is read to its end and refused with an
+# error (a client that ignored max_data_xfer_size; QEMU allows at most 64 MiB); above it,
+# the stream is closed.
+MAX_DRAIN_SIZE = HEADER_SIZE + 16 + (64 << 20)
 WRITE_MULTI_MAX = 200
 
 Header = Struct(

@@ -118,6 +118,10 @@ class Connection:
             mtype = hdr["flags"] & p.FLAG_TYPE_MASK
             if mtype == p.FLAG_REPLY:
                 _close_fds(fds)
+                if hdr.get("oversized"):  # no DMA reply is that big: fail the request
+                    log.warning("client %s: a reply of %d bytes to id %d", self.peer,
+                                hdr["size"], hdr["msg_id"])
+                    hdr = {**hdr, "flags": hdr["flags"] | p.FLAG_ERROR, "error": errno.EMSGSIZE}
                 self._deliver_reply(hdr, body)
                 continue
             if mtype != p.FLAG_REQUEST:
@@ -145,12 +149,30 @@ class Connection:
             head += data
         hdr = p.Header.parse(head)
         size = hdr["size"]
-        if size < p.HEADER_SIZE or size > p.MAX_MESSAGE_SIZE:
+        if size < p.HEADER_SIZE:
             _close_fds(fds)
-            raise StreamError(f"message size {size} outside [16, {p.MAX_MESSAGE_SIZE}] "
+            raise StreamError(f"message size {size} < {p.HEADER_SIZE} "
                               f"(command {hdr['command']}, id {hdr['msg_id']})")
+        if size > p.MAX_MESSAGE_SIZE:
+            return await self._oversized(hdr, fds)
         body = await self._recv_exact(size - p.HEADER_SIZE, fds)
         return hdr, body, fds
+
+    async def _oversized(self, hdr: dict, fds: list[int]) -> tuple[dict, bytes, list[int]]:
+        """A message beyond max_data_xfer_size: read past it (up to MAX_DRAIN_SIZE) and
+        refuse it like a READ of that size, or close a stream that big."""
+        _close_fds(fds)
+        size = hdr["size"]
+        if size > p.MAX_DRAIN_SIZE:
+            raise StreamError(f"message size {size} > {p.MAX_DRAIN_SIZE} (command "
+                              f"{hdr['command']}, id {hdr['msg_id']})")
+        left = size - p.HEADER_SIZE
+        while left:
+            k = len(await self.sock.recv(min(left, 1 << 20)))
+            if not k:
+                raise StreamError(f"EOF {left} bytes before the end of an oversized message")
+            left -= k
+        return {**hdr, "oversized": True}, b"", []
 
     async def _recv_message_fast(self, fast: fastpath.FastPath) -> tuple[dict, bytes, list[int]]:
         """Let C serve the hot messages; return the first one that needs Python."""
@@ -168,6 +190,9 @@ class Connection:
                     _close_fds(fds)
                     raise StreamError("file descriptors truncated (more than max_msg_fds)")
                 return p.Header.parse(data), data[p.HEADER_SIZE :], fds
+            if r == fastpath.OVERSIZED:
+                data, fds, _ = fast.take()
+                return await self._oversized(p.Header.parse(data), fds)
             fast.drop()
             if r == fastpath.EOF:
                 raise ClientGone
@@ -198,6 +223,9 @@ class Connection:
         result: tuple[bytes, int | None] | None = None
         err = 0
         try:
+            if hdr.get("oversized"):
+                raise ProtocolError(errno.EINVAL, f"message of {hdr['size']} bytes, beyond "
+                                    f"max_data_xfer_size {p.MAX_DATA_XFER_SIZE}")
             if handler is None:
                 raise ProtocolError(errno.ENOSYS, f"unknown command {cmd}")
             if not self.negotiated and cmd != Command.VERSION:
