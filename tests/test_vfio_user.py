@@ -5,9 +5,13 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import shutil
 import socket
 import stat
 import struct
+import subprocess
+import sys
+import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -568,3 +572,37 @@ def test_a_write_beyond_max_data_xfer_size_gets_an_error_like_a_read(client: Cli
                 (fd,), flags=p.FLAG_NO_REPLY)
     os.close(fd)
     assert client.cfg_read32(0) == 0xEDDA16C3
+
+
+VERSION = p.pack_header(1, Command.VERSION, 16 + 5, 0) + b"\0\0\0\0\0"  # 0.0, no JSON
+CONNECT_AS = """
+import os, socket, sys
+os.setgid({uid}); os.setuid({uid})
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+s.settimeout(5)
+s.sendall(bytes.fromhex(sys.argv[2]))
+try:
+    print("answered" if s.recv(16) else "closed")
+except ConnectionResetError:
+    print("closed")
+"""
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="switching to other users needs root")
+def test_only_allowed_uids_are_served(path: str, caplog: pytest.LogCaptureFixture) -> None:
+    top = Path(tempfile.mkdtemp(prefix="vfio-ep-uid-"))
+    os.chmod(top, 0o711)
+    sock = top / "run" / "ep.sock"
+    try:
+        with ServerThread(testdev.build({}), sock, allow_uids=frozenset({65534})) as srv:
+            assert stat.S_IMODE(sock.stat().st_mode) == 0o666
+            for uid, want in ((65534, "answered"), (65533, "closed")):
+                out = subprocess.run([sys.executable, "-c", CONNECT_AS.format(uid=uid),
+                                      str(sock), VERSION.hex()],
+                                     capture_output=True, text=True, timeout=30)
+                assert out.stdout.strip() == want, out.stderr
+                wait_disconnected(srv)
+        assert "uid 65533: uid not allowed" in caplog.text
+    finally:
+        shutil.rmtree(top, ignore_errors=True)

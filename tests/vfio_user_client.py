@@ -239,11 +239,12 @@ class ServerThread:
     """A Listener for ``device`` running its own trio loop in a thread."""
 
     def __init__(self, device: PciDevice, path: Path,
-                 more: tuple[tuple[PciDevice, Path], ...] = ()) -> None:
+                 more: tuple[tuple[PciDevice, Path], ...] = (),
+                 allow_uids: frozenset[int] = frozenset()) -> None:
         """``more`` serves further devices in the same loop (controllers of one SoC)."""
         self.device = device
         self.path = path
-        self.listener = Listener(path, device)
+        self.listener = Listener(path, device, allow_uids)
         self.listeners = [self.listener, *(Listener(p, d) for d, p in more)]
         self._ready = threading.Event()
         self._thread = threading.Thread(target=trio.run, args=(self._main,), daemon=True)

@@ -56,13 +56,17 @@ def composition_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @verbose_option
 @click.option("--socket", "sockets", multiple=True, metavar="[CONTROLLER=]PATH",
               help="UNIX socket to serve a controller on (created 0600); repeatable.")
+@click.option("--allow-uid", "allow_uids", multiple=True, type=click.IntRange(min=0),
+              metavar="UID", help="Also accept clients of this user (checked with "
+              "SO_PEERCRED; the socket is then 0666); repeatable.  Default: our own user.")
 @composition_options
-def serve(sockets: tuple[str, ...], function: str | None, config_file: Path | None,
-          configfs: Path | None, sets: tuple[str, ...]) -> None:
+def serve(sockets: tuple[str, ...], allow_uids: tuple[int, ...], function: str | None,
+          config_file: Path | None, configfs: Path | None, sets: tuple[str, ...]) -> None:
     """Serve every started controller on its socket until SIGINT/SIGTERM."""
     from vfio_ep.serve import serve_forever
 
-    serve_forever(list(sockets), function, config_file, list(sets), configfs)
+    serve_forever(list(sockets), function, config_file, list(sets), configfs,
+                  frozenset(allow_uids))
 
 
 @main.command(context_settings={"ignore_unknown_options": True})

@@ -34,7 +34,8 @@ async def serve(listeners: list[Listener]) -> None:
 
 
 def serve_forever(sockets: list[str], function: str | None, config_file: Path | None,
-                  sets: list[str], configfs: Path | None = None) -> None:
+                  sets: list[str], configfs: Path | None = None,
+                  allow_uids: frozenset[int] = frozenset()) -> None:
     try:
         comp = cmdline.load(config_file, function, sets, configfs, sockets)
         endpoints = comp.build()
@@ -42,7 +43,7 @@ def serve_forever(sockets: list[str], function: str | None, config_file: Path | 
         sys.exit(f"vfio-ep: {e}")
     except EpcError as e:
         sys.exit(f"vfio-ep: a function failed to bind: {e} (errno {e.errno})")
-    listeners = [Listener(e.socket, e.device) for e in endpoints]
+    listeners = [Listener(e.socket, e.device, allow_uids) for e in endpoints]
     try:
         for listener in listeners:
             listener.bind()

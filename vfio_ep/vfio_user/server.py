@@ -531,13 +531,14 @@ def _close_fds(fds: list[int]) -> None:
             os.close(fd)
 
 
-def _peer(sock: trio.socket.SocketType) -> str:
+def _peer(sock: trio.socket.SocketType) -> tuple[str, int | None]:
+    """The client as the logs name it, and its uid (SO_PEERCRED)."""
     try:
         pid, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
                                                           struct.calcsize("3i")))
-        return f"pid {pid} uid {uid}"
+        return f"pid {pid} uid {uid}", uid
     except OSError:
-        return "unknown peer"
+        return "unknown peer", None
 
 
 class SocketPathError(ErrnoError):
@@ -549,12 +550,17 @@ class Listener:
 
     The path is claimed with care: a missing parent directory is created 0700, a stale
     socket (nobody accepts on it) is replaced, a live one or any other file is refused, and
-    on exit the path is unlinked only if it is still the socket this listener bound.
+    on exit the path is unlinked only if it is still the socket this listener bound.  Only
+    clients of our own user, or of a uid in ``allow_uids``, are served (SO_PEERCRED); with
+    other users allowed, the socket and the directories made for it open up to them.
     """
 
-    def __init__(self, path: Path, device: PciDevice) -> None:
+    def __init__(self, path: Path, device: PciDevice,
+                 allow_uids: frozenset[int] = frozenset()) -> None:
         self.path = path
         self.device = device
+        self.allowed_uids = allow_uids | {os.getuid()}
+        self._shared = bool(allow_uids - {os.getuid()})
         self.active: Connection | None = None
         self.connections = 0
         self._sock: socket.socket | None = None
@@ -563,7 +569,7 @@ class Listener:
     def bind(self) -> None:
         """Claim the path and listen; SocketPathError says why not (callable before trio
         runs, so ``vfio-ep serve`` reports it in one line)."""
-        _make_private_dirs(self.path.parent)
+        _make_dirs(self.path.parent, 0o711 if self._shared else 0o700)
         if self.path.exists() or self.path.is_symlink():
             if self.path.is_symlink() or not self.path.is_socket():
                 raise SocketPathError(errno.EEXIST, f"{self.path} exists and is not a socket")
@@ -573,7 +579,7 @@ class Listener:
             log.info("%s: replacing a stale socket (nobody listens on it)", self.path)
             self.path.unlink()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o177)  # the socket is born 0600: no window for other users
+        old = os.umask(0o111 if self._shared else 0o177)  # born 0600 (0666 when shared)
         try:
             sock.bind(str(self.path))
         except OSError as e:
@@ -607,7 +613,13 @@ class Listener:
                 task_status.started()
                 while True:
                     conn_sock, _ = await sock.accept()
-                    peer = _peer(conn_sock)
+                    peer, uid = _peer(conn_sock)
+                    if uid not in self.allowed_uids:
+                        log.warning("refusing client %s: uid not allowed (allowed: %s; "
+                                    "--allow-uid adds one)", peer,
+                                    ", ".join(map(str, sorted(self.allowed_uids))))
+                        conn_sock.close()
+                        continue
                     if self.active is not None:
                         log.warning("refusing client %s: already serving %s", peer,
                                     self.active.peer)
@@ -628,15 +640,16 @@ class Listener:
             self.active = None
 
 
-def _make_private_dirs(path: Path) -> None:
-    """Create ``path`` and any missing parents 0700 (sockets live there: others keep out)."""
+def _make_dirs(path: Path, mode: int) -> None:
+    """Create ``path`` and any missing parents with ``mode`` (sockets live there: 0700 keeps
+    other users out, 0711 lets allowed ones reach the socket without listing)."""
     missing = []
     while not path.exists():
         missing.append(path)
         path = path.parent
     for d in reversed(missing):
-        d.mkdir(mode=0o700)
-        os.chmod(d, 0o700)  # whatever the umask
+        d.mkdir(mode=mode)
+        os.chmod(d, mode)  # whatever the umask
 
 
 def _accepts(path: Path) -> bool:
