@@ -6,6 +6,8 @@ the same run (the machine is shared, so absolute numbers only mean something sid
 - ``transfer``: pci-epf-test READ/WRITE/COPY throughput vs a host memcpy
 - ``idle``: server CPU with a doorbell enabled, per backend, vs no doorbell
 - ``ntb``: vNTB ping round trip over ntb_netdev per doorbell backend, vs the MSI doorbell
+- ``ntb-pair``: two guests over pci-epf-ntb (ping, TCP, ntb_perf) vs virtio-net between the
+  same guests, and vs a host memcpy
 """
 
-NAMES = ("dispatch", "doorbell", "transfer", "idle", "ntb")
+NAMES = ("dispatch", "doorbell", "transfer", "idle", "ntb", "ntb-pair")

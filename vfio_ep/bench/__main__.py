@@ -1,4 +1,4 @@
-"""``python -m vfio_ep.bench [dispatch|doorbell|transfer|idle ...] [--out FILE] [--quick]``
+"""``python -m vfio_ep.bench [NAME ...] [--out FILE] [--quick]``
 
 Runs the named benchmarks (all by default), prints each table, and merges the results into
 ``bench-results.json`` and ``bench-results.md`` (repo root, or next to ``--out``).  A
@@ -20,16 +20,17 @@ from vfio_ep.bench.common import DEFAULT_OUT, BenchError, Result, write_results
 
 def _runners(quick: bool) -> dict[str, Callable[[], Result]]:
     """Each benchmark with its full or ``--quick`` (sanity-check sized) parameters."""
-    from vfio_ep.bench import dispatch, doorbell, idle, ntb, transfer
+    from vfio_ep.bench import dispatch, doorbell, idle, ntb, ntb_pair, transfer
 
     if quick:
         return {"dispatch": lambda: dispatch.run(n=20_000, reps=2),
                 "doorbell": lambda: doorbell.run(n=200, n_mmio=2000),
                 "transfer": lambda: transfer.run(sizes=(1 << 20,), reps=1),
                 "idle": lambda: idle.run(seconds=3),
-                "ntb": lambda: ntb.run(count=20)}
+                "ntb": lambda: ntb.run(count=20),
+                "ntb-pair": lambda: ntb_pair.run(pings=20)}
     return {"dispatch": dispatch.run, "doorbell": doorbell.run, "transfer": transfer.run,
-            "idle": idle.run, "ntb": ntb.run}
+            "idle": idle.run, "ntb": ntb.run, "ntb-pair": ntb_pair.run}
 
 
 def main(argv: list[str] | None = None) -> int:
