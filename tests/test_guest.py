@@ -7,6 +7,9 @@ guest, what a kernel developer would check on hardware.
 from __future__ import annotations
 
 import asyncio
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -186,3 +189,15 @@ def test_run_that_selects_no_test_fails_and_lists_the_tests(tmp_path: Path) -> N
     assert "selection -t NOPE matched no test" in proc.stderr
     assert "DOORBELL_TEST" in proc.stderr and "pci_ep_data_transfer" in proc.stderr
     assert not results["passed"] and results["tests"] == []
+
+
+def test_soak_runs_resets_and_kills_and_reports_the_server(tmp_path: Path) -> None:
+    """`vfio-ep soak`: a few runs against one server (seed 3: a reset first, then a kill)."""
+    proc = subprocess.run([sys.executable, "-m", "vfio_ep", "soak", "--minutes", "0.3",
+                           "--seed", "3", "--run-dir", str(tmp_path / "soak")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "23/23 ok" in proc.stdout
+    assert re.search(r"soak: \d+ runs \(\d+ with a reset first, \d+ with QEMU killed\), "
+                     r"\d+ tests, 0 failed", proc.stdout)
+    assert re.search(r"open fds (\d+) -> \1\b", proc.stdout), proc.stdout  # none leaked

@@ -108,3 +108,23 @@ def provision(qemu: Path | None) -> None:
     except ProvisionError as e:
         raise click.ClickException(str(e)) from None
     click.echo(assets.describe())
+
+
+@main.command()
+@verbose_option
+@click.option("--minutes", type=click.FloatRange(min=0), default=30.0, show_default=True,
+              help="How long to keep booting guests (at least one run).")
+@click.option("--function", type=click.Choice(["pci-epf-test", "pci-epf-vntb"]),
+              help="The function to soak (default pci-epf-test: the kselftest; "
+              "pci-epf-vntb: the NTB suite's netdev phase).")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="Set one attribute (repeatable).")
+@click.option("--seed", type=int, help="Seed of the random resets and kills (a rerun).")
+@click.option("--run-dir", type=click.Path(path_type=Path), help="Where logs go.")
+def soak(minutes: float, function: str | None, sets: tuple[str, ...], seed: int | None,
+         run_dir: Path | None) -> None:
+    """One server, guest after guest for MINUTES, with device resets and killed QEMUs
+    between runs; prints runs, failures and the server's memory and fds, start to end."""
+    from vfio_ep.guest.soak import soak as run_soak
+
+    raise SystemExit(run_soak(minutes, function, list(sets), seed, run_dir))

@@ -20,7 +20,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
@@ -293,6 +293,24 @@ async def wait_for_sockets(server: asyncio.subprocess.Process, sockets: Sequence
         await asyncio.sleep(0.05)
 
 
+@contextlib.asynccontextmanager
+async def running_server(controllers: Sequence[str], server_args: list[str], log: Path,
+                         server_argv: Sequence[str] | None = None
+                         ) -> AsyncIterator[tuple[asyncio.subprocess.Process, dict[str, Path]]]:
+    """``vfio-ep serve`` with a socket per named controller (its output in ``log``), ready
+    to connect to; stopped (and its sockets' directory removed) on exit."""
+    tmp = Path(tempfile.mkdtemp(prefix="vfio-ep-"))  # short: sun_path <= 107
+    sockets = {c: tmp / f"{c}.sock" for c in dict.fromkeys(controllers)}
+    cmd = server_command([f"{c}={p}" for c, p in sockets.items()], server_args, server_argv)
+    server = await _spawn(cmd, stdout=log.open("wb"))
+    try:
+        await wait_for_sockets(server, list(sockets.values()), log)
+        yield server, sockets
+    finally:
+        await _terminate(server)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 @dataclass(frozen=True)
 class GuestSpec:
     """One guest of several against one server: attached to ``controller``'s socket.  With
@@ -323,13 +341,8 @@ async def _boot_guests(specs: Sequence[GuestSpec], server_args: list[str],
                        extra_files: dict[str, Path | bytes],
                        live: Callable[[str, str], None] | None) -> list[GuestResult]:
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix="vfio-ep-"))
-    sockets = {s.controller: tmp / f"{s.controller}.sock" for s in specs}
     log = run_dir / "server.log"
-    cmd = server_command([f"{c}={p}" for c, p in sockets.items()], server_args)
-    server = await _spawn(cmd, stdout=log.open("wb"))
-    try:
-        await wait_for_sockets(server, list(sockets.values()), log)
+    async with running_server([s.controller for s in specs], server_args, log) as (_, sockets):
         tasks: dict[str, asyncio.Task[GuestResult]] = {}
         for s in specs:
             run = GuestRun(s.script, server_args=[], assets=assets,
@@ -339,9 +352,6 @@ async def _boot_guests(specs: Sequence[GuestSpec], server_args: list[str],
             tasks[s.label] = asyncio.create_task(_boot_after(
                 tasks[s.after] if s.after else None, run, timeout))
         results = await asyncio.gather(*tasks.values())
-    finally:
-        await _terminate(server)
-        shutil.rmtree(tmp, ignore_errors=True)
     server_log = log.read_text(errors="replace")
     return [replace(r, server_log=server_log) for r in results]
 

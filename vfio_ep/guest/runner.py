@@ -77,7 +77,7 @@ def run_suite(function: str | None = None, config_file: Path | None = None,
         func = next(iter(comp.functions.values()))
         assets = provision_all(qemu=qemu, kernel=kernel)
         if func.driver == "pci_epf_vntb":
-            return _run_ntb_suite(target, assets, _vntb_doorbells(comp), timeout, run_dir,
+            return _run_ntb_suite(target, assets, vntb_doorbells(comp), timeout, run_dir,
                                   guest_args or [])
         if func.driver == "pci_epf_ntb":
             assert func.primary is not None and func.secondary is not None
@@ -117,7 +117,7 @@ def _nothing_selected(guest_args: list[str], assets: GuestAssets, run_dir: Path)
             f"-t TEST or -T FIXTURE.VARIANT.TEST):\n{listing.output.rstrip()}")
 
 
-def _vntb_doorbells(comp: Composition) -> tuple[int, bool]:
+def vntb_doorbells(comp: Composition) -> tuple[int, bool]:
     """How many doorbells the EP will answer, and whether they share one register: the
     function bound once here, with no client, as the server will bind it."""
     probe = copy.deepcopy(comp)
