@@ -64,7 +64,8 @@ class Client:
         anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds \
             else []
         sent = self.sock.sendmsg([data], anc)  # the fds go with the first bytes
-        self.sock.sendall(data[sent:])
+        if sent < len(data):
+            self.sock.sendall(data[sent:])
 
     def send(self, cmd: int, payload: bytes = b"", fds: tuple[int, ...] = (), flags: int = 0
              ) -> int:

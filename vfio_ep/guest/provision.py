@@ -103,6 +103,16 @@ def provision_all(qemu: Path | None = None, kernel: Path | None = None) -> Guest
     return assets
 
 
+def static_busybox() -> Path:
+    """The guest's userspace: a static busybox, busybox-static installed if need be."""
+    if not _is_static_elf(BUSYBOX):
+        ensure_host_packages(("busybox-static",), force=True)
+    if not _is_static_elf(BUSYBOX):
+        raise ProvisionError(f"{BUSYBOX} is not a static binary even after installing "
+                             "busybox-static")
+    return BUSYBOX
+
+
 class _Provisioner:
     """One provisioning pass; remembers whether anything had to be fetched or built."""
 
@@ -192,12 +202,7 @@ class _Provisioner:
         return binary
 
     def busybox(self) -> Path:
-        if not _is_static_elf(BUSYBOX):
-            ensure_host_packages(("busybox-static",), force=True)
-        if not _is_static_elf(BUSYBOX):
-            raise ProvisionError(f"{BUSYBOX} is not a static binary even after installing "
-                                 "busybox-static")
-        return BUSYBOX
+        return static_busybox()
 
 
 class PrivateApt:
