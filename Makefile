@@ -7,7 +7,7 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install provision demo test unit lint bench container-test clean
+.PHONY: install provision demo test unit lint bench fuzz container-test clean
 
 $(STAMP): pyproject.toml setup.py native/vfu_fast.c native/vfu_fast.h native/build.py
 	$(PY) -m venv $(VENV)
@@ -41,6 +41,12 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PYTHON) -m vfio_ep.bench
+
+# The long fuzz run (make test runs a short one): 20000 hypothesis streams per path, then
+# 10 minutes of libFuzzer + ASan on the C fast path, its corpus kept in build/fuzz-corpus.
+fuzz: $(STAMP)
+	VFIO_EP_FUZZ_EXAMPLES=20000 VFIO_EP_LIBFUZZER_SECONDS=600 \
+	VFIO_EP_FUZZ_CORPUS=$(CURDIR)/build/fuzz-corpus $(PYTHON) -m pytest -ra tests/test_fuzz.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info vfio_ep/_native*
