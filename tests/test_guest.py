@@ -23,6 +23,7 @@ from vfio_ep.guest.launcher import (
     boot_guest,
     vfio_user_device,
 )
+from vfio_ep.guest.provision import provision_all
 from vfio_ep.guest.results import Report, parse_tap
 from vfio_ep.pci import testdev
 
@@ -201,3 +202,44 @@ def test_soak_runs_resets_and_kills_and_reports_the_server(tmp_path: Path) -> No
     assert re.search(r"soak: \d+ runs \(\d+ with a reset first, \d+ with QEMU killed\), "
                      r"\d+ tests, 0 failed", proc.stdout)
     assert re.search(r"open fds (\d+) -> \1\b", proc.stdout), proc.stdout  # none leaked
+
+
+def _run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "vfio_ep", "run", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_exec_runs_any_command_and_returns_its_status(tmp_path: Path) -> None:
+    proc = _run("--run-dir", str(tmp_path / "r"), "--append", "vfio_ep_marker=1", "--exec",
+                "grep -o vfio_ep_marker=1 /proc/cmdline; /pci_endpoint_test -t BAR_TEST "
+                "| grep -c '^ok'; exit 7")
+    assert proc.returncode == 7, proc.stderr
+    assert proc.stdout.split() == ["vfio_ep_marker=1", "6"]  # six BARs tested
+
+
+def test_exec_in_both_guests_of_a_pair(tmp_path: Path) -> None:
+    proc = _run("--function", "pci-epf-ntb", "--run-dir", str(tmp_path / "r"), "--exec",
+                "echo role $VFIO_EP_ROLE; [ $VFIO_EP_ROLE = a ]")
+    assert proc.returncode == 1, proc.stderr  # b's status
+    assert sorted(proc.stdout.splitlines()) == ["a: role a", "b: role b"]
+
+
+def test_exec_timeout_is_124_and_says_so(tmp_path: Path) -> None:
+    proc = _run("--run-dir", str(tmp_path / "r"), "--timeout", "8", "--exec", "sleep 60")
+    assert proc.returncode == 124
+    assert "timed out" in proc.stderr
+
+
+def test_kernel_build_directory_brings_its_modules(tmp_path: Path) -> None:
+    """--kernel O=DIR: its bzImage boots, its modules are in /lib/modules."""
+    assets = provision_all()
+    build = tmp_path / "O"
+    (build / "arch/x86/boot").mkdir(parents=True)
+    (build / "drivers/ntb").mkdir(parents=True)
+    (build / "arch/x86/boot/bzImage").write_bytes(assets.kernel.read_bytes())
+    tool = next(m for m in assets.modules if m.name == "ntb_tool.ko")
+    (build / "drivers/ntb/ntb_tool.ko").write_bytes(tool.read_bytes())
+    proc = _run("--kernel", str(build), "--run-dir", str(tmp_path / "r"), "--exec",
+                "ls /lib/modules")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["ntb_tool.ko"]

@@ -73,27 +73,39 @@ def serve(sockets: tuple[str, ...], allow_uids: tuple[int, ...], function: str |
 @verbose_option
 @composition_options
 @click.option("--kernel", type=click.Path(exists=True, path_type=Path),
-              help="Use this bzImage instead of the provisioned one.")
+              help="Boot this bzImage, or a kernel build directory (O=): its bzImage, and its "
+              "modules in the initramfs' /lib/modules.")
 @click.option("--qemu", type=click.Path(exists=True, path_type=Path),
               help="Use this qemu-system-x86_64 (>= 10.1).")
+@click.option("--exec", "exec_cmd", metavar="CMD",
+              help="Run CMD in the guest (busybox sh) instead of the suite; its exit status "
+              "is ours.  The kselftest is /pci_endpoint_test, modules are in /lib/modules.")
+@click.option("--append", default="", metavar="ARGS", help="More kernel command line.")
+@click.option("--memory", type=click.IntRange(min=64), default=256, show_default=True,
+              metavar="MB", help="Guest RAM.")
 @click.option("--timeout", default=600.0, show_default=True, help="Seconds for the whole run.")
 @click.option("--run-dir", type=click.Path(path_type=Path), help="Where logs and results go.")
 @click.argument("guest_args", nargs=-1, type=click.UNPROCESSED)
 def run(function: str | None, config_file: Path | None, configfs: Path | None,
-        sets: tuple[str, ...], kernel: Path | None, qemu: Path | None, timeout: float,
-        run_dir: Path | None, guest_args: tuple[str, ...]) -> None:
+        sets: tuple[str, ...], kernel: Path | None, qemu: Path | None, exec_cmd: str | None,
+        append: str, memory: int, timeout: float, run_dir: Path | None,
+        guest_args: tuple[str, ...]) -> None:
     """Boot a guest against a fresh vfio-ep and run the function's suite.
 
     pci-epf-test runs the upstream pci_endpoint_test kselftest: options vfio-ep does not know
     go to it (``-t MSI_TEST``); put its own ``-v VARIANT`` after ``--``.  pci-epf-vntb runs
-    the NTB suite (ntb_hw_epf, ntb_tool, ntb_pingpong, ntb_transport + ntb_netdev).  A run
-    whose selection matches no test fails.
+    the NTB suite (ntb_hw_epf, ntb_tool, ntb_pingpong, ntb_transport + ntb_netdev), and
+    pci-epf-ntb two guests against each other.  A run whose selection matches no test fails.
+    ``--exec CMD`` runs your command instead (in both guests of a pci-epf-ntb pair, with
+    VFIO_EP_ROLE=a or b).
     """
+    from vfio_ep.guest.launcher import GuestOptions
     from vfio_ep.guest.runner import run_suite
 
     raise SystemExit(run_suite(function=function, config_file=config_file, configfs=configfs,
                                sets=list(sets), kernel=kernel, qemu=qemu, timeout=timeout,
-                               run_dir=run_dir, guest_args=list(guest_args)))
+                               run_dir=run_dir, guest_args=list(guest_args),
+                               exec_cmd=exec_cmd, options=GuestOptions(memory, append)))
 
 
 @main.command()

@@ -324,22 +324,39 @@ class GuestSpec:
     qemu_args: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class GuestOptions:
+    """How every guest of a run boots, beyond its script: memory, kernel arguments."""
+
+    memory_mb: int = DEFAULT_MEMORY_MB
+    append: str = ""  # after DEFAULT_APPEND, so the user's arguments win
+
+    @property
+    def cmdline(self) -> str:
+        return f"{DEFAULT_APPEND} {self.append}".strip()
+
+
+DEFAULT_OPTIONS = GuestOptions()
+
+
 def boot_guests(specs: Sequence[GuestSpec], *, server_args: list[str],
                 assets: GuestAssets | None = None, timeout: float = 300, run_dir: Path,
                 extra_files: dict[str, Path | bytes] | None = None,
-                live: Callable[[str, str], None] | None = None) -> list[GuestResult]:
+                live: Callable[[str, str], None] | None = None,
+                options: GuestOptions = DEFAULT_OPTIONS) -> list[GuestResult]:
     """Start one ``vfio-ep serve`` with a socket per controller the specs name, boot every
     guest at once against it (run directory ``run_dir/<label>``; a guest with ``after`` when
     that one has exited), and return their results in order.  ``live`` gets (label, line)
     as each guest prints."""
     return _run_async(_boot_guests(specs, server_args, assets or provision_all(), timeout,
-                                   run_dir, extra_files or {}, live))
+                                   run_dir, extra_files or {}, live, options))
 
 
 async def _boot_guests(specs: Sequence[GuestSpec], server_args: list[str],
                        assets: GuestAssets, timeout: float, run_dir: Path,
                        extra_files: dict[str, Path | bytes],
-                       live: Callable[[str, str], None] | None) -> list[GuestResult]:
+                       live: Callable[[str, str], None] | None,
+                       options: GuestOptions) -> list[GuestResult]:
     run_dir.mkdir(parents=True, exist_ok=True)
     log = run_dir / "server.log"
     async with running_server([s.controller for s in specs], server_args, log) as (_, sockets):
@@ -348,6 +365,7 @@ async def _boot_guests(specs: Sequence[GuestSpec], server_args: list[str],
             run = GuestRun(s.script, server_args=[], assets=assets,
                            socket=sockets[s.controller], run_dir=run_dir / s.label,
                            extra_files=extra_files, extra_qemu_args=s.qemu_args,
+                           memory_mb=options.memory_mb, append=options.cmdline,
                            live=(lambda line, label=s.label: live(label, line)) if live else None)
             tasks[s.label] = asyncio.create_task(_boot_after(
                 tasks[s.after] if s.after else None, run, timeout))

@@ -90,13 +90,17 @@ def provision_all(qemu: Path | None = None, kernel: Path | None = None) -> Guest
     started = time.monotonic()
     with _locked(root / "provision.lock"):
         prov = _Provisioner(root)
-        image = _check_bzimage(kernel) if kernel else prov.kernel()
+        if kernel:
+            image, modules = users_kernel(kernel)
+        else:
+            image = prov.kernel()
+            modules = tuple(sorted((image.parent / MODULES).glob("*.ko")))
         assets = GuestAssets(
             qemu=prov.qemu(qemu or _env_path("VFIO_EP_QEMU")),
             kernel=image,
             kselftest=prov.kselftest(),
             busybox=prov.busybox(),
-            modules=() if kernel else tuple(sorted((image.parent / MODULES).glob("*.ko"))),
+            modules=modules,
         )
     if prov.worked:
         _say(f"provisioned in {time.monotonic() - started:.0f} s")
@@ -460,6 +464,24 @@ def _compile_kselftest(src: Path, binary: Path) -> None:
                  "-I", str(src / "include/uapi"), "-o", str(tmp), source.name],
                 cwd=source.parent)
     tmp.rename(binary)
+
+
+def users_kernel(path: Path) -> tuple[Path, tuple[Path, ...]]:
+    """A developer's kernel: a bzImage, or a build directory (``O=``) whose bzImage boots
+    and whose modules (every ``*.ko`` in it) go into the initramfs, so ``=m`` drivers load."""
+    if path.is_dir():
+        image = path / "arch/x86/boot/bzImage"
+        if not image.is_file():
+            raise ProvisionError(f"{path} is a directory without arch/x86/boot/bzImage: "
+                                 "build the kernel there (make O=... bzImage modules)")
+        modules = tuple(sorted(path.resolve().rglob("*.ko")))
+        names = [m.name for m in modules]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ProvisionError(f"{path}: modules with the same name in two places "
+                                 f"({', '.join(twice)}): the initramfs keeps one per name")
+        return _check_bzimage(image), modules
+    return _check_bzimage(path), ()
 
 
 def _check_bzimage(path: Path) -> Path:

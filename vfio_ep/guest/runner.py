@@ -19,7 +19,9 @@ from vfio_ep.config import ConfigError
 from vfio_ep.epc.core import EpcError
 from vfio_ep.epf.functions.pci_epf_vntb import PciEpfVntb
 from vfio_ep.guest.launcher import (
+    DEFAULT_OPTIONS,
     KSELFTEST_NAME,
+    GuestOptions,
     GuestSpec,
     LaunchError,
     boot_guest,
@@ -61,11 +63,14 @@ class Target:
 def run_suite(function: str | None = None, config_file: Path | None = None,
               configfs: Path | None = None, sets: list[str] | None = None,
               kernel: Path | None = None, qemu: Path | None = None, timeout: float = 600,
-              run_dir: Path | None = None, guest_args: list[str] | None = None) -> int:
-    """Run the suite of the configured function; 0 only if every test passed.
+              run_dir: Path | None = None, guest_args: list[str] | None = None,
+              exec_cmd: str | None = None, options: GuestOptions = DEFAULT_OPTIONS) -> int:
+    """Run the suite of the configured function; 0 only if every test passed.  With
+    ``exec_cmd``, the guest (both guests of a pci-epf-ntb pair) runs that instead.
 
     Returns 1 when a test failed, none ran or the guest never finished, 2 when the
-    configuration, provisioning or launching failed.
+    configuration, provisioning or launching failed; with ``exec_cmd``, the command's exit
+    status (124 when the run timed out).
     """
     target = Target(function, config_file, configfs, tuple(sets or []))
     try:
@@ -75,25 +80,58 @@ def run_suite(function: str | None = None, config_file: Path | None = None,
                               f"composition has {len(comp.functions)} "
                               f"({', '.join(comp.functions)})")
         func = next(iter(comp.functions.values()))
+        if exec_cmd is not None and guest_args:
+            raise ConfigError(f"--exec runs its command alone: put {shlex.join(guest_args)} "
+                              "into it")
         assets = provision_all(qemu=qemu, kernel=kernel)
+        if exec_cmd is not None:
+            controllers = [c for c in (func.primary, func.secondary) if c is not None]
+            return _run_exec(target, assets, exec_cmd, controllers, timeout, run_dir, options)
         if func.driver == "pci_epf_vntb":
             return _run_ntb_suite(target, assets, vntb_doorbells(comp), timeout, run_dir,
-                                  guest_args or [])
+                                  guest_args or [], options)
         if func.driver == "pci_epf_ntb":
             assert func.primary is not None and func.secondary is not None
             return _run_ntb_pair(target, assets, (func.primary, func.secondary), timeout,
-                                 run_dir, guest_args or [])
-        return _run_kselftest(target, assets, timeout, run_dir, guest_args or [])
+                                 run_dir, guest_args or [], options)
+        return _run_kselftest(target, assets, timeout, run_dir, guest_args or [], options)
     except (ConfigError, ValueError, EpcError, ProvisionError, LaunchError) as exc:
         print(f"vfio-ep run: {exc}", file=sys.stderr)
         return 2
 
 
+def _run_exec(target: Target, assets: GuestAssets, command: str, controllers: list[str],
+              timeout: float, run_dir: Path | None, options: GuestOptions) -> int:
+    """Boot a guest per controller (``VFIO_EP_ROLE`` a, b, ... in its environment) that
+    runs ``command`` with the suites' files at hand; the first failing status is ours."""
+    top = new_run_dir(run_dir)
+    specs = [GuestSpec(role, ctrl, f"export VFIO_EP_ROLE={role}\n{command}")
+             for role, ctrl in zip(PAIR_ROLES, controllers, strict=False)]
+    several = len(specs) > 1
+    results = boot_guests(specs, server_args=target.server_args(), assets=assets,
+                          timeout=timeout, run_dir=top, options=options,
+                          extra_files={"ntb_suite.sh": NTB_SUITE, "ntb_pair.sh": NTB_PAIR,
+                                       "tap_lib.sh": TAP_LIB},
+                          live=lambda label, line: _echo(f"{label}: {line}" if several
+                                                         else line))
+    status = 0
+    for spec, result in zip(specs, results, strict=True):
+        where = f"guest {spec.label}: " if several else ""
+        if result.exit_status is None:
+            print(f"vfio-ep run: {where}{result.error}", file=sys.stderr)
+            status = status or (124 if "timed out" in (result.error or "") else 2)
+        else:
+            status = status or result.exit_status
+    print(f"run directory: {top}", file=sys.stderr)
+    return status
+
+
 def _run_kselftest(target: Target, assets: GuestAssets, timeout: float,
-                   run_dir: Path | None, guest_args: list[str]) -> int:
+                   run_dir: Path | None, guest_args: list[str], options: GuestOptions) -> int:
     result = boot_guest(f"/{KSELFTEST_NAME} {shlex.join(guest_args)}",
                         server_args=target.server_args(), assets=assets, timeout=timeout,
-                        run_dir=run_dir, live=_echo)
+                        run_dir=run_dir, live=_echo, memory_mb=options.memory_mb,
+                        append=options.cmdline)
     report = parse_tap(result.output)
     write_results(report, result.run_dir, exit_status=result.exit_status, error=result.error,
                   suite=KSELFTEST_NAME)
@@ -129,7 +167,8 @@ def vntb_doorbells(comp: Composition) -> tuple[int, bool]:
 
 
 def _run_ntb_suite(target: Target, assets: GuestAssets, doorbells: tuple[int, bool],
-                   timeout: float, run_dir: Path | None, phases: list[str]) -> int:
+                   timeout: float, run_dir: Path | None, phases: list[str],
+                   options: GuestOptions) -> int:
     """One guest per phase, the EP running the matching client; ``phases`` selects some."""
     top = new_run_dir(run_dir)
     reports: list[Report] = []
@@ -141,7 +180,8 @@ def _run_ntb_suite(target: Target, assets: GuestAssets, doorbells: tuple[int, bo
             server_args=target.server_args(f"ntb_client={phase}",
                                            f"pingpong_delay_ms={PINGPONG_DELAY_MS}"),
             assets=assets, timeout=timeout, run_dir=top / phase,
-            extra_files={"ntb_suite.sh": NTB_SUITE, "tap_lib.sh": TAP_LIB}, live=_echo)
+            extra_files={"ntb_suite.sh": NTB_SUITE, "tap_lib.sh": TAP_LIB}, live=_echo,
+            memory_mb=options.memory_mb, append=options.cmdline)
         reports.append(parse_tap(result.output))
         if result.error or result.exit_status != 0:
             failed_boots.append(f"{phase}: {result.error or f'exit {result.exit_status}'}")
@@ -149,7 +189,8 @@ def _run_ntb_suite(target: Target, assets: GuestAssets, doorbells: tuple[int, bo
 
 
 def _run_ntb_pair(target: Target, assets: GuestAssets, controllers: tuple[str, str],
-                  timeout: float, run_dir: Path | None, phases: list[str]) -> int:
+                  timeout: float, run_dir: Path | None, phases: list[str],
+                  options: GuestOptions) -> int:
     """Two guests on one pci-epf-ntb (guest a on the primary, b on the secondary), booted
     together once per phase (rejoin: b boots twice); ``phases`` selects some."""
     top = new_run_dir(run_dir)
@@ -165,7 +206,8 @@ def _run_ntb_pair(target: Target, assets: GuestAssets, controllers: tuple[str, s
         results = boot_guests(specs, server_args=target.server_args(), assets=assets,
                               timeout=timeout, run_dir=top / phase,
                               extra_files={"ntb_pair.sh": NTB_PAIR, "tap_lib.sh": TAP_LIB},
-                              live=lambda label, line: _echo(f"{label}: {line}"))
+                              live=lambda label, line: _echo(f"{label}: {line}"),
+                              options=options)
         for spec, result in zip(specs, results, strict=True):
             reports.append(parse_tap(result.output))
             if result.error or result.exit_status != 0:
