@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shlex
 import signal
 import subprocess
 import sys
@@ -86,3 +88,30 @@ def test_a_second_server_on_a_live_socket_is_refused_and_the_first_keeps_it(
         first.send_signal(signal.SIGTERM)
         first.communicate(timeout=10)
     assert not sock.exists()
+
+
+def test_print_qemu_args_gives_what_run_uses(tmp_path: Path) -> None:
+    """The printed options come from the launcher's own list (memfd RAM, interrupt remapping
+    for 32 MSI vectors, the root port, the device with its message timeout)."""
+    sock = tmp_path / "ep.sock"
+    proc = subprocess.Popen([sys.executable, "-m", "vfio_ep", "serve", "--socket", str(sock),
+                             "--print-qemu-args"], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=10)
+    args = shlex.split(line.split("...", 1)[1])
+    assert "intel-iommu,intremap=on,dma-translation=off" in args
+    assert "memory-backend-memfd,id=mem,size=256M,share=on" in args
+    device = json.loads(args[-1])
+    assert device["socket"] == {"type": "unix", "path": str(sock)}
+    assert device["driver"] == "vfio-user-pci" and device["x-msg-timeout"] > 0
+
+
+def test_interrupt_pin_beyond_intd_is_one_line(tmp_path: Path) -> None:
+    proc = _serve(tmp_path / "s", "interrupt_pin=5")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "interrupt_pin 5: 0 (no INTx) or 1-4 (INTA-INTD)" in proc.stderr

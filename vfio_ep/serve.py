@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -33,9 +35,18 @@ async def serve(listeners: list[Listener]) -> None:
             nursery.start_soon(stop_on_signal)
 
 
+def qemu_args(socket: Path) -> str:
+    """The QEMU options that attach one guest to ``socket`` as ``vfio-ep run`` does."""
+    from vfio_ep.guest.launcher import endpoint_machine_args, vfio_user_device
+
+    return shlex.join([*endpoint_machine_args(),
+                       "-device", json.dumps(vfio_user_device(socket.absolute()))])
+
+
 def serve_forever(sockets: list[str], function: str | None, config_file: Path | None,
                   sets: list[str], configfs: Path | None = None,
-                  allow_uids: frozenset[int] = frozenset()) -> None:
+                  allow_uids: frozenset[int] = frozenset(), print_qemu_args: bool = False
+                  ) -> None:
     try:
         comp = cmdline.load(config_file, function, sets, configfs, sockets)
         endpoints = comp.build()
@@ -50,6 +61,8 @@ def serve_forever(sockets: list[str], function: str | None, config_file: Path | 
     except SocketPathError as e:
         sys.exit(f"vfio-ep: {e}")
     for e in endpoints:
+        if print_qemu_args:
+            print(f"# {e.controller}: qemu-system-x86_64 ... {qemu_args(e.socket)}", flush=True)
         h = e.device.spec.header
         what = ", ".join(f.tag.split("/")[-1] + f" ({f.name})" for f in e.functions) or \
             "testdev"

@@ -394,21 +394,28 @@ def qemu_command(qemu: Qemu, *, kernel: Path, initrd: Path, qmp: Path, memory_mb
     """The one QEMU command line: q35 under TCG, memfd RAM (so the server can DMA directly),
     serial console on stdout, QMP to our socket, a PCIe root port for the endpoint."""
     argv = [
-        *qemu.argv,
-        "-machine", "q35,memory-backend=mem", "-accel", "tcg", "-m", str(memory_mb),
-        "-object", f"memory-backend-memfd,id=mem,size={memory_mb}M,share=on",
+        *qemu.argv, *endpoint_machine_args(memory_mb), "-accel", "tcg", "-m", str(memory_mb),
         "-nodefaults", "-nographic", "-no-reboot",
         "-serial", "stdio", "-qmp", f"unix:{qmp}",
         "-kernel", str(kernel), "-initrd", str(initrd), "-append", append,
+    ]
+    if device:
+        argv += ["-device", json.dumps(device)]
+    return argv + list(extra_args)
+
+
+def endpoint_machine_args(memory_mb: int = DEFAULT_MEMORY_MB) -> list[str]:
+    """What a QEMU machine needs for a vfio-user endpoint to work as in ``vfio-ep run``."""
+    return [
+        # Guest RAM in a shared memfd: the server reaches it directly, not by messages.
+        "-machine", "q35,memory-backend=mem",
+        "-object", f"memory-backend-memfd,id=mem,size={memory_mb}M,share=on",
         # Interrupt remapping only (x86 multi-MSI needs it); must come before PCI devices.
         "-device", "intel-iommu,intremap=on,dma-translation=off",
         "-device", f"pcie-root-port,id={ROOT_PORT},bus=pcie.0,chassis=1",
         # Native PCIe hot-plug (pciehp, in the guest kernel) instead of q35's ACPI hot-plug.
         "-global", "ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off",
     ]
-    if device:
-        argv += ["-device", json.dumps(device)]
-    return argv + list(extra_args)
 
 
 async def _spawn(argv: Sequence[str], *, stdout: Any, stderr: Any = asyncio.subprocess.STDOUT,

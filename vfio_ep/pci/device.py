@@ -60,6 +60,8 @@ from vfio_ep.vfio_user.protocol import (
 
 log = logging.getLogger(__name__)
 
+PCI_INTERRUPT_INTD = 4
+
 
 @dataclass(frozen=True)
 class PciHeader:
@@ -75,6 +77,11 @@ class PciHeader:
     subsys_vendor_id: int = 0
     subsys_id: int = 0
     interrupt_pin: int = 1  # INTA; 0 = no INTx
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.interrupt_pin <= PCI_INTERRUPT_INTD:
+            raise ValueError(f"interrupt_pin {self.interrupt_pin}: 0 (no INTx) or 1-4 "
+                             "(INTA-INTD); QEMU refuses a device with another pin")
 
 
 @dataclass(frozen=True)

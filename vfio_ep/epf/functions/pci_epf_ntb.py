@@ -77,6 +77,7 @@ class PciEpfNtbAttributes(FunctionAttributes):
     mw4: int = 0
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.num_mws > MAX_MW:
             raise ValueError(f"num_mws {self.num_mws} > {MAX_MW}: -EINVAL")
         for n in range(self.num_mws + 1, MAX_MW + 1):

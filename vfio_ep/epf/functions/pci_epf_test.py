@@ -110,6 +110,7 @@ class PciEpfTestAttributes(FunctionAttributes):
     doorbell: str = "auto"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.doorbell not in DOORBELL_CHOICES:
             raise ValueError(f"doorbell must be one of {', '.join(DOORBELL_CHOICES)}")
         for bar in range(NUM_BARS):

@@ -106,6 +106,7 @@ class PciEpfVntbAttributes(FunctionAttributes, NtbClientAttributes):
 
     def __post_init__(self) -> None:
         """The checks of the configfs stores, on the final values."""
+        FunctionAttributes.__post_init__(self)
         NtbClientAttributes.__post_init__(self)
         if self.doorbell not in DOORBELL_CHOICES:
             raise ValueError(f"doorbell must be one of {', '.join(DOORBELL_CHOICES)}")
