@@ -7,7 +7,7 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install provision demo test unit lint bench fuzz container-test clean
+.PHONY: install provision demo test test-matrix unit lint bench fuzz container-test clean
 
 $(STAMP): pyproject.toml setup.py native/vfu_fast.c native/vfu_fast.h native/build.py
 	$(PY) -m venv $(VENV)
@@ -32,6 +32,11 @@ demo: $(STAMP)
 # Everything: lint, unit tests, and the guest integration tests (real QEMU, real drivers).
 test: $(STAMP) lint provision
 	$(PYTHON) -m pytest -ra
+
+# The suites on each kernel line (6.12, 7.2, 7.3): results/matrix.md (each line's kernel is
+# built on first use, 4-8 minutes each).
+test-matrix: $(STAMP)
+	$(PYTHON) -m vfio_ep matrix
 
 unit: $(STAMP)
 	$(PYTHON) -m pytest -ra -m "not guest"

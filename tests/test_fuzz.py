@@ -21,8 +21,8 @@ import os
 import socket
 import struct
 import subprocess
-import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,7 +30,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from vfio_user_client import Client, ServerThread, eventfd
 
-from vfio_ep.guest.provision import ensure_host_packages
+from vfio_ep.guest.host import ensure_host_packages
 from vfio_ep.pci import testdev
 from vfio_ep.vfio_user import protocol as p
 from vfio_ep.vfio_user.protocol import Command
@@ -101,17 +101,22 @@ def messages(draw: st.DrawFn) -> tuple[bytes, int]:
     return p.pack_header(draw(u16), cmd, size, flags, draw(u32)) + payload, fds
 
 
-def _serves_again(server: ServerThread) -> None:
-    for _ in range(200):
+def _released(server: ServerThread) -> None:
+    for _ in range(500):
         if server.listener.active is None:
-            break
+            return
         time.sleep(0.01)
-    else:
-        raise AssertionError("the hostile client's connection was never released")
+    raise AssertionError("a closed client's connection was never released")
+
+
+def _serves_again(server: ServerThread) -> None:
+    """A fresh client is served as if nothing had happened (and is gone again after)."""
+    _released(server)
     c = Client(server.path)
     c.sock.settimeout(10)
     assert c.cfg_read32(0) == VENDOR_DEVICE
     c.close()
+    _released(server)
 
 
 def _drain(sock: socket.socket) -> None:
@@ -124,33 +129,53 @@ def _drain(sock: socket.socket) -> None:
         pass
 
 
+_SERVERS: dict[str, ServerThread] = {}  # one per path, shared by a test's examples
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _stop_servers() -> Iterator[None]:
+    yield
+    for server in _SERVERS.values():
+        server.__exit__()
+    _SERVERS.clear()
+
+
+def _server(path: str, where: Path) -> ServerThread:
+    """The path's server, started by the first example: later streams meet whatever state
+    the earlier ones left (a device lives that long in production too)."""
+    if path not in _SERVERS:
+        _SERVERS[path] = ServerThread(testdev.build({}), where / f"fuzz-{path}.sock")
+        _SERVERS[path].__enter__()
+    return _SERVERS[path]
+
+
 @settings(max_examples=EXAMPLES, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(stream=st.lists(messages(), min_size=1, max_size=6), handshake=st.booleans(),
        dma_map=st.booleans())
 def test_any_message_stream_leaves_the_server_serving(
-        tmp_path: Path, path: str, caplog: pytest.LogCaptureFixture,
+        tmp_path_factory: pytest.TempPathFactory, path: str, caplog: pytest.LogCaptureFixture,
         stream: list[tuple[bytes, int]], handshake: bool, dma_map: bool) -> None:
-    sock_path = tmp_path / f"fuzz-{threading.get_ident()}.sock"
     caplog.clear()
-    with ServerThread(testdev.build({}), sock_path) as server:
-        c = Client(sock_path, negotiate=handshake)
-        if handshake and dma_map:
-            c.guest_memory(GUEST, GUEST_SIZE).close()
-        try:
-            for data, nfds in stream:
-                fds = [eventfd() for _ in range(nfds)]
-                try:
-                    c.send_raw(data, fds)
-                except (BrokenPipeError, ConnectionResetError):
-                    break  # the server closed an untrustworthy stream: allowed
-                finally:
-                    for fd in fds:
-                        os.close(fd)
-                _drain(c.sock)
-        finally:
-            c.close()
-        _serves_again(server)
+    server = _server(path, tmp_path_factory.getbasetemp())
+    _serves_again(server)  # the last example's client is gone
+    c = Client(server.path, negotiate=handshake)
+    if handshake and dma_map:
+        c.guest_memory(GUEST, GUEST_SIZE).close()
+    try:
+        for data, nfds in stream:
+            fds = [eventfd() for _ in range(nfds)]
+            try:
+                c.send_raw(data, fds)
+            except (BrokenPipeError, ConnectionResetError):
+                break  # the server closed an untrustworthy stream: allowed
+            finally:
+                for fd in fds:
+                    os.close(fd)
+            _drain(c.sock)
+    finally:
+        c.close()
+    _serves_again(server)
     tracebacks = [r.getMessage() for r in caplog.records if r.exc_info]
     assert not tracebacks, tracebacks
 

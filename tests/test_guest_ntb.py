@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from vfio_ep_cli import assert_passed, vfio_ep_run
 
-from vfio_ep.guest.provision import ensure_host_packages
+from vfio_ep.guest.host import ensure_host_packages
 
 pytestmark = pytest.mark.guest
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from vfio_ep.guest import initramfs, provision, results
+from vfio_ep.guest import initramfs, kernel_build, provision, results
 
 TAP = """TAP version 13
 1..4
@@ -92,20 +92,22 @@ def test_tap_with_no_test_is_not_a_pass() -> None:
     assert not results.parse_tap("garbage\n").passed
 
 
-def test_kconfig_merge_and_dropped_symbols() -> None:
-    base = "CONFIG_A=y\n# CONFIG_B is not set\nCONFIG_AB=y\n"
-    fragment = provision._parse_config("CONFIG_B=y\n# CONFIG_A is not set\n")
-    merged = provision._parse_config(provision._merge_config(base, fragment))
-    assert merged == {"CONFIG_A": "n", "CONFIG_B": "y", "CONFIG_AB": "y"}
-    assert provision._dropped_symbols(fragment, {"CONFIG_A": "n"}) == ["CONFIG_B"]
-
-
 def test_fragment_has_the_drivers_under_test() -> None:
-    fragment = provision._parse_config(provision.FRAGMENT.read_text())
+    fragment = kernel_build.parse_config(kernel_build.FRAGMENT.read_text())
     for symbol in ("PCI_ENDPOINT_TEST", "NTB_EPF", "HOTPLUG_PCI_PCIE", "DEVMEM", "MODULES"):
         assert fragment[f"CONFIG_{symbol}"] == "y"
     for client in ("NTB_TRANSPORT", "NTB_NETDEV", "NTB_TOOL", "NTB_PINGPONG", "NTB_PERF"):
         assert fragment[f"CONFIG_{client}"] == "m"
+
+
+def test_each_kernel_line_has_its_fragments() -> None:
+    """6.12's ntb_hw_epf can only be a module: its own fragment says so, after the common."""
+    assert kernel_build.fragments("7.3") == [kernel_build.FRAGMENT]
+    common, own = kernel_build.fragments("6.12")
+    assert common == kernel_build.FRAGMENT
+    assert kernel_build.parse_config(own.read_text()) == {"CONFIG_NTB_EPF": "m"}
+    with pytest.raises(provision.ProvisionError, match=r"no kernel line 5\.10"):
+        kernel_build.source_package("5.10")
 
 
 @pytest.mark.guest

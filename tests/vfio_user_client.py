@@ -278,8 +278,11 @@ class ServerThread:
 
 
 def wait_eventfd(fd: int, timeout: float = 5.0) -> bool:
-    """Whether ``fd`` fired within ``timeout`` (and consume it)."""
-    ready, _, _ = select.select([fd], [], [], timeout)
+    """Whether ``fd`` fired within ``timeout`` (and consume it).  poll(), not select(): a
+    test process that built many devices has fds past select()'s 1024."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    ready = poller.poll(timeout * 1000)
     if ready:
         os.eventfd_read(fd)
     return bool(ready)

@@ -9,6 +9,8 @@ from typing import Any
 
 import click
 
+from vfio_ep.guest.kernel_build import DEFAULT_LINUX, LINUX_LINES
+
 
 def _verbosity(ctx: click.Context, _param: click.Parameter, count: int) -> None:
     """-v counts wherever it stands (``vfio-ep -v run`` or ``vfio-ep run -v``): INFO, then DEBUG.
@@ -81,6 +83,9 @@ def serve(sockets: tuple[str, ...], allow_uids: tuple[int, ...], print_qemu_args
               "modules in the initramfs' /lib/modules.")
 @click.option("--qemu", type=click.Path(exists=True, path_type=Path),
               help="Use this qemu-system-x86_64 (>= 10.1).")
+@click.option("--linux", type=click.Choice(LINUX_LINES), default=DEFAULT_LINUX,
+              show_default=True, help="The kernel line to provision and boot (with its own "
+              "test tool: the kselftest, or pcitest before 6.14).")
 @click.option("--exec", "exec_cmd", metavar="CMD",
               help="Run CMD in the guest (busybox sh) instead of the suite; its exit status "
               "is ours.  The kselftest is /pci_endpoint_test, modules are in /lib/modules.")
@@ -91,8 +96,8 @@ def serve(sockets: tuple[str, ...], allow_uids: tuple[int, ...], print_qemu_args
 @click.option("--run-dir", type=click.Path(path_type=Path), help="Where logs and results go.")
 @click.argument("guest_args", nargs=-1, type=click.UNPROCESSED)
 def run(function: str | None, config_file: Path | None, configfs: Path | None,
-        sets: tuple[str, ...], kernel: Path | None, qemu: Path | None, exec_cmd: str | None,
-        append: str, memory: int, timeout: float, run_dir: Path | None,
+        sets: tuple[str, ...], kernel: Path | None, qemu: Path | None, linux: str,
+        exec_cmd: str | None, append: str, memory: int, timeout: float, run_dir: Path | None,
         guest_args: tuple[str, ...]) -> None:
     """Boot a guest against a fresh vfio-ep and run the function's suite.
 
@@ -109,18 +114,21 @@ def run(function: str | None, config_file: Path | None, configfs: Path | None,
     raise SystemExit(run_suite(function=function, config_file=config_file, configfs=configfs,
                                sets=list(sets), kernel=kernel, qemu=qemu, timeout=timeout,
                                run_dir=run_dir, guest_args=list(guest_args),
-                               exec_cmd=exec_cmd, options=GuestOptions(memory, append)))
+                               exec_cmd=exec_cmd, options=GuestOptions(memory, append),
+                               linux=linux))
 
 
 @main.command()
 @verbose_option
 @click.option("--qemu", type=click.Path(exists=True, path_type=Path))
-def provision(qemu: Path | None) -> None:
-    """Provision QEMU, the guest kernel, busybox and the kselftest (cached)."""
+@click.option("--linux", type=click.Choice(LINUX_LINES), default=DEFAULT_LINUX,
+              show_default=True, help="The kernel line.")
+def provision(qemu: Path | None, linux: str) -> None:
+    """Provision QEMU, the guest kernel, busybox and the endpoint test (cached)."""
     from vfio_ep.guest.provision import ProvisionError, provision_all
 
     try:
-        assets = provision_all(qemu=qemu)
+        assets = provision_all(qemu=qemu, linux=linux)
     except ProvisionError as e:
         raise click.ClickException(str(e)) from None
     click.echo(assets.describe())
@@ -144,3 +152,18 @@ def soak(minutes: float, function: str | None, sets: tuple[str, ...], seed: int 
     from vfio_ep.guest.soak import soak as run_soak
 
     raise SystemExit(run_soak(minutes, function, list(sets), seed, run_dir))
+
+
+@main.command()
+@verbose_option
+@click.option("--linux", "lines", multiple=True, type=click.Choice(LINUX_LINES),
+              help="A kernel line (repeatable; default all).")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("results/matrix.md"),
+              show_default=True, help="The markdown table.")
+@click.option("--run-dir", type=click.Path(path_type=Path), help="Where the cells' runs go.")
+def matrix(lines: tuple[str, ...], out: Path, run_dir: Path | None) -> None:
+    """Run the suites on each kernel line (pci-epf-test with each doorbell, or pcitest where
+    the kselftest does not exist yet; vNTB; the NTB pair) and print kernel x suite x result."""
+    from vfio_ep.guest.matrix import run_matrix
+
+    raise SystemExit(run_matrix(lines or LINUX_LINES, out, run_dir))

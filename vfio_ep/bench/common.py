@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from vfio_ep.guest.provision import cache_dir
+from vfio_ep.tail import tail
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -175,8 +176,7 @@ class Server:
         return self.proc.pid
 
     def log_tail(self, lines: int = 20) -> str:
-        text = self.log.read_text(errors="replace") if self.log.exists() else ""
-        return "\n".join(text.rstrip().splitlines()[-lines:])
+        return tail(self.log.read_text(errors="replace") if self.log.exists() else "", lines)
 
 
 @contextlib.contextmanager

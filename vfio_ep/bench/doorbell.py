@@ -18,6 +18,7 @@ from vfio_ep.bench.common import BenchError, Column, Result, guest_programs, rat
 from vfio_ep.epc.core import PciEpcAttributes
 from vfio_ep.epf.functions.pci_epf_test import PciEpfTestAttributes
 from vfio_ep.guest.launcher import GuestResult, boot_guest
+from vfio_ep.tail import tail
 
 BACKENDS = ("msi", "embedded", "poll")
 IVSHMEM = ["-object", "memory-backend-memfd,id=ivmem,size=1M,share=on",
@@ -77,10 +78,10 @@ def run_guest(script: str, sets: list[str], *, timeout: float = 300,
         result = boot_guest(script, server_args=[], socket=server.socket, timeout=timeout,
                             extra_files={f"/{k}": v for k, v in programs.items()},
                             extra_qemu_args=extra_qemu_args or [], live=live)
-        log = server.log_tail()
+        log = server.logtail()
     if not result.ok:
         raise BenchError(f"guest failed ({result.error or result.exit_status}); run dir "
-                         f"{result.run_dir}\n--- guest ---\n{_tail(result.output)}\n"
+                         f"{result.run_dir}\n--- guest ---\n{tail(result.output)}\n"
                          f"--- server ---\n{log}")
     return result
 
@@ -99,7 +100,7 @@ def run(n: int = 2000, n_mmio: int = 20000, backends: tuple[str, ...] = BACKENDS
             reg = got["epf-register-read"]
         except KeyError as e:
             raise BenchError(f"{backend}: no {e} result in the guest output:\n"
-                             f"{_tail(result.output)}") from None
+                             f"{tail(result.output)}") from None
         runs[backend] = str(result.run_dir)
         rows.append({"backend": backend,
                      "median_us": ring["median_ns"] / 1e3, "p99_us": ring["p99_ns"] / 1e3,
@@ -127,7 +128,4 @@ def run(n: int = 2000, n_mmio: int = 20000, backends: tuple[str, ...] = BACKENDS
         rows, {"n": n, "n_mmio": n_mmio, "backends": list(backends), "run_dirs": runs},
         notes, time.monotonic() - started)
 
-
-def _tail(text: str, lines: int = 30) -> str:
-    return "\n".join(text.rstrip().splitlines()[-lines:])
 

@@ -34,12 +34,9 @@ from pathlib import Path
 
 import click
 
-from vfio_ep.guest.provision import (
-    ProvisionError,
-    cache_dir,
-    debian_mirror,
-    ensure_host_packages,
-)
+from vfio_ep.guest.host import ProvisionError, debian_mirror, ensure_host_packages
+from vfio_ep.guest.provision import cache_dir
+from vfio_ep.tail import tail
 
 BASE_IMAGE = "docker.io/library/debian:trixie"
 BASE_SUITE = "trixie"
@@ -98,7 +95,7 @@ class Podman:
         proc = subprocess.run(self.argv(*args), env=self.env(), stdin=stdin, text=True,
                               capture_output=capture, check=False)
         if check and proc.returncode != 0:
-            detail = f":\n{_tail(proc.stdout + proc.stderr)}" if capture else ""
+            detail = f":\n{tail(proc.stdout + proc.stderr)}" if capture else ""
             raise ContainerError(f"podman {' '.join(args[:2])} failed ({proc.returncode})"
                                  f"{detail}")
         return proc
@@ -122,9 +119,9 @@ def build_base(podman: Podman, *, rebuild: bool = False) -> None:
                                mirror], capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             log = rootfs / "debootstrap/debootstrap.log"
-            extra = f"\n{_tail(log.read_text())}" if log.is_file() else ""
+            extra = f"\n{tail(log.read_text())}" if log.is_file() else ""
             raise ContainerError(f"debootstrap failed ({proc.returncode}):\n"
-                                 f"{_tail(proc.stdout + proc.stderr)}{extra}")
+                                 f"{tail(proc.stdout + proc.stderr)}{extra}")
     with _step(f"base image: podman import as {BASE_IMAGE}"):
         tar = subprocess.Popen(["tar", "-C", str(rootfs), "--numeric-owner", "-c", "."],
                                stdout=subprocess.PIPE)
@@ -284,9 +281,6 @@ class _step:
         if exc_type is None:
             _say(f"... done in {time.monotonic() - self.started:.1f} s")
 
-
-def _tail(text: str, lines: int = 30) -> str:
-    return "\n".join(text.rstrip().splitlines()[-lines:])
 
 
 def _say(message: str) -> None:

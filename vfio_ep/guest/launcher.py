@@ -30,6 +30,7 @@ from qemu.qmp import QMPClient
 
 from vfio_ep.guest.initramfs import BEGIN, END, build_initramfs, guest_init, parse_console
 from vfio_ep.guest.provision import GuestAssets, Qemu, cache_dir, provision_all
+from vfio_ep.tail import tail
 
 DEFAULT_APPEND = "console=ttyS0 panic=-1 quiet"
 DEFAULT_MEMORY_MB = 256
@@ -40,6 +41,8 @@ SERVER_READY_TIMEOUT = 30.0
 GRACE = 5.0
 KEEP_RUNS = 20
 KSELFTEST_NAME = "pci_endpoint_test"
+TAP_LIB = Path(__file__).with_name("tap_lib.sh")  # sourced by the guest suites
+PCITEST_TAP = Path(__file__).with_name("pcitest_tap.sh")  # pcitest.sh's cases, as TAP
 GUEST_MODULES = "lib/modules"  # where the initramfs holds the kernel's modules (insmod PATH)
 _PR_SET_PDEATHSIG = 1
 
@@ -160,7 +163,7 @@ class GuestRun:
             await asyncio.wait_for(self._qemu.wait(), max(timeout, 0))
             await self._console
             if self._qemu.returncode != 0:
-                error = f"QEMU exited with {self._qemu.returncode}: {_tail(self._log('qemu'))}"
+                error = f"QEMU exited with {self._qemu.returncode}: {tail(self._log('qemu'))}"
         except TimeoutError:
             error = f"timed out after {time.monotonic() - self._started:.0f} s"
         output, status = parse_console(self._log("console"))
@@ -189,7 +192,9 @@ class GuestRun:
     async def _start(self) -> None:
         if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
             logging.getLogger("qemu.qmp").setLevel(logging.WARNING)  # EOF at poweroff is normal
-        files = {KSELFTEST_NAME: self.assets.kselftest,
+        files = {self.assets.test.name: self.assets.test,
+                 **({"pcitest_tap.sh": PCITEST_TAP, "tap_lib.sh": TAP_LIB}
+                    if self.assets.test_kind == "pcitest" else {}),
                  **{f"{GUEST_MODULES}/{ko.name}": ko for ko in self.assets.modules},
                  **self.extra_files}
         init, script_file = guest_init(self.script)
@@ -226,8 +231,8 @@ class GuestRun:
             accept.cancel()
             await asyncio.gather(accept, return_exceptions=True)
             raise LaunchError(f"QEMU did not start (exit {self._qemu.returncode}):\n"
-                              f"{_tail(self._log('qemu'))}\nserver log:\n"
-                              f"{_tail(self._log('server'))}")
+                              f"{tail(self._log('qemu'))}\nserver log:\n"
+                              f"{tail(self._log('server'))}")
         accept.result()
 
     async def _read_console(self) -> None:
@@ -286,10 +291,10 @@ async def wait_for_sockets(server: asyncio.subprocess.Process, sockets: Sequence
         text = log.read_text(errors="replace") if log.exists() else ""
         if server.returncode is not None:
             raise LaunchError(f"vfio-ep server exited with {server.returncode} before creating "
-                              f"{', '.join(map(str, sockets))}:\n{_tail(text)}")
+                              f"{', '.join(map(str, sockets))}:\n{tail(text)}")
         if time.monotonic() > deadline:
             raise LaunchError(f"vfio-ep server made no socket in {SERVER_READY_TIMEOUT:.0f} "
-                              f"s:\n{_tail(text)}")
+                              f"s:\n{tail(text)}")
         await asyncio.sleep(0.05)
 
 
@@ -484,6 +489,3 @@ def new_run_dir(run_dir: Path | None) -> Path:
         shutil.rmtree(old, ignore_errors=True)
     return Path(tempfile.mkdtemp(prefix=time.strftime("%Y%m%d-%H%M%S-"), dir=runs))
 
-
-def _tail(text: str, lines: int = 20) -> str:
-    return "\n".join(text.rstrip().splitlines()[-lines:])

@@ -23,6 +23,7 @@ LABEL=$ROLE
 TAP_PREFIX=$LABEL.$PHASE.
 . /tap_lib.sh
 
+builtin_or_module ntb_hw_epf
 # pci_endpoint_test claims 104c:b00d too: hand the device to ntb_hw_epf.
 DEV=
 for d in /sys/bus/pci/devices/*; do
@@ -176,16 +177,19 @@ phase_rejoin() {
 hear() { timeout 300 nc -l -p $1 < /dev/null > /dev/null; }
 tell() { wait_for 60 sh -c "echo x | timeout 30 nc $PEER_IP $1"; }
 
-# ping_in_turn NAME COUNT INTERVAL PORT: a pings b, then b pings a (busybox ping's raw socket
-# has a 7 KiB receive buffer that also queues the other guest's echo requests: pinging both
-# ways at once overflows it, and the socket drops replies the kernel did receive).
+# ping_in_turn NAME COUNT INTERVAL PORT: a pings b (once b answers), then b pings a; never
+# both at once.  busybox ping reads every ICMP message on a raw socket whose receive buffer
+# (~14 KiB) holds one ntb_netdev skb (each is MTU-sized, ~64 KiB): an echo request from the
+# peer queued there makes the socket drop the next reply, which the kernel did receive.
 ping_in_turn() {
 	if [ "$ROLE" = a ]; then
+		wait_for 60 ping -c 1 -W 1 $PEER_IP > /dev/null  # until b has its address
 		check $1 "ping to the peer lost packets" pings $2 $PEER_IP -i $3
 		tell $4
 		hear $(($4 + 1))
 	else
 		hear $4
+		wait_for 60 ping -c 1 -W 1 $PEER_IP > /dev/null
 		check $1 "ping to the peer lost packets" pings $2 $PEER_IP -i $3
 		tell $(($4 + 1))
 	fi
@@ -203,7 +207,6 @@ phase_netdev() {
 	check hw_epf_bound "ntb_hw_epf did not bind ${DEV:-the device}" bind_ntb_hw_epf
 	insmod $MODULES/ntb_transport.ko
 	check netdev_link_up "eth0 (ntb_netdev) got no carrier" netdev_up
-	wait_for 60 ping -c 1 -W 1 $PEER_IP > /dev/null  # until the peer has its address too
 	ping_in_turn ping_100 100 0.02 5010
 
 	# 64 MiB from a to b; then a sends its checksum, which b compares with what it got.
@@ -246,7 +249,6 @@ phase_netdev() {
 		check relink_up "no carrier once the peer was back" \
 			wait_for 120 grep -q 1 /sys/class/net/eth0/carrier
 	fi
-	wait_for 60 ping -c 1 -W 1 $PEER_IP > /dev/null
 	ping_in_turn ping_after_relink 10 0.05 5012
 	# Neither guest powers off (taking the link down) before the other is done.
 	if [ "$ROLE" = a ]; then hear 5003; else tell 5003; fi

@@ -19,6 +19,7 @@ TAP_PREFIX=$PHASE.
 . /tap_lib.sh
 hex() { printf '%#x' "$1"; }
 
+builtin_or_module ntb_hw_epf
 DEV=$(ls /sys/bus/pci/drivers/ntb_hw_epf 2>/dev/null | grep : | head -n 1)
 
 phase_tool() {

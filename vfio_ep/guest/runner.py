@@ -18,9 +18,11 @@ from vfio_ep.composition import Composition
 from vfio_ep.config import ConfigError
 from vfio_ep.epc.core import EpcError
 from vfio_ep.epf.functions.pci_epf_vntb import PciEpfVntb
+from vfio_ep.guest.kernel_build import DEFAULT_LINUX
 from vfio_ep.guest.launcher import (
     DEFAULT_OPTIONS,
     KSELFTEST_NAME,
+    TAP_LIB,
     GuestOptions,
     GuestSpec,
     LaunchError,
@@ -33,7 +35,6 @@ from vfio_ep.guest.results import Report, merge_reports, parse_tap, summary_tabl
 
 NTB_SUITE = Path(__file__).with_name("ntb_suite.sh")
 NTB_PAIR = Path(__file__).with_name("ntb_pair.sh")
-TAP_LIB = Path(__file__).with_name("tap_lib.sh")  # sourced by both
 PAIR_ROLES = ("a", "b")
 NTB_PHASES = ("tool", "pingpong", "netdev")
 PAIR_PHASES = ("tool", "pingpong", "perf", "netdev", "rejoin")
@@ -64,7 +65,8 @@ def run_suite(function: str | None = None, config_file: Path | None = None,
               configfs: Path | None = None, sets: list[str] | None = None,
               kernel: Path | None = None, qemu: Path | None = None, timeout: float = 600,
               run_dir: Path | None = None, guest_args: list[str] | None = None,
-              exec_cmd: str | None = None, options: GuestOptions = DEFAULT_OPTIONS) -> int:
+              exec_cmd: str | None = None, options: GuestOptions = DEFAULT_OPTIONS,
+              linux: str = DEFAULT_LINUX) -> int:
     """Run the suite of the configured function; 0 only if every test passed.  With
     ``exec_cmd``, the guest (both guests of a pci-epf-ntb pair) runs that instead.
 
@@ -83,7 +85,7 @@ def run_suite(function: str | None = None, config_file: Path | None = None,
         if exec_cmd is not None and guest_args:
             raise ConfigError(f"--exec runs its command alone: put {shlex.join(guest_args)} "
                               "into it")
-        assets = provision_all(qemu=qemu, kernel=kernel)
+        assets = provision_all(qemu=qemu, kernel=kernel, linux=linux)
         if exec_cmd is not None:
             controllers = [c for c in (func.primary, func.secondary) if c is not None]
             return _run_exec(target, assets, exec_cmd, controllers, timeout, run_dir, options)
@@ -94,6 +96,9 @@ def run_suite(function: str | None = None, config_file: Path | None = None,
             assert func.primary is not None and func.secondary is not None
             return _run_ntb_pair(target, assets, (func.primary, func.secondary), timeout,
                                  run_dir, guest_args or [], options)
+        if assets.test_kind == "pcitest":
+            return _run_pcitest(target, assets, comp, timeout, run_dir, guest_args or [],
+                                options)
         return _run_kselftest(target, assets, timeout, run_dir, guest_args or [], options)
     except (ConfigError, ValueError, EpcError, ProvisionError, LaunchError) as exc:
         print(f"vfio-ep run: {exc}", file=sys.stderr)
@@ -141,6 +146,29 @@ def _run_kselftest(target: Target, assets: GuestAssets, timeout: float,
     elif report.ran_nothing:
         print(_nothing_selected(guest_args, assets, result.run_dir / "list"),
               file=sys.stderr)
+    print(f"run directory: {result.run_dir}")
+    return 0 if result.exit_status == 0 and report.passed else 1
+
+
+def _run_pcitest(target: Target, assets: GuestAssets, comp: Composition, timeout: float,
+                 run_dir: Path | None, guest_args: list[str], options: GuestOptions) -> int:
+    """Linux before 6.14: pcitest.sh's cases (``pcitest_tap.sh``), with the vectors the
+    function advertises."""
+    if guest_args:
+        raise ConfigError(f"Linux {assets.linux} has pcitest, not the kselftest: "
+                          f"{shlex.join(guest_args)} selects nothing there")
+    values = next(iter(comp.functions.values())).values
+    msi = int(values.get("msi_interrupts", 32))
+    msix = int(values.get("msix_interrupts", 32))
+    result = boot_guest(f"sh /pcitest_tap.sh {msi} {msix}", server_args=target.server_args(),
+                        assets=assets, timeout=timeout, run_dir=run_dir, live=_echo,
+                        memory_mb=options.memory_mb, append=options.cmdline)
+    report = parse_tap(result.output)
+    write_results(report, result.run_dir, exit_status=result.exit_status, error=result.error,
+                  suite="pcitest")
+    print(f"\n{summary_table(report)}")
+    if result.error:
+        print(f"vfio-ep run: {result.error}", file=sys.stderr)
     print(f"run directory: {result.run_dir}")
     return 0 if result.exit_status == 0 and report.passed else 1
 

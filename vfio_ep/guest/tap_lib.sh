@@ -50,3 +50,9 @@ netdev_stats() {
 		[ -f "$f" ] && grep -iE "err|empty|full|pkts|index|link|db" "$f" | sed 's/^/# qp: /'
 	done
 }
+# builtin_or_module NAME: a driver that is built in, or a module in /lib/modules to load
+# (Linux 6.12's ntb_hw_epf can only be a module).
+builtin_or_module() {
+	[ -f "/lib/modules/$1.ko" ] && insmod "/lib/modules/$1.ko"
+	return 0
+}

@@ -1,0 +1,104 @@
+"""``make test-matrix``: the suites against each kernel line kernel developers run.
+
+Every cell is a ``vfio-ep run`` as a user types it, on one kernel line: pci-epf-test with
+each doorbell backend (the kselftest; 6.12 has ``pcitest`` and no doorbell test, so one run
+of pcitest.sh's cases), the vNTB suite (6.12's ntb_hw_epf knows the i.MX8 IDs, not the
+R-Car ones: the i.MX8 map there), and the NTB pair.  The table (kernel x suite x result) is
+printed and written as markdown to ``out``; the exit status is 0 only when every cell
+passed.  ``vfio-ep matrix`` runs it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from vfio_ep.guest.launcher import new_run_dir
+from vfio_ep.guest.runner import run_suite
+
+IMX8_MAP = ("vendorid=0x1957", "deviceid=0x0809", "ctrl_bar=0", "db_bar=2", "mw1_bar=4")
+NO_KSELFTEST = ("6.12",)  # pcitest only: no doorbell test, one run
+OLD_NTB_IDS = ("6.12",)  # ntb_hw_epf without the R-Car vNTB IDs
+
+
+@dataclass(frozen=True)
+class Cell:
+    linux: str
+    suite: str
+    function: str | None
+    sets: tuple[str, ...] = ()
+
+
+@dataclass
+class Outcome:
+    cell: Cell
+    status: int
+    passed: int
+    failed: int
+    skipped: int
+    seconds: float
+    run_dir: Path
+
+    @property
+    def ok(self) -> bool:
+        return self.status == 0
+
+
+def cells(lines: tuple[str, ...]) -> list[Cell]:
+    out = []
+    for linux in lines:
+        if linux in NO_KSELFTEST:
+            out.append(Cell(linux, "pcitest", None))
+        else:
+            out += [Cell(linux, f"kselftest, {db} doorbell", None, (f"doorbell={db}",))
+                    for db in ("msi", "embedded", "poll")]
+        imx = linux in OLD_NTB_IDS
+        out.append(Cell(linux, "vNTB" + (" (i.MX8 map)" if imx else ""), "pci-epf-vntb",
+                        IMX8_MAP if imx else ()))
+        out.append(Cell(linux, "NTB pair", "pci-epf-ntb"))
+    return out
+
+
+def run_cell(cell: Cell, run_dir: Path) -> Outcome:
+    started = time.monotonic()
+    status = run_suite(function=cell.function, sets=list(cell.sets), linux=cell.linux,
+                       run_dir=run_dir)
+    counts = {"pass": 0, "fail": 0, "skip": 0}
+    results = run_dir / "results.json"
+    if results.is_file():
+        for t in json.loads(results.read_text())["tests"]:
+            counts[t["status"] if t["status"] in counts else "fail"] += 1
+    return Outcome(cell, status, counts["pass"], counts["fail"], counts["skip"],
+                   time.monotonic() - started, run_dir)
+
+
+def table(outcomes: list[Outcome]) -> str:
+    rows = ["| kernel | suite | result | pass | fail | skip |", "|---|---|---|---:|---:|---:|"]
+    for o in outcomes:
+        rows.append(f"| {o.cell.linux} | {o.cell.suite} | {'ok' if o.ok else 'FAILED'} | "
+                    f"{o.passed} | {o.failed} | {o.skipped} |")
+    return "\n".join(rows)
+
+
+def run_matrix(lines: tuple[str, ...], out: Path, run_dir: Path | None) -> int:
+    """Every cell of ``lines``; the table on stdout and in ``out``; 0 when all passed."""
+    top = new_run_dir(run_dir)
+    outcomes = []
+    for i, cell in enumerate(cells(lines), 1):
+        print(f"\n# === Linux {cell.linux}: {cell.suite} ===", flush=True)
+        slug = "-".join(cell.suite.replace(",", "").replace("(", "").replace(")", "")
+                        .replace(".", "").split()).lower()
+        outcomes.append(run_cell(cell, top / f"{i:02d}-{cell.linux}-{slug}"))
+    text = table(outcomes)
+    print(f"\n{text}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(f"Kernel matrix (`make test-matrix`), {time.strftime('%Y-%m-%d')}: each "
+                   f"cell a `vfio-ep run`.\n\n{text}\n")
+    print(f"\nmatrix: {out}; run directories under {top}")
+    failed = [o for o in outcomes if not o.ok]
+    for o in failed:
+        print(f"FAILED Linux {o.cell.linux} {o.cell.suite}: {o.run_dir}", file=sys.stderr)
+    return 1 if failed else 0
