@@ -14,6 +14,14 @@ import pytest
 from vfio_user_client import Client
 
 
+def _wait_for(sock: Path) -> None:
+    """Until the server's socket exists."""
+    for _ in range(100):
+        if sock.exists():
+            return
+        time.sleep(0.05)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_serve_until_signal_and_remove_socket(tmp_path: Path, sig: signal.Signals) -> None:
     sock = tmp_path / "new" / "ep.sock"
@@ -21,10 +29,7 @@ def test_serve_until_signal_and_remove_socket(tmp_path: Path, sig: signal.Signal
                              "--set", "deviceid=0xb500", "--set", "vendorid=0x104c"],
                             stderr=subprocess.PIPE, text=True)
     try:
-        for _ in range(100):
-            if sock.exists():
-                break
-            time.sleep(0.05)
+        _wait_for(sock)
         c = Client(sock)
         assert c.cfg_read32(0) == 0xB500104C
         c.close()
@@ -74,10 +79,7 @@ def test_a_second_server_on_a_live_socket_is_refused_and_the_first_keeps_it(
     first = subprocess.Popen([sys.executable, "-m", "vfio_ep", "serve", "--socket", str(sock)],
                              stderr=subprocess.PIPE, text=True)
     try:
-        for _ in range(100):
-            if sock.exists():
-                break
-            time.sleep(0.05)
+        _wait_for(sock)
         proc = _serve(sock)
         assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
         assert "another server is listening on it" in proc.stderr

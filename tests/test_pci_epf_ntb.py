@@ -8,24 +8,22 @@ runs on the C and the Python path.
 from __future__ import annotations
 
 import os
-import time
 import tomllib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from vfio_user_client import Client, ServerThread, wait_eventfd
+from ntb_hw_epf_rc import NtbHwEpfRc
+from vfio_user_client import Client, ServerThread
 
 from vfio_ep.composition import Composition
 from vfio_ep.config import ConfigError
 from vfio_ep.epf.functions import ntb_ctrl as c
 from vfio_ep.epf.functions.pci_epf_ntb import MSIX_ENABLE
-from vfio_ep.epf.regs import field_offsets
 from vfio_ep.pci.capabilities import PCI_CAP_ID_MSI, PCI_CAP_ID_MSIX
 from vfio_ep.vfio_user import protocol as p
 
-CTRL = {name: off for name, (off, _) in field_offsets(c.EpfNtbCtrl).items()}
 CONFIG_BAR, PEER_SPAD_BAR, DB_MW1_BAR = 0, 1, 2  # ntb_hw_epf's j721e_map
 GUEST = 0x100000
 GUEST_SIZE = 4 << 20
@@ -40,30 +38,11 @@ secondary = "b"
 """
 
 
-class Host:
-    """One RC: guest memory, MSI or MSI-X, and the ntb_hw_epf register accesses."""
+class Host(NtbHwEpfRc):
+    """One RC of the pair on the J721E map: config BAR 0, peer scratchpads BAR 1."""
 
     def __init__(self, client: Client, msix: bool) -> None:
-        self.c = client
-        self.msix = msix
-        self.mem = client.guest_memory(GUEST, GUEST_SIZE)
-        self.irq = client.enable_interrupts(VECTORS, msix)
-
-    def r(self, name: str, index: int = 0, size: int = 4) -> int:
-        return int.from_bytes(self.c.read(CONFIG_BAR, CTRL[name] + 4 * index, size), "little")
-
-    def w(self, name: str, value: int, size: int = 4) -> None:
-        self.c.write(CONFIG_BAR, CTRL[name], value.to_bytes(size, "little"))
-
-    def command(self, cmd: int, arg: int = 0, timeout: float = 1.0) -> int:
-        self.w("argument", arg)
-        self.w("command", cmd)
-        deadline = time.monotonic() + timeout
-        status = 0
-        while time.monotonic() < deadline and not status:
-            status = self.r("command_status", size=2)
-        self.w("command_status", 0, size=2)
-        return status
+        super().__init__(client, CONFIG_BAR, GUEST, GUEST_SIZE, VECTORS, msix)
 
     def configure_doorbell(self) -> int:
         return self.command(c.COMMAND_CONFIGURE_DOORBELL,
@@ -81,8 +60,6 @@ class Host:
         addr = self.r("db_entry_size") * slot + self.r("db_offset", slot)
         self.c.write(DB_MW1_BAR, addr, self.r("db_data", slot).to_bytes(4, "little"))
 
-    def wait_irq(self, vector: int, timeout: float = 5.0) -> bool:
-        return wait_eventfd(self.irq[vector], timeout)
 
 
 @contextmanager

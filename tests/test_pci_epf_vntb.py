@@ -9,54 +9,33 @@ Python path.
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from vfio_user_client import Client, ServerThread, wait_eventfd
+from ntb_hw_epf_rc import CTRL, NtbHwEpfRc
+from vfio_user_client import Client, ServerThread
 
 from vfio_ep.composition import Composition
 from vfio_ep.config import ConfigError
 from vfio_ep.epc.core import EpcError
 from vfio_ep.epc.edma import EMUL_DOORBELL_OFFSET
 from vfio_ep.epf.functions import pci_epf_vntb as v
-from vfio_ep.epf.regs import field_offsets
 from vfio_ep.pci.capabilities import PCI_CAP_ID_MSI, PCI_CAP_ID_MSIX
 from vfio_ep.vfio_user import protocol as p
 
-CTRL = {name: off for name, (off, _) in field_offsets(v.EpfNtbCtrl).items()}
 GUEST = 0x100000
 GUEST_SIZE = 2 << 20
 MSI_VECTORS = 16
 CTRL_BAR, MW1_BAR, DB_BAR = 0, 2, 4  # the seeds' R-Car layout (vfio-ep's defaults)
 
 
-class Rc:
-    """ntb_hw_epf's side of the bus: control registers, commands, doorbells, MSI."""
+class Rc(NtbHwEpfRc):
+    """ntb_hw_epf's side of the bus on the seeds' R-Car map: control BAR 0, 16 MSI."""
 
     def __init__(self, client: Client) -> None:
-        self.c = client
-        self.mem = client.guest_memory(GUEST, GUEST_SIZE)
-        self.irq = client.enable_interrupts(MSI_VECTORS, msix=False)
-
-    def r(self, name: str, index: int = 0, size: int = 4) -> int:
-        return int.from_bytes(self.c.read(CTRL_BAR, CTRL[name] + 4 * index, size), "little")
-
-    def w(self, name: str, value: int, size: int = 4) -> None:
-        self.c.write(CTRL_BAR, CTRL[name], value.to_bytes(size, "little"))
-
-    def command(self, cmd: int, arg: int = 0, timeout: float = 1.0) -> int:
-        """ntb_epf_send_command(): 0 on timeout, like the driver's WARN case."""
-        self.w("argument", arg)
-        self.w("command", cmd)
-        deadline = time.monotonic() + timeout
-        status = 0
-        while time.monotonic() < deadline and not status:
-            status = self.r("command_status", size=2)
-        self.w("command_status", 0, size=2)
-        return status
+        super().__init__(client, CTRL_BAR, GUEST, GUEST_SIZE, MSI_VECTORS)
 
     def spad(self, i: int, peer: bool = False) -> int:
         count = self.r("spad_count")
@@ -73,8 +52,6 @@ class Rc:
         addr = self.r("db_entry_size") * slot + self.r("db_offset", slot)
         self.c.write(DB_BAR, addr, self.r("db_data", slot).to_bytes(4, "little"))
 
-    def wait_irq(self, vector: int, timeout: float = 5.0) -> bool:
-        return wait_eventfd(self.irq[vector], timeout)
 
 
 @contextmanager

@@ -32,19 +32,17 @@ done
 pcitest -i 0 > /dev/null
 check LEGACY_IRQ "legacy IRQ NOT OKAY" pcitest -l
 
-pcitest -i 1 > /dev/null
-n=1
-while [ $n -le "$MSI" ]; do
-	check "MSI$n" "MSI$n NOT OKAY" pcitest -m $n
-	n=$((n + 1))
-done
-
-pcitest -i 2 > /dev/null
-n=1
-while [ $n -le "$MSIX" ]; do
-	check "MSIX$n" "MSI-X$n NOT OKAY" pcitest -x $n
-	n=$((n + 1))
-done
+# vectors IRQ_TYPE NAME OPTION COUNT: pcitest -i IRQ_TYPE, then each vector 1..COUNT.
+vectors() {
+	pcitest -i $1 > /dev/null
+	n=1
+	while [ $n -le "$4" ]; do
+		check "$2$n" "$2$n NOT OKAY" pcitest $3 $n
+		n=$((n + 1))
+	done
+}
+vectors 1 MSI -m "$MSI"
+vectors 2 MSIX -x "$MSIX"
 
 pcitest -i 1 > /dev/null
 for op in READ:-r WRITE:-w COPY:-c; do
