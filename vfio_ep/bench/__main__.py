@@ -1,7 +1,7 @@
 """``python -m vfio_ep.bench [NAME ...] [--out FILE] [--quick]``
 
 Runs the named benchmarks (all by default), prints each table, and merges the results into
-``bench-results.json`` and ``bench-results.md`` (repo root, or next to ``--out``).  A
+``results/bench.json`` and ``results/bench.md`` (or next to ``--out``).  A
 benchmark that fails is reported and the others still run; the exit status says so.
 """
 

@@ -30,7 +30,7 @@ from vfio_ep.tail import tail
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-DEFAULT_OUT = REPO / "bench-results.json"
+DEFAULT_OUT = REPO / "results" / "bench.json"
 SERVER_READY_TIMEOUT = 30.0
 
 
