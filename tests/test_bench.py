@@ -29,7 +29,6 @@ def test_dispatch_small() -> None:
     r = dispatch.run(n=2000, reps=1)
     _well_formed(r, "dispatch")
     rows = {row["target"]: row for row in r.rows}
-    assert rows["raw AF_UNIX sink (C)"]["ratio"] == 1.0
     assert "server, Python path" in rows
     assert all(row["rate"] > 0 for row in r.rows)
 
@@ -55,9 +54,10 @@ def test_results_files_merge(tmp_path: Path) -> None:
 
 
 def test_cli_rejects_unknown(capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as e:
         main(["nope"])
-    assert "unknown benchmark" in capsys.readouterr().err
+    assert e.value.code == 2
+    assert "unknown benchmark nope" in capsys.readouterr().err
 
 
 def test_guest_result_lines_parse() -> None:

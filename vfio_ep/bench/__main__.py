@@ -7,12 +7,13 @@ benchmark that fails is reported and the others still run; the exit status says 
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
+
+import click
 
 from vfio_ep.bench import NAMES
 from vfio_ep.bench.common import DEFAULT_OUT, BenchError, Result, write_results
@@ -33,26 +34,28 @@ def _runners(quick: bool) -> dict[str, Callable[[], Result]]:
             "idle": idle.run, "ntb": ntb.run, "ntb-pair": ntb_pair.run}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vfio_ep.bench",
-                                     description="vfio-ep benchmarks (ratios to baselines "
-                                     "measured in the same run)")
-    parser.add_argument("names", nargs="*", metavar="NAME",
-                        help=f"benchmarks to run: {', '.join(NAMES)} (default: all)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
-                        help="results JSON (the markdown table goes next to it as .md); "
-                        "default %(default)s")
-    parser.add_argument("--quick", action="store_true",
-                        help="small N and sizes: checks the plumbing, numbers are rough")
-    args = parser.parse_args(argv)
-    unknown = [n for n in args.names if n not in NAMES]
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("names", nargs=-1, metavar="[NAME]...")
+@click.option("--out", type=click.Path(path_type=Path), default=DEFAULT_OUT, show_default=True,
+              help="Results JSON (the markdown table goes next to it as .md).")
+@click.option("--quick", is_flag=True,
+              help="Small N and sizes: checks the plumbing, numbers are rough.")
+def main(names: tuple[str, ...], out: Path, quick: bool) -> None:
+    """vfio-ep benchmarks, each a ratio to a baseline measured in the same run; NAMEs pick
+    some (default: all)."""
+    unknown = [n for n in names if n not in NAMES]
     if unknown:
-        parser.error(f"unknown benchmark {', '.join(unknown)}; choose from {', '.join(NAMES)}")
-    runners = _runners(args.quick)
+        raise click.UsageError(f"unknown benchmark {', '.join(unknown)}; choose from "
+                               f"{', '.join(NAMES)}")
+    raise SystemExit(_run(names, out, quick))
+
+
+def _run(names: tuple[str, ...], out_file: Path, quick: bool) -> int:
+    runners = _runners(quick)
     started = time.monotonic()
     results: list[Result] = []
     failed: list[str] = []
-    for name in args.names or NAMES:
+    for name in names or NAMES:
         print(f"-- {name} ...", file=sys.stderr, flush=True)
         try:
             result = runners[name]()
@@ -67,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         results.append(result)
         print(f"{result.text()}\n   ({result.seconds:.0f} s)\n", flush=True)
     if results:
-        out, md = write_results(results, args.out)
+        out, md = write_results(results, out_file)
         print(f"results: {out}, {md}")
     print(f"total {time.monotonic() - started:.0f} s" +
           (f"; failed: {', '.join(failed)}" if failed else ""))
@@ -75,4 +78,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -15,7 +15,6 @@ per message.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import functools
 import socket
@@ -24,6 +23,8 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+
+import click
 
 from vfio_ep.bench.client import Client
 from vfio_ep.bench.common import (
@@ -196,10 +197,11 @@ def _reply(conn: socket.socket, msg: bytes) -> None:
     conn.sendall(_HDR.pack(msg_id, cmd, p.HEADER_SIZE + len(body), p.FLAG_REPLY, 0) + body)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--sink", metavar="SOCKET", required=True)
-    python_sink(parser.parse_args().sink)
+@click.command()
+@click.option("--sink", metavar="SOCKET", required=True, help="Be the Python sink on SOCKET.")
+def main(sink: str) -> None:
+    """The Python socket sink the dispatch benchmark measures against."""
+    python_sink(sink)
 
 
 if __name__ == "__main__":

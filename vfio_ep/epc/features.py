@@ -39,7 +39,6 @@ class BarDesc:
 class EpcFeatures:
     """struct pci_epc_features, plus what our emulated controller is built with."""
 
-    linkup_notifier: bool = False
     dynamic_inbound_mapping: bool = True
     subrange_mapping: bool = True
     msi_capable: bool = True
@@ -90,7 +89,7 @@ PROFILES: dict[str, ControllerProfile] = {
     # Rock 5B in the seeds, the EP finds no MSI domain, so doorbells use the eDMA.
     "rk3588": ControllerProfile(
         "rk3588",
-        EpcFeatures(linkup_notifier=True, intx_capable=False, align=1 << 16,
+        EpcFeatures(intx_capable=False, align=1 << 16,
                     bar=_bars(bar0=_RESIZABLE, bar1=_RESIZABLE, bar2=_RESIZABLE,
                               bar3=_RESIZABLE, bar4=BarDesc(BarType.RESERVED),
                               bar5=_RESIZABLE)),

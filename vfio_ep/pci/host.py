@@ -7,7 +7,7 @@ and IRQ eventfds), so nothing below the transport imports it.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Protocol
 
 
@@ -45,9 +45,7 @@ class Interrupts(Protocol):
 
 
 class Host(Protocol):
-    """The attached client: its memory, its interrupts, and a task runner."""
+    """The attached client: its memory and its interrupts (work runs on the EP's CPU)."""
 
     dma: RcMemory
     irqs: Interrupts
-
-    def spawn(self, fn: Callable[[], Awaitable[None]], name: str) -> None: ...

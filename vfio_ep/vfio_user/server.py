@@ -19,7 +19,7 @@ import logging
 import os
 import socket
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import trio
@@ -66,19 +66,6 @@ class Connection:
         self.dma.message_write = self._dma_write_message
         use_fast, _ = fastpath.available()
         self.fast = fastpath.FastPath(sock.fileno(), device.windows) if use_fast else None
-
-    # -- Host protocol (what the device sees) -------------------------------
-    def spawn(self, fn: Callable[[], Awaitable[None]], name: str) -> None:
-        if self._nursery is None:
-            log.warning("%s: no client to run %s", self.peer, name)
-            return
-        self._nursery.start_soon(self._guarded, fn, name, name=name)
-
-    async def _guarded(self, fn: Callable[[], Awaitable[None]], name: str) -> None:
-        try:
-            await fn()
-        except DmaError as e:
-            log.warning("%s: %s failed: %s", self.peer, name, e)
 
     # -- main loop ----------------------------------------------------------
     async def serve(self) -> None:
