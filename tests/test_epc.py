@@ -10,11 +10,16 @@ import trio
 import trio.testing
 
 from vfio_ep.epc.address_space import PAGE, AddressError, EpAddressSpace, EpRam, MmioBlock
+from vfio_ep.epc.bar import PciEpfBar
+from vfio_ep.epc.core import EpcError, PciEpc, PciEpcAttributes
 from vfio_ep.epc.edma import EDMA_REGS_SIZE, DmaChannel, DwEdma
+from vfio_ep.epc.features import PROFILES
 from vfio_ep.epc.iatu import InboundAtu, NoInboundWindow
 from vfio_ep.epc.irq import IRQ_HANDLED, IRQ_NONE, IRQF_ONESHOT, IRQF_SHARED, IrqDomain, IrqError
 from vfio_ep.epc.outbound import OutboundAtu, PciEpcMem
-from vfio_ep.pci.bar import WindowKind
+from vfio_ep.epf.core import required_bar_size
+from vfio_ep.pci.bar import PCI_BASE_ADDRESS_MEM_TYPE_64, WindowKind
+from vfio_ep.pci.device import PciHeader
 from vfio_ep.vfio_user.dma import DmaTable
 
 BASE = 0x8000_0000
@@ -183,3 +188,57 @@ def test_edma_moves_data_both_ways_and_aborts_cleanly() -> None:
             n.cancel_scope.cancel()
 
     trio.run(go)
+
+
+# -- pci_epc_set_bar() refusals, as pci-epc-core.c and dw_pcie_ep_set_bar() refuse -----------
+def _epc(profile: str = "generic") -> PciEpc:
+    epc = PciEpc.create("ep0", PciEpcAttributes(profile=profile, ram_size=8 << 20))
+    epc.write_header(0, 0, PciHeader())
+    return epc
+
+
+def _refused(epc: PciEpc, bar: PciEpfBar, err: int, reason: str) -> None:
+    with pytest.raises(EpcError, match=reason) as e:
+        epc.set_bar(0, 0, bar)
+    assert e.value.errno == err
+
+
+@pytest.mark.parametrize(("profile", "bar", "err", "reason"), [
+    ("rk3588", PciEpfBar(0, 0x8000_0000, 64 << 10), errno.EINVAL, "resizable BAR0"),
+    ("rcar-s4", PciEpfBar(4, 0x8000_0000, 4096), errno.EINVAL, "fixed at 0x100"),
+    ("generic", PciEpfBar(1, 0x8000_0000, 3 << 12), errno.EINVAL, "not a power of two"),
+    ("generic", PciEpfBar(5, 0x8000_0000, 4096, flags=PCI_BASE_ADDRESS_MEM_TYPE_64),
+     errno.EINVAL, "BAR5 flags"),
+    ("generic", PciEpfBar(2, 0x8000_0000, 8 << 30), errno.EINVAL, "flags 0x0 for size"),
+    ("rk3588", PciEpfBar(4, 0x8000_0000, 1 << 20), errno.EINVAL, "BAR4 is reserved"),
+])
+def test_set_bar_refuses_what_the_kernel_refuses(profile: str, bar: PciEpfBar, err: int,
+                                                 reason: str) -> None:
+    _refused(_epc(profile), bar, err, reason)
+
+
+def test_set_bar_after_start_cannot_change_size_and_a_direct_bar_stays_page_aligned() -> None:
+    epc = _epc()
+    ram = epc.ram.base
+    epc.set_bar(0, 0, PciEpfBar(0, ram, 4096))
+    epc.set_bar(0, 0, PciEpfBar(1, ram + (1 << 20), 1 << 20))  # 1 MiB: exported for mmap
+    epc.start()
+    _refused(epc, PciEpfBar(0, ram, 8192), errno.EBUSY, "cannot change after start")
+    epc.set_bar(0, 0, PciEpfBar(1, ram + (2 << 20), 1 << 20))  # retargeting is fine
+    _refused(epc, PciEpfBar(1, ram + (2 << 20) + 16, 1 << 20), errno.EBUSY, "page")
+
+
+@pytest.mark.parametrize(("size", "profile", "want"), [
+    (1, "generic", (128, 128)),  # at least 128 bytes
+    (5000, "generic", (8192, 8192)),  # a power of two
+    (5000, "rk3588", (1 << 20, 1 << 20)),  # resizable: at least 1 MiB; align 64 KiB
+    (100, "rcar-s4", None),  # BAR4 fixed at 256: fits, no larger
+])
+def test_required_bar_size(size: int, profile: str, want: tuple[int, int] | None) -> None:
+    features = PROFILES[profile].features
+    if want is not None:
+        assert required_bar_size(size, 0, features) == want
+    else:
+        assert required_bar_size(size, 4, features) == (256, 4096)  # memory 4 KiB-aligned
+        with pytest.raises(ValueError, match="larger than fixed size"):
+            required_bar_size(257, 4, features)
