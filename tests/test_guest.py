@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from vfio_ep_cli import vfio_ep_run
+from vfio_ep_cli import KSELFTEST_CASES, vfio_ep_run
 from vfio_user_client import ServerThread
 
 from vfio_ep.guest.launcher import (
@@ -29,7 +29,6 @@ from vfio_ep.pci import testdev
 
 pytestmark = pytest.mark.guest
 
-ALL_TESTS = 23
 
 
 def kselftest(*sets: str, args: str = "", tmp_path: Path) -> tuple[Report, GuestResult]:
@@ -41,7 +40,7 @@ def kselftest(*sets: str, args: str = "", tmp_path: Path) -> tuple[Report, Guest
     return parse_tap(result.output), result
 
 
-def assert_all_ok(report: Report, count: int = ALL_TESTS) -> None:
+def assert_all_ok(report: Report, count: int = KSELFTEST_CASES) -> None:
     failed = [f"{t.name}: {' / '.join(t.diagnostics[-3:])}" for t in report.tests if t.failed]
     assert not failed, failed
     assert len(report.tests) == count, [t.name for t in report.tests]
@@ -111,7 +110,7 @@ def test_register_bar_moved_to_bar2_as_on_am654(tmp_path: Path) -> None:
     s = statuses(report)
     refused = {"pci_ep_bar.BAR0.BAR_TEST", "pci_ep_bar.BAR0.BAR_SUBRANGE_TEST"}
     assert {name for name, status in s.items() if status == "fail"} == refused
-    assert len(s) == ALL_TESTS
+    assert len(s) == KSELFTEST_CASES
     assert s["pci_ep_bar.BAR1.BAR_TEST"] == "skip"  # reserved
     assert s["pci_ep_bar.BAR2.BAR_SUBRANGE_TEST"] == "skip"  # the register BAR
     assert s["pci_ep_bar.BAR3.BAR_SUBRANGE_TEST"] == "pass"
@@ -198,7 +197,7 @@ def test_soak_runs_resets_and_kills_and_reports_the_server(tmp_path: Path) -> No
                            "--seed", "3", "--run-dir", str(tmp_path / "soak")],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "23/23 ok" in proc.stdout
+    assert f"{KSELFTEST_CASES}/{KSELFTEST_CASES} ok" in proc.stdout
     assert re.search(r"soak: \d+ runs \(\d+ with a reset first, \d+ with QEMU killed\), "
                      r"\d+ tests, 0 failed", proc.stdout)
     assert re.search(r"open fds (\d+) -> \1\b", proc.stdout), proc.stdout  # none leaked

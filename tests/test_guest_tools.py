@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from vfio_ep_cli import KSELFTEST_CASES
 
 from vfio_ep.guest import initramfs, kernel_build, provision, results
 
@@ -114,12 +115,12 @@ def test_each_kernel_line_has_its_fragments() -> None:
 def test_plain_guest_boots_with_drivers_and_kselftest(tmp_path: Path) -> None:
     from vfio_ep.guest.launcher import boot_guest
 
-    # Without an endpoint every kselftest case fails fast, but all 23 must run and report.
+    # Without an endpoint every kselftest case fails fast, but all must run and report.
     result = boot_guest("ls /sys/bus/pci/drivers; /pci_endpoint_test; echo status=$?",
                         server_args=None, timeout=120, run_dir=tmp_path)
     assert result.exit_status == 0, result.error
     assert "pci-endpoint-test" in result.output
     assert "ntb_hw_epf" in result.output
     report = results.parse_tap(result.output)
-    assert (report.planned, len(report.tests)) == (23, 23)
+    assert (report.planned, len(report.tests)) == (KSELFTEST_CASES, KSELFTEST_CASES)
     assert "status=1" in result.output
