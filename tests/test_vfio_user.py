@@ -590,10 +590,10 @@ os.setgid({uid}); os.setuid({uid})
 s = socket.socket(socket.AF_UNIX)
 s.connect(sys.argv[1])
 s.settimeout(5)
-s.sendall(bytes.fromhex(sys.argv[2]))
 try:
+    s.sendall(bytes.fromhex(sys.argv[2]))
     print("answered" if s.recv(16) else "closed")
-except ConnectionResetError:
+except (BrokenPipeError, ConnectionResetError):
     print("closed")
 """
 

@@ -80,6 +80,20 @@ class MemoryHandler(Protocol):
     def write_bytes(self, offset: int, data: bytes) -> None: ...
 
 
+class FastDoorbell(MmioHandler, Protocol):
+    """A doorbell register the C fast path rings itself (native/vfu_fast.h, struct
+    vfu_window): a write of ``data`` at ``offset`` in the window sets the flag at
+    ``pending_ptr()`` and signals ``efd``; any other write goes to Python as an MMIO write."""
+
+    efd: int
+    offset: int
+
+    @property
+    def data(self) -> int: ...
+
+    def pending_ptr(self) -> int: ...
+
+
 class WindowKind(enum.IntEnum):
     """Values shared with native/vfu_fast.h."""
 
@@ -94,7 +108,7 @@ class Window:
     start: int
     end: int
     kind: WindowKind
-    target: SharedMemory | ForeignMemory | MmioHandler | MemoryHandler
+    target: SharedMemory | ForeignMemory | MmioHandler | MemoryHandler  # DOORBELL: FastDoorbell
     target_offset: int = 0  # offset in the memfd (RAM) or in the handler's space (MMIO)
     mmap: bool = False  # its owner allows exporting it (the translation will not change)
 

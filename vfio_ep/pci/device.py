@@ -49,13 +49,13 @@ from vfio_ep.pci.config_space import (
     ConfigSpace,
 )
 from vfio_ep.pci.host import Host
-from vfio_ep.vfio_user.protocol import (
+from vfio_ep.pci.regions import (
     REGION_INFO_FLAG_MMAP,
     REGION_INFO_FLAG_READ,
     REGION_INFO_FLAG_WRITE,
     Irq,
-    ProtocolError,
     Region,
+    RegionError,
 )
 
 log = logging.getLogger(__name__)
@@ -201,7 +201,7 @@ class PciDevice:
     # -- vfio-user regions --------------------------------------------------
     def region_info(self, index: int) -> RegionInfo:
         if not 0 <= index < len(Region):
-            raise ProtocolError(errno.EINVAL, f"region index {index} out of range")
+            raise RegionError(errno.EINVAL, f"region index {index} out of range")
         rw = REGION_INFO_FLAG_READ | REGION_INFO_FLAG_WRITE
         if index == Region.CONFIG:
             return RegionInfo(len(self.config.data), rw)
@@ -237,7 +237,7 @@ class PciDevice:
         try:
             return self.windows.read(index, offset, count)
         except BarAccessError as e:
-            raise ProtocolError(errno.EINVAL, str(e)) from None
+            raise RegionError(errno.EINVAL, str(e)) from None
 
     def region_write(self, index: int, offset: int, data: bytes) -> None:
         self._check_access(index, offset, len(data))
@@ -247,15 +247,15 @@ class PciDevice:
         try:
             self.windows.write(index, offset, data)
         except BarAccessError as e:
-            raise ProtocolError(errno.EINVAL, str(e)) from None
+            raise RegionError(errno.EINVAL, str(e)) from None
 
     def _check_access(self, index: int, offset: int, count: int) -> None:
         if not 0 <= index < len(Region):
-            raise ProtocolError(errno.EINVAL, f"region index {index} out of range")
+            raise RegionError(errno.EINVAL, f"region index {index} out of range")
         size = len(self.config.data) if index == Region.CONFIG else (
             self.bars[index].size if index in self.bars else 0)
         if count == 0 or offset + count > size:
-            raise ProtocolError(errno.EINVAL, f"{Region(index).name} access [{offset:#x}+"
+            raise RegionError(errno.EINVAL, f"{Region(index).name} access [{offset:#x}+"
                                 f"{count:#x}) outside the region ({size:#x} bytes)")
 
     def irq_counts(self) -> dict[Irq, int]:

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import Any, cast
 
 from vfio_ep.memory import ForeignMemory, SharedMemory
-from vfio_ep.pci.bar import WindowKind, WindowTable
+from vfio_ep.pci.bar import FastDoorbell, WindowKind, WindowTable
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class FastPath:
                 c.kind = lib.VFU_WINDOW_RAM
                 c.ram = ffi.cast("uint8_t *", w.target.address + w.target_offset)
             elif w.kind is WindowKind.DOORBELL:
-                db = w.target
+                db = cast(FastDoorbell, w.target)
                 c.kind = lib.VFU_WINDOW_DOORBELL
                 c.efd, c.db_offset, c.db_data = db.efd, db.offset, db.data
                 c.db_pending = ffi.cast("uint32_t *", db.pending_ptr())

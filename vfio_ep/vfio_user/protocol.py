@@ -25,6 +25,13 @@ from construct import (
 
 from vfio_ep.errors import ErrnoError
 
+# The region and IRQ indices and the region flags are the device's; re-exported for the wire.
+from vfio_ep.pci.regions import REGION_INFO_FLAG_MMAP as REGION_INFO_FLAG_MMAP
+from vfio_ep.pci.regions import REGION_INFO_FLAG_READ as REGION_INFO_FLAG_READ
+from vfio_ep.pci.regions import REGION_INFO_FLAG_WRITE as REGION_INFO_FLAG_WRITE
+from vfio_ep.pci.regions import Irq as Irq
+from vfio_ep.pci.regions import Region as Region
+
 HEADER_SIZE = 16
 
 
@@ -59,29 +66,6 @@ NUM_REGIONS = 9
 NUM_IRQS = 5
 
 
-class Region(enum.IntEnum):
-    BAR0 = 0
-    BAR1 = 1
-    BAR2 = 2
-    BAR3 = 3
-    BAR4 = 4
-    BAR5 = 5
-    ROM = 6
-    CONFIG = 7
-    VGA = 8
-
-
-class Irq(enum.IntEnum):
-    INTX = 0
-    MSI = 1
-    MSIX = 2
-    ERR = 3
-    REQ = 4
-
-
-REGION_INFO_FLAG_READ = 0x1
-REGION_INFO_FLAG_WRITE = 0x2
-REGION_INFO_FLAG_MMAP = 0x4
 REGION_INFO_FLAG_CAPS = 0x8
 REGION_INFO_CAP_SPARSE_MMAP = 1
 

@@ -219,7 +219,7 @@ class Connection:
                 _close_fds(fds)
                 raise ProtocolError(errno.EINVAL, f"{_name(cmd)} before VERSION")
             result = handler(self, msg_id, body, fds)  # owns fds from here, even on error
-        except ProtocolError as e:
+        except ErrnoError as e:  # ProtocolError, or a refusal of the device's own
             err = e.errno
             log.warning("client %s: refused %s (id %d): %s", self.peer, _name(cmd), msg_id,
                         e.reason)
