@@ -79,6 +79,8 @@ class PciEpf:
 
     @property
     def controller(self) -> PciEpc:
+        """epf->epc, the primary interface's controller.  RuntimeError before bind: a
+        function touching a controller it was never given is a bug, not a refusal."""
         if self.epc is None:
             raise RuntimeError(f"{self.name} is not bound to a controller")
         return self.epc
@@ -126,6 +128,7 @@ class PciEpf:
         return bars[bar]
 
     def free_space(self, bar: int) -> None:
+        """pci_epf_free_space(): give BAR ``bar``'s EP RAM back (nothing if it has none)."""
         b = self.bar[bar]
         if b is not None:
             self.controller.ram.free(b.phys_addr, b.mem_size)
