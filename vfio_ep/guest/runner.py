@@ -7,9 +7,11 @@ merged into one report.  Either way TAP, JUnit and JSON land in the run director
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import shlex
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from vfio_ep.composition import Composition
 from vfio_ep.config import ConfigError
 from vfio_ep.epc.core import EpcError
 from vfio_ep.epf.functions.pci_epf_vntb import PciEpfVntb
+from vfio_ep.guest.initramfs import parse_console
 from vfio_ep.guest.kernel_build import DEFAULT_LINUX
 from vfio_ep.guest.launcher import (
     DEFAULT_OPTIONS,
@@ -133,10 +136,12 @@ def _run_exec(target: Target, assets: GuestAssets, command: str, controllers: li
 
 def _run_kselftest(target: Target, assets: GuestAssets, timeout: float,
                    run_dir: Path | None, guest_args: list[str], options: GuestOptions) -> int:
-    result = boot_guest(f"/{KSELFTEST_NAME} {shlex.join(guest_args)}",
-                        server_args=target.server_args(), assets=assets, timeout=timeout,
-                        run_dir=run_dir, live=_echo, memory_mb=options.memory_mb,
-                        append=options.cmdline)
+    top = new_run_dir(run_dir)
+    with _keep_on_interrupt(top, KSELFTEST_NAME):
+        result = boot_guest(f"/{KSELFTEST_NAME} {shlex.join(guest_args)}",
+                            server_args=target.server_args(), assets=assets, timeout=timeout,
+                            run_dir=top, live=_echo, memory_mb=options.memory_mb,
+                            append=options.cmdline)
     report = parse_tap(result.output)
     write_results(report, result.run_dir, exit_status=result.exit_status, error=result.error,
                   suite=KSELFTEST_NAME)
@@ -160,9 +165,12 @@ def _run_pcitest(target: Target, assets: GuestAssets, comp: Composition, timeout
     values = next(iter(comp.functions.values())).values
     msi = int(values.get("msi_interrupts", 32))
     msix = int(values.get("msix_interrupts", 32))
-    result = boot_guest(f"sh /pcitest_tap.sh {msi} {msix}", server_args=target.server_args(),
-                        assets=assets, timeout=timeout, run_dir=run_dir, live=_echo,
-                        memory_mb=options.memory_mb, append=options.cmdline)
+    top = new_run_dir(run_dir)
+    with _keep_on_interrupt(top, "pcitest"):
+        result = boot_guest(f"sh /pcitest_tap.sh {msi} {msix}",
+                            server_args=target.server_args(), assets=assets, timeout=timeout,
+                            run_dir=top, live=_echo, memory_mb=options.memory_mb,
+                            append=options.cmdline)
     report = parse_tap(result.output)
     write_results(report, result.run_dir, exit_status=result.exit_status, error=result.error,
                   suite="pcitest")
@@ -171,6 +179,41 @@ def _run_pcitest(target: Target, assets: GuestAssets, comp: Composition, timeout
         print(f"vfio-ep run: {result.error}", file=sys.stderr)
     print(f"run directory: {result.run_dir}")
     return 0 if result.exit_status == 0 and report.passed else 1
+
+
+@contextlib.contextmanager
+def _keep_on_interrupt(run_dir: Path, suite: str) -> Iterator[None]:
+    """Ctrl-C or SIGTERM (a CI job's timeout) mid-run keeps what ran: the TAP the guest
+    printed so far becomes the results (the tests it planned and never reached count as
+    missing), the summary is printed, and the exit status is 130 or 143."""
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit) as e:
+        status = 130 if isinstance(e, KeyboardInterrupt) else e.code
+        if status not in (130, 143):
+            raise
+        console = run_dir / "console.log"
+        output, _ = parse_console(console.read_text(errors="replace")
+                                  if console.exists() else "")
+        report = parse_tap(output)
+        running = _running_test(output)
+        why = "interrupted" + (f" while {running} ran" if running else "")
+        write_results(report, run_dir, exit_status=None, error=why, suite=suite)
+        print(f"\n{summary_table(report)}\nvfio-ep run: {why}\nrun directory: {run_dir}",
+              file=sys.stderr)
+        raise SystemExit(status) from None
+
+
+def _running_test(output: str) -> str | None:
+    """The kselftest's ``#  RUN`` line without its verdict yet, if any."""
+    running = None
+    for line in output.splitlines():
+        if line.startswith("#  RUN"):
+            running = line.split(None, 2)[2].removesuffix("...").strip()
+        elif line.startswith(("#            OK", "#          FAIL", "#            SKIP")) \
+                or line.startswith(("ok ", "not ok ")):
+            running = None
+    return running
 
 
 def _nothing_selected(guest_args: list[str], assets: GuestAssets, run_dir: Path) -> str:
