@@ -54,7 +54,7 @@ link_is() {
 	want=Y; [ "$1" = up ] || want=N
 	timeout $2 sh -c "echo $want > $T/peer0/link_event"
 }
-reached() { [ $(( $(cat "$T/spad$SYNC") )) -ge $1 ]; }
+reached() { v=$(hex_of "$T/spad$SYNC") && [ $((v)) -ge $1 ]; }
 # barrier N: tell the peer we reached step N, wait until it has too.
 barrier() {
 	echo "$1" > "$T/peer0/spad$SYNC"
@@ -69,7 +69,8 @@ spads_swap() {
 	for i in 0 1 2 3; do echo $((base + $1 * 16 + i)) > "$T/peer0/spad$i"; done
 	barrier $1 || return 1
 	for i in 0 1 2 3; do
-		got=$(( $(cat "$T/spad$i") ))
+		got=$(hex_of "$T/spad$i") || return 1
+		got=$((got))
 		[ $got = $((peer_base + $1 * 16 + i)) ] || { echo "# spad$i: $(cat $T/spad$i)"; return 1; }
 	done
 }
@@ -78,7 +79,7 @@ phase_tool() {
 	echo "1..5"
 	ntb_tool_up
 	DB_BITS=$(awk -v m=$(($(cat "$T/db_valid_mask"))) 'BEGIN { while (m) { n++; m = int(m / 2) } print n }')
-	has() { [ $(( $(cat "$T/db") & $1 )) != 0 ]; }
+	has() { db=$(hex_of "$T/db") && [ $(( db & $1 )) != 0 ]; }
 	# ring BIT: ring the peer's doorbell BIT, wait for the peer's ring of the same bit.
 	ring() {
 		echo "s $1" > "$T/peer_db"

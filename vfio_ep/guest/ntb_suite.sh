@@ -39,7 +39,7 @@ phase_tool() {
 		want=$1
 		[ "$SHARED" = 1 ] && want=$(( (1 << DB_BITS) - 1 ))
 		echo "s $1" > "$T/peer_db"
-		answered() { [ $(( $(cat "$T/db") )) = $((want)) ]; }
+		answered() { db=$(hex_of "$T/db") && [ $((db)) = $((want)) ]; }
 		wait_for 10 answered
 		status=$?
 		[ $status = 0 ] || echo "# rang $1: db is $(cat "$T/db"), want $(hex $want)"

@@ -56,3 +56,13 @@ builtin_or_module() {
 	[ -f "/lib/modules/$1.ko" ] && insmod "/lib/modules/$1.ko"
 	return 0
 }
+
+# hex_of FILE: the number in FILE (ntb_tool's debugfs prints "%#x": 0x1f, or 0), or failure
+# (a read that failed, say): a non-number in $(( )) would end the whole script.
+hex_of() {
+	v=$(cat "$1" 2>/dev/null)
+	case "$v" in
+	0x[0-9a-fA-F]* | [0-9]*) echo "$v" ;;
+	*) return 1 ;;
+	esac
+}
