@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import gzip
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
 from vfio_ep_cli import KSELFTEST_CASES
 
 from vfio_ep.guest import initramfs, kernel_build, provision, results
+from vfio_ep.guest.launcher import TAP_LIB
 
 TAP = """TAP version 13
 1..4
@@ -124,3 +126,18 @@ def test_plain_guest_boots_with_drivers_and_kselftest(tmp_path: Path) -> None:
     report = results.parse_tap(result.output)
     assert (report.planned, len(report.tests)) == (KSELFTEST_CASES, KSELFTEST_CASES)
     assert "status=1" in result.output
+
+
+@pytest.mark.parametrize(("content", "number"), [
+    (b"0x1f\n", "0x1f"), (b"0\n", "0"), (b"4096\n", "4096"), (b"0x1000\n", "0x1000"),
+    # ntb_tool formats again on each read(): cat's second read could append a newer value's tail
+    (b"0\n1000\n", None), (b"0x\n", None), (b"0x1g\n", None), (b"", None), (b"012\n", None),
+    (b"-1\n", None), (b"1x2\n", None),
+])
+def test_hex_of_accepts_only_one_number(tmp_path: Path, content: bytes, number: str | None) -> None:
+    """The guest suites' hex_of, under the guest's busybox: a non-number never reaches $(( ))."""
+    (tmp_path / "value").write_bytes(content)
+    run = subprocess.run([str(provision.static_busybox()), "sh", "-c",
+                          f'. {TAP_LIB}; hex_of {tmp_path / "value"}'],
+                         capture_output=True, text=True, check=False)
+    assert (run.stdout.strip() if run.returncode == 0 else None) == number, run.stderr

@@ -78,7 +78,7 @@ spads_swap() {
 phase_tool() {
 	echo "1..5"
 	ntb_tool_up
-	DB_BITS=$(awk -v m=$(($(cat "$T/db_valid_mask"))) 'BEGIN { while (m) { n++; m = int(m / 2) } print n }')
+	DB_BITS=$(awk -v m=$(($(hex_of "$T/db_valid_mask"))) 'BEGIN { while (m) { n++; m = int(m / 2) } print n }')
 	has() { db=$(hex_of "$T/db") && [ $(( db & $1 )) != 0 ]; }
 	# ring BIT: ring the peer's doorbell BIT, wait for the peer's ring of the same bit.
 	ring() {

@@ -32,7 +32,7 @@ phase_tool() {
 	check link_up "peer0/link_event did not report the link up" \
 		timeout 10 sh -c "echo Y > $T/peer0/link_event"
 
-	ALL=$(cat "$T/db_valid_mask")
+	ALL=$(hex_of "$T/db_valid_mask")
 	# ring BIT: ring our doorbell BIT, wait for the EP's answer on the same bit (with a
 	# shared doorbell, on every bit), then clear what came back.
 	ring() {
@@ -52,7 +52,7 @@ phase_tool() {
 	for i in 0 1 2 3; do echo $((0x5a5a0000 + i)) > "$T/peer0/spad$i"; done
 	ring 1 || spads_ok=0
 	for i in 0 1 2 3; do
-		got=$(cat "$T/spad$i")
+		got=$(hex_of "$T/spad$i")
 		want=$(hex $(( ~(0x5a5a0000 + i) & 0xffffffff )))
 		[ "$got" = "$want" ] || { spads_ok=0; echo "# spad$i: $got, want $want"; }
 	done

@@ -57,12 +57,15 @@ builtin_or_module() {
 	return 0
 }
 
-# hex_of FILE: the number in FILE (ntb_tool's debugfs prints "%#x": 0x1f, or 0), or failure
-# (a read that failed, say): a non-number in $(( )) would end the whole script.
+# hex_of FILE: the number in FILE (ntb_tool's debugfs prints "%#llx": 0x1f, or 0), or failure
+# (a read that failed, say): a non-number in $(( )) would end the whole script. One read():
+# ntb_tool formats the value again on every read() call, so cat's second read can return the
+# tail of a newer, longer value ("0" then "1000" after a doorbell came in: "0\n1000").
 hex_of() {
-	v=$(cat "$1" 2>/dev/null)
+	v=$(dd if="$1" bs=64 count=1 2>/dev/null)
 	case "$v" in
-	0x[0-9a-fA-F]* | [0-9]*) echo "$v" ;;
-	*) return 1 ;;
+	0x*) case "${v#0x}" in '' | *[!0-9a-fA-F]*) return 1 ;; esac ;;
+	'' | 0?* | *[!0-9]*) return 1 ;;
 	esac
+	echo "$v"
 }
