@@ -10,7 +10,7 @@ import os
 import shutil
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 sys.path.insert(0, "native")
@@ -30,4 +30,11 @@ class FastPathBuildExt(build_ext):
         super().run()
 
 
-setup(ext_modules=[ffibuilder.distutils_extension()], cmdclass={"build_ext": FastPathBuildExt})
+# The top-level qemu/ folder (guest-side files that are not Python) installs as vfio_ep.qemu,
+# its sub-folders as data packages.
+QEMU_DATA = {"": ["Containerfile"], ".kernel": ["*.config"], ".guest": ["*.sh"], ".bench": ["*.c"]}
+setup(packages=[*find_packages(include=["vfio_ep*"]), *(f"vfio_ep.qemu{sub}" for sub in QEMU_DATA)],
+      package_dir={"vfio_ep.qemu": "qemu"},
+      package_data={"vfio_ep.bench": ["*.c"],
+                    **{f"vfio_ep.qemu{sub}": files for sub, files in QEMU_DATA.items()}},
+      ext_modules=[ffibuilder.distutils_extension()], cmdclass={"build_ext": FastPathBuildExt})

@@ -11,7 +11,7 @@ import pytest
 from vfio_ep_cli import KSELFTEST_CASES
 
 from vfio_ep.guest import initramfs, kernel_build, provision, results
-from vfio_ep.guest.launcher import TAP_LIB
+from vfio_ep.guest.assets import TAP_LIB
 
 TAP = """TAP version 13
 1..4

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vfio_ep.guest.assets import GUEST_PROGRAMS
 from vfio_ep.guest.provision import cache_dir
 from vfio_ep.tail import tail
 
@@ -294,5 +295,5 @@ def build_c(source: Path, *, static: bool = False, flags: Sequence[str] = ()) ->
 
 
 def guest_programs() -> dict[str, Path]:
-    """Every ``guest/*.c``, static (the initramfs has no libc), by program name."""
-    return {src.stem: build_c(src, static=True) for src in sorted((HERE / "guest").glob("*.c"))}
+    """Every ``qemu/bench/*.c``, static (the initramfs has no libc), by program name."""
+    return {src.stem: build_c(src, static=True) for src in sorted(GUEST_PROGRAMS.glob("*.c"))}

@@ -18,8 +18,9 @@ from pathlib import Path
 
 from vfio_ep.bench.common import BenchError, Column, Result, median, ratio
 from vfio_ep.bench.ntb import percentile
+from vfio_ep.guest.assets import NTB_PAIR, TAP_LIB
 from vfio_ep.guest.launcher import GuestResult, GuestSpec, boot_guests
-from vfio_ep.guest.runner import NTB_PAIR, PAIR_ROLES, TAP_LIB
+from vfio_ep.guest.runner import PAIR_ROLES
 
 SERVER_ARGS = ["--function", "pci-epf-ntb"]
 CONTROLLERS = ("ep0", "ep1")

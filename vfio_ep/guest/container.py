@@ -9,7 +9,7 @@ with podman as root, the way that works on a Debian 12 host without a registry o
    with ``--runtime runc --cgroup-manager=cgroupfs`` (crun cannot, with hybrid cgroups);
 3. the base image ``docker.io/library/debian:trixie`` is built once from a minbase debootstrap of
    the host's own Debian archive and ``podman import``-ed (skipped while the image exists);
-4. the project image is built from the repository's ``Containerfile`` (``--pull=never``,
+4. the project image is built from the repository's ``qemu/Containerfile`` (``--pull=never``,
    ``--network=host`` so apt and pip reach their archives);
 5. ``vfio-ep provision`` runs in the image with the provisioning cache as a volume (network
    allowed, a no-op when the cache is warm), so the guest kernel is built once for host and
@@ -138,11 +138,14 @@ def build_base(podman: Podman, *, rebuild: bool = False) -> None:
 
 def build_image(podman: Podman, image: str = IMAGE, context: Path = PROJECT, *,
                 no_cache: bool = False) -> None:
-    """The project image from ``Containerfile`` (apt layers are cached by podman)."""
-    containerfile = context / "Containerfile"
+    """The project image from ``qemu/Containerfile`` (apt layers are cached by podman).
+
+    The build context is a checkout: the image installs the project from its sources.
+    """
+    containerfile = context / "qemu" / "Containerfile"
     if not containerfile.is_file():
-        raise ContainerError(f"no Containerfile in {context}: run this from a checkout of "
-                             "vfio-ep (an installed copy has none)")
+        raise ContainerError(f"no {containerfile}: run this from a checkout of vfio-ep "
+                             "(the image is built from the sources)")
     args = ["build", "--pull=never", "--network=host", "-t", image, "-f", str(containerfile)]
     if no_cache:
         args.append("--no-cache")

@@ -17,12 +17,13 @@ import time
 from pathlib import Path
 from typing import TextIO
 
+from vfio_ep.guest.assets import KERNEL_FRAGMENTS
 from vfio_ep.guest.host import ProvisionError, check_call, ensure_host_packages, fresh_dir, say
 from vfio_ep.tail import tail
 
 LINUX_LINES = ("6.12", "7.2", "7.3")
 DEFAULT_LINUX = "7.3"
-FRAGMENT = Path(__file__).with_name("kernel.config")
+FRAGMENT = KERNEL_FRAGMENTS / "kernel.config"
 KSELFTEST_SOURCE = "tools/testing/selftests/pci_endpoint/pci_endpoint_test.c"
 PCITEST_SOURCE = "tools/pci/pcitest.c"
 KERNEL_HOST_PACKAGES = ("gcc", "make", "libc6-dev", "flex", "bison", "bc", "libelf-dev",

@@ -28,6 +28,7 @@ from typing import Any
 
 from qemu.qmp import QMPClient
 
+from vfio_ep.guest.assets import PCITEST_TAP, TAP_LIB
 from vfio_ep.guest.initramfs import BEGIN, END, build_initramfs, guest_init, parse_console
 from vfio_ep.guest.provision import GuestAssets, Qemu, cache_dir, provision_all
 from vfio_ep.tail import tail
@@ -41,8 +42,6 @@ SERVER_READY_TIMEOUT = 30.0
 GRACE = 5.0
 KEEP_RUNS = 20
 KSELFTEST_NAME = "pci_endpoint_test"
-TAP_LIB = Path(__file__).with_name("tap_lib.sh")  # sourced by the guest suites
-PCITEST_TAP = Path(__file__).with_name("pcitest_tap.sh")  # pcitest.sh's cases, as TAP
 GUEST_MODULES = "lib/modules"  # where the initramfs holds the kernel's modules (insmod PATH)
 _PR_SET_PDEATHSIG = 1
 

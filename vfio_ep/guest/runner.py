@@ -20,12 +20,12 @@ from vfio_ep.composition import Composition
 from vfio_ep.config import ConfigError
 from vfio_ep.epc.core import EpcError
 from vfio_ep.epf.functions.pci_epf_vntb import PciEpfVntb
+from vfio_ep.guest.assets import NTB_PAIR, NTB_SUITE, TAP_LIB
 from vfio_ep.guest.initramfs import parse_console
 from vfio_ep.guest.kernel_build import DEFAULT_LINUX
 from vfio_ep.guest.launcher import (
     DEFAULT_OPTIONS,
     KSELFTEST_NAME,
-    TAP_LIB,
     GuestOptions,
     GuestSpec,
     LaunchError,
@@ -36,8 +36,6 @@ from vfio_ep.guest.launcher import (
 from vfio_ep.guest.provision import GuestAssets, ProvisionError, provision_all
 from vfio_ep.guest.results import Report, merge_reports, parse_tap, summary_table, write_results
 
-NTB_SUITE = Path(__file__).with_name("ntb_suite.sh")
-NTB_PAIR = Path(__file__).with_name("ntb_pair.sh")
 PAIR_ROLES = ("a", "b")
 NTB_PHASES = ("tool", "pingpong", "netdev")
 PAIR_PHASES = ("tool", "pingpong", "perf", "netdev", "rejoin")

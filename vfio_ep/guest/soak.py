@@ -21,6 +21,7 @@ from pathlib import Path
 
 from vfio_ep import cmdline
 from vfio_ep.config import ConfigError
+from vfio_ep.guest.assets import NTB_SUITE, TAP_LIB
 from vfio_ep.guest.launcher import (
     KSELFTEST_NAME,
     GuestRun,
@@ -30,7 +31,7 @@ from vfio_ep.guest.launcher import (
 )
 from vfio_ep.guest.provision import GuestAssets, ProvisionError, provision_all
 from vfio_ep.guest.results import parse_tap
-from vfio_ep.guest.runner import NTB_SUITE, TAP_LIB, Target, vntb_doorbells
+from vfio_ep.guest.runner import Target, vntb_doorbells
 
 DEVICE = "/sys/bus/pci/devices/0000:01:00.0"  # the endpoint, alone behind the root port
 RESET_FIRST = 0.25  # share of runs whose guest resets the device before the suite

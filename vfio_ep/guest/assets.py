@@ -1,0 +1,35 @@
+"""The files of the top-level ``qemu/`` folder (package data ``vfio_ep.qemu``), by role.
+
+The guest side that is not Python lives there, as the design lays out: the kernel config
+fragments per kernel line, the guest's suite scripts, guest C programs, and the Containerfile
+(the image is built from a checkout: vfio_ep.guest.container).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _qemu_dir() -> Path:
+    """``vfio_ep/qemu`` when installed from a wheel, the checkout's ``qemu/`` otherwise.
+
+    Not found through importlib: a checkout's ``qemu/`` must stay a namespace portion (no
+    ``__init__.py``), or run from the checkout it would hide the ``qemu.qmp`` library, and
+    setuptools' editable finder does not resolve a namespace package inside a regular one.
+    """
+    package = Path(__file__).resolve().parents[1]
+    for candidate in (package / "qemu", package.parent / "qemu"):
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError(f"vfio-ep's qemu/ folder is neither in {package} nor beside it")
+
+
+QEMU = _qemu_dir()
+
+KERNEL_FRAGMENTS = QEMU / "kernel"  # kernel.config, plus kernel-<line>.config where one differs
+GUEST_SCRIPTS = QEMU / "guest"
+TAP_LIB = GUEST_SCRIPTS / "tap_lib.sh"  # sourced by the guest suites
+PCITEST_TAP = GUEST_SCRIPTS / "pcitest_tap.sh"  # pcitest.sh's cases, as TAP
+NTB_SUITE = GUEST_SCRIPTS / "ntb_suite.sh"
+NTB_PAIR = GUEST_SCRIPTS / "ntb_pair.sh"
+GUEST_PROGRAMS = QEMU / "bench"  # static C programs the benchmarks run in the guest
