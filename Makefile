@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install provision demo test test-matrix unit lint bench fuzz container-test clean
 
-$(STAMP): pyproject.toml setup.py native/vfu_fast.c native/vfu_fast.h native/build.py
+$(STAMP): pyproject.toml setup.py $(wildcard native/*.c native/*.h) native/build.py
 	$(PY) -m venv $(VENV)
 	$(PYTHON) -m pip install -q --upgrade pip
 	$(PYTHON) -m pip install -q -e '.[test]'

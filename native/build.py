@@ -1,17 +1,21 @@
-"""cffi build script for the fast path (``vfio_ep._native``), from the project's own C."""
+"""cffi build script for the C side (``vfio_ep._native``), from the project's own C.
+
+vfu_fast: the vfio-user fast path; vfu_fill: random fill at memory speed (bulk transfers).
+"""
 
 from pathlib import Path
 
 from cffi import FFI
 
 HERE = Path(__file__).parent
+UNITS = ("vfu_fast", "vfu_fill")
 
 ffibuilder = FFI()
-# The header is the declaration: cffi reads it as is, minus the preprocessor include.
-ffibuilder.cdef("\n".join(line for line in (HERE / "vfu_fast.h").read_text().splitlines()
+# The headers are the declarations: cffi reads them as they are, minus preprocessor includes.
+ffibuilder.cdef("\n".join(line for unit in UNITS
+                          for line in (HERE / f"{unit}.h").read_text().splitlines()
                           if not line.startswith("#include")))
 # setuptools wants paths relative to the project root (where setup.py runs).
-ffibuilder.set_source("vfio_ep._native", '#include "vfu_fast.h"',
-                      sources=["native/vfu_fast.c"], include_dirs=["native"],
+ffibuilder.set_source("vfio_ep._native", "".join(f'#include "{unit}.h"\n' for unit in UNITS),
+                      sources=[f"native/{unit}.c" for unit in UNITS], include_dirs=["native"],
                       extra_compile_args=["-O2", "-Wall"])
-

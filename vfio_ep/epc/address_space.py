@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from vfio_ep.bulk import move, zero_views
 from vfio_ep.memory import SharedMemory
 from vfio_ep.pci.bar import MmioHandler
 
@@ -49,6 +50,11 @@ class Aperture(Protocol):
     def write_sync(self, offset: int, data: bytes) -> None: ...
 
     def shared_extents(self, offset: int, size: int) -> list[tuple[int, int, Any]]: ...
+
+    def views(self, offset: int, size: int) -> list[memoryview] | None:
+        """Zero-copy windows where the range is shared RC memory, None where any of it is
+        not (messages, an interrupt region); AddressError where nothing is mapped."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -98,7 +104,7 @@ class EpRam:
             if start + size <= off + length:
                 pieces = [(off, start - off), (start + size, off + length - start - size)]
                 self._free[i : i + 1] = [(o, n) for o, n in pieces if n]
-                self.write(self.base + start, bytes(size))
+                zero_views(self.views(self.base + start, size))
                 return self.base + start
         raise MemoryError(f"EP RAM exhausted: no {size:#x} bytes aligned to {align:#x}")
 
@@ -128,14 +134,21 @@ class EpRam:
             raise AddressError(f"[{addr:#x}, {addr + size:#x}) is not EP RAM")
         out: list[tuple[int, int, int]] = []
         end = addr + size
-        while addr < end:
-            n = min(end, (addr // PAGE + 1) * PAGE) - addr
+        # Runs of identity-mapped pages are one piece each: walk only the remapped pages
+        # (a direct BAR's few), not every page of a 64 MiB transfer.
+        first, last = (addr - self.base) // PAGE, (end - 1 - self.base) // PAGE
+        cuts = sorted({c for page in self._ep2phys if first <= page <= last
+                       for c in (page, page + 1)} | {last + 1})
+        for cut in cuts:
+            stop = min(end, self.base + cut * PAGE)
+            if addr >= stop:
+                continue
             phys = self.phys(addr)
             if out and out[-1][1] + out[-1][2] == phys:
-                out[-1] = (out[-1][0], out[-1][1], out[-1][2] + n)
+                out[-1] = (out[-1][0], out[-1][1], out[-1][2] + stop - addr)
             else:
-                out.append((addr, phys, n))
-            addr += n
+                out.append((addr, phys, stop - addr))
+            addr = stop
         return out
 
     def view(self, addr: int, size: int) -> memoryview:
@@ -145,6 +158,10 @@ class EpRam:
             raise AddressError(f"EP RAM [{addr:#x}, {addr + size:#x}) is remapped in pieces")
         _, phys, _ = ext[0] if ext else (addr, self.phys(addr), 0)
         return self.mem.view[phys : phys + size]
+
+    def views(self, addr: int, size: int) -> list[memoryview]:
+        """Zero-copy windows on [addr, addr+size), one per physically contiguous piece."""
+        return [self.mem.view[p : p + n] for _, p, n in self.extents(addr, size)]
 
     def read(self, addr: int, size: int) -> bytes:
         return b"".join(bytes(self.mem.view[p : p + n]) for _, p, n in self.extents(addr, size))
@@ -279,6 +296,25 @@ class EpAddressSpace:
             block.handler.write(addr - block.base, size, int.from_bytes(data, "little"))
             return
         raise AddressError(f"EP write of [{addr:#x}, {addr + size:#x}) hits nothing")
+
+    def views(self, addr: int, size: int) -> list[memoryview] | None:
+        """Zero-copy windows on [addr, addr+size) when it is EP RAM or shared RC memory
+        behind the aperture; None when it must go through read/write (registers, messages,
+        an interrupt region); AddressError when it hits nothing."""
+        if self.ram.contains(addr, size):
+            return self.ram.views(addr, size)
+        target = self.aperture_at(addr, size)
+        if target:
+            base, aperture = target
+            return aperture.views(addr - base, size)
+        if self.block_at(addr, size):
+            return None
+        raise AddressError(f"EP access to [{addr:#x}, {addr + size:#x}) hits nothing")
+
+    async def copy(self, dst: int, src: int, size: int) -> None:
+        """The EP CPU's memcpy (memcpy_fromio/memcpy_toio through the outbound aperture):
+        view to view where both sides are memory, through bytes otherwise."""
+        await move(self, dst, self, src, size)
 
     def aperture_bounds(self) -> list[tuple[int, int]]:
         return [(base, base + size) for base, size, _ in self.apertures]

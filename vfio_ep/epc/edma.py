@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import trio
 from construct import Int32ul, Struct
 
+from vfio_ep.bulk import BusMemory, move
 from vfio_ep.epc.address_space import AddressError, EpAddressSpace
 from vfio_ep.epc.irq import IRQ_HANDLED, IRQ_NONE, IRQF_SHARED, IrqDomain, Spawn
 from vfio_ep.pci.host import RcBusError, RcMemory
@@ -157,12 +158,10 @@ class DwEdma:
         local_copy = bool(regs["control2"] & CTRL2_LOCAL_COPY)
         ok = True
         try:
-            data = await (self.space.read(sar, size) if direction == "wr" or local_copy
-                          else self._rc().read(sar, size))
-            if direction == "rd" or local_copy:
-                await self.space.write(dar, data)
-            else:
-                await self._rc().write(dar, data)
+            # wr: EP -> RC, rd: RC -> EP, local copy: EP -> EP (SAR and DAR both local).
+            src: BusMemory = self.space if direction == "wr" or local_copy else self._rc()
+            dst: BusMemory = self.space if direction == "rd" or local_copy else self._rc()
+            await move(dst, dar, src, sar, size)
         except (AddressError, RcBusError) as e:
             ok = False
             log.warning("eDMA %s channel %d aborted: %s", self.dirs[direction].name, ch, e)

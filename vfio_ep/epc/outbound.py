@@ -156,6 +156,14 @@ class OutboundAtu:
         return True
 
     # The Aperture protocol (EpAddressSpace routes the aperture's addresses here).
+    def views(self, offset: int, size: int) -> list[memoryview] | None:
+        if self._region(offset, size).irq is not None:
+            return None
+        try:
+            return self._table().views(self.translate(offset, size), size)
+        except RcBusError as e:
+            raise AddressError(str(e)) from None
+
     async def read(self, offset: int, size: int) -> bytes:
         return await self._table().read(self.translate(offset, size), size)
 

@@ -33,6 +33,11 @@ class RcMemory(Protocol):
         """Zero-copy access where the range is shared memory (RcBusError otherwise)."""
         ...
 
+    def views(self, addr: int, size: int) -> list[memoryview] | None:
+        """Zero-copy access, one view per shared mapping the range crosses; None where part
+        of it is reached only by messages; RcBusError where part of it is unmapped."""
+        ...
+
 
 class Interrupts(Protocol):
     """Interrupt delivery to the RC: INTx level, MSI/MSI-X vectors by index."""

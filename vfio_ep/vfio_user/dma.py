@@ -156,6 +156,14 @@ class DmaTable:
         off = iova - r.iova
         return r.view[off : off + size]
 
+    def views(self, iova: int, size: int) -> list[memoryview] | None:
+        if size < 0:
+            raise DmaError(f"negative DMA size {size}")
+        chunks = self._chunks(iova, size)
+        if any(r.view is None for r, _, _ in chunks):
+            return None
+        return [r.view[off : off + n] for r, off, n in chunks]
+
     async def read(self, iova: int, size: int) -> bytes:
         if size < 0:
             raise DmaError(f"negative DMA size {size}")

@@ -10,8 +10,6 @@ moment the RC's write lands.
 
 from __future__ import annotations
 
-import os
-import zlib
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
@@ -19,6 +17,7 @@ from dataclasses import dataclass, replace
 import trio
 from construct import Int32ul, Int64ul, Struct
 
+from vfio_ep.bulk import crc32_views, fill_random
 from vfio_ep.epc.address_space import AddressError, Watch
 from vfio_ep.epc.bar import PciEpfBar, PciEpfBarSubmap
 from vfio_ep.epc.core import EpcError, EpWork, IrqType, PciEpcMap
@@ -90,9 +89,9 @@ REG_OFFSET = field_offsets(TestReg)
 TEST_REG_SIZE = (TestReg.sizeof() + 127) // 128 * 128  # ALIGN(sizeof(reg), 128)
 
 
-def crc32_le(data: bytes) -> int:
+async def crc32_le(views: list[memoryview]) -> int:
     """The kernel's crc32_le(~0, data, len): zlib's CRC32 without the final inversion."""
-    return zlib.crc32(data) ^ 0xFFFFFFFF
+    return await crc32_views(views) ^ 0xFFFFFFFF
 
 
 @dataclass(frozen=True)
@@ -389,11 +388,11 @@ class PciEpfTest(PciEpf):
                     if use_dma:
                         await self._dma(self.dma_chan_rx, src_addr + pos, buf + pos, m.pci_size)
                     else:
-                        epc.ram.write(buf + pos, await epc.space.read(m.phys_addr, m.pci_size))
+                        await epc.space.copy(buf + pos, m.phys_addr, m.pci_size)
 
                 if not await self._over_maps(src_addr, size, step):
                     return STATUS_SRC_ADDR_INVALID | STATUS_READ_FAIL
-                if crc32_le(epc.ram.read(buf, size)) != reg["checksum"]:
+                if await crc32_le(epc.ram.views(buf, size)) != reg["checksum"]:
                     self.log.warning("READ: CRC mismatch over %d bytes", size)
                     return STATUS_READ_FAIL
                 return STATUS_READ_SUCCESS
@@ -408,15 +407,14 @@ class PciEpfTest(PciEpf):
 
         async def body() -> int:
             with self._kzalloc(size) as buf:
-                data = os.urandom(size)
-                epc.ram.write(buf, data)
-                reg["checksum"] = crc32_le(data)
+                await fill_random(epc.ram.views(buf, size))
+                reg["checksum"] = await crc32_le(epc.ram.views(buf, size))
 
                 async def step(m: PciEpcMap, pos: int) -> None:
                     if use_dma:
                         await self._dma(self.dma_chan_tx, buf + pos, dst_addr + pos, m.pci_size)
                     else:
-                        await epc.space.write(m.phys_addr, data[pos : pos + m.pci_size])
+                        await epc.space.copy(m.phys_addr, buf + pos, m.pci_size)
 
                 if not await self._over_maps(dst_addr, size, step):
                     return STATUS_DST_ADDR_INVALID | STATUS_WRITE_FAIL
@@ -453,8 +451,8 @@ class PciEpfTest(PciEpf):
                             await self._dma(self.dma_chan_tx, src.phys_addr, dst.phys_addr, n,
                                             local_copy=True)
                         else:
-                            epc.ram.write(buf, await epc.space.read(src.phys_addr, n))
-                            await epc.space.write(dst.phys_addr, epc.ram.read(buf, n))
+                            await epc.space.copy(buf, src.phys_addr, n)
+                            await epc.space.copy(dst.phys_addr, buf, n)
                     finally:
                         epc.mem_unmap(self.func_no, self.vfunc_no, dst)
                         epc.mem_unmap(self.func_no, self.vfunc_no, src)
