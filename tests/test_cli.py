@@ -64,6 +64,14 @@ def test_values_the_controller_refuses_are_one_line(tmp_path: Path, bad: str) ->
     assert "errno 22" in proc.stderr
 
 
+def test_a_bar_larger_than_ep_ram_is_refused_not_skipped(tmp_path: Path) -> None:
+    """The kernel would drop the BAR and the kselftest skip it: a run that passes."""
+    proc = _serve(tmp_path / "s", "bar1_size=4G")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "bar1_size 0x100000000 is larger than the controller's EP RAM" in proc.stderr
+    assert "errno 12" in proc.stderr
+
+
 def test_serve_refuses_a_path_that_is_not_a_socket(tmp_path: Path) -> None:
     path = tmp_path / "afile"
     path.write_text("mine")
@@ -117,3 +125,45 @@ def test_interrupt_pin_beyond_intd_is_one_line(tmp_path: Path) -> None:
     proc = _serve(tmp_path / "s", "interrupt_pin=5")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "interrupt_pin 5: 0 (no INTx) or 1-4 (INTA-INTD)" in proc.stderr
+
+
+def _vfio_ep(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "vfio_ep", *args], capture_output=True,
+                          text=True, timeout=60, check=False)
+
+
+def test_version() -> None:
+    run = _vfio_ep("--version")
+    assert run.returncode == 0 and run.stdout.startswith("vfio-ep 0."), run.stdout
+
+
+def test_attributes_lists_each_settable_name_with_its_default(tmp_path: Path) -> None:
+    """Every line of `vfio-ep attributes` is a name the configuration accepts, and the
+    listed default is what the server then uses."""
+    run = _vfio_ep("attributes", "pci-epf-test")
+    assert run.returncode == 0, run.stderr
+    rows = dict(line.split(None, 1) for line in run.stdout.splitlines())
+    assert rows["controllers/NAME/ram_size"] == "256M"
+    assert rows["functions/pci_epf_test/NAME/pci_epf_test.0/bar5_size"] == "1M"
+    assert rows["functions/pci_epf_test/NAME/vendorid"] == "0x16c3"
+    # each function attribute is accepted by --set as printed
+    sock = tmp_path / "ep.sock"
+    sets = [f"--set={path.rsplit('/', 1)[1]}={value}" for path, value in rows.items()
+            if path.startswith("functions/")]
+    proc = subprocess.Popen([sys.executable, "-m", "vfio_ep", "serve", "--socket", str(sock),
+                             *sets], stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(sock)
+        assert sock.exists(), proc.stderr.read() if proc.poll() is not None else "no socket"
+        c = Client(sock)
+        assert c.cfg_read32(0) == 0xEDDA16C3
+        c.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=10)
+
+
+def test_attributes_of_an_unknown_function_name_the_known_ones() -> None:
+    run = _vfio_ep("attributes", "pci-epf-nope")
+    assert run.returncode == 1
+    assert "known: pci-epf-ntb, pci-epf-test, pci-epf-vntb, testdev" in run.stderr

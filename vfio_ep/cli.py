@@ -28,6 +28,7 @@ verbose_option = click.option(
 
 
 @click.group()
+@click.version_option(package_name="vfio-ep", message="vfio-ep %(version)s")
 @verbose_option
 def main() -> None:
     """A userspace PCIe endpoint for QEMU guests, over vfio-user."""
@@ -39,7 +40,8 @@ def composition_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     for option in reversed([
         click.option("--function", default=None,
                      help="The function of a one-function endpoint (pci-epf-test, "
-                     "pci-epf-vntb, testdev)."),
+                     "pci-epf-vntb, pci-epf-ntb, testdev); its attributes: `vfio-ep "
+                     "attributes FUNCTION`."),
         click.option("--config", "config_file", type=click.Path(exists=True, path_type=Path),
                      help="TOML: configfs-named attributes, flat or [controllers.*] and "
                      "[functions.*] tables."),
@@ -116,6 +118,42 @@ def run(function: str | None, config_file: Path | None, configfs: Path | None,
                                run_dir=run_dir, guest_args=list(guest_args),
                                exec_cmd=exec_cmd, options=GuestOptions(memory, append),
                                linux=linux))
+
+
+@main.command()
+@click.argument("function", default="pci-epf-test")
+def attributes(function: str) -> None:
+    """List the attributes of a controller and of FUNCTION, with their defaults.
+
+    Each is set as configfs names it: ``--set KEY=VALUE`` (``--set NAME.KEY=VALUE`` for
+    controller or function NAME), a TOML key, or ``echo VALUE > PATH`` in a --configfs
+    script."""
+    from vfio_ep.composition import attribute_listing
+    from vfio_ep.config import ConfigError
+
+    try:
+        rows = attribute_listing(function)
+    except ConfigError as e:
+        raise click.ClickException(str(e)) from None
+    width = max(len(path) for path, _ in rows)
+    for path, default in rows:
+        click.echo(f"{path:<{width}}  {_shown(path.rsplit('/', 1)[1], default)}")
+
+
+def _shown(name: str, value: object) -> str:
+    """A default as one would write it back: IDs in hex, sizes in K/M/G, lists with commas."""
+    if value is None:
+        return "(required)"
+    if isinstance(value, tuple):
+        return ",".join(map(str, value)) or "(none)"
+    if isinstance(value, bool) or not isinstance(value, int):
+        return str(value)
+    if name.endswith(("id", "_vid", "_pid")):
+        return f"{value:#x}"
+    for suffix, shift in (("G", 30), ("M", 20), ("K", 10)):
+        if value >= 1 << shift and not value % (1 << shift):
+            return f"{value >> shift}{suffix}"
+    return str(value)
 
 
 @main.command()

@@ -244,6 +244,22 @@ def _defaults(driver: str) -> dict[str, Any]:
     return dict(DRIVERS[driver].defaults) if driver in DRIVERS else {}
 
 
+def attribute_listing(function: str) -> list[tuple[str, Any]]:
+    """(configfs path, default) of every attribute of a controller and of ``function``:
+    what ``vfio-ep attributes`` prints, in the spelling --set, TOML and configfs use."""
+    driver = _driver(function)
+    rows: list[tuple[str, Any]] = [(f"controllers/NAME/{SOCKET}", None)]
+    rows += [(f"controllers/NAME/{f.name}", f.default)
+             for f in dataclasses.fields(PciEpcAttributes)]
+    cls = testdev.TestdevAttributes if driver == TESTDEV else DRIVERS[driver].attributes
+    in_dir = DRIVERS[driver].cfs_attributes if driver in DRIVERS else ()
+    defaults = _defaults(driver)
+    for f in dataclasses.fields(cls):
+        where = f"{driver}.0/{f.name}" if f.name in in_dir else f.name
+        rows.append((f"functions/{driver}/NAME/{where}", defaults.get(f.name, f.default)))
+    return rows
+
+
 def known_types() -> list[str]:
     return sorted([*(d.replace("_", "-") for d in DRIVERS), TESTDEV])
 

@@ -10,6 +10,7 @@ moment the RC's write lands.
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
@@ -151,7 +152,7 @@ class PciEpfTest(PciEpf):
             self.header = replace(self.header, interrupt_pin=0)
         bar = get_first_free_bar(features)
         if bar < 0:
-            raise EpcError(22, "no free BAR for the test registers")
+            raise EpcError(errno.EINVAL, "no free BAR for the test registers")
         self.test_reg_bar = bar
         self._alloc_space()
 
@@ -165,7 +166,7 @@ class PciEpfTest(PciEpf):
         b = self.alloc_space(TEST_REG_SIZE + msix_table_size + pba_size, self.test_reg_bar,
                              features)
         if b is None:
-            raise EpcError(12, "failed to allocate register space")
+            raise EpcError(errno.ENOMEM, "failed to allocate register space")
         self.reg_space[self.test_reg_bar] = b
         # ENABLE_DOORBELL maps the next free BAR onto the doorbell target.
         doorbell_bar = get_next_free_bar(features, self.test_reg_bar + 1)
@@ -177,6 +178,12 @@ class PciEpfTest(PciEpf):
             if bar != self.test_reg_bar:
                 size = (features.bar[bar].fixed_size if features.bar[bar].type == BarType.FIXED
                         else self.bar_size[bar])
+                if size > self.controller.ram.size:
+                    # The kernel would log and go on without the BAR, and the kselftest would
+                    # quietly skip it: a size this SoC can never hold is the user's to fix.
+                    raise EpcError(errno.ENOMEM, f"bar{bar}_size {size:#x} is larger than the "
+                                   f"controller's EP RAM ({self.controller.ram.size:#x}): "
+                                   f"lower it, or raise the controller's ram_size")
                 b = self.alloc_space(size, bar, features)
                 if b is None:
                     self.log.error("Failed to allocate space for BAR%d", bar)
@@ -329,7 +336,7 @@ class PciEpfTest(PciEpf):
     async def _dma(self, chan: DmaChannel | None, src: int, dst: int, size: int,
                    local_copy: bool = False) -> None:
         if chan is None or not await chan.transfer(src, dst, size, local_copy):
-            raise EpcError(5, "DMA transfer failed")
+            raise EpcError(errno.EIO, "DMA transfer failed")
 
     @contextmanager
     def _kzalloc(self, size: int) -> Iterator[int]:
