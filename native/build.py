@@ -1,6 +1,7 @@
 """cffi build script for the C side (``vfio_ep._native``), from the project's own C.
 
-vfu_fast: the vfio-user fast path; vfu_fill: random fill at memory speed (bulk transfers).
+vfu_fast: the vfio-user fast path; vfu_fill: random fill at memory speed (bulk transfers);
+vfu_poll: the poll doorbell's poller thread.
 """
 
 from pathlib import Path
@@ -8,7 +9,7 @@ from pathlib import Path
 from cffi import FFI
 
 HERE = Path(__file__).parent
-UNITS = ("vfu_fast", "vfu_fill")
+UNITS = ("vfu_fast", "vfu_fill", "vfu_poll")
 
 ffibuilder = FFI()
 # The headers are the declarations: cffi reads them as they are, minus preprocessor includes.

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from vfio_ep.vfio_user import fastpath
+from vfio_ep import native
 
 sys.path.insert(0, str(Path(__file__).parent))
 logging.getLogger("vfio_ep").setLevel(logging.DEBUG)
@@ -19,7 +19,7 @@ def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str
     The C path is part of the product, so a build without it fails here instead of skipping.
     """
     if request.param == "c":
-        usable, why = fastpath.available()
+        usable, why = native.available()
         if not usable:
             pytest.fail(f"the C fast path is required by the test suite: {why}")
     monkeypatch.setenv("VFIO_EP_FASTPATH", "1" if request.param == "c" else "0")

@@ -10,16 +10,6 @@ import trio
 from vfio_ep import bulk
 
 
-@pytest.fixture(params=["c", "python"])
-def fill_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """The random fill in C (native/vfu_fill.c), and the os.urandom fallback."""
-    if request.param == "c":
-        assert bulk.lib is not None, "the C extension must be built (pip install -e .)"
-    else:
-        monkeypatch.setattr(bulk, "lib", None)
-    return str(request.param)
-
-
 def test_copy_between_scatter_lists_with_different_cuts() -> None:
     src = memoryview(bytes(range(256)) * 40000)  # 10,240,000 bytes: several steps
     dst = memoryview(bytearray(len(src)))
@@ -43,7 +33,7 @@ def test_crc32_over_pieces_is_the_crc_of_their_concatenation() -> None:
 
 
 @pytest.mark.parametrize("length", [0, 1, 7, 8, 9, 4095, (1 << 20) + 3])
-def test_fill_writes_exactly_the_view(fill_path: str, length: int) -> None:
+def test_fill_writes_exactly_the_view(path: str, length: int) -> None:
     guard = 64
     buf = bytearray(b"\xa5" * (length + 2 * guard))
     trio.run(bulk.fill_random, [memoryview(buf)[guard : guard + length]])
@@ -52,7 +42,7 @@ def test_fill_writes_exactly_the_view(fill_path: str, length: int) -> None:
         assert len(set(buf[guard : guard + length])) > 1
 
 
-def test_fills_differ_and_pieces_continue_one_stream(fill_path: str) -> None:
+def test_fills_differ_and_pieces_continue_one_stream(path: str) -> None:
     a, b = bytearray(3 << 20), bytearray(3 << 20)
     trio.run(bulk.fill_random, [memoryview(a)])
     trio.run(bulk.fill_random, [memoryview(b)[:5], memoryview(b)[5:]])

@@ -70,6 +70,7 @@ def serve(tmp_path: Path, **attrs: object) -> Iterator[tuple[ServerThread, Guest
     ep = comp.build()[0]
     with ServerThread(ep.device, ep.socket) as srv:
         srv.epc = ep.epc
+        srv.functions = ep.functions
         client = Client(srv.path)
         yield srv, Guest(client)
         client.close()
@@ -202,6 +203,18 @@ def test_doorbell_cycles(tmp_path: Path, path: str, backend: str,
                     "poll": "Using poll-mode doorbell"}[backend]
         assert expected in caplog.text
         assert "ignored" in caplog.text
+
+
+def test_poll_doorbell_follows_its_word_when_the_page_moves(tmp_path: Path, path: str) -> None:
+    """The doorbell BAR maps straight onto the poll word's page, so the page moves into that
+    BAR's mmap aperture: the poller (a C thread on the C path) must look at the new place."""
+    with serve(tmp_path, doorbell="poll", doorbell_poll_interval_us=200) as (srv, g):
+        assert g.command(t.COMMAND_ENABLE_DOORBELL) & t.STATUS_DOORBELL_ENABLE_SUCCESS
+        db = srv.functions[0].db_poll
+        assert (db._poller is not None) == (path == "c")
+        assert db.ram.phys(db.addr) != db.addr - db.ram.base  # the page moved
+        for _ in range(3):
+            assert _ring(g)
 
 
 def test_mutable_msi_controller_is_refused(tmp_path: Path, path: str,

@@ -16,10 +16,7 @@ from typing import Protocol
 
 import trio
 
-try:
-    from vfio_ep._native import ffi, lib
-except ImportError:  # no compiler at install time: os.urandom fills instead
-    ffi = lib = None
+from vfio_ep.native import native
 
 BULK_STEP = 1 << 20  # bytes copied, summed or filled between two checkpoints
 _ZEROS = memoryview(bytes(BULK_STEP))
@@ -87,12 +84,14 @@ async def fill_random(views: Sequence[memoryview]) -> None:
     """Unpredictable bytes into ``views`` (the kernel's get_random_bytes, for test data).
 
     C: splitmix64 from a fresh OS seed per call, at memory speed; the length passed to C is
-    the view's own.  Without the extension: os.urandom (about 300 MB/s)."""
+    the view's own.  On the Python path (vfio_ep.native): os.urandom (about 300 MB/s)."""
+    c = native()
     state = int.from_bytes(os.urandom(8), "little")
     for piece in _steps(views):
-        if lib is None:
+        if c is None:
             piece[:] = os.urandom(len(piece))
         else:
+            ffi, lib = c
             state = lib.vfu_fill_random(ffi.from_buffer("uint8_t[]", piece,
                                                         require_writable=True),
                                         len(piece), state)

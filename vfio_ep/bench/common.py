@@ -253,7 +253,7 @@ class ProcSample:
     when: float  # time.monotonic()
     on_cpu: float  # seconds, all threads (exited ones too), ns resolution
     ticks: float  # seconds, utime+stime from /proc/PID/stat (clock-tick resolution)
-    wakeups: int  # context switches of the main thread (the server's trio loop)
+    wakeups: int  # context switches of all its threads (trio loop, the poll doorbell's poller)
 
 
 def sample_process(pid: int) -> ProcSample:
@@ -264,9 +264,12 @@ def sample_process(pid: int) -> ProcSample:
         on_cpu = time.clock_gettime((~pid << 3) | 2)
     except OSError:
         on_cpu = ticks
-    switches = sum(int(line.split()[1]) for line in
-                   Path(f"/proc/{pid}/status").read_text().splitlines()
-                   if "ctxt_switches:" in line)
+    switches = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):  # a thread that just exited
+            switches += sum(int(line.split()[1]) for line in
+                            (task / "status").read_text().splitlines()
+                            if "ctxt_switches:" in line)
     return ProcSample(time.monotonic(), on_cpu, ticks, switches)
 
 

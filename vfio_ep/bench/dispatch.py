@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import click
 
+from vfio_ep import native
 from vfio_ep.bench.client import Client
 from vfio_ep.bench.common import (
     HERE,
@@ -37,7 +38,6 @@ from vfio_ep.bench.common import (
     ratio,
     serve,
 )
-from vfio_ep.vfio_user import fastpath
 from vfio_ep.vfio_user import protocol as p
 from vfio_ep.vfio_user.protocol import Command
 
@@ -59,7 +59,7 @@ class Target:
 def _targets() -> list[Target]:
     out = [Target("sink-c", "raw AF_UNIX sink (C)", 10.0),  # long enough to time
            Target("sink-py", "raw AF_UNIX sink (Python)", 5.0)]
-    if fastpath.available()[0]:
+    if native.available()[0]:
         out.append(Target("c-path", "server, C fast path", 1.0))
     out.append(Target("py-path", "server, Python path", 0.1))
     return out
@@ -140,8 +140,8 @@ def run(n: int = 200_000, reps: int = 5) -> Result:
             for t in targets]
     notes = [f"{WRITE_SIZE}-byte posted REGION_WRITEs ({_MSG.size} bytes on the wire) to BAR{BAR}"
              f" RAM, then one REGION_READ fence; median of {reps} runs, targets interleaved."]
-    if not fastpath.available()[0]:
-        notes.append(f"C fast path not measured: {fastpath.available()[1]}")
+    if not native.available()[0]:
+        notes.append(f"C fast path not measured: {native.available()[1]}")
     return Result(
         "dispatch", "posted REGION_WRITE messages applied per second", "raw AF_UNIX sink (C)",
         [Column("target", "target"), Column("messages", "N"),

@@ -78,7 +78,7 @@ def run_guest(script: str, sets: list[str], *, timeout: float = 300,
         result = boot_guest(script, server_args=[], socket=server.socket, timeout=timeout,
                             extra_files={f"/{k}": v for k, v in programs.items()},
                             extra_qemu_args=extra_qemu_args or [], live=live)
-        log = server.logtail()
+        log = server.log_tail()
     if not result.ok:
         raise BenchError(f"guest failed ({result.error or result.exit_status}); run dir "
                          f"{result.run_dir}\n--- guest ---\n{tail(result.output)}\n"

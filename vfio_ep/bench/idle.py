@@ -74,7 +74,8 @@ def run(seconds: float = 10, backends: tuple[str, ...] = BACKENDS) -> Result:
     poll_us = PciEpcAttributes.doorbell_poll_interval_us
     notes = [f"server CPU over a {seconds:g} s idle window (guest attached, MSI-X set up through "
              "VFIO); CPU % of one core from the process CPU clock (ns, all threads), utime+stime "
-             "(10 ms ticks) alongside; wakeups: context switches of the trio thread.",
+             "(10 ms ticks) alongside; wakeups: context switches of all the server's threads "
+             "(the poll backend's poller is a C thread: native/vfu_poll.c).",
              f"poll backend at the default doorbell_poll_interval_us={poll_us}."]
     if base < RESOLUTION_PCT:
         notes.append(f"the server without a doorbell used {base:.4f} % (below "

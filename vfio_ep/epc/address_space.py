@@ -91,6 +91,9 @@ class EpRam:
         self._ep2phys: dict[int, int] = {}  # page -> physical page, non-identity only
         self._phys2ep: dict[int, int] = {}
         self._next_scratch = self.size // PAGE
+        # Run after pages moved (place/evict): whoever holds a memfd address of EP RAM
+        # (the poll doorbell's C poller) looks it up again.
+        self.on_remap: list[Callable[[], None]] = []
 
     def contains(self, addr: int, size: int) -> bool:
         return self.base <= addr and addr + size <= self.base + self.size
@@ -183,6 +186,7 @@ class EpRam:
         first = (addr - self.base) // PAGE
         for i in range(size // PAGE):
             self._swap(first + i, self._phys2ep.get(phys // PAGE + i, phys // PAGE + i))
+        self._remapped()
 
     def evict(self, phys: int, size: int) -> None:
         """Make memfd [phys, phys+size) hold scratch pages; EP RAM there moves aside."""
@@ -190,6 +194,11 @@ class EpRam:
             owner = self._phys2ep.get(page, page)
             if owner < self.size // PAGE:
                 self._swap(owner, self._free_scratch())
+        self._remapped()
+
+    def _remapped(self) -> None:
+        for hook in self.on_remap:
+            hook()
 
     def _free_scratch(self) -> int:
         """A scratch page still at its own place (not swapped into some BAR)."""

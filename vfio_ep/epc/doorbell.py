@@ -8,12 +8,15 @@ doorbell pending and signals its eventfd; the EP interrupt layer, waiting on
 that eventfd, runs the virq's handlers.  The Python path does exactly the
 same.  Writes with any other value or width are ignored, counted and logged.
 
-:class:`PollDoorbell` is the backend without hardware: a word in EP RAM that
-a task checks every ``interval`` seconds, only while it is allocated.
+:class:`PollDoorbell` is the backend without hardware: a word in EP RAM checked
+every ``interval`` seconds, only while it is allocated: by a C thread that signals an
+eventfd while the word is set (native/vfu_poll.c), or on the Python path by a task.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import ctypes
 import logging
 import os
@@ -23,6 +26,7 @@ import trio
 
 from vfio_ep.epc.address_space import EpRam
 from vfio_ep.epc.irq import IrqDomain, Spawn
+from vfio_ep.native import native
 from vfio_ep.pci.bar import MmioHandler
 
 log = logging.getLogger(__name__)
@@ -124,12 +128,26 @@ class PollDoorbell:
         self.rung = 0
         self.ignored = 0
         self._scope = trio.CancelScope()
+        self._poller = _CPoller.start(self) if native() else None
         spawn(self._run, "poll-doorbell")
+
+    def word_address(self) -> int:
+        """Host address of the doorbell word, where it is now (pages can move)."""
+        return self.ram.mem.address + self.ram.phys(self.addr)
+
+    async def _wait(self) -> None:
+        """Until the word may be set: the C poller's eventfd, or one period."""
+        if self._poller is None:
+            await trio.sleep(self.interval)
+            return
+        await trio.lowlevel.wait_readable(self._poller.efd)
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self._poller.efd)
 
     async def _run(self) -> None:
         with self._scope:
             while True:
-                await trio.sleep(self.interval)
+                await self._wait()
                 value = int.from_bytes(self.ram.read(self.addr, DOORBELL_SIZE), "little")
                 if not value:
                     continue
@@ -144,5 +162,50 @@ class PollDoorbell:
 
     def close(self) -> None:
         self._scope.cancel()
+        if self._poller is not None:
+            self._poller.stop()
+            self._poller = None
         self.irqs.dispose(self.virq)
         self.ram.free(self.addr, DOORBELL_SIZE)
+
+
+class _CPoller:
+    """The C thread polling a PollDoorbell's word (native/vfu_poll.h): the word's address is
+    followed across EP RAM remaps, and the thread is joined before the word goes away (on
+    close, or at interpreter exit, before EP RAM is unmapped)."""
+
+    def __init__(self, doorbell: PollDoorbell) -> None:
+        ffi, self._lib = native() or (None, None)
+        self._ffi = ffi
+        self.doorbell = doorbell
+        self.efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.p = ffi.new("struct vfu_poller *")
+        self.p.interval_ns = max(1, round(doorbell.interval * 1e9))
+        self.p.efd = self.efd
+        self._point()
+
+    @classmethod
+    def start(cls, doorbell: PollDoorbell) -> _CPoller:
+        poller = cls(doorbell)
+        err = poller._lib.vfu_poller_start(poller.p)
+        if err:
+            os.close(poller.efd)
+            raise OSError(err, f"poll doorbell thread: {os.strerror(err)}")
+        doorbell.ram.on_remap.append(poller._point)
+        atexit.register(poller.stop)
+        return poller
+
+    def _point(self) -> None:
+        self.p.word = self._ffi.cast("uint32_t *", self.doorbell.word_address())
+
+    def stop(self) -> None:
+        """Join the thread (idempotent), then let the word and the eventfd go."""
+        if self.efd < 0:
+            return
+        self._lib.vfu_poller_stop(self.p)
+        atexit.unregister(self.stop)
+        self.doorbell.ram.on_remap.remove(self._point)
+        with contextlib.suppress(RuntimeError):  # at exit, no event loop waits on it
+            trio.lowlevel.notify_closing(self.efd)
+        os.close(self.efd)
+        self.efd = -1

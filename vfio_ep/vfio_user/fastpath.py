@@ -14,28 +14,12 @@ import os
 from typing import Any, cast
 
 from vfio_ep.memory import ForeignMemory, SharedMemory
+from vfio_ep.native import ffi, lib
 from vfio_ep.pci.bar import FastDoorbell, WindowKind, WindowTable
 
 log = logging.getLogger(__name__)
 
-try:
-    from vfio_ep._native import ffi, lib
-
-    _IMPORT_ERROR = ""
-except ImportError as e:  # the extension was not built: the Python path serves
-    ffi = lib = None
-    _IMPORT_ERROR = str(e)
-
 AGAIN, MESSAGE, EOF, BROKEN, IOERR, OVERSIZED = 0, 1, 2, 3, 4, 5
-
-
-def available() -> tuple[bool, str]:
-    """Whether the fast path will be used, and why not."""
-    if os.environ.get("VFIO_EP_FASTPATH", "1") == "0":
-        return False, "disabled by VFIO_EP_FASTPATH=0"
-    if lib is None:
-        return False, f"extension not built ({_IMPORT_ERROR})"
-    return True, "C fast path"
 
 
 class FastPath:

@@ -25,6 +25,7 @@ from pathlib import Path
 import trio
 from construct import ConstructError
 
+from vfio_ep import native
 from vfio_ep.errors import ErrnoError
 from vfio_ep.pci.device import PciDevice
 from vfio_ep.vfio_user import fastpath
@@ -64,7 +65,7 @@ class Connection:
         self._resample_scope: trio.CancelScope | None = None
         self.dma.message_read = self._dma_read_message
         self.dma.message_write = self._dma_write_message
-        use_fast, _ = fastpath.available()
+        use_fast, _ = native.available()
         self.fast = fastpath.FastPath(sock.fileno(), device.windows) if use_fast else None
 
     # -- main loop ----------------------------------------------------------
@@ -590,7 +591,7 @@ class Listener:
             self.bind()
         assert self._sock is not None
         sock = trio.socket.from_stdlib_socket(self._sock)
-        use_fast, why = fastpath.available()
+        use_fast, why = native.available()
         log.info("listening on %s (%s)", self.path,
                  "C fast path" if use_fast else f"Python path: {why}")
         try:
