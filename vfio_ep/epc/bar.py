@@ -27,9 +27,9 @@ class PciEpfBar:
     mem_size: int = 0
     flags: int = 0
     submap: list[PciEpfBarSubmap] = field(default_factory=list)
-    # Emulator hint: the function may point this BAR at a doorbell register, so the
-    # controller keeps the pages a doorbell would land on trapped (see vfio_ep.epc.dw).
-    doorbell_target: bool = False
+    # Emulator hint: EP addresses of the doorbell registers the function may point this BAR
+    # at; the controller keeps the pages they would land on trapped (see vfio_ep.epc.dw).
+    doorbell_addrs: frozenset[int] = frozenset()
 
     def copy(self) -> PciEpfBar:
         return replace(self, submap=list(self.submap))

@@ -18,9 +18,9 @@ the iATU may be reprogrammed while the guest runs.  So:
   EP addresses kept, see ``EpRam.place``), so the guest sees the new translation at memory
   speed; where it now translates to anything but RAM, scratch pages are swapped in
   (``EpRam.evict``), so guest writes there can never land in EP RAM;
-* a BAR its function may point at a doorbell (``PciEpfBar.doorbell_target``) keeps the pages
-  a doorbell register would land on out of the mmap (*holes*): those accesses stay trapped and
-  reach the doorbell;
+* a BAR its function may point at a doorbell (``PciEpfBar.doorbell_addrs``: the registers of
+  the function's doorbell backend) keeps the page each would land on out of the mmap (a
+  *hole*): those accesses stay trapped and reach the doorbell; the rest of the BAR is memory;
 * a translation a direct BAR cannot show (not page-aligned) is refused with -EBUSY; every
   other BAR stays trapped and follows the current iATU.
 """
@@ -290,8 +290,8 @@ class DwPcieEp:
         ram = self.soc.ram
         self.direct = {bar: ram.phys(b.phys_addr) for bar, b in func.bars.items()
                        if self._can_be_direct(bar, b)}
-        self.holes = {bar: self._doorbell_pages(func.bars[bar].size) for bar in self.direct
-                      if func.bars[bar].doorbell_target}
+        self.holes = {bar: _doorbell_pages(func.bars[bar]) for bar in self.direct
+                      if func.bars[bar].doorbell_addrs}
         self.pci = PciDevice(spec)
         self.pci.link_hooks.append(self._link_changed)
         self.pci.reset_hooks.append(lambda: self.on_reset())
@@ -341,11 +341,6 @@ class DwPcieEp:
         return [r.ep_addr + off for r in self.inbound.regions.get(bar, [])
                 for off in range(0, r.size, PAGE)]
 
-    def _doorbell_pages(self, size: int) -> set[int]:
-        """BAR offsets of the pages where a doorbell register lands when a BAR of ``size``
-        is pointed at it (pci_epf_align_inbound_addr: base aligned to the BAR size)."""
-        return {(d.addr & (size - 1)) & ~(PAGE - 1) for d in self.soc.space.doorbells}
-
     def _can_be_direct(self, bar: int, b: PciEpfBar) -> bool:
         regions = self.inbound.regions.get(bar, [])
         return (len(regions) == 1 and not b.phys_addr % PAGE
@@ -385,6 +380,12 @@ class DwPcieEp:
     def _refresh_all_bars(self) -> None:
         for bar in range(6):
             self._refresh_bar(bar)
+
+
+def _doorbell_pages(bar: PciEpfBar) -> set[int]:
+    """BAR offsets of the pages where the BAR's doorbell registers land when it is pointed at
+    them (pci_epf_align_inbound_addr: base aligned to the BAR size)."""
+    return {(addr & (bar.size - 1)) & ~(PAGE - 1) for addr in bar.doorbell_addrs}
 
 
 def _cut(w: Window, start: int, end: int) -> list[Window]:

@@ -97,6 +97,23 @@ def pci_epf_alloc_doorbell(epf: PciEpf, num_db: int, allow_poll: bool = True) ->
         return
 
 
+def pci_epf_doorbell_addresses(epf: PciEpf, allow_poll: bool = True) -> frozenset[int]:
+    """EP addresses of the doorbell registers pci_epf_alloc_doorbell() would hand ``epf``
+    (the first available backend in its order): where a BAR the function points at its
+    doorbell must stay trapped.  A poll word is plain EP RAM: nothing to trap."""
+    epc = epf.controller
+    for name in BACKENDS if epf.doorbell == "auto" else (epf.doorbell,):
+        if name == "msi" and epc.msi is not None and epc.msi.immutable:
+            return frozenset({epc.msi.translater.addr})
+        if name == "embedded":
+            aux = next((r for r in epc.get_aux_resources() if r.type == "doorbell-mmio"), None)
+            if aux is not None:
+                return frozenset({aux.phys_addr})
+        if name == "poll" and allow_poll:
+            return frozenset()
+    return frozenset()
+
+
 def pci_epf_free_doorbell(epf: PciEpf) -> None:
     if not epf.db_msg:
         return

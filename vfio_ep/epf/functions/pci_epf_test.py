@@ -27,7 +27,12 @@ from vfio_ep.epc.features import NO_BAR, BarType, get_first_free_bar, get_next_f
 from vfio_ep.epc.irq import IRQ_HANDLED, IRQF_ONESHOT, IrqError
 from vfio_ep.epf.core import PciEpf
 from vfio_ep.epf.doorbell import CHOICES as DOORBELL_CHOICES
-from vfio_ep.epf.doorbell import DoorbellError, pci_epf_alloc_doorbell, pci_epf_free_doorbell
+from vfio_ep.epf.doorbell import (
+    DoorbellError,
+    pci_epf_alloc_doorbell,
+    pci_epf_doorbell_addresses,
+    pci_epf_free_doorbell,
+)
 from vfio_ep.epf.regs import RegisterBlock, field_offsets
 from vfio_ep.pci.bar import NUM_BARS
 from vfio_ep.pci.device import FunctionAttributes, PciHeader
@@ -188,7 +193,8 @@ class PciEpfTest(PciEpf):
                 if b is None:
                     self.log.error("Failed to allocate space for BAR%d", bar)
                 else:
-                    b.doorbell_target = bar == doorbell_bar
+                    if bar == doorbell_bar:
+                        b.doorbell_addrs = pci_epf_doorbell_addresses(self)
                     self.reg_space[bar] = b
             bar += 1
 

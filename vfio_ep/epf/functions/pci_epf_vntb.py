@@ -343,7 +343,8 @@ class PciEpfVntb(PciEpf):
         flags = PCI_BASE_ADDRESS_MEM_TYPE_64 if (
             size >> 32 or self.features.bar[barno].only_64bit) else 0
         self.bar[barno] = PciEpfBar(barno, phys, bar_size, mem_size, flags,
-                                    doorbell_target=True)
+                                    doorbell_addrs=frozenset(m.msg.address
+                                                             for m in self.db_msg))
 
     def _doorbell_handler(self, virq: int, dev_id: object) -> int:
         """epf_ntb_doorbell_handler(): slot i >= 2 is doorbell vector i - 2."""
