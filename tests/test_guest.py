@@ -10,8 +10,10 @@ import asyncio
 import json
 import re
 import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -223,6 +225,53 @@ def test_exec_in_both_guests_of_a_pair(tmp_path: Path) -> None:
                 "echo role $VFIO_EP_ROLE; [ $VFIO_EP_ROLE = a ]")
     assert proc.returncode == 1, proc.stderr  # b's status
     assert sorted(proc.stdout.splitlines()) == ["a: role a", "b: role b"]
+
+
+def test_cpus_qemu_args_and_a_live_gdbstub(tmp_path: Path) -> None:
+    """--cpus reaches the guest, --qemu-arg QEMU's command line, and --gdb a gdbstub that
+    answers the remote protocol while the guest runs (on loopback)."""
+    port = _free_loopback_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vfio_ep", "run", "--run-dir", str(tmp_path / "r"), "--cpus",
+         "2", "--qemu-arg=-name", "--qemu-arg=vfio-ep-test", "--gdb", str(port), "--exec",
+         "grep -c ^processor /proc/cpuinfo; sleep 5"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        reply = _gdb_halt_reason(port, deadline=60)
+    finally:
+        out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert out.split() == ["2"]
+    assert f"gdbstub on 127.0.0.1:{port}" in err
+    assert reply.startswith("$T") or reply.startswith("$S"), reply  # a stop reply
+    argv = json.loads(next((tmp_path / "r").rglob("run.json")).read_text())["qemu_argv"]
+    assert argv[-6:] == ["-smp", "2", "-gdb", f"tcp:127.0.0.1:{port}", "-name", "vfio-ep-test"]
+
+
+def _free_loopback_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _gdb_halt_reason(port: int, deadline: float) -> str:
+    """Connect to QEMU's gdbstub and ask '?' (why stopped): its reply packet."""
+    end = time.monotonic() + deadline
+    while True:
+        try:
+            conn = socket.create_connection(("127.0.0.1", port), timeout=5)
+            break
+        except OSError:
+            if time.monotonic() > end:
+                raise
+            time.sleep(0.2)
+    with conn:
+        conn.sendall(b"$?#3f")
+        data = b""
+        while b"#" not in data.lstrip(b"+"):
+            data += conn.recv(4096)
+        conn.sendall(b"+$D#44")  # ack, detach: the guest runs on
+        return data.lstrip(b"+").decode()
 
 
 def test_exec_timeout_is_124_and_says_so(tmp_path: Path) -> None:

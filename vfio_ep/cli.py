@@ -94,12 +94,21 @@ def serve(sockets: tuple[str, ...], allow_uids: tuple[int, ...], print_qemu_args
 @click.option("--append", default="", metavar="ARGS", help="More kernel command line.")
 @click.option("--memory", type=click.IntRange(min=64), default=256, show_default=True,
               metavar="MB", help="Guest RAM.")
+@click.option("--cpus", type=click.IntRange(min=1, max=64), default=1, show_default=True,
+              help="Guest CPUs (-smp).")
+@click.option("--qemu-arg", "qemu_args", multiple=True, metavar="ARG",
+              help="One more QEMU argument, last on its command line (repeatable: "
+              "--qemu-arg=-d --qemu-arg=guest_errors).")
+@click.option("--gdb", "gdb_port", type=click.IntRange(min=1, max=65535), metavar="PORT",
+              help="QEMU's gdbstub on 127.0.0.1:PORT (the second guest of a pair: PORT+1); "
+              "raise --timeout to debug at leisure.")
 @click.option("--timeout", default=600.0, show_default=True, help="Seconds for the whole run.")
 @click.option("--run-dir", type=click.Path(path_type=Path), help="Where logs and results go.")
 @click.argument("guest_args", nargs=-1, type=click.UNPROCESSED)
 def run(function: str | None, config_file: Path | None, configfs: Path | None,
         sets: tuple[str, ...], kernel: Path | None, qemu: Path | None, linux: str,
-        exec_cmd: str | None, append: str, memory: int, timeout: float, run_dir: Path | None,
+        exec_cmd: str | None, append: str, memory: int, cpus: int, qemu_args: tuple[str, ...],
+        gdb_port: int | None, timeout: float, run_dir: Path | None,
         guest_args: tuple[str, ...]) -> None:
     """Boot a guest against a fresh vfio-ep and run the function's suite.
 
@@ -116,7 +125,8 @@ def run(function: str | None, config_file: Path | None, configfs: Path | None,
     raise SystemExit(run_suite(function=function, config_file=config_file, configfs=configfs,
                                sets=list(sets), kernel=kernel, qemu=qemu, timeout=timeout,
                                run_dir=run_dir, guest_args=list(guest_args),
-                               exec_cmd=exec_cmd, options=GuestOptions(memory, append),
+                               exec_cmd=exec_cmd,
+                               options=GuestOptions(memory, append, cpus, qemu_args, gdb_port),
                                linux=linux))
 
 

@@ -67,6 +67,30 @@ class GuestResult:
         return self.exit_status == 0
 
 
+@dataclass(frozen=True)
+class GuestOptions:
+    """How every guest of a run boots, beyond its script: memory, CPUs, kernel arguments,
+    QEMU arguments of the user's, and a gdbstub."""
+
+    memory_mb: int = DEFAULT_MEMORY_MB
+    append: str = ""  # after DEFAULT_APPEND, so the user's arguments win
+    cpus: int = 1
+    qemu_args: tuple[str, ...] = ()  # last on QEMU's command line
+    gdb_port: int | None = None  # QEMU's gdbstub on 127.0.0.1:PORT
+
+    @property
+    def cmdline(self) -> str:
+        return f"{DEFAULT_APPEND} {self.append}".strip()
+
+    def qemu_argv(self) -> list[str]:
+        """The QEMU options these stand for (after the machine's own)."""
+        gdb = ["-gdb", f"tcp:127.0.0.1:{self.gdb_port}"] if self.gdb_port is not None else []
+        return ["-smp", str(self.cpus), *gdb, *self.qemu_args]
+
+
+DEFAULT_OPTIONS = GuestOptions()
+
+
 def boot_guest(
     script: str,
     *,
@@ -78,8 +102,7 @@ def boot_guest(
     live: Live | None = None,
     server_argv: Sequence[str] | None = None,
     socket: Path | None = None,
-    memory_mb: int = DEFAULT_MEMORY_MB,
-    append: str = DEFAULT_APPEND,
+    options: GuestOptions = DEFAULT_OPTIONS,
     msg_timeout_ms: int = DEFAULT_MSG_TIMEOUT_MS,
     extra_qemu_args: Sequence[str] = (),
 ) -> GuestResult:
@@ -93,7 +116,7 @@ def boot_guest(
     """
     run = GuestRun(script, server_args=server_args, assets=assets, run_dir=run_dir,
                    extra_files=extra_files, live=live, server_argv=server_argv, socket=socket,
-                   memory_mb=memory_mb, append=append, msg_timeout_ms=msg_timeout_ms,
+                   options=options, msg_timeout_ms=msg_timeout_ms,
                    extra_qemu_args=extra_qemu_args)
     return _run_async(run.run(timeout))
 
@@ -112,8 +135,7 @@ class GuestRun:
         live: Live | None = None,
         server_argv: Sequence[str] | None = None,
         socket: Path | None = None,
-        memory_mb: int = DEFAULT_MEMORY_MB,
-        append: str = DEFAULT_APPEND,
+        options: GuestOptions = DEFAULT_OPTIONS,
         msg_timeout_ms: int = DEFAULT_MSG_TIMEOUT_MS,
         extra_qemu_args: Sequence[str] = (),
     ) -> None:
@@ -122,8 +144,7 @@ class GuestRun:
         self.script = script
         self.extra_files = extra_files or {}
         self.live = live
-        self.memory_mb = memory_mb
-        self.append = append
+        self.options = options
         self.msg_timeout_ms = msg_timeout_ms
         self.extra_qemu_args = list(extra_qemu_args)
         self._sockets = Path(tempfile.mkdtemp(prefix="vfio-ep-"))  # short: sun_path <= 107
@@ -205,11 +226,16 @@ class GuestRun:
         qmp_socket = self._sockets / "qmp.sock"
         await self.qmp.start_server(str(qmp_socket))
         argv = qemu_command(self.assets.qemu, kernel=self.assets.kernel, initrd=initrd,
-                            qmp=qmp_socket, memory_mb=self.memory_mb, append=self.append,
+                            qmp=qmp_socket, options=self.options,
                             device=(vfio_user_device(self.socket, self.msg_timeout_ms)
                                     if self.socket else None),
                             extra_args=self.extra_qemu_args)
         self._meta["qemu_argv"] = argv
+        if self.options.gdb_port is not None:
+            vmlinux = self.assets.kernel.with_name("vmlinux")
+            print(f"vfio-ep: QEMU gdbstub on 127.0.0.1:{self.options.gdb_port} ({self.run_dir.name}"
+                  f"): gdb {vmlinux if vmlinux.is_file() else 'vmlinux'} -ex 'target remote "
+                  f"127.0.0.1:{self.options.gdb_port}'", file=sys.stderr)
         self._qemu = await _spawn(argv, stdout=asyncio.subprocess.PIPE,
                                   stderr=self._open_log("qemu"),
                                   env={**os.environ, **self.assets.qemu.env})
@@ -328,20 +354,6 @@ class GuestSpec:
     qemu_args: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True)
-class GuestOptions:
-    """How every guest of a run boots, beyond its script: memory, kernel arguments."""
-
-    memory_mb: int = DEFAULT_MEMORY_MB
-    append: str = ""  # after DEFAULT_APPEND, so the user's arguments win
-
-    @property
-    def cmdline(self) -> str:
-        return f"{DEFAULT_APPEND} {self.append}".strip()
-
-
-DEFAULT_OPTIONS = GuestOptions()
-
 
 def boot_guests(specs: Sequence[GuestSpec], *, server_args: list[str],
                 assets: GuestAssets | None = None, timeout: float = 300, run_dir: Path,
@@ -365,11 +377,12 @@ async def _boot_guests(specs: Sequence[GuestSpec], server_args: list[str],
     log = run_dir / "server.log"
     async with running_server([s.controller for s in specs], server_args, log) as (_, sockets):
         tasks: dict[str, asyncio.Task[GuestResult]] = {}
-        for s in specs:
+        for i, s in enumerate(specs):
+            gdb_port = None if options.gdb_port is None else options.gdb_port + i
             run = GuestRun(s.script, server_args=[], assets=assets,
                            socket=sockets[s.controller], run_dir=run_dir / s.label,
                            extra_files=extra_files, extra_qemu_args=s.qemu_args,
-                           memory_mb=options.memory_mb, append=options.cmdline,
+                           options=replace(options, gdb_port=gdb_port),
                            live=(lambda line, label=s.label: live(label, line)) if live else None)
             tasks[s.label] = asyncio.create_task(_boot_after(
                 tasks[s.after] if s.after else None, run, timeout))
@@ -392,20 +405,21 @@ def vfio_user_device(socket: Path, msg_timeout_ms: int = DEFAULT_MSG_TIMEOUT_MS,
             "socket": {"type": "unix", "path": str(socket)}, "x-msg-timeout": msg_timeout_ms}
 
 
-def qemu_command(qemu: Qemu, *, kernel: Path, initrd: Path, qmp: Path, memory_mb: int,
-                 append: str, device: dict[str, Any] | None,
-                 extra_args: Sequence[str] = ()) -> list[str]:
+def qemu_command(qemu: Qemu, *, kernel: Path, initrd: Path, qmp: Path, options: GuestOptions,
+                 device: dict[str, Any] | None, extra_args: Sequence[str] = ()) -> list[str]:
     """The one QEMU command line: q35 under TCG, memfd RAM (so the server can DMA directly),
-    serial console on stdout, QMP to our socket, a PCIe root port for the endpoint."""
+    serial console on stdout, QMP to our socket, a PCIe root port for the endpoint; then
+    ``extra_args`` (the run's own devices) and the user's options."""
+    memory = options.memory_mb
     argv = [
-        *qemu.argv, *endpoint_machine_args(memory_mb), "-accel", "tcg", "-m", str(memory_mb),
+        *qemu.argv, *endpoint_machine_args(memory), "-accel", "tcg", "-m", str(memory),
         "-nodefaults", "-nographic", "-no-reboot",
         "-serial", "stdio", "-qmp", f"unix:{qmp}",
-        "-kernel", str(kernel), "-initrd", str(initrd), "-append", append,
+        "-kernel", str(kernel), "-initrd", str(initrd), "-append", options.cmdline,
     ]
     if device:
         argv += ["-device", json.dumps(device)]
-    return argv + list(extra_args)
+    return argv + list(extra_args) + options.qemu_argv()
 
 
 def endpoint_machine_args(memory_mb: int = DEFAULT_MEMORY_MB) -> list[str]:

@@ -138,8 +138,7 @@ def _run_kselftest(target: Target, assets: GuestAssets, timeout: float,
     with _keep_on_interrupt(top, KSELFTEST_NAME):
         result = boot_guest(f"/{KSELFTEST_NAME} {shlex.join(guest_args)}",
                             server_args=target.server_args(), assets=assets, timeout=timeout,
-                            run_dir=top, live=_echo, memory_mb=options.memory_mb,
-                            append=options.cmdline)
+                            run_dir=top, live=_echo, options=options)
     report = parse_tap(result.output)
     write_results(report, result.run_dir, exit_status=result.exit_status, error=result.error,
                   suite=KSELFTEST_NAME)
@@ -167,8 +166,7 @@ def _run_pcitest(target: Target, assets: GuestAssets, comp: Composition, timeout
     with _keep_on_interrupt(top, "pcitest"):
         result = boot_guest(f"sh /pcitest_tap.sh {msi} {msix}",
                             server_args=target.server_args(), assets=assets, timeout=timeout,
-                            run_dir=top, live=_echo, memory_mb=options.memory_mb,
-                            append=options.cmdline)
+                            run_dir=top, live=_echo, options=options)
     report = parse_tap(result.output)
     write_results(report, result.run_dir, exit_status=result.exit_status, error=result.error,
                   suite="pcitest")
@@ -250,7 +248,7 @@ def _run_ntb_suite(target: Target, assets: GuestAssets, doorbells: tuple[int, bo
                                            f"pingpong_delay_ms={PINGPONG_DELAY_MS}"),
             assets=assets, timeout=timeout, run_dir=top / phase,
             extra_files={"ntb_suite.sh": NTB_SUITE, "tap_lib.sh": TAP_LIB}, live=_echo,
-            memory_mb=options.memory_mb, append=options.cmdline)
+            options=options)
         reports.append(parse_tap(result.output))
         if result.error or result.exit_status != 0:
             failed_boots.append(f"{phase}: {result.error or f'exit {result.exit_status}'}")
