@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import pty
 import re
+import select
 import signal
 import socket
 import subprocess
@@ -272,6 +275,41 @@ def _gdb_halt_reason(port: int, deadline: float) -> str:
             data += conn.recv(4096)
         conn.sendall(b"+$D#44")  # ack, detach: the guest runs on
         return data.lstrip(b"+").decode()
+
+
+def test_shell_on_a_terminal(tmp_path: Path) -> None:
+    """--shell: the guest's shell on our terminal (a pty here), with the console as its
+    controlling tty; what it prints reaches us, the vfio-ep markers and dmesg do not, and its
+    exit status is the run's."""
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: vfio-ep on the pty, as a developer's terminal
+        os.execv(sys.executable, [sys.executable, "-m", "vfio_ep", "run", "--shell",
+                                  "--run-dir", str(tmp_path / "r")])
+    seen = b""
+
+    def until(token: bytes, seconds: float) -> bool:
+        nonlocal seen
+        end = time.monotonic() + seconds
+        while token not in seen and time.monotonic() < end:
+            if select.select([fd], [], [], 0.5)[0]:
+                try:
+                    seen += os.read(fd, 4096)
+                except OSError:  # the child closed the pty
+                    break
+        return token in seen
+
+    try:
+        assert until(b"Ctrl-A X stops QEMU", 120), seen.decode(errors="replace")
+        assert until(b"# ", 30)  # the prompt, shown without a newline after it
+        os.write(fd, b"echo answer=$((6*7)); tty; exit 5\r")
+        until(b"run directory", 60)
+    finally:
+        _, status = os.waitpid(pid, 0)
+        os.close(fd)
+    text = seen.decode(errors="replace")
+    assert os.waitstatus_to_exitcode(status) == 5, text
+    assert "answer=42" in text and "/dev/ttyS0" in text
+    assert "@@vfio-ep" not in text and "--- dmesg ---" not in text
 
 
 def test_exec_timeout_is_124_and_says_so(tmp_path: Path) -> None:

@@ -91,6 +91,9 @@ def serve(sockets: tuple[str, ...], allow_uids: tuple[int, ...], print_qemu_args
 @click.option("--exec", "exec_cmd", metavar="CMD",
               help="Run CMD in the guest (busybox sh) instead of the suite; its exit status "
               "is ours.  The kselftest is /pci_endpoint_test, modules are in /lib/modules.")
+@click.option("--shell", is_flag=True,
+              help="An interactive shell in the guest on this terminal instead of the suite; "
+              "its exit status is ours (Ctrl-A X stops QEMU).  No timeout unless given.")
 @click.option("--append", default="", metavar="ARGS", help="More kernel command line.")
 @click.option("--memory", type=click.IntRange(min=64), default=256, show_default=True,
               metavar="MB", help="Guest RAM.")
@@ -102,14 +105,15 @@ def serve(sockets: tuple[str, ...], allow_uids: tuple[int, ...], print_qemu_args
 @click.option("--gdb", "gdb_port", type=click.IntRange(min=1, max=65535), metavar="PORT",
               help="QEMU's gdbstub on 127.0.0.1:PORT (the second guest of a pair: PORT+1); "
               "raise --timeout to debug at leisure.")
-@click.option("--timeout", default=600.0, show_default=True, help="Seconds for the whole run.")
+@click.option("--timeout", type=float, default=None,
+              help="Seconds for the whole run.  [default: 600; none with --shell]")
 @click.option("--run-dir", type=click.Path(path_type=Path), help="Where logs and results go.")
 @click.argument("guest_args", nargs=-1, type=click.UNPROCESSED)
 def run(function: str | None, config_file: Path | None, configfs: Path | None,
         sets: tuple[str, ...], kernel: Path | None, qemu: Path | None, linux: str,
-        exec_cmd: str | None, append: str, memory: int, cpus: int, qemu_args: tuple[str, ...],
-        gdb_port: int | None, timeout: float, run_dir: Path | None,
-        guest_args: tuple[str, ...]) -> None:
+        exec_cmd: str | None, shell: bool, append: str, memory: int, cpus: int,
+        qemu_args: tuple[str, ...], gdb_port: int | None, timeout: float | None,
+        run_dir: Path | None, guest_args: tuple[str, ...]) -> None:
     """Boot a guest against a fresh vfio-ep and run the function's suite.
 
     pci-epf-test runs the upstream pci_endpoint_test kselftest: options vfio-ep does not know
@@ -122,11 +126,16 @@ def run(function: str | None, config_file: Path | None, configfs: Path | None,
     from vfio_ep.guest.launcher import GuestOptions
     from vfio_ep.guest.runner import run_suite
 
+    if shell and exec_cmd is not None:
+        raise click.UsageError("--shell and --exec both say what the guest runs: pick one")
+    if timeout is None:
+        timeout = float("inf") if shell else 600.0
     raise SystemExit(run_suite(function=function, config_file=config_file, configfs=configfs,
                                sets=list(sets), kernel=kernel, qemu=qemu, timeout=timeout,
                                run_dir=run_dir, guest_args=list(guest_args),
                                exec_cmd=exec_cmd,
-                               options=GuestOptions(memory, append, cpus, qemu_args, gdb_port),
+                               options=GuestOptions(memory, append, cpus, qemu_args, gdb_port,
+                                                    interactive=shell),
                                linux=linux))
 
 

@@ -77,6 +77,7 @@ class GuestOptions:
     cpus: int = 1
     qemu_args: tuple[str, ...] = ()  # last on QEMU's command line
     gdb_port: int | None = None  # QEMU's gdbstub on 127.0.0.1:PORT
+    interactive: bool = False  # the serial console on our terminal (stdin to the guest)
 
     @property
     def cmdline(self) -> str:
@@ -238,7 +239,8 @@ class GuestRun:
                   f"127.0.0.1:{self.options.gdb_port}'", file=sys.stderr)
         self._qemu = await _spawn(argv, stdout=asyncio.subprocess.PIPE,
                                   stderr=self._open_log("qemu"),
-                                  env={**os.environ, **self.assets.qemu.env})
+                                  env={**os.environ, **self.assets.qemu.env},
+                                  terminal=self.options.interactive)
         self._console = asyncio.create_task(self._read_console())
         await self._accept_qmp()
 
@@ -261,10 +263,26 @@ class GuestRun:
         accept.result()
 
     async def _read_console(self) -> None:
-        """Copy the serial console to console.log and hand the command's lines to ``live``."""
+        """Copy the serial console to console.log and hand the command's lines to ``live``
+        (interactive: every byte to our terminal as it comes, prompts included)."""
         assert self._qemu is not None and self._qemu.stdout is not None
         inside = False
         with (self.run_dir / "console.log").open("wb") as log:
+            # The terminal gets what the guest's command prints: after BEGIN, up to END.
+            phase, held = "boot", b""
+            while self.options.interactive and (chunk := await self._qemu.stdout.read(4096)):
+                log.write(chunk)
+                log.flush()
+                held += chunk
+                if phase == "boot" and (start := held.find(BEGIN.encode())) >= 0:
+                    phase, held = "command", held[start + len(BEGIN) :].lstrip(b"\r\n")
+                if phase == "command":
+                    out, held, going_on = _until_marker(held, END.encode())
+                    sys.stdout.buffer.write(out)
+                    sys.stdout.buffer.flush()
+                    phase = "command" if going_on else "done"
+                elif phase == "boot":
+                    held = held[-len(BEGIN) :]  # all a BEGIN split across reads needs
             while line := await self._qemu.stdout.readline():
                 log.write(line)
                 log.flush()
@@ -414,12 +432,24 @@ def qemu_command(qemu: Qemu, *, kernel: Path, initrd: Path, qmp: Path, options: 
     argv = [
         *qemu.argv, *endpoint_machine_args(memory), "-accel", "tcg", "-m", str(memory),
         "-nodefaults", "-nographic", "-no-reboot",
-        "-serial", "stdio", "-qmp", f"unix:{qmp}",
+        # Interactive: QEMU's monitor multiplexed in too, so Ctrl-A X always gets out.
+        "-serial", "mon:stdio" if options.interactive else "stdio", "-qmp", f"unix:{qmp}",
         "-kernel", str(kernel), "-initrd", str(initrd), "-append", options.cmdline,
     ]
     if device:
         argv += ["-device", json.dumps(device)]
     return argv + list(extra_args) + options.qemu_argv()
+
+
+def _until_marker(data: bytes, marker: bytes) -> tuple[bytes, bytes, bool]:
+    """(what to show now, what to hold back, whether to go on showing): everything before
+    ``marker``; when it is not there, all but a tail that could be its beginning."""
+    end = data.find(marker)
+    if end >= 0:
+        return data[:end], b"", False
+    keep = next((n for n in range(min(len(marker) - 1, len(data)), 0, -1)
+                 if marker.startswith(data[-n:])), 0)
+    return data[: len(data) - keep], data[len(data) - keep :], True
 
 
 def endpoint_machine_args(memory_mb: int = DEFAULT_MEMORY_MB) -> list[str]:
@@ -437,16 +467,19 @@ def endpoint_machine_args(memory_mb: int = DEFAULT_MEMORY_MB) -> list[str]:
 
 
 async def _spawn(argv: Sequence[str], *, stdout: Any, stderr: Any = asyncio.subprocess.STDOUT,
-                 env: dict[str, str] | None = None) -> asyncio.subprocess.Process:
+                 env: dict[str, str] | None = None,
+                 terminal: bool = False) -> asyncio.subprocess.Process:
     """Start a child in its own session (the terminal's Ctrl-C reaches only us, and we stop it
-    in order) that dies with us even if we are SIGKILLed."""
+    in order) that dies with us even if we are SIGKILLed.  With ``terminal`` it reads our
+    stdin instead, in our session (a background reader of a terminal would be stopped)."""
     env = dict(env or os.environ)
     package_root = str(Path(__file__).resolve().parents[2])  # `-m vfio_ep` from any cwd
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
     try:
         return await asyncio.create_subprocess_exec(
-            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=stdout, stderr=stderr, env=env,
-            start_new_session=True, preexec_fn=_die_with_parent, limit=1 << 20)
+            *argv, stdin=None if terminal else asyncio.subprocess.DEVNULL, stdout=stdout,
+            stderr=stderr, env=env, start_new_session=not terminal,
+            preexec_fn=_die_with_parent, limit=1 << 20)
     finally:
         for stream in (stdout, stderr):
             if hasattr(stream, "close"):

@@ -86,6 +86,11 @@ def run_suite(function: str | None = None, config_file: Path | None = None,
         if exec_cmd is not None and guest_args:
             raise ConfigError(f"--exec runs its command alone: put {shlex.join(guest_args)} "
                               "into it")
+        if options.interactive:
+            if func.secondary is not None:
+                raise ConfigError("--shell gives one guest the terminal; a pci-epf-ntb pair "
+                                  "has two: use --exec")
+            exec_cmd = SHELL
         assets = provision_all(qemu=qemu, kernel=kernel, linux=linux)
         if exec_cmd is not None:
             controllers = [c for c in (func.primary, func.secondary) if c is not None]
@@ -104,6 +109,13 @@ def run_suite(function: str | None = None, config_file: Path | None = None,
     except (ConfigError, ValueError, EpcError, ProvisionError, LaunchError) as exc:
         print(f"vfio-ep run: {exc}", file=sys.stderr)
         return 2
+
+
+# The interactive guest: a shell with the console as its controlling terminal (job control,
+# Ctrl-C reaching its foreground job); its exit status ends the run.
+SHELL = ("echo 'vfio-ep: a shell in the guest (the kselftest is /pci_endpoint_test, modules "
+         "are in /lib/modules); exit ends the run with its status, Ctrl-A X stops QEMU'\n"
+         "setsid cttyhack sh")
 
 
 def _run_exec(target: Target, assets: GuestAssets, command: str, controllers: list[str],
