@@ -182,11 +182,20 @@ echo "ram $(devmem $(( $(bar2 $D) + 0x80 )) 32)"
 
 
 def test_run_verbose_after_the_subcommand_selects_one_test(tmp_path: Path) -> None:
-    """`run -v -t DOORBELL_TEST`: -v is vfio-ep's, -t the kselftest's; one test runs."""
-    proc, results = vfio_ep_run(tmp_path, "-v", "-t", "DOORBELL_TEST")
+    """`run -v -t DOORBELL_TEST`: -v is vfio-ep's, -t the kselftest's; one test runs.  The
+    results say what was tested (rk3588: the eDMA doorbell) and how long the test took."""
+    proc, results = vfio_ep_run(tmp_path, "--set", "controller=rk3588", "-v", "-t",
+                                "DOORBELL_TEST")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert [t["name"] for t in results["tests"]] == ["pcie_ep_doorbell.DOORBELL_TEST"]
     assert results["passed"]
+    endpoint = results["endpoint"]
+    assert (endpoint["function"], endpoint["controllers"], endpoint["doorbell"],
+            endpoint["linux"]) == ("pci_epf_test", "ep0: rk3588", "embedded", "7.3")
+    assert 0 < results["tests"][0]["seconds"] < 60
+    junit = (tmp_path / "run" / "results.xml").read_text()
+    assert '<property name="doorbell" value="embedded" />' in junit
+    assert re.search(r'name="DOORBELL_TEST" time="\d+\.\d{3}"', junit)
 
 
 def test_run_that_selects_no_test_fails_and_lists_the_tests(tmp_path: Path) -> None:

@@ -141,3 +141,25 @@ def test_hex_of_accepts_only_one_number(tmp_path: Path, content: bytes, number: 
                           f'. {TAP_LIB}; hex_of {tmp_path / "value"}'],
                          capture_output=True, text=True, check=False)
     assert (run.stdout.strip() if run.returncode == 0 else None) == number, run.stderr
+
+
+def test_tests_are_timed_from_their_run_line_or_the_previous_result(tmp_path: Path) -> None:
+    """Each line's arrival on the host times the tests: kselftest's from its ``#  RUN`` line,
+    plain TAP (the NTB suites) from the previous result; JUnit carries them as ``time``."""
+    lines = TAP.splitlines()
+    arrival = {i: float(i) for i in range(len(lines))}
+    arrival[lines.index("#  RUN           pci_ep_bar.BAR1.BAR_TEST ...")] = 10.0
+    arrival[lines.index("not ok 2 pci_ep_bar.BAR1.BAR_TEST")] = 12.5
+    times = [(arrival[i], line) for i, line in enumerate(lines)]
+    report = results.parse_tap(TAP, times)
+    # RUN at 3 -> ok at 5; RUN at 10 -> not ok at 12.5; RUN at 10 -> ok at 13; 4 never ran
+    assert [t.seconds for t in report.tests] == [2.0, 2.5, 3.0, None]
+    results.write_results(report, tmp_path, exit_status=1, error=None, suite="s")
+    junit = (tmp_path / "results.xml").read_text()
+    assert 'name="BAR_TEST" time="2.500"' in junit
+    assert json.loads((tmp_path / "results.json").read_text())["tests"][2]["seconds"] == 3.0
+
+    plain = "1..2\nok 1 a\n# between\nok 2 b\n"
+    timed = list(zip([0.0, 1.0, 2.0, 4.0], plain.splitlines(), strict=True))
+    assert [t.seconds for t in results.parse_tap(plain, timed).tests] == [1.0, 3.0]
+    assert [t.seconds for t in results.parse_tap(plain).tests] == [None, None]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import enum
 import errno
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -97,21 +98,33 @@ def pci_epf_alloc_doorbell(epf: PciEpf, num_db: int, allow_poll: bool = True) ->
         return
 
 
+def pci_epf_doorbell_backend(epf: PciEpf, allow_poll: bool = True) -> str | None:
+    """The backend pci_epf_alloc_doorbell() would pick for ``epf`` (the first available in
+    its order), or None when none is: what a run records, before any doorbell exists."""
+    return next(iter(_available_doorbells(epf, allow_poll)), (None, None))[0]
+
+
 def pci_epf_doorbell_addresses(epf: PciEpf, allow_poll: bool = True) -> frozenset[int]:
-    """EP addresses of the doorbell registers pci_epf_alloc_doorbell() would hand ``epf``
-    (the first available backend in its order): where a BAR the function points at its
-    doorbell must stay trapped.  A poll word is plain EP RAM: nothing to trap."""
+    """EP addresses of the doorbell registers pci_epf_alloc_doorbell() would hand ``epf``:
+    where a BAR the function points at its doorbell must stay trapped.  A poll word is
+    plain EP RAM: nothing to trap."""
+    _, addr = next(iter(_available_doorbells(epf, allow_poll)), (None, None))
+    return frozenset() if addr is None else frozenset({addr})
+
+
+def _available_doorbells(epf: PciEpf, allow_poll: bool) -> Iterator[tuple[str, int | None]]:
+    """(backend, doorbell register's EP address or None) of each backend ``epf`` could
+    allocate now, in its order."""
     epc = epf.controller
     for name in BACKENDS if epf.doorbell == "auto" else (epf.doorbell,):
         if name == "msi" and epc.msi is not None and epc.msi.immutable:
-            return frozenset({epc.msi.translater.addr})
+            yield name, epc.msi.translater.addr
         if name == "embedded":
             aux = next((r for r in epc.get_aux_resources() if r.type == "doorbell-mmio"), None)
             if aux is not None:
-                return frozenset({aux.phys_addr})
+                yield name, aux.phys_addr
         if name == "poll" and allow_poll:
-            return frozenset()
-    return frozenset()
+            yield name, None
 
 
 def pci_epf_free_doorbell(epf: PciEpf) -> None:

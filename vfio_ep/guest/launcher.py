@@ -21,7 +21,7 @@ import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -61,6 +61,8 @@ class GuestResult:
     run_dir: Path
     server_log: str
     error: str | None = None
+    # (time.monotonic() when it reached us, line) of each line the command printed
+    line_times: list[tuple[float, str]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -156,6 +158,7 @@ class GuestRun:
         self._server: asyncio.subprocess.Process | None = None
         self._qemu: asyncio.subprocess.Process | None = None
         self._console: asyncio.Task[None] | None = None
+        self._line_times: list[tuple[float, str]] = []
         self._started = time.monotonic()
         self._meta: dict[str, Any] = {"server_argv": self.server_cmd}
 
@@ -190,7 +193,8 @@ class GuestRun:
         output, status = parse_console(self._log("console"))
         if status is None and error is None:
             error = "the guest stopped before its command finished; see console.log"
-        result = GuestResult(status, output, self.run_dir, self._log("server"), error)
+        result = GuestResult(status, output, self.run_dir, self._log("server"), error,
+                             self._line_times)
         self._meta.update(exit_status=status, error=error)
         return result
 
@@ -289,8 +293,10 @@ class GuestRun:
                 text = line.decode(errors="replace").rstrip("\r\n")
                 if text.startswith(END):
                     inside = False
-                elif inside and self.live:
-                    self.live(text)
+                elif inside:
+                    self._line_times.append((time.monotonic(), text))
+                    if self.live:
+                        self.live(text)
                 elif text.endswith(BEGIN):  # firmware may leave escape codes before it
                     inside = True
 

@@ -11,6 +11,7 @@ import re
 import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 _RESULT = re.compile(r"(not ok|ok) (\d+)(?: ([^#].*?))?(?:\s+#\s*(.*))?$")
 _DIRECTIVE = re.compile(r"(SKIP|XFAIL|XPASS|error)\b\s*(.*)", re.IGNORECASE)
@@ -30,6 +31,7 @@ class TestCase:
     status: str
     reason: str = ""
     diagnostics: list[str] = field(default_factory=list)
+    seconds: float | None = None  # from its start (RUN line, or the previous result) to its result
 
     @property
     def failed(self) -> bool:
@@ -64,24 +66,59 @@ class Report:
                 and not any(test.failed for test in self.tests))
 
 
-def parse_tap(text: str) -> Report:
-    """Parse kselftest TAP; diagnostics between ``#  RUN`` and a result belong to that test."""
+def parse_tap(text: str, line_times: list[tuple[float, str]] | None = None) -> Report:
+    """Parse kselftest TAP; diagnostics between ``#  RUN`` and a result belong to that test.
+
+    ``line_times`` (when each line of ``text`` reached the host, in order) time the tests:
+    from a test's ``#  RUN`` line, or else from the line after the previous result, to its
+    own result line."""
     tests: list[TestCase] = []
     planned = totals = None
     pending: list[str] | None = None
+    clock = _LineClock(line_times)
     for line in text.splitlines():
+        when = clock.at(line)
         if match := _RESULT.match(line):
-            tests.append(_test_case(match, pending or []))
+            tests.append(replace(_test_case(match, pending or []), seconds=clock.since(when)))
             pending = None
+            clock.start = None
         elif match := _PLAN.match(line):
             planned = int(match.group(1))
         elif match := _TOTALS.match(line):
             totals = {key: int(value) for key, value in re.findall(r"(\w+):(\d+)", match[1])}
         elif _RUN.match(line):
             pending = []
+            clock.start = when
         elif pending is not None and line.startswith("#") and not _HARNESS_STATUS.match(line):
             pending.append(line[1:].strip())
     return Report(tests + _missing(tests, planned), planned, totals, text)
+
+
+class _LineClock:
+    """Arrival times of a text's lines, looked up in order (lines the times do not have, e.g.
+    a console's own, get none)."""
+
+    def __init__(self, line_times: list[tuple[float, str]] | None) -> None:
+        self.times = list(reversed(line_times or []))
+        self.start: float | None = None  # the current test's RUN line
+        self.last: float | None = None  # the last result (at first: the first line)
+
+    def at(self, line: str) -> float | None:
+        while self.times:
+            when, text = self.times.pop()
+            if text.rstrip() == line.rstrip():
+                if self.last is None:
+                    self.last = when
+                return when
+        return None
+
+    def since(self, end: float | None) -> float | None:
+        """Seconds from the test's start to ``end``, its result line; the next test's
+        start, unless it has a RUN line of its own, is this result."""
+        begin = self.start if self.start is not None else self.last
+        if end is not None:
+            self.last = end
+        return None if end is None or begin is None else max(end - begin, 0.0)
 
 
 def _test_case(match: re.Match[str], diagnostics: list[str]) -> TestCase:
@@ -128,12 +165,15 @@ def summary_table(report: Report) -> str:
 
 
 def write_results(report: Report, run_dir: Path, *, exit_status: int | None,
-                  error: str | None, suite: str) -> None:
-    """results.tap, results.xml (JUnit, test suite ``suite``) and results.json in ``run_dir``."""
+                  error: str | None, suite: str, endpoint: dict[str, Any] | None = None) -> None:
+    """results.tap, results.xml (JUnit, test suite ``suite``) and results.json in ``run_dir``;
+    ``endpoint`` (what was tested: function, controller profile, doorbell, kernel) goes into
+    the JSON and the JUnit suite's properties."""
     (run_dir / "results.tap").write_text(report.tap)
-    ET.ElementTree(_junit(report, suite)).write(run_dir / "results.xml", encoding="utf-8",
-                                                xml_declaration=True)
+    ET.ElementTree(_junit(report, suite, endpoint or {})).write(
+        run_dir / "results.xml", encoding="utf-8", xml_declaration=True)
     summary = {
+        "endpoint": endpoint,
         "passed": report.passed and exit_status == 0,
         "exit_status": exit_status,
         "error": error,
@@ -145,17 +185,23 @@ def write_results(report: Report, run_dir: Path, *, exit_status: int | None,
     (run_dir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 
-def _junit(report: Report, suite_name: str) -> ET.Element:
+def _junit(report: Report, suite_name: str, endpoint: dict[str, Any]) -> ET.Element:
     counts = report.counts()
     attrs = {"name": suite_name, "tests": str(len(report.tests)),
              "failures": str(counts["fail"] + counts["xpass"]), "errors": str(counts["error"]),
              "skipped": str(counts["skip"] + counts["xfail"])}
     suites = ET.Element("testsuites", attrs)
     suite = ET.SubElement(suites, "testsuite", attrs)
+    if endpoint:
+        props = ET.SubElement(suite, "properties")
+        for key, value in endpoint.items():
+            ET.SubElement(props, "property", {"name": key, "value": str(value)})
     for test in report.tests:
         classname, _, name = test.name.rpartition(".")
         case = ET.SubElement(suite, "testcase", {"classname": classname or attrs["name"],
                                                  "name": name})
+        if test.seconds is not None:
+            case.set("time", f"{test.seconds:.3f}")
         tag = {"fail": "failure", "xpass": "failure", "error": "error", "skip": "skipped",
                "xfail": "skipped"}.get(test.status)
         if tag:

@@ -14,11 +14,14 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from vfio_ep import cmdline
 from vfio_ep.composition import Composition
 from vfio_ep.config import ConfigError
-from vfio_ep.epc.core import EpcError
+from vfio_ep.epc.core import EpcError, PciEpcAttributes
+from vfio_ep.epf.doorbell import pci_epf_doorbell_backend
+from vfio_ep.epf.functions.pci_epf_test import PciEpfTest
 from vfio_ep.epf.functions.pci_epf_vntb import PciEpfVntb
 from vfio_ep.guest.assets import NTB_PAIR, NTB_SUITE, TAP_LIB
 from vfio_ep.guest.initramfs import parse_console
@@ -92,20 +95,22 @@ def run_suite(function: str | None = None, config_file: Path | None = None,
                                   "has two: use --exec")
             exec_cmd = SHELL
         assets = provision_all(qemu=qemu, kernel=kernel, linux=linux)
+        facts = endpoint_facts(comp, assets)
         if exec_cmd is not None:
             controllers = [c for c in (func.primary, func.secondary) if c is not None]
             return _run_exec(target, assets, exec_cmd, controllers, timeout, run_dir, options)
         if func.driver == "pci_epf_vntb":
             return _run_ntb_suite(target, assets, vntb_doorbells(comp), timeout, run_dir,
-                                  guest_args or [], options)
+                                  guest_args or [], options, facts)
         if func.driver == "pci_epf_ntb":
             assert func.primary is not None and func.secondary is not None
             return _run_ntb_pair(target, assets, (func.primary, func.secondary), timeout,
-                                 run_dir, guest_args or [], options)
+                                 run_dir, guest_args or [], options, facts)
         if assets.test_kind == "pcitest":
             return _run_pcitest(target, assets, comp, timeout, run_dir, guest_args or [],
-                                options)
-        return _run_kselftest(target, assets, timeout, run_dir, guest_args or [], options)
+                                options, facts)
+        return _run_kselftest(target, assets, timeout, run_dir, guest_args or [], options,
+                              facts)
     except (ConfigError, ValueError, EpcError, ProvisionError, LaunchError) as exc:
         print(f"vfio-ep run: {exc}", file=sys.stderr)
         return 2
@@ -145,15 +150,16 @@ def _run_exec(target: Target, assets: GuestAssets, command: str, controllers: li
 
 
 def _run_kselftest(target: Target, assets: GuestAssets, timeout: float,
-                   run_dir: Path | None, guest_args: list[str], options: GuestOptions) -> int:
+                   run_dir: Path | None, guest_args: list[str], options: GuestOptions,
+                   facts: dict[str, Any]) -> int:
     top = new_run_dir(run_dir)
-    with _keep_on_interrupt(top, KSELFTEST_NAME):
+    with _keep_on_interrupt(top, KSELFTEST_NAME, facts):
         result = boot_guest(f"/{KSELFTEST_NAME} {shlex.join(guest_args)}",
                             server_args=target.server_args(), assets=assets, timeout=timeout,
                             run_dir=top, live=_echo, options=options)
-    report = parse_tap(result.output)
+    report = parse_tap(result.output, result.line_times)
     write_results(report, result.run_dir, exit_status=result.exit_status, error=result.error,
-                  suite=KSELFTEST_NAME)
+                  suite=KSELFTEST_NAME, endpoint=facts)
     print(f"\n{summary_table(report)}")
     if result.error:
         print(f"vfio-ep run: {result.error}", file=sys.stderr)
@@ -165,7 +171,8 @@ def _run_kselftest(target: Target, assets: GuestAssets, timeout: float,
 
 
 def _run_pcitest(target: Target, assets: GuestAssets, comp: Composition, timeout: float,
-                 run_dir: Path | None, guest_args: list[str], options: GuestOptions) -> int:
+                 run_dir: Path | None, guest_args: list[str], options: GuestOptions,
+                 facts: dict[str, Any]) -> int:
     """Linux before 6.14: pcitest.sh's cases (``pcitest_tap.sh``), with the vectors the
     function advertises."""
     if guest_args:
@@ -175,13 +182,13 @@ def _run_pcitest(target: Target, assets: GuestAssets, comp: Composition, timeout
     msi = int(values.get("msi_interrupts", 32))
     msix = int(values.get("msix_interrupts", 32))
     top = new_run_dir(run_dir)
-    with _keep_on_interrupt(top, "pcitest"):
+    with _keep_on_interrupt(top, "pcitest", facts):
         result = boot_guest(f"sh /pcitest_tap.sh {msi} {msix}",
                             server_args=target.server_args(), assets=assets, timeout=timeout,
                             run_dir=top, live=_echo, options=options)
-    report = parse_tap(result.output)
+    report = parse_tap(result.output, result.line_times)
     write_results(report, result.run_dir, exit_status=result.exit_status, error=result.error,
-                  suite="pcitest")
+                  suite="pcitest", endpoint=facts)
     print(f"\n{summary_table(report)}")
     if result.error:
         print(f"vfio-ep run: {result.error}", file=sys.stderr)
@@ -190,7 +197,7 @@ def _run_pcitest(target: Target, assets: GuestAssets, comp: Composition, timeout
 
 
 @contextlib.contextmanager
-def _keep_on_interrupt(run_dir: Path, suite: str) -> Iterator[None]:
+def _keep_on_interrupt(run_dir: Path, suite: str, facts: dict[str, Any]) -> Iterator[None]:
     """Ctrl-C or SIGTERM (a CI job's timeout) mid-run keeps what ran: the TAP the guest
     printed so far becomes the results (the tests it planned and never reached count as
     missing), the summary is printed, and the exit status is 130 or 143."""
@@ -206,7 +213,8 @@ def _keep_on_interrupt(run_dir: Path, suite: str) -> Iterator[None]:
         report = parse_tap(output)
         running = _running_test(output)
         why = "interrupted" + (f" while {running} ran" if running else "")
-        write_results(report, run_dir, exit_status=None, error=why, suite=suite)
+        write_results(report, run_dir, exit_status=None, error=why, suite=suite,
+                      endpoint=facts)
         print(f"\n{summary_table(report)}\nvfio-ep run: {why}\nrun directory: {run_dir}",
               file=sys.stderr)
         raise SystemExit(status) from None
@@ -234,6 +242,33 @@ def _nothing_selected(guest_args: list[str], assets: GuestAssets, run_dir: Path)
             f"-t TEST or -T FIXTURE.VARIANT.TEST):\n{listing.output.rstrip()}")
 
 
+def endpoint_facts(comp: Composition, assets: GuestAssets) -> dict[str, Any]:
+    """What a run tests, for its results: the function, each controller's profile, the
+    doorbell backend the function gets (bound once here with no client, as the server will
+    bind it), and the guest's kernel."""
+    probe = copy.deepcopy(comp)
+    func = next(iter(probe.functions.values()))
+    if func.driver == "pci_epf_vntb":
+        probe.set("ntb_client=none")
+    probe.assign_sockets([f"{name}=unused" for name in probe.controllers])
+    endpoints = probe.build()
+    epf = endpoints[0].functions[0] if endpoints[0].functions else None
+    doorbell: str | None = None
+    if isinstance(epf, PciEpfVntb):
+        doorbell = epf.db_backend or "poll"  # no interrupt doorbell: it polls its BAR
+    elif isinstance(epf, PciEpfTest):
+        doorbell = pci_epf_doorbell_backend(epf)
+    return {
+        "function": func.driver,
+        "controllers": ", ".join(
+            f"{name}: {ctrl.values.get('profile', PciEpcAttributes.profile)}"
+            for name, ctrl in comp.controllers.items()),
+        "doorbell": doorbell,
+        "linux": assets.linux,
+        "kernel": str(assets.kernel),
+    }
+
+
 def vntb_doorbells(comp: Composition) -> tuple[int, bool]:
     """How many doorbells the EP will answer, and whether they share one register: the
     function bound once here, with no client, as the server will bind it."""
@@ -247,7 +282,7 @@ def vntb_doorbells(comp: Composition) -> tuple[int, bool]:
 
 def _run_ntb_suite(target: Target, assets: GuestAssets, doorbells: tuple[int, bool],
                    timeout: float, run_dir: Path | None, phases: list[str],
-                   options: GuestOptions) -> int:
+                   options: GuestOptions, facts: dict[str, Any]) -> int:
     """One guest per phase, the EP running the matching client; ``phases`` selects some."""
     top = new_run_dir(run_dir)
     reports: list[Report] = []
@@ -261,15 +296,15 @@ def _run_ntb_suite(target: Target, assets: GuestAssets, doorbells: tuple[int, bo
             assets=assets, timeout=timeout, run_dir=top / phase,
             extra_files={"ntb_suite.sh": NTB_SUITE, "tap_lib.sh": TAP_LIB}, live=_echo,
             options=options)
-        reports.append(parse_tap(result.output))
+        reports.append(parse_tap(result.output, result.line_times))
         if result.error or result.exit_status != 0:
             failed_boots.append(f"{phase}: {result.error or f'exit {result.exit_status}'}")
-    return _finish(reports, failed_boots, top, "ntb")
+    return _finish(reports, failed_boots, top, "ntb", facts)
 
 
 def _run_ntb_pair(target: Target, assets: GuestAssets, controllers: tuple[str, str],
                   timeout: float, run_dir: Path | None, phases: list[str],
-                  options: GuestOptions) -> int:
+                  options: GuestOptions, facts: dict[str, Any]) -> int:
     """Two guests on one pci-epf-ntb (guest a on the primary, b on the secondary), booted
     together once per phase (rejoin: b boots twice); ``phases`` selects some."""
     top = new_run_dir(run_dir)
@@ -288,11 +323,11 @@ def _run_ntb_pair(target: Target, assets: GuestAssets, controllers: tuple[str, s
                               live=lambda label, line: _echo(f"{label}: {line}"),
                               options=options)
         for spec, result in zip(specs, results, strict=True):
-            reports.append(parse_tap(result.output))
+            reports.append(parse_tap(result.output, result.line_times))
             if result.error or result.exit_status != 0:
                 failed_boots.append(f"{phase}/{spec.label}: "
                                     f"{result.error or f'exit {result.exit_status}'}")
-    return _finish(reports, failed_boots, top, "ntb-pair")
+    return _finish(reports, failed_boots, top, "ntb-pair", facts)
 
 
 def _phases(what: str, chosen: list[str], known: tuple[str, ...]) -> list[str]:
@@ -304,11 +339,12 @@ def _phases(what: str, chosen: list[str], known: tuple[str, ...]) -> list[str]:
     return chosen or list(known)
 
 
-def _finish(reports: list[Report], failed_boots: list[str], top: Path, suite: str) -> int:
+def _finish(reports: list[Report], failed_boots: list[str], top: Path, suite: str,
+            facts: dict[str, Any]) -> int:
     """Merge the boots' reports into one result, print it; 0 only if all passed."""
     report = merge_reports(reports)
     write_results(report, top, exit_status=1 if failed_boots else 0,
-                  error="; ".join(failed_boots) or None, suite=suite)
+                  error="; ".join(failed_boots) or None, suite=suite, endpoint=facts)
     print(f"\n{summary_table(report)}")
     for line in failed_boots:
         print(f"vfio-ep run: {line}", file=sys.stderr)

@@ -117,7 +117,7 @@ async def _soak(seconds: float, suite: str, controller: str, server_args: list[s
                 tally.kills += 1
                 line = f"QEMU killed after {kill_after:.1f} s"
             else:
-                report = parse_tap(result.output)
+                report = parse_tap(result.output, result.line_times)
                 tally.tests += len(report.tests)
                 line = (f"{sum(t.status != 'fail' for t in report.tests)}/"
                         f"{len(report.tests)} ok"
