@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import mmap
 import os
+import re
 import struct
 import zlib
 from collections.abc import Iterator
@@ -107,6 +108,17 @@ def test_read_write_copy(ep: tuple[ServerThread, Guest], use_dma: int) -> None:
                        size=len(data), flags=use_dma)
     assert status == t.STATUS_COPY_SUCCESS | t.STATUS_IRQ_RAISED
     assert bytes(g.mem[0x200000 : 0x200000 + len(data)]) == data
+
+
+def test_commands_are_logged_decoded(ep: tuple[ServerThread, Guest],
+                                     caplog: pytest.LogCaptureFixture) -> None:
+    """-v (INFO) shows each command by name, what it moved, its STATUS bits and IRQ."""
+    _, g = ep
+    caplog.set_level(logging.INFO)
+    g.command(t.COMMAND_READ, src_addr=0x7000_0000, size=64, checksum=0)
+    assert re.search(r"READ of 0x40 bytes from 0x70000000 by memcpy: STATUS "
+                     r"READ_FAIL\|IRQ_RAISED, MSI-X 1, \d+\.\d ms", caplog.text), caplog.text
+    assert "DMA map" not in caplog.text  # those are -vv
 
 
 def test_bad_addresses_fail_but_still_interrupt(ep: tuple[ServerThread, Guest],

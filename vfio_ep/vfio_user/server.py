@@ -368,7 +368,7 @@ def _dma_map(c: Connection, msg_id: int, body: bytes, fds: list[int]) -> None:
         c.dma.map(m["iova"], m["size"], m["flags"], fd, m["offset"])
     finally:
         _close_fds(fds)
-    log.info("client %s: DMA map [%#x, %#x) %s", c.peer, m["iova"], m["iova"] + m["size"],
+    log.debug("client %s: DMA map [%#x, %#x) %s", c.peer, m["iova"], m["iova"] + m["size"],
              f"fd offset {m['offset']:#x}" if fd is not None else "without fd (DMA messages)")
     return None
 
@@ -377,10 +377,10 @@ def _dma_unmap(c: Connection, msg_id: int, body: bytes, fds: list[int]) -> None:
     m = p.DmaUnmap.parse(body)
     if m["flags"] & p.DMA_UNMAP_FLAG_ALL:
         c.dma.clear()
-        log.info("client %s: DMA unmap all", c.peer)
+        log.debug("client %s: DMA unmap all", c.peer)
     else:
         n = c.dma.unmap(m["iova"], m["size"])
-        log.info("client %s: DMA unmap [%#x, %#x) (%d mappings)", c.peer, m["iova"],
+        log.debug("client %s: DMA unmap [%#x, %#x) (%d mappings)", c.peer, m["iova"],
                  m["iova"] + m["size"], n)
     return None
 

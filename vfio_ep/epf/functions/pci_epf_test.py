@@ -11,6 +11,7 @@ moment the RC's write lands.
 from __future__ import annotations
 
 import errno
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
@@ -72,6 +73,24 @@ STATUS_BAR_SUBRANGE_CLEAR_FAIL = 1 << 17
 STATUS_NO_RESOURCE = 1 << 18
 
 FLAG_USE_DMA = 1 << 0
+
+
+def _bit_names(prefix: str) -> dict[int, str]:
+    """The bits this module names ``PREFIX<NAME>``, by value (for logs)."""
+    return {v: k.removeprefix(prefix) for k, v in globals().items()
+            if k.startswith(prefix) and isinstance(v, int)}
+
+
+COMMAND_NAMES = _bit_names("COMMAND_")
+STATUS_NAMES = _bit_names("STATUS_")
+IRQ_TYPE_NAMES = {IRQ_TYPE_INTX: "INTx", IRQ_TYPE_MSI: "MSI", IRQ_TYPE_MSIX: "MSI-X"}
+
+
+def decode_bits(value: int, names: dict[int, str]) -> str:
+    """``READ_SUCCESS|IRQ_RAISED``: the named bits of ``value``, any other bits in hex."""
+    parts = [name for bit, name in names.items() if value & bit]
+    rest = value & ~sum(names)
+    return "|".join(parts + ([f"{rest:#x}"] if rest else [])) or "0"
 
 CAP_UNALIGNED_ACCESS = 1 << 0
 CAP_MSI = 1 << 1
@@ -288,8 +307,30 @@ class PciEpfTest(PciEpf):
             return
         reg["command"] = 0
         reg["status"] = 0
-        self.log.debug("command %#x irq_type %d irq_number %d flags %#x", command, irq_type,
-                  reg["irq_number"], reg["flags"])
+        started = time.monotonic()
+        try:
+            await self._run_command(command, irq_type)
+        finally:
+            self.log.info("%s: STATUS %s, %s %d, %.1f ms", self._describe(command),
+                          decode_bits(reg["status"], STATUS_NAMES),
+                          IRQ_TYPE_NAMES.get(irq_type, f"irq_type {irq_type}"),
+                          reg["irq_number"], (time.monotonic() - started) * 1e3)
+
+    def _describe(self, command: int) -> str:
+        """The command as the log shows it: its name and, for data, what it moves."""
+        reg = self.regs
+        what = decode_bits(command, COMMAND_NAMES)
+        if command & (COMMAND_READ | COMMAND_WRITE | COMMAND_COPY):
+            what += f" of {reg['size']:#x} bytes"
+            if command & (COMMAND_READ | COMMAND_COPY):
+                what += f" from {reg['src_addr']:#x}"
+            if command & (COMMAND_WRITE | COMMAND_COPY):
+                what += f" to {reg['dst_addr']:#x}"
+            what += " by DMA" if reg["flags"] & FLAG_USE_DMA else " by memcpy"
+        return what
+
+    async def _run_command(self, command: int, irq_type: int) -> None:
+        reg = self.regs
         if reg["flags"] & FLAG_USE_DMA and not self.dma_supported:
             self.log.error("Cannot transfer data using DMA")
             return
