@@ -94,3 +94,19 @@ def test_socket_names_a_controller() -> None:
     assert comp.controllers["ep0"].values["socket"] == "/tmp/a.sock"
     with pytest.raises(config.ConfigError, match="no controller named 'x'"):
         load(None, "pci-epf-test", [], sockets=["x=/tmp/a.sock"])
+
+
+def test_presets_set_ids_profile_and_bars_and_user_sets_win() -> None:
+    """--preset: a board's look in one word; --set items after it override it."""
+    comp = load(None, None, ["deviceid=0xb00d"], preset="am654")
+    values = comp.function_attributes("func1")
+    assert (values.vendorid, values.deviceid) == (0x104C, 0xB00D)
+    assert comp.controllers["ep0"].values["reserved_bars"] == "0,1"
+    vntb = load(None, "pci-epf-vntb", [], preset="imx8")
+    assert vntb.controllers["ep0"].values["profile"] == "imx8q"
+    attrs = vntb.function_attributes("func1")
+    assert (attrs.deviceid, attrs.db_bar) == (0x0809, 2)
+    with pytest.raises(config.ConfigError, match="rk3588 is for pci-epf-test, not pci-epf-vntb"):
+        load(None, "pci-epf-vntb", [], preset="rk3588")
+    with pytest.raises(config.ConfigError, match="unknown preset 'x'"):
+        load(None, None, [], preset="x")

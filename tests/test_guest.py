@@ -106,6 +106,24 @@ def test_kselftest_passes_with_each_doorbell(tmp_path: Path, doorbell: str) -> N
     assert using in result.server_log
 
 
+@pytest.mark.parametrize(("preset", "skipped"), [
+    # RK3588: BAR4 is reserved (the eDMA registers): its two BAR tests skip
+    ("rk3588", {"pci_ep_bar.BAR4.BAR_TEST", "pci_ep_bar.BAR4.BAR_SUBRANGE_TEST"}),
+])
+def test_preset_looks_like_the_board(tmp_path: Path, preset: str, skipped: set[str]) -> None:
+    """--preset: the board's IDs, profile and BARs; the board's INTx limit shows as on the
+    board: the header keeps INTA (as pci-epf-test's does), the controller refuses to raise
+    it, and LEGACY_IRQ_TEST times out."""
+    proc, results = vfio_ep_run(tmp_path, "--preset", preset)
+    s = {t["name"]: t for t in results["tests"]}
+    assert {n for n, t in s.items() if t["status"] == "fail"} == {
+        "pci_ep_basic.LEGACY_IRQ_TEST"}, proc.stdout[-3000:]
+    assert "ret (-110)" in " ".join(s["pci_ep_basic.LEGACY_IRQ_TEST"]["diagnostics"])
+    assert skipped <= {n for n, t in s.items() if t["status"] == "skip"}
+    assert results["endpoint"]["controllers"] == f"ep0: {preset}"
+    assert proc.returncode == 1
+
+
 def test_register_bar_moved_to_bar2_as_on_am654(tmp_path: Path) -> None:
     """AM654's driver data puts the test registers in BAR2.
 

@@ -36,18 +36,18 @@ SUITE = [f"tool.{t}" for t in ("hw_epf_bound", "tool_bound", "link_up", "spads_b
     ("doorbell=poll",),
     ("controller=rk3588",),  # the eDMA doorbell pre-exposed in BAR4 = db_bar
     ("controller=rcar-s4",),  # no MSI controller: the embedded doorbell, BAR4 fixed 256 B
-    # ntb_hw_epf's i.MX8 map: ctrl/db/mw1 in BARs 0/2/4
-    ("vendorid=0x1957", "deviceid=0x0809", "ctrl_bar=0", "db_bar=2", "mw1_bar=4"),
+    # the i.MX8 preset: ntb_hw_epf's i.MX8 map (ctrl/db/mw1 in BARs 0/2/4), BARs 1/3/5 off
+    ("--preset=imx8",),
 ], ids=lambda s: s[0])
 def test_vntb_suite(tmp_path: Path, sets: tuple[str, ...]) -> None:
-    args = [a for s in sets for a in ("--set", s)]
+    args = [a for s in sets for a in ((s,) if s.startswith("--") else ("--set", s))]
     proc, results = vfio_ep_run(tmp_path, "--function", "pci-epf-vntb", *args)
     assert_passed(proc, results, SUITE)
     logs = "".join(p.read_text() for p in (tmp_path / "run").glob("*/server.log"))
     if sets == ("doorbell=poll",):
         assert "doorbell = poll: polling the doorbell BAR" in logs
     else:  # an interrupt doorbell, in the BAR ntb_hw_epf's map rings
-        assert f"doorbells in BAR{2 if 'db_bar=2' in sets else 4}" in logs
+        assert f"doorbells in BAR{2 if '--preset=imx8' in sets else 4}" in logs
 
 
 def test_the_seeds_configfs_setup_as_written(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from vfio_ep.guest.kernel_build import DEFAULT_LINUX, LINUX_LINES
+from vfio_ep.presets import PRESETS
 
 
 def _verbosity(ctx: click.Context, _param: click.Parameter, count: int) -> None:
@@ -48,6 +49,9 @@ def composition_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--configfs", type=click.Path(exists=True, path_type=Path),
                      help="A pci_ep configfs shell script (cd/mkdir/echo/ln -s) to set up "
                      "controllers and functions from."),
+        click.option("--preset", type=click.Choice(sorted(PRESETS)),
+                     help="Look like this board to the host's drivers: its IDs, controller "
+                     "profile and BARs (--set items after it win)."),
         click.option("--set", "sets", multiple=True, metavar="[NAME.]KEY=VALUE",
                      help="Set one attribute (repeatable); NAME picks a controller or "
                      "function."),
@@ -69,12 +73,12 @@ def composition_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @composition_options
 def serve(sockets: tuple[str, ...], allow_uids: tuple[int, ...], print_qemu_args: bool,
           function: str | None, config_file: Path | None, configfs: Path | None,
-          sets: tuple[str, ...]) -> None:
+          preset: str | None, sets: tuple[str, ...]) -> None:
     """Serve every started controller on its socket until SIGINT/SIGTERM."""
     from vfio_ep.serve import serve_forever
 
     serve_forever(list(sockets), function, config_file, list(sets), configfs,
-                  frozenset(allow_uids), print_qemu_args)
+                  frozenset(allow_uids), print_qemu_args, preset)
 
 
 @main.command(context_settings={"ignore_unknown_options": True})
@@ -110,8 +114,8 @@ def serve(sockets: tuple[str, ...], allow_uids: tuple[int, ...], print_qemu_args
 @click.option("--run-dir", type=click.Path(path_type=Path), help="Where logs and results go.")
 @click.argument("guest_args", nargs=-1, type=click.UNPROCESSED)
 def run(function: str | None, config_file: Path | None, configfs: Path | None,
-        sets: tuple[str, ...], kernel: Path | None, qemu: Path | None, linux: str,
-        exec_cmd: str | None, shell: bool, append: str, memory: int, cpus: int,
+        preset: str | None, sets: tuple[str, ...], kernel: Path | None, qemu: Path | None,
+        linux: str, exec_cmd: str | None, shell: bool, append: str, memory: int, cpus: int,
         qemu_args: tuple[str, ...], gdb_port: int | None, timeout: float | None,
         run_dir: Path | None, guest_args: tuple[str, ...]) -> None:
     """Boot a guest against a fresh vfio-ep and run the function's suite.
@@ -131,7 +135,8 @@ def run(function: str | None, config_file: Path | None, configfs: Path | None,
     if timeout is None:
         timeout = float("inf") if shell else 600.0
     raise SystemExit(run_suite(function=function, config_file=config_file, configfs=configfs,
-                               sets=list(sets), kernel=kernel, qemu=qemu, timeout=timeout,
+                               preset=preset, sets=list(sets), kernel=kernel, qemu=qemu,
+                               timeout=timeout,
                                run_dir=run_dir, guest_args=list(guest_args),
                                exec_cmd=exec_cmd,
                                options=GuestOptions(memory, append, cpus, qemu_args, gdb_port,

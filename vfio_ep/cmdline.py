@@ -10,12 +10,15 @@ from typing import Any
 from vfio_ep.composition import Composition
 from vfio_ep.config import ConfigError
 from vfio_ep.configfs_script import parse_script
+from vfio_ep.presets import preset_sets
 
 
 def load(config_file: Path | None, function: str | None, sets: list[str],
-         configfs: Path | None = None, sockets: list[str] | None = None) -> Composition:
+         configfs: Path | None = None, sockets: list[str] | None = None,
+         preset: str | None = None) -> Composition:
     """The composition a command line asks for (``--config``, ``--configfs``, ``--function``,
-    ``--set``, ``--socket``)."""
+    ``--preset``, ``--set``, ``--socket``); a preset's items come before the ``--set`` ones,
+    which win."""
     if config_file is not None and configfs is not None:
         raise ConfigError("--config and --configfs are two ways of saying the same: pick one")
     if configfs is not None:
@@ -30,6 +33,10 @@ def load(config_file: Path | None, function: str | None, sets: list[str],
             comp = Composition.single(function, _flat(data, config_file))
     else:
         comp = Composition.single(function, {})
+    if preset is not None:
+        if len(comp.functions) != 1 or len(comp.controllers) != 1:
+            raise ConfigError("--preset is for one function on one controller")
+        sets = [*preset_sets(preset, next(iter(comp.functions.values())).driver), *sets]
     for item in sets:
         comp.set(item)
     comp.assign_sockets(sockets or [])

@@ -45,10 +45,10 @@ def qemu_args(socket: Path) -> str:
 
 def serve_forever(sockets: list[str], function: str | None, config_file: Path | None,
                   sets: list[str], configfs: Path | None = None,
-                  allow_uids: frozenset[int] = frozenset(), print_qemu_args: bool = False
-                  ) -> None:
+                  allow_uids: frozenset[int] = frozenset(), print_qemu_args: bool = False,
+                  preset: str | None = None) -> None:
     try:
-        comp = cmdline.load(config_file, function, sets, configfs, sockets)
+        comp = cmdline.load(config_file, function, sets, configfs, sockets, preset)
         endpoints = comp.build()
     except (ConfigError, ValueError) as e:
         sys.exit(f"vfio-ep: {e}")

@@ -85,6 +85,12 @@ PROFILES: dict[str, ControllerProfile] = {
                               bar4=BarDesc(BarType.FIXED, fixed_size=256), bar5=_DISABLED)),
         msi_controller=False,
     ),
+    # i.MX8Q (pci-imx6.c, imx8q_pcie_epc_features): BARs 1, 3 and 5 disabled, 64 KiB
+    # inbound alignment; its MSI controller and eDMA as in the generic model.
+    "imx8q": ControllerProfile(
+        "imx8q",
+        EpcFeatures(align=1 << 16, bar=_bars(bar1=_DISABLED, bar3=_DISABLED, bar5=_DISABLED)),
+    ),
     # RK3588 (pcie-dw-rockchip.c): BAR4 is reserved and shows the eDMA registers; as on the
     # Rock 5B in the seeds, the EP finds no MSI domain, so doorbells use the eDMA.
     "rk3588": ControllerProfile(

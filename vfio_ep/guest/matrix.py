@@ -3,7 +3,7 @@
 Every cell is a ``vfio-ep run`` as a user types it, on one kernel line: pci-epf-test with
 each doorbell backend (the kselftest; 6.12 has ``pcitest`` and no doorbell test, so one run
 of pcitest.sh's cases), the vNTB suite (6.12's ntb_hw_epf knows the i.MX8 IDs, not the
-R-Car ones: the i.MX8 map there), and the NTB pair.  The table (kernel x suite x result) is
+R-Car ones: the i.MX8 preset there), and the NTB pair.  The table (kernel x suite x result) is
 printed and written as markdown to ``out``; the exit status is 0 only when every cell
 passed.  ``vfio-ep matrix`` runs it.
 """
@@ -19,7 +19,6 @@ from pathlib import Path
 from vfio_ep.guest.launcher import new_run_dir
 from vfio_ep.guest.runner import run_suite
 
-IMX8_MAP = ("vendorid=0x1957", "deviceid=0x0809", "ctrl_bar=0", "db_bar=2", "mw1_bar=4")
 NO_KSELFTEST = ("6.12",)  # pcitest only: no doorbell test, one run
 OLD_NTB_IDS = ("6.12",)  # ntb_hw_epf without the R-Car vNTB IDs
 
@@ -30,6 +29,7 @@ class Cell:
     suite: str
     function: str | None
     sets: tuple[str, ...] = ()
+    preset: str | None = None  # vfio_ep.presets
 
 
 @dataclass
@@ -56,16 +56,16 @@ def cells(lines: tuple[str, ...]) -> list[Cell]:
             out += [Cell(linux, f"kselftest, {db} doorbell", None, (f"doorbell={db}",))
                     for db in ("msi", "embedded", "poll")]
         imx = linux in OLD_NTB_IDS
-        out.append(Cell(linux, "vNTB" + (" (i.MX8 map)" if imx else ""), "pci-epf-vntb",
-                        IMX8_MAP if imx else ()))
+        out.append(Cell(linux, "vNTB" + (" (i.MX8 preset)" if imx else ""), "pci-epf-vntb",
+                        preset="imx8" if imx else None))
         out.append(Cell(linux, "NTB pair", "pci-epf-ntb"))
     return out
 
 
 def run_cell(cell: Cell, run_dir: Path) -> Outcome:
     started = time.monotonic()
-    status = run_suite(function=cell.function, sets=list(cell.sets), linux=cell.linux,
-                       run_dir=run_dir)
+    status = run_suite(function=cell.function, sets=list(cell.sets), preset=cell.preset,
+                       linux=cell.linux, run_dir=run_dir)
     counts = {"pass": 0, "fail": 0, "skip": 0}
     results = run_dir / "results.json"
     if results.is_file():

@@ -53,9 +53,12 @@ class Target:
     config_file: Path | None
     configfs: Path | None
     sets: tuple[str, ...]
+    preset: str | None = None
 
     def server_args(self, *extra_sets: str) -> list[str]:
         args = ["--function", self.function] if self.function else []
+        if self.preset:
+            args += ["--preset", self.preset]
         if self.config_file:
             args += ["--config", str(self.config_file.resolve())]
         if self.configfs:
@@ -67,6 +70,7 @@ class Target:
 
 def run_suite(function: str | None = None, config_file: Path | None = None,
               configfs: Path | None = None, sets: list[str] | None = None,
+              preset: str | None = None,
               kernel: Path | None = None, qemu: Path | None = None, timeout: float = 600,
               run_dir: Path | None = None, guest_args: list[str] | None = None,
               exec_cmd: str | None = None, options: GuestOptions = DEFAULT_OPTIONS,
@@ -78,9 +82,9 @@ def run_suite(function: str | None = None, config_file: Path | None = None,
     configuration, provisioning or launching failed; with ``exec_cmd``, the command's exit
     status (124 when the run timed out).
     """
-    target = Target(function, config_file, configfs, tuple(sets or []))
+    target = Target(function, config_file, configfs, tuple(sets or []), preset)
     try:
-        comp = cmdline.load(config_file, function, list(target.sets), configfs)
+        comp = cmdline.load(config_file, function, list(target.sets), configfs, preset=preset)
         if len(comp.functions) != 1:
             raise ConfigError(f"vfio-ep run boots one guest against one function; this "
                               f"composition has {len(comp.functions)} "

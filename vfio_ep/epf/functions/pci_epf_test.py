@@ -14,7 +14,7 @@ import errno
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import trio
 from construct import Int32ul, Int64ul, Struct
@@ -172,8 +172,6 @@ class PciEpfTest(PciEpf):
     # -- bind / space ------------------------------------------------------------
     def bind(self) -> None:
         features = self.features
-        if not features.intx_capable:
-            self.header = replace(self.header, interrupt_pin=0)
         bar = get_first_free_bar(features)
         if bar < 0:
             raise EpcError(errno.EINVAL, "no free BAR for the test registers")
