@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import signal
 import subprocess
@@ -167,3 +168,30 @@ def test_attributes_of_an_unknown_function_name_the_known_ones() -> None:
     run = _vfio_ep("attributes", "pci-epf-nope")
     assert run.returncode == 1
     assert "known: pci-epf-ntb, pci-epf-test, pci-epf-vntb, testdev" in run.stderr
+
+
+def test_ready_fd_and_pidfile_for_scripts(tmp_path: Path) -> None:
+    """--ready-fd: READY=1 once the socket accepts clients (then EOF); --pidfile: our pid
+    while serving, gone after; a bad fd is a one-line error that leaves no socket behind."""
+    sock, pidfile = tmp_path / "ep.sock", tmp_path / "ep.pid"
+    r, w = os.pipe()
+    proc = subprocess.Popen([sys.executable, "-m", "vfio_ep", "serve", "--socket", str(sock),
+                             "--ready-fd", str(w), "--pidfile", str(pidfile)],
+                            pass_fds=(w,), stderr=subprocess.PIPE, text=True)
+    os.close(w)
+    try:
+        with os.fdopen(r, "rb") as ready:
+            assert ready.read() == b"READY=1\n"  # read to EOF: the server closed it
+        assert pidfile.read_text() == f"{proc.pid}\n"
+        c = Client(sock)  # no waiting: it accepts now
+        assert c.cfg_read32(0) == 0xEDDA16C3
+        c.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=10)
+    assert proc.returncode == 0 and not pidfile.exists() and not sock.exists()
+
+    bad = _vfio_ep("serve", "--socket", str(sock), "--ready-fd", "99")
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    assert "vfio-ep: --ready-fd 99: Bad file descriptor" in bad.stderr
+    assert not sock.exists()

@@ -67,18 +67,24 @@ def composition_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--allow-uid", "allow_uids", multiple=True, type=click.IntRange(min=0),
               metavar="UID", help="Also accept clients of this user (checked with "
               "SO_PEERCRED; the socket is then 0666); repeatable.  Default: our own user.")
+@click.option("--ready-fd", type=click.IntRange(min=0), metavar="FD",
+              help="Once every socket accepts clients, write READY=1 to this inherited file "
+              "descriptor and close it (a pipe a script waits on).")
+@click.option("--pidfile", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write our pid here once serving; removed at exit.")
 @click.option("--print-qemu-args", is_flag=True,
               help="Print, per controller, the QEMU options that attach a guest to it as "
               "`vfio-ep run` does (memfd RAM, interrupt remapping, root port, the device).")
 @composition_options
-def serve(sockets: tuple[str, ...], allow_uids: tuple[int, ...], print_qemu_args: bool,
-          function: str | None, config_file: Path | None, configfs: Path | None,
-          preset: str | None, sets: tuple[str, ...]) -> None:
+def serve(sockets: tuple[str, ...], allow_uids: tuple[int, ...], ready_fd: int | None,
+          pidfile: Path | None, print_qemu_args: bool, function: str | None,
+          config_file: Path | None, configfs: Path | None, preset: str | None,
+          sets: tuple[str, ...]) -> None:
     """Serve every started controller on its socket until SIGINT/SIGTERM."""
     from vfio_ep.serve import serve_forever
 
     serve_forever(list(sockets), function, config_file, list(sets), configfs,
-                  frozenset(allow_uids), print_qemu_args, preset)
+                  frozenset(allow_uids), print_qemu_args, preset, ready_fd, pidfile)
 
 
 @main.command(context_settings={"ignore_unknown_options": True})

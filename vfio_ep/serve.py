@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shlex
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import trio
@@ -19,12 +21,18 @@ from vfio_ep.vfio_user.server import Listener, SocketPathError
 log = logging.getLogger(__name__)
 
 
-async def serve(listeners: list[Listener]) -> None:
-    """Every endpoint on its own socket, in one trio loop, until a signal."""
+class NotifyError(Exception):
+    """The pidfile or the readiness fd could not be written: the server stops."""
+
+
+async def serve(listeners: list[Listener], ready: Callable[[], None] = lambda: None) -> None:
+    """Every endpoint on its own socket, in one trio loop, until a signal; ``ready`` runs
+    once every listener accepts clients."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             for listener in listeners:
                 await nursery.start(listener.serve)
+            ready()
 
             async def stop_on_signal() -> None:
                 async for signum in signals:
@@ -46,7 +54,11 @@ def qemu_args(socket: Path) -> str:
 def serve_forever(sockets: list[str], function: str | None, config_file: Path | None,
                   sets: list[str], configfs: Path | None = None,
                   allow_uids: frozenset[int] = frozenset(), print_qemu_args: bool = False,
-                  preset: str | None = None) -> None:
+                  preset: str | None = None, ready_fd: int | None = None,
+                  pidfile: Path | None = None) -> None:
+    """Build the composition, bind every started controller's socket, then serve until
+    SIGINT/SIGTERM.  Once every socket accepts clients: ``READY=1`` on ``ready_fd`` (then
+    closed), and our pid in ``pidfile`` (removed at exit if it still holds it)."""
     try:
         comp = cmdline.load(config_file, function, sets, configfs, sockets, preset)
         endpoints = comp.build()
@@ -68,4 +80,28 @@ def serve_forever(sockets: list[str], function: str | None, config_file: Path | 
             "testdev"
         log.info("serving controller %s: %s %04x:%04x on %s", e.controller, what, h.vendorid,
                  h.deviceid, e.socket)
-    trio.run(serve, listeners)
+
+    def ready() -> None:
+        try:
+            if pidfile is not None:
+                pidfile.write_text(f"{os.getpid()}\n")
+            if ready_fd is not None:  # EOF without READY=1: the server died first
+                os.write(ready_fd, b"READY=1\n")
+                os.close(ready_fd)
+        except OSError as e:
+            raise NotifyError(f"{e.filename or f'--ready-fd {ready_fd}'}: {e.strerror}") from e
+
+    try:
+        trio.run(serve, listeners, ready)
+    except* NotifyError as group:  # the sockets are gone already
+        sys.exit(f"vfio-ep: {group.exceptions[0]}")
+    finally:
+        if pidfile is not None and _holds_our_pid(pidfile):
+            pidfile.unlink()
+
+
+def _holds_our_pid(pidfile: Path) -> bool:
+    try:
+        return pidfile.read_text().strip() == str(os.getpid())
+    except OSError:
+        return False
