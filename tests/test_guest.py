@@ -217,6 +217,28 @@ def test_run_verbose_after_the_subcommand_selects_one_test(tmp_path: Path) -> No
     assert re.search(r'name="DOORBELL_TEST" time="\d+\.\d{3}"', junit)
 
 
+def test_a_device_no_driver_binds_is_named_not_23_failures(tmp_path: Path) -> None:
+    """IDs pci_endpoint_test does not know: the run fails saying which device has no
+    driver, instead of every test failing on a missing /dev/pci-endpoint-test.0."""
+    proc, results = vfio_ep_run(tmp_path, "--set", "deviceid=0x1234")
+    assert proc.returncode == 1 and results["tests"] == []
+    assert re.search(r"vfio-ep run: no driver bound to [0-9a-f:.]+ \[16c3:1234\]: is "
+                     r"CONFIG_PCI_ENDPOINT_TEST set", proc.stderr), proc.stderr
+    assert "matched no test" not in proc.stderr
+
+
+def test_kselftest_from_your_tree(tmp_path: Path) -> None:
+    """--kselftest PATH runs that binary (static: the guest has no libc); a dynamic one is
+    refused before anything boots."""
+    mine = tmp_path / "my_pci_endpoint_test"
+    mine.write_bytes(provision_all().test.read_bytes())
+    mine.chmod(0o755)
+    proc, results = vfio_ep_run(tmp_path, "--kselftest", str(mine), "--", "-t", "BAR_TEST")
+    assert proc.returncode == 0 and len(results["tests"]) == 6, proc.stderr
+    bad = _run("--kselftest", "/bin/true")
+    assert bad.returncode == 2 and "not a static executable" in bad.stderr
+
+
 def test_run_that_selects_no_test_fails_and_lists_the_tests(tmp_path: Path) -> None:
     proc, results = vfio_ep_run(tmp_path, "--", "-t", "NOPE")
     assert proc.returncode == 1, proc.stdout + proc.stderr

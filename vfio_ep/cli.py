@@ -93,6 +93,9 @@ def serve(sockets: tuple[str, ...], allow_uids: tuple[int, ...], ready_fd: int |
 @click.option("--kernel", type=click.Path(exists=True, path_type=Path),
               help="Boot this bzImage, or a kernel build directory (O=): its bzImage, and its "
               "modules in the initramfs' /lib/modules.")
+@click.option("--kselftest", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Run this pci_endpoint_test (built static from your tree) instead of the "
+              "one vfio-ep builds.")
 @click.option("--qemu", type=click.Path(exists=True, path_type=Path),
               help="Use this qemu-system-x86_64 (>= 10.1).")
 @click.option("--linux", type=click.Choice(LINUX_LINES), default=DEFAULT_LINUX,
@@ -120,10 +123,11 @@ def serve(sockets: tuple[str, ...], allow_uids: tuple[int, ...], ready_fd: int |
 @click.option("--run-dir", type=click.Path(path_type=Path), help="Where logs and results go.")
 @click.argument("guest_args", nargs=-1, type=click.UNPROCESSED)
 def run(function: str | None, config_file: Path | None, configfs: Path | None,
-        preset: str | None, sets: tuple[str, ...], kernel: Path | None, qemu: Path | None,
-        linux: str, exec_cmd: str | None, shell: bool, append: str, memory: int, cpus: int,
-        qemu_args: tuple[str, ...], gdb_port: int | None, timeout: float | None,
-        run_dir: Path | None, guest_args: tuple[str, ...]) -> None:
+        preset: str | None, sets: tuple[str, ...], kernel: Path | None,
+        kselftest: Path | None, qemu: Path | None, linux: str, exec_cmd: str | None,
+        shell: bool, append: str, memory: int, cpus: int, qemu_args: tuple[str, ...],
+        gdb_port: int | None, timeout: float | None, run_dir: Path | None,
+        guest_args: tuple[str, ...]) -> None:
     """Boot a guest against a fresh vfio-ep and run the function's suite.
 
     pci-epf-test runs the upstream pci_endpoint_test kselftest: options vfio-ep does not know
@@ -141,13 +145,25 @@ def run(function: str | None, config_file: Path | None, configfs: Path | None,
     if timeout is None:
         timeout = float("inf") if shell else 600.0
     raise SystemExit(run_suite(function=function, config_file=config_file, configfs=configfs,
-                               preset=preset, sets=list(sets), kernel=kernel, qemu=qemu,
-                               timeout=timeout,
+                               preset=preset, sets=list(sets), kernel=kernel,
+                               kselftest=kselftest, qemu=qemu, timeout=timeout,
                                run_dir=run_dir, guest_args=list(guest_args),
                                exec_cmd=exec_cmd,
                                options=GuestOptions(memory, append, cpus, qemu_args, gdb_port,
                                                     interactive=shell),
                                linux=linux))
+
+
+@main.command("kernel-config")
+@click.option("--linux", type=click.Choice(LINUX_LINES), default=DEFAULT_LINUX,
+              show_default=True, help="The kernel line (some need their own options).")
+def kernel_config(linux: str) -> None:
+    """Print the kernel config fragment a guest kernel needs (for --kernel: merge it with
+    scripts/kconfig/merge_config.sh into your tree's .config)."""
+    from vfio_ep.guest.kernel_build import fragments
+
+    for fragment in fragments(linux):
+        click.echo(f"# {fragment.name}\n{fragment.read_text().rstrip()}")
 
 
 @main.command()

@@ -30,6 +30,7 @@ KERNEL_FRAGMENTS = QEMU / "kernel"  # kernel.config, plus kernel-<line>.config w
 GUEST_SCRIPTS = QEMU / "guest"
 TAP_LIB = GUEST_SCRIPTS / "tap_lib.sh"  # sourced by the guest suites
 PCITEST_TAP = GUEST_SCRIPTS / "pcitest_tap.sh"  # pcitest.sh's cases, as TAP
+KSELFTEST = GUEST_SCRIPTS / "kselftest.sh"  # the kselftest, once its driver has the device
 NTB_SUITE = GUEST_SCRIPTS / "ntb_suite.sh"
 NTB_PAIR = GUEST_SCRIPTS / "ntb_pair.sh"
 GUEST_PROGRAMS = QEMU / "bench"  # static C programs the benchmarks run in the guest

@@ -42,6 +42,7 @@ SERVER_READY_TIMEOUT = 30.0
 GRACE = 5.0
 KEEP_RUNS = 20
 KSELFTEST_NAME = "pci_endpoint_test"
+TEST_FILES = {"kselftest": KSELFTEST_NAME, "pcitest": "pcitest"}  # the guest's /NAME, by kind
 GUEST_MODULES = "lib/modules"  # where the initramfs holds the kernel's modules (insmod PATH)
 _PR_SET_PDEATHSIG = 1
 
@@ -217,7 +218,7 @@ class GuestRun:
     async def _start(self) -> None:
         if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
             logging.getLogger("qemu.qmp").setLevel(logging.WARNING)  # EOF at poweroff is normal
-        files = {self.assets.test.name: self.assets.test,
+        files = {TEST_FILES[self.assets.test_kind]: self.assets.test,
                  **({"pcitest_tap.sh": PCITEST_TAP, "tap_lib.sh": TAP_LIB}
                     if self.assets.test_kind == "pcitest" else {}),
                  **{f"{GUEST_MODULES}/{ko.name}": ko for ko in self.assets.modules},

@@ -97,13 +97,19 @@ def cache_dir() -> Path:
 
 
 def provision_all(qemu: Path | None = None, kernel: Path | None = None,
-                  linux: str = DEFAULT_LINUX) -> GuestAssets:
+                  linux: str = DEFAULT_LINUX, kselftest: Path | None = None) -> GuestAssets:
     """Provide QEMU, a bzImage of kernel line ``linux``, its endpoint test and busybox,
     building only what is missing.
 
     ``qemu`` (or ``$VFIO_EP_QEMU``) and ``kernel`` replace the provisioned ones; the test is
-    always built from the line's linux-source, since its ABI follows the driver.
+    built from the line's linux-source, since its ABI follows the driver, unless
+    ``kselftest`` gives one (from the developer's own tree; static, as the initramfs has no
+    libc: ProvisionError otherwise).
     """
+    if kselftest is not None and not is_static_elf(kselftest):
+        raise ProvisionError(
+            f"--kselftest {kselftest}: not a static executable (the guest has no libc): "
+            "build it with make -C tools/testing/selftests/pci_endpoint LDFLAGS=-static")
     root = cache_dir()
     root.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
@@ -114,7 +120,7 @@ def provision_all(qemu: Path | None = None, kernel: Path | None = None,
         else:
             image = prov.kernel()
             modules = tuple(sorted((image.parent / MODULES).glob("*.ko")))
-        test, kind = prov.test()
+        test, kind = (kselftest, "kselftest") if kselftest else prov.test()
         assets = GuestAssets(
             qemu=prov.qemu(qemu or _env_path("VFIO_EP_QEMU")),
             kernel=image,

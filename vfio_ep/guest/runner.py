@@ -23,7 +23,7 @@ from vfio_ep.epc.core import EpcError, PciEpcAttributes
 from vfio_ep.epf.doorbell import pci_epf_doorbell_backend
 from vfio_ep.epf.functions.pci_epf_test import PciEpfTest
 from vfio_ep.epf.functions.pci_epf_vntb import PciEpfVntb
-from vfio_ep.guest.assets import NTB_PAIR, NTB_SUITE, TAP_LIB
+from vfio_ep.guest.assets import KSELFTEST, NTB_PAIR, NTB_SUITE, TAP_LIB
 from vfio_ep.guest.initramfs import parse_console
 from vfio_ep.guest.kernel_build import DEFAULT_LINUX
 from vfio_ep.guest.launcher import (
@@ -71,7 +71,8 @@ class Target:
 def run_suite(function: str | None = None, config_file: Path | None = None,
               configfs: Path | None = None, sets: list[str] | None = None,
               preset: str | None = None,
-              kernel: Path | None = None, qemu: Path | None = None, timeout: float = 600,
+              kernel: Path | None = None, kselftest: Path | None = None,
+              qemu: Path | None = None, timeout: float = 600,
               run_dir: Path | None = None, guest_args: list[str] | None = None,
               exec_cmd: str | None = None, options: GuestOptions = DEFAULT_OPTIONS,
               linux: str = DEFAULT_LINUX) -> int:
@@ -98,7 +99,7 @@ def run_suite(function: str | None = None, config_file: Path | None = None,
                 raise ConfigError("--shell gives one guest the terminal; a pci-epf-ntb pair "
                                   "has two: use --exec")
             exec_cmd = SHELL
-        assets = provision_all(qemu=qemu, kernel=kernel, linux=linux)
+        assets = provision_all(qemu=qemu, kernel=kernel, linux=linux, kselftest=kselftest)
         facts = endpoint_facts(comp, assets)
         if exec_cmd is not None:
             controllers = [c for c in (func.primary, func.secondary) if c is not None]
@@ -157,16 +158,22 @@ def _run_kselftest(target: Target, assets: GuestAssets, timeout: float,
                    run_dir: Path | None, guest_args: list[str], options: GuestOptions,
                    facts: dict[str, Any]) -> int:
     top = new_run_dir(run_dir)
+    vendor, device = (f"{int(x, 16):#06x}" for x in facts["device"].split(":"))
     with _keep_on_interrupt(top, KSELFTEST_NAME, facts):
-        result = boot_guest(f"/{KSELFTEST_NAME} {shlex.join(guest_args)}",
+        result = boot_guest(f"sh /kselftest.sh {vendor} {device} {shlex.join(guest_args)}",
                             server_args=target.server_args(), assets=assets, timeout=timeout,
-                            run_dir=top, live=_echo, options=options)
+                            run_dir=top, live=_echo, options=options,
+                            extra_files={"kselftest.sh": KSELFTEST})
     report = parse_tap(result.output, result.line_times)
+    unbound = next((line for line in result.output.splitlines()
+                    if line.startswith("vfio-ep: ")), None)
     write_results(report, result.run_dir, exit_status=result.exit_status, error=result.error,
                   suite=KSELFTEST_NAME, endpoint=facts)
     print(f"\n{summary_table(report)}")
     if result.error:
         print(f"vfio-ep run: {result.error}", file=sys.stderr)
+    elif unbound:
+        print(unbound.replace("vfio-ep: ", "vfio-ep run: ", 1), file=sys.stderr)
     elif report.ran_nothing:
         print(_nothing_selected(guest_args, assets, result.run_dir / "list"),
               file=sys.stderr)
@@ -262,8 +269,10 @@ def endpoint_facts(comp: Composition, assets: GuestAssets) -> dict[str, Any]:
         doorbell = epf.db_backend or "poll"  # no interrupt doorbell: it polls its BAR
     elif isinstance(epf, PciEpfTest):
         doorbell = pci_epf_doorbell_backend(epf)
+    header = probe.function_attributes(func.name)
     return {
         "function": func.driver,
+        "device": f"{header.vendorid:04x}:{header.deviceid:04x}",
         "controllers": ", ".join(
             f"{name}: {ctrl.values.get('profile', PciEpcAttributes.profile)}"
             for name, ctrl in comp.controllers.items()),
