@@ -239,6 +239,20 @@ def test_kselftest_from_your_tree(tmp_path: Path) -> None:
     assert bad.returncode == 2 and "not a static executable" in bad.stderr
 
 
+def test_matrix_of_cells_into_one_junit_with_expected_failures(tmp_path: Path) -> None:
+    """--matrix: a cell per value, one results.xml; --xfail: LEGACY_IRQ_TEST fails on
+    RK3588 as on the board (xfail: that cell is ok) and passes on the generic controller
+    (xpass: the stale expectation fails that cell and the run)."""
+    proc = _run("--run-dir", str(tmp_path / "r"), "--matrix", "controller=generic,rk3588",
+                "--xfail", "pci_ep_basic.LEGACY_IRQ_TEST", "--", "-t", "LEGACY_IRQ_TEST")
+    assert proc.returncode == 1, proc.stderr
+    assert "| controller=generic | FAILED | 0 | 1 | 0 |" in proc.stdout
+    assert "| controller=rk3588 | ok | 0 | 0 | 1 |" in proc.stdout
+    junit = (tmp_path / "r" / "results.xml").read_text()
+    assert junit.count("<testsuite ") == 2
+    assert '<property name="controllers" value="ep0: rk3588" />' in junit
+
+
 def test_run_that_selects_no_test_fails_and_lists_the_tests(tmp_path: Path) -> None:
     proc, results = vfio_ep_run(tmp_path, "--", "-t", "NOPE")
     assert proc.returncode == 1, proc.stdout + proc.stderr

@@ -163,3 +163,14 @@ def test_tests_are_timed_from_their_run_line_or_the_previous_result(tmp_path: Pa
     timed = list(zip([0.0, 1.0, 2.0, 4.0], plain.splitlines(), strict=True))
     assert [t.seconds for t in results.parse_tap(plain, timed).tests] == [1.0, 3.0]
     assert [t.seconds for t in results.parse_tap(plain).tests] == [None, None]
+
+
+def test_expected_failures_become_xfail_and_a_pass_of_one_xpass() -> None:
+    report = results.expect_failures(results.parse_tap(TAP), ("pci_ep_bar.BAR1.BAR_TEST",
+                                                              "pci_ep_bar.BAR0.BAR_TEST"))
+    s = {t.name: t.status for t in report.tests}
+    assert s["pci_ep_bar.BAR1.BAR_TEST"] == "xfail" and s["pci_ep_bar.BAR0.BAR_TEST"] == "xpass"
+    assert report.totals is None  # the harness's totals counted the failure
+    assert not report.passed  # the stale expectation (BAR0 passed) fails the run
+    only_fail = results.expect_failures(results.parse_tap(TAP), ("pci_ep_bar.BAR1.BAR_TEST",))
+    assert [t for t in only_fail.tests if t.failed] == [only_fail.tests[3]]  # 4: never ran

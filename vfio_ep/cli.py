@@ -107,6 +107,13 @@ def serve(sockets: tuple[str, ...], allow_uids: tuple[int, ...], ready_fd: int |
 @click.option("--shell", is_flag=True,
               help="An interactive shell in the guest on this terminal instead of the suite; "
               "its exit status is ours (Ctrl-A X stops QEMU).  No timeout unless given.")
+@click.option("--matrix", "axes", multiple=True, metavar="KEY=V1,V2,...",
+              help="Run the suite once per combination of these values (repeatable: "
+              "--matrix doorbell=msi,poll --matrix controller=generic,rk3588), all in one "
+              "results.xml.")
+@click.option("--xfail", multiple=True, metavar="TEST",
+              help="A test whose failure is known upstream behaviour: reported xfail, and a "
+              "pass of it xpass (repeatable).")
 @click.option("--append", default="", metavar="ARGS", help="More kernel command line.")
 @click.option("--memory", type=click.IntRange(min=64), default=256, show_default=True,
               metavar="MB", help="Guest RAM.")
@@ -125,7 +132,8 @@ def serve(sockets: tuple[str, ...], allow_uids: tuple[int, ...], ready_fd: int |
 def run(function: str | None, config_file: Path | None, configfs: Path | None,
         preset: str | None, sets: tuple[str, ...], kernel: Path | None,
         kselftest: Path | None, qemu: Path | None, linux: str, exec_cmd: str | None,
-        shell: bool, append: str, memory: int, cpus: int, qemu_args: tuple[str, ...],
+        shell: bool, axes: tuple[str, ...], xfail: tuple[str, ...], append: str,
+        memory: int, cpus: int, qemu_args: tuple[str, ...],
         gdb_port: int | None, timeout: float | None, run_dir: Path | None,
         guest_args: tuple[str, ...]) -> None:
     """Boot a guest against a fresh vfio-ep and run the function's suite.
@@ -138,20 +146,23 @@ def run(function: str | None, config_file: Path | None, configfs: Path | None,
     VFIO_EP_ROLE=a or b).
     """
     from vfio_ep.guest.launcher import GuestOptions
-    from vfio_ep.guest.runner import run_suite
+    from vfio_ep.guest.runner import run_suite, run_suite_matrix
 
     if shell and exec_cmd is not None:
         raise click.UsageError("--shell and --exec both say what the guest runs: pick one")
+    if axes and (shell or exec_cmd is not None):
+        raise click.UsageError("--matrix runs the suite in every cell: not with --shell or "
+                               "--exec")
     if timeout is None:
         timeout = float("inf") if shell else 600.0
-    raise SystemExit(run_suite(function=function, config_file=config_file, configfs=configfs,
-                               preset=preset, sets=list(sets), kernel=kernel,
-                               kselftest=kselftest, qemu=qemu, timeout=timeout,
-                               run_dir=run_dir, guest_args=list(guest_args),
-                               exec_cmd=exec_cmd,
-                               options=GuestOptions(memory, append, cpus, qemu_args, gdb_port,
-                                                    interactive=shell),
-                               linux=linux))
+    common = dict(function=function, config_file=config_file, configfs=configfs,
+                  preset=preset, xfail=xfail, kernel=kernel, kselftest=kselftest, qemu=qemu,
+                  timeout=timeout, guest_args=list(guest_args), linux=linux,
+                  options=GuestOptions(memory, append, cpus, qemu_args, gdb_port,
+                                       interactive=shell))
+    if axes:
+        raise SystemExit(run_suite_matrix(list(axes), list(sets), run_dir, **common))
+    raise SystemExit(run_suite(sets=list(sets), run_dir=run_dir, exec_cmd=exec_cmd, **common))
 
 
 @main.command("kernel-config")

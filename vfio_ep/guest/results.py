@@ -137,6 +137,28 @@ def _missing(tests: list[TestCase], planned: int | None) -> list[TestCase]:
             for n in range(1, (planned or 0) + 1) if n not in seen]
 
 
+def expect_failures(report: Report, names: tuple[str, ...]) -> Report:
+    """Known upstream behaviour: a failure of a test in ``names`` becomes xfail, a pass of
+    one xpass (which fails the run: the expectation is stale)."""
+    if not names:
+        return report
+    moved = {"fail": ("xfail", "failed, as expected"),
+             "pass": ("xpass", "expected to fail, but passed")}
+    tests = [replace(t, status=moved[t.status][0], reason=t.reason or moved[t.status][1])
+             if t.name in names and t.status in moved else t for t in report.tests]
+    # the harness's own totals count an expected failure as a failure: they no longer apply
+    return replace(report, tests=tests, totals=None if tests != report.tests else report.totals)
+
+
+def load_results(run_dir: Path) -> tuple[Report, dict[str, Any] | None]:
+    """The report and endpoint facts a run wrote (results.json, results.tap) in ``run_dir``."""
+    data = json.loads((run_dir / "results.json").read_text())
+    tap = run_dir / "results.tap"
+    report = Report([TestCase(**t) for t in data["tests"]], data["planned"], data["totals"],
+                    tap.read_text() if tap.exists() else "")
+    return report, data.get("endpoint")
+
+
 def merge_reports(reports: list[Report]) -> Report:
     """Several TAP streams (one per guest) as one report, tests numbered in order."""
     tests: list[TestCase] = []
@@ -185,20 +207,42 @@ def write_results(report: Report, run_dir: Path, *, exit_status: int | None,
     (run_dir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 
+def write_junit(suites: list[tuple[str, Report, dict[str, Any] | None]], path: Path) -> None:
+    """One JUnit file of several runs (a ``--matrix``): a test suite per (name, report,
+    endpoint)."""
+    root = ET.Element("testsuites", _junit_counts("vfio-ep", [r for _, r, _ in suites]))
+    for name, report, endpoint in suites:
+        _junit_suite(root, report, name, endpoint or {})
+    ET.ElementTree(root).write(path, encoding="utf-8", xml_declaration=True)
+
+
+def _junit_counts(name: str, reports: list[Report]) -> dict[str, str]:
+    counts = dict.fromkeys(("fail", "xpass", "error", "skip", "xfail"), 0)
+    for report in reports:
+        for key, n in report.counts().items():
+            if key in counts:
+                counts[key] += n
+    return {"name": name, "tests": str(sum(len(r.tests) for r in reports)),
+            "failures": str(counts["fail"] + counts["xpass"]), "errors": str(counts["error"]),
+            "skipped": str(counts["skip"] + counts["xfail"])}
+
+
 def _junit(report: Report, suite_name: str, endpoint: dict[str, Any]) -> ET.Element:
-    counts = report.counts()
-    attrs = {"name": suite_name, "tests": str(len(report.tests)),
-             "failures": str(counts["fail"] + counts["xpass"]), "errors": str(counts["error"]),
-             "skipped": str(counts["skip"] + counts["xfail"])}
-    suites = ET.Element("testsuites", attrs)
-    suite = ET.SubElement(suites, "testsuite", attrs)
+    suites = ET.Element("testsuites", _junit_counts(suite_name, [report]))
+    _junit_suite(suites, report, suite_name, endpoint)
+    return suites
+
+
+def _junit_suite(parent: ET.Element, report: Report, suite_name: str,
+                 endpoint: dict[str, Any]) -> None:
+    suite = ET.SubElement(parent, "testsuite", _junit_counts(suite_name, [report]))
     if endpoint:
         props = ET.SubElement(suite, "properties")
         for key, value in endpoint.items():
             ET.SubElement(props, "property", {"name": key, "value": str(value)})
     for test in report.tests:
         classname, _, name = test.name.rpartition(".")
-        case = ET.SubElement(suite, "testcase", {"classname": classname or attrs["name"],
+        case = ET.SubElement(suite, "testcase", {"classname": classname or suite_name,
                                                  "name": name})
         if test.seconds is not None:
             case.set("time", f"{test.seconds:.3f}")
@@ -208,4 +252,3 @@ def _junit(report: Report, suite_name: str, endpoint: dict[str, Any]) -> ET.Elem
             ET.SubElement(case, tag, {"message": test.reason or test.status}).text = (
                 "\n".join(test.diagnostics))
     ET.SubElement(suite, "system-out").text = report.tap
-    return suites
