@@ -169,22 +169,28 @@ class PciEpc:
     # -- what the SoC offers, forwarded for functions ---------------------------------
     @property
     def ram(self) -> EpRam:
+        """The SoC's DRAM (pci_epf_alloc_space and DMA buffers come from it)."""
         return self.soc.ram
 
     @property
     def space(self) -> EpAddressSpace:
+        """The SoC's bus: the EP CPU's loads, stores and memcpy (RAM, MMIO, outbound)."""
         return self.soc.space
 
     @property
     def irqs(self) -> IrqDomain:
+        """The SoC's interrupt domain (request_irq/free_irq on its virqs)."""
         return self.soc.irqs
 
     @property
     def msi(self) -> PlatformMsiController | None:
+        """The platform MSI controller doorbells are allocated from (None: the SoC has
+        none, as R-Car S4 and the seeds' RK3588)."""
         return self.soc.msi
 
     @property
     def doorbell_poll_interval(self) -> float:
+        """Seconds between two looks at a poll-mode doorbell (doorbell_poll_interval_us)."""
         return self.soc.doorbell_poll_interval
 
     def spawn(self, fn: Callable[[], Awaitable[None]], name: str) -> EpWork:
@@ -251,7 +257,9 @@ class PciEpc:
         self.ops.set_bar(func_no, vfunc_no, epf_bar)
 
     def clear_bar(self, func_no: int, vfunc_no: int, epf_bar: PciEpfBar) -> None:
-        """pci_epc_clear_bar(): stop translating the BAR (its address stays assigned)."""
+        """pci_epc_clear_bar(): stop translating the BAR (its address stays assigned).
+
+        Raises EpcError -EINVAL for a function that does not exist."""
         self._check_function(func_no, vfunc_no)
         self.ops.clear_bar(func_no, vfunc_no, epf_bar)
 
@@ -265,7 +273,9 @@ class PciEpc:
         self.ops.map_addr(func_no, vfunc_no, phys_addr, pci_addr, size)
 
     def unmap_addr(self, func_no: int, vfunc_no: int, phys_addr: int) -> None:
-        """pci_epc_unmap_addr()."""
+        """pci_epc_unmap_addr(): the outbound region at ``phys_addr`` stops reaching the RC
+        (nothing there: nothing to do).  Raises EpcError -EINVAL for a function that does
+        not exist."""
         self._check_function(func_no, vfunc_no)
         self.ops.unmap_addr(func_no, vfunc_no, phys_addr)
 
@@ -293,7 +303,9 @@ class PciEpc:
         self.ops.set_msi(func_no, vfunc_no, nr_irqs)
 
     def get_msi(self, func_no: int = 0, vfunc_no: int = 0) -> int:
-        """pci_epc_get_msi(): vectors the RC enabled, or -EINVAL with MSI disabled."""
+        """pci_epc_get_msi(): how many vectors the RC enabled; -EINVAL (returned, as in
+        Linux) with MSI disabled.  Raises EpcError -EINVAL for a function that does not
+        exist."""
         self._check_function(func_no, vfunc_no)
         return self.ops.get_msi(func_no, vfunc_no)
 
@@ -309,7 +321,9 @@ class PciEpc:
         self.ops.set_msix(func_no, vfunc_no, nr_irqs, bar, offset)
 
     def get_msix(self, func_no: int = 0, vfunc_no: int = 0) -> int:
-        """pci_epc_get_msix(): vectors the RC enabled, or -EINVAL with MSI-X disabled."""
+        """pci_epc_get_msix(): how many vectors the RC enabled; -EINVAL (returned, as in
+        Linux) with MSI-X disabled.  Raises EpcError -EINVAL for a function that does not
+        exist."""
         self._check_function(func_no, vfunc_no)
         return self.ops.get_msix(func_no, vfunc_no)
 
@@ -348,6 +362,7 @@ class PciEpc:
         return self.mem.alloc_addr(size)
 
     def mem_free_addr(self, phys_addr: int, size: int) -> None:
+        """pci_epc_mem_free_addr(): give back what mem_alloc_addr() returned."""
         self.mem.free_addr(phys_addr, size)
 
     def mem_map(self, func_no: int, vfunc_no: int, pci_addr: int, pci_size: int) -> PciEpcMap:
@@ -370,13 +385,13 @@ class PciEpc:
         return PciEpcMap(pci_addr, size, map_pci, map_size, phys, phys + offset)
 
     def mem_unmap(self, func_no: int, vfunc_no: int, m: PciEpcMap) -> None:
-        """pci_epc_mem_unmap()."""
+        """pci_epc_mem_unmap(): undo mem_map() (its outbound region and address space)."""
         self.unmap_addr(func_no, vfunc_no, m.phys_base)
         self.mem.free_addr(m.phys_base, m.map_size)
 
     # -- lifecycle --------------------------------------------------------------------
     def add_epf(self, epf: EpcEvents) -> None:
-        """pci_epc_add_epf()."""
+        """pci_epc_add_epf(): bind ``epf`` (it hears epc_init, link and reset events)."""
         self.epfs.append(epf)
 
     def init_notify(self) -> None:
@@ -385,7 +400,9 @@ class PciEpc:
             epf.epc_init()
 
     def start(self) -> PciDevice:
-        """pci_epc_start(): freeze the config space and expose the device."""
+        """pci_epc_start(): freeze the config space and expose the device (the one the
+        vfio-user server serves); after it, what QEMU has read is fixed: a header, BAR size or
+        flags, or MSI/MSI-X change raises EpcError -EBUSY."""
         self.pci = self.ops.start()
         return self.pci
 
