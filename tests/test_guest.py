@@ -23,6 +23,7 @@ import pytest
 from vfio_ep_cli import KSELFTEST_CASES, vfio_ep_run
 from vfio_user_client import ServerThread
 
+from vfio_ep.composition import Composition
 from vfio_ep.guest.launcher import (
     KSELFTEST_NAME,
     GuestResult,
@@ -163,6 +164,45 @@ def test_doorbell_follows_the_controller(tmp_path: Path, controller: str, doorbe
     assert_all_ok(report, count=7)
     assert statuses(report)["pcie_ep_doorbell.DOORBELL_TEST"] == "pass"
     assert using in result.server_log
+
+
+GUEST_REBOOTS = 50
+
+
+def test_the_guest_reboots_50_times_then_the_kselftest_passes(tmp_path: Path) -> None:
+    """`reboot -f` in the guest, 50 times against the same server and QEMU: each boot resets
+    the device (DEVICE_RESET) and binds pci_endpoint_test again; the count lives in BAR5,
+    EP memory that survives the RC's reboots as on a board.  Then the whole kselftest
+    passes, on the connection the first boot opened, and the server holds no more fds than
+    after the first boot."""
+    comp = Composition.single("pci-epf-test", {})
+    comp.assign_sockets([str(tmp_path / "ep.sock")])
+    endpoint = comp.build()[0]
+    script = r"""
+find() { for d in /sys/bus/pci/devices/*; do
+    [ "$(cat $d/vendor):$(cat $d/device)" = 0x16c3:0xedda ] && echo $d; done; }
+COUNT=$(( $(awk 'NR==6{print $1}' $(find)/resource) + 0x1000 ))  # BAR5 + 4 KiB
+n=$(( $(devmem $COUNT 32) ))
+if [ $n -lt REBOOTS ]; then echo "boot $n"; devmem $COUNT 32 $((n + 1)); reboot -f; sleep 30; fi
+echo "rebooted $n times"
+/pci_endpoint_test
+""".replace("REBOOTS", str(GUEST_REBOOTS))
+    fds: list[int] = []
+
+    def live(line: str) -> None:
+        if line in ("boot 1", f"rebooted {GUEST_REBOOTS} times"):
+            fds.append(len(os.listdir("/proc/self/fd")))
+
+    with ServerThread(endpoint.device, tmp_path / "ep.sock") as srv:
+        run = GuestRun(script, server_args=[], socket=srv.path, run_dir=tmp_path / "run",
+                       extra_qemu_args=["-action", "reboot=reset"], live=live)
+        result = asyncio.run(run.run(900))
+        connections = srv.listener.connections
+    assert result.ok, result.error or result.output[-3000:]
+    assert f"boot {GUEST_REBOOTS - 1}\n" in result.output
+    assert_all_ok(parse_tap(result.output))
+    assert connections == 1
+    assert fds[1] <= fds[0], fds
 
 
 HOTPLUG_CYCLES = 20
