@@ -48,6 +48,12 @@ class Guest:
     def r(self, name: str) -> int:
         return int.from_bytes(self.c.read(self.bar, REG[name], t.REG_OFFSET[name][1]), "little")
 
+    def release(self) -> None:
+        """Let go of our side: the guest memory mapping and the vectors' eventfds."""
+        self.mem.close()
+        for fd in self.irq:
+            os.close(fd)
+
     def wait_irq(self, vector: int = 0, timeout: float = 5.0) -> bool:
         return wait_eventfd(self.irq[vector], timeout)
 
@@ -316,3 +322,81 @@ def test_reset_while_a_dma_transfer_waits_for_the_client(tmp_path: Path, path: s
         status = g.command(t.COMMAND_READ, src_addr=GUEST, size=4096,
                            checksum=zlib.crc32(data) ^ 0xFFFFFFFF, flags=t.FLAG_USE_DMA)
         assert status == t.STATUS_READ_SUCCESS | t.STATUS_IRQ_RAISED
+
+
+FDLESS = 0x4000_0000  # RC memory without a shared fd: reached with DMA_READ/DMA_WRITE
+XFER = 4096  # the smallest max_data_xfer_size: a transfer is several DMA messages
+TRANSFERS = [(cmd, dma) for cmd in (t.COMMAND_READ, t.COMMAND_WRITE, t.COMMAND_COPY)
+             for dma in (0, t.FLAG_USE_DMA)]
+
+
+def _start_transfer(g: Guest, cmd: int, flags: int, data: bytes) -> None:
+    """Program ``cmd`` over the fd-less RC memory (source data at its start, destination
+    half way) and write COMMAND, without waiting."""
+    g.c.fdless[FDLESS][: len(data)] = data
+    for name, value in (("status", 0), ("irq_type", g.irq_type), ("irq_number", 1),
+                        ("src_addr", FDLESS), ("dst_addr", FDLESS + (1 << 19)),
+                        ("size", len(data)), ("checksum", zlib.crc32(data) ^ 0xFFFFFFFF),
+                        ("flags", flags), ("command", cmd)):
+        g.w(name, value)
+
+
+def _connect(srv: ServerThread) -> Guest:
+    c = Client(srv.path, max_data_xfer_size=XFER)
+    c.dma_map(FDLESS, 1 << 20)
+    return Guest(c)
+
+
+def _completes(g: Guest, cmd: int, flags: int, data: bytes) -> int:
+    """Run the transfer to its end, answering every DMA message: the DMA messages it took."""
+    _start_transfer(g, cmd, flags, data)
+    served = 0
+    while not g.wait_irq(timeout=0.01):
+        g.c.pump()
+        served += 1
+    ok = {t.COMMAND_READ: t.STATUS_READ_SUCCESS, t.COMMAND_WRITE: t.STATUS_WRITE_SUCCESS,
+          t.COMMAND_COPY: t.STATUS_COPY_SUCCESS}[cmd]
+    assert g.r("status") == ok | t.STATUS_IRQ_RAISED
+    if cmd == t.COMMAND_COPY:
+        assert bytes(g.c.fdless[FDLESS][1 << 19 : (1 << 19) + len(data)]) == data
+    return served
+
+
+@pytest.mark.parametrize(("cmd", "flags"), TRANSFERS,
+                         ids=[f"{t.COMMAND_NAMES[c]}-{'dma' if f else 'memcpy'}"
+                              for c, f in TRANSFERS])
+@pytest.mark.parametrize("fault", ["client-killed", "device-reset"])
+def test_a_fault_at_every_point_of_a_transfer(tmp_path: Path, path: str, cmd: int, flags: int,
+                                              fault: str) -> None:
+    """For every DMA message a transfer makes: the client dies (or resets the device)
+    instead of answering it.  The server keeps serving; the next client (or the reset
+    device) runs the same transfer to completion, and no fd is left behind."""
+    data = os.urandom(4 * XFER)
+    with serve(tmp_path) as (srv, first):
+        first.release()
+        first.c.close()
+        g = _connect(srv)
+        points = _completes(g, cmd, flags, data)
+        assert points >= 4  # a message per 4 KiB at least
+        g.release()
+        g.c.close()
+        srv.wait_idle()
+        fds = len(os.listdir("/proc/self/fd"))
+        for point in range(1, points + 1):
+            g = _connect(srv)
+            _start_transfer(g, cmd, flags, data)
+            for _ in range(point - 1):
+                g.c.pump()
+            g.c.recv()  # the message at this point: never answered
+            g.release()
+            if fault == "client-killed":
+                g.c.close()
+                g = _connect(srv)
+            else:
+                g.c.reset()
+                g = Guest(g.c)
+            assert _completes(g, cmd, flags, data) == points, f"after a fault at {point}"
+            g.release()
+            g.c.close()
+            srv.wait_idle()
+        assert len(os.listdir("/proc/self/fd")) <= fds

@@ -47,12 +47,14 @@ class ErrorReply(Exception):
 
 
 class Client:
-    def __init__(self, path: Path, *, negotiate: bool = True) -> None:
+    def __init__(self, path: Path, *, negotiate: bool = True,
+                 max_data_xfer_size: int = 1 << 20) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(10)
         self.sock.connect(str(path))
         self.msg_id = 0
         self.fdless: dict[int, bytearray] = {}  # iova -> memory served via DMA messages
+        self.max_data_xfer_size = max_data_xfer_size
         if negotiate:
             self.version()
 
@@ -132,7 +134,8 @@ class Client:
 
     # -- commands ------------------------------------------------------------
     def version(self) -> dict:
-        caps = json.dumps({"capabilities": {"max_msg_fds": 16, "max_data_xfer_size": 1 << 20}})
+        caps = json.dumps({"capabilities": {"max_msg_fds": 16,
+                                            "max_data_xfer_size": self.max_data_xfer_size}})
         _, body, _ = self.request(Command.VERSION, struct.pack("<HH", 0, 0) + caps.encode()
                                   + b"\0")
         major, minor = struct.unpack_from("<HH", body)

@@ -27,7 +27,7 @@ from construct import Int32ul, Struct
 
 from vfio_ep.bulk import BusMemory, move
 from vfio_ep.epc.address_space import AddressError, EpAddressSpace
-from vfio_ep.epc.irq import IRQ_HANDLED, IRQ_NONE, IRQF_SHARED, IrqDomain, Spawn
+from vfio_ep.epc.irq import IRQ_HANDLED, IRQ_NONE, IRQF_SHARED, Cancellable, IrqDomain, Spawn
 from vfio_ep.pci.host import RcBusError, RcMemory
 
 log = logging.getLogger(__name__)
@@ -101,6 +101,7 @@ class DwEdma:
         self.virq = irqs.alloc("dw-edma")
         # dw_edma_emul_irqchip: handle_level_irq, acked by a zero write to INT_CLEAR.
         self.emul_virq = irqs.alloc("dw-edma-emul", ack=lambda: self.write(RD_INT_CLEAR, 4, 0))
+        self._engines: dict[tuple[str, int], Cancellable] = {}  # (direction, ch) running
 
     # -- MmioHandler -------------------------------------------------------
     def read(self, offset: int, size: int) -> int:
@@ -142,14 +143,27 @@ class DwEdma:
     def _doorbell(self, direction: str, value: int) -> None:
         ch = value & DOORBELL_CH_MASK
         d = self.dirs[direction]
-        if value & DOORBELL_STOP or ch >= self.channels or not d.engine_en & 1:
+        if value & DOORBELL_STOP and ch < self.channels:
+            self._stop(direction, ch)
+            return
+        if ch >= self.channels or not d.engine_en & 1:
             log.warning("eDMA %s doorbell %#x ignored (channel %d, engine %s)", d.name, value,
                         ch, "on" if d.engine_en & 1 else "off")
             return
         base = self._ch_base(direction, ch)
         regs = ChannelRegs.parse(bytes(self.regs[base : base + CH_REGS_SIZE]))
         self._set_ch_status(direction, ch, CH_RUNNING)
-        self.spawn(lambda: self._run(direction, ch, regs), f"edma-{direction}{ch}")
+        self._engines[(direction, ch)] = self.spawn(lambda: self._run(direction, ch, regs),
+                                                    f"edma-{direction}{ch}")
+
+    def _stop(self, direction: str, ch: int) -> None:
+        """A doorbell write with STOP: the channel's transfer ends where it is, halted,
+        without an interrupt (whoever stops it is not waiting for one), so that it can never
+        complete into the channel's next transfer."""
+        work = self._engines.pop((direction, ch), None)
+        if work is not None:
+            work.cancel()
+            self._set_ch_status(direction, ch, CH_HALTED)
 
     async def _run(self, direction: str, ch: int, regs: dict) -> None:
         sar = regs["sar_lo"] | regs["sar_hi"] << 32
@@ -166,6 +180,7 @@ class DwEdma:
             ok = False
             log.warning("eDMA %s channel %d aborted: %s", self.dirs[direction].name, ch, e)
         await trio.lowlevel.checkpoint()
+        self._engines.pop((direction, ch), None)
         d = self.dirs[direction]
         self._set_ch_status(direction, ch, CH_STOPPED if ok else CH_HALTED)
         bit = 1 << ch if ok else 1 << (ch + ABORT_SHIFT)
@@ -205,11 +220,18 @@ class DmaChannel:
         if self._done is not None:
             self._result = False
             self._done.set()
+        # dw_edma_device_terminate_all(): the engine stops the channel's transfer
+        self.edma.write(WR_DOORBELL if self.direction == "wr" else RD_DOORBELL, 4,
+                        DOORBELL_STOP | self.ch)
         self.edma.irqs.free_irq(self.edma.virq, self)
+
+    def _bits(self) -> int:
+        """This channel's done and abort bits in its direction's interrupt status."""
+        return 1 << self.ch | 1 << (self.ch + ABORT_SHIFT)
 
     def _interrupt(self, virq: int, dev_id: object) -> int:
         d = self.edma.dirs[self.direction]
-        mine = d.int_status & (1 << self.ch | 1 << (self.ch + ABORT_SHIFT))
+        mine = d.int_status & self._bits()
         if not mine or self._done is None:
             return IRQ_NONE
         self._result = not mine & 1 << (self.ch + ABORT_SHIFT)
@@ -222,9 +244,12 @@ class DmaChannel:
         async with self._lock:
             space = self.edma.space
             base = self.base + self.edma._ch_base(self.direction, self.ch)
-            glob = {"wr": (WR_ENGINE_EN, WR_DOORBELL), "rd": (RD_ENGINE_EN, RD_DOORBELL)}
-            engine_en, doorbell = glob[self.direction]
+            glob = {"wr": (WR_ENGINE_EN, WR_DOORBELL, WR_INT_CLEAR),
+                    "rd": (RD_ENGINE_EN, RD_DOORBELL, RD_INT_CLEAR)}
+            engine_en, doorbell, int_clear = glob[self.direction]
             self._done = trio.Event()
+            # No done/abort left from an earlier transfer may answer for this one.
+            await space.write(self.base + int_clear, self._bits().to_bytes(4, "little"))
             for off, value in ((CH_CONTROL2, CTRL2_LOCAL_COPY if local_copy else 0),
                                (TRANSFER_SIZE, size),
                                (SAR_LO, src & 0xFFFFFFFF), (SAR_HI, src >> 32),

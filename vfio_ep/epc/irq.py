@@ -16,7 +16,7 @@ import inspect
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from vfio_ep.errors import ErrnoError
 
@@ -28,7 +28,13 @@ IRQ_NONE = 0
 IRQ_HANDLED = 1
 
 IrqHandler = Callable[[int, Any], int | Awaitable[int]]
-Spawn = Callable[[Callable[[], Awaitable[None]], str], None]
+class Cancellable(Protocol):
+    """Work on the EP's CPU that can be cancelled (cancel_work_sync)."""
+
+    def cancel(self) -> None: ...
+
+
+Spawn = Callable[[Callable[[], Awaitable[None]], str], Cancellable]
 
 
 class IrqError(ErrnoError):

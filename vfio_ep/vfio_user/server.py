@@ -17,6 +17,7 @@ import errno
 import json
 import logging
 import os
+import select
 import socket
 import struct
 from collections.abc import Callable
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 
 _ANC_SIZE = socket.CMSG_SPACE(p.MAX_MSG_FDS * array.array("i").itemsize)
 _DMA_REPLY_TIMEOUT = 10.0
+TEARDOWN_GRACE = 5.0  # seconds a dead client's teardown may take before its successor is served
 
 Handler = Callable[["Connection", int, bytes, list[int]], tuple[bytes, int | None] | None]
 
@@ -550,6 +552,7 @@ class Listener:
         self.allowed_uids = allow_uids | {os.getuid()}
         self._shared = bool(allow_uids - {os.getuid()})
         self.active: Connection | None = None
+        self._idle = trio.Event()  # set when the active connection has ended
         self.connections = 0
         self._sock: socket.socket | None = None
         self._ident: tuple[int, int] | None = None  # (st_dev, st_ino) of our socket file
@@ -608,12 +611,18 @@ class Listener:
                                     ", ".join(map(str, sorted(self.allowed_uids))))
                         conn_sock.close()
                         continue
+                    if self.active is not None and _hung_up(self.active.sock):
+                        # The client before died (QEMU killed and restarted at once): its
+                        # teardown is under way; let it finish, then serve the new one.
+                        with trio.move_on_after(TEARDOWN_GRACE):
+                            await self._idle.wait()
                     if self.active is not None:
                         log.warning("refusing client %s: already serving %s", peer,
                                     self.active.peer)
                         conn_sock.close()
                         continue
                     self.active = Connection(conn_sock, self.device, peer)
+                    self._idle = trio.Event()
                     self.connections += 1
                     nursery.start_soon(self._run, self.active)
         finally:
@@ -626,6 +635,14 @@ class Listener:
             await conn.serve()
         finally:
             self.active = None
+            self._idle.set()
+
+
+def _hung_up(sock: trio.socket.SocketType) -> bool:
+    """Whether the peer of ``sock`` has closed its end (what is left to read aside)."""
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLRDHUP)
+    return any(events & (select.POLLRDHUP | select.POLLHUP) for _, events in poller.poll(0))
 
 
 def _make_dirs(path: Path, mode: int) -> None:
