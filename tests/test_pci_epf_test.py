@@ -400,3 +400,33 @@ def test_a_fault_at_every_point_of_a_transfer(tmp_path: Path, path: str, cmd: in
             g.c.close()
             srv.wait_idle()
         assert len(os.listdir("/proc/self/fd")) <= fds
+
+
+@pytest.mark.parametrize("backend", ["msi", "embedded", "poll"])
+def test_a_client_killed_mid_doorbell_or_mid_set_irqs(tmp_path: Path, path: str,
+                                                      backend: str) -> None:
+    """A client that rings the doorbell and dies before its interrupt, and one that dies
+    halfway through sending SET_IRQS: the next client, after the reset QEMU does at start,
+    enables and rings the doorbell as if nothing happened."""
+    with serve(tmp_path, doorbell=backend, doorbell_poll_interval_us=200) as (srv, g):
+        assert g.command(t.COMMAND_ENABLE_DOORBELL) & t.STATUS_DOORBELL_ENABLE_SUCCESS
+        bar, offset, data = g.r("doorbell_bar"), g.r("doorbell_offset"), g.r("doorbell_data")
+        g.c.write(bar, offset, struct.pack("<I", data), posted=True)
+        g.release()
+        g.c.close()  # the ring is in flight, its MSI-X has nowhere to go
+
+        half = Client(srv.path)
+        body = struct.pack("<IIIII", 20 + 4, p.IRQ_SET_DATA_EVENTFD | p.IRQ_SET_ACTION_TRIGGER,
+                           p.Irq.MSIX, 0, 1)
+        half.send_raw(p.pack_header(1, p.Command.DEVICE_SET_IRQS, 16 + len(body), 0)
+                      + body[:10])  # the header promises more than ever comes
+        half.close()
+
+        c = Client(srv.path)
+        c.reset()
+        g = Guest(c)
+        assert g.command(t.COMMAND_ENABLE_DOORBELL) & t.STATUS_DOORBELL_ENABLE_SUCCESS
+        assert _ring(g)
+        g.release()
+        c.close()
+        assert srv.listener.connections == 3
