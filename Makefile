@@ -48,9 +48,10 @@ bench: $(STAMP)
 	$(PYTHON) -m vfio_ep.bench
 
 # The long fuzz run (make test runs a short one): 20000 hypothesis streams per path, then
-# 10 minutes of libFuzzer + ASan on the C fast path, its corpus kept in build/fuzz-corpus.
+# 10 minutes of libFuzzer + ASan on the C fast path (its corpus kept in build/fuzz-corpus)
+# and 10 of atheris on the request handlers.
 fuzz: $(STAMP)
-	VFIO_EP_FUZZ_EXAMPLES=20000 VFIO_EP_LIBFUZZER_SECONDS=600 \
+	VFIO_EP_FUZZ_EXAMPLES=20000 VFIO_EP_LIBFUZZER_SECONDS=600 VFIO_EP_ATHERIS_SECONDS=600 \
 	VFIO_EP_FUZZ_CORPUS=$(CURDIR)/build/fuzz-corpus $(PYTHON) -m pytest -ra tests/test_fuzz.py
 
 clean:

@@ -7,12 +7,13 @@ VERSION handshake and a DMA map of a memfd, sometimes with eventfds attached.  W
 the stream, the property is the same: the server neither crashes nor hangs, logs no
 traceback for it, and a fresh client is then served as if nothing had happened.
 
-A second, coverage-guided target runs the C fast path's framing and window look-up under
-libFuzzer with ASan and UBSan (``native/fuzz_vfu_fast.c``).
+Two coverage-guided targets: the C fast path's framing and window look-up under libFuzzer
+with ASan and UBSan (``native/fuzz_vfu_fast.c``), and every request handler on the Python
+side under atheris (``tests/fuzz/fuzz_handlers.py``).
 
 ``VFIO_EP_FUZZ_EXAMPLES`` sets the number of streams per path, ``VFIO_EP_LIBFUZZER_SECONDS``
-the libFuzzer run, ``VFIO_EP_FUZZ_CORPUS`` a corpus kept between runs (``make fuzz`` runs
-long).
+and ``VFIO_EP_ATHERIS_SECONDS`` the coverage-guided runs, ``VFIO_EP_FUZZ_CORPUS`` a corpus
+kept between runs (``make fuzz`` runs long).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import os
 import socket
 import struct
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -216,5 +218,20 @@ def test_fast_path_under_libfuzzer_and_asan(tmp_path: Path) -> None:
     proc = subprocess.run([str(binary), f"-max_total_time={LIBFUZZER_SECONDS}",
                            "-max_len=8192", f"-artifact_prefix={tmp_path}/", str(corpus)],
                           capture_output=True, text=True, timeout=LIBFUZZER_SECONDS + 120)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    assert "Done" in proc.stderr
+
+
+ATHERIS_SECONDS = int(os.environ.get("VFIO_EP_ATHERIS_SECONDS", "20"))
+
+
+def test_request_handlers_under_atheris(tmp_path: Path) -> None:
+    """Coverage-guided over the Python side: tests/fuzz/fuzz_handlers.py hands arbitrary
+    payloads to every request handler; a refusal is fine, any other exception fails."""
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("fuzz") / "fuzz_handlers.py"),
+         f"-max_total_time={ATHERIS_SECONDS}", "-max_len=4096",
+         f"-artifact_prefix={tmp_path}/"],
+        capture_output=True, text=True, timeout=ATHERIS_SECONDS + 120, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-5000:]
     assert "Done" in proc.stderr

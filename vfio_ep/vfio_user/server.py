@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 
 _ANC_SIZE = socket.CMSG_SPACE(p.MAX_MSG_FDS * array.array("i").itemsize)
 _DMA_REPLY_TIMEOUT = 10.0
+# What a handler raises on a malformed request (a payload its layout does not parse, values
+# out of range, an fd that is not what it should be): the request is refused with EINVAL.
+MALFORMED = (ConstructError, struct.error, DmaError, ValueError, OSError)
 TEARDOWN_GRACE = 5.0  # seconds a dead client's teardown may take before its successor is served
 
 Handler = Callable[["Connection", int, bytes, list[int]], tuple[bytes, int | None] | None]
@@ -226,7 +229,7 @@ class Connection:
             err = e.errno
             log.warning("client %s: refused %s (id %d): %s", self.peer, _name(cmd), msg_id,
                         e.reason)
-        except (ConstructError, struct.error, DmaError, ValueError, OSError) as e:
+        except MALFORMED as e:
             err = errno.EINVAL
             log.warning("client %s: refused %s (id %d): %s", self.peer, _name(cmd), msg_id, e)
         except Exception:  # a device-model bug must not take the server down
