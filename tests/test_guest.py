@@ -348,7 +348,8 @@ def test_exec_runs_any_command_and_returns_its_status(tmp_path: Path) -> None:
 
 
 def test_exec_in_both_guests_of_a_pair(tmp_path: Path) -> None:
-    proc = _run("--function", "pci-epf-ntb", "--run-dir", str(tmp_path / "r"), "--exec",
+    """--topology ntb-pair: the two guests of pci-epf-ntb, each running the command."""
+    proc = _run("--topology", "ntb-pair", "--run-dir", str(tmp_path / "r"), "--exec",
                 "echo role $VFIO_EP_ROLE; [ $VFIO_EP_ROLE = a ]")
     assert proc.returncode == 1, proc.stderr  # b's status
     assert sorted(proc.stdout.splitlines()) == ["a: role a", "b: role b"]

@@ -28,6 +28,10 @@ verbose_option = click.option(
     help="More logging (-vv for per-message traces); also after the subcommand.")
 
 
+# run --topology: named shapes of guests and endpoint, by the function that makes them
+TOPOLOGIES = {"ntb-pair": "pci-epf-ntb"}
+
+
 @click.group()
 @click.version_option(package_name="vfio-ep", message="vfio-ep %(version)s")
 @verbose_option
@@ -93,6 +97,9 @@ def serve(sockets: tuple[str, ...], allow_uids: tuple[int, ...], ready_fd: int |
 @click.option("--kernel", type=click.Path(exists=True, path_type=Path),
               help="Boot this bzImage, or a kernel build directory (O=): its bzImage, and its "
               "modules in the initramfs' /lib/modules.")
+@click.option("--topology", type=click.Choice(sorted(TOPOLOGIES)),
+              help="A shape of guests and endpoint: ntb-pair, two guests joined by "
+              "pci-epf-ntb (the same as --function pci-epf-ntb).")
 @click.option("--kselftest", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Run this pci_endpoint_test (built static from your tree) instead of the "
               "one vfio-ep builds.")
@@ -130,7 +137,7 @@ def serve(sockets: tuple[str, ...], allow_uids: tuple[int, ...], ready_fd: int |
 @click.option("--run-dir", type=click.Path(path_type=Path), help="Where logs and results go.")
 @click.argument("guest_args", nargs=-1, type=click.UNPROCESSED)
 def run(function: str | None, config_file: Path | None, configfs: Path | None,
-        preset: str | None, sets: tuple[str, ...], kernel: Path | None,
+        preset: str | None, sets: tuple[str, ...], topology: str | None, kernel: Path | None,
         kselftest: Path | None, qemu: Path | None, linux: str, exec_cmd: str | None,
         shell: bool, axes: tuple[str, ...], xfail: tuple[str, ...], append: str,
         memory: int, cpus: int, qemu_args: tuple[str, ...],
@@ -150,6 +157,11 @@ def run(function: str | None, config_file: Path | None, configfs: Path | None,
 
     if shell and exec_cmd is not None:
         raise click.UsageError("--shell and --exec both say what the guest runs: pick one")
+    if topology is not None:
+        if function is not None or config_file or configfs:
+            raise click.UsageError("--topology names the function itself: not with "
+                                   "--function, --config or --configfs")
+        function = TOPOLOGIES[topology]
     if axes and (shell or exec_cmd is not None):
         raise click.UsageError("--matrix runs the suite in every cell: not with --shell or "
                                "--exec")
