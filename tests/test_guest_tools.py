@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import subprocess
 from pathlib import Path
 
 import pytest
 from vfio_ep_cli import KSELFTEST_CASES
 
-from vfio_ep.guest import initramfs, kernel_build, provision, results
+from vfio_ep.guest import initramfs, kernel_build, launcher, provision, results
 from vfio_ep.guest.assets import TAP_LIB
 
 TAP = """TAP version 13
@@ -174,3 +175,21 @@ def test_expected_failures_become_xfail_and_a_pass_of_one_xpass() -> None:
     assert not report.passed  # the stale expectation (BAR0 passed) fails the run
     only_fail = results.expect_failures(results.parse_tap(TAP), ("pci_ep_bar.BAR1.BAR_TEST",))
     assert [t for t in only_fail.tests if t.failed] == [only_fail.tests[3]]  # 4: never ran
+
+
+def test_run_directories_are_pruned_but_never_a_live_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Beyond $VFIO_EP_KEEP_RUNS the oldest runs go, except one whose process still runs."""
+    monkeypatch.setenv("VFIO_EP_CACHE", str(tmp_path))
+    monkeypatch.setenv("VFIO_EP_KEEP_RUNS", "2")
+    runs = tmp_path / "runs"
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    for name, pid in (("00-alive", os.getpid()), ("01-old", gone.pid), ("02-old", gone.pid),
+                      ("03-recent", gone.pid), ("04-recent", gone.pid)):
+        (runs / name).mkdir(parents=True)
+        (runs / name / "owner").write_text(f"{pid}\n")
+    new = launcher.new_run_dir(None)
+    assert sorted(p.name for p in runs.iterdir()) == sorted(
+        ["00-alive", "03-recent", "04-recent", new.name])
+    assert (new / "owner").read_text() == f"{os.getpid()}\n"
