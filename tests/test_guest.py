@@ -438,9 +438,14 @@ def test_shell_on_a_terminal(tmp_path: Path) -> None:
 
 
 def test_exec_timeout_is_124_and_says_so(tmp_path: Path) -> None:
-    proc = _run("--run-dir", str(tmp_path / "r"), "--timeout", "8", "--exec", "sleep 60")
+    """A fractional timeout is honoured; the stuck guest's tasks (sysrq-t) land in the run's
+    console.log, and the message says where."""
+    proc = _run("--run-dir", str(tmp_path / "r"), "--timeout", "7.5", "--exec", "sleep 60")
     assert proc.returncode == 124
-    assert "timed out" in proc.stderr
+    assert re.search(r"timed out after 7\.\d s \(the guest's tasks, sysrq-t, are at the end "
+                     r"of console\.log\)", proc.stderr), proc.stderr
+    console = (next((tmp_path / "r").rglob("console.log"))).read_text(errors="replace")
+    assert "sysrq: Show State" in console and re.search(r"task:sleep\s", console)
 
 
 def test_kernel_build_directory_brings_its_modules(tmp_path: Path) -> None:

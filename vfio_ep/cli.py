@@ -132,8 +132,10 @@ def serve(sockets: tuple[str, ...], allow_uids: tuple[int, ...], ready_fd: int |
 @click.option("--gdb", "gdb_port", type=click.IntRange(min=1, max=65535), metavar="PORT",
               help="QEMU's gdbstub on 127.0.0.1:PORT (the second guest of a pair: PORT+1); "
               "raise --timeout to debug at leisure.")
-@click.option("--timeout", type=float, default=None,
-              help="Seconds for the whole run.  [default: 600; none with --shell]")
+@click.option("--timeout", type=click.FloatRange(min=0), default=None,
+              help="Seconds for the whole run (fractions welcome; 0: none).  On a timeout "
+              "the guest's tasks are dumped (sysrq-t) into console.log.  [default: 600; "
+              "none with --shell]")
 @click.option("--run-dir", type=click.Path(path_type=Path), help="Where logs and results go.")
 @click.argument("guest_args", nargs=-1, type=click.UNPROCESSED)
 def run(function: str | None, config_file: Path | None, configfs: Path | None,
@@ -167,6 +169,8 @@ def run(function: str | None, config_file: Path | None, configfs: Path | None,
                                "--exec")
     if timeout is None:
         timeout = float("inf") if shell else 600.0
+    elif timeout == 0:
+        timeout = float("inf")
     common = dict(function=function, config_file=config_file, configfs=configfs,
                   preset=preset, xfail=xfail, kernel=kernel, kselftest=kselftest, qemu=qemu,
                   timeout=timeout, guest_args=list(guest_args), linux=linux,

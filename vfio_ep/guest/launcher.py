@@ -40,6 +40,7 @@ ROOT_PORT = "rp0"
 DEVICE_ID = "ep0"
 SERVER_READY_TIMEOUT = 30.0
 GRACE = 5.0
+TASK_DUMP_SECONDS = 3.0  # for a timed-out guest's sysrq-t dump to reach the console
 KEEP_RUNS = 20  # run directories kept under the cache's runs/ (VFIO_EP_KEEP_RUNS)
 KSELFTEST_NAME = "pci_endpoint_test"
 TEST_FILES = {"kselftest": KSELFTEST_NAME, "pcitest": "pcitest"}  # the guest's /NAME, by kind
@@ -190,7 +191,9 @@ class GuestRun:
             if self._qemu.returncode != 0:
                 error = f"QEMU exited with {self._qemu.returncode}: {tail(self._log('qemu'))}"
         except TimeoutError:
-            error = f"timed out after {time.monotonic() - self._started:.0f} s"
+            error = f"timed out after {time.monotonic() - self._started:.1f} s"
+            if await self._task_dump():
+                error += " (the guest's tasks, sysrq-t, are at the end of console.log)"
         output, status = parse_console(self._log("console"))
         if status is None and error is None:
             error = "the guest stopped before its command finished; see console.log"
@@ -198,6 +201,20 @@ class GuestRun:
                              self._line_times)
         self._meta.update(exit_status=status, error=error)
         return result
+
+    async def _task_dump(self) -> bool:
+        """sysrq-t in the stuck guest: every task's state and stack reach the console (and
+        console.log) before QEMU is stopped, so a timeout shows what hung.  False when QEMU
+        no longer answers."""
+        try:
+            # sysrq-8 first: /init keeps the console at loglevel 1, and the dump is KERN_INFO
+            for key in ("8", "t"):
+                keys = [{"type": "qcode", "data": k} for k in ("alt", "sysrq", key)]
+                await asyncio.wait_for(self.qmp.execute("send-key", {"keys": keys}), GRACE)
+        except Exception:  # QEMU gone or wedged: nothing to dump
+            return False
+        await asyncio.sleep(TASK_DUMP_SECONDS)
+        return True
 
     async def execute(self, command: str, arguments: dict[str, Any] | None = None) -> object:
         """One QMP command."""

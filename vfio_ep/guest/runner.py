@@ -235,12 +235,14 @@ def _run_kselftest(target: Target, assets: GuestAssets, timeout: float,
     report = target.report(result.output, result.line_times)
     unbound = next((line for line in result.output.splitlines()
                     if line.startswith("vfio-ep: ")), None)
+    error = result.error
+    if error and (running := _running_test(result.output)):
+        error += f"; {running} was running"
     write_results(report, result.run_dir, exit_status=target.exit_status(result, report),
-                  error=result.error,
-                  suite=KSELFTEST_NAME, endpoint=facts)
+                  error=error, suite=KSELFTEST_NAME, endpoint=facts)
     print(f"\n{summary_table(report)}")
-    if result.error:
-        print(f"vfio-ep run: {result.error}", file=sys.stderr)
+    if error:
+        print(f"vfio-ep run: {error}", file=sys.stderr)
     elif unbound:
         print(unbound.replace("vfio-ep: ", "vfio-ep run: ", 1), file=sys.stderr)
     elif report.ran_nothing:
