@@ -275,6 +275,10 @@ def test_run_verbose_after_the_subcommand_selects_one_test(tmp_path: Path) -> No
     junit = (tmp_path / "run" / "results.xml").read_text()
     assert '<property name="doorbell" value="embedded" />' in junit
     assert re.search(r'name="DOORBELL_TEST" time="\d+\.\d{3}"', junit)
+    # trace.log: what the EP did, under the test that made it do it
+    trace = (tmp_path / "run" / "trace.log").read_text()
+    assert re.search(r"guest\| #  RUN +pcie_ep_doorbell\.DOORBELL_TEST.*\n(.*\n)*?.*ep   \| "
+                     r".*ENABLE_DOORBELL: STATUS .*DOORBELL_ENABLE_SUCCESS", trace), trace
 
 
 def test_a_device_no_driver_binds_is_named_not_23_failures(tmp_path: Path) -> None:

@@ -51,6 +51,7 @@ from vfio_ep.guest.results import (
     write_junit,
     write_results,
 )
+from vfio_ep.guest.trace import write_trace
 
 PAIR_ROLES = ("a", "b")
 NTB_PHASES = ("tool", "pingpong", "netdev")
@@ -233,6 +234,7 @@ def _run_kselftest(target: Target, assets: GuestAssets, timeout: float,
                             run_dir=top, live=_echo, options=options,
                             extra_files={"kselftest.sh": KSELFTEST})
     report = target.report(result.output, result.line_times)
+    write_trace(result.run_dir, result.line_times, result.server_log)
     unbound = next((line for line in result.output.splitlines()
                     if line.startswith("vfio-ep: ")), None)
     error = result.error
@@ -269,6 +271,7 @@ def _run_pcitest(target: Target, assets: GuestAssets, comp: Composition, timeout
                             server_args=target.server_args(), assets=assets, timeout=timeout,
                             run_dir=top, live=_echo, options=options)
     report = target.report(result.output, result.line_times)
+    write_trace(result.run_dir, result.line_times, result.server_log)
     write_results(report, result.run_dir, exit_status=target.exit_status(result, report),
                   error=result.error,
                   suite="pcitest", endpoint=facts)
@@ -382,6 +385,7 @@ def _run_ntb_suite(target: Target, assets: GuestAssets, doorbells: tuple[int, bo
             extra_files={"ntb_suite.sh": NTB_SUITE, "tap_lib.sh": TAP_LIB}, live=_echo,
             options=options)
         reports.append(target.report(result.output, result.line_times))
+        write_trace(result.run_dir, result.line_times, result.server_log)
         if result.error or target.exit_status(result, reports[-1]) != 0:
             failed_boots.append(f"{phase}: {result.error or f'exit {result.exit_status}'}")
     return _finish(reports, failed_boots, top, "ntb", facts)
@@ -409,6 +413,7 @@ def _run_ntb_pair(target: Target, assets: GuestAssets, controllers: tuple[str, s
                               options=options)
         for spec, result in zip(specs, results, strict=True):
             reports.append(target.report(result.output, result.line_times))
+            write_trace(result.run_dir, result.line_times, result.server_log)
             if result.error or target.exit_status(result, reports[-1]) != 0:
                 failed_boots.append(f"{phase}/{spec.label}: "
                                     f"{result.error or f'exit {result.exit_status}'}")
