@@ -110,3 +110,12 @@ def test_presets_set_ids_profile_and_bars_and_user_sets_win() -> None:
         load(None, "pci-epf-vntb", [], preset="rk3588")
     with pytest.raises(config.ConfigError, match="unknown preset 'x'"):
         load(None, None, [], preset="x")
+
+
+def test_errors_found_at_bind_name_the_file_the_owner_and_the_key(tmp_path: Path) -> None:
+    toml = tmp_path / "ep.toml"
+    toml.write_text('[controllers.ep0]\nsocket = "x.sock"\n[functions.f]\n'
+                    'type = "pci-epf-test"\nprimary = "ep0"\nbar1_size = "abc"\n')
+    with pytest.raises(config.ConfigError,
+                       match=rf"^{toml}: functions/pci_epf_test/f: bar1_size: not a number"):
+        load(toml, None, []).build()

@@ -31,6 +31,7 @@ def load(config_file: Path | None, function: str | None, sets: list[str],
                                      "a [functions.*] file")
         else:
             comp = Composition.single(function, _flat(data, config_file))
+            comp.source = str(config_file)
     else:
         comp = Composition.single(function, {})
     if preset is not None:

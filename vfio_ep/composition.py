@@ -73,6 +73,7 @@ class Endpoint:
 class Composition:
     controllers: dict[str, ControllerGroup] = field(default_factory=dict)
     functions: dict[str, FunctionGroup] = field(default_factory=dict)
+    source: str = ""  # the file it was read from: errors found later name it too
 
     # -- the three spellings --------------------------------------------------
     @classmethod
@@ -115,6 +116,7 @@ class Composition:
             primary, secondary = table.pop("primary", None), table.pop("secondary", None)
             comp.functions[name] = FunctionGroup(name, driver, _defaults(driver) | table,
                                                  primary=primary, secondary=secondary)
+        comp.source = source
         return comp
 
     # -- edits --------------------------------------------------------------
@@ -164,7 +166,17 @@ class Composition:
 
     # -- pci_epc_start ------------------------------------------------------
     def build(self) -> list[Endpoint]:
-        """Create the controllers, probe and bind the functions, start the controllers."""
+        """Create the controllers, probe and bind the functions, start the controllers.
+
+        ConfigError (naming the file it came from) for a value an attribute refuses."""
+        try:
+            return self._build()
+        except (ConfigError, ValueError) as e:
+            if not self.source:
+                raise
+            raise ConfigError(f"{self.source}: {e}") from None
+
+    def _build(self) -> list[Endpoint]:
         self._check_links()
         started = [c for c in self.controllers.values() if c.started]
         sockets = {c.name: _socket(c) for c in started}

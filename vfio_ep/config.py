@@ -77,7 +77,10 @@ def attributes(cls: type[T], values: dict[str, Any], owner: str) -> T:
     if unknown:
         raise ConfigError(f"{owner} has no attribute {', '.join(unknown)}; "
                           f"known: {', '.join(sorted(fields))}")
-    kwargs = {k: _convert(hints[k], v, k) for k, v in values.items()}
+    try:
+        kwargs = {k: _convert(hints[k], v, k) for k, v in values.items()}
+    except ConfigError as e:
+        raise ConfigError(f"{owner}: {e}") from None
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:

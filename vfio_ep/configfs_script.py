@@ -172,5 +172,6 @@ def parse_script(text: str, source: str) -> Composition:
     if unstarted and not any(c.started for c in script.comp.controllers.values()):
         raise ConfigError(f"{source}: no controller was started (echo 1 > "
                           f"controllers/{unstarted[0]}/start)")
+    script.comp.source = source
     return script.comp
 
