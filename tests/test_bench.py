@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from vfio_ep.bench import dispatch, doorbell, transfer
+from vfio_ep.bench import dispatch, doorbell, scale, transfer
 from vfio_ep.bench.__main__ import main
 from vfio_ep.bench.common import Result, write_results
 
@@ -41,6 +41,15 @@ def test_transfer_small() -> None:
                    "COPY DMA"]
     # each against the host doing that operation's work
     assert all(row["host_ms"] > 0 and row["ratio"] > 0 for row in r.rows)
+
+
+def test_scale_small() -> None:
+    """Several controllers in one server, each read through its own socket."""
+    r = scale.run(devices=(1, 3), reads=300)
+    _well_formed(r, "scale")
+    assert [row["case"] for row in r.rows] == ["1 device, one process", "3 devices, one process",
+                                               "1 device, 2048 MSI-X vectors"]
+    assert all(row["us"] > 0 for row in r.rows)
 
 
 def test_results_files_merge(tmp_path: Path) -> None:

@@ -8,6 +8,8 @@ the same run (the machine is shared, so absolute numbers only mean something sid
 - ``ntb``: vNTB ping round trip over ntb_netdev per doorbell backend, vs the MSI doorbell
 - ``ntb-pair``: two guests over pci-epf-ntb (ping, TCP, ntb_perf) vs virtio-net between the
   same guests, and vs a host memcpy
+- ``scale``: a trapped register read with 1, 4 and 16 devices in one process, and with 2048
+  MSI-X vectors, vs one device
 """
 
-NAMES = ("dispatch", "doorbell", "transfer", "idle", "ntb", "ntb-pair")
+NAMES = ("dispatch", "doorbell", "transfer", "idle", "ntb", "ntb-pair", "scale")

@@ -182,13 +182,23 @@ class Server:
 
 @contextlib.contextmanager
 def serve(sets: Sequence[str] = (), *, fastpath: bool = True, function: str = "pci-epf-test",
-          verbose: bool = False, argv: Sequence[str] | None = None) -> Iterator[Server]:
+          verbose: bool = False, argv: Sequence[str] | None = None,
+          controllers: int = 0) -> Iterator[Server]:
     """Start a server subprocess (``argv`` replaces the vfio-ep command, e.g. a sink), wait
-    for its socket, and stop it (SIGTERM, then SIGKILL) on exit."""
+    for its socket, and stop it (SIGTERM, then SIGKILL) on exit.  ``controllers`` > 0: that
+    many controllers, each with its own ``function`` and socket ``ep<k>.sock`` (the
+    Server's ``socket`` is the first)."""
     tmp = Path(tempfile.mkdtemp(prefix="vfio-ep-bench-"))  # short: sun_path <= 107
-    sock = tmp / "ep.sock"
+    sock = tmp / ("ep0.sock" if controllers else "ep.sock")
     log = tmp / "server.log"
-    if argv is None:
+    if controllers:
+        config = tmp / "composition.toml"
+        config.write_text("".join(
+            f'[controllers.ep{k}]\nsocket = "{tmp}/ep{k}.sock"\n'
+            f'[functions.f{k}]\ntype = "{function}"\nprimary = "ep{k}"\n'
+            for k in range(controllers)))
+        cmd = [sys.executable, "-m", "vfio_ep", "serve", "--config", str(config)]
+    elif argv is None:
         cmd = [sys.executable, "-m", "vfio_ep", *(["-v"] if verbose else []), "serve",
                "--socket", str(sock), "--function", function]
         for s in sets:
@@ -203,7 +213,8 @@ def serve(sets: Sequence[str] = (), *, fastpath: bool = True, function: str = "p
     server = Server(proc, sock, log)
     try:
         deadline = time.monotonic() + SERVER_READY_TIMEOUT
-        while not sock.exists():
+        while not all((tmp / f"ep{k}.sock").exists() for k in range(controllers)) \
+                or not sock.exists():
             if proc.poll() is not None:
                 raise BenchError(f"{' '.join(cmd)} exited with {proc.returncode}:\n"
                                  f"{server.log_tail()}")
