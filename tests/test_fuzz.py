@@ -18,6 +18,7 @@ kept between runs (``make fuzz`` runs long).
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import struct
@@ -158,6 +159,10 @@ def _server(path: str, where: Path) -> ServerThread:
 def test_any_message_stream_leaves_the_server_serving(
         tmp_path_factory: pytest.TempPathFactory, path: str, caplog: pytest.LogCaptureFixture,
         stream: list[tuple[bytes, int]], handshake: bool, dma_map: bool) -> None:
+    # WARNING and up only: pytest keeps every record of a test for its report, and thousands
+    # of streams at DEBUG grew this process by GBs (which a libFuzzer run started from it
+    # then inherits as its peak RSS); a traceback is logged at ERROR, refusals at WARNING.
+    caplog.set_level(logging.WARNING, logger="vfio_ep")
     caplog.clear()
     server = _server(path, tmp_path_factory.getbasetemp())
     _serves_again(server)  # the last example's client is gone
@@ -183,6 +188,10 @@ def test_any_message_stream_leaves_the_server_serving(
 
 
 LIBFUZZER_SECONDS = int(os.environ.get("VFIO_EP_LIBFUZZER_SECONDS", "20"))
+# libFuzzer's RSS limit reads the process's peak RSS, which Linux carries across fork and
+# exec: started from this pytest (hundreds of MB after thousands of streams) it would fire
+# at once.  A single allocation is still capped, and ASan's leak check runs at exit.
+MEMORY_LIMITS = ("-rss_limit_mb=0", "-malloc_limit_mb=2048")
 NATIVE = Path(__file__).resolve().parents[1] / "native"
 SANITIZERS = "-fsanitize=fuzzer,address,undefined"
 
@@ -216,7 +225,8 @@ def test_fast_path_under_libfuzzer_and_asan(tmp_path: Path) -> None:
     corpus = Path(os.environ.get("VFIO_EP_FUZZ_CORPUS", tmp_path / "corpus"))
     _seeds(corpus)
     proc = subprocess.run([str(binary), f"-max_total_time={LIBFUZZER_SECONDS}",
-                           "-max_len=8192", f"-artifact_prefix={tmp_path}/", str(corpus)],
+                           "-max_len=8192", *MEMORY_LIMITS, f"-artifact_prefix={tmp_path}/",
+                           str(corpus)],
                           capture_output=True, text=True, timeout=LIBFUZZER_SECONDS + 120)
     assert proc.returncode == 0, proc.stderr[-5000:]
     assert "Done" in proc.stderr
@@ -230,7 +240,7 @@ def test_request_handlers_under_atheris(tmp_path: Path) -> None:
     payloads to every request handler; a refusal is fine, any other exception fails."""
     proc = subprocess.run(
         [sys.executable, str(Path(__file__).with_name("fuzz") / "fuzz_handlers.py"),
-         f"-max_total_time={ATHERIS_SECONDS}", "-max_len=4096",
+         f"-max_total_time={ATHERIS_SECONDS}", "-max_len=4096", *MEMORY_LIMITS,
          f"-artifact_prefix={tmp_path}/"],
         capture_output=True, text=True, timeout=ATHERIS_SECONDS + 120, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-5000:]
