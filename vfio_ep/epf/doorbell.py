@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from vfio_ep.epc.core import PciEpcAuxResource
 from vfio_ep.epc.doorbell import PollDoorbell
 from vfio_ep.epc.features import NO_BAR
 from vfio_ep.epc.irq import IRQF_SHARED
@@ -112,6 +113,12 @@ def pci_epf_doorbell_addresses(epf: PciEpf, allow_poll: bool = True) -> frozense
     return frozenset() if addr is None else frozenset({addr})
 
 
+def _doorbell_mmio(epf: PciEpf) -> PciEpcAuxResource | None:
+    """The controller's embedded doorbell (its DOORBELL_MMIO aux resource), or None."""
+    return next((r for r in epf.controller.get_aux_resources() if r.type == "doorbell-mmio"),
+                None)
+
+
 def _available_doorbells(epf: PciEpf, allow_poll: bool) -> Iterator[tuple[str, int | None]]:
     """(backend, doorbell register's EP address or None) of each backend ``epf`` could
     allocate now, in its order."""
@@ -120,7 +127,7 @@ def _available_doorbells(epf: PciEpf, allow_poll: bool) -> Iterator[tuple[str, i
         if name == "msi" and epc.msi is not None and epc.msi.immutable:
             yield name, epc.msi.translater.addr
         if name == "embedded":
-            aux = next((r for r in epc.get_aux_resources() if r.type == "doorbell-mmio"), None)
+            aux = _doorbell_mmio(epf)
             if aux is not None:
                 yield name, aux.phys_addr
         if name == "poll" and allow_poll:
@@ -156,7 +163,7 @@ def _alloc_msi(epf: PciEpf, num_db: int) -> list[PciEpfDoorbellMsg]:
 
 def _alloc_embedded(epf: PciEpf, num_db: int) -> list[PciEpfDoorbellMsg]:
     epc = epf.controller
-    doorbell = next((r for r in epc.get_aux_resources() if r.type == "doorbell-mmio"), None)
+    doorbell = _doorbell_mmio(epf)
     if doorbell is None:
         raise DoorbellError(errno.ENODEV, "no DOORBELL_MMIO aux resource")
     if doorbell.phys_addr % 4:
