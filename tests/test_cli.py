@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from vfio_ep_cli import readme_example
 from vfio_user_client import Client
 
 
@@ -104,9 +105,9 @@ def test_a_second_server_on_a_live_socket_is_refused_and_the_first_keeps_it(
 def test_print_qemu_args_gives_what_run_uses(tmp_path: Path) -> None:
     """The printed options come from the launcher's own list (memfd RAM, interrupt remapping
     for 32 MSI vectors, the root port, the device with its message timeout)."""
-    sock = tmp_path / "ep.sock"
-    proc = subprocess.Popen([sys.executable, "-m", "vfio_ep", "serve", "--socket", str(sock),
-                             "--print-qemu-args"], stdout=subprocess.PIPE,
+    sock = Path("/tmp/ep.sock")
+    proc = subprocess.Popen([sys.executable, "-m", "vfio_ep", *readme_example(
+        "vfio-ep serve --socket /tmp/ep.sock --print-qemu-args")], stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True)
     try:
         assert proc.stdout is not None
@@ -134,7 +135,7 @@ def _vfio_ep(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_version() -> None:
-    run = _vfio_ep("--version")
+    run = _vfio_ep(*readme_example("vfio-ep --version"))
     assert run.returncode == 0 and run.stdout.startswith("vfio-ep 0."), run.stdout
 
 
@@ -195,3 +196,23 @@ def test_ready_fd_and_pidfile_for_scripts(tmp_path: Path) -> None:
     assert bad.returncode == 1 and "Traceback" not in bad.stderr
     assert "vfio-ep: --ready-fd 99: Bad file descriptor" in bad.stderr
     assert not sock.exists()
+
+
+def test_serve_both_controllers_of_the_ntb_function(tmp_path: Path) -> None:
+    """The README's pair for your own QEMUs: one socket per controller, relative paths."""
+    proc = subprocess.Popen([sys.executable, "-m", "vfio_ep", *readme_example(
+        "vfio-ep serve --function pci-epf-ntb --socket ep0=A.sock --socket ep1=B.sock")],
+        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not ((tmp_path / "A.sock").exists() and (tmp_path / "B.sock").exists()):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1]
+            time.sleep(0.05)
+        for name in ("A.sock", "B.sock"):
+            c = Client(tmp_path / name)
+            assert c.cfg_read32(0) == 0xB00D104C  # pci-epf-ntb's 104c:b00d on both
+            c.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=10)
+    assert proc.returncode == 0

@@ -12,6 +12,7 @@ import os
 import pty
 import re
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -20,7 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
-from vfio_ep_cli import KSELFTEST_CASES, vfio_ep_run
+from vfio_ep_cli import KSELFTEST_CASES, readme_example, vfio_ep_run
 from vfio_user_client import ServerThread
 
 from vfio_ep.composition import Composition
@@ -132,7 +133,7 @@ def test_register_bar_moved_to_bar2_as_on_am654(tmp_path: Path) -> None:
     The upstream driver also refuses every BAR0 test on AM654 (-EINVAL, whatever the
     endpoint does), so exactly those two fail, as they do on the real board.
     """
-    proc, results = vfio_ep_run(tmp_path, "--preset", "am654")
+    proc, results = vfio_ep_run(tmp_path, *readme_example("vfio-ep run --preset am654")[1:])
     assert proc.returncode == 1
     s = {t["name"]: t["status"] for t in results["tests"]}
     refused = {"pci_ep_bar.BAR0.BAR_TEST", "pci_ep_bar.BAR0.BAR_SUBRANGE_TEST"}
@@ -317,6 +318,21 @@ def test_matrix_of_cells_into_one_junit_with_expected_failures(tmp_path: Path) -
     assert '<property name="controllers" value="ep0: rk3588" />' in junit
 
 
+def test_the_readme_matrix_with_a_scoped_expected_failure(tmp_path: Path) -> None:
+    """Four cells; RK3588's LEGACY_IRQ_TEST fails as on the board (xfail there), the generic
+    controller's passes: every cell ok."""
+    proc = _run(*readme_example(
+        "vfio-ep run --matrix doorbell=embedded,poll --matrix controller=generic,rk3588 --xfail "
+        "controller=rk3588:pci_ep_basic.LEGACY_IRQ_TEST")[1:], "--run-dir", str(tmp_path / "r"),
+        timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr
+    for cell in ("doorbell=embedded controller=generic", "doorbell=embedded controller=rk3588",
+                 "doorbell=poll controller=generic", "doorbell=poll controller=rk3588"):
+        assert re.search(rf"\| {cell} \| ok \| \d+ \| 0 \|", proc.stdout), proc.stdout[-3000:]
+    junit = (tmp_path / "r" / "results.xml").read_text()
+    assert junit.count("<testsuite ") == 4 and junit.count("failed, as expected") == 2
+
+
 def test_run_that_selects_no_test_fails_and_lists_the_tests(tmp_path: Path) -> None:
     proc, results = vfio_ep_run(tmp_path, "--", "-t", "NOPE")
     assert proc.returncode == 1, proc.stdout + proc.stderr
@@ -349,6 +365,26 @@ def test_exec_runs_any_command_and_returns_its_status(tmp_path: Path) -> None:
                 "| grep -c '^ok'; exit 7")
     assert proc.returncode == 7, proc.stderr
     assert proc.stdout.split() == ["vfio_ep_marker=1", "6"]  # six BARs tested
+
+
+def test_the_kselftest_selection_example(tmp_path: Path) -> None:
+    """Arguments after -- go to the kselftest: its BAR tests alone."""
+    proc, results = vfio_ep_run(tmp_path, *readme_example("vfio-ep run -- -f pci_ep_bar")[1:])
+    assert proc.returncode == 0, proc.stderr
+    names = [t["name"] for t in results["tests"]]
+    assert names and all(n.startswith("pci_ep_bar.") for n in names), names
+    assert results["passed"]
+
+
+def test_a_command_in_both_guests_of_the_pair(tmp_path: Path) -> None:
+    """The README's pair example: each guest finds its side of the NTB (104c:b00d)."""
+    proc = _run(*readme_example(
+        "vfio-ep run --function pci-epf-ntb --exec "
+        "'grep -l 0xb00d /sys/bus/pci/devices/*/device'")[1:], "--run-dir", str(tmp_path / "r"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = sorted(proc.stdout.splitlines())
+    assert [line.split(": ")[0] for line in lines] == ["a", "b"], lines
+    assert all(line.endswith("/device") for line in lines)
 
 
 def test_exec_in_both_guests_of_a_pair(tmp_path: Path) -> None:
@@ -412,7 +448,8 @@ def test_shell_on_a_terminal(tmp_path: Path) -> None:
     exit status is the run's."""
     pid, fd = pty.fork()
     if pid == 0:  # the child: vfio-ep on the pty, as a developer's terminal
-        os.execv(sys.executable, [sys.executable, "-m", "vfio_ep", "run", "--shell",
+        os.execv(sys.executable, [sys.executable, "-m", "vfio_ep",
+                                  *readme_example("vfio-ep run --shell"),
                                   "--run-dir", str(tmp_path / "r")])
     seen = b""
 
@@ -443,13 +480,19 @@ def test_shell_on_a_terminal(tmp_path: Path) -> None:
 
 def test_exec_timeout_is_124_and_says_so(tmp_path: Path) -> None:
     """A fractional timeout is honoured; the stuck guest's tasks (sysrq-t) land in the run's
-    console.log, and the message says where."""
-    proc = _run("--run-dir", str(tmp_path / "r"), "--timeout", "7.5", "--exec", "sleep 60")
+    console.log, its whole dmesg in dmesg.txt (taken through the rescue console while the
+    command still hangs), and the message says where."""
+    proc = _run("--run-dir", str(tmp_path / "r"), "--timeout", "12.5", "--exec",
+                "echo hung > /dev/kmsg; sleep 60")
     assert proc.returncode == 124
-    assert re.search(r"timed out after 7\.\d s \(the guest's tasks, sysrq-t, are at the end "
-                     r"of console\.log\)", proc.stderr), proc.stderr
+    assert re.search(r"timed out after 12\.\d s \(the guest's tasks, sysrq-t, are at the end "
+                     r"of console\.log\); its dmesg\.txt are in the run directory",
+                     proc.stderr), proc.stderr
     console = (next((tmp_path / "r").rglob("console.log"))).read_text(errors="replace")
     assert "sysrq: Show State" in console and re.search(r"task:sleep\s", console)
+    dmesg = (next((tmp_path / "r").rglob("dmesg.txt"))).read_text()
+    assert "Linux version" in dmesg and "hung" in dmesg
+    assert "sysrq: Show State" in dmesg  # taken after the task dump
 
 
 def test_kernel_build_directory_brings_its_modules(tmp_path: Path) -> None:
@@ -486,3 +529,61 @@ def test_sigterm_mid_run_keeps_what_ran(tmp_path: Path) -> None:
     assert results["error"].startswith("interrupted while ") and not results["passed"]
     assert results["counts"]["pass"] + results["counts"]["skip"] >= 2
     assert results["counts"]["error"] >= 1  # planned, never reported
+
+
+def test_share_mounts_a_host_directory_at_its_own_path(tmp_path: Path) -> None:
+    """--share: the guest runs a script from the host's directory by the host's path, writes
+    a file back; read-only shares refuse writes."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "hello.sh").write_text("echo hello from $(pwd)\n")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    proc = _run("--run-dir", str(tmp_path / "r"), "--share", str(tree), "--share",
+                f"{ro}:/mnt/ro:ro", "--exec",
+                f"sh {tree}/hello.sh && echo back > {tree}/out && "
+                "! touch /mnt/ro/x 2>/dev/null && echo refused")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split("\n")[:2] == ["hello from /", "refused"]
+    assert (tree / "out").read_text() == "back\n" and not (ro / "x").exists()
+
+
+def test_the_kselftest_of_your_tree_through_a_share(tmp_path: Path) -> None:
+    """The README's example, run in a kernel tree (here one holding just the built kselftest):
+    the guest starts in the same directory, and runs the tree's binary."""
+    tree = tmp_path / "linux"
+    built = tree / "tools/testing/selftests/pci_endpoint/pci_endpoint_test"
+    built.parent.mkdir(parents=True)
+    shutil.copy(provision_all().test, built)
+    proc = subprocess.run([sys.executable, "-m", "vfio_ep", *readme_example(
+        "vfio-ep run --share . --exec "
+        "'tools/testing/selftests/pci_endpoint/pci_endpoint_test -t MSI_TEST'"),
+        "--run-dir", str(tmp_path / "r")], cwd=tree, capture_output=True, text=True,
+        timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "ok 1 pci_ep_basic.MSI_TEST" in proc.stdout
+
+
+def test_dynamic_debug_queries_reach_builtins_and_modules_loaded_later(tmp_path: Path) -> None:
+    """--dyndbg: a file's query applies at boot, a module's when the module loads."""
+    proc = _run("--run-dir", str(tmp_path / "r"), "--dyndbg", "module ntb_transport +p",
+                "--dyndbg", "file drivers/misc/pci_endpoint_test.c +p", "--exec",
+                "insmod /lib/modules/ntb_transport.ko && C=/proc/dynamic_debug/control && "
+                "grep -c 'ntb_transport.c.* =p ' $C; grep -c 'pci_endpoint_test.c.* =p ' $C")
+    assert proc.returncode == 0, proc.stderr
+    modules, builtin = map(int, proc.stdout.split())
+    assert modules > 0 and builtin > 0
+
+
+def test_boot_tracing_lands_in_the_run_directory(tmp_path: Path) -> None:
+    """--trace-event and --ftrace trace from boot: the kselftest's MSI interrupts and
+    pci_endpoint_test's functions are in ftrace.txt; the dmesg in dmesg.txt."""
+    run_dir = tmp_path / "r"
+    proc = _run("--run-dir", str(run_dir), "--trace-event", "irq:irq_handler_entry",
+                "--ftrace", "pci_endpoint_test_*", "-t", "MSI_TEST")
+    assert proc.returncode == 0, proc.stderr
+    trace = (run_dir / "ftrace.txt").read_text()
+    assert "# tracer: function" in trace
+    assert re.search(r"irq_handler_entry: irq=\d+ name=pci-endpoint-test", trace), trace[-2000:]
+    assert "pci_endpoint_test_ioctl" in trace
+    assert "Linux version" in (run_dir / "dmesg.txt").read_text()

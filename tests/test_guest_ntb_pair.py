@@ -15,11 +15,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from vfio_ep_cli import assert_passed, vfio_ep_run
+from vfio_ep_cli import REPO, assert_passed, readme_example, vfio_ep_run
 
 pytestmark = pytest.mark.guest
 
-HOWTO = Path(__file__).parent / "data" / "howto-ntb-setup.sh"
 TOOL = ("hw_epf_bound", "link_up")
 SUITE = {  # phase: the tests of a, b (and b booting again), in order
     "tool": {r: (*TOOL, "spads_both_ways", "doorbells_14_both_ways", "mw_both_ways")
@@ -39,7 +38,7 @@ def names(phase: str, suite: dict[str, dict[str, tuple[str, ...]]] = SUITE) -> l
 
 
 def test_ntb_pair_suite(tmp_path: Path) -> None:
-    proc, results = vfio_ep_run(tmp_path, "--function", "pci-epf-ntb")
+    proc, results = vfio_ep_run(tmp_path, *readme_example("vfio-ep run --topology ntb-pair")[1:])
     assert_passed(proc, results, [n for phase in SUITE for n in names(phase)])
     log = (tmp_path / "run" / "netdev" / "server.log").read_text()
     assert "serving controller ep0: func1 (pci_epf_ntb) 104c:b00d" in log
@@ -48,6 +47,7 @@ def test_ntb_pair_suite(tmp_path: Path) -> None:
 
 def test_the_kernels_ntb_howto(tmp_path: Path) -> None:
     """pci-ntb-howto.rst's configfs steps (db_count 4: two doorbells, two 1 MiB windows)."""
-    proc, results = vfio_ep_run(tmp_path, "--configfs", str(HOWTO), "--", "tool")
+    proc, results = vfio_ep_run(tmp_path, *readme_example(
+        "vfio-ep run --configfs tests/data/howto-ntb-setup.sh -- tool")[1:], cwd=REPO)
     tool = (*TOOL, "spads_both_ways", "doorbells_2_both_ways", "mw_both_ways")
     assert_passed(proc, results, names("tool", {"tool": {r: tool for r in "ab"}}))

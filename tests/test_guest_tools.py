@@ -66,6 +66,59 @@ def test_parse_console_cuts_between_markers() -> None:
     assert initramfs.parse_console("kernel panic") == ("", None)
 
 
+def test_records_after_the_command_become_files() -> None:
+    """dmesg and the trace buffer, from the console after the exit status or from the rescue
+    console (where the tty echoes the command line first)."""
+    console = (initramfs.BEGIN + "\r\nout\r\n" + initramfs.END + "0@@\r\n"
+               "--- dmesg ---\r\n[    0.1] one\r\n[    0.2] two\r\n"
+               "--- trace ---\r\n# tracer: nop\r\n  sh-1 [000] irq_handler_entry\r\n")
+    assert initramfs.console_sections(console) == {
+        "dmesg.txt": "[    0.1] one\n[    0.2] two\n",
+        "ftrace.txt": "# tracer: nop\n  sh-1 [000] irq_handler_entry\n"}
+    rescue = (initramfs.sections_script() + "; echo done\r\n--- dmesg ---\r\n[ 9.0] hung\r\n"
+              + launcher.RESCUE_DONE.decode())
+    assert initramfs.console_sections(rescue) == {
+        "dmesg.txt": "[ 9.0] hung\n" + launcher.RESCUE_DONE.decode()}
+    assert "$((6*7))" in launcher.RESCUE_DONE_CMD  # its echo never matches RESCUE_DONE
+    assert launcher.RESCUE_DONE.decode() not in launcher.RESCUE_DONE_CMD
+
+
+def test_debug_options_become_kernel_arguments() -> None:
+    options = launcher.GuestOptions(
+        append="foo=1", dyndbg=("module ntb_transport +p", "file drivers/misc/x.c +pf"),
+        trace_events=("irq:irq_handler_entry", "irq_vectors:*"), ftrace_filter=("ntb_epf_*",))
+    assert options.cmdline == (
+        f"{launcher.DEFAULT_APPEND} ntb_transport.dyndbg=\"+p\" "
+        'dyndbg="file drivers/misc/x.c +pf" trace_event=irq:irq_handler_entry,irq_vectors:* '
+        "ftrace=function ftrace_filter=ntb_epf_* foo=1")  # the user's own arguments last
+    assert launcher.GuestOptions().cmdline == launcher.DEFAULT_APPEND
+
+
+def test_shares_parse_and_mount(tmp_path: Path) -> None:
+    d = tmp_path / "a,b"
+    d.mkdir()
+    same = launcher.Share.parse(str(d))
+    assert (same.host, same.guest, same.readonly) == (d, str(d), False)
+    ro = launcher.Share.parse(f"{d}:/mnt/tree:ro")
+    assert (ro.guest, ro.readonly) == ("/mnt/tree", True)
+    options = launcher.GuestOptions(shares=(same, ro))
+    argv = options.qemu_argv()
+    assert argv[argv.index("-virtfs") + 1] == (
+        f"local,path={tmp_path}/a,,b,mount_tag=vfio-ep-share0,security_model=none")
+    assert argv[-1].endswith("mount_tag=vfio-ep-share1,security_model=none,readonly=on")
+    setup = options.guest_setup()
+    assert f"mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 vfio-ep-share0 '{d}'" \
+        in setup and "msize=262144,ro vfio-ep-share1 '/mnt/tree'" in setup
+    assert "exit 125" in setup
+    assert same.guest_path(d / "sub") == f"{d}/sub" and same.guest_path(d) == str(d)
+    assert ro.guest_path(d / "x") == "/mnt/tree/x" and ro.guest_path(tmp_path) is None
+    assert launcher.GuestOptions(shares=(ro,), workdir="/mnt/tree/x").guest_setup().endswith(
+        "cd '/mnt/tree/x' || exit 125\n")
+    for bad in (str(tmp_path / "missing"), f"{d}:relative", f"{d}:/", "", f"{d}:/a:/b:ro"):
+        with pytest.raises(ValueError, match="--share"):
+            launcher.Share.parse(bad)
+
+
 def test_tap_report_and_files(tmp_path: Path) -> None:
     report = results.parse_tap(TAP)
     statuses = [(t.number, t.status) for t in report.tests]
@@ -175,6 +228,18 @@ def test_expected_failures_become_xfail_and_a_pass_of_one_xpass() -> None:
     assert not report.passed  # the stale expectation (BAR0 passed) fails the run
     only_fail = results.expect_failures(results.parse_tap(TAP), ("pci_ep_bar.BAR1.BAR_TEST",))
     assert [t for t in only_fail.tests if t.failed] == [only_fail.tests[3]]  # 4: never ran
+
+
+def test_an_expected_failure_can_be_scoped_to_a_value() -> None:
+    """--xfail KEY=VALUE:TEST applies only where KEY=VALUE is set (a matrix cell, --set, or
+    preset=BOARD); a bare TEST everywhere."""
+    from vfio_ep.guest.runner import Target
+
+    xfail = ("controller=rk3588:pci_ep_basic.LEGACY_IRQ_TEST", "preset=imx8:X", "Y")
+    cell = Target(None, None, None, ("doorbell=poll", "controller=rk3588"), xfail=xfail)
+    assert cell.expected_failures() == ("pci_ep_basic.LEGACY_IRQ_TEST", "Y")
+    other = Target(None, None, None, ("controller=generic",), preset="imx8", xfail=xfail)
+    assert other.expected_failures() == ("X", "Y")
 
 
 def test_run_directories_are_pruned_but_never_a_live_one(

@@ -1,23 +1,58 @@
-"""`vfio-ep run` as a user types it, for the guest acceptance tests."""
+"""`vfio-ep run` as a user types it, for the guest acceptance tests, and the README's
+examples (each run by a test exactly as written: :func:`readme_example`)."""
 
 from __future__ import annotations
 
 import json
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+REPO = README.parent
+_PLACEHOLDER = re.compile(r"[A-Z][A-Z_]*|.*=[A-Z][A-Z_]*|\[.*|[^ ]*\|[^ ]*|.*&|#.*")
 
 # Linux 7.3's pci_endpoint_test kselftest: its cases, what a full run reports.
 KSELFTEST_CASES = 23
 
 
-def vfio_ep_run(tmp_path: Path, *args: str, prefix: tuple[str, ...] = ()
-                ) -> tuple[subprocess.CompletedProcess[str], dict]:
-    """``vfio-ep run --run-dir TMP/run ARGS`` (under ``prefix``, e.g. ``unshare``): its exit
-    status and output, and the results.json it wrote (which must exist)."""
+def readme_examples() -> list[str]:
+    """Every command the README shows with real arguments (in code spans and blocks, lines
+    joined), leaving out synopses and placeholders (FILE, [--opt], a|b, &) and bare command
+    names."""
+    text = README.read_text()
+    blocks = re.findall(r"```\w*\n(.*?)```", text, flags=re.S)
+    spans = re.findall(r"`([^`]+)`", re.sub(r"```.*?```", "", text, flags=re.S))
+    found = []
+    for candidate in spans + [line for b in blocks for line in b.splitlines()]:
+        command = " ".join(candidate.split())
+        if not command.startswith("vfio-ep "):
+            continue
+        words = shlex.split(command)
+        has_arguments = len(words) > 2 or (len(words) == 2 and words[1].startswith("-"))
+        if has_arguments and not any(_PLACEHOLDER.fullmatch(w) for w in words[1:]):
+            found.append(command)
+    return list(dict.fromkeys(found))
+
+
+def readme_example(command: str) -> list[str]:
+    """The README's ``command``, which must be there as written, split into the arguments
+    after ``vfio-ep`` (the tests add only a ``--run-dir`` of their own)."""
+    assert command in readme_examples(), f"the README has no example {command!r}"
+    return shlex.split(command)[1:]
+
+
+def vfio_ep_run(tmp_path: Path, *args: str, prefix: tuple[str, ...] = (),
+                cwd: Path | None = None) -> tuple[subprocess.CompletedProcess[str], dict]:
+    """``vfio-ep run --run-dir TMP/run ARGS`` (under ``prefix``, e.g. ``unshare``; in
+    ``cwd``): its exit status and output, and the results.json it wrote (which must
+    exist)."""
     run_dir = tmp_path / "run"
     proc = subprocess.run([*prefix, sys.executable, "-m", "vfio_ep", "run", "--run-dir",
-                           str(run_dir), *args], capture_output=True, text=True, timeout=1200)
+                           str(run_dir), *args], capture_output=True, text=True, timeout=1200,
+                          cwd=cwd)
     results = run_dir / "results.json"
     assert results.is_file(), proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc, json.loads(results.read_text())

@@ -118,10 +118,26 @@ def serve(sockets: tuple[str, ...], allow_uids: tuple[int, ...], ready_fd: int |
               help="Run the suite once per combination of these values (repeatable: "
               "--matrix doorbell=msi,poll --matrix controller=generic,rk3588), all in one "
               "results.xml.")
-@click.option("--xfail", multiple=True, metavar="TEST",
+@click.option("--xfail", multiple=True, metavar="[KEY=VALUE:]TEST",
               help="A test whose failure is known upstream behaviour: reported xfail, and a "
-              "pass of it xpass (repeatable).")
+              "pass of it xpass (repeatable); with KEY=VALUE only where that is set "
+              "(controller=rk3588:pci_ep_basic.LEGACY_IRQ_TEST: in the matrix's rk3588 "
+              "cells).")
 @click.option("--append", default="", metavar="ARGS", help="More kernel command line.")
+@click.option("--share", "shares", multiple=True, metavar="HOST[:GUEST][:ro]",
+              help="Mount a host directory in the guest over virtio-9p, at the same path "
+              "unless GUEST is given (repeatable): run a freshly built test or insmod a module "
+              "from your tree without rebuilding anything.")
+@click.option("--dyndbg", multiple=True, metavar="QUERY",
+              help="A dynamic debug query ('module ntb_transport +p', 'file "
+              "drivers/misc/pci_endpoint_test.c +p'; repeatable); the messages land in "
+              "dmesg.txt in the run directory.")
+@click.option("--trace-event", "trace_events", multiple=True, metavar="SYSTEM:EVENT",
+              help="Trace this event from boot ('irq:irq_handler_entry', 'irq_vectors:*'; "
+              "repeatable); the buffer lands in ftrace.txt in the run directory.")
+@click.option("--ftrace", "ftrace_filter", multiple=True, metavar="FUNCTION",
+              help="Trace calls of this function (glob) from boot with the function tracer "
+              "('pci_endpoint_test_*', 'ntb_epf_*'; repeatable); into ftrace.txt.")
 @click.option("--memory", type=click.IntRange(min=64), default=256, show_default=True,
               metavar="MB", help="Guest RAM.")
 @click.option("--cpus", type=click.IntRange(min=1, max=64), default=1, show_default=True,
@@ -134,15 +150,16 @@ def serve(sockets: tuple[str, ...], allow_uids: tuple[int, ...], ready_fd: int |
               "raise --timeout to debug at leisure.")
 @click.option("--timeout", type=click.FloatRange(min=0), default=None,
               help="Seconds for the whole run (fractions welcome; 0: none).  On a timeout "
-              "the guest's tasks are dumped (sysrq-t) into console.log.  [default: 600; "
-              "none with --shell]")
+              "the guest's tasks are dumped (sysrq-t) into console.log and its dmesg into "
+              "dmesg.txt.  [default: 600; none with --shell]")
 @click.option("--run-dir", type=click.Path(path_type=Path), help="Where logs and results go.")
 @click.argument("guest_args", nargs=-1, type=click.UNPROCESSED)
 def run(function: str | None, config_file: Path | None, configfs: Path | None,
         preset: str | None, sets: tuple[str, ...], topology: str | None, kernel: Path | None,
         kselftest: Path | None, qemu: Path | None, linux: str, exec_cmd: str | None,
         shell: bool, axes: tuple[str, ...], xfail: tuple[str, ...], append: str,
-        memory: int, cpus: int, qemu_args: tuple[str, ...],
+        shares: tuple[str, ...], dyndbg: tuple[str, ...], trace_events: tuple[str, ...],
+        ftrace_filter: tuple[str, ...], memory: int, cpus: int, qemu_args: tuple[str, ...],
         gdb_port: int | None, timeout: float | None, run_dir: Path | None,
         guest_args: tuple[str, ...]) -> None:
     """Boot a guest against a fresh vfio-ep and run the function's suite.
@@ -154,7 +171,7 @@ def run(function: str | None, config_file: Path | None, configfs: Path | None,
     ``--exec CMD`` runs your command instead (in both guests of a pci-epf-ntb pair, with
     VFIO_EP_ROLE=a or b).
     """
-    from vfio_ep.guest.launcher import GuestOptions
+    from vfio_ep.guest.launcher import GuestOptions, Share
     from vfio_ep.guest.runner import run_suite, run_suite_matrix
 
     if shell and exec_cmd is not None:
@@ -167,6 +184,12 @@ def run(function: str | None, config_file: Path | None, configfs: Path | None,
     if axes and (shell or exec_cmd is not None):
         raise click.UsageError("--matrix runs the suite in every cell: not with --shell or "
                                "--exec")
+    try:
+        mounts = tuple(Share.parse(s) for s in shares)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--share") from None
+    # Like vng: started inside a shared directory, the guest's command starts there too.
+    workdir = next(filter(None, (s.guest_path(Path.cwd().resolve()) for s in mounts)), None)
     if timeout is None:
         timeout = float("inf") if shell else 600.0
     elif timeout == 0:
@@ -175,7 +198,9 @@ def run(function: str | None, config_file: Path | None, configfs: Path | None,
                   preset=preset, xfail=xfail, kernel=kernel, kselftest=kselftest, qemu=qemu,
                   timeout=timeout, guest_args=list(guest_args), linux=linux,
                   options=GuestOptions(memory, append, cpus, qemu_args, gdb_port,
-                                       interactive=shell))
+                                       interactive=shell, shares=mounts, dyndbg=dyndbg,
+                                       trace_events=trace_events,
+                                       ftrace_filter=ftrace_filter, workdir=workdir))
     if axes:
         raise SystemExit(run_suite_matrix(list(axes), list(sets), run_dir, **common))
     raise SystemExit(run_suite(sets=list(sets), run_dir=run_dir, exec_cmd=exec_cmd, **common))

@@ -3,7 +3,7 @@
 # driver binds, one line says which device and why instead of 23 failures.
 vendor=$1 device=$2
 shift 2
-[ -f /lib/modules/pci_endpoint_test.ko ] && insmod /lib/modules/pci_endpoint_test.ko
+[ -f /lib/modules/pci_endpoint_test.ko ] && /sbin/insmod /lib/modules/pci_endpoint_test.ko
 if [ ! -e /dev/pci-endpoint-test.0 ]; then
 	for d in /sys/bus/pci/devices/*; do
 		[ "$(cat "$d/vendor"):$(cat "$d/device")" = "$vendor:$device" ] || continue

@@ -50,6 +50,9 @@ netdev_stats() {
 		[ -f "$f" ] && grep -iE "err|empty|full|pkts|index|link|db" "$f" | sed 's/^/# qp: /'
 	done
 }
+# insmod as the guest's /sbin/insmod (the command line's NAME.dyndbg, as modprobe would add):
+# busybox sh runs its own applet before looking at PATH.
+insmod() { /sbin/insmod "$@"; }
 # builtin_or_module NAME: a driver that is built in, or a module in /lib/modules to load
 # (Linux 6.12's ntb_hw_epf can only be a module).
 builtin_or_module() {

@@ -33,4 +33,5 @@ PCITEST_TAP = GUEST_SCRIPTS / "pcitest_tap.sh"  # pcitest.sh's cases, as TAP
 KSELFTEST = GUEST_SCRIPTS / "kselftest.sh"  # the kselftest, once its driver has the device
 NTB_SUITE = GUEST_SCRIPTS / "ntb_suite.sh"
 NTB_PAIR = GUEST_SCRIPTS / "ntb_pair.sh"
+INSMOD = GUEST_SCRIPTS / "insmod.sh"  # the guest's insmod: busybox's + the cmdline's dyndbg
 GUEST_PROGRAMS = QEMU / "bench"  # static C programs the benchmarks run in the guest

@@ -4,7 +4,11 @@ Writing the archive ourselves needs no host ``cpio`` and no root, yet can hold d
 (/dev/console must exist before /init runs, or the guest has no stdout).
 
 /init wraps the requested command between two markers on the serial console, so the launcher
-can cut the command's output and exit status out of the console log (:func:`parse_console`).
+can cut the command's output and exit status out of the console log (:func:`parse_console`);
+after them come the guest's dmesg and, when the kernel command line asked for boot-time
+tracing, the trace buffer (:func:`console_sections`).  A second shell listens on the second
+serial port (the launcher's rescue console): when the command hangs, the launcher still gets
+the dmesg through it.
 """
 
 from __future__ import annotations
@@ -31,15 +35,48 @@ mount -t debugfs debugfs /sys/kernel/debug
 mount -t tmpfs tmpfs /tmp 2>/dev/null
 # Kernel messages would interleave with the command's output: keep them in dmesg.
 dmesg -n 1
+# The rescue console on the second serial port, for the launcher when the command hangs: one
+# command per line, no prompt.
+[ -c /dev/ttyS1 ] && setsid sh -c 'while read -r l; do eval "$l"; done' \\
+  </dev/ttyS1 >/dev/ttyS1 2>&1 &
 cd /
 echo '{begin}'
 sh /{script} </dev/null 2>&1
 echo "{end}$?@@"
-echo '--- dmesg ---'
-dmesg
+{sections}
 sync
 poweroff -f
 """
+# The records after the command, also what the rescue console runs on a timeout (so one
+# line): dmesg, and the trace buffer when the kernel command line asked for boot-time tracing.
+SECTIONS = ("echo '{dmesg}'; dmesg; "
+            "if grep -qE '(^| )(trace_event|ftrace)=' /proc/cmdline; then "
+            "mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null; "
+            "echo '{trace}'; cat /sys/kernel/tracing/trace; fi")
+DMESG = "--- dmesg ---"
+TRACE = "--- trace ---"
+_SECTION_RE = re.compile(rf"^({re.escape(DMESG)}|{re.escape(TRACE)})$", re.MULTILINE)
+
+
+def sections_script() -> str:
+    """One shell line printing the guest's records, each after its heading."""
+    return SECTIONS.format(dmesg=DMESG, trace=TRACE)
+
+
+def console_sections(text: str) -> dict[str, str]:
+    """The records a guest printed after its command (or through the rescue console), by
+    file name: ``dmesg.txt``, and ``ftrace.txt`` when tracing was on."""
+    text = text.replace("\r", "")
+    end = _END_RE.search(text)
+    if end is not None:
+        text = text[end.end():]
+    names = {DMESG: "dmesg.txt", TRACE: "ftrace.txt"}
+    found: dict[str, str] = {}
+    heads = list(_SECTION_RE.finditer(text))
+    for i, m in enumerate(heads):
+        stop = heads[i + 1].start() if i + 1 < len(heads) else len(text)
+        found[names[m.group(1)]] = text[m.end():stop].lstrip("\n")
+    return found
 
 
 @dataclass(frozen=True)
@@ -54,7 +91,7 @@ class _Entry:
 
 def guest_init(script: str) -> tuple[str, dict[str, bytes]]:
     """The /init text and the extra file that carries ``script`` (a busybox sh script)."""
-    init = INIT.format(script=GUEST_SCRIPT, begin=BEGIN, end=END)
+    init = INIT.format(script=GUEST_SCRIPT, begin=BEGIN, end=END, sections=sections_script())
     return init, {GUEST_SCRIPT: script.encode()}
 
 
@@ -76,13 +113,15 @@ def build_initramfs(out: Path, files: dict[str, Path | bytes], init_script: str,
     """Write ``out`` (gzip'd newc cpio) with busybox and its applet links, ``files`` and /init.
 
     ``files`` maps archive paths (``"pci_endpoint_test"``, ``"etc/x.toml"``) to host files or
-    bytes; host files keep their executable bit. The archive is deterministic (mtime 0), so the
-    same inputs give the same bytes.
+    bytes; host files keep their executable bit, and replace a busybox applet of that path.
+    The archive is deterministic (mtime 0), so the same inputs give the same bytes.
     """
     entries = [
         _Entry("dev/console", stat.S_IFCHR | 0o600, rdev=(5, 1)),
         _Entry("bin/busybox", stat.S_IFREG | 0o755, busybox.read_bytes()),
-        *(_Entry(link, stat.S_IFLNK | 0o777, b"/bin/busybox") for link in _applets(busybox)),
+        # an applet a file of ours replaces (sbin/insmod) is left out
+        *(_Entry(link, stat.S_IFLNK | 0o777, b"/bin/busybox") for link in _applets(busybox)
+          if link not in files),
         _Entry("init", stat.S_IFREG | 0o755, init_script.encode()),
         *(_file_entry(name, source) for name, source in files.items()),
     ]

@@ -28,8 +28,16 @@ from typing import Any
 
 from qemu.qmp import QMPClient
 
-from vfio_ep.guest.assets import PCITEST_TAP, TAP_LIB
-from vfio_ep.guest.initramfs import BEGIN, END, build_initramfs, guest_init, parse_console
+from vfio_ep.guest.assets import INSMOD, PCITEST_TAP, TAP_LIB
+from vfio_ep.guest.initramfs import (
+    BEGIN,
+    END,
+    build_initramfs,
+    console_sections,
+    guest_init,
+    parse_console,
+    sections_script,
+)
 from vfio_ep.guest.provision import GuestAssets, Qemu, cache_dir, provision_all
 from vfio_ep.tail import tail
 
@@ -41,9 +49,16 @@ DEVICE_ID = "ep0"
 SERVER_READY_TIMEOUT = 30.0
 GRACE = 5.0
 TASK_DUMP_SECONDS = 3.0  # for a timed-out guest's sysrq-t dump to reach the console
+RESCUE_LIMIT = 32 << 20  # bytes: the largest dmesg + trace buffer the rescue console takes
+RESCUE_SECONDS = 20.0  # for a timed-out guest's dmesg (and trace) through the rescue console
+# What the rescue console prints when done; the tty's echo of the command has $((6*7)).
+RESCUE_DONE, RESCUE_DONE_CMD = b"@@vfio-ep: rescue 42@@", "echo '@@vfio-ep: rescue' $((6*7))@@"
 KEEP_RUNS = 20  # run directories kept under the cache's runs/ (VFIO_EP_KEEP_RUNS)
 KSELFTEST_NAME = "pci_endpoint_test"
 TEST_FILES = {"kselftest": KSELFTEST_NAME, "pcitest": "pcitest"}  # the guest's /NAME, by kind
+# The guest's insmod (qemu/guest/insmod.sh, adding the command line's NAME.dyndbg as
+# modprobe would), for commands that say `insmod`.
+GUEST_INSMOD = 'insmod() { /sbin/insmod "$@"; }\n'
 GUEST_MODULES = "lib/modules"  # where the initramfs holds the kernel's modules (insmod PATH)
 _PR_SET_PDEATHSIG = 1
 
@@ -82,15 +97,112 @@ class GuestOptions:
     qemu_args: tuple[str, ...] = ()  # last on QEMU's command line
     gdb_port: int | None = None  # QEMU's gdbstub on 127.0.0.1:PORT
     interactive: bool = False  # the serial console on our terminal (stdin to the guest)
+    shares: tuple[Share, ...] = ()  # host directories mounted in the guest (virtio-9p)
+    dyndbg: tuple[str, ...] = ()  # dynamic debug queries, "module ntb_transport +p"
+    trace_events: tuple[str, ...] = ()  # boot-time trace events, "irq:irq_handler_entry"
+    ftrace_filter: tuple[str, ...] = ()  # functions for the boot-time function tracer
+    workdir: str | None = None  # the guest's directory for the command (inside a share)
 
     @property
     def cmdline(self) -> str:
-        return f"{DEFAULT_APPEND} {self.append}".strip()
+        """The kernel command line: ours, the debugging options', then the user's own."""
+        return " ".join(filter(None, (DEFAULT_APPEND, *debug_cmdline(
+            self.dyndbg, self.trace_events, self.ftrace_filter), self.append)))
 
     def qemu_argv(self) -> list[str]:
         """The QEMU options these stand for (after the machine's own)."""
         gdb = ["-gdb", f"tcp:127.0.0.1:{self.gdb_port}"] if self.gdb_port is not None else []
-        return ["-smp", str(self.cpus), *gdb, *self.qemu_args]
+        shares = [a for i, s in enumerate(self.shares) for a in s.qemu_args(i)]
+        return ["-smp", str(self.cpus), *gdb, *shares, *self.qemu_args]
+
+    def guest_setup(self) -> str:
+        """Shell lines the guest runs before the command: our insmod for the command's own
+        (busybox sh runs its applet before looking at PATH), the shares' mounts, then the
+        working directory."""
+        cd = f"cd '{self.workdir}' || exit 125\n" if self.workdir else ""
+        return (GUEST_INSMOD + "".join(s.mount_script(i) for i, s in enumerate(self.shares))
+                + cd)
+
+
+@dataclass(frozen=True)
+class Share:
+    """A host directory the guest mounts over virtio-9p (``run --share``): at the same path
+    by default, so a command names a file of the host's tree as it is written there."""
+
+    host: Path
+    guest: str
+    readonly: bool = False
+
+    @classmethod
+    def parse(cls, spec: str) -> Share:
+        """``HOST[:GUEST][:ro]``; GUEST defaults to HOST's absolute path."""
+        parts = spec.split(":")
+        readonly = parts[-1] == "ro" and len(parts) > 1
+        if readonly:
+            parts.pop()
+        if not 1 <= len(parts) <= 2 or not parts[0]:
+            raise ValueError(f"--share {spec!r}: expected HOST[:GUEST][:ro]")
+        host = Path(parts[0]).expanduser().resolve()
+        if not host.is_dir():
+            raise ValueError(f"--share {spec!r}: {host} is not a directory")
+        guest = parts[1] if len(parts) == 2 else str(host)
+        if any(c in str(host) + guest for c in "'\n"):
+            raise ValueError(f"--share {spec!r}: paths with quotes or newlines are refused")
+        if not guest.startswith("/") or guest == "/":
+            raise ValueError(f"--share {spec!r}: the guest path must be absolute, and not /")
+        return cls(host, guest, readonly)
+
+    def guest_path(self, host: Path) -> str | None:
+        """Where the host's ``host`` (absolute) is in the guest, if inside this share (and
+        quotable in the guest's shell)."""
+        if not host.is_relative_to(self.host) or any(c in str(host) for c in "'\n"):
+            return None
+        rel = host.relative_to(self.host)
+        return self.guest if rel == Path() else f"{self.guest.rstrip('/')}/{rel}"
+
+    def tag(self, index: int) -> str:
+        return f"vfio-ep-share{index}"
+
+    def qemu_args(self, index: int) -> list[str]:
+        """A virtio-9p device exporting the directory (no ID mapping: files are the user's)."""
+        return ["-virtfs", f"local,path={_qemu_escape(str(self.host))},mount_tag="
+                f"{self.tag(index)},security_model=none"
+                + (",readonly=on" if self.readonly else "")]
+
+    def mount_script(self, index: int) -> str:
+        """The guest's mount, failing the run with a reason when the kernel cannot."""
+        opts = "trans=virtio,version=9p2000.L,msize=262144" + (",ro" if self.readonly else "")
+        return (f"mkdir -p '{self.guest}' && mount -t 9p -o {opts} {self.tag(index)} "
+                f"'{self.guest}' || {{ echo 'vfio-ep: cannot mount the shared {self.host} at "
+                f"{self.guest} (is CONFIG_9P_FS and CONFIG_NET_9P_VIRTIO in the kernel?)'; "
+                "exit 125; }\n")
+
+
+def _qemu_escape(value: str) -> str:
+    """A value inside a QEMU -option list: commas doubled."""
+    return value.replace(",", ",,")
+
+
+def debug_cmdline(dyndbg: Sequence[str], trace_events: Sequence[str],
+                  ftrace_filter: Sequence[str]) -> list[str]:
+    """Kernel arguments for dynamic debug and boot-time tracing.  ``module NAME QUERY`` becomes
+    ``NAME.dyndbg="QUERY"``, which the kernel applies when NAME loads (built in or a module
+    loaded later); other queries go to ``dyndbg=``, applied at boot."""
+    args = []
+    plain = []
+    for query in dyndbg:
+        words = query.split(maxsplit=2)
+        if len(words) == 3 and words[0] == "module":
+            args.append(f'{words[1]}.dyndbg="{words[2]}"')
+        else:
+            plain.append(query)
+    if plain:
+        args.append(f'dyndbg="{"; ".join(plain)}"')
+    if trace_events:
+        args.append(f"trace_event={','.join(trace_events)}")
+    if ftrace_filter:
+        args += ["ftrace=function", f"ftrace_filter={','.join(ftrace_filter)}"]
+    return args
 
 
 DEFAULT_OPTIONS = GuestOptions()
@@ -163,6 +275,7 @@ class GuestRun:
         self._line_times: list[tuple[float, str]] = []
         self._started = time.monotonic()
         self._meta: dict[str, Any] = {"server_argv": self.server_cmd}
+        self._rescue = self._sockets / "rescue.sock"
 
     async def __aenter__(self) -> GuestRun:
         try:
@@ -194,6 +307,11 @@ class GuestRun:
             error = f"timed out after {time.monotonic() - self._started:.1f} s"
             if await self._task_dump():
                 error += " (the guest's tasks, sysrq-t, are at the end of console.log)"
+            if records := await self._rescue_records():
+                self._write_records(records)
+                error += f"; its {' and '.join(sorted(records))} are in the run directory"
+        else:
+            self._write_records(console_sections(self._log("console")))
         output, status = parse_console(self._log("console"))
         if status is None and error is None:
             error = "the guest stopped before its command finished; see console.log"
@@ -216,6 +334,27 @@ class GuestRun:
         await asyncio.sleep(TASK_DUMP_SECONDS)
         return True
 
+    async def _rescue_records(self) -> dict[str, str]:
+        """The hung guest's dmesg (and trace buffer) through the rescue console, the shell
+        /init leaves on the second serial port; {} when it does not answer in time."""
+        try:
+            async with asyncio.timeout(RESCUE_SECONDS):
+                reader, writer = await asyncio.open_unix_connection(str(self._rescue),
+                                                                    limit=RESCUE_LIMIT)
+                try:
+                    writer.write(f"{sections_script()}; {RESCUE_DONE_CMD}\n".encode())
+                    await writer.drain()
+                    text = await reader.readuntil(RESCUE_DONE)
+                finally:
+                    writer.close()
+        except (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            return {}
+        return console_sections(text.decode(errors="replace"))
+
+    def _write_records(self, records: dict[str, str]) -> None:
+        for name, text in records.items():
+            (self.run_dir / name).write_text(text)
+
     async def execute(self, command: str, arguments: dict[str, Any] | None = None) -> object:
         """One QMP command."""
         return await self.qmp.execute(command, arguments)
@@ -235,12 +374,12 @@ class GuestRun:
     async def _start(self) -> None:
         if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
             logging.getLogger("qemu.qmp").setLevel(logging.WARNING)  # EOF at poweroff is normal
-        files = {TEST_FILES[self.assets.test_kind]: self.assets.test,
+        files = {TEST_FILES[self.assets.test_kind]: self.assets.test, "sbin/insmod": INSMOD,
                  **({"pcitest_tap.sh": PCITEST_TAP, "tap_lib.sh": TAP_LIB}
                     if self.assets.test_kind == "pcitest" else {}),
                  **{f"{GUEST_MODULES}/{ko.name}": ko for ko in self.assets.modules},
                  **self.extra_files}
-        init, script_file = guest_init(self.script)
+        init, script_file = guest_init(self.options.guest_setup() + self.script)
         initrd = build_initramfs(self.run_dir / "initramfs.gz", {**files, **script_file}, init,
                                  self.assets.busybox)
         if self.server_cmd:
@@ -249,7 +388,7 @@ class GuestRun:
         qmp_socket = self._sockets / "qmp.sock"
         await self.qmp.start_server(str(qmp_socket))
         argv = qemu_command(self.assets.qemu, kernel=self.assets.kernel, initrd=initrd,
-                            qmp=qmp_socket, options=self.options,
+                            qmp=qmp_socket, rescue=self._rescue, options=self.options,
                             device=(vfio_user_device(self.socket, self.msg_timeout_ms)
                                     if self.socket else None),
                             extra_args=self.extra_qemu_args)
@@ -448,16 +587,19 @@ def vfio_user_device(socket: Path, msg_timeout_ms: int = DEFAULT_MSG_TIMEOUT_MS,
 
 
 def qemu_command(qemu: Qemu, *, kernel: Path, initrd: Path, qmp: Path, options: GuestOptions,
-                 device: dict[str, Any] | None, extra_args: Sequence[str] = ()) -> list[str]:
+                 device: dict[str, Any] | None, extra_args: Sequence[str] = (),
+                 rescue: Path | None = None) -> list[str]:
     """The one QEMU command line: q35 under TCG, memfd RAM (so the server can DMA directly),
-    serial console on stdout, QMP to our socket, a PCIe root port for the endpoint; then
-    ``extra_args`` (the run's own devices) and the user's options."""
+    serial console on stdout, QMP to our socket, the rescue console's serial port on
+    ``rescue``, a PCIe root port for the endpoint; then ``extra_args`` (the run's own
+    devices) and the user's options."""
     memory = options.memory_mb
     argv = [
         *qemu.argv, *endpoint_machine_args(memory), "-accel", "tcg", "-m", str(memory),
         "-nodefaults", "-nographic", "-no-reboot",
         # Interactive: QEMU's monitor multiplexed in too, so Ctrl-A X always gets out.
         "-serial", "mon:stdio" if options.interactive else "stdio", "-qmp", f"unix:{qmp}",
+        *(["-serial", f"unix:{rescue},server=on,wait=off"] if rescue else []),
         "-kernel", str(kernel), "-initrd", str(initrd), "-append", options.cmdline,
     ]
     if device:

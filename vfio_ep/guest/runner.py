@@ -72,7 +72,18 @@ class Target:
 
     def report(self, output: str, line_times: list[tuple[float, str]] | None = None) -> Report:
         """A boot's TAP, with this run's expected failures applied."""
-        return expect_failures(parse_tap(output, line_times), self.xfail)
+        return expect_failures(parse_tap(output, line_times), self.expected_failures())
+
+    def expected_failures(self) -> tuple[str, ...]:
+        """The --xfail tests that apply here: ``TEST`` always, ``KEY=VALUE:TEST`` only when
+        this run sets KEY=VALUE (a matrix cell's value, a ``--set``, or ``preset=BOARD``)."""
+        here = {*self.sets, *([f"preset={self.preset}"] if self.preset else [])}
+        names = []
+        for entry in self.xfail:
+            scope, sep, name = entry.rpartition(":")
+            if not sep or scope in here:
+                names.append(name)
+        return tuple(names)
 
     def exit_status(self, result: GuestResult, report: Report) -> int | None:
         """The guest's exit status, 0 when its only failures were expected ones (the tools
