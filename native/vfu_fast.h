@@ -8,6 +8,7 @@
  * anything else is handed back to Python, whole and with its fds, so the
  * order of the stream is kept.
  */
+#pragma once
 #include <stdint.h>
 
 enum vfu_window_kind { VFU_WINDOW_RAM = 0, VFU_WINDOW_MMIO = 1, VFU_WINDOW_DOORBELL = 2 };

@@ -5,13 +5,18 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import select
 from pathlib import Path
 
 import pytest
+from vfio_user_client import Client
 
 from vfio_ep.bench import dispatch, doorbell, scale, transfer
 from vfio_ep.bench.__main__ import main
 from vfio_ep.bench.common import Result, write_results
+from vfio_ep.bench.doorbell import REF_DEVICE, REF_VENDOR, reference_server
+from vfio_ep.vfio_user import protocol as p
 
 
 def _well_formed(r: Result, name: str) -> None:
@@ -77,3 +82,34 @@ def test_guest_result_lines_parse() -> None:
     got = doorbell.parse_results(out)
     assert got == {"doorbell-round-trip": {"n": 10.0, "median_ns": 1500.0, "p99_ns": 9000.0,
                                            "via": "vfio-mmap"}}
+
+
+def test_reference_server_speaks_enough_vfio_user() -> None:
+    """The trapped benchmark's C floor (refserver.c) answers what QEMU asks at attach time,
+    keeps its registers, and its doorbell register raises MSI-X vector 0."""
+    with reference_server() as server:
+        c = Client(server.socket)
+        try:
+            info = c.device_info()
+            assert (info["num_regions"], info["num_irqs"]) == (p.NUM_REGIONS, p.NUM_IRQS)
+            assert c.cfg_read32(0) == REF_DEVICE << 16 | REF_VENDOR
+            msix = c.capabilities()[0x11]
+            assert c.irq_info(p.Irq.MSIX)["count"] == 1
+            for bar, size in ((0, 4096), (1, 0), (3, 0)):
+                assert c.region_info(bar)[0]["size"] == size
+            info, _, fds = c.region_info(2)  # RAM the guest maps, as pci-epf-test's BARs
+            assert info["size"] == 4096 and info["flags"] & p.REGION_INFO_FLAG_MMAP
+            assert len(fds) == 1
+            os.close(fds[0])
+            c.write(p.Region.BAR0, 0x10, b"\x78\x56\x34\x12")
+            c.write(p.Region.BAR0, 0x14, b"\xaa", posted=True)
+            assert c.read(p.Region.BAR0, 0x10, 5) == b"\x78\x56\x34\x12\xaa"
+            c.guest_memory(0x100000, 1 << 16).close()  # DMA_MAP with an fd, acknowledged
+            (fd,) = c.enable_interrupts(1, msix=True)
+            assert c.cfg_read32(msix) >> 16 & 0x8000  # MSI-X enable kept
+            c.write(p.Region.BAR0, 0x08, b"\x01\0\0\0")  # the doorbell
+            assert select.select([fd], [], [], 5)[0] == [fd]
+            assert int.from_bytes(os.read(fd, 8), "little") == 1
+            os.close(fd)
+        finally:
+            c.close()

@@ -119,9 +119,10 @@ def test_read_write_copy(ep: tuple[ServerThread, Guest], use_dma: int) -> None:
 def test_commands_are_logged_decoded(ep: tuple[ServerThread, Guest],
                                      caplog: pytest.LogCaptureFixture) -> None:
     """-v (INFO) shows each command by name, what it moved, its STATUS bits and IRQ."""
-    _, g = ep
+    srv, g = ep
     caplog.set_level(logging.INFO)
     g.command(t.COMMAND_READ, src_addr=0x7000_0000, size=64, checksum=0)
+    srv.wait_idle()  # the line follows the interrupt the command waited for
     assert re.search(r"READ of 0x40 bytes from 0x70000000 by memcpy: STATUS "
                      r"READ_FAIL\|IRQ_RAISED, MSI-X 1, \d+\.\d ms", caplog.text), caplog.text
     assert "DMA map" not in caplog.text  # those are -vv

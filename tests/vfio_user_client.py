@@ -15,6 +15,7 @@ import select
 import socket
 import struct
 import threading
+import time
 from contextlib import suppress
 from pathlib import Path
 
@@ -276,8 +277,14 @@ class ServerThread:
         return trio.from_thread.run_sync(fn, *args, trio_token=self._token)
 
     def wait_idle(self) -> None:
-        """Let the server handle everything already sent."""
-        trio.from_thread.run(trio.testing.wait_all_tasks_blocked, trio_token=self._token)
+        """Let the server handle everything already sent: its tasks blocked, and the C I/O
+        threads of its connections waiting for more."""
+        while True:
+            trio.from_thread.run(trio.testing.wait_all_tasks_blocked, trio_token=self._token)
+            if self.call(lambda: all(lst.active is None or lst.active.idle()
+                                     for lst in self.listeners)):
+                return
+            time.sleep(0.001)
 
 
 def wait_eventfd(fd: int, timeout: float = 5.0) -> bool:

@@ -5,6 +5,10 @@
  *   epbench doorbell N BDF         pci-epf-test at BDF, bound to vfio-pci (no-IOMMU): enable
  *                                  the doorbell, then N times: ring it, wait for MSI-X vector 0
  *                                  on an eventfd; also N timed reads of its STATUS register
+ *                                  and N timed writes of its SIZE register (no side effect)
+ *   epbench ref N BDF              the C reference server's device (vfio_ep/bench/refserver.c)
+ *                                  at BDF, bound to vfio-pci: N timed register reads, N
+ *                                  register writes, N doorbell rings to MSI-X vector 0
  *   epbench idle SECONDS BDF [db]  set up as above, enable the doorbell only with "db", print
  *                                  "IDLE begin", sleep, print "IDLE end" (server CPU is sampled
  *                                  on the host between the two lines)
@@ -35,6 +39,7 @@
 /* pci-epf-test registers (vfio_ep/epf/functions/pci_epf_test.py) */
 #define REG_COMMAND 0x04
 #define REG_STATUS 0x08
+#define REG_SIZE 0x1c
 #define REG_IRQ_TYPE 0x24
 #define REG_IRQ_NUMBER 0x28
 #define REG_DB_BAR 0x34
@@ -46,6 +51,9 @@
 #define STATUS_DOORBELL_ENABLE_SUCCESS (1u << 10)
 #define STATUS_DOORBELL_DISABLE_SUCCESS (1u << 12)
 #define IRQ_TYPE_MSIX 2
+/* The C reference device's registers (vfio_ep/bench/refserver.c) */
+#define REF_SCRATCH 0x00
+#define REF_DOORBELL 0x08
 #define IRQ_TIMEOUT_MS 10000
 #define WARMUP 20
 
@@ -315,6 +323,24 @@ static uint64_t ring(struct dev *d, const struct doorbell *db, int *ok)
 	return dt;
 }
 
+/* N timed writes of a register, each followed by nothing: what the guest waits for a write
+ * (QEMU decides whether it is posted). */
+static void time_writes(struct dev *d, uint32_t reg, uint64_t *t, int n, const char *name)
+{
+	struct clock c;
+	clock_start(&c);
+	for (int i = 0; i < n; i++) {
+		uint64_t t0 = __rdtsc();
+		wr(d, 0, reg, (uint32_t)i);
+		t[i] = __rdtsc() - t0;
+	}
+	if (rd(d, 0, reg) != (uint32_t)(n - 1)) { /* the fence, and a check */
+		fprintf(stderr, "epbench: %s: the last write did not land\n", name);
+		exit(1);
+	}
+	report(name, &c, t, n, d->map[0] ? "vfio-mmap" : "vfio-pwrite");
+}
+
 static int cmd_doorbell(int n, const char *bdf)
 {
 	struct dev d;
@@ -343,6 +369,7 @@ static int cmd_doorbell(int n, const char *bdf)
 		t[i] = __rdtsc() - t0;
 	}
 	report("epf-register-read", &c, t, n, d.map[0] ? "vfio-mmap" : "vfio-pread");
+	time_writes(&d, REG_SIZE, t, n, "epf-register-write");
 
 	uint32_t status = command(&d, CMD_DISABLE_DOORBELL);
 	if (!(status & STATUS_DOORBELL_DISABLE_SUCCESS))
@@ -350,6 +377,40 @@ static int cmd_doorbell(int n, const char *bdf)
 	if (missed)
 		fprintf(stderr, "epbench: %d rings without STATUS_DOORBELL_SUCCESS\n", missed);
 	return missed ? 1 : (int)(sink & 0);
+}
+
+static int cmd_ref(int n, const char *bdf)
+{
+	struct dev d;
+	vfio_open(&d, bdf);
+	irq_setup(&d);
+	uint64_t *t = calloc(n, sizeof(*t));
+	uint32_t sink = 0;
+	struct clock c;
+
+	for (int i = 0; i < WARMUP; i++)
+		sink += rd(&d, 0, REF_SCRATCH);
+	clock_start(&c);
+	for (int i = 0; i < n; i++) {
+		uint64_t t0 = __rdtsc();
+		sink += rd(&d, 0, REF_SCRATCH);
+		t[i] = __rdtsc() - t0;
+	}
+	report("ref-register-read", &c, t, n, d.map[0] ? "vfio-mmap" : "vfio-pread");
+	time_writes(&d, REF_SCRATCH, t, n, "ref-register-write");
+	for (int i = 0; i < WARMUP; i++) {
+		wr(&d, 0, REF_DOORBELL, 1);
+		wait_irq(&d, "reference doorbell interrupt");
+	}
+	clock_start(&c);
+	for (int i = 0; i < n; i++) {
+		uint64_t t0 = __rdtsc();
+		wr(&d, 0, REF_DOORBELL, 1);
+		wait_irq(&d, "reference doorbell interrupt");
+		t[i] = __rdtsc() - t0;
+	}
+	report("ref-doorbell-round-trip", &c, t, n, d.map[0] ? "vfio-mmap" : "vfio-pwrite");
+	return (int)(sink & 0);
 }
 
 static int cmd_idle(int seconds, const char *bdf, int with_doorbell)
@@ -376,8 +437,10 @@ int main(int argc, char **argv)
 		return cmd_mmio(atoi(argv[2]));
 	if (argc == 4 && !strcmp(argv[1], "doorbell"))
 		return cmd_doorbell(atoi(argv[2]), argv[3]);
+	if (argc == 4 && !strcmp(argv[1], "ref"))
+		return cmd_ref(atoi(argv[2]), argv[3]);
 	if ((argc == 4 || argc == 5) && !strcmp(argv[1], "idle"))
 		return cmd_idle(atoi(argv[2]), argv[3], argc == 5 && !strcmp(argv[4], "db"));
-	fprintf(stderr, "usage: %s mmio N | doorbell N BDF | idle SECONDS BDF [db]\n", argv[0]);
+	fprintf(stderr, "usage: %s mmio N | doorbell N BDF | ref N BDF | idle SECONDS BDF [db]\n", argv[0]);
 	return 2;
 }

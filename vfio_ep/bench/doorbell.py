@@ -10,45 +10,68 @@ emulates in-process (ivshmem-plain BAR0): the cheapest a device access can be un
 
 from __future__ import annotations
 
+import contextlib
+import json
 import re
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
-from vfio_ep.bench.common import BenchError, Column, Result, guest_programs, ratio, serve
+from vfio_ep.bench.common import (
+    HERE,
+    BenchError,
+    Column,
+    Result,
+    Server,
+    build_c,
+    guest_programs,
+    ratio,
+    serve,
+)
 from vfio_ep.epc.core import PciEpcAttributes
 from vfio_ep.epf.functions.pci_epf_test import PciEpfTestAttributes
-from vfio_ep.guest.launcher import GuestResult, boot_guest
+from vfio_ep.guest.launcher import GuestResult, boot_guest, vfio_user_device
 from vfio_ep.tail import tail
 
 BACKENDS = ("msi", "embedded", "poll")
 IVSHMEM = ["-object", "memory-backend-memfd,id=ivmem,size=1M,share=on",
            "-device", "ivshmem-plain,memdev=ivmem"]
 PROGRAM = "epbench"
+REF_PORT = "rp-ref"
+# The reference device's IDs (refserver.c)
+REF_VENDOR, REF_DEVICE = 0x1B36, 0x10F0
 _RESULT = re.compile(r"^RESULT (\S+) (.*)$", re.MULTILINE)
 
-# Find pci-epf-test, hand it from pci_endpoint_test to vfio-pci (no-IOMMU mode: the guest
-# has no IOMMU, and the program only does MMIO and interrupts, no DMA).
-VFIO_PRELUDE = """set -e
-BDF=
+# Find a device by vendor:device and hand it to vfio-pci (no-IOMMU mode: the guest has no
+# IOMMU, and the programs only do MMIO and interrupts, no DMA); its address in $<var>.
+VFIO_BIND = """set -e
+{var}=
 for d in /sys/bus/pci/devices/*; do
   if [ "$(cat $d/vendor):$(cat $d/device)" = "{vendor:#06x}:{device:#06x}" ]; then
-    BDF=${{d##*/}}
+    {var}=${{d##*/}}
   fi
 done
-if [ -z "$BDF" ]; then echo "no pci-epf-test device"; exit 1; fi
+if [ -z "${var}" ]; then echo "no {what} device"; exit 1; fi
 echo 1 > /sys/module/vfio/parameters/enable_unsafe_noiommu_mode
-if [ -e /sys/bus/pci/devices/$BDF/driver ]; then
-  echo $BDF > /sys/bus/pci/devices/$BDF/driver/unbind
+if [ -e /sys/bus/pci/devices/${var}/driver ]; then
+  echo ${var} > /sys/bus/pci/devices/${var}/driver/unbind
 fi
-echo vfio-pci > /sys/bus/pci/devices/$BDF/driver_override
-echo $BDF > /sys/bus/pci/drivers_probe
-echo "pci-epf-test $BDF: $(basename $(readlink /sys/bus/pci/devices/$BDF/driver))"
+echo vfio-pci > /sys/bus/pci/devices/${var}/driver_override
+echo ${var} > /sys/bus/pci/drivers_probe
+echo "{what} ${var}: $(basename $(readlink /sys/bus/pci/devices/${var}/driver))"
 """
 
 
+def vfio_bind(var: str, vendor: int, device: int, what: str) -> str:
+    """Guest shell lines binding the device ``vendor:device`` to vfio-pci, its BDF in $var."""
+    return VFIO_BIND.format(var=var, vendor=vendor, device=device, what=what)
+
+
 def vfio_prelude() -> str:
+    """pci-epf-test bound to vfio-pci, its address in $BDF."""
     a = PciEpfTestAttributes()
-    return VFIO_PRELUDE.format(vendor=a.vendorid, device=a.deviceid)
+    return vfio_bind("BDF", a.vendorid, a.deviceid, "pci-epf-test")
 
 
 def parse_results(output: str) -> dict[str, dict[str, Any]]:
@@ -68,22 +91,42 @@ def parse_results(output: str) -> dict[str, dict[str, Any]]:
 
 def run_guest(script: str, sets: list[str], *, timeout: float = 300,
               extra_qemu_args: list[str] | None = None, live: Any = None,
-              on_server: Any = None) -> GuestResult:
+              on_server: Any = None, fastpath: bool = True,
+              reference: bool = False) -> GuestResult:
     """Boot a guest with the programs in its initramfs against a fresh server (``sets``);
-    ``on_server`` gets the server before the guest boots (the idle benchmark wants its pid)."""
+    ``on_server`` gets the server before the guest boots (the idle benchmark wants its pid).
+    ``reference``: the C reference server's device beside it (:func:`reference_server`)."""
     programs = guest_programs()
-    with serve(sets) as server:
+    with contextlib.ExitStack() as stack:
+        server = stack.enter_context(serve(sets, fastpath=fastpath))
+        extra = list(extra_qemu_args or [])
+        if reference:
+            extra += reference_device_args(stack.enter_context(reference_server()).socket)
         if on_server is not None:
             on_server(server)
         result = boot_guest(script, server_args=[], socket=server.socket, timeout=timeout,
                             extra_files={f"/{k}": v for k, v in programs.items()},
-                            extra_qemu_args=extra_qemu_args or [], live=live)
+                            extra_qemu_args=extra, live=live)
         log = server.log_tail()
     if not result.ok:
         raise BenchError(f"guest failed ({result.error or result.exit_status}); run dir "
                          f"{result.run_dir}\n--- guest ---\n{tail(result.output)}\n"
                          f"--- server ---\n{log}")
     return result
+
+
+@contextlib.contextmanager
+def reference_server() -> Iterator[Server]:
+    """The C reference vfio-user server (refserver.c) on its own socket."""
+    with serve(argv=[str(build_c(HERE / "refserver.c"))]) as server:
+        yield server
+
+
+def reference_device_args(socket: Path) -> list[str]:
+    """QEMU arguments adding the reference server's device behind a root port of its own,
+    attached the way ``run`` attaches vfio-ep's."""
+    return ["-device", f"pcie-root-port,id={REF_PORT},bus=pcie.0,chassis=2",
+            "-device", json.dumps(vfio_user_device(socket, device_id="ref", bus=REF_PORT))]
 
 
 def run(n: int = 2000, n_mmio: int = 20000, backends: tuple[str, ...] = BACKENDS) -> Result:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import enum
 import logging
 import mmap
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -128,23 +129,38 @@ class WindowTable:
 
     def __init__(self) -> None:
         self.windows: list[Window] = []
-        self.version = 0  # bumped on every change, so copies (the C fast path) can re-sync
+        # Called after every change: copies (the C fast path's) re-sync before anything the
+        # old rows point at can go away.
+        self.listeners: list[Callable[[], None]] = []
 
     def add(self, window: Window) -> Window:
+        self._insert(window)
+        self._changed()
+        return window
+
+    def replace_bar(self, bar: int, rows: list[Window]) -> None:
+        """All of ``bar``'s rows at once (one change for the listeners)."""
+        old = self.windows
+        self.windows = [w for w in self.windows if w.bar != bar]
+        try:
+            for w in rows:
+                self._insert(w)
+        except ValueError:
+            self.windows = old
+            raise
+        self._changed()
+
+    def _insert(self, window: Window) -> None:
         for w in self.windows:
             if w.bar == window.bar and w.start < window.end and window.start < w.end:
                 raise ValueError(f"BAR{window.bar} window [{window.start:#x}, {window.end:#x}) "
                                  f"overlaps [{w.start:#x}, {w.end:#x})")
         self.windows.append(window)
         self.windows.sort(key=lambda w: (w.bar, w.start))
-        self.version += 1
-        return window
 
-    def replace_bar(self, bar: int, rows: list[Window]) -> None:
-        self.windows = [w for w in self.windows if w.bar != bar]
-        self.version += 1
-        for w in rows:
-            self.add(w)
+    def _changed(self) -> None:
+        for listener in self.listeners:
+            listener()
 
     def of_bar(self, bar: int) -> list[Window]:
         return [w for w in self.windows if w.bar == bar]

@@ -1,14 +1,19 @@
-"""The C fast path (``native/``): reads the socket and serves hot messages itself.
+"""The C fast path (``native/``): a C thread reads the socket and serves hot messages itself.
 
-It walks a C copy of the device's window table (re-synced whenever the table
-changes), applies RAM-window reads and writes and doorbell rings directly,
-and returns the first message that needs Python, whole, so the stream's
-order is kept.  Without the extension (no compiler at install time) or with
-``VFIO_EP_FASTPATH=0``, the server reads every message in Python.
+Each connection gets an I/O thread (native/vfu_io.c) that blocks on the socket without the
+interpreter, applies RAM-window reads and writes and doorbell rings from a C copy of the
+device's window table, and hands the first message that needs Python over whole (an eventfd
+wakes the trio loop), then waits until Python has handled it, so the stream's order is kept.
+The copy is re-made the moment the table changes, under the thread's lock, and Python's own
+messages (replies, DMA requests) go out through the same lock.  Without the extension (no
+compiler at install time) or with ``VFIO_EP_FASTPATH=0``, the server reads every message in
+Python.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
 from typing import Any, cast
@@ -23,22 +28,46 @@ AGAIN, MESSAGE, EOF, BROKEN, IOERR, OVERSIZED = 0, 1, 2, 3, 4, 5
 
 
 class FastPath:
-    """One connection's C message pump."""
+    """One connection's C I/O thread: :meth:`start` it, :meth:`stop` it before the socket
+    and anything its windows point at go away."""
 
     def __init__(self, sock_fd: int, windows: WindowTable) -> None:
-        self.f = ffi.new("struct vfu_fast *")
+        self.io = ffi.new("struct vfu_io *")
         self._buf = ffi.new("uint8_t[]", lib.VFU_MAX_MSG)
-        self.f.buf = self._buf
-        self.f.sock = sock_fd
+        self.io.f.buf = self._buf
+        self.io.f.sock = sock_fd
+        self.io.notify_efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.io.stop_efd = os.eventfd(0, os.EFD_CLOEXEC)
+        self.notify_fd: int = self.io.notify_efd
         self.windows = windows
-        self._synced = -1
         self._keep: list[Any] = []
+        self._running = False
+
+    def start(self) -> None:
+        self._sync()
+        self.windows.listeners.append(self._sync)
+        err = lib.vfu_io_start(self.io)
+        if err:
+            self.windows.listeners.remove(self._sync)
+            raise OSError(err, f"cannot start the connection's I/O thread: {os.strerror(err)}")
+        self._running = True
+
+    def stop(self) -> None:
+        """Join the thread, then release what a half-read message left (fds)."""
+        if self._running:
+            lib.vfu_io_stop(self.io)
+            self._running = False
+            self.windows.listeners.remove(self._sync)
+        self.drop()
+        for fd in (self.io.notify_efd, self.io.stop_efd):
+            os.close(fd)
+        self.io.notify_efd = self.io.stop_efd = -1
 
     def _sync(self) -> None:
-        """Copy the window table into C (RAM rows carry their host address)."""
+        """Copy the window table into C (RAM rows carry their host address) and swap it in
+        under the thread's lock: from its next message on, C serves from the new one."""
         rows = self.windows.windows
         table = ffi.new("struct vfu_window[]", max(len(rows), 1))
-        keep: list[Any] = [table]
         for i, w in enumerate(rows):
             c = table[i]
             c.bar, c.start, c.end = w.bar, w.start, w.end
@@ -53,36 +82,52 @@ class FastPath:
                 c.db_pending = ffi.cast("uint32_t *", db.pending_ptr())
             else:
                 c.kind = lib.VFU_WINDOW_MMIO
-        self.f.windows = table
-        self.f.nwindows = len(rows)
-        self._keep = keep
-        self._synced = self.windows.version
+        lib.vfu_io_set_windows(self.io, table, len(rows))
+        self._keep = [table]  # the old table is unused once the swap returned
 
-    def poll(self) -> int:
-        if self._synced != self.windows.version:
-            self._sync()
-        return lib.vfu_fast_poll(self.f)
+    def handed(self) -> int | None:
+        """The result the thread handed over (MESSAGE, OVERSIZED, EOF, ...), or None while
+        it is still reading; clears the wakeup."""
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self.notify_fd)
+        return self.io.result if self.io.handed else None
+
+    def resume(self) -> None:
+        """Python is done with the handed-over message: the thread reads on."""
+        lib.vfu_io_resume(self.io)
+
+    def idle(self) -> bool:
+        """Whether every message the client sent so far has been handled (the thread waits
+        for more, nothing is handed over)."""
+        return bool(lib.vfu_io_idle(self.io))
 
     def take(self) -> tuple[bytes, list[int], bool]:
         """The message C handed over: (bytes, fds now owned by the caller, fds truncated)."""
-        data = bytes(ffi.buffer(self._buf, self.f.have))
-        fds = [self.f.fds[i] for i in range(self.f.nfds)]
-        truncated = bool(self.f.fds_truncated)
-        self.f.have = self.f.nfds = self.f.fds_truncated = 0
+        f = self.io.f
+        data = bytes(ffi.buffer(self._buf, f.have))
+        fds = [f.fds[i] for i in range(f.nfds)]
+        truncated = bool(f.fds_truncated)
+        f.have = f.nfds = f.fds_truncated = 0
         return data, fds, truncated
 
-    @staticmethod
-    def errno() -> int:
-        """errno of the socket error that vfu_fast_poll() reported."""
-        return ffi.errno
+    def send(self, data: bytes, fd: int | None = None) -> None:
+        """A whole message from Python, between the thread's own replies."""
+        err = lib.vfu_io_send(self.io, data, len(data), -1 if fd is None else fd)
+        if err:
+            raise OSError(err, f"send: {os.strerror(err)}")
+
+    def errno(self) -> int:
+        """errno of the socket error the thread reported (IOERR)."""
+        return self.io.err or errno.EIO
 
     def drop(self) -> None:
         """Release what a broken stream left half-read."""
-        for i in range(self.f.nfds):
-            os.close(self.f.fds[i])
-        self.f.have = self.f.nfds = 0
+        f = self.io.f
+        for i in range(f.nfds):
+            os.close(f.fds[i])
+        f.have = f.nfds = 0
 
     def stats(self) -> dict[str, int]:
-        s = self.f.stats
+        s = self.io.f.stats
         return {k: getattr(s, k) for k in ("fast_reads", "fast_writes", "doorbells",
                                            "to_python")}

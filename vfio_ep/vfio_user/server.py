@@ -80,20 +80,28 @@ class Connection:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 self.device.attach(self)
+                if self.fast is not None:
+                    self.fast.start()
                 await self._request_loop_until_gone()
                 nursery.cancel_scope.cancel()
         finally:
             self._nursery = None
-            self.device.detach()
-            self._fail_pending_dma()
-            if self.fast is not None:
+            if self.fast is not None:  # first: its windows point into what goes next
+                self.fast.stop()
                 log.info("client %s: C fast path served %s", self.peer, ", ".join(
                     f"{n} {what.replace('_', ' ')}" for what, n in self.fast.stats().items()))
+            self.device.detach()
+            self._fail_pending_dma()
             log.info("client %s: released %d DMA mappings and its IRQ eventfds",
                      self.peer, len(self.dma))
             self.dma.clear()
             self.irqs.close()
             self.sock.close()
+
+    def idle(self) -> bool:
+        """Whether the C I/O thread (if any) has handled everything the client sent: the
+        event loop's own idleness does not cover a thread it is not running."""
+        return self.fast is None or self.fast.idle()
 
     async def _request_loop_until_gone(self) -> None:
         try:
@@ -116,11 +124,13 @@ class Connection:
                                 hdr["size"], hdr["msg_id"])
                     hdr = {**hdr, "flags": hdr["flags"] | p.FLAG_ERROR, "error": errno.EMSGSIZE}
                 self._deliver_reply(hdr, body)
-                continue
-            if mtype != p.FLAG_REQUEST:
+            elif mtype != p.FLAG_REQUEST:
                 _close_fds(fds)
                 raise StreamError(f"message type {mtype} is neither request nor reply")
-            await self._handle_request(hdr, body, fds)
+            else:
+                await self._handle_request(hdr, body, fds)
+            if self.fast is not None:  # its effects are in place: C may read on
+                self.fast.resume()
 
     async def _recv_message(self) -> tuple[dict, bytes, list[int]]:
         if self.fast is not None:
@@ -168,14 +178,12 @@ class Connection:
         return {**hdr, "oversized": True}, b"", []
 
     async def _recv_message_fast(self, fast: fastpath.FastPath) -> tuple[dict, bytes, list[int]]:
-        """Let C serve the hot messages; return the first one that needs Python."""
+        """C's I/O thread serves the hot messages; the first one that needs Python (or the
+        stream's end) is handed over here, and C waits for :meth:`FastPath.resume`."""
         while True:
-            if self._send_lock.locked():  # a device task is mid-send: C must not interleave
-                async with self._send_lock:
-                    pass
-            r = fast.poll()
-            if r == fastpath.AGAIN:
-                await trio.lowlevel.wait_readable(self.sock.fileno())
+            r = fast.handed()
+            if r is None:
+                await trio.lowlevel.wait_readable(fast.notify_fd)
                 continue
             if r == fastpath.MESSAGE:
                 data, fds, truncated = fast.take()
@@ -247,6 +255,9 @@ class Connection:
                          + payload, fd)
 
     async def _send(self, data: bytes, fd: int | None = None) -> None:
+        if self.fast is not None:  # between the I/O thread's replies, under its lock
+            self.fast.send(data, fd)
+            return
         async with self._send_lock:
             anc = [] if fd is None else [
                 (socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]).tobytes())]

@@ -1,0 +1,154 @@
+/* See vfu_io.h. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <poll.h>
+#include <pthread.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "vfu_fast.h"
+#include "vfu_io.h"
+
+#define SEND_WAIT_MS 1000
+
+_Static_assert(sizeof(pthread_mutex_t) <= sizeof(((struct vfu_io *)0)->lock), "mutex fits");
+_Static_assert(sizeof(pthread_cond_t) <= sizeof(((struct vfu_io *)0)->cond), "cond fits");
+_Static_assert(sizeof(pthread_t) <= sizeof(uint64_t), "pthread_t fits vfu_io.thread");
+
+static pthread_mutex_t *lock_of(struct vfu_io *io) { return (pthread_mutex_t *)io->lock; }
+static pthread_cond_t *cond_of(struct vfu_io *io) { return (pthread_cond_t *)io->cond; }
+
+static void signal_efd(int efd)
+{
+	const uint64_t one = 1;
+	/* Only EAGAIN can fail (counter saturated): the reader wakes anyway. */
+	(void)!write(efd, &one, sizeof(one));
+}
+
+static void *vfu_io_run(void *arg)
+{
+	struct vfu_io *io = arg;
+	struct pollfd pfd[2] = { { .fd = io->f.sock, .events = POLLIN },
+				 { .fd = io->stop_efd, .events = POLLIN } };
+
+	for (;;) {
+		pthread_mutex_lock(lock_of(io));
+		while (io->handed && !io->stopping)
+			pthread_cond_wait(cond_of(io), lock_of(io));
+		if (io->stopping) {
+			pthread_mutex_unlock(lock_of(io));
+			return NULL;
+		}
+		int r = vfu_fast_poll(&io->f);
+		if (r != VFU_AGAIN) {
+			io->err = r == VFU_IOERR ? errno : 0;
+			io->result = r;
+			io->handed = 1;
+		}
+		pthread_mutex_unlock(lock_of(io));
+		if (r != VFU_AGAIN) {
+			signal_efd(io->notify_efd);
+			continue;
+		}
+		/* Block until the client sends more, or Python stops us. */
+		while (poll(pfd, 2, -1) < 0 && errno == EINTR)
+			;
+		if (pfd[1].revents)
+			return NULL;
+	}
+}
+
+int vfu_io_start(struct vfu_io *io)
+{
+	io->handed = io->stopping = 0;
+	int err = pthread_mutex_init(lock_of(io), NULL);
+	if (!err)
+		err = pthread_cond_init(cond_of(io), NULL);
+	if (!err)
+		err = pthread_create((pthread_t *)&io->thread, NULL, vfu_io_run, io);
+	return err;
+}
+
+void vfu_io_resume(struct vfu_io *io)
+{
+	pthread_mutex_lock(lock_of(io));
+	io->handed = 0;
+	pthread_cond_signal(cond_of(io));
+	pthread_mutex_unlock(lock_of(io));
+}
+
+void vfu_io_stop(struct vfu_io *io)
+{
+	pthread_mutex_lock(lock_of(io));
+	io->stopping = 1;
+	pthread_cond_signal(cond_of(io));
+	pthread_mutex_unlock(lock_of(io));
+	signal_efd(io->stop_efd);
+	pthread_join((pthread_t)io->thread, NULL);
+	pthread_cond_destroy(cond_of(io));
+	pthread_mutex_destroy(lock_of(io));
+}
+
+void vfu_io_set_windows(struct vfu_io *io, struct vfu_window *windows, int n)
+{
+	pthread_mutex_lock(lock_of(io));
+	io->f.windows = windows;
+	io->f.nwindows = n;
+	pthread_mutex_unlock(lock_of(io));
+}
+
+int vfu_io_idle(struct vfu_io *io)
+{
+	/* Under the lock the thread is not mid-message: it is waiting for Python, about to read
+	 * (the socket is readable) or blocked in poll (it is not). */
+	pthread_mutex_lock(lock_of(io));
+	struct pollfd pfd = { .fd = io->f.sock, .events = POLLIN };
+	int idle = !io->handed && poll(&pfd, 1, 0) == 0;
+	pthread_mutex_unlock(lock_of(io));
+	return idle;
+}
+
+int vfu_io_send(struct vfu_io *io, const uint8_t *buf, uint32_t len, int fd)
+{
+	union {
+		struct cmsghdr align;
+		char buf[CMSG_SPACE(sizeof(int))];
+	} ctl;
+	int err = 0;
+	uint32_t sent = 0;
+
+	pthread_mutex_lock(lock_of(io));
+	while (sent < len) {
+		struct iovec iov = { (uint8_t *)buf + sent, len - sent };
+		struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1 };
+		if (fd >= 0 && sent == 0) { /* the fd goes with the first byte */
+			memset(&ctl, 0, sizeof(ctl));
+			mh.msg_control = ctl.buf;
+			mh.msg_controllen = sizeof(ctl.buf);
+			struct cmsghdr *c = CMSG_FIRSTHDR(&mh);
+			c->cmsg_level = SOL_SOCKET;
+			c->cmsg_type = SCM_RIGHTS;
+			c->cmsg_len = CMSG_LEN(sizeof(int));
+			memcpy(CMSG_DATA(c), &fd, sizeof(int));
+		}
+		ssize_t k = sendmsg(io->f.sock, &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
+		if (k >= 0) {
+			sent += (uint32_t)k;
+			continue;
+		}
+		if (errno == EINTR)
+			continue;
+		if (errno != EAGAIN) {
+			err = errno;
+			break;
+		}
+		struct pollfd pfd = { .fd = io->f.sock, .events = POLLOUT };
+		if (poll(&pfd, 1, SEND_WAIT_MS) == 0) {
+			err = ETIMEDOUT; /* the client stopped reading: give up on the connection */
+			break;
+		}
+	}
+	pthread_mutex_unlock(lock_of(io));
+	return err;
+}

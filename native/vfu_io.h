@@ -1,0 +1,41 @@
+/* vfio-ep I/O thread: one per connection, reading the socket without the interpreter.
+ *
+ * The fast path (vfu_fast.h) run by a C thread that blocks on the socket: hot messages are
+ * served there and then, and Python never wakes for them.  The first message that needs
+ * Python is handed over (notify_efd becomes readable) and the thread waits until Python has
+ * handled it (vfu_io_resume), so the order of the stream is kept.  The window table and the
+ * socket's send side are shared with Python under one lock: Python swaps the table
+ * (vfu_io_set_windows) and sends its own messages (vfu_io_send) through here.
+ */
+#pragma once
+#include <stdint.h>
+
+#include "vfu_fast.h"
+
+struct vfu_io {
+	struct vfu_fast f;       /* the thread's message pump; f.sock is the connection */
+	int notify_efd;          /* signalled when a message (or the stream's end) waits */
+	int stop_efd;            /* signalled by vfu_io_stop */
+	int handed;              /* 1 while Python has `result` (and f's message) to handle */
+	int result;              /* vfu_fast_poll()'s result that was handed over */
+	int err;                 /* errno with VFU_IOERR */
+	int stopping;
+	uint64_t thread;         /* a pthread_t */
+	uint64_t lock[8];        /* a pthread_mutex_t: the table, f's state, the send side */
+	uint64_t cond[8];        /* a pthread_cond_t: `handed` cleared, or stopping */
+};
+
+/* Start the thread (f.sock, f.buf and the eventfds set); 0, or an errno. */
+int vfu_io_start(struct vfu_io *io);
+/* Python has taken and handled the handed-over message: read on. */
+void vfu_io_resume(struct vfu_io *io);
+/* Stop and join the thread; afterwards nothing of `io` is touched by C. */
+void vfu_io_stop(struct vfu_io *io);
+/* Serve from this table from the next message on (the caller keeps it alive until the next
+ * call, or vfu_io_stop). */
+void vfu_io_set_windows(struct vfu_io *io, struct vfu_window *windows, int n);
+/* 1 when the thread has nothing to do: nothing handed over, nothing (not even EOF) unread on
+ * the socket.  For callers that must know every message sent so far was handled. */
+int vfu_io_idle(struct vfu_io *io);
+/* Send a whole message (and `fd` when >= 0) between the thread's replies; 0, or an errno. */
+int vfu_io_send(struct vfu_io *io, const uint8_t *buf, uint32_t len, int fd);

@@ -1,0 +1,99 @@
+"""trapped: a guest's trapped register accesses and doorbell rings, against a C reference server.
+
+One guest sees three devices: vfio-ep's pci-epf-test (MSI doorbell), the C reference vfio-user
+server's device (refserver.c: one thread, blocking reads, registers copied and nothing else,
+pci-epf-test's BAR layout) and ivshmem-plain (MMIO QEMU serves in-process).  The guest
+program (qemu/bench/epbench.c) times, on both vfio-user devices through vfio-pci, register
+reads, register writes and a doorbell ring to its MSI-X; so every vfio-ep figure has the C
+floor for the same access, in the same guest, in the same minute.  Run once on the C fast
+path and once on the Python path.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from vfio_ep.bench.common import BenchError, Column, Result, ratio
+from vfio_ep.bench.doorbell import (
+    IVSHMEM,
+    PROGRAM,
+    REF_DEVICE,
+    REF_VENDOR,
+    parse_results,
+    run_guest,
+    vfio_bind,
+    vfio_prelude,
+)
+from vfio_ep.tail import tail
+
+PATHS = (("C fast path", True), ("Python path", False))
+# (access, vfio-ep result, reference result, target vs the reference, target vs a read)
+ACCESSES = (
+    ("register read", "epf-register-read", "ref-register-read", 1.0, None),
+    ("register write", "epf-register-write", "ref-register-write", 1.0, None),
+    ("doorbell -> MSI-X (msi)", "doorbell-round-trip", "ref-doorbell-round-trip", None, 1.2),
+)
+
+
+def _met(value: float | None, target: float | None) -> str | None:
+    if value is None or target is None:
+        return None
+    return "yes" if value <= target else f"no ({value / target:.2f}x over)"
+
+
+def run(n: int = 2000, n_mmio: int = 20000) -> Result:
+    started = time.monotonic()
+    rows: list[dict[str, Any]] = []
+    runs: dict[str, str] = {}
+    floors: list[float] = []
+    for path, fastpath in PATHS:
+        script = (vfio_prelude() + vfio_bind("REF", REF_VENDOR, REF_DEVICE, "reference")
+                  + f"/{PROGRAM} mmio {n_mmio}\n/{PROGRAM} ref {n} $REF\n"
+                  f"/{PROGRAM} doorbell {n} $BDF\n")
+        result = run_guest(script, ["doorbell=msi"], extra_qemu_args=IVSHMEM,
+                           fastpath=fastpath, reference=True)
+        got = parse_results(result.output)
+        runs[path] = str(result.run_dir)
+        try:
+            floors.append(got["ivshmem-mmio-read"]["median_ns"] / 1e3)
+            read = got["epf-register-read"]["median_ns"]
+            for access, ours, ref, vs_ref, vs_read in ACCESSES:
+                mine, theirs = got[ours], got[ref]
+                r_ref = ratio(mine["median_ns"], theirs["median_ns"])
+                r_read = ratio(mine["median_ns"], read) if vs_read else None
+                target = (f"<= {vs_ref:.1f}x C reference" if vs_ref
+                          else f"<= {vs_read:.1f}x register read")
+                rows.append({
+                    "path": path, "access": access,
+                    "median_us": mine["median_ns"] / 1e3, "p99_us": mine["p99_ns"] / 1e3,
+                    "ref_us": theirs["median_ns"] / 1e3, "vs_ref": r_ref, "vs_read": r_read,
+                    "target": target,
+                    "met": _met(r_ref, vs_ref) if vs_ref else _met(r_read, vs_read)})
+        except KeyError as e:
+            raise BenchError(f"{path}: no {e} result in the guest output:\n"
+                             f"{tail(result.output)}") from None
+    notes = [
+        f"{n} accesses of each kind per device after 20 warm-up ones, rdtsc-timed in the "
+        "guest through vfio-pci (no-IOMMU) pread/pwrite on both devices; medians.",
+        "C reference: vfio_ep/bench/refserver.c, a minimal vfio-user server in C (one thread, "
+        "blocking reads, register storage, a doorbell register raising MSI-X vector 0), in "
+        "the same guest as vfio-ep's device.",
+        "register write: pci-epf-test's SIZE register (no side effect).  QEMU waits for the "
+        "reply of every write to a device with a region the guest maps directly (its posted "
+        "writes could pass a later access through the mapping), so both devices, each with a "
+        "mapped RAM BAR, get non-posted writes: sustained posted writes do not occur.",
+        "in-QEMU MMIO read (ivshmem-plain BAR0) in the same guests: "
+        + ", ".join(f"{f:.2f} us" for f in floors) + ".",
+    ]
+    return Result(
+        "trapped", "trapped register accesses and doorbell -> MSI-X, vfio-ep vs a C server",
+        "the C reference vfio-user server in the same guest",
+        [Column("path", "path"), Column("access", "access"),
+         Column("median_us", "median us", "{:,.1f}"), Column("p99_us", "p99 us", "{:,.1f}"),
+         Column("ref_us", "C ref median us", "{:,.1f}"),
+         Column("vs_ref", "vs C ref", "{:,.2f}x"),
+         Column("vs_read", "vs register read", "{:,.2f}x"),
+         Column("target", "target"), Column("met", "met")],
+        rows, {"n": n, "n_mmio": n_mmio, "run_dirs": runs}, notes,
+        time.monotonic() - started)
