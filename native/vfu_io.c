@@ -59,15 +59,30 @@ static void *vfu_io_run(void *arg)
 	}
 }
 
-int vfu_io_start(struct vfu_io *io)
+int vfu_io_start(struct vfu_io *io, struct vfu_window *windows, int n)
 {
 	io->handed = io->stopping = 0;
+	io->f.windows = windows;
+	io->f.nwindows = n;
 	int err = pthread_mutex_init(lock_of(io), NULL);
-	if (!err)
-		err = pthread_cond_init(cond_of(io), NULL);
+	if (err)
+		return err;
+	err = pthread_cond_init(cond_of(io), NULL);
 	if (!err)
 		err = pthread_create((pthread_t *)&io->thread, NULL, vfu_io_run, io);
+	if (err) {
+		pthread_cond_destroy(cond_of(io));
+		pthread_mutex_destroy(lock_of(io));
+	}
 	return err;
+}
+
+int vfu_io_handed(struct vfu_io *io)
+{
+	pthread_mutex_lock(lock_of(io));
+	int r = io->handed ? io->result : -1;
+	pthread_mutex_unlock(lock_of(io));
+	return r;
 }
 
 void vfu_io_resume(struct vfu_io *io)

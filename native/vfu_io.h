@@ -25,8 +25,11 @@ struct vfu_io {
 	uint64_t cond[8];        /* a pthread_cond_t: `handed` cleared, or stopping */
 };
 
-/* Start the thread (f.sock, f.buf and the eventfds set); 0, or an errno. */
-int vfu_io_start(struct vfu_io *io);
+/* Start the thread serving from `windows` (f.sock, f.buf and the eventfds set); 0, or an
+ * errno. */
+int vfu_io_start(struct vfu_io *io, struct vfu_window *windows, int n);
+/* What the thread handed over (a VFU_* result), or -1 while it reads on. */
+int vfu_io_handed(struct vfu_io *io);
 /* Python has taken and handled the handed-over message: read on. */
 void vfu_io_resume(struct vfu_io *io);
 /* Stop and join the thread; afterwards nothing of `io` is touched by C. */

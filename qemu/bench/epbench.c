@@ -6,6 +6,7 @@
  *                                  the doorbell, then N times: ring it, wait for MSI-X vector 0
  *                                  on an eventfd; also N timed reads of its STATUS register
  *                                  and N timed writes of its SIZE register (no side effect)
+ *                                  and of COMMAND 0 (the function sees it, nothing to do)
  *   epbench ref N BDF              the C reference server's device (vfio_ep/bench/refserver.c)
  *                                  at BDF, bound to vfio-pci: N timed register reads, N
  *                                  register writes, N doorbell rings to MSI-X vector 0
@@ -323,18 +324,19 @@ static uint64_t ring(struct dev *d, const struct doorbell *db, int *ok)
 	return dt;
 }
 
-/* N timed writes of a register, each followed by nothing: what the guest waits for a write
- * (QEMU decides whether it is posted). */
-static void time_writes(struct dev *d, uint32_t reg, uint64_t *t, int n, const char *name)
+/* N timed writes of a register (the value i, or `fixed` when >= 0): what the guest waits for
+ * a write (QEMU decides whether it is posted); then a read as the fence, and a check. */
+static void time_writes(struct dev *d, uint32_t reg, int64_t fixed, uint64_t *t, int n,
+			const char *name)
 {
 	struct clock c;
 	clock_start(&c);
 	for (int i = 0; i < n; i++) {
 		uint64_t t0 = __rdtsc();
-		wr(d, 0, reg, (uint32_t)i);
+		wr(d, 0, reg, fixed >= 0 ? (uint32_t)fixed : (uint32_t)i);
 		t[i] = __rdtsc() - t0;
 	}
-	if (rd(d, 0, reg) != (uint32_t)(n - 1)) { /* the fence, and a check */
+	if (rd(d, 0, reg) != (fixed >= 0 ? (uint32_t)fixed : (uint32_t)(n - 1))) {
 		fprintf(stderr, "epbench: %s: the last write did not land\n", name);
 		exit(1);
 	}
@@ -369,7 +371,9 @@ static int cmd_doorbell(int n, const char *bdf)
 		t[i] = __rdtsc() - t0;
 	}
 	report("epf-register-read", &c, t, n, d.map[0] ? "vfio-mmap" : "vfio-pread");
-	time_writes(&d, REG_SIZE, t, n, "epf-register-write");
+	time_writes(&d, REG_SIZE, -1, t, n, "epf-register-write");
+	/* COMMAND 0: a write the function must see (a watched register), with nothing to do */
+	time_writes(&d, REG_COMMAND, 0, t, n, "epf-command-write");
 
 	uint32_t status = command(&d, CMD_DISABLE_DOORBELL);
 	if (!(status & STATUS_DOORBELL_DISABLE_SUCCESS))
@@ -397,7 +401,7 @@ static int cmd_ref(int n, const char *bdf)
 		t[i] = __rdtsc() - t0;
 	}
 	report("ref-register-read", &c, t, n, d.map[0] ? "vfio-mmap" : "vfio-pread");
-	time_writes(&d, REF_SCRATCH, t, n, "ref-register-write");
+	time_writes(&d, REF_SCRATCH, -1, t, n, "ref-register-write");
 	for (int i = 0; i < WARMUP; i++) {
 		wr(&d, 0, REF_DOORBELL, 1);
 		wait_irq(&d, "reference doorbell interrupt");

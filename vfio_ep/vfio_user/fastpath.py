@@ -44,13 +44,13 @@ class FastPath:
         self._running = False
 
     def start(self) -> None:
-        self._sync()
-        self.windows.listeners.append(self._sync)
-        err = lib.vfu_io_start(self.io)
+        table, n = self._table()
+        err = lib.vfu_io_start(self.io, table, n)
         if err:
-            self.windows.listeners.remove(self._sync)
             raise OSError(err, f"cannot start the connection's I/O thread: {os.strerror(err)}")
+        self._keep = [table]
         self._running = True
+        self.windows.listeners.append(self._sync)
 
     def stop(self) -> None:
         """Join the thread, then release what a half-read message left (fds)."""
@@ -64,8 +64,14 @@ class FastPath:
         self.io.notify_efd = self.io.stop_efd = -1
 
     def _sync(self) -> None:
-        """Copy the window table into C (RAM rows carry their host address) and swap it in
-        under the thread's lock: from its next message on, C serves from the new one."""
+        """Swap a new copy of the window table in under the thread's lock: from its next
+        message on, C serves from it (and the old copy is unused)."""
+        table, n = self._table()
+        lib.vfu_io_set_windows(self.io, table, n)
+        self._keep = [table]
+
+    def _table(self) -> tuple[Any, int]:
+        """The window table as C rows (RAM rows carry their host address)."""
         rows = self.windows.windows
         table = ffi.new("struct vfu_window[]", max(len(rows), 1))
         for i, w in enumerate(rows):
@@ -82,15 +88,15 @@ class FastPath:
                 c.db_pending = ffi.cast("uint32_t *", db.pending_ptr())
             else:
                 c.kind = lib.VFU_WINDOW_MMIO
-        lib.vfu_io_set_windows(self.io, table, len(rows))
-        self._keep = [table]  # the old table is unused once the swap returned
+        return table, len(rows)
 
     def handed(self) -> int | None:
         """The result the thread handed over (MESSAGE, OVERSIZED, EOF, ...), or None while
         it is still reading; clears the wakeup."""
         with contextlib.suppress(BlockingIOError):
             os.eventfd_read(self.notify_fd)
-        return self.io.result if self.io.handed else None
+        r = lib.vfu_io_handed(self.io)
+        return None if r < 0 else int(r)
 
     def resume(self) -> None:
         """Python is done with the handed-over message: the thread reads on."""
@@ -99,7 +105,7 @@ class FastPath:
     def idle(self) -> bool:
         """Whether every message the client sent so far has been handled (the thread waits
         for more, nothing is handed over)."""
-        return bool(lib.vfu_io_idle(self.io))
+        return not self._running or bool(lib.vfu_io_idle(self.io))
 
     def take(self) -> tuple[bytes, list[int], bool]:
         """The message C handed over: (bytes, fds now owned by the caller, fds truncated)."""
@@ -112,6 +118,8 @@ class FastPath:
 
     def send(self, data: bytes, fd: int | None = None) -> None:
         """A whole message from Python, between the thread's own replies."""
+        if not self._running:  # a device task after the connection ended
+            raise OSError(errno.EPIPE, "send: the connection's I/O thread has stopped")
         err = lib.vfu_io_send(self.io, data, len(data), -1 if fd is None else fd)
         if err:
             raise OSError(err, f"send: {os.strerror(err)}")
