@@ -51,19 +51,25 @@ static const struct vfu_window *find(const struct vfu_fast *f, uint32_t bar, uin
 	return NULL;
 }
 
-/* Send every byte of the iovecs, waiting briefly if the socket buffer is full. */
-static int send_iov(int sock, struct iovec *iov, int n)
+/* Send every byte of the iovecs; while the socket buffer is full, wait as f says (the I/O
+ * thread lets Python go on meanwhile), or poll for room. */
+static int send_iov(struct vfu_fast *f, struct iovec *iov, int n)
 {
 	while (n) {
 		struct msghdr mh = { .msg_iov = iov, .msg_iovlen = n };
-		ssize_t sent = sendmsg(sock, &mh, MSG_NOSIGNAL);
+		ssize_t sent = sendmsg(f->sock, &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
 		if (sent < 0) {
 			if (errno == EINTR)
 				continue;
 			if (errno != EAGAIN)
 				return -1;
-			struct pollfd pfd = { .fd = sock, .events = POLLOUT };
-			poll(&pfd, 1, 1000);
+			if (f->wait_writable) {
+				if (f->wait_writable(f->wait_ctx))
+					return -1;
+			} else {
+				struct pollfd pfd = { .fd = f->sock, .events = POLLOUT };
+				poll(&pfd, 1, 1000);
+			}
 			continue;
 		}
 		while (n && (size_t)sent >= iov->iov_len) {
@@ -135,7 +141,7 @@ static int serve(struct vfu_fast *f)
 				{ &rh, HDR }, { a, sizeof(*a) },
 				{ w->ram + (a->offset - w->start), a->count },
 			};
-			if (send_iov(f->sock, iov, 3))
+			if (send_iov(f, iov, 3))
 				return -1;
 			f->stats.fast_reads++;
 			return 1;
@@ -147,7 +153,7 @@ static int serve(struct vfu_fast *f)
 			struct hdr rh = { h->msg_id, h->command, HDR + sizeof(*a), FLAG_REPLY, 0 };
 			struct access ra = { a->offset, a->region, a->count };
 			struct iovec iov[2] = { { &rh, HDR }, { &ra, sizeof(ra) } };
-			if (send_iov(f->sock, iov, 2))
+			if (send_iov(f, iov, 2))
 				return -1;
 		}
 		return 1;

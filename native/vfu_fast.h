@@ -45,6 +45,10 @@ struct vfu_fast {
 	int nfds;
 	int fds_truncated;
 	struct vfu_fast_stats stats;
+	/* Called while a reply waits for room in the socket buffer (NULL: poll for it); 0 to
+	 * go on sending, else the reply is abandoned as an I/O error. */
+	int (*wait_writable)(void *ctx);
+	void *wait_ctx;
 };
 
 /* Results of vfu_fast_poll(). */

@@ -10,7 +10,8 @@
 #include "vfu_fast.h"
 #include "vfu_io.h"
 
-#define SEND_WAIT_MS 1000
+
+enum { SENDING_PYTHON = 1, SENDING_C = 2 }; /* vfu_io.sending: whose message is half out */
 
 _Static_assert(sizeof(pthread_mutex_t) <= sizeof(((struct vfu_io *)0)->lock), "mutex fits");
 _Static_assert(sizeof(pthread_cond_t) <= sizeof(((struct vfu_io *)0)->cond), "cond fits");
@@ -26,6 +27,24 @@ static void signal_efd(int efd)
 	(void)!write(efd, &one, sizeof(one));
 }
 
+/* The thread's reply waits for room: Python may go on meanwhile (swap the table, handle its
+ * message), except send, which would split the reply on the wire (sending == 2). */
+static int wait_writable(void *ctx)
+{
+	struct vfu_io *io = ctx;
+	struct pollfd pfd[2] = { { .fd = io->f.sock, .events = POLLOUT },
+				 { .fd = io->stop_efd, .events = POLLIN } };
+	int r;
+
+	io->sending = SENDING_C;
+	pthread_mutex_unlock(lock_of(io));
+	while ((r = poll(pfd, 2, -1)) < 0 && errno == EINTR)
+		;
+	pthread_mutex_lock(lock_of(io));
+	io->sending = 0;
+	return r < 0 || pfd[1].revents ? -1 : 0;
+}
+
 static void *vfu_io_run(void *arg)
 {
 	struct vfu_io *io = arg;
@@ -34,7 +53,7 @@ static void *vfu_io_run(void *arg)
 
 	for (;;) {
 		pthread_mutex_lock(lock_of(io));
-		while (io->handed && !io->stopping)
+		while ((io->handed || io->sending == SENDING_PYTHON) && !io->stopping)
 			pthread_cond_wait(cond_of(io), lock_of(io));
 		if (io->stopping) {
 			pthread_mutex_unlock(lock_of(io));
@@ -61,7 +80,9 @@ static void *vfu_io_run(void *arg)
 
 int vfu_io_start(struct vfu_io *io, struct vfu_window *windows, int n)
 {
-	io->handed = io->stopping = 0;
+	io->handed = io->stopping = io->sending = 0;
+	io->f.wait_writable = wait_writable;
+	io->f.wait_ctx = io;
 	io->f.windows = windows;
 	io->f.nwindows = n;
 	int err = pthread_mutex_init(lock_of(io), NULL);
@@ -119,22 +140,29 @@ int vfu_io_idle(struct vfu_io *io)
 	 * (the socket is readable) or blocked in poll (it is not). */
 	pthread_mutex_lock(lock_of(io));
 	struct pollfd pfd = { .fd = io->f.sock, .events = POLLIN };
-	int idle = !io->handed && poll(&pfd, 1, 0) == 0;
+	int idle = !io->handed && !io->sending && poll(&pfd, 1, 0) == 0;
 	pthread_mutex_unlock(lock_of(io));
 	return idle;
 }
 
-int vfu_io_send(struct vfu_io *io, const uint8_t *buf, uint32_t len, int fd)
+int64_t vfu_io_send(struct vfu_io *io, const uint8_t *buf, uint32_t len, uint32_t sent, int fd)
 {
 	union {
 		struct cmsghdr align;
 		char buf[CMSG_SPACE(sizeof(int))];
 	} ctl;
-	int err = 0;
-	uint32_t sent = 0;
+	int64_t result;
 
 	pthread_mutex_lock(lock_of(io));
-	while (sent < len) {
+	if (io->sending == SENDING_C) { /* the thread's reply is half out: not now */
+		pthread_mutex_unlock(lock_of(io));
+		return -EBUSY;
+	}
+	for (;;) {
+		if (sent >= len) {
+			result = len;
+			break;
+		}
 		struct iovec iov = { (uint8_t *)buf + sent, len - sent };
 		struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1 };
 		if (fd >= 0 && sent == 0) { /* the fd goes with the first byte */
@@ -154,16 +182,12 @@ int vfu_io_send(struct vfu_io *io, const uint8_t *buf, uint32_t len, int fd)
 		}
 		if (errno == EINTR)
 			continue;
-		if (errno != EAGAIN) {
-			err = errno;
-			break;
-		}
-		struct pollfd pfd = { .fd = io->f.sock, .events = POLLOUT };
-		if (poll(&pfd, 1, SEND_WAIT_MS) == 0) {
-			err = ETIMEDOUT; /* the client stopped reading: give up on the connection */
-			break;
-		}
+		result = errno == EAGAIN ? (int64_t)sent : -(int64_t)errno;
+		break;
 	}
+	io->sending = result >= 0 && result < len ? SENDING_PYTHON : 0;
+	if (!io->sending)
+		pthread_cond_signal(cond_of(io));
 	pthread_mutex_unlock(lock_of(io));
-	return err;
+	return result;
 }

@@ -5,7 +5,8 @@
  * Python is handed over (notify_efd becomes readable) and the thread waits until Python has
  * handled it (vfu_io_resume), so the order of the stream is kept.  The window table and the
  * socket's send side are shared with Python under one lock: Python swaps the table
- * (vfu_io_set_windows) and sends its own messages (vfu_io_send) through here.
+ * (vfu_io_set_windows) and sends its own messages (vfu_io_send) through here, never blocking:
+ * a client that stops reading stalls only its own connection.
  */
 #pragma once
 #include <stdint.h>
@@ -20,6 +21,7 @@ struct vfu_io {
 	int result;              /* vfu_fast_poll()'s result that was handed over */
 	int err;                 /* errno with VFU_IOERR */
 	int stopping;
+	int sending;             /* whose message is partly sent (1 Python's, 2 the thread's) */
 	uint64_t thread;         /* a pthread_t */
 	uint64_t lock[8];        /* a pthread_mutex_t: the table, f's state, the send side */
 	uint64_t cond[8];        /* a pthread_cond_t: `handed` cleared, or stopping */
@@ -40,5 +42,9 @@ void vfu_io_set_windows(struct vfu_io *io, struct vfu_window *windows, int n);
 /* 1 when the thread has nothing to do: nothing handed over, nothing (not even EOF) unread on
  * the socket.  For callers that must know every message sent so far was handled. */
 int vfu_io_idle(struct vfu_io *io);
-/* Send a whole message (and `fd` when >= 0) between the thread's replies; 0, or an errno. */
-int vfu_io_send(struct vfu_io *io, const uint8_t *buf, uint32_t len, int fd);
+/* Send what the socket takes now of a message of Python's, from byte `sent` on (`fd`, when
+ * >= 0, goes with the first byte): the bytes sent so far, or -errno (-EBUSY: the thread's
+ * own reply is half out, try again shortly).  Until the message is complete the thread sends
+ * nothing of its own, so it stays whole on the wire; the caller waits for the socket to be
+ * writable and calls again, without blocking anyone else. */
+int64_t vfu_io_send(struct vfu_io *io, const uint8_t *buf, uint32_t len, uint32_t sent, int fd);

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -616,3 +617,32 @@ def test_only_allowed_uids_are_served(path: str, caplog: pytest.LogCaptureFixtur
         assert "uid 65533: uid not allowed" in caplog.text
     finally:
         shutil.rmtree(top, ignore_errors=True)
+
+
+def test_a_client_that_stops_reading_stalls_only_itself(tmp_path: Path) -> None:
+    """Client A floods reads of a RAM BAR and never reads the replies, so the server's
+    replies to it wait for room in its socket: meanwhile A's device changes its window table
+    (the C copy is swapped), and client B of another device in the same server is served as
+    usual.  When A goes, its connection is torn down and B carries on."""
+    a_dev, b_dev = testdev.build({}), testdev.build({})
+    with ServerThread(a_dev, tmp_path / "a.sock", more=((b_dev, tmp_path / "b.sock"),)) as srv:
+        a = Client(srv.path)
+        b = Client(tmp_path / "b.sock")
+        request = struct.pack("<QII", 0, Region.BAR1, 60 << 10)
+        for _ in range(64):  # ~4 MiB of replies, far beyond the socket buffers
+            a.send(Command.REGION_READ, request)
+        time.sleep(0.5)
+        rows = [w for w in a_dev.windows.windows if w.bar == 1]
+        swap = threading.Thread(target=srv.call, args=(a_dev.windows.replace_bar, 1, rows))
+        swap.start()
+        swap.join(5)
+        assert not swap.is_alive(), "the event loop waits for A's stalled reply"
+        ids = int.from_bytes(b_dev.config.data[:4], "little")
+        for i in range(20):
+            b.write(Region.BAR1, 8 * i, struct.pack("<Q", i))  # the C thread's
+            assert b.read(Region.BAR1, 8 * i, 8) == struct.pack("<Q", i)
+            assert b.cfg_read32(0) == ids  # Python's
+        a.close()
+        for i in range(20):
+            assert b.read(Region.BAR1, 8 * i, 8) == struct.pack("<Q", i)
+        b.close()

@@ -18,6 +18,8 @@ import logging
 import os
 from typing import Any, cast
 
+import trio
+
 from vfio_ep.memory import ForeignMemory, SharedMemory
 from vfio_ep.native import ffi, lib
 from vfio_ep.pci.bar import FastDoorbell, WindowKind, WindowTable
@@ -25,6 +27,7 @@ from vfio_ep.pci.bar import FastDoorbell, WindowKind, WindowTable
 log = logging.getLogger(__name__)
 
 AGAIN, MESSAGE, EOF, BROKEN, IOERR, OVERSIZED = 0, 1, 2, 3, 4, 5
+SEND_RETRY = 0.001  # seconds between tries while the thread's own reply waits for room
 
 
 class FastPath:
@@ -116,13 +119,25 @@ class FastPath:
         f.have = f.nfds = f.fds_truncated = 0
         return data, fds, truncated
 
-    def send(self, data: bytes, fd: int | None = None) -> None:
-        """A whole message from Python, between the thread's own replies."""
+    async def send(self, data: bytes, fd: int | None = None) -> None:
+        """A whole message from Python, between the thread's own replies (one sender at a
+        time: the caller serialises).  A full socket is waited for in the event loop, so a
+        client that stops reading stalls only its own connection."""
         if not self._running:  # a device task after the connection ended
             raise OSError(errno.EPIPE, "send: the connection's I/O thread has stopped")
-        err = lib.vfu_io_send(self.io, data, len(data), -1 if fd is None else fd)
-        if err:
-            raise OSError(err, f"send: {os.strerror(err)}")
+        sent = 0
+        while True:
+            r = lib.vfu_io_send(self.io, data, len(data), sent, -1 if fd is None or sent
+                                else fd)
+            if r == -errno.EBUSY:  # the thread's reply is half out, waiting for room
+                await trio.sleep(SEND_RETRY)
+                continue
+            if r < 0:
+                raise OSError(-r, f"send: {os.strerror(-r)}")
+            if r == len(data):
+                return
+            sent = r
+            await trio.lowlevel.wait_writable(self.io.f.sock)
 
     def errno(self) -> int:
         """errno of the socket error the thread reported (IOERR)."""

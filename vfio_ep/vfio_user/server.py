@@ -256,7 +256,8 @@ class Connection:
 
     async def _send(self, data: bytes, fd: int | None = None) -> None:
         if self.fast is not None:  # between the I/O thread's replies, under its lock
-            self.fast.send(data, fd)
+            async with self._send_lock:
+                await self.fast.send(data, fd)
             return
         async with self._send_lock:
             anc = [] if fd is None else [
