@@ -35,6 +35,6 @@ class FastPathBuildExt(build_ext):
 QEMU_DATA = {"": ["Containerfile"], ".kernel": ["*.config"], ".guest": ["*.sh"], ".bench": ["*.c"]}
 setup(packages=[*find_packages(include=["vfio_ep*"]), *(f"vfio_ep.qemu{sub}" for sub in QEMU_DATA)],
       package_dir={"vfio_ep.qemu": "qemu"},
-      package_data={"vfio_ep.bench": ["*.c"],
+      package_data={"vfio_ep.bench": ["*.c", "*.h"],
                     **{f"vfio_ep.qemu{sub}": files for sub, files in QEMU_DATA.items()}},
       ext_modules=[ffibuilder.distutils_extension()], cmdclass={"build_ext": FastPathBuildExt})

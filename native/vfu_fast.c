@@ -7,36 +7,9 @@
 #include <unistd.h>
 
 #include "vfu_fast.h"
+#include "vfu_wire.h"
 
-#define HDR 16
-#define CMD_REGION_READ 9
-#define CMD_REGION_WRITE 10
-#define CMD_REGION_WRITE_MULTI 15
-#define FLAG_TYPE_MASK 0xf
-#define FLAG_REPLY 0x1
-#define FLAG_NO_REPLY 0x10
 #define NUM_BARS 6
-
-struct hdr {
-	uint16_t msg_id;
-	uint16_t command;
-	uint32_t size;
-	uint32_t flags;
-	uint32_t error;
-} __attribute__((packed));
-
-struct access {
-	uint64_t offset;
-	uint32_t region;
-	uint32_t count;
-} __attribute__((packed));
-
-struct multi_entry {
-	uint64_t offset;
-	uint32_t region;
-	uint32_t count;
-	uint8_t data[8];
-} __attribute__((packed));
 
 /* The window holding all of [off, off + count), or NULL.  The bounds are client-controlled
  * u64s: compared without forming off + count, which could wrap past 2^64. */
@@ -119,26 +92,26 @@ static void apply_write(struct vfu_fast *f, const struct vfu_window *w, uint64_t
 /* Serve the message in f->buf if it is a hot one; 1 = served, 0 = Python's, -1 = I/O error. */
 static int serve(struct vfu_fast *f)
 {
-	struct hdr *h = (struct hdr *)f->buf;
-	uint8_t *body = f->buf + HDR;
-	uint32_t len = h->size - HDR;
+	struct vfu_hdr *h = (struct vfu_hdr *)f->buf;
+	uint8_t *body = f->buf + VFU_HDR_SIZE;
+	uint32_t len = h->size - VFU_HDR_SIZE;
 
-	if (f->nfds || (h->flags & FLAG_TYPE_MASK) != 0)
+	if (f->nfds || (h->flags & VFU_FLAG_TYPE_MASK) != 0)
 		return 0;
-	if (h->command == CMD_REGION_READ || h->command == CMD_REGION_WRITE) {
-		if (len < sizeof(struct access))
+	if (h->command == VFU_CMD_REGION_READ || h->command == VFU_CMD_REGION_WRITE) {
+		if (len < sizeof(struct vfu_access))
 			return 0;
-		struct access *a = (struct access *)body;
+		struct vfu_access *a = (struct vfu_access *)body;
 		if (a->region >= NUM_BARS || a->count == 0 || a->count > (1 << 20))
 			return 0;
 		const struct vfu_window *w = find(f, a->region, a->offset, a->count);
-		if (h->command == CMD_REGION_READ) {
+		if (h->command == VFU_CMD_REGION_READ) {
 			if (!w || w->kind != VFU_WINDOW_RAM || len != sizeof(*a))
 				return 0;
-			struct hdr rh = { h->msg_id, h->command, HDR + sizeof(*a) + a->count,
-					  FLAG_REPLY, 0 };
+			struct vfu_hdr rh = { h->msg_id, h->command, VFU_HDR_SIZE + sizeof(*a) + a->count,
+					  VFU_FLAG_REPLY, 0 };
 			struct iovec iov[3] = {
-				{ &rh, HDR }, { a, sizeof(*a) },
+				{ &rh, VFU_HDR_SIZE }, { a, sizeof(*a) },
 				{ w->ram + (a->offset - w->start), a->count },
 			};
 			if (send_iov(f, iov, 3))
@@ -149,23 +122,23 @@ static int serve(struct vfu_fast *f)
 		if (len != sizeof(*a) + a->count || !fast_write_ok(w, a->offset, body + sizeof(*a), a->count))
 			return 0;
 		apply_write(f, w, a->offset, body + sizeof(*a), a->count);
-		if (!(h->flags & FLAG_NO_REPLY)) {
-			struct hdr rh = { h->msg_id, h->command, HDR + sizeof(*a), FLAG_REPLY, 0 };
-			struct access ra = { a->offset, a->region, a->count };
-			struct iovec iov[2] = { { &rh, HDR }, { &ra, sizeof(ra) } };
+		if (!(h->flags & VFU_FLAG_NO_REPLY)) {
+			struct vfu_hdr rh = { h->msg_id, h->command, VFU_HDR_SIZE + sizeof(*a), VFU_FLAG_REPLY, 0 };
+			struct vfu_access ra = { a->offset, a->region, a->count };
+			struct iovec iov[2] = { { &rh, VFU_HDR_SIZE }, { &ra, sizeof(ra) } };
 			if (send_iov(f, iov, 2))
 				return -1;
 		}
 		return 1;
 	}
-	if (h->command == CMD_REGION_WRITE_MULTI && (h->flags & FLAG_NO_REPLY)) {
+	if (h->command == VFU_CMD_REGION_WRITE_MULTI && (h->flags & VFU_FLAG_NO_REPLY)) {
 		if (len < 8)
 			return 0;
 		uint64_t cnt;
 		memcpy(&cnt, body, 8);
-		if (cnt > 200 || len != 8 + cnt * sizeof(struct multi_entry))
+		if (cnt > VFU_WRITE_MULTI_MAX || len != 8 + cnt * sizeof(struct vfu_multi_entry))
 			return 0;
-		struct multi_entry *e = (struct multi_entry *)(body + 8);
+		struct vfu_multi_entry *e = (struct vfu_multi_entry *)(body + 8);
 		for (uint64_t i = 0; i < cnt; i++) {
 			if (e[i].region >= NUM_BARS || e[i].count < 1 || e[i].count > 8 ||
 			    !fast_write_ok(find(f, e[i].region, e[i].offset, e[i].count),
@@ -191,10 +164,10 @@ static void drop_fds(struct vfu_fast *f)
 static int fill(struct vfu_fast *f)
 {
 	for (;;) {
-		uint32_t want = HDR;
-		if (f->have >= HDR) {
-			want = ((struct hdr *)f->buf)->size;
-			if (want < HDR)
+		uint32_t want = VFU_HDR_SIZE;
+		if (f->have >= VFU_HDR_SIZE) {
+			want = ((struct vfu_hdr *)f->buf)->size;
+			if (want < VFU_HDR_SIZE)
 				return VFU_BROKEN;
 			if (want > VFU_MAX_MSG) /* only the header is in: Python drains the rest */
 				return VFU_OVERSIZED;
@@ -202,13 +175,13 @@ static int fill(struct vfu_fast *f)
 		if (f->have == want)
 			return 1;
 		ssize_t n;
-		if (f->have < HDR) {
+		if (f->have < VFU_HDR_SIZE) {
 			/* fds arrive with the header bytes */
 			union {
 				struct cmsghdr align;
 				char buf[CMSG_SPACE(sizeof(int) * VFU_MAX_FDS)];
 			} ctl;
-			struct iovec iov = { f->buf + f->have, HDR - f->have };
+			struct iovec iov = { f->buf + f->have, VFU_HDR_SIZE - f->have };
 			struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1,
 					     .msg_control = ctl.buf, .msg_controllen = sizeof(ctl.buf) };
 			n = recvmsg(f->sock, &mh, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);

@@ -32,6 +32,7 @@ from vfio_ep.tail import tail
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 DEFAULT_OUT = REPO / "results" / "bench.json"
+NATIVE = REPO / "native"  # C headers the benchmarks' programs share with the fast path
 SERVER_READY_TIMEOUT = 30.0
 
 
@@ -286,15 +287,20 @@ def sample_process(pid: int) -> ProcSample:
 
 # -- C programs ------------------------------------------------------------------
 def build_c(source: Path, *, static: bool = False, flags: Sequence[str] = ()) -> Path:
-    """Compile ``source`` with gcc -O2 (cached under the cache dir, keyed by the source, the
-    flags and the compiler), so a re-run compiles nothing."""
+    """Compile ``source`` with gcc -O2, native/'s headers on its include path (the wire
+    format, vfu_wire.h), cached under the cache dir, keyed by the source, those headers and
+    the ones beside it, the flags and the compiler, so a re-run compiles nothing."""
     gcc = shutil.which("gcc")
     if gcc is None:
         raise BenchError("gcc not found: the benchmarks compile small C programs")
-    argv = ["-O2", "-Wall", "-Wextra", *(["-static"] if static else []), *flags]
+    argv = ["-O2", "-Wall", "-Wextra", "-I", str(NATIVE), *(["-static"] if static else []),
+            *flags]
     version = subprocess.run([gcc, "--version"], capture_output=True, text=True,
                              check=False).stdout.splitlines()[:1]
-    key = hashlib.sha256(source.read_bytes() + repr((argv, version)).encode()).hexdigest()[:12]
+    headers = b"".join(h.read_bytes() for d in (NATIVE, source.parent)
+                       for h in sorted(d.glob("*.h")))
+    key = hashlib.sha256(source.read_bytes() + headers + repr((argv, version)).encode()
+                         ).hexdigest()[:12]
     out = cache_dir() / "bench" / f"{source.stem}-{key}"
     if out.is_file():
         return out

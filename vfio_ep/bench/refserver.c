@@ -31,21 +31,18 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include "bench_sock.h"
+#include "vfu_wire.h"
+
 #define REF_VENDOR 0x1b36 /* Red Hat's QEMU range: a test device no guest driver claims */
 #define REF_DEVICE 0x10f0
 #define REG_DOORBELL 0x08
 #define MSIX_TABLE 0x800
 #define MSIX_PBA 0xc00
 
-enum { VERSION = 1, DMA_MAP, DMA_UNMAP, DEVICE_GET_INFO, DEVICE_GET_REGION_INFO,
-       DEVICE_GET_REGION_IO_FDS, DEVICE_GET_IRQ_INFO, DEVICE_SET_IRQS, REGION_READ,
-       REGION_WRITE, DMA_READ, DMA_WRITE, DEVICE_RESET, REGION_WRITE_MULTI = 15 };
 enum { REGION_BAR0 = 0, REGION_BAR2 = 2, REGION_CONFIG = 7, NUM_REGIONS = 9 };
 enum { IRQ_INTX = 0, IRQ_MSIX = 2, NUM_IRQS = 5 };
 
-#define FLAG_REPLY 0x1
-#define FLAG_NO_REPLY 0x10
-#define FLAG_ERROR 0x20
 #define DEVICE_FLAGS_RESET 0x1
 #define DEVICE_FLAGS_PCI 0x2
 #define REGION_RW 0x3 /* READ | WRITE */
@@ -58,25 +55,11 @@ enum { IRQ_INTX = 0, IRQ_MSIX = 2, NUM_IRQS = 5 };
 #define IRQ_SET_ACTION_TRIGGER 0x20
 #define MAX_FDS 16
 #define MAX_XFER (1 << 20)
-#define HDR 16
-#define ACCESS 16 /* offset u64, region u32, count u32 */
+#define ACCESS sizeof(struct vfu_access)
+#define MAX_MSG (VFU_HDR_SIZE + ACCESS + MAX_XFER)
 #define REG_SIZE 4096
 #define CONFIG_SIZE 4096
 #define MSIX_CAP 0x40
-
-struct hdr {
-	uint16_t msg_id;
-	uint16_t command;
-	uint32_t size;
-	uint32_t flags;
-	uint32_t error;
-} __attribute__((packed));
-
-struct access {
-	uint64_t offset;
-	uint32_t region;
-	uint32_t count;
-} __attribute__((packed));
 
 static const char CAPS[] = "{\"capabilities\":{\"max_msg_fds\":16,\"max_data_xfer_size\":1048576,"
 			   "\"pgsizes\":4096,\"max_dma_maps\":65535,\"write_multiple\":true}}";
@@ -84,7 +67,7 @@ static const char CAPS[] = "{\"capabilities\":{\"max_msg_fds\":16,\"max_data_xfe
 static uint8_t config[CONFIG_SIZE], regs[REG_SIZE];
 static uint8_t *bar2; /* the memfd's pages, shared with the guest */
 static int bar2_fd = -1, msix_fd = -1;
-static uint8_t msg[HDR + ACCESS + MAX_XFER], out[HDR + ACCESS + MAX_XFER];
+static uint8_t msg[MAX_MSG], out[MAX_MSG];
 
 static void put16(uint8_t *p, uint16_t v) { memcpy(p, &v, 2); }
 static void put32(uint8_t *p, uint32_t v) { memcpy(p, &v, 4); }
@@ -106,18 +89,6 @@ static void config_init(void)
 	memset(regs, 0, sizeof(regs));
 }
 
-static int send_all(int fd, const void *p, size_t n)
-{
-	while (n) {
-		ssize_t k = send(fd, p, n, MSG_NOSIGNAL);
-		if (k <= 0)
-			return -1;
-		p = (const char *)p + k;
-		n -= (size_t)k;
-	}
-	return 0;
-}
-
 static int recv_all(int fd, void *p, size_t n)
 {
 	while (n) {
@@ -131,10 +102,10 @@ static int recv_all(int fd, void *p, size_t n)
 }
 
 /* The header, and the fds that came with the message's first byte. */
-static int recv_header(int fd, struct hdr *h, int *fds, int *nfds)
+static int recv_header(int fd, struct vfu_hdr *h, int *fds, int *nfds)
 {
 	char control[CMSG_SPACE(MAX_FDS * sizeof(int))];
-	struct iovec iov = { h, HDR };
+	struct iovec iov = { h, VFU_HDR_SIZE };
 	struct msghdr m = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = control,
 			    .msg_controllen = sizeof(control) };
 	ssize_t k = recvmsg(fd, &m, MSG_WAITALL | MSG_CMSG_CLOEXEC);
@@ -145,7 +116,7 @@ static int recv_header(int fd, struct hdr *h, int *fds, int *nfds)
 			memcpy(fds + *nfds, CMSG_DATA(c), (size_t)n * sizeof(int));
 			*nfds += n;
 		}
-	if (k != HDR) {
+	if (k != VFU_HDR_SIZE) {
 		for (int i = 0; i < *nfds; i++)
 			close(fds[i]);
 		return -1;
@@ -153,26 +124,26 @@ static int recv_header(int fd, struct hdr *h, int *fds, int *nfds)
 	return 0;
 }
 
-static int reply(int fd, const struct hdr *req, const void *payload, uint32_t len, int error)
+static int reply(int fd, const struct vfu_hdr *req, const void *payload, uint32_t len, int error)
 {
-	struct hdr *h = (struct hdr *)out;
-	*h = (struct hdr){ req->msg_id, req->command, HDR + len,
-			   FLAG_REPLY | (error ? FLAG_ERROR : 0), (uint32_t)error };
-	if (len && payload != out + HDR)
-		memcpy(out + HDR, payload, len);
-	return send_all(fd, out, HDR + len);
+	struct vfu_hdr *h = (struct vfu_hdr *)out;
+	*h = (struct vfu_hdr){ req->msg_id, req->command, VFU_HDR_SIZE + len,
+			   VFU_FLAG_REPLY | (error ? VFU_FLAG_ERROR : 0), (uint32_t)error };
+	if (len && payload != out + VFU_HDR_SIZE)
+		memcpy(out + VFU_HDR_SIZE, payload, len);
+	return send_all(fd, out, VFU_HDR_SIZE + len);
 }
 
 /* A reply carrying `passed` (an fd) with its first byte. */
-static int reply_fd(int fd, const struct hdr *req, uint32_t len, int passed)
+static int reply_fd(int fd, const struct vfu_hdr *req, uint32_t len, int passed)
 {
 	union {
 		struct cmsghdr align;
 		char buf[CMSG_SPACE(sizeof(int))];
 	} ctl = { 0 };
-	struct hdr *h = (struct hdr *)out;
-	*h = (struct hdr){ req->msg_id, req->command, HDR + len, FLAG_REPLY, 0 };
-	struct iovec iov = { out, HDR + len };
+	struct vfu_hdr *h = (struct vfu_hdr *)out;
+	*h = (struct vfu_hdr){ req->msg_id, req->command, VFU_HDR_SIZE + len, VFU_FLAG_REPLY, 0 };
+	struct iovec iov = { out, VFU_HDR_SIZE + len };
 	struct msghdr m = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = ctl.buf,
 			    .msg_controllen = sizeof(ctl.buf) };
 	struct cmsghdr *c = CMSG_FIRSTHDR(&m);
@@ -183,7 +154,7 @@ static int reply_fd(int fd, const struct hdr *req, uint32_t len, int passed)
 	ssize_t k = sendmsg(fd, &m, MSG_NOSIGNAL);
 	if (k <= 0)
 		return -1;
-	return send_all(fd, out + k, HDR + len - (size_t)k);
+	return send_all(fd, out + k, VFU_HDR_SIZE + len - (size_t)k);
 }
 
 /* A region access: its bytes in this device, or NULL (out of range). */
@@ -246,30 +217,30 @@ static int set_irqs(const uint8_t *body, uint32_t len, int *fds, int nfds)
 }
 
 /* One request; -1 closes the connection. */
-static int handle(int fd, const struct hdr *h, uint8_t *body, uint32_t len, int *fds, int nfds)
+static int handle(int fd, const struct vfu_hdr *h, uint8_t *body, uint32_t len, int *fds, int nfds)
 {
-	uint8_t *p = out + HDR;
-	struct access a;
+	uint8_t *p = out + VFU_HDR_SIZE;
+	struct vfu_access a;
 	switch (h->command) {
-	case VERSION:
+	case VFU_CMD_VERSION:
 		put16(p, 0);
 		put16(p + 2, 0);
 		memcpy(p + 4, CAPS, sizeof(CAPS)); /* with its NUL */
 		return reply(fd, h, p, 4 + sizeof(CAPS), 0);
-	case DMA_MAP:
+	case VFU_CMD_DMA_MAP:
 		for (int i = 0; i < nfds; i++)
 			close(fds[i]); /* this device never does DMA */
 		return reply(fd, h, NULL, 0, 0);
-	case DMA_UNMAP:
-	case DEVICE_RESET:
+	case VFU_CMD_DMA_UNMAP:
+	case VFU_CMD_DEVICE_RESET:
 		return reply(fd, h, NULL, 0, 0);
-	case DEVICE_GET_INFO:
+	case VFU_CMD_DEVICE_GET_INFO:
 		put32(p, 16);
 		put32(p + 4, DEVICE_FLAGS_PCI | DEVICE_FLAGS_RESET);
 		put32(p + 8, NUM_REGIONS);
 		put32(p + 12, NUM_IRQS);
 		return reply(fd, h, p, 16, 0);
-	case DEVICE_GET_REGION_INFO: {
+	case VFU_CMD_DEVICE_GET_REGION_INFO: {
 		if (len < 32)
 			return reply(fd, h, NULL, 0, EINVAL);
 		uint32_t index;
@@ -285,7 +256,7 @@ static int handle(int fd, const struct hdr *h, uint8_t *body, uint32_t len, int 
 			return reply_fd(fd, h, 32, bar2_fd); /* mapped from fd offset 0 */
 		return reply(fd, h, p, 32, 0);
 	}
-	case DEVICE_GET_IRQ_INFO: {
+	case VFU_CMD_DEVICE_GET_IRQ_INFO: {
 		if (len < 16)
 			return reply(fd, h, NULL, 0, EINVAL);
 		uint32_t index;
@@ -297,11 +268,11 @@ static int handle(int fd, const struct hdr *h, uint8_t *body, uint32_t len, int 
 		put32(p + 12, index == IRQ_INTX || index == IRQ_MSIX);
 		return reply(fd, h, p, 16, 0);
 	}
-	case DEVICE_SET_IRQS: {
+	case VFU_CMD_DEVICE_SET_IRQS: {
 		int err = set_irqs(body, len, fds, nfds);
 		return reply(fd, h, NULL, 0, err);
 	}
-	case REGION_READ: {
+	case VFU_CMD_REGION_READ: {
 		if (len != ACCESS)
 			return -1;
 		memcpy(&a, body, ACCESS);
@@ -312,28 +283,28 @@ static int handle(int fd, const struct hdr *h, uint8_t *body, uint32_t len, int 
 		memcpy(p + ACCESS, src, a.count);
 		return reply(fd, h, p, ACCESS + a.count, 0);
 	}
-	case REGION_WRITE:
+	case VFU_CMD_REGION_WRITE:
 		if (len < ACCESS)
 			return -1;
 		memcpy(&a, body, ACCESS);
 		if (a.count != len - ACCESS)
 			return -1;
 		region_write(a.region, a.offset, body + ACCESS, a.count);
-		return h->flags & FLAG_NO_REPLY ? 0 : reply(fd, h, NULL, 0, 0);
-	case REGION_WRITE_MULTI: {
+		return h->flags & VFU_FLAG_NO_REPLY ? 0 : reply(fd, h, NULL, 0, 0);
+	case VFU_CMD_REGION_WRITE_MULTI: {
 		uint64_t n;
 		if (len < 8)
 			return -1;
 		memcpy(&n, body, 8);
-		if (n > (len - 8) / 24)
+		if (n > VFU_WRITE_MULTI_MAX || n > (len - 8) / sizeof(struct vfu_multi_entry))
 			return -1;
 		for (uint64_t i = 0; i < n; i++) {
-			const uint8_t *e = body + 8 + i * 24;
+			const uint8_t *e = body + 8 + i * sizeof(struct vfu_multi_entry);
 			memcpy(&a, e, ACCESS);
 			if (a.count <= 8)
 				region_write(a.region, a.offset, e + ACCESS, a.count);
 		}
-		return h->flags & FLAG_NO_REPLY ? 0 : reply(fd, h, NULL, 0, 0);
+		return h->flags & VFU_FLAG_NO_REPLY ? 0 : reply(fd, h, NULL, 0, 0);
 	}
 	default:
 		for (int i = 0; i < nfds; i++)
@@ -344,12 +315,12 @@ static int handle(int fd, const struct hdr *h, uint8_t *body, uint32_t len, int 
 
 static void serve(int conn)
 {
-	struct hdr h;
+	struct vfu_hdr h;
 	int fds[MAX_FDS], nfds;
 	config_init();
 	while (recv_header(conn, &h, fds, &nfds) == 0) {
-		uint32_t len = h.size - HDR;
-		if (h.size < HDR || len > sizeof(msg) || (len && recv_all(conn, msg, len)) ||
+		uint32_t len = h.size - VFU_HDR_SIZE;
+		if (h.size < VFU_HDR_SIZE || len > sizeof(msg) || (len && recv_all(conn, msg, len)) ||
 		    handle(conn, &h, msg, len, fds, nfds) < 0) {
 			fprintf(stderr, "refserver: message %u (command %u, %u bytes) ends the "
 				"connection\n", h.msg_id, h.command, h.size);

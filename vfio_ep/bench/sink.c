@@ -15,49 +15,27 @@
 #include <sys/un.h>
 #include <unistd.h>
 
-#define HDR 16
+#include "bench_sock.h"
+#include "vfu_wire.h"
+
 #define CHUNK (256 * 1024)
-#define MAX_MSG (HDR + 16 + (1 << 20))
-#define CMD_REGION_READ 9
-#define FLAG_TYPE_MASK 0xf
-#define FLAG_REPLY 0x1
-#define FLAG_NO_REPLY 0x10
-
-struct hdr {
-	uint16_t msg_id;
-	uint16_t command;
-	uint32_t size;
-	uint32_t flags;
-	uint32_t error;
-} __attribute__((packed));
-
-static int send_all(int fd, const void *p, size_t n)
-{
-	while (n) {
-		ssize_t k = send(fd, p, n, MSG_NOSIGNAL);
-		if (k <= 0)
-			return -1;
-		p = (const char *)p + k;
-		n -= k;
-	}
-	return 0;
-}
+#define MAX_MSG (VFU_HDR_SIZE + 16 + (1 << 20))
 
 static int reply(int fd, const uint8_t *msg)
 {
-	struct hdr h;
-	memcpy(&h, msg, HDR);
+	struct vfu_hdr h;
+	memcpy(&h, msg, VFU_HDR_SIZE);
 	uint32_t count = 0;
-	if (h.command == CMD_REGION_READ && h.size >= HDR + 16)
-		memcpy(&count, msg + HDR + 12, 4);
+	if (h.command == VFU_CMD_REGION_READ && h.size >= VFU_HDR_SIZE + 16)
+		memcpy(&count, msg + VFU_HDR_SIZE + 12, 4);
 	if (count > (1 << 20))
 		count = 0;
 	static uint8_t out[MAX_MSG];
-	struct hdr r = { h.msg_id, h.command, HDR + (count ? 16 + count : 0), FLAG_REPLY, 0 };
-	memcpy(out, &r, HDR);
+	struct vfu_hdr r = { h.msg_id, h.command, VFU_HDR_SIZE + (count ? 16 + count : 0), VFU_FLAG_REPLY, 0 };
+	memcpy(out, &r, VFU_HDR_SIZE);
 	if (count) {
-		memcpy(out + HDR, msg + HDR, 16);
-		memset(out + HDR + 16, 0, count);
+		memcpy(out + VFU_HDR_SIZE, msg + VFU_HDR_SIZE, 16);
+		memset(out + VFU_HDR_SIZE + 16, 0, count);
 	}
 	return send_all(fd, out, r.size);
 }
@@ -72,14 +50,14 @@ static void drain(int fd)
 			return;
 		have += k;
 		size_t pos = 0;
-		while (have - pos >= HDR) {
-			struct hdr h;
-			memcpy(&h, buf + pos, HDR);
-			if (h.size < HDR || h.size > MAX_MSG)
+		while (have - pos >= VFU_HDR_SIZE) {
+			struct vfu_hdr h;
+			memcpy(&h, buf + pos, VFU_HDR_SIZE);
+			if (h.size < VFU_HDR_SIZE || h.size > MAX_MSG)
 				return;
 			if (have - pos < h.size)
 				break;
-			if ((h.flags & FLAG_TYPE_MASK) == 0 && !(h.flags & FLAG_NO_REPLY) &&
+			if ((h.flags & VFU_FLAG_TYPE_MASK) == 0 && !(h.flags & VFU_FLAG_NO_REPLY) &&
 			    reply(fd, buf + pos))
 				return;
 			pos += h.size;
