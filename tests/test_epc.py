@@ -160,6 +160,41 @@ def test_irq_sharing_and_oneshot_rules() -> None:
     trio.run(go)
 
 
+def test_handle_now_runs_plain_handlers_in_place() -> None:
+    """A doorbell's waiter raises with handle_now: plain handlers have run when it returns (a
+    failing one is logged, not raised into the waiter); a coroutine handler gets a task."""
+    calls: list[str] = []
+
+    def boom(virq: int, dev: object) -> int:
+        calls.append("boom")
+        raise RuntimeError("a bug in a handler")
+
+    async def threaded(virq: int, dev: object) -> int:
+        calls.append("threaded")
+        return IRQ_HANDLED
+
+    async def go() -> None:
+        async with trio.open_nursery() as n:
+            irqs = IrqDomain(lambda fn, name: n.start_soon(fn))
+            plain, failing, slow = (irqs.alloc(c) for c in ("plain", "failing", "slow"))
+            irqs.request_irq(plain, lambda v, d: calls.append("plain") or IRQ_HANDLED, 0,
+                             "p", None)
+            irqs.request_irq(failing, boom, 0, "f", None)
+            irqs.request_irq(slow, threaded, 0, "t", None)
+            irqs.handle_now(plain)
+            assert calls == ["plain"]  # already
+            irqs.handle_now(failing)
+            assert calls == ["plain", "boom"] and not irqs.descs[failing].running
+            irqs.handle_now(slow)
+            assert calls == ["plain", "boom"]  # its task has not run yet
+            await trio.testing.wait_all_tasks_blocked()
+            assert calls == ["plain", "boom", "threaded"]
+            assert [irqs.descs[v].count for v in (plain, failing, slow)] == [1, 1, 1]
+            n.cancel_scope.cancel()
+
+    trio.run(go)
+
+
 def test_edma_moves_data_both_ways_and_aborts_cleanly() -> None:
     table = DmaTable()
     fd = os.memfd_create("rc", os.MFD_ALLOW_SEALING)

@@ -131,6 +131,13 @@ class EpRam:
         page = off // PAGE
         return self._ep2phys.get(page, page) * PAGE + off % PAGE
 
+    def _in_one_page(self, addr: int, size: int) -> int | None:
+        """The memfd offset of [addr, addr+size) when it is EP RAM within one page."""
+        off = addr - self.base
+        if size <= 0 or off < 0 or off + size > self.size:
+            return None
+        return self.phys(addr) if off // PAGE == (off + size - 1) // PAGE else None
+
     def extents(self, addr: int, size: int) -> list[tuple[int, int, int]]:
         """[(ep address, memfd offset, length)] of physically contiguous pieces."""
         if not self.contains(addr, size):
@@ -167,9 +174,14 @@ class EpRam:
         return [self.mem.view[p : p + n] for _, p, n in self.extents(addr, size)]
 
     def read(self, addr: int, size: int) -> bytes:
+        if (phys := self._in_one_page(addr, size)) is not None:  # a register: one lookup
+            return bytes(self.mem.view[phys : phys + size])
         return b"".join(bytes(self.mem.view[p : p + n]) for _, p, n in self.extents(addr, size))
 
     def write(self, addr: int, data: bytes | memoryview) -> None:
+        if (phys := self._in_one_page(addr, len(data))) is not None:
+            self.mem.view[phys : phys + len(data)] = data
+            return
         pos = 0
         for _, p, n in self.extents(addr, len(data)):
             self.mem.view[p : p + n] = data[pos : pos + n]

@@ -112,7 +112,7 @@ class DoorbellTarget:
                     self.rung += 1
                     virq = self.events.get(value)
                     if virq is not None:
-                        self.irqs.handle(virq)
+                        self.irqs.handle_now(virq)
 
 class PollDoorbell:
     """A doorbell word in EP RAM, polled while allocated: the core's fallback backend."""
@@ -158,7 +158,7 @@ class PollDoorbell:
                                 self.data)
                     continue
                 self.rung += 1
-                self.irqs.handle(self.virq)
+                self.irqs.handle_now(self.virq)
 
     def close(self) -> None:
         self._scope.cancel()

@@ -1,12 +1,12 @@
 """EP-side interrupts: virqs, request_irq/free_irq, and handlers run as trio tasks.
 
 Platform blocks (eDMA, MSI controller, doorbells) raise a virq with
-:meth:`IrqDomain.handle`; the actions requested on it run in order in a
-task.  Semantics follow kernel/irq: sharing needs IRQF_SHARED on every
-action and agreeing IRQF_ONESHOT, a threaded request without a primary
-handler needs IRQF_ONESHOT, a line does not nest (a raise while its handlers
-run is replayed once afterwards), and a raise nobody claims is counted as
-spurious.
+:meth:`IrqDomain.handle`; the actions requested on it run in order in a task.  A
+doorbell's waiter, a task itself, raises with :meth:`IrqDomain.handle_now`: plain-function
+handlers run right there.  Semantics follow kernel/irq: sharing needs IRQF_SHARED on every
+action and agreeing IRQF_ONESHOT, a threaded request without a primary handler needs
+IRQF_ONESHOT, a line does not nest (a raise while its handlers run is replayed once
+afterwards), and a raise nobody claims is counted as spurious.
 """
 
 from __future__ import annotations
@@ -123,22 +123,62 @@ class IrqDomain:
         desc.running = True
         self._spawn(lambda: self._run(desc), f"irq-{virq}-{desc.chip}")
 
-    async def _run(self, desc: IrqDesc) -> None:
+    def handle_now(self, virq: int) -> None:
+        """generic_handle_irq() from a task at a clean point (a doorbell's waiter): when
+        every action is a plain function (a hard-IRQ handler), they run right here, as the
+        kernel runs them in the interrupt, without the task a raise otherwise starts (the
+        doorbell -> handler -> host interrupt path is that much shorter); otherwise as
+        :meth:`handle`.  A handler's exception is logged, never raised into the caller."""
+        desc = self.descs.get(virq)
+        if desc is None or desc.running or any(
+                inspect.iscoroutinefunction(a.handler) for a in desc.actions):
+            self.handle(virq)
+            return
+        desc.count += 1
+        desc.running = True
         try:
             while True:
                 desc.pending = False
                 if desc.ack:
                     desc.ack()
-                handled = False
-                for action in list(desc.actions):
-                    result = action.handler(desc.virq, action.dev_id)
-                    if inspect.isawaitable(result):
-                        result = await result
-                    handled |= result == IRQ_HANDLED
-                if not handled:
-                    desc.spurious += 1
-                    log.info("virq %d (%s): nobody cared", desc.virq, desc.chip)
+                results = [a.handler(desc.virq, a.dev_id) for a in list(desc.actions)]
+                if any(inspect.isawaitable(r) for r in results):  # not plain after all
+                    self._spawn(lambda r=results: self._run(desc, r), f"irq-{virq}-{desc.chip}")
+                    return  # the task finishes this round, and owns `running`
+                self._account(desc, results)
+                if not desc.pending:
+                    break
+        except Exception:
+            log.exception("virq %d (%s): handler failed", virq, desc.chip)
+        desc.running = False
+
+    async def _run(self, desc: IrqDesc, first: list[Any] | None = None) -> None:
+        """The actions of ``desc`` in a task, again while raised meanwhile; ``first``: the
+        results of a round already started (awaited here)."""
+        try:
+            while True:
+                if first is None:  # each action in turn, awaited before the next
+                    desc.pending = False
+                    if desc.ack:
+                        desc.ack()
+                    results = []
+                    for action in list(desc.actions):
+                        result = action.handler(desc.virq, action.dev_id)
+                        results.append(await result if inspect.isawaitable(result)
+                                       else result)
+                else:
+                    results = [await r if inspect.isawaitable(r) else r for r in first]
+                    first = None
+                self._account(desc, results)
                 if not desc.pending:
                     return
         finally:
             desc.running = False
+
+    @staticmethod
+    def _account(desc: IrqDesc, results: list[Any]) -> None:
+        """A raise no action claimed is spurious."""
+        if IRQ_HANDLED not in results:
+            desc.spurious += 1
+            log.info("virq %d (%s): nobody cared", desc.virq, desc.chip)
+

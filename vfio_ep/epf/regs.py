@@ -8,6 +8,8 @@ a kept view, because a directly mapped BAR may move EP RAM pages (``EpRam.place`
 
 from __future__ import annotations
 
+import functools
+
 from construct import Array, Struct
 
 from vfio_ep.epc.address_space import EpRam
@@ -24,12 +26,19 @@ def field_offsets(layout: Struct) -> dict[str, tuple[int, int]]:
     return out
 
 
+@functools.cache
+def _layout(layout: Struct) -> tuple[dict[str, tuple[int, int]], int]:
+    """A layout's field offsets and size, worked out once: construct's sizeof walks every
+    field, and a block is made on each access of a function's registers (a doorbell's
+    handler among them)."""
+    return field_offsets(layout), layout.sizeof()
+
+
 class RegisterBlock:
     """``layout`` at EP address ``addr`` of ``ram``; array fields take an index."""
 
     def __init__(self, layout: Struct, ram: EpRam, addr: int) -> None:
-        self.fields = field_offsets(layout)
-        self.size = layout.sizeof()
+        self.fields, self.size = _layout(layout)
         self.ram = ram
         self.addr = addr
 
