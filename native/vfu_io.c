@@ -10,7 +10,6 @@
 #include "vfu_fast.h"
 #include "vfu_io.h"
 
-
 enum { SENDING_PYTHON = 1, SENDING_C = 2 }; /* vfu_io.sending: whose message is half out */
 
 _Static_assert(sizeof(pthread_mutex_t) <= sizeof(((struct vfu_io *)0)->lock), "mutex fits");
