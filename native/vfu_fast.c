@@ -74,6 +74,14 @@ static int fast_write_ok(const struct vfu_window *w, uint64_t off, const uint8_t
 	return value == w->db_data;
 }
 
+/* A write Python's register handlers take (and so may be acknowledged before they run): it
+ * lies in a window, as a naturally aligned 1, 2, 4 or 8-byte access
+ * (vfio_ep.pci.bar._check_mmio_size). */
+static int register_write_ok(const struct vfu_window *w, uint64_t off, uint32_t count)
+{
+	return w && (count == 1 || count == 2 || count == 4 || count == 8) && off % count == 0;
+}
+
 static void apply_write(struct vfu_fast *f, const struct vfu_window *w, uint64_t off,
 			const uint8_t *data, uint32_t count)
 {
@@ -119,17 +127,28 @@ static int serve(struct vfu_fast *f)
 			f->stats.fast_reads++;
 			return 1;
 		}
-		if (len != sizeof(*a) + a->count || !fast_write_ok(w, a->offset, body + sizeof(*a), a->count))
+		if (len != sizeof(*a) + a->count)
 			return 0;
-		apply_write(f, w, a->offset, body + sizeof(*a), a->count);
+		int here = fast_write_ok(w, a->offset, body + sizeof(*a), a->count);
+		if (here)
+			apply_write(f, w, a->offset, body + sizeof(*a), a->count);
+		else if (!register_write_ok(w, a->offset, a->count))
+			return 0; /* Python refuses it, with an error reply */
 		if (!(h->flags & VFU_FLAG_NO_REPLY)) {
+			/* A BAR write is posted on PCIe: acknowledged now, also when Python applies
+			 * it (a watched register); its effect follows, and nothing after it in the
+			 * stream is served before that. */
 			struct vfu_hdr rh = { h->msg_id, h->command, VFU_HDR_SIZE + sizeof(*a), VFU_FLAG_REPLY, 0 };
 			struct vfu_access ra = { a->offset, a->region, a->count };
 			struct iovec iov[2] = { { &rh, VFU_HDR_SIZE }, { &ra, sizeof(ra) } };
 			if (send_iov(f, iov, 2))
 				return -1;
+			if (!here) {
+				h->flags |= VFU_FLAG_NO_REPLY; /* Python: a posted write, no reply */
+				f->stats.early_acks++;
+			}
 		}
-		return 1;
+		return here;
 	}
 	if (h->command == VFU_CMD_REGION_WRITE_MULTI && (h->flags & VFU_FLAG_NO_REPLY)) {
 		if (len < 8)

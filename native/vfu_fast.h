@@ -6,7 +6,9 @@
  * land entirely in RAM windows are served here, doorbell-window writes mark
  * the doorbell pending and signal its eventfd; the first message that needs
  * anything else is handed back to Python, whole and with its fds, so the
- * order of the stream is kept.
+ * order of the stream is kept.  A BAR write Python applies is acknowledged
+ * here first, as PCIe posts memory writes (Python then gets it with
+ * NO_REPLY set).
  */
 #pragma once
 #include <stdint.h>
@@ -33,6 +35,7 @@ struct vfu_fast_stats {
 	uint64_t fast_writes;
 	uint64_t doorbells;
 	uint64_t to_python;
+	uint64_t early_acks;     /* BAR writes for Python, acknowledged before it applied them */
 };
 
 struct vfu_fast {

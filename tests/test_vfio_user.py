@@ -208,6 +208,24 @@ def _raise(client: Client, irq_type: int, number: int) -> None:
                  struct.pack("<I", 1 << irq_type), posted=True)
 
 
+def test_a_register_write_is_posted_and_its_effect_comes_before_what_follows(
+        server: ServerThread, client: Client, path: str) -> None:
+    """A non-posted BAR write to a register Python handles (testdev's COMMAND): on the C path
+    it is acknowledged before Python applies it, as PCIe posts memory writes, and the next
+    message is served only after its effect (the IRQ raised, STATUS set)."""
+    (fd,) = client.enable_interrupts(1, msix=True)
+    client.write(Region.BAR0, testdev.REG_IRQ_TYPE, struct.pack("<I", 2))
+    client.write(Region.BAR0, testdev.REG_IRQ_NUMBER, struct.pack("<I", 1))  # vector 0
+    client.write(Region.BAR0, testdev.REG_COMMAND, struct.pack("<I", 1 << 2))  # a reply
+    assert client.read(Region.BAR0, testdev.REG_STATUS, 4) == struct.pack("<I", 1 << 6)
+    assert eventfd_count(fd) == 1
+    acked = server.call(lambda: server.listener.active.fast.stats()["early_acks"]
+                        if server.listener.active.fast else 0)
+    assert acked == (3 if path == "c" else 0)
+    with pytest.raises(ErrorReply):  # a misaligned one is refused, with an error reply
+        client.write(Region.BAR0, testdev.REG_COMMAND + 1, struct.pack("<I", 1))
+
+
 def test_msix_vectors_added_one_by_one(client: Client) -> None:
     info = client.irq_info(Irq.MSIX)
     assert info["count"] == 32 and not info["flags"] & 0x8  # no NORESIZE

@@ -35,7 +35,7 @@ def _runners(quick: bool) -> dict[str, Callable[[], Result]]:
     if quick:
         return {"dispatch": lambda: dispatch.run(n=20_000, reps=2),
                 "doorbell": lambda: doorbell.run(n=200, n_mmio=2000),
-                "trapped": lambda: trapped.run(n=200, n_mmio=2000),
+                "trapped": lambda: trapped.run(n=200, n_mmio=2000, reps=1),
                 "transfer": lambda: transfer.run(sizes=(1 << 20,), reps=1),
                 "idle": lambda: idle.run(seconds=3),
                 "ntb": lambda: ntb.run(count=20),

@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from vfio_ep.bench.common import BenchError, Column, Result, ratio
+from vfio_ep.bench.common import BenchError, Column, Result, median
 from vfio_ep.bench.doorbell import (
     IVSHMEM,
     PROGRAM,
@@ -43,40 +43,56 @@ def _met(value: float | None, target: float | None) -> str | None:
     return "yes" if value <= target else f"no ({value / target:.2f}x over)"
 
 
-def run(n: int = 2000, n_mmio: int = 20000) -> Result:
+def run(n: int = 2000, n_mmio: int = 20000, reps: int = 3) -> Result:
     started = time.monotonic()
     rows: list[dict[str, Any]] = []
-    runs: dict[str, str] = {}
+    runs: dict[str, list[str]] = {path: [] for path, _ in PATHS}
     floors: list[float] = []
-    for path, fastpath in PATHS:
-        script = (vfio_prelude() + vfio_bind("REF", REF_VENDOR, REF_DEVICE, "reference")
-                  + f"/{PROGRAM} mmio {n_mmio}\n/{PROGRAM} ref {n} $REF\n"
-                  f"/{PROGRAM} doorbell {n} $BDF\n")
-        result = run_guest(script, ["doorbell=msi"], extra_qemu_args=IVSHMEM,
-                           fastpath=fastpath, reference=True)
-        got = parse_results(result.output)
-        runs[path] = str(result.run_dir)
-        try:
+    ref_ring_vs_read: list[float] = []
+    got_by_path: dict[str, list[dict[str, dict[str, Any]]]] = {path: [] for path, _ in PATHS}
+    for _ in range(reps):  # the paths interleaved, so both see the machine's same moods
+        for path, fastpath in PATHS:
+            script = (vfio_prelude() + vfio_bind("REF", REF_VENDOR, REF_DEVICE, "reference")
+                      + f"/{PROGRAM} mmio {n_mmio}\n/{PROGRAM} ref {n} $REF\n"
+                      f"/{PROGRAM} doorbell {n} $BDF\n")
+            result = run_guest(script, ["doorbell=msi"], extra_qemu_args=IVSHMEM,
+                               fastpath=fastpath, reference=True)
+            got = parse_results(result.output)
+            runs[path].append(str(result.run_dir))
+            missing = [k for _, ours, ref, _, _ in ACCESSES for k in (ours, ref)
+                       if k not in got] + [k for k in ("ivshmem-mmio-read",) if k not in got]
+            if missing:
+                raise BenchError(f"{path}: no {', '.join(missing)} result in the guest "
+                                 f"output:\n{tail(result.output)}")
+            got_by_path[path].append(got)
             floors.append(got["ivshmem-mmio-read"]["median_ns"] / 1e3)
-            read = got["epf-register-read"]["median_ns"]
-            for access, ours, ref, vs_ref, vs_read in ACCESSES:
-                mine, theirs = got[ours], got[ref]
-                r_ref = ratio(mine["median_ns"], theirs["median_ns"])
-                r_read = ratio(mine["median_ns"], read) if vs_read else None
-                target = (f"<= {vs_ref:.1f}x C reference" if vs_ref
-                          else f"<= {vs_read:.1f}x register read")
-                rows.append({
-                    "path": path, "access": access,
-                    "median_us": mine["median_ns"] / 1e3, "p99_us": mine["p99_ns"] / 1e3,
-                    "ref_us": theirs["median_ns"] / 1e3, "vs_ref": r_ref, "vs_read": r_read,
-                    "target": target,
-                    "met": _met(r_ref, vs_ref) if vs_ref else _met(r_read, vs_read)})
-        except KeyError as e:
-            raise BenchError(f"{path}: no {e} result in the guest output:\n"
-                             f"{tail(result.output)}") from None
+            ref_ring_vs_read.append(got["ref-doorbell-round-trip"]["median_ns"]
+                                    / got["ref-register-read"]["median_ns"])
+    for path, _ in PATHS:
+        each = got_by_path[path]
+        for access, ours, ref, vs_ref, vs_read in ACCESSES:
+            r_ref = median([g[ours]["median_ns"] / g[ref]["median_ns"] for g in each])
+            r_read = (median([g[ours]["median_ns"] / g["epf-register-read"]["median_ns"]
+                              for g in each]) if vs_read else None)
+            target = (f"<= {vs_ref:.1f}x C reference" if vs_ref
+                      else f"<= {vs_read:.1f}x register read")
+            rows.append({
+                "path": path, "access": access,
+                "median_us": median([g[ours]["median_ns"] for g in each]) / 1e3,
+                "p99_us": median([g[ours]["p99_ns"] for g in each]) / 1e3,
+                "ref_us": median([g[ref]["median_ns"] for g in each]) / 1e3,
+                "vs_ref": r_ref, "vs_read": r_read, "target": target,
+                "met": _met(r_ref, vs_ref) if vs_ref else _met(r_read, vs_read)})
     notes = [
         f"{n} accesses of each kind per device after 20 warm-up ones, rdtsc-timed in the "
-        "guest through vfio-pci (no-IOMMU) pread/pwrite on both devices; medians.",
+        "guest through vfio-pci (no-IOMMU) pread/pwrite on both devices; each figure the "
+        f"median over {reps} guests per path (paths interleaved), each ratio the median of "
+        "the per-guest ratios.",
+        "the C reference's own doorbell -> MSI-X is "
+        f"{median(ref_ring_vs_read):.2f}x its register read (median over the guests): the "
+        "interrupt's way back through QEMU and the guest costs that much under TCG, so the "
+        "<= 1.2x target is below what even the C floor reaches here; vs C ref compares the "
+        "rings themselves.",
         "C reference: vfio_ep/bench/refserver.c, a minimal vfio-user server in C (one thread, "
         "blocking reads, register storage, a doorbell register raising MSI-X vector 0), in "
         "the same guest as vfio-ep's device.",
@@ -98,5 +114,5 @@ def run(n: int = 2000, n_mmio: int = 20000) -> Result:
          Column("vs_ref", "vs C ref", "{:,.2f}x"),
          Column("vs_read", "vs register read", "{:,.2f}x"),
          Column("target", "target"), Column("met", "met")],
-        rows, {"n": n, "n_mmio": n_mmio, "run_dirs": runs}, notes,
+        rows, {"n": n, "n_mmio": n_mmio, "reps": reps, "run_dirs": runs}, notes,
         time.monotonic() - started)

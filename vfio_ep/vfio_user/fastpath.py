@@ -153,4 +153,4 @@ class FastPath:
     def stats(self) -> dict[str, int]:
         s = self.io.f.stats
         return {k: getattr(s, k) for k in ("fast_reads", "fast_writes", "doorbells",
-                                           "to_python")}
+                                           "to_python", "early_acks")}
