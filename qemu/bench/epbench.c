@@ -10,6 +10,9 @@
  *   epbench ref N BDF              the C reference server's device (vfio_ep/bench/refserver.c)
  *                                  at BDF, bound to vfio-pci: N timed register reads, N
  *                                  register writes, N doorbell rings to MSI-X vector 0
+ *   epbench bars N BDF             pci-epf-test at BDF, bound to vfio-pci: N timed 32-bit reads
+ *                                  and N writes at the start of each BAR it has (BAR_TEST's
+ *                                  accesses), through the BAR's mmap
  *   epbench idle SECONDS BDF [db]  set up as above, enable the doorbell only with "db", print
  *                                  "IDLE begin", sleep, print "IDLE end" (server CPU is sampled
  *                                  on the host between the two lines)
@@ -417,6 +420,41 @@ static int cmd_ref(int n, const char *bdf)
 	return (int)(sink & 0);
 }
 
+static int cmd_bars(int n, const char *bdf)
+{
+	struct dev d;
+	vfio_open(&d, bdf);
+	uint64_t *t = calloc(n, sizeof(*t));
+	uint32_t sink = 0;
+	char name[32];
+	struct clock c;
+
+	for (int bar = 0; bar <= VFIO_PCI_BAR5_REGION_INDEX; bar++) {
+		if (!d.bar[bar].size)
+			continue;
+		uint32_t off = bar == 0 ? REG_SIZE : 0; /* BAR0: a register without side effects */
+		for (int i = 0; i < WARMUP; i++)
+			sink += rd(&d, bar, off);
+		clock_start(&c);
+		for (int i = 0; i < n; i++) {
+			uint64_t t0 = __rdtsc();
+			sink += rd(&d, bar, off);
+			t[i] = __rdtsc() - t0;
+		}
+		snprintf(name, sizeof(name), "bar%d-read", bar);
+		report(name, &c, t, n, d.map[bar] ? "vfio-mmap" : "vfio-pread");
+		clock_start(&c);
+		for (int i = 0; i < n; i++) {
+			uint64_t t0 = __rdtsc();
+			wr(&d, bar, off, (uint32_t)i);
+			t[i] = __rdtsc() - t0;
+		}
+		snprintf(name, sizeof(name), "bar%d-write", bar);
+		report(name, &c, t, n, d.map[bar] ? "vfio-mmap" : "vfio-pwrite");
+	}
+	return (int)(sink & 0);
+}
+
 static int cmd_idle(int seconds, const char *bdf, int with_doorbell)
 {
 	struct dev d;
@@ -441,10 +479,12 @@ int main(int argc, char **argv)
 		return cmd_mmio(atoi(argv[2]));
 	if (argc == 4 && !strcmp(argv[1], "doorbell"))
 		return cmd_doorbell(atoi(argv[2]), argv[3]);
+	if (argc == 4 && !strcmp(argv[1], "bars"))
+		return cmd_bars(atoi(argv[2]), argv[3]);
 	if (argc == 4 && !strcmp(argv[1], "ref"))
 		return cmd_ref(atoi(argv[2]), argv[3]);
 	if ((argc == 4 || argc == 5) && !strcmp(argv[1], "idle"))
 		return cmd_idle(atoi(argv[2]), argv[3], argc == 5 && !strcmp(argv[4], "db"));
-	fprintf(stderr, "usage: %s mmio N | doorbell N BDF | ref N BDF | idle SECONDS BDF [db]\n", argv[0]);
+	fprintf(stderr, "usage: %s mmio N | doorbell N BDF | ref N BDF | bars N BDF | idle SECONDS BDF [db]\n", argv[0]);
 	return 2;
 }

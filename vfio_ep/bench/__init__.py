@@ -5,6 +5,7 @@ the same run (the machine is shared, so absolute numbers only mean something sid
 - ``doorbell``: in-guest doorbell round trip per backend vs an in-QEMU MMIO read
 - ``trapped``: register reads, writes and a doorbell ring from the guest, vs a C reference
   vfio-user server's device in the same guest (C fast path and Python path)
+- ``bars``: BAR_TEST's accesses per pci-epf-test BAR from the guest, vs an in-QEMU MMIO read
 - ``transfer``: pci-epf-test READ/WRITE/COPY throughput vs a host memcpy
 - ``idle``: server CPU with a doorbell enabled, per backend, vs no doorbell
 - ``ntb``: vNTB ping round trip over ntb_netdev per doorbell backend, vs the MSI doorbell
@@ -14,4 +15,4 @@ the same run (the machine is shared, so absolute numbers only mean something sid
   MSI-X vectors, vs one device
 """
 
-NAMES = ("dispatch", "doorbell", "trapped", "transfer", "idle", "ntb", "ntb-pair", "scale")
+NAMES = ("dispatch", "doorbell", "trapped", "bars", "transfer", "idle", "ntb", "ntb-pair", "scale")

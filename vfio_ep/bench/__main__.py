@@ -22,6 +22,7 @@ from vfio_ep.bench.common import DEFAULT_OUT, BenchError, Result, write_results
 def _runners(quick: bool) -> dict[str, Callable[[], Result]]:
     """Each benchmark with its full or ``--quick`` (sanity-check sized) parameters."""
     from vfio_ep.bench import (
+        bars,
         dispatch,
         doorbell,
         idle,
@@ -36,13 +37,14 @@ def _runners(quick: bool) -> dict[str, Callable[[], Result]]:
         return {"dispatch": lambda: dispatch.run(n=20_000, reps=2),
                 "doorbell": lambda: doorbell.run(n=200, n_mmio=2000),
                 "trapped": lambda: trapped.run(n=200, n_mmio=2000, reps=1),
+                "bars": lambda: bars.run(n=200, n_mmio=2000),
                 "transfer": lambda: transfer.run(sizes=(1 << 20,), reps=1),
                 "idle": lambda: idle.run(seconds=3),
                 "ntb": lambda: ntb.run(count=20),
                 "ntb-pair": lambda: ntb_pair.run(pings=20),
                 "scale": lambda: scale.run(devices=(1, 4), reads=2000)}
     return {"dispatch": dispatch.run, "doorbell": doorbell.run, "trapped": trapped.run,
-            "transfer": transfer.run, "idle": idle.run, "ntb": ntb.run,
+            "bars": bars.run, "transfer": transfer.run, "idle": idle.run, "ntb": ntb.run,
             "ntb-pair": ntb_pair.run, "scale": scale.run}
 
 
