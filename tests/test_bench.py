@@ -16,6 +16,7 @@ from vfio_ep.bench import dispatch, doorbell, scale, transfer
 from vfio_ep.bench.__main__ import main
 from vfio_ep.bench.common import Result, write_results
 from vfio_ep.bench.doorbell import REF_DEVICE, REF_VENDOR, reference_server
+from vfio_ep.bench.trapped import host_round_trips
 from vfio_ep.vfio_user import protocol as p
 
 
@@ -113,3 +114,10 @@ def test_reference_server_speaks_enough_vfio_user() -> None:
             os.close(fd)
         finally:
             c.close()
+
+
+def test_host_round_trips_against_the_raw_socket_and_the_reference() -> None:
+    """The trapped benchmark's host-side baselines: every server answers the same read."""
+    got = host_round_trips(reads=200)
+    assert list(got) == ["raw C socket", "C reference", "vfio-ep C path", "vfio-ep Python path"]
+    assert all(0 < us < 100_000 for us in got.values())

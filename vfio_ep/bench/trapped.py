@@ -14,7 +14,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from vfio_ep.bench.common import BenchError, Column, Result, median
+from vfio_ep.bench.client import Client
+from vfio_ep.bench.common import HERE, BenchError, Column, Result, build_c, median, serve
 from vfio_ep.bench.doorbell import (
     IVSHMEM,
     PROGRAM,
@@ -25,9 +26,12 @@ from vfio_ep.bench.doorbell import (
     vfio_bind,
     vfio_prelude,
 )
+from vfio_ep.epf.functions import pci_epf_test as t
 from vfio_ep.tail import tail
 
 PATHS = (("C fast path", True), ("Python path", False))
+REG_SIZE = t.REG_OFFSET["size"][0]  # pci-epf-test's SIZE register (the reference's scratch)
+HOST_READS = 5000
 # (access, vfio-ep result, reference result, target vs the reference, target vs a read)
 ACCESSES = (
     ("register read", "epf-register-read", "ref-register-read", 1.0, None),
@@ -41,6 +45,27 @@ def _met(value: float | None, target: float | None) -> str | None:
     if value is None or target is None:
         return None
     return "yes" if value <= target else f"no ({value / target:.2f}x over)"
+
+
+def host_round_trips(reads: int = HOST_READS) -> dict[str, float]:
+    """Median us of a REGION_READ round trip from a host client: the raw C socket (the sink
+    answers without looking), the C reference, vfio-ep on each path."""
+    out = {}
+    servers = (("raw C socket", dict(argv=[str(build_c(HERE / "sink.c"))]), False),
+               ("C reference", dict(argv=[str(build_c(HERE / "refserver.c"))]), True),
+               ("vfio-ep C path", dict(fastpath=True), True),
+               ("vfio-ep Python path", dict(fastpath=False), True))
+    for name, how, negotiate in servers:
+        with serve(**how) as server, Client(server.socket, negotiate=negotiate) as c:
+            for _ in range(20):
+                c.read32(0, REG_SIZE)
+            times = []
+            for _ in range(reads):
+                start = time.perf_counter()
+                c.read32(0, REG_SIZE)
+                times.append(time.perf_counter() - start)
+        out[name] = median(times) * 1e6
+    return out
 
 
 def run(n: int = 2000, n_mmio: int = 20000, reps: int = 3) -> Result:
@@ -83,6 +108,7 @@ def run(n: int = 2000, n_mmio: int = 20000, reps: int = 3) -> Result:
                 "ref_us": median([g[ref]["median_ns"] for g in each]) / 1e3,
                 "vs_ref": r_ref, "vs_read": r_read, "target": target,
                 "met": _met(r_ref, vs_ref) if vs_ref else _met(r_read, vs_read)})
+    host = host_round_trips()
     notes = [
         f"{n} accesses of each kind per device after 20 warm-up ones, rdtsc-timed in the "
         "guest through vfio-pci (no-IOMMU) pread/pwrite on both devices; each figure the "
@@ -102,6 +128,9 @@ def run(n: int = 2000, n_mmio: int = 20000, reps: int = 3) -> Result:
         "mapped RAM BAR, get non-posted writes: sustained posted writes do not occur.  "
         "'Python sees': COMMAND 0, a watched register (the function's code runs, with "
         "nothing to do), against the reference's plain register write.",
+        f"the host side alone (a Python client, median of {HOST_READS} REGION_READs of a "
+        "BAR0 register, no QEMU): " + ", ".join(f"{k} {v:.1f} us" for k, v in host.items())
+        + ".",
         "in-QEMU MMIO read (ivshmem-plain BAR0) in the same guests: "
         + ", ".join(f"{f:.2f} us" for f in floors) + ".",
     ]
