@@ -28,6 +28,7 @@ static const struct vfu_window *find(const struct vfu_fast *f, uint32_t bar, uin
  * thread lets Python go on meanwhile), or poll for room. */
 static int send_iov(struct vfu_fast *f, struct iovec *iov, int n)
 {
+	int copied = 0;
 	while (n) {
 		struct msghdr mh = { .msg_iov = iov, .msg_iovlen = n };
 		ssize_t sent = sendmsg(f->sock, &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
@@ -37,6 +38,18 @@ static int send_iov(struct vfu_fast *f, struct iovec *iov, int n)
 			if (errno != EAGAIN)
 				return -1;
 			if (f->wait_writable) {
+				/* The wait may let Python swap the table and unmap what a RAM
+				 * window's reply points into: send the rest from a copy. */
+				if (!copied) {
+					size_t k = 0;
+					for (int i = 0; i < n; i++) {
+						memcpy(f->out + k, iov[i].iov_base, iov[i].iov_len);
+						k += iov[i].iov_len;
+					}
+					iov[0] = (struct iovec){ f->out, k };
+					n = 1;
+					copied = 1;
+				}
 				if (f->wait_writable(f->wait_ctx))
 					return -1;
 			} else {
@@ -132,8 +145,8 @@ static int serve(struct vfu_fast *f)
 		int here = fast_write_ok(w, a->offset, body + sizeof(*a), a->count);
 		if (here)
 			apply_write(f, w, a->offset, body + sizeof(*a), a->count);
-		else if (!register_write_ok(w, a->offset, a->count))
-			return 0; /* Python refuses it, with an error reply */
+		else if (!f->early_ack || !register_write_ok(w, a->offset, a->count))
+			return 0; /* Python's, with its reply (an error one, if it refuses it) */
 		if (!(h->flags & VFU_FLAG_NO_REPLY)) {
 			/* A BAR write is posted on PCIe: acknowledged now, also when Python applies
 			 * it (a watched register); its effect follows, and nothing after it in the
@@ -238,7 +251,8 @@ static int fill(struct vfu_fast *f)
 
 int vfu_fast_poll(struct vfu_fast *f)
 {
-	/* Yield to the event loop now and then: the socket stays readable. */
+	/* Return now and then (the socket stays readable): the caller's lock is not held for
+	 * more than this many messages at a time. */
 	for (int budget = 256; budget; budget--) {
 		int r = fill(f);
 		if (r == 0)

@@ -1,14 +1,14 @@
 /* vfio-ep fast path: the hot vfio-user messages handled without the interpreter.
  *
  * The Python server owns the dispatch table (struct vfu_window rows, the same
- * plain data as vfio_ep.pci.bar.WindowTable) and the socket.  vfu_fast_poll()
- * reads messages in order; REGION_READ/REGION_WRITE/REGION_WRITE_MULTI that
+ * plain data as vfio_ep.pci.bar.WindowTable); the connection's I/O thread
+ * (vfu_io.h) runs vfu_fast_poll(), which reads messages in order; REGION_READ/REGION_WRITE/REGION_WRITE_MULTI that
  * land entirely in RAM windows are served here, doorbell-window writes mark
  * the doorbell pending and signal its eventfd; the first message that needs
  * anything else is handed back to Python, whole and with its fds, so the
- * order of the stream is kept.  A BAR write Python applies is acknowledged
- * here first, as PCIe posts memory writes (Python then gets it with
- * NO_REPLY set).
+ * order of the stream is kept.  Once `early_ack` is set, a BAR write Python
+ * applies is acknowledged here first, as PCIe posts memory writes (Python
+ * then gets it with NO_REPLY set).
  */
 #pragma once
 #include <stdint.h>
@@ -43,6 +43,8 @@ struct vfu_fast {
 	struct vfu_window *windows;
 	int nwindows;
 	uint8_t *buf;            /* VFU_MAX_MSG bytes, owned by the caller */
+	uint8_t *out;            /* VFU_MAX_MSG bytes too: a reply waiting for room, copied */
+	int early_ack;           /* acknowledge BAR writes Python applies (set after VERSION) */
 	uint32_t have;           /* bytes of the current message read so far */
 	int fds[16]; /* VFU_MAX_FDS */
 	int nfds;

@@ -84,7 +84,13 @@ int vfu_io_start(struct vfu_io *io, struct vfu_window *windows, int n)
 	io->f.wait_ctx = io;
 	io->f.windows = windows;
 	io->f.nwindows = n;
-	int err = pthread_mutex_init(lock_of(io), NULL);
+	/* Recursive: Python may swap the table (vfu_io_set_windows) while it holds the thread
+	 * still (vfu_io_lock); the thread itself never takes it twice. */
+	pthread_mutexattr_t attr;
+	pthread_mutexattr_init(&attr);
+	pthread_mutexattr_settype(&attr, PTHREAD_MUTEX_RECURSIVE);
+	int err = pthread_mutex_init(lock_of(io), &attr);
+	pthread_mutexattr_destroy(&attr);
 	if (err)
 		return err;
 	err = pthread_cond_init(cond_of(io), NULL);
@@ -133,6 +139,25 @@ void vfu_io_set_windows(struct vfu_io *io, struct vfu_window *windows, int n)
 	pthread_mutex_unlock(lock_of(io));
 }
 
+void vfu_io_lock(struct vfu_io *io)
+{
+	pthread_mutex_lock(lock_of(io));
+}
+
+void vfu_io_unlock(struct vfu_io *io)
+{
+	pthread_mutex_unlock(lock_of(io));
+}
+
+void vfu_io_abort(struct vfu_io *io)
+{
+	pthread_mutex_lock(lock_of(io));
+	shutdown(io->f.sock, SHUT_RDWR);
+	io->sending = 0;
+	pthread_cond_signal(cond_of(io));
+	pthread_mutex_unlock(lock_of(io));
+}
+
 int vfu_io_idle(struct vfu_io *io)
 {
 	/* Under the lock the thread is not mid-message: it is waiting for Python, about to read
@@ -153,7 +178,9 @@ int64_t vfu_io_send(struct vfu_io *io, const uint8_t *buf, uint32_t len, uint32_
 	int64_t result;
 
 	pthread_mutex_lock(lock_of(io));
-	if (io->sending == SENDING_C) { /* the thread's reply is half out: not now */
+	/* Not now: the thread's reply is half out, or (a caller that lost track) another
+	 * message of Python's is. */
+	if (io->sending == SENDING_C || (io->sending == SENDING_PYTHON && sent == 0)) {
 		pthread_mutex_unlock(lock_of(io));
 		return -EBUSY;
 	}

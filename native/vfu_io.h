@@ -5,8 +5,9 @@
  * Python is handed over (notify_efd becomes readable) and the thread waits until Python has
  * handled it (vfu_io_resume), so the order of the stream is kept.  The window table and the
  * socket's send side are shared with Python under one lock: Python swaps the table
- * (vfu_io_set_windows) and sends its own messages (vfu_io_send) through here, never blocking:
- * a client that stops reading stalls only its own connection.
+ * (vfu_io_set_windows) and sends its own messages (vfu_io_send) through here without
+ * waiting for room in the socket: a client that stops reading stalls only its own
+ * connection.
  */
 #pragma once
 #include <stdint.h>
@@ -39,6 +40,14 @@ void vfu_io_stop(struct vfu_io *io);
 /* Serve from this table from the next message on (the caller keeps it alive until the next
  * call, or vfu_io_stop). */
 void vfu_io_set_windows(struct vfu_io *io, struct vfu_window *windows, int n);
+/* Hold the thread still between two messages (or while its reply waits for room), until
+ * vfu_io_unlock: memory its window table points into may move meanwhile, and the new table
+ * be swapped in. */
+void vfu_io_lock(struct vfu_io *io);
+void vfu_io_unlock(struct vfu_io *io);
+/* Cut the connection (a message of Python's was left half sent): both directions shut down,
+ * so the thread sees the end of the stream and Python tears the connection down. */
+void vfu_io_abort(struct vfu_io *io);
 /* 1 when the thread has nothing to do: nothing handed over, nothing (not even EOF) unread on
  * the socket.  For callers that must know every message sent so far was handled. */
 int vfu_io_idle(struct vfu_io *io);

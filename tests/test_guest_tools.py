@@ -233,6 +233,7 @@ def test_expected_failures_become_xfail_and_a_pass_of_one_xpass() -> None:
 def test_an_expected_failure_can_be_scoped_to_a_value() -> None:
     """--xfail KEY=VALUE:TEST applies only where KEY=VALUE is set (a matrix cell, --set, or
     preset=BOARD); a bare TEST everywhere."""
+    from vfio_ep.config import ConfigError
     from vfio_ep.guest.runner import Target
 
     xfail = ("controller=rk3588:pci_ep_basic.LEGACY_IRQ_TEST", "preset=imx8:X", "Y")
@@ -240,6 +241,8 @@ def test_an_expected_failure_can_be_scoped_to_a_value() -> None:
     assert cell.expected_failures() == ("pci_ep_basic.LEGACY_IRQ_TEST", "Y")
     other = Target(None, None, None, ("controller=generic",), preset="imx8", xfail=xfail)
     assert other.expected_failures() == ("X", "Y")
+    with pytest.raises(ConfigError, match="the scope is KEY=VALUE"):
+        Target(None, None, None, (), xfail=("rk3588:X",)).expected_failures()
 
 
 def test_run_directories_are_pruned_but_never_a_live_one(

@@ -224,6 +224,11 @@ def test_a_register_write_is_posted_and_its_effect_comes_before_what_follows(
     assert acked == (3 if path == "c" else 0)
     with pytest.raises(ErrorReply):  # a misaligned one is refused, with an error reply
         client.write(Region.BAR0, testdev.REG_COMMAND + 1, struct.pack("<I", 1))
+    client.close()
+    server.wait_idle()
+    early = Client(server.path, negotiate=False)  # the next client, before its VERSION
+    with pytest.raises(ErrorReply):  # refused, not acknowledged
+        early.write(Region.BAR0, testdev.REG_COMMAND, struct.pack("<I", 0))
 
 
 def test_msix_vectors_added_one_by_one(client: Client) -> None:
@@ -664,3 +669,20 @@ def test_a_client_that_stops_reading_stalls_only_itself(tmp_path: Path) -> None:
         for i in range(20):
             assert b.read(Region.BAR1, 8 * i, 8) == struct.pack("<Q", i)
         b.close()
+
+
+def test_moving_memory_holds_the_c_reader_still(server: ServerThread, client: Client,
+                                                path: str) -> None:
+    """While memory the window table points into moves (WindowTable.changing), the C I/O
+    thread serves nothing; the read waiting meanwhile is served right after."""
+    got: list[bytes] = []
+    change = server.device.windows.changing()
+    server.call(change.__enter__)
+    reader = threading.Thread(target=lambda: got.append(client.read(Region.BAR1, 0, 4)))
+    reader.start()
+    reader.join(0.5)
+    held = reader.is_alive()
+    server.call(change.__exit__, None, None, None)
+    reader.join(5)
+    assert got == [bytes(4)]
+    assert held == (path == "c")  # the Python path's reader is the event loop itself

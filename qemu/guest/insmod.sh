@@ -13,7 +13,8 @@ query=$(awk -v key="$name.dyndbg=" '{
 	if (substr(s, 1, 1) == "\"") { s = substr(s, 2); print substr(s, 1, index(s, "\"") - 1) }
 	else { split(s, w, " "); print w[1] }
 }' /proc/cmdline)
+# busybox joins the arguments with spaces: a query of several words goes quoted.
 if [ -n "$query" ]; then
-	exec /bin/busybox insmod "$ko" "$@" "dyndbg=$query"
+	exec /bin/busybox insmod "$ko" "$@" "dyndbg=\"$query\""
 fi
 exec /bin/busybox insmod "$ko" "$@"

@@ -104,10 +104,13 @@ static int recv_all(int fd, void *p, size_t n)
 /* The header, and the fds that came with the message's first byte. */
 static int recv_header(int fd, struct vfu_hdr *h, int *fds, int *nfds)
 {
-	char control[CMSG_SPACE(MAX_FDS * sizeof(int))];
+	union {
+		struct cmsghdr align;
+		char buf[CMSG_SPACE(MAX_FDS * sizeof(int))];
+	} control;
 	struct iovec iov = { h, VFU_HDR_SIZE };
-	struct msghdr m = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = control,
-			    .msg_controllen = sizeof(control) };
+	struct msghdr m = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = control.buf,
+			    .msg_controllen = sizeof(control.buf) };
 	ssize_t k = recvmsg(fd, &m, MSG_WAITALL | MSG_CMSG_CLOEXEC);
 	*nfds = 0;
 	for (struct cmsghdr *c = CMSG_FIRSTHDR(&m); c; c = CMSG_NXTHDR(&m, c))
@@ -221,6 +224,11 @@ static int handle(int fd, const struct vfu_hdr *h, uint8_t *body, uint32_t len, 
 {
 	uint8_t *p = out + VFU_HDR_SIZE;
 	struct vfu_access a;
+	if (h->command != VFU_CMD_DMA_MAP && h->command != VFU_CMD_DEVICE_SET_IRQS) {
+		for (int i = 0; i < nfds; i++) /* fds nobody asked for */
+			close(fds[i]);
+		nfds = 0;
+	}
 	switch (h->command) {
 	case VFU_CMD_VERSION:
 		put16(p, 0);
@@ -307,8 +315,6 @@ static int handle(int fd, const struct vfu_hdr *h, uint8_t *body, uint32_t len, 
 		return h->flags & VFU_FLAG_NO_REPLY ? 0 : reply(fd, h, NULL, 0, 0);
 	}
 	default:
-		for (int i = 0; i < nfds; i++)
-			close(fds[i]);
 		return reply(fd, h, NULL, 0, ENOSYS);
 	}
 }

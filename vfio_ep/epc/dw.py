@@ -27,6 +27,7 @@ the iATU may be reprogrammed while the guest runs.  So:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 from collections.abc import Callable
@@ -156,10 +157,11 @@ class DwPcieEp:
             self.inbound.program(bar, pieces)
         except NoInboundWindow as e:
             raise EpcError(errno.ENOSPC, str(e)) from None
-        if bar in self.direct:
-            self._show_direct(bar, pieces)
-        func.bars[bar] = epf_bar.copy()
-        self._refresh_all_bars()  # a placement may have moved pages other BARs show
+        with self.pci.windows.changing() if self.pci else contextlib.nullcontext():
+            if bar in self.direct:
+                self._show_direct(bar, pieces)
+            func.bars[bar] = epf_bar.copy()
+            self._refresh_all_bars()  # a placement may have moved pages other BARs show
 
     def clear_bar(self, func_no: int, vfunc_no: int, epf_bar: PciEpfBar) -> None:
         self.inbound.clear(epf_bar.barno)

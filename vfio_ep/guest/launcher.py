@@ -192,8 +192,8 @@ def debug_cmdline(dyndbg: Sequence[str], trace_events: Sequence[str],
     plain = []
     for query in dyndbg:
         words = query.split(maxsplit=2)
-        if len(words) == 3 and words[0] == "module":
-            args.append(f'{words[1]}.dyndbg="{words[2]}"')
+        if len(words) == 3 and words[0] == "module":  # module names: dashes are underscores
+            args.append(f'{words[1].replace("-", "_")}.dyndbg="{words[2]}"')
         else:
             plain.append(query)
     if plain:

@@ -81,6 +81,10 @@ class Target:
         names = []
         for entry in self.xfail:
             scope, sep, name = entry.rpartition(":")
+            if sep and "=" not in scope:
+                raise ConfigError(f"--xfail {entry}: the scope is KEY=VALUE (a matrix axis, "
+                                  "a --set or preset=BOARD), as in "
+                                  "controller=rk3588:pci_ep_basic.LEGACY_IRQ_TEST")
             if not sep or scope in here:
                 names.append(name)
         return tuple(names)
@@ -122,6 +126,7 @@ def run_suite(function: str | None = None, config_file: Path | None = None,
     """
     target = Target(function, config_file, configfs, tuple(sets or []), preset, xfail)
     try:
+        target.expected_failures()  # a malformed --xfail fails here, before any boot
         comp = cmdline.load(config_file, function, list(target.sets), configfs, preset=preset)
         if len(comp.functions) != 1:
             raise ConfigError(f"vfio-ep run boots one guest against one function; this "

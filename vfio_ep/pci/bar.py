@@ -9,10 +9,12 @@ target, target offset) so that the C fast path walks the very same rows.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import mmap
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -132,6 +134,18 @@ class WindowTable:
         # Called after every change: copies (the C fast path's) re-sync before anything the
         # old rows point at can go away.
         self.listeners: list[Callable[[], None]] = []
+        # Entered by :meth:`changing`: each holds a copy's reader still (the C I/O thread).
+        self.guards: list[Callable[[], AbstractContextManager[None]]] = []
+
+    @contextlib.contextmanager
+    def changing(self) -> Iterator[None]:
+        """Around moving memory the rows point into (EP RAM pages placed into a directly
+        mapped BAR) and the new rows: no reader of a copy serves from the old ones meanwhile
+        (a write served in between would land in the page being moved away)."""
+        with contextlib.ExitStack() as stack:
+            for guard in self.guards:
+                stack.enter_context(guard())
+            yield
 
     def add(self, window: Window) -> Window:
         self._insert(window)

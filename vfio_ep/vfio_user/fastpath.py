@@ -5,7 +5,9 @@ interpreter, applies RAM-window reads and writes and doorbell rings from a C cop
 device's window table, and hands the first message that needs Python over whole (an eventfd
 wakes the trio loop), then waits until Python has handled it, so the stream's order is kept.
 The copy is re-made the moment the table changes, under the thread's lock, and Python's own
-messages (replies, DMA requests) go out through the same lock.  Without the extension (no
+messages (replies, DMA requests) go out through the same lock.  After VERSION, a BAR write
+Python applies (a watched register) is acknowledged by the thread first, as PCIe posts a
+memory write; the thread reads on only once Python has applied it.  Without the extension (no
 compiler at install time) or with ``VFIO_EP_FASTPATH=0``, the server reads every message in
 Python.
 """
@@ -16,6 +18,7 @@ import contextlib
 import errno
 import logging
 import os
+from collections.abc import Iterator
 from typing import Any, cast
 
 import trio
@@ -37,7 +40,9 @@ class FastPath:
     def __init__(self, sock_fd: int, windows: WindowTable) -> None:
         self.io = ffi.new("struct vfu_io *")
         self._buf = ffi.new("uint8_t[]", lib.VFU_MAX_MSG)
+        self._out = ffi.new("uint8_t[]", lib.VFU_MAX_MSG)
         self.io.f.buf = self._buf
+        self.io.f.out = self._out
         self.io.f.sock = sock_fd
         self.io.notify_efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self.io.stop_efd = os.eventfd(0, os.EFD_CLOEXEC)
@@ -54,6 +59,7 @@ class FastPath:
         self._keep = [table]
         self._running = True
         self.windows.listeners.append(self._sync)
+        self.windows.guards.append(self._still)
 
     def stop(self) -> None:
         """Join the thread, then release what a half-read message left (fds)."""
@@ -61,10 +67,20 @@ class FastPath:
             lib.vfu_io_stop(self.io)
             self._running = False
             self.windows.listeners.remove(self._sync)
+            self.windows.guards.remove(self._still)
         self.drop()
         for fd in (self.io.notify_efd, self.io.stop_efd):
             os.close(fd)
         self.io.notify_efd = self.io.stop_efd = -1
+
+    @contextlib.contextmanager
+    def _still(self) -> Iterator[None]:
+        """The thread held between two messages while the table's memory moves."""
+        lib.vfu_io_lock(self.io)
+        try:
+            yield
+        finally:
+            lib.vfu_io_unlock(self.io)
 
     def _sync(self) -> None:
         """Swap a new copy of the window table in under the thread's lock: from its next
@@ -95,11 +111,19 @@ class FastPath:
 
     def handed(self) -> int | None:
         """The result the thread handed over (MESSAGE, OVERSIZED, EOF, ...), or None while
-        it is still reading; clears the wakeup."""
-        with contextlib.suppress(BlockingIOError):
+        it is still reading.  The thread signals only after it has handed over, and then
+        waits: no signal, nothing to look at (and the loop never waits for its lock)."""
+        try:
             os.eventfd_read(self.notify_fd)
+        except BlockingIOError:
+            return None
         r = lib.vfu_io_handed(self.io)
         return None if r < 0 else int(r)
+
+    def allow_early_ack(self) -> None:
+        """From now on (the client negotiated), BAR writes Python applies are acknowledged
+        by the thread first, as PCIe posts memory writes."""
+        self.io.f.early_ack = 1
 
     def resume(self) -> None:
         """Python is done with the handed-over message: the thread reads on."""
@@ -122,22 +146,33 @@ class FastPath:
     async def send(self, data: bytes, fd: int | None = None) -> None:
         """A whole message from Python, between the thread's own replies (one sender at a
         time: the caller serialises).  A full socket is waited for in the event loop, so a
-        client that stops reading stalls only its own connection."""
-        if not self._running:  # a device task after the connection ended
-            raise OSError(errno.EPIPE, "send: the connection's I/O thread has stopped")
+        client that stops reading stalls only its own connection.  Once begun, a message is
+        finished even if the sender is cancelled (half a message would corrupt the stream),
+        or the connection is cut."""
         sent = 0
-        while True:
-            r = lib.vfu_io_send(self.io, data, len(data), sent, -1 if fd is None or sent
-                                else fd)
-            if r == -errno.EBUSY:  # the thread's reply is half out, waiting for room
-                await trio.sleep(SEND_RETRY)
-                continue
-            if r < 0:
-                raise OSError(-r, f"send: {os.strerror(-r)}")
-            if r == len(data):
-                return
-            sent = r
-            await trio.lowlevel.wait_writable(self.io.f.sock)
+        try:
+            with trio.CancelScope(shield=True):
+                while True:
+                    if not self._running:  # the connection ended meanwhile
+                        raise OSError(errno.EPIPE, "send: the connection's I/O thread has "
+                                      "stopped")
+                    r = lib.vfu_io_send(self.io, data, len(data), sent,
+                                        -1 if fd is None or sent else fd)
+                    if r == -errno.EBUSY:  # the thread's reply is half out, waiting for room
+                        await trio.sleep(SEND_RETRY)
+                        continue
+                    if r < 0:
+                        raise OSError(-r, f"send: {os.strerror(-r)}")
+                    if r == len(data):
+                        return
+                    sent = r
+                    await trio.lowlevel.wait_writable(self.io.f.sock)
+        except trio.ClosedResourceError:  # the connection's socket closed under the wait
+            raise OSError(errno.EPIPE, "send: the connection has ended") from None
+        except BaseException:
+            if 0 < sent < len(data) and self._running:
+                lib.vfu_io_abort(self.io)  # the stream cannot be trusted: cut it
+            raise
 
     def errno(self) -> int:
         """errno of the socket error the thread reported (IOERR)."""

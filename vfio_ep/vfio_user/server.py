@@ -1,12 +1,13 @@
 """The vfio-user server: a UNIX socket listener and one client connection at a time.
 
-Requests are handled strictly in the order they arrive, inline in the single
-reader task, and never wait on the client: DMA_READ/DMA_WRITE requests that
-the device sends are awaited only from device tasks, while the reader keeps
-answering QEMU (whose vCPU thread may hold the BQL that QEMU's DMA handling
-needs).  Bad input is answered with an error reply when the stream can still
-be trusted, and with a logged close when it cannot; either way the listener
-goes on to serve the next client with the same device.
+Requests are handled strictly in the order they arrive, by the connection's reader (the C
+I/O thread, which hands Python what it cannot serve, or a Python task), and never wait on
+the client: DMA_READ/DMA_WRITE requests that the device sends are awaited only from device
+tasks, while the reader keeps answering QEMU (whose vCPU thread may hold the BQL that QEMU's
+DMA handling needs; the C reader pauses only while a message of Python's is half sent).  Bad
+input is answered with an error reply when the stream can still be trusted, and with a
+logged close when it cannot; either way the listener goes on to serve the next client with
+the same device.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ class Connection:
                 self._nursery = nursery
                 self.device.attach(self)
                 if self.fast is not None:
-                    self.fast.start()
+                    self._start_fast_path(self.fast)
                 await self._request_loop_until_gone()
                 nursery.cancel_scope.cancel()
         finally:
@@ -97,6 +98,16 @@ class Connection:
             self.dma.clear()
             self.irqs.close()
             self.sock.close()
+
+    def _start_fast_path(self, fast: fastpath.FastPath) -> None:
+        """The connection's C I/O thread; without one (the system refused a thread), this
+        client is served on the Python path."""
+        try:
+            fast.start()
+        except OSError as e:
+            log.warning("client %s: %s; serving it on the Python path", self.peer, e)
+            fast.stop()
+            self.fast = None
 
     def idle(self) -> bool:
         """Whether the C I/O thread (if any) has handled everything the client sent: the
@@ -255,11 +266,10 @@ class Connection:
                          + payload, fd)
 
     async def _send(self, data: bytes, fd: int | None = None) -> None:
-        if self.fast is not None:  # between the I/O thread's replies, under its lock
-            async with self._send_lock:
-                await self.fast.send(data, fd)
-            return
         async with self._send_lock:
+            if self.fast is not None:  # between the I/O thread's replies, under its lock
+                await self.fast.send(data, fd)
+                return
             anc = [] if fd is None else [
                 (socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]).tobytes())]
             sent = await self.sock.sendmsg([data], anc)
@@ -350,6 +360,8 @@ def _version(c: Connection, msg_id: int, body: bytes, fds: list[int]) -> tuple[b
     c.client_max_xfer = min(client.get("max_data_xfer_size", p.MAX_DATA_XFER_SIZE),
                             p.MAX_DATA_XFER_SIZE)
     c.negotiated = True
+    if c.fast is not None:
+        c.fast.allow_early_ack()
     log.info("client %s: vfio-user %d.%d, capabilities %s", c.peer, v.major, v.minor, client)
     return struct.pack("<HH", 0, 0) + p.version_capabilities() + b"\0", None
 
