@@ -103,7 +103,7 @@ static void apply_write(struct vfu_fast *f, const struct vfu_window *w, uint64_t
 		f->stats.fast_writes++;
 		return;
 	}
-	*w->db_pending = 1;
+	__atomic_store_n(w->db_pending, 1, __ATOMIC_SEQ_CST); /* before the eventfd */
 	uint64_t one = 1;
 	/* Only EAGAIN can fail here (counter saturated): the doorbell is pending anyway. */
 	(void)!write(w->efd, &one, sizeof(one));
@@ -247,6 +247,11 @@ static int fill(struct vfu_fast *f)
 		}
 		f->have += n;
 	}
+}
+
+uint32_t vfu_take_pending(uint32_t *pending)
+{
+	return __atomic_exchange_n(pending, 0, __ATOMIC_SEQ_CST);
 }
 
 int vfu_fast_poll(struct vfu_fast *f)

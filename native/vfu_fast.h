@@ -65,3 +65,6 @@ struct vfu_fast {
 #define VFU_OVERSIZED 5  /* buf holds the header of a message larger than VFU_MAX_MSG */
 
 int vfu_fast_poll(struct vfu_fast *f);
+/* A doorbell's pending flag, read and cleared at once: the I/O thread may set it again any
+ * time (then it signals the eventfd after), and a ring seen set is never lost. */
+uint32_t vfu_take_pending(uint32_t *pending);

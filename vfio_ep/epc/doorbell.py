@@ -79,6 +79,16 @@ class DoorbellTarget:
     def pending_ptr(self) -> int:
         return ctypes.addressof(self._pending)
 
+    def _take_pending(self) -> bool:
+        """Whether C rang since the last look (and clear that): atomically, as the
+        connection's I/O thread sets the flag from its own thread."""
+        c = native()
+        if c is None:  # no C side: nobody else sets it
+            was, self._pending.value = self._pending.value, 0
+            return bool(was)
+        ffi, lib = c
+        return bool(lib.vfu_take_pending(ffi.cast("uint32_t *", self.pending_ptr())))
+
     def read(self, offset: int, size: int) -> int:
         if self.underlying is None:
             return 0
@@ -105,8 +115,7 @@ class DoorbellTarget:
                 except BlockingIOError:
                     continue
                 fired, self._rung_values = self._rung_values, set()
-                if self._pending.value:
-                    self._pending.value = 0
+                if self._take_pending():
                     fired.add(self.data)
                 for value in fired:
                     self.rung += 1
