@@ -49,6 +49,9 @@ class DoorbellTarget:
         self.underlying_offset = underlying_offset
         self.efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._pending = ctypes.c_uint32(0)  # set by C: the first event was rung
+        c = native()  # looked up once: _take_pending runs on every ring
+        self._take_c = (None if c is None else
+                        (c[1].vfu_take_pending, c[0].cast("uint32_t *", self.pending_ptr())))
         self._rung_values: set[int] = set()  # rung through Python
         self.rung = 0
         self.ignored = 0
@@ -82,12 +85,11 @@ class DoorbellTarget:
     def _take_pending(self) -> bool:
         """Whether C rang since the last look (and clear that): atomically, as the
         connection's I/O thread sets the flag from its own thread."""
-        c = native()
-        if c is None:  # no C side: nobody else sets it
+        if self._take_c is None:  # no C side: nobody else sets it
             was, self._pending.value = self._pending.value, 0
             return bool(was)
-        ffi, lib = c
-        return bool(lib.vfu_take_pending(ffi.cast("uint32_t *", self.pending_ptr())))
+        take, flag = self._take_c
+        return bool(take(flag))
 
     def read(self, offset: int, size: int) -> int:
         if self.underlying is None:
