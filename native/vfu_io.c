@@ -115,8 +115,10 @@ void vfu_io_resume(struct vfu_io *io)
 {
 	pthread_mutex_lock(lock_of(io));
 	io->handed = 0;
-	pthread_cond_signal(cond_of(io));
 	pthread_mutex_unlock(lock_of(io));
+	/* After the unlock: the thread, woken, does not block again on the lock still held
+	 * (one futex wake instead of three; the thread rechecks `handed` under the lock). */
+	pthread_cond_signal(cond_of(io));
 }
 
 void vfu_io_stop(struct vfu_io *io)

@@ -77,3 +77,32 @@ def test_a_long_copy_lets_other_tasks_run() -> None:
 
     trio.run(main)
     assert ticks >= size // bulk.BULK_STEP - 1
+
+
+def test_small_copies_share_one_yield() -> None:
+    """A 4 KiB transfer's copy and CRC do not each pay the scheduler a pass: other tasks run
+    once per BULK_STEP of work, however it is split among calls."""
+    src, dst = memoryview(bytes(4096)), memoryview(bytearray(4096))
+    ticks = 0
+    calls = 2 * bulk.BULK_STEP // 4096
+
+    async def main() -> None:
+        nonlocal ticks
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await trio.lowlevel.checkpoint()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ticker)
+            await trio.lowlevel.checkpoint()
+            before = ticks
+            for _ in range(calls):
+                await bulk.copy_views([dst], [src])
+            ticks -= before
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    assert 1 <= ticks <= 3  # two steps' worth of work: two yields, not one per call

@@ -98,8 +98,10 @@ class EpRam:
     def contains(self, addr: int, size: int) -> bool:
         return self.base <= addr and addr + size <= self.base + self.size
 
-    def alloc(self, size: int, align: int = PAGE) -> int:
-        """Allocate zeroed EP RAM; returns its EP address."""
+    def alloc(self, size: int, align: int = PAGE, *, zeroed: bool = True) -> int:
+        """Allocate EP RAM, zeroed unless the caller fills all of it before anyone reads it
+        (``zeroed=False`` saves a memset of the size, ~30 us per MiB); returns its EP
+        address.  Raises MemoryError when no free range of ``size`` is ``align``-aligned."""
         align = max(align, PAGE)
         size = -(-size // PAGE) * PAGE
         for i, (off, length) in enumerate(self._free):
@@ -107,7 +109,8 @@ class EpRam:
             if start + size <= off + length:
                 pieces = [(off, start - off), (start + size, off + length - start - size)]
                 self._free[i : i + 1] = [(o, n) for o, n in pieces if n]
-                zero_views(self.views(self.base + start, size))
+                if zeroed:
+                    zero_views(self.views(self.base + start, size))
                 return self.base + start
         raise MemoryError(f"EP RAM exhausted: no {size:#x} bytes aligned to {align:#x}")
 

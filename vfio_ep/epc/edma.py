@@ -179,14 +179,13 @@ class DwEdma:
         except (AddressError, RcBusError) as e:
             ok = False
             log.warning("eDMA %s channel %d aborted: %s", self.dirs[direction].name, ch, e)
-        await trio.lowlevel.checkpoint()
         self._engines.pop((direction, ch), None)
         d = self.dirs[direction]
         self._set_ch_status(direction, ch, CH_STOPPED if ok else CH_HALTED)
         bit = 1 << ch if ok else 1 << (ch + ABORT_SHIFT)
         d.int_status |= bit
-        if not d.int_mask & bit:
-            self.irqs.handle(self.virq)
+        if not d.int_mask & bit:  # the engine's task ends here: its handlers run in place
+            self.irqs.handle_now(self.virq)
 
     def _rc(self) -> RcMemory:
         dma = self.rc_dma()

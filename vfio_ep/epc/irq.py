@@ -124,7 +124,8 @@ class IrqDomain:
         self._spawn(lambda: self._run(desc), f"irq-{virq}-{desc.chip}")
 
     def handle_now(self, virq: int) -> None:
-        """generic_handle_irq() from a task at a clean point (a doorbell's waiter): when
+        """generic_handle_irq() from a task at a clean point (a doorbell's waiter, the eDMA
+        engine done with a transfer): when
         every action is a plain function (a hard-IRQ handler), they run right here, as the
         kernel runs them in the interrupt, without the task a raise otherwise starts (the
         doorbell -> handler -> host interrupt path is that much shorter); otherwise as

@@ -16,7 +16,6 @@ from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
-import trio
 from construct import Int32ul, Int64ul, Struct
 
 from vfio_ep.bulk import crc32_views, fill_random
@@ -384,11 +383,13 @@ class PciEpfTest(PciEpf):
             raise EpcError(errno.EIO, "DMA transfer failed")
 
     @contextmanager
-    def _kzalloc(self, size: int) -> Iterator[int]:
+    def _transfer_buffer(self, size: int) -> Iterator[int]:
         """The kernel's kzalloc'd transfer buffer, in EP RAM; MemoryError when it cannot be
-        had (a size the guest made up), which fails the command like -ENOMEM does."""
+        had (a size the guest made up), which fails the command like -ENOMEM does.  Not
+        zeroed: every command fills all of it before reading any, and nothing else sees it
+        (a failed fill fails the command before the buffer is read)."""
         ram = self.controller.ram
-        addr = ram.alloc(max(size, 1))
+        addr = ram.alloc(max(size, 1), zeroed=False)
         try:
             yield addr
         finally:
@@ -434,7 +435,7 @@ class PciEpfTest(PciEpf):
         use_dma = reg["flags"] & FLAG_USE_DMA
 
         async def body() -> int:
-            with self._kzalloc(size) as buf:
+            with self._transfer_buffer(size) as buf:
 
                 async def step(m: PciEpcMap, pos: int) -> None:
                     if use_dma:
@@ -458,7 +459,7 @@ class PciEpfTest(PciEpf):
         use_dma = reg["flags"] & FLAG_USE_DMA
 
         async def body() -> int:
-            with self._kzalloc(size) as buf:
+            with self._transfer_buffer(size) as buf:
                 await fill_random(epc.ram.views(buf, size))
                 reg["checksum"] = await crc32_le(epc.ram.views(buf, size))
 
@@ -470,7 +471,9 @@ class PciEpfTest(PciEpf):
 
                 if not await self._over_maps(dst_addr, size, step):
                     return STATUS_DST_ADDR_INVALID | STATUS_WRITE_FAIL
-                await trio.sleep(0.001)  # the kernel's usleep_range(1000, 2000)
+                # No usleep_range(1000, 2000) here: the kernel waits for its posted writes
+                # to reach the host (an L3 error on DRA7xx otherwise); these are in the
+                # RC's memory when the copy returns, before the interrupt is raised.
                 return STATUS_WRITE_SUCCESS
 
         await self._transfer(reg, "WRITE", STATUS_WRITE_FAIL, body)
@@ -484,7 +487,7 @@ class PciEpfTest(PciEpf):
         async def body() -> int:
             nonlocal src_addr, dst_addr, size
             # The memcpy variant stages through a kzalloc'd buffer, the DMA one does not.
-            with nullcontext(0) if use_dma else self._kzalloc(size) as buf:
+            with nullcontext(0) if use_dma else self._transfer_buffer(size) as buf:
                 while size:
                     try:
                         src = epc.mem_map(self.func_no, self.vfunc_no, src_addr, size)
