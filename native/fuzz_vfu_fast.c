@@ -4,7 +4,7 @@
  * into vfu_fast_poll() with a window table like a served device's: an MMIO window, two RAM
  * windows over heap buffers of exactly their size (an access one byte outside is an ASan
  * report) and a doorbell window.  Messages handed to Python are dropped as Python's take()
- * would; what C answers is drained.  Build and run: make fuzz (or tests/test_fuzz.py's
+ * would, queued writes applied as its posted_done() would; what C answers is drained.  Build and run: make fuzz (or tests/test_fuzz.py's
  * bounded run).
  */
 #define _GNU_SOURCE
@@ -61,7 +61,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	size_t off = 0;
 	if (!size)
 		shutdown(sv[1], SHUT_WR);
-	struct vfu_fast f = { .sock = sv[0], .windows = windows, .nwindows = 4, .buf = buf };
+	/* The first byte's low bit: as after VERSION (writes for Python acknowledged, queued). */
+	struct vfu_fast f = { .sock = sv[0], .windows = windows, .nwindows = 4, .buf = buf,
+			      .early_ack = size && (data[0] & 1) };
 	for (int rounds = 0; rounds < 10000; rounds++) {
 		if (off < size) {
 			ssize_t n = send(sv[1], data + off, size - off, MSG_DONTWAIT | MSG_NOSIGNAL);
@@ -72,7 +74,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		}
 		int r = vfu_fast_poll(&f);
 		drain(sv[1]);
-		if (r == VFU_MESSAGE) { /* what Python's take() does */
+		if (r == VFU_QUEUED || r == VFU_WAIT) { /* what Python's posted_done() does */
+			f.posted_tail = f.posted_head;
+		} else if (r == VFU_MESSAGE) { /* what Python's take() does */
+			f.posted_tail = f.posted_head;
 			for (int i = 0; i < f.nfds; i++)
 				close(f.fds[i]);
 			f.have = f.nfds = f.fds_truncated = 0;

@@ -110,7 +110,31 @@ static void apply_write(struct vfu_fast *f, const struct vfu_window *w, uint64_t
 	f->stats.doorbells++;
 }
 
-/* Serve the message in f->buf if it is a hot one; 1 = served, 0 = Python's, -1 = I/O error. */
+/* serve()'s verdicts on the message in f->buf. */
+enum { SERVE_IOERR = -1, SERVE_PYTHON = 0, SERVE_DONE = 1, SERVE_QUEUED = 2, SERVE_WAIT = 3 };
+
+static int posted_pending(const struct vfu_fast *f)
+{
+	return f->posted_head != f->posted_tail;
+}
+
+/* Queue a BAR write for Python (the caller checked there is room). */
+static void post(struct vfu_fast *f, uint16_t msg_id, const struct vfu_access *a,
+		 const uint8_t *data)
+{
+	struct vfu_posted *e = &f->posted[f->posted_head % VFU_POSTED_MAX];
+	e->offset = a->offset;
+	e->region = a->region;
+	e->count = a->count;
+	e->msg_id = msg_id;
+	memcpy(e->data, data, a->count);
+	f->posted_head++;
+	f->stats.posted++;
+}
+
+/* Serve the message in f->buf if it is a hot one.  While writes wait in f->posted, what C
+ * would serve waits too (SERVE_WAIT; nothing passes a posted write), and what goes to
+ * Python is handed over behind them (Python applies f->posted first). */
 static int serve(struct vfu_fast *f)
 {
 	struct vfu_hdr *h = (struct vfu_hdr *)f->buf;
@@ -118,17 +142,19 @@ static int serve(struct vfu_fast *f)
 	uint32_t len = h->size - VFU_HDR_SIZE;
 
 	if (f->nfds || (h->flags & VFU_FLAG_TYPE_MASK) != 0)
-		return 0;
+		return SERVE_PYTHON;
 	if (h->command == VFU_CMD_REGION_READ || h->command == VFU_CMD_REGION_WRITE) {
 		if (len < sizeof(struct vfu_access))
-			return 0;
+			return SERVE_PYTHON;
 		struct vfu_access *a = (struct vfu_access *)body;
 		if (a->region >= NUM_BARS || a->count == 0 || a->count > (1 << 20))
-			return 0;
+			return SERVE_PYTHON;
 		const struct vfu_window *w = find(f, a->region, a->offset, a->count);
 		if (h->command == VFU_CMD_REGION_READ) {
 			if (!w || w->kind != VFU_WINDOW_RAM || len != sizeof(*a))
-				return 0;
+				return SERVE_PYTHON;
+			if (posted_pending(f))
+				return SERVE_WAIT;
 			struct vfu_hdr rh = { h->msg_id, h->command, VFU_HDR_SIZE + sizeof(*a) + a->count,
 					  VFU_FLAG_REPLY, 0 };
 			struct iovec iov[3] = {
@@ -136,17 +162,23 @@ static int serve(struct vfu_fast *f)
 				{ w->ram + (a->offset - w->start), a->count },
 			};
 			if (send_iov(f, iov, 3))
-				return -1;
+				return SERVE_IOERR;
 			f->stats.fast_reads++;
-			return 1;
+			return SERVE_DONE;
 		}
 		if (len != sizeof(*a) + a->count)
-			return 0;
+			return SERVE_PYTHON;
 		int here = fast_write_ok(w, a->offset, body + sizeof(*a), a->count);
+		int queue = !here && f->early_ack && register_write_ok(w, a->offset, a->count);
+		if (!here && !queue)
+			return SERVE_PYTHON; /* with its reply (an error one, if Python refuses it) */
+		if (posted_pending(f) &&
+		    (here || f->posted_head - f->posted_tail == VFU_POSTED_MAX))
+			return SERVE_WAIT;
 		if (here)
 			apply_write(f, w, a->offset, body + sizeof(*a), a->count);
-		else if (!f->early_ack || !register_write_ok(w, a->offset, a->count))
-			return 0; /* Python's, with its reply (an error one, if it refuses it) */
+		else
+			post(f, h->msg_id, a, body + sizeof(*a));
 		if (!(h->flags & VFU_FLAG_NO_REPLY)) {
 			/* A BAR write is posted on PCIe: acknowledged now, also when Python applies
 			 * it (a watched register); its effect follows, and nothing after it in the
@@ -155,34 +187,34 @@ static int serve(struct vfu_fast *f)
 			struct vfu_access ra = { a->offset, a->region, a->count };
 			struct iovec iov[2] = { { &rh, VFU_HDR_SIZE }, { &ra, sizeof(ra) } };
 			if (send_iov(f, iov, 2))
-				return -1;
-			if (!here) {
-				h->flags |= VFU_FLAG_NO_REPLY; /* Python: a posted write, no reply */
+				return SERVE_IOERR;
+			if (!here)
 				f->stats.early_acks++;
-			}
 		}
-		return here;
+		return here ? SERVE_DONE : SERVE_QUEUED;
 	}
 	if (h->command == VFU_CMD_REGION_WRITE_MULTI && (h->flags & VFU_FLAG_NO_REPLY)) {
 		if (len < 8)
-			return 0;
+			return SERVE_PYTHON;
 		uint64_t cnt;
 		memcpy(&cnt, body, 8);
 		if (cnt > VFU_WRITE_MULTI_MAX || len != 8 + cnt * sizeof(struct vfu_multi_entry))
-			return 0;
+			return SERVE_PYTHON;
 		struct vfu_multi_entry *e = (struct vfu_multi_entry *)(body + 8);
 		for (uint64_t i = 0; i < cnt; i++) {
 			if (e[i].region >= NUM_BARS || e[i].count < 1 || e[i].count > 8 ||
 			    !fast_write_ok(find(f, e[i].region, e[i].offset, e[i].count),
 					   e[i].offset, e[i].data, e[i].count))
-				return 0;
+				return SERVE_PYTHON;
 		}
+		if (posted_pending(f))
+			return SERVE_WAIT;
 		for (uint64_t i = 0; i < cnt; i++)
 			apply_write(f, find(f, e[i].region, e[i].offset, e[i].count), e[i].offset,
 				    e[i].data, e[i].count);
-		return 1;
+		return SERVE_DONE;
 	}
-	return 0;
+	return SERVE_PYTHON;
 }
 
 static void drop_fds(struct vfu_fast *f)
@@ -265,14 +297,18 @@ int vfu_fast_poll(struct vfu_fast *f)
 		if (r != 1)
 			return r;
 		r = serve(f);
-		if (r < 0)
+		if (r == SERVE_IOERR)
 			return VFU_IOERR;
-		if (r == 0) {
+		if (r == SERVE_WAIT)
+			return VFU_WAIT; /* buf keeps the message: served by a later call */
+		if (r == SERVE_PYTHON) {
 			f->stats.to_python++;
 			return VFU_MESSAGE; /* Python takes buf/fds, then resets have/nfds */
 		}
 		f->have = 0;
 		drop_fds(f);
+		if (r == SERVE_QUEUED)
+			return VFU_QUEUED;
 	}
 	return VFU_AGAIN;
 }

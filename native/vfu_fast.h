@@ -7,8 +7,10 @@
  * the doorbell pending and signal its eventfd; the first message that needs
  * anything else is handed back to Python, whole and with its fds, so the
  * order of the stream is kept.  Once `early_ack` is set, a BAR write Python
- * applies is acknowledged here first, as PCIe posts memory writes (Python
- * then gets it with NO_REPLY set).
+ * applies is acknowledged here first and queued for Python (`posted`), as PCIe
+ * posts memory writes: further such writes join the queue, while nothing else
+ * is served or handed over before Python has applied it (no read or write
+ * passes a posted write).
  */
 #pragma once
 #include <stdint.h>
@@ -29,6 +31,16 @@ struct vfu_window {
 
 #define VFU_MAX_FDS 16
 #define VFU_MAX_MSG 1048608 /* header + access + max_data_xfer_size */
+#define VFU_POSTED_MAX 64   /* writes queued for Python at most (then the stream waits) */
+
+/* A BAR write for Python's register handlers, acknowledged and queued by the fast path. */
+struct vfu_posted {
+	uint64_t offset;
+	uint32_t region;
+	uint32_t count;          /* 1, 2, 4 or 8 (a naturally aligned register access) */
+	uint8_t data[8];
+	uint16_t msg_id;         /* the message's, for Python's log */
+};
 
 struct vfu_fast_stats {
 	uint64_t fast_reads;
@@ -36,6 +48,7 @@ struct vfu_fast_stats {
 	uint64_t doorbells;
 	uint64_t to_python;
 	uint64_t early_acks;     /* BAR writes for Python, acknowledged before it applied them */
+	uint64_t posted;         /* BAR writes for Python queued (acknowledged or posted) */
 };
 
 struct vfu_fast {
@@ -49,6 +62,11 @@ struct vfu_fast {
 	int fds[16]; /* VFU_MAX_FDS */
 	int nfds;
 	int fds_truncated;
+	/* BAR writes for Python in stream order: the fast path appends at posted_head, Python
+	 * applies from posted_tail (both only count up; entry i is posted[i % VFU_POSTED_MAX]). */
+	struct vfu_posted posted[64]; /* VFU_POSTED_MAX */
+	uint32_t posted_head;
+	uint32_t posted_tail;
 	struct vfu_fast_stats stats;
 	/* Called while a reply waits for room in the socket buffer (NULL: poll for it); 0 to
 	 * go on sending, else the reply is abandoned as an I/O error. */
@@ -63,6 +81,9 @@ struct vfu_fast {
 #define VFU_BROKEN 3     /* stream cannot be trusted (bad size, EOF mid-message) */
 #define VFU_IOERR 4      /* a socket error; errno says which */
 #define VFU_OVERSIZED 5  /* buf holds the header of a message larger than VFU_MAX_MSG */
+#define VFU_QUEUED 6     /* a BAR write for Python went into `posted`: tell Python */
+#define VFU_WAIT 7       /* buf's message (or the stream's end) waits for `posted` to be
+			  * applied (or to have room): call again once posted_tail moved */
 
 int vfu_fast_poll(struct vfu_fast *f);
 /* A doorbell's pending flag, read and cleared at once: the I/O thread may set it again any

@@ -50,15 +50,26 @@ static void *vfu_io_run(void *arg)
 	struct pollfd pfd[2] = { { .fd = io->f.sock, .events = POLLIN },
 				 { .fd = io->stop_efd, .events = POLLIN } };
 
+	int waiting = 0; /* a message waits until Python has applied the queued writes */
+
 	for (;;) {
 		pthread_mutex_lock(lock_of(io));
-		while ((io->handed || io->sending == SENDING_PYTHON) && !io->stopping)
+		while ((io->handed || io->sending == SENDING_PYTHON ||
+			(waiting && io->f.posted_head != io->f.posted_tail)) && !io->stopping)
 			pthread_cond_wait(cond_of(io), lock_of(io));
+		waiting = 0;
 		if (io->stopping) {
 			pthread_mutex_unlock(lock_of(io));
 			return NULL;
 		}
 		int r = vfu_fast_poll(&io->f);
+		if (r == VFU_WAIT || r == VFU_QUEUED) {
+			waiting = r == VFU_WAIT;
+			pthread_mutex_unlock(lock_of(io));
+			if (r == VFU_QUEUED)
+				signal_efd(io->notify_efd);
+			continue;
+		}
 		if (r != VFU_AGAIN) {
 			io->err = r == VFU_IOERR ? errno : 0;
 			io->result = r;
@@ -106,9 +117,28 @@ int vfu_io_start(struct vfu_io *io, struct vfu_window *windows, int n)
 int vfu_io_handed(struct vfu_io *io)
 {
 	pthread_mutex_lock(lock_of(io));
-	int r = io->handed ? io->result : -1;
+	int r = io->f.posted_head != io->f.posted_tail ? VFU_POSTED
+		: io->handed ? io->result : -1;
 	pthread_mutex_unlock(lock_of(io));
 	return r;
+}
+
+int vfu_io_posted(struct vfu_io *io, struct vfu_posted *out, int max)
+{
+	pthread_mutex_lock(lock_of(io));
+	int n = 0;
+	for (uint32_t i = io->f.posted_tail; i != io->f.posted_head && n < max; i++)
+		out[n++] = io->f.posted[i % VFU_POSTED_MAX];
+	pthread_mutex_unlock(lock_of(io));
+	return n;
+}
+
+void vfu_io_posted_done(struct vfu_io *io, int n)
+{
+	pthread_mutex_lock(lock_of(io));
+	io->f.posted_tail += (uint32_t)n;
+	pthread_mutex_unlock(lock_of(io));
+	pthread_cond_signal(cond_of(io));
 }
 
 void vfu_io_resume(struct vfu_io *io)
@@ -166,7 +196,8 @@ int vfu_io_idle(struct vfu_io *io)
 	 * (the socket is readable) or blocked in poll (it is not). */
 	pthread_mutex_lock(lock_of(io));
 	struct pollfd pfd = { .fd = io->f.sock, .events = POLLIN };
-	int idle = !io->handed && !io->sending && poll(&pfd, 1, 0) == 0;
+	int idle = !io->handed && !io->sending && io->f.posted_head == io->f.posted_tail &&
+		   poll(&pfd, 1, 0) == 0;
 	pthread_mutex_unlock(lock_of(io));
 	return idle;
 }

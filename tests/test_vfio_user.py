@@ -231,6 +231,37 @@ def test_a_register_write_is_posted_and_its_effect_comes_before_what_follows(
         early.write(Region.BAR0, testdev.REG_COMMAND, struct.pack("<I", 0))
 
 
+def test_a_burst_of_register_writes_is_queued_and_applied_in_order(
+        server: ServerThread, client: Client, path: str) -> None:
+    """Register writes sent back to back without waiting (more than the C queue holds):
+    each is answered, in order, and Python applies them all in order; on the C path they
+    are queued (acknowledged without waiting for Python one by one)."""
+    n = 3 * 64 + 5  # VFU_POSTED_MAX is 64: the stream waits for room twice, then some
+    ids = [client.send(Command.REGION_WRITE, struct.pack("<QII", 0x40 + 4 * (i % 8),
+                                                           Region.BAR0, 4) +
+                       struct.pack("<I", i)) for i in range(n)]
+    replies = [client.recv()[0] for _ in range(n)]
+    assert [h["msg_id"] for h in replies] == ids
+    assert not any(h["flags"] & p.FLAG_ERROR for h in replies)
+    assert [client.read(Region.BAR0, 0x40 + 4 * k, 4) for k in range(8)] == [
+        struct.pack("<I", max(i for i in range(n) if i % 8 == k)) for k in range(8)]
+    queued = server.call(lambda: server.listener.active.fast.stats()["posted"]
+                         if server.listener.active.fast else 0)
+    assert queued == (n if path == "c" else 0)
+
+
+def test_nothing_c_serves_passes_a_queued_register_write(client: Client) -> None:
+    """A read C answers itself (BAR1 RAM) right after a register write Python applies
+    (COMMAND, raising MSI-X): the read's reply comes only after the interrupt."""
+    (fd,) = client.enable_interrupts(1, msix=True)
+    client.write(Region.BAR0, testdev.REG_IRQ_TYPE, struct.pack("<I", 2))
+    client.write(Region.BAR0, testdev.REG_IRQ_NUMBER, struct.pack("<I", 1))
+    for _ in range(20):
+        client.write(Region.BAR0, testdev.REG_COMMAND, struct.pack("<I", 1 << 2))
+        client.read(Region.BAR1, 0, 4)
+        assert eventfd_count(fd) == 1
+
+
 def test_msix_vectors_added_one_by_one(client: Client) -> None:
     info = client.irq_info(Irq.MSIX)
     assert info["count"] == 32 and not info["flags"] & 0x8  # no NORESIZE

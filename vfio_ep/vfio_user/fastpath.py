@@ -7,9 +7,11 @@ wakes the trio loop), then waits until Python has handled it, so the stream's or
 The copy is re-made the moment the table changes, under the thread's lock, and Python's own
 messages (replies, DMA requests) go out through the same lock.  After VERSION, a BAR write
 Python applies (a watched register) is acknowledged by the thread first, as PCIe posts a
-memory write; the thread reads on only once Python has applied it.  Without the extension (no
-compiler at install time) or with ``VFIO_EP_FASTPATH=0``, the server reads every message in
-Python.
+memory write, and queued: the thread reads on, queueing further such writes (a guest's
+sustained register writes do not wait for Python one by one), and serves or hands over
+anything else only behind them, once Python has applied them in order.  Without the extension
+(no compiler at install time) or with ``VFIO_EP_FASTPATH=0``, the server reads every message
+in Python.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from vfio_ep.pci.bar import FastDoorbell, WindowKind, WindowTable
 log = logging.getLogger(__name__)
 
 AGAIN, MESSAGE, EOF, BROKEN, IOERR, OVERSIZED = 0, 1, 2, 3, 4, 5
+POSTED = lib.VFU_POSTED  # handed(): queued BAR writes wait, to apply before anything else
 SEND_RETRY = 0.001  # seconds between tries while the thread's own reply waits for room
 
 
@@ -50,6 +53,8 @@ class FastPath:
         self.windows = windows
         self._keep: list[Any] = []
         self._running = False
+        self._posted = ffi.new("struct vfu_posted[]", lib.VFU_POSTED_MAX)
+        self._recheck = False  # queued writes were applied: look again without a signal
 
     def start(self) -> None:
         table, n = self._table()
@@ -111,12 +116,17 @@ class FastPath:
 
     def handed(self) -> int | None:
         """The result the thread handed over (MESSAGE, OVERSIZED, EOF, ...), or None while
-        it is still reading.  The thread signals only after it has handed over, and then
-        waits: no signal, nothing to look at (and the loop never waits for its lock)."""
-        try:
-            os.eventfd_read(self.notify_fd)
-        except BlockingIOError:
-            return None
+        it is still reading; POSTED while queued writes wait (:meth:`posted`).  The thread
+        signals only after it has handed over or queued, so without a signal there is
+        nothing to look at (and the loop never waits for its lock); after :meth:`posted_done`
+        the signal may have been spent already, so it looks again regardless."""
+        if self._recheck:
+            self._recheck = False
+        else:
+            try:
+                os.eventfd_read(self.notify_fd)
+            except BlockingIOError:
+                return None
         r = lib.vfu_io_handed(self.io)
         return None if r < 0 else int(r)
 
@@ -128,6 +138,19 @@ class FastPath:
     def resume(self) -> None:
         """Python is done with the handed-over message: the thread reads on."""
         lib.vfu_io_resume(self.io)
+
+    def posted(self) -> list[tuple[int, int, bytes, int]]:
+        """The queued BAR writes, oldest first: (region, offset, data, msg_id) each, already
+        acknowledged (or posted by the client).  C checked each is a naturally aligned 1-8
+        byte access inside a window; they stay queued until :meth:`posted_done`."""
+        n = lib.vfu_io_posted(self.io, self._posted, lib.VFU_POSTED_MAX)
+        return [(e.region, e.offset, bytes(ffi.buffer(e.data, e.count)), e.msg_id)
+                for e in (self._posted[i] for i in range(n))]
+
+    def posted_done(self, n: int) -> None:
+        """The ``n`` oldest queued writes are applied: what waited behind them goes on."""
+        lib.vfu_io_posted_done(self.io, n)
+        self._recheck = True
 
     def idle(self) -> bool:
         """Whether every message the client sent so far has been handled (the thread waits
@@ -188,4 +211,4 @@ class FastPath:
     def stats(self) -> dict[str, int]:
         s = self.io.f.stats
         return {k: getattr(s, k) for k in ("fast_reads", "fast_writes", "doorbells",
-                                           "to_python", "early_acks")}
+                                           "to_python", "early_acks", "posted")}

@@ -22,7 +22,9 @@ import select
 import socket
 import struct
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 import trio
 from construct import ConstructError
@@ -45,6 +47,7 @@ _DMA_REPLY_TIMEOUT = 10.0
 MALFORMED = (ConstructError, struct.error, DmaError, ValueError, OSError)
 TEARDOWN_GRACE = 5.0  # seconds a dead client's teardown may take before its successor is served
 
+_R = TypeVar("_R")
 Handler = Callable[["Connection", int, bytes, list[int]], tuple[bytes, int | None] | None]
 
 
@@ -196,6 +199,9 @@ class Connection:
             if r is None:
                 await trio.lowlevel.wait_readable(fast.notify_fd)
                 continue
+            if r == fastpath.POSTED:
+                self._apply_posted(fast)
+                continue
             if r == fastpath.MESSAGE:
                 data, fds, truncated = fast.take()
                 if truncated:
@@ -232,9 +238,8 @@ class Connection:
         if cmd not in _TAKES_FDS:
             _close_fds(fds)
             fds = []
-        result: tuple[bytes, int | None] | None = None
-        err = 0
-        try:
+
+        def call() -> tuple[bytes, int | None] | None:
             if hdr.get("oversized"):
                 raise ProtocolError(errno.EINVAL, f"message of {hdr['size']} bytes, beyond "
                                     f"max_data_xfer_size {p.MAX_DATA_XFER_SIZE}")
@@ -243,18 +248,9 @@ class Connection:
             if not self.negotiated and cmd != Command.VERSION:
                 _close_fds(fds)
                 raise ProtocolError(errno.EINVAL, f"{_name(cmd)} before VERSION")
-            result = handler(self, msg_id, body, fds)  # owns fds from here, even on error
-        except ErrnoError as e:  # ProtocolError, or a refusal of the device's own
-            err = e.errno
-            log.warning("client %s: refused %s (id %d): %s", self.peer, _name(cmd), msg_id,
-                        e.reason)
-        except MALFORMED as e:
-            err = errno.EINVAL
-            log.warning("client %s: refused %s (id %d): %s", self.peer, _name(cmd), msg_id, e)
-        except Exception:  # a device-model bug must not take the server down
-            err = errno.EIO
-            log.exception("client %s: internal error handling %s (id %d)", self.peer,
-                          _name(cmd), msg_id)
+            return handler(self, msg_id, body, fds)  # owns fds from here, even on error
+
+        result, err = self._guarded(cmd, msg_id, call)
         if posted:
             return
         if err:
@@ -264,6 +260,36 @@ class Connection:
         payload, fd = result if result else (b"", None)
         await self._send(p.pack_header(msg_id, cmd, p.HEADER_SIZE + len(payload), p.FLAG_REPLY)
                          + payload, fd)
+
+    def _guarded(self, cmd: int, msg_id: int,
+                 call: Callable[[], _R]) -> tuple[_R | None, int]:
+        """A request's handling: (its result, 0), or (None, the errno to answer) with the
+        reason logged, for a refusal (ErrnoError: ProtocolError, or the device's own), a
+        malformed message, or a device-model bug (which must not take the server down)."""
+        try:
+            return call(), 0
+        except ErrnoError as e:
+            log.warning("client %s: refused %s (id %d): %s", self.peer, _name(cmd), msg_id,
+                        e.reason)
+            return None, e.errno
+        except MALFORMED as e:
+            log.warning("client %s: refused %s (id %d): %s", self.peer, _name(cmd), msg_id, e)
+            return None, errno.EINVAL
+        except Exception:
+            log.exception("client %s: internal error handling %s (id %d)", self.peer,
+                          _name(cmd), msg_id)
+            return None, errno.EIO
+
+    def _apply_posted(self, fast: fastpath.FastPath) -> None:
+        """The BAR writes C acknowledged (or the client posted) and queued, in order; a
+        refusal is logged like any posted write's, never answered."""
+        entries = fast.posted()
+        try:
+            for region, offset, data, msg_id in entries:
+                self._guarded(Command.REGION_WRITE, msg_id,
+                              partial(self.device.region_write, region, offset, data))
+        finally:
+            fast.posted_done(len(entries))
 
     async def _send(self, data: bytes, fd: int | None = None) -> None:
         async with self._send_lock:
