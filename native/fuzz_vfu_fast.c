@@ -51,6 +51,20 @@ static void drain(int sock)
 		;
 }
 
+/* The queue's invariants: never over-full, a wait only behind queued writes, and every
+ * entry a 1, 2, 4 or 8-byte write (its data fits the entry's 8 bytes). */
+static void check_posted(const struct vfu_fast *f, int r)
+{
+	uint32_t n = f->posted_head - f->posted_tail;
+	if (n > VFU_POSTED_MAX || (r == VFU_WAIT && !n))
+		abort();
+	for (uint32_t i = f->posted_tail; i != f->posted_head; i++) {
+		uint32_t c = f->posted[i % VFU_POSTED_MAX].count;
+		if (c != 1 && c != 2 && c != 4 && c != 8)
+			abort();
+	}
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
 	if (!ram1)
@@ -61,9 +75,12 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	size_t off = 0;
 	if (!size)
 		shutdown(sv[1], SHUT_WR);
-	/* The first byte's low bit: as after VERSION (writes for Python acknowledged, queued). */
+	/* The first byte's bits: 1, as after VERSION (writes for Python acknowledged and
+	 * queued); 2, Python slow to apply them (only once the stream waits, a message is
+	 * handed over, or all is sent), so the queue fills and what C serves waits. */
 	struct vfu_fast f = { .sock = sv[0], .windows = windows, .nwindows = 4, .buf = buf,
 			      .early_ack = size && (data[0] & 1) };
+	int slow = size && (data[0] & 2);
 	for (int rounds = 0; rounds < 10000; rounds++) {
 		if (off < size) {
 			ssize_t n = send(sv[1], data + off, size - off, MSG_DONTWAIT | MSG_NOSIGNAL);
@@ -74,14 +91,15 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		}
 		int r = vfu_fast_poll(&f);
 		drain(sv[1]);
-		if (r == VFU_QUEUED || r == VFU_WAIT) { /* what Python's posted_done() does */
-			f.posted_tail = f.posted_head;
-		} else if (r == VFU_MESSAGE) { /* what Python's take() does */
-			f.posted_tail = f.posted_head;
+		check_posted(&f, r);
+		if (r == VFU_WAIT || r == VFU_MESSAGE || (r == VFU_QUEUED && !slow) ||
+		    (r == VFU_AGAIN && off == size))
+			f.posted_tail = f.posted_head; /* what Python's posted_done() does */
+		if (r == VFU_MESSAGE) { /* what Python's take() does */
 			for (int i = 0; i < f.nfds; i++)
 				close(f.fds[i]);
 			f.have = f.nfds = f.fds_truncated = 0;
-		} else if (r != VFU_AGAIN) {
+		} else if (r != VFU_AGAIN && r != VFU_QUEUED && r != VFU_WAIT) {
 			break; /* EOF, a broken or oversized stream, a socket error: Python's */
 		}
 	}

@@ -10,7 +10,9 @@
  * applies is acknowledged here first and queued for Python (`posted`), as PCIe
  * posts memory writes: further such writes join the queue, while nothing else
  * is served or handed over before Python has applied it (no read or write
- * passes a posted write).
+ * passes a posted write).  Whether a write may be queued is judged by the
+ * table as it is when it arrives: one that a queued write's effect (a BAR
+ * moved) makes Python refuse is logged then, like any posted write's error.
  */
 #pragma once
 #include <stdint.h>
@@ -82,8 +84,8 @@ struct vfu_fast {
 #define VFU_IOERR 4      /* a socket error; errno says which */
 #define VFU_OVERSIZED 5  /* buf holds the header of a message larger than VFU_MAX_MSG */
 #define VFU_QUEUED 6     /* a BAR write for Python went into `posted`: tell Python */
-#define VFU_WAIT 7       /* buf's message (or the stream's end) waits for `posted` to be
-			  * applied (or to have room): call again once posted_tail moved */
+#define VFU_WAIT 7       /* buf's message, one C serves, waits for `posted` to be applied
+			  * (or, another queued write, for room): call again once it is */
 
 int vfu_fast_poll(struct vfu_fast *f);
 /* A doorbell's pending flag, read and cleared at once: the I/O thread may set it again any

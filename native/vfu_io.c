@@ -136,7 +136,8 @@ int vfu_io_posted(struct vfu_io *io, struct vfu_posted *out, int max)
 void vfu_io_posted_done(struct vfu_io *io, int n)
 {
 	pthread_mutex_lock(lock_of(io));
-	io->f.posted_tail += (uint32_t)n;
+	uint32_t queued = io->f.posted_head - io->f.posted_tail;
+	io->f.posted_tail += n < 0 ? 0 : (uint32_t)n > queued ? queued : (uint32_t)n;
 	pthread_mutex_unlock(lock_of(io));
 	pthread_cond_signal(cond_of(io));
 }
@@ -192,12 +193,13 @@ void vfu_io_abort(struct vfu_io *io)
 
 int vfu_io_idle(struct vfu_io *io)
 {
-	/* Under the lock the thread is not mid-message: it is waiting for Python, about to read
-	 * (the socket is readable) or blocked in poll (it is not). */
+	/* Under the lock the thread is waiting for Python (a message handed over, writes
+	 * queued), holds a message read but not yet served (f.have: one that waited behind
+	 * queued writes), is about to read (the socket is readable) or is blocked in poll. */
 	pthread_mutex_lock(lock_of(io));
 	struct pollfd pfd = { .fd = io->f.sock, .events = POLLIN };
 	int idle = !io->handed && !io->sending && io->f.posted_head == io->f.posted_tail &&
-		   poll(&pfd, 1, 0) == 0;
+		   !io->f.have && poll(&pfd, 1, 0) == 0;
 	pthread_mutex_unlock(lock_of(io));
 	return idle;
 }

@@ -262,6 +262,42 @@ def test_nothing_c_serves_passes_a_queued_register_write(client: Client) -> None
         assert eventfd_count(fd) == 1
 
 
+def test_idle_covers_a_message_waiting_behind_queued_writes(server: ServerThread,
+                                                             client: Client) -> None:
+    """A RAM write C serves, read off the socket while a register write was queued, waits in
+    the thread: the server is not idle until it is in memory (wait_idle, which tests and
+    the soak rely on, must not look past it)."""
+    for i in range(2000):
+        client.write(Region.BAR0, 0x40, struct.pack("<I", i), posted=True)
+        client.write(Region.BAR1, 0, struct.pack("<I", i), posted=True)
+        server.wait_idle()
+        got = server.call(lambda: server.listener.active.device.region_read(1, 0, 4))
+        assert got == struct.pack("<I", i)
+
+
+def test_an_acknowledged_write_survives_the_servers_stop(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A register write C acknowledged while the event loop was busy, then the server
+    stopped before the loop took it: it is applied all the same (the client was told OK).
+    The C path only: on the Python path nothing answers while the loop is busy."""
+    monkeypatch.setenv("VFIO_EP_FASTPATH", "1")
+    dev = testdev.build({})
+    with ServerThread(dev, tmp_path / "ep.sock") as srv:
+        c = Client(srv.path)
+
+        def busy_then_stop() -> None:
+            time.sleep(0.5)  # a long device handler, say
+            srv._scope.cancel()
+
+        busy = threading.Thread(target=srv.call, args=(busy_then_stop,))
+        busy.start()
+        time.sleep(0.05)
+        c.write(Region.BAR0, 0x40, struct.pack("<I", 0xABCD))  # answered by C alone
+    busy.join()
+    c.close()
+    assert dev.region_read(0, 0x40, 4) == struct.pack("<I", 0xABCD)
+
+
 def test_msix_vectors_added_one_by_one(client: Client) -> None:
     info = client.irq_info(Irq.MSIX)
     assert info["count"] == 32 and not info["flags"] & 0x8  # no NORESIZE

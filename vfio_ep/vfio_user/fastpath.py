@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 AGAIN, MESSAGE, EOF, BROKEN, IOERR, OVERSIZED = 0, 1, 2, 3, 4, 5
 POSTED = lib.VFU_POSTED  # handed(): queued BAR writes wait, to apply before anything else
+_U32 = 0xFFFFFFFF  # the queue's counters are uint32_t, counting up and wrapping
 SEND_RETRY = 0.001  # seconds between tries while the thread's own reply waits for room
 
 
@@ -142,15 +143,25 @@ class FastPath:
     def posted(self) -> list[tuple[int, int, bytes, int]]:
         """The queued BAR writes, oldest first: (region, offset, data, msg_id) each, already
         acknowledged (or posted by the client).  C checked each is a naturally aligned 1-8
-        byte access inside a window; they stay queued until :meth:`posted_done`."""
-        n = lib.vfu_io_posted(self.io, self._posted, lib.VFU_POSTED_MAX)
+        byte access inside a window; they stay queued until :meth:`posted_done`.  After
+        :meth:`stop`, what the thread left queued (to apply before the device goes)."""
+        if self._running:
+            n = lib.vfu_io_posted(self.io, self._posted, lib.VFU_POSTED_MAX)
+            entries = [self._posted[i] for i in range(n)]
+        else:  # the thread is gone, and its lock: what it left queued is read as it is
+            f = self.io.f
+            n = (f.posted_head - f.posted_tail) & _U32
+            entries = [f.posted[(f.posted_tail + i) % lib.VFU_POSTED_MAX] for i in range(n)]
         return [(e.region, e.offset, bytes(ffi.buffer(e.data, e.count)), e.msg_id)
-                for e in (self._posted[i] for i in range(n))]
+                for e in entries]
 
     def posted_done(self, n: int) -> None:
         """The ``n`` oldest queued writes are applied: what waited behind them goes on."""
-        lib.vfu_io_posted_done(self.io, n)
-        self._recheck = True
+        if self._running:
+            lib.vfu_io_posted_done(self.io, n)
+            self._recheck = True
+        else:
+            self.io.f.posted_tail = (self.io.f.posted_tail + n) & _U32
 
     def idle(self) -> bool:
         """Whether every message the client sent so far has been handled (the thread waits

@@ -92,6 +92,9 @@ class Connection:
             self._nursery = None
             if self.fast is not None:  # first: its windows point into what goes next
                 self.fast.stop()
+                if self._apply_posted(self.fast):  # acknowledged: not to be lost
+                    log.info("client %s: applied the writes still queued at its end",
+                             self.peer)
                 log.info("client %s: C fast path served %s", self.peer, ", ".join(
                     f"{n} {what.replace('_', ' ')}" for what, n in self.fast.stats().items()))
             self.device.detach()
@@ -280,16 +283,18 @@ class Connection:
                           _name(cmd), msg_id)
             return None, errno.EIO
 
-    def _apply_posted(self, fast: fastpath.FastPath) -> None:
+    def _apply_posted(self, fast: fastpath.FastPath) -> int:
         """The BAR writes C acknowledged (or the client posted) and queued, in order; a
-        refusal is logged like any posted write's, never answered."""
-        entries = fast.posted()
+        refusal is logged like any posted write's, never answered.  How many."""
+        applied = 0
         try:
-            for region, offset, data, msg_id in entries:
+            for region, offset, data, msg_id in fast.posted():
                 self._guarded(Command.REGION_WRITE, msg_id,
                               partial(self.device.region_write, region, offset, data))
+                applied += 1
         finally:
-            fast.posted_done(len(entries))
+            fast.posted_done(applied)
+        return applied
 
     async def _send(self, data: bytes, fd: int | None = None) -> None:
         async with self._send_lock:
