@@ -10,7 +10,9 @@ Targets: pci-epf-test's BAR1 (EP RAM; our client writes it over the socket), ser
 fast path and by the Python path (``VFIO_EP_FASTPATH=0``), each in its own server process;
 the baseline is a C sink that reads the same stream and walks its framing without doing
 anything, the floor of the transport.  A Python sink shows what any Python receiver pays
-per message.
+per message.  The C reference vfio-user server (refserver.c) and vfio-ep's C path also take
+the same stream aimed at one register (pci-epf-test's SIZE in BAR0, the reference's
+scratch register): sustained posted writes against the C floor of a real server.
 """
 
 from __future__ import annotations
@@ -38,11 +40,13 @@ from vfio_ep.bench.common import (
     ratio,
     serve,
 )
+from vfio_ep.epf.functions import pci_epf_test as t
 from vfio_ep.vfio_user import protocol as p
 from vfio_ep.vfio_user.protocol import Command
 
 BAR = 1  # pci-epf-test's BAR1: plain EP RAM behind it
 BAR_SIZE = 128 << 10
+REG_SIZE = t.REG_OFFSET["size"][0]  # pci-epf-test's SIZE register (the reference's scratch)
 WRITE_SIZE = 4
 _MSG = struct.Struct("<HHIIIQIII")  # header, access (offset, region, count), 4 data bytes
 _HDR = struct.Struct("<HHIII")
@@ -54,6 +58,9 @@ class Target:
     name: str
     label: str
     fraction: float  # of N this target gets, so that each run lasts long enough
+    bar: int = BAR  # where the writes go: `span` bytes from `start`, word after word
+    start: int = 0
+    span: int = BAR_SIZE
 
 
 def _targets() -> list[Target]:
@@ -62,33 +69,38 @@ def _targets() -> list[Target]:
     if native.available()[0]:
         out.append(Target("c-path", "server, C fast path", 1.0))
     out.append(Target("py-path", "server, Python path", 0.1))
+    out.append(Target("ref", "C reference server, one register", 1.0, 0, REG_SIZE, WRITE_SIZE))
+    if native.available()[0]:
+        out.append(Target("c-path-reg", "server, C fast path, one register", 1.0, 0, REG_SIZE,
+                          WRITE_SIZE))
     return out
 
 
 @functools.cache
-def build_stream(n: int) -> tuple[bytes, int, int]:
-    """N posted 4-byte writes over the BAR (as a driver filling a buffer would), with ids
-    1..N; returns the stream and the last write's offset and value, for the fence to check.
-    Built once per N and reused: the server replies to none of them, so ids may repeat."""
+def build_stream(n: int, bar: int, start: int, span: int) -> tuple[bytes, int, int]:
+    """N posted 4-byte writes over ``span`` bytes of ``bar`` from ``start`` (as a driver
+    filling a buffer would), with ids 1..N; returns the stream and the last write's offset
+    and value, for the fence to check.  Built once per target and reused: the server
+    replies to none of them, so ids may repeat."""
     buf = bytearray(_MSG.size * n)
-    words = BAR_SIZE // WRITE_SIZE
+    words = span // WRITE_SIZE
     flags = p.FLAG_REQUEST | p.FLAG_NO_REPLY
     off = value = 0
     for i in range(n):
-        off = (i % words) * WRITE_SIZE
+        off = start + (i % words) * WRITE_SIZE
         value = (i * 2654435761) & 0xFFFFFFFF
         _MSG.pack_into(buf, i * _MSG.size, (1 + i) & 0xFFFF, Command.REGION_WRITE,
-                       _MSG.size, flags, 0, off, BAR, WRITE_SIZE, value)
+                       _MSG.size, flags, 0, off, bar, WRITE_SIZE, value)
     return bytes(buf), off, value
 
 
-def run_once(client: Client, n: int, check: bool) -> float:
+def run_once(client: Client, target: Target, n: int, check: bool) -> float:
     """Send N posted writes and the fence; seconds until the fence's reply."""
-    stream, last_off, last_value = build_stream(n)
+    stream, last_off, last_value = build_stream(n, target.bar, target.start, target.span)
     client.msg_id = n & 0xFFFF
     fence_id = client.next_id()
     fence = _HDR.pack(fence_id, Command.REGION_READ, p.HEADER_SIZE + _ACCESS.size,
-                      p.FLAG_REQUEST, 0) + _ACCESS.pack(last_off, BAR, WRITE_SIZE)
+                      p.FLAG_REQUEST, 0) + _ACCESS.pack(last_off, target.bar, WRITE_SIZE)
     start = time.perf_counter()
     client.sock.sendall(stream)
     client.sock.sendall(fence)
@@ -96,7 +108,8 @@ def run_once(client: Client, n: int, check: bool) -> float:
     elapsed = time.perf_counter() - start
     got = int.from_bytes(body[_ACCESS.size :], "little")
     if check and got != last_value:
-        raise BenchError(f"fence read {got:#x} at BAR{BAR}+{last_off:#x}, wrote {last_value:#x}")
+        raise BenchError(f"fence read {got:#x} at BAR{target.bar}+{last_off:#x}, wrote "
+                         f"{last_value:#x}")
     return elapsed
 
 
@@ -106,8 +119,10 @@ def _target(t: Target) -> Iterator[Client]:
         ctx = serve(argv=[str(build_c(HERE / "sink.c"))])
     elif t.name == "sink-py":
         ctx = serve(argv=[sys.executable, "-m", "vfio_ep.bench.dispatch", "--sink"])
+    elif t.name == "ref":
+        ctx = serve(argv=[str(build_c(HERE / "refserver.c"))])
     else:
-        ctx = serve(fastpath=t.name == "c-path")
+        ctx = serve(fastpath=t.name.startswith("c-path"))
     with ctx as server, Client(server.socket, negotiate=not t.name.startswith("sink")) as c:
         yield c
 
@@ -123,10 +138,10 @@ def run(n: int = 200_000, reps: int = 5) -> Result:
         with contextlib.ExitStack() as stack:
             clients = {t.name: stack.enter_context(_target(t)) for t in targets}
             for t in targets:  # warm-up: first-touch page faults, caches, trio's first wakeups
-                run_once(clients[t.name], max(counts[t.name] // 10, 100), check[t.name])
+                run_once(clients[t.name], t, max(counts[t.name] // 10, 100), check[t.name])
             for _ in range(reps):
                 for t in targets:
-                    times[t.name].append(run_once(clients[t.name], counts[t.name],
+                    times[t.name].append(run_once(clients[t.name], t, counts[t.name],
                                                   check[t.name]))
     finally:
         build_stream.cache_clear()  # up to 10 N messages
@@ -136,10 +151,14 @@ def run(n: int = 200_000, reps: int = 5) -> Result:
              "ns_per_msg": 1e9 / rates[t.name], "wire_mb_s": rates[t.name] * _MSG.size / 1e6,
              "ratio": ratio(rates[t.name], base),
              "vs_c": ratio(rates[t.name], rates.get("c-path")),
+             "vs_ref": ratio(rates["ref"], rates[t.name]) if t.name == "c-path-reg" else None,
              "spread": (max(times[t.name]) - min(times[t.name])) / median(times[t.name])}
             for t in targets]
     notes = [f"{WRITE_SIZE}-byte posted REGION_WRITEs ({_MSG.size} bytes on the wire) to BAR{BAR}"
-             f" RAM, then one REGION_READ fence; median of {reps} runs, targets interleaved."]
+             f" RAM, then one REGION_READ fence; median of {reps} runs, targets interleaved.",
+             "one register: the same stream aimed at BAR0's SIZE register (pci-epf-test's, "
+             "stored in EP RAM and written by C; the C reference's scratch register); time "
+             "vs C ref = the reference's rate / ours (target <= 1.0x)."]
     if not native.available()[0]:
         notes.append(f"C fast path not measured: {native.available()[1]}")
     return Result(
@@ -147,7 +166,7 @@ def run(n: int = 200_000, reps: int = 5) -> Result:
         [Column("target", "target"), Column("messages", "N"),
          Column("rate", "msg/s", "{:,.0f}"), Column("ns_per_msg", "ns/msg", "{:,.0f}"),
          Column("wire_mb_s", "wire MB/s", "{:,.1f}"), Column("ratio", "vs sink", "{:.3g}x"),
-         Column("vs_c", "vs C path", "{:.3g}x"),
+         Column("vs_c", "vs C path", "{:.3g}x"), Column("vs_ref", "time vs C ref", "{:.2f}x"),
          Column("spread", "spread", "{:.0%}")],
         rows, {"n": n, "reps": reps, "bar": BAR, "write_size": WRITE_SIZE}, notes,
         time.monotonic() - started)
