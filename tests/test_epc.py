@@ -12,11 +12,28 @@ import trio.testing
 from vfio_ep.epc.address_space import PAGE, AddressError, EpAddressSpace, EpRam, MmioBlock
 from vfio_ep.epc.bar import PciEpfBar
 from vfio_ep.epc.core import EpcError, PciEpc, PciEpcAttributes
-from vfio_ep.epc.edma import EDMA_REGS_SIZE, DmaChannel, DwEdma
+from vfio_ep.epc.edma import (
+    CH_BASE,
+    CH_CONTROL1,
+    CH_HALTED,
+    CH_STATUS_SHIFT,
+    DAR_HI,
+    DAR_LO,
+    DOORBELL_STOP,
+    EDMA_REGS_SIZE,
+    SAR_HI,
+    SAR_LO,
+    TRANSFER_SIZE,
+    WR_DOORBELL,
+    WR_ENGINE_EN,
+    DmaChannel,
+    DwEdma,
+)
 from vfio_ep.epc.features import PROFILES
 from vfio_ep.epc.iatu import InboundAtu, NoInboundWindow
 from vfio_ep.epc.irq import IRQ_HANDLED, IRQ_NONE, IRQF_ONESHOT, IRQF_SHARED, IrqDomain, IrqError
 from vfio_ep.epc.outbound import OutboundAtu, PciEpcMem
+from vfio_ep.epc.soc import EpSoc
 from vfio_ep.epf.core import required_bar_size
 from vfio_ep.pci.bar import PCI_BASE_ADDRESS_MEM_TYPE_64, WindowKind
 from vfio_ep.pci.device import PciHeader
@@ -220,6 +237,41 @@ def test_edma_moves_data_both_ways_and_aborts_cleanly() -> None:
             assert await wr.transfer(BASE + 0x20, 0x200, 4)
             assert bytes(table.view(0x200, 4)) == b"<-EP"
             assert not await wr.transfer(BASE + 0x20, 0x20000, 4)  # RC address unmapped
+            n.cancel_scope.cancel()
+
+    trio.run(go)
+
+
+def test_edma_stop_before_the_engine_runs_halts_without_an_interrupt() -> None:
+    """STOP written right after the doorbell, before the engine's task ran (the guest can do
+    it through rk3588's eDMA BAR): the channel is halted, nothing moves, no interrupt, as
+    the STOP promises; nor does a cancelled piece of EP work start at all."""
+    table = DmaTable()
+    fd = os.memfd_create("rc", os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, 0x10000)
+    table.map(0, 0x10000, 3, fd, 0)
+    os.close(fd)
+    soc = EpSoc("t", PROFILES["generic"], 1 << 20, 0.001)
+
+    async def go() -> None:
+        async with trio.open_nursery() as n:
+            await n.start(soc.run)
+            edma = DwEdma(soc.space, soc.irqs, soc.spawn, 1, lambda: table)
+            raised: list[int] = []
+            soc.irqs.request_irq(edma.virq, lambda v, d: raised.append(v) or IRQ_HANDLED,
+                                 IRQF_SHARED, "t", "me")
+            soc.space.ram.write(BASE, b"EP->")
+            ch = CH_BASE  # write channel 0
+            for off, value in ((TRANSFER_SIZE, 4), (SAR_LO, BASE & 0xFFFFFFFF),
+                               (SAR_HI, BASE >> 32), (DAR_LO, 0x100), (DAR_HI, 0)):
+                edma.write(ch + off, 4, value)
+            edma.write(WR_ENGINE_EN, 4, 1)
+            edma.write(WR_DOORBELL, 4, 0)
+            edma.write(WR_DOORBELL, 4, DOORBELL_STOP | 0)
+            await trio.testing.wait_all_tasks_blocked()
+            assert edma.read(ch + CH_CONTROL1, 4) >> CH_STATUS_SHIFT & 3 == CH_HALTED
+            assert edma.dirs["wr"].int_status == 0 and not raised
+            assert bytes(table.view(0x100, 4)) == bytes(4)
             n.cancel_scope.cancel()
 
     trio.run(go)

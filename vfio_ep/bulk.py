@@ -2,7 +2,7 @@
 
 Transfers (pci-epf-test's READ/WRITE/COPY, the eDMA) move megabytes between EP RAM and RC
 memory, both shared memory the server maps: they go view to view, never through ``bytes``.
-The work is counted in bytes across all callers and the loop runs other tasks after every
+The work is counted in bytes across the loop's tasks and the loop runs other tasks after every
 BULK_STEP of it, so a 64 MiB transfer never stalls another connection or the doorbell path for
 more than a step (~0.1-0.3 ms of memcpy or CRC), while a small transfer's copy and CRC do not
 pay a scheduler pass each (~20 us, more than a 4 KiB copy costs).  The random fill runs in
@@ -22,18 +22,23 @@ from vfio_ep.native import native
 
 BULK_STEP = 1 << 20  # bytes copied, summed or filled between two checkpoints
 _ZEROS = memoryview(bytes(BULK_STEP))
-_unyielded = 0  # bytes of bulk work done, by any caller, since the loop last ran others
+# Bytes of bulk work done, by any task of this loop, since the loop last ran others.
+_UNYIELDED: trio.lowlevel.RunVar[int] = trio.lowlevel.RunVar("bulk_unyielded", default=0)
 
 
 async def _paced(done: int) -> None:
     """Count ``done`` bytes of work; once BULK_STEP have been done since the last yield,
-    let the other tasks run (a checkpoint).  One count for every caller: back-to-back small
-    calls share a yield, and no run of them holds the loop for longer than a step."""
-    global _unyielded
-    _unyielded += done
-    if _unyielded >= BULK_STEP:
-        _unyielded = 0
+    let the other tasks run (a checkpoint).  One count for every task of the loop:
+    back-to-back small calls share a yield, and no run of them holds the loop for more than
+    about two steps.  A cancelled caller stops here either way (work cancelled before its
+    first step, a reset's cancel_work_sync(), never goes on to touch the host)."""
+    unyielded = _UNYIELDED.get() + done
+    if unyielded >= BULK_STEP:
+        _UNYIELDED.set(0)
         await trio.lowlevel.checkpoint()
+    else:
+        _UNYIELDED.set(unyielded)
+        await trio.lowlevel.checkpoint_if_cancelled()
 
 
 def _steps(views: Sequence[memoryview]) -> list[memoryview]:

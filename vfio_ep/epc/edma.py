@@ -179,6 +179,9 @@ class DwEdma:
         except (AddressError, RcBusError) as e:
             ok = False
             log.warning("eDMA %s channel %d aborted: %s", self.dirs[direction].name, ch, e)
+        # A STOP meanwhile (or before the engine ran at all) halted the channel: no
+        # completion, no interrupt, and nothing of a newer transfer's is touched.
+        await trio.lowlevel.checkpoint_if_cancelled()
         self._engines.pop((direction, ch), None)
         d = self.dirs[direction]
         self._set_ch_status(direction, ch, CH_STOPPED if ok else CH_HALTED)

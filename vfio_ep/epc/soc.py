@@ -92,6 +92,9 @@ class EpSoc:
         """EP work never takes the server down: a bus error is logged, a bug too."""
         try:
             with work.scope:
+                # Work cancelled before it started never runs (cancel_work_sync() on
+                # pending work), whatever its first checkpoint would be.
+                await trio.lowlevel.checkpoint_if_cancelled()
                 await fn()
         except (AddressError, EpcError, RcBusError) as e:
             log.warning("%s: %s failed: %s", self.name, name, e)
