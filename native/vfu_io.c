@@ -123,16 +123,6 @@ int vfu_io_handed(struct vfu_io *io)
 	return r;
 }
 
-int vfu_io_posted(struct vfu_io *io, struct vfu_posted *out, int max)
-{
-	pthread_mutex_lock(lock_of(io));
-	int n = 0;
-	for (uint32_t i = io->f.posted_tail; i != io->f.posted_head && n < max; i++)
-		out[n++] = io->f.posted[i % VFU_POSTED_MAX];
-	pthread_mutex_unlock(lock_of(io));
-	return n;
-}
-
 void vfu_io_posted_done(struct vfu_io *io, int n)
 {
 	pthread_mutex_lock(lock_of(io));

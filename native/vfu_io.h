@@ -4,9 +4,9 @@
  * served there and then, and Python never wakes for them.  The first message that needs
  * Python is handed over (notify_efd becomes readable) and the thread waits until Python has
  * handled it (vfu_io_resume), so the order of the stream is kept.  BAR writes for Python's
- * register handlers are acknowledged and queued instead (f.posted, vfu_io_posted): the thread
- * reads on, queueing more such writes, and serves anything else only once Python has applied
- * them (vfu_io_posted_done), as PCIe orders posted writes.  The window table and the
+ * register handlers are acknowledged and queued instead (f.posted, which Python copies under
+ * vfu_io_lock): the thread reads on, queueing more such writes, and serves anything else
+ * only once Python has applied them (vfu_io_posted_done), as PCIe orders posted writes.  The window table and the
  * socket's send side are shared with Python under one lock: Python swaps the table
  * (vfu_io_set_windows) and sends its own messages (vfu_io_send) through here without
  * waiting for room in the socket: a client that stops reading stalls only its own
@@ -39,9 +39,6 @@ int vfu_io_start(struct vfu_io *io, struct vfu_window *windows, int n);
 /* What the thread handed over (a VFU_* result), VFU_POSTED while queued writes wait (they
  * come first), or -1 while it reads on. */
 int vfu_io_handed(struct vfu_io *io);
-/* Copy up to `max` queued writes, oldest first, into `out`: how many.  They stay queued
- * until vfu_io_posted_done. */
-int vfu_io_posted(struct vfu_io *io, struct vfu_posted *out, int max);
 /* Python has applied the `n` oldest queued writes: the thread may serve what waited. */
 void vfu_io_posted_done(struct vfu_io *io, int n);
 /* Python has taken and handled the handed-over message: read on. */

@@ -54,7 +54,6 @@ class FastPath:
         self.windows = windows
         self._keep: list[Any] = []
         self._running = False
-        self._posted = ffi.new("struct vfu_posted[]", lib.VFU_POSTED_MAX)
         self._recheck = False  # queued writes were applied: look again without a signal
 
     def start(self) -> None:
@@ -143,17 +142,15 @@ class FastPath:
     def posted(self) -> list[tuple[int, int, bytes, int]]:
         """The queued BAR writes, oldest first: (region, offset, data, msg_id) each, already
         acknowledged (or posted by the client).  C checked each is a naturally aligned 1-8
-        byte access inside a window; they stay queued until :meth:`posted_done`.  After
-        :meth:`stop`, what the thread left queued (to apply before the device goes)."""
-        if self._running:
-            n = lib.vfu_io_posted(self.io, self._posted, lib.VFU_POSTED_MAX)
-            entries = [self._posted[i] for i in range(n)]
-        else:  # the thread is gone, and its lock: what it left queued is read as it is
+        byte access inside a window; they stay queued until :meth:`posted_done`.  Copied
+        with the thread held still; after :meth:`stop` (no thread, no lock), what it left
+        queued, to apply before the device goes."""
+        with self._still() if self._running else contextlib.nullcontext():
             f = self.io.f
-            n = (f.posted_head - f.posted_tail) & _U32
-            entries = [f.posted[(f.posted_tail + i) % lib.VFU_POSTED_MAX] for i in range(n)]
-        return [(e.region, e.offset, bytes(ffi.buffer(e.data, e.count)), e.msg_id)
-                for e in entries]
+            entries = (f.posted[(f.posted_tail + i) % lib.VFU_POSTED_MAX]
+                       for i in range((f.posted_head - f.posted_tail) & _U32))
+            return [(e.region, e.offset, bytes(ffi.buffer(e.data, e.count)), e.msg_id)
+                    for e in entries]
 
     def posted_done(self, n: int) -> None:
         """The ``n`` oldest queued writes are applied: what waited behind them goes on."""
