@@ -68,6 +68,10 @@ def composition_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @verbose_option
 @click.option("--socket", "sockets", multiple=True, metavar="[CONTROLLER=]PATH",
               help="UNIX socket to serve a controller on (created 0600); repeatable.")
+@click.option("--ep-socket", "ep_sockets", multiple=True, metavar="[CONTROLLER=]PATH",
+              help="Serve the controller's CPU side here, to an EP guest whose kernel runs "
+              "the functions (its EPC driver: qemu/kernel/epc); alone, one controller named "
+              "e65d0000.pcie-ep.  The RC side on --socket exists once the guest starts it.")
 @click.option("--allow-uid", "allow_uids", multiple=True, type=click.IntRange(min=0),
               metavar="UID", help="Also accept clients of this user (checked with "
               "SO_PEERCRED; the socket is then 0666); repeatable.  Default: our own user.")
@@ -80,15 +84,16 @@ def composition_options(fn: Callable[..., Any]) -> Callable[..., Any]:
               help="Print, per controller, the QEMU options that attach a guest to it as "
               "`vfio-ep run` does (memfd RAM, interrupt remapping, root port, the device).")
 @composition_options
-def serve(sockets: tuple[str, ...], allow_uids: tuple[int, ...], ready_fd: int | None,
-          pidfile: Path | None, print_qemu_args: bool, function: str | None,
-          config_file: Path | None, configfs: Path | None, preset: str | None,
-          sets: tuple[str, ...]) -> None:
+def serve(sockets: tuple[str, ...], ep_sockets: tuple[str, ...], allow_uids: tuple[int, ...],
+          ready_fd: int | None, pidfile: Path | None, print_qemu_args: bool,
+          function: str | None, config_file: Path | None, configfs: Path | None,
+          preset: str | None, sets: tuple[str, ...]) -> None:
     """Serve every started controller on its socket until SIGINT/SIGTERM."""
     from vfio_ep.serve import serve_forever
 
     serve_forever(list(sockets), function, config_file, list(sets), configfs,
-                  frozenset(allow_uids), print_qemu_args, preset, ready_fd, pidfile)
+                  frozenset(allow_uids), print_qemu_args, preset, ready_fd, pidfile,
+                  list(ep_sockets))
 
 
 @main.command(context_settings={"ignore_unknown_options": True})
@@ -97,6 +102,10 @@ def serve(sockets: tuple[str, ...], allow_uids: tuple[int, ...], ready_fd: int |
 @click.option("--kernel", type=click.Path(exists=True, path_type=Path),
               help="Boot this bzImage, or a kernel build directory (O=): its bzImage, and its "
               "modules in the initramfs' /lib/modules.")
+@click.option("--ep-guest", is_flag=True,
+              help="Run the kernel's own pci-epf-test in an EP guest on vfio-ep's controller "
+              "(its EPC driver: qemu/kernel/epc), then the RC guest's kselftest against it; "
+              "--configfs SCRIPT is the EP guest's board script, run there verbatim.")
 @click.option("--topology", type=click.Choice(sorted(TOPOLOGIES)),
               help="A shape of guests and endpoint: ntb-pair, two guests joined by "
               "pci-epf-ntb (the same as --function pci-epf-ntb).")
@@ -155,7 +164,8 @@ def serve(sockets: tuple[str, ...], allow_uids: tuple[int, ...], ready_fd: int |
 @click.option("--run-dir", type=click.Path(path_type=Path), help="Where logs and results go.")
 @click.argument("guest_args", nargs=-1, type=click.UNPROCESSED)
 def run(function: str | None, config_file: Path | None, configfs: Path | None,
-        preset: str | None, sets: tuple[str, ...], topology: str | None, kernel: Path | None,
+        preset: str | None, sets: tuple[str, ...], ep_guest: bool, topology: str | None,
+        kernel: Path | None,
         kselftest: Path | None, qemu: Path | None, linux: str, exec_cmd: str | None,
         shell: bool, axes: tuple[str, ...], xfail: tuple[str, ...], append: str,
         shares: tuple[str, ...], dyndbg: tuple[str, ...], trace_events: tuple[str, ...],
@@ -201,9 +211,30 @@ def run(function: str | None, config_file: Path | None, configfs: Path | None,
                                        interactive=shell, shares=mounts, dyndbg=dyndbg,
                                        trace_events=trace_events,
                                        ftrace_filter=ftrace_filter, workdir=workdir))
+    if ep_guest:
+        raise SystemExit(_run_ep_guest(common, sets, run_dir, bool(axes or exec_cmd or shell
+                                                                   or kselftest or topology)))
     if axes:
         raise SystemExit(run_suite_matrix(list(axes), list(sets), run_dir, **common))
     raise SystemExit(run_suite(sets=list(sets), run_dir=run_dir, exec_cmd=exec_cmd, **common))
+
+
+def _run_ep_guest(common: dict[str, Any], sets: tuple[str, ...], run_dir: Path | None,
+                  other_modes: bool) -> int:
+    """``run --ep-guest``: the EP guest runs the function, so the options that pick vfio-ep's
+    own function or another suite do not apply."""
+    from vfio_ep.guest.ep_guest import EpGuestRun, run_ep_guest
+
+    if common["function"] not in (None, "pci-epf-test", "pci_epf_test") or \
+            common["config_file"] or other_modes:
+        raise click.UsageError("--ep-guest runs pci-epf-test in the EP guest and the "
+                               "kselftest in the RC guest: not with --function, --config, "
+                               "--topology, --matrix, --exec, --shell or --kselftest yet")
+    return run_ep_guest(EpGuestRun(sets, common["preset"], common["configfs"],
+                                   tuple(common["guest_args"])),
+                        kernel=common["kernel"], qemu=common["qemu"], linux=common["linux"],
+                        timeout=common["timeout"], run_dir=run_dir,
+                        options=common["options"])
 
 
 @main.command("kernel-config")

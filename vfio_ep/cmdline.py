@@ -1,5 +1,5 @@
-"""What a command line asks to serve: ``--config``, ``--configfs``, ``--function``, ``--set``
-and ``--socket`` turned into one :class:`~vfio_ep.composition.Composition`."""
+"""What a command line asks to serve: ``--config``, ``--configfs``, ``--function``, ``--set``,
+``--socket`` and ``--ep-socket`` turned into one :class:`~vfio_ep.composition.Composition`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from vfio_ep.composition import Composition
+from vfio_ep.composition import CONTROLLER_KEYS, EP_SOCKET, FLAT_ALIASES, Composition
 from vfio_ep.config import ConfigError
 from vfio_ep.configfs_script import parse_script
 from vfio_ep.presets import preset_sets
@@ -15,12 +15,25 @@ from vfio_ep.presets import preset_sets
 
 def load(config_file: Path | None, function: str | None, sets: list[str],
          configfs: Path | None = None, sockets: list[str] | None = None,
-         preset: str | None = None) -> Composition:
+         preset: str | None = None, ep_sockets: list[str] | None = None) -> Composition:
     """The composition a command line asks for (``--config``, ``--configfs``, ``--function``,
-    ``--preset``, ``--set``, ``--socket``); a preset's items come before the ``--set`` ones,
-    which win."""
+    ``--preset``, ``--set``, ``--socket``, ``--ep-socket``); a preset's items come before the
+    ``--set`` ones, which win.  ``--ep-socket`` alone is one controller an EP guest drives,
+    given only a preset's controller items (the guest's own script sets its function's)."""
     if config_file is not None and configfs is not None:
         raise ConfigError("--config and --configfs are two ways of saying the same: pick one")
+    if ep_sockets and not (config_file or configfs):
+        if function is not None:
+            raise ConfigError("--ep-socket serves a controller whose functions an EP guest "
+                              "runs: --function is for functions vfio-ep runs itself")
+        comp = Composition.ep_guest({})
+        if preset is not None:
+            sets = [*controller_items(preset_sets(preset, "pci_epf_test")), *sets]
+        for item in sets:
+            comp.set(item)
+        comp.assign_sockets(sockets or [])
+        comp.assign_sockets(ep_sockets, EP_SOCKET)
+        return comp
     if configfs is not None:
         comp = _no_function_flag(function, parse_script(_read(configfs), str(configfs)),
                                  "--configfs")
@@ -41,7 +54,19 @@ def load(config_file: Path | None, function: str | None, sets: list[str],
     for item in sets:
         comp.set(item)
     comp.assign_sockets(sockets or [])
+    comp.assign_sockets(ep_sockets or [], EP_SOCKET)
     return comp
+
+
+def controller_items(items: tuple[str, ...]) -> list[str]:
+    """The ``KEY=VALUE`` items that set controller attributes (a preset's profile)."""
+    return [i for i in items
+            if FLAT_ALIASES.get(k := i.partition("=")[0], k) in CONTROLLER_KEYS]
+
+
+def function_items(items: tuple[str, ...]) -> list[str]:
+    """The other items: a function's attributes (a preset's IDs)."""
+    return [i for i in items if i not in controller_items(items)]
 
 
 def _flat(data: dict[str, Any], source: Path) -> dict[str, Any]:

@@ -11,17 +11,23 @@ be the endpoint of several guests.  Three spellings lead here:
 * TOML tables ``[controllers.NAME]`` (``socket``, the controller's attributes) and
   ``[functions.NAME]`` (``type``, ``primary``, ``secondary``, the function's attributes);
 * a configfs script (:mod:`vfio_ep.configfs_script`).
+
+A controller with an ``ep_socket`` is driven by an EP guest: its functions are that guest's
+kernel's (``vfio-ep run --ep-guest``), none is linked to it here, and besides its RC side on
+``socket`` it serves its CPU side (:mod:`vfio_ep.epc.cpu_port`) on ``ep_socket``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from vfio_ep.config import ConfigError, attributes
 from vfio_ep.epc.core import PciEpc, PciEpcAttributes
+from vfio_ep.epc.cpu_port import EpcCpuPort
 from vfio_ep.epf.core import PRIMARY_INTERFACE, SECONDARY_INTERFACE, PciEpf
 from vfio_ep.epf.functions import DRIVERS, canonical
 from vfio_ep.pci import testdev
@@ -33,9 +39,14 @@ SINGLE_CONTROLLER = "ep0"
 SINGLE_FUNCTION = "func1"
 PAIR_CONTROLLERS = ("ep0", "ep1")  # a one-function pci-epf-ntb: primary, secondary
 SOCKET = "socket"
+EP_SOCKET = "ep_socket"  # the controller's CPU side, for an EP guest
+# The controller of ``vfio-ep serve --ep-socket``: the name a board's configfs script uses
+# (the seeds' R-Car S4 scripts say controllers/e65d0000.pcie-ep).
+EP_GUEST_CONTROLLER = "e65d0000.pcie-ep"
 # The flat form names the controller's profile ``controller`` (``--set controller=rk3588``).
 FLAT_ALIASES = {"controller": "profile"}
-CONTROLLER_KEYS = frozenset(f.name for f in dataclasses.fields(PciEpcAttributes)) | {SOCKET}
+CONTROLLER_KEYS = frozenset(f.name for f in dataclasses.fields(PciEpcAttributes)) | {SOCKET,
+                                                                                     EP_SOCKET}
 
 
 @dataclass
@@ -60,11 +71,13 @@ class FunctionGroup:
 
 @dataclass
 class Endpoint:
-    """A started controller: the device served on ``socket``, and what is behind it."""
+    """A controller's device served on ``socket``, and what is behind it.  An EP guest's
+    controller has two: its CPU side (``device``) and its RC side, which exists once the EP
+    guest starts the controller (``device`` is then a function returning it, or None)."""
 
     controller: str
     socket: Path
-    device: PciDevice
+    device: PciDevice | Callable[[], PciDevice | None]
     epc: PciEpc | None = None
     functions: list[PciEpf] = field(default_factory=list)
 
@@ -94,6 +107,13 @@ class Composition:
                    {SINGLE_FUNCTION: FunctionGroup(SINGLE_FUNCTION, driver,
                                                    _defaults(driver) | values,
                                                    primary=SINGLE_CONTROLLER)})
+
+    @classmethod
+    def ep_guest(cls, values: dict[str, Any]) -> Composition:
+        """One controller whose functions an EP guest runs (``--ep-socket`` alone):
+        ``values`` are its attributes."""
+        values = {FLAT_ALIASES.get(k, k): v for k, v in values.items()}
+        return cls({EP_GUEST_CONTROLLER: ControllerGroup(EP_GUEST_CONTROLLER, values)})
 
     @classmethod
     def from_toml(cls, data: dict[str, Any], source: str) -> Composition:
@@ -150,19 +170,21 @@ class Composition:
             return next(iter(self.functions.values()))
         raise ConfigError(f"--set {item!r}: several functions; name one: --set NAME.{key}=...")
 
-    def assign_sockets(self, specs: list[str]) -> None:
-        """``--socket PATH`` (one controller) or ``--socket NAME=PATH`` (repeatable)."""
+    def assign_sockets(self, specs: list[str], key: str = SOCKET) -> None:
+        """``--socket PATH`` (one controller) or ``--socket NAME=PATH`` (repeatable); with
+        ``key`` EP_SOCKET, ``--ep-socket`` likewise."""
+        flag = f"--{key.replace('_', '-')}"
         for spec in specs:
             name, sep, path = spec.rpartition("=")
             if not sep:
                 if len(self.controllers) != 1:
-                    raise ConfigError(f"--socket {spec}: several controllers "
+                    raise ConfigError(f"{flag} {spec}: several controllers "
                                       f"({', '.join(self.controllers)}); use NAME=PATH")
                 name = next(iter(self.controllers))
             if name not in self.controllers:
-                raise ConfigError(f"--socket {spec}: no controller named {name!r} "
+                raise ConfigError(f"{flag} {spec}: no controller named {name!r} "
                                   f"(have {', '.join(self.controllers)})")
-            self.controllers[name].values[SOCKET] = path
+            self.controllers[name].values[key] = path
 
     # -- pci_epc_start ------------------------------------------------------
     def build(self) -> list[Endpoint]:
@@ -184,9 +206,12 @@ class Composition:
         epcs: dict[str, PciEpc] = {}
         socs = self._socs()
         for ctrl in sorted(started, key=lambda c: c.name in socs):  # SoC owners first
+            values = _without(ctrl.values, SOCKET)
+            if EP_SOCKET in ctrl.values:
+                endpoints += _ep_guest_endpoints(ctrl, sockets[ctrl.name])
+                continue
             func = next(f for f in self.functions.values() if ctrl.name in (f.primary,
                                                                              f.secondary))
-            values = _without(ctrl.values, SOCKET)
             if func.driver == TESTDEV:
                 endpoints.append(Endpoint(ctrl.name, sockets[ctrl.name],
                                           testdev.build(values | func.values)))
@@ -224,7 +249,8 @@ class Composition:
         return attributes(drv.attributes, func.values, f"functions/{func.driver}/{name}")
 
     def _check_links(self) -> None:
-        if not self.functions:
+        guests = [c.name for c in self.controllers.values() if EP_SOCKET in c.values]
+        if not self.functions and not guests:
             raise ConfigError("no function: nothing to serve")
         for func in self.functions.values():
             need = DRIVERS[func.driver].interfaces if func.driver in DRIVERS else 1
@@ -245,6 +271,12 @@ class Composition:
         for ctrl in self.controllers.values():
             linked = [f.name for f in self.functions.values()
                       if ctrl.name in (f.primary, f.secondary)]
+            if ctrl.name in guests:
+                if linked:
+                    raise ConfigError(f"controller {ctrl.name} is driven by an EP guest "
+                                      f"({EP_SOCKET}): its functions are the guest's, but "
+                                      f"{', '.join(linked)} is linked to it here")
+                continue
             if not linked:
                 raise ConfigError(f"controller {ctrl.name} has no function linked to it")
             if len(linked) > 1:
@@ -260,7 +292,9 @@ def attribute_listing(function: str) -> list[tuple[str, Any]]:
     """(configfs path, default) of every attribute of a controller and of ``function``:
     what ``vfio-ep attributes`` prints, in the spelling --set, TOML and configfs use."""
     driver = _driver(function)
-    rows: list[tuple[str, Any]] = [(f"controllers/NAME/{SOCKET}", None)]
+    rows: list[tuple[str, Any]] = [(f"controllers/NAME/{SOCKET}", None),
+                                   (f"controllers/NAME/{EP_SOCKET}",
+                                    "(optional: an EP guest runs the functions)")]
     rows += [(f"controllers/NAME/{f.name}", f.default)
              for f in dataclasses.fields(PciEpcAttributes)]
     cls = testdev.TestdevAttributes if driver == TESTDEV else DRIVERS[driver].attributes
@@ -290,6 +324,17 @@ def _tables(data: dict[str, Any], key: str, source: str) -> dict[str, dict[str, 
     if not isinstance(tables, dict) or not all(isinstance(t, dict) for t in tables.values()):
         raise ConfigError(f"{source}: {key} must be tables, [{key}.NAME]")
     return tables
+
+
+def _ep_guest_endpoints(ctrl: ControllerGroup, socket: Path) -> list[Endpoint]:
+    """A controller an EP guest drives: its CPU side now, its RC side once started."""
+    values = _without(_without(ctrl.values, SOCKET), EP_SOCKET)
+    attrs = attributes(PciEpcAttributes, values, f"controllers/{ctrl.name}")
+    epc = PciEpc.create(ctrl.name, attrs)
+    port = EpcCpuPort(epc, ctrl.name, attrs.dma_channels)
+    return [Endpoint(ctrl.name, socket, lambda: epc.pci, epc),
+            Endpoint(f"{ctrl.name} (EP guest)", Path(str(ctrl.values[EP_SOCKET])), port.pci,
+                     epc)]
 
 
 def _socket(ctrl: ControllerGroup) -> Path:

@@ -16,6 +16,7 @@ import trio
 from vfio_ep import cmdline
 from vfio_ep.config import ConfigError
 from vfio_ep.epc.core import EpcError
+from vfio_ep.pci.device import PciDevice
 from vfio_ep.vfio_user.server import Listener, SocketPathError
 
 log = logging.getLogger(__name__)
@@ -55,12 +56,12 @@ def serve_forever(sockets: list[str], function: str | None, config_file: Path | 
                   sets: list[str], configfs: Path | None = None,
                   allow_uids: frozenset[int] = frozenset(), print_qemu_args: bool = False,
                   preset: str | None = None, ready_fd: int | None = None,
-                  pidfile: Path | None = None) -> None:
+                  pidfile: Path | None = None, ep_sockets: list[str] | None = None) -> None:
     """Build the composition, bind every started controller's socket, then serve until
     SIGINT/SIGTERM.  Once every socket accepts clients: ``READY=1`` on ``ready_fd`` (then
     closed), and our pid in ``pidfile`` (removed at exit if it still holds it)."""
     try:
-        comp = cmdline.load(config_file, function, sets, configfs, sockets, preset)
+        comp = cmdline.load(config_file, function, sets, configfs, sockets, preset, ep_sockets)
         endpoints = comp.build()
     except (ConfigError, ValueError) as e:
         sys.exit(f"vfio-ep: {e}")
@@ -75,9 +76,13 @@ def serve_forever(sockets: list[str], function: str | None, config_file: Path | 
     for e in endpoints:
         if print_qemu_args:
             print(f"# {e.controller}: qemu-system-x86_64 ... {qemu_args(e.socket)}", flush=True)
+        if not isinstance(e.device, PciDevice):
+            log.info("serving controller %s on %s once its EP guest starts it", e.controller,
+                     e.socket)
+            continue
         h = e.device.spec.header
         what = ", ".join(f.tag.split("/")[-1] + f" ({f.name})" for f in e.functions) or \
-            "testdev"
+            ("its CPU side" if e.epc else "testdev")
         log.info("serving controller %s: %s %04x:%04x on %s", e.controller, what, h.vendorid,
                  h.deviceid, e.socket)
 

@@ -37,6 +37,7 @@ __all__ = ["EpcError", "IrqType", "PciEpc", "PciEpcAttributes", "PciEpcMap", "Pc
 PCI_BASE_ADDRESS_IO_MASK = ~0x3
 SZ_1M = 1 << 20
 RESIZABLE_MAX = 128 << 40  # SZ_128G * 1024
+DMA_CHANNEL_KINDS = ("memcpy", "slave")
 
 
 class IrqType(enum.IntEnum):
@@ -71,8 +72,14 @@ class PciEpcAttributes:
     reserved_bars: tuple[int, ...] = ()
     msi_mutable: bool = False
     doorbell_poll_interval_us: int = 1000
+    # An EP guest's dmaengine view of the eDMA: "memcpy" channels (pci-epf-test's generic
+    # DMA path), or "slave" channels as dw-edma offers them (nvmet-pci-epf's).
+    dma_channels: str = "memcpy"
 
     def __post_init__(self) -> None:
+        if self.dma_channels not in DMA_CHANNEL_KINDS:
+            raise ValueError(f"dma_channels {self.dma_channels!r}: one of "
+                             f"{', '.join(DMA_CHANNEL_KINDS)}")
         if self.doorbell_poll_interval_us <= 0:
             raise ValueError("doorbell_poll_interval_us must be positive")
         if self.ram_size < PAGE:

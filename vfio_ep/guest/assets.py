@@ -27,11 +27,14 @@ def _qemu_dir() -> Path:
 QEMU = _qemu_dir()
 
 KERNEL_FRAGMENTS = QEMU / "kernel"  # kernel.config, plus kernel-<line>.config where one differs
+EPC_DRIVER = QEMU / "kernel" / "epc"  # the EP guest's EPC driver (built against each kernel)
+EPC_HEADER = EPC_DRIVER / "vfio-ep-epc.h"  # its register interface, read by vfio_ep.epc.cpu_port
 GUEST_SCRIPTS = QEMU / "guest"
 TAP_LIB = GUEST_SCRIPTS / "tap_lib.sh"  # sourced by the guest suites
 PCITEST_TAP = GUEST_SCRIPTS / "pcitest_tap.sh"  # pcitest.sh's cases, as TAP
 KSELFTEST = GUEST_SCRIPTS / "kselftest.sh"  # the kselftest, once its driver has the device
 NTB_SUITE = GUEST_SCRIPTS / "ntb_suite.sh"
 NTB_PAIR = GUEST_SCRIPTS / "ntb_pair.sh"
+EP_GUEST = GUEST_SCRIPTS / "ep_guest.sh"  # the EP guest: EPC driver, functions, setup script
 INSMOD = GUEST_SCRIPTS / "insmod.sh"  # the guest's insmod: busybox's + the cmdline's dyndbg
 GUEST_PROGRAMS = QEMU / "bench"  # static C programs the benchmarks run in the guest

@@ -9,6 +9,7 @@ into tinyconfig with the kernel's own ``scripts/kconfig/merge_config.sh``, and a
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -17,13 +18,17 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-from vfio_ep.guest.assets import KERNEL_FRAGMENTS
+from vfio_ep.guest.assets import EPC_DRIVER, KERNEL_FRAGMENTS
 from vfio_ep.guest.host import ProvisionError, check_call, ensure_host_packages, fresh_dir, say
 from vfio_ep.tail import tail
 
 LINUX_LINES = ("6.12", "7.2", "7.3")
 DEFAULT_LINUX = "7.3"
+# Lines whose kernel can also be the EP guest (pci-ep-msi's embedded doorbell, nvmet-pci-epf):
+# their kernels get the endpoint framework and functions too.
+EP_GUEST_LINES = ("7.2", "7.3")
 FRAGMENT = KERNEL_FRAGMENTS / "kernel.config"
+EP_GUEST_FRAGMENT = KERNEL_FRAGMENTS / "ep-guest.config"
 KSELFTEST_SOURCE = "tools/testing/selftests/pci_endpoint/pci_endpoint_test.c"
 PCITEST_SOURCE = "tools/pci/pcitest.c"
 KERNEL_HOST_PACKAGES = ("gcc", "make", "libc6-dev", "flex", "bison", "bc", "libelf-dev",
@@ -39,9 +44,11 @@ def source_package(linux: str) -> str:
 
 
 def fragments(linux: str) -> list[Path]:
-    """The config fragments of kernel line ``linux``: the common one, then its own."""
+    """The config fragments of kernel line ``linux``: the common one, the EP guest's where
+    the line can be one, then its own."""
     own = FRAGMENT.with_name(f"kernel-{linux}.config")
-    return [FRAGMENT, own] if own.is_file() else [FRAGMENT]
+    return [FRAGMENT, *([EP_GUEST_FRAGMENT] if linux in EP_GUEST_LINES else []),
+            *([own] if own.is_file() else [])]
 
 
 def extract_linux_source(deb: Path, tree: Path, package: str) -> None:
@@ -78,6 +85,49 @@ def build_kernel(src: Path, build: Path, log: Path, parts: list[Path]) -> None:
                                  "dependencies in the fragment")
         _make([*make, f"-j{os.cpu_count() or 1}", "bzImage", "modules"], sink,
               "kernel: bzImage and modules")
+
+
+# What a kernel build directory keeps for building out-of-tree modules against it later (its
+# config, generated headers, Module.symvers, the host tools in scripts/ and tools/): all but
+# the objects, the images and the dependency records, ~220 MB that no later build reads.
+PRUNED_SUFFIXES = frozenset({".o", ".a", ".ko", ".cmd"})
+PRUNED_PREFIXES = (".tmp_vmlinux", "vmlinux")
+HOST_TOOLS = ("scripts", "tools")  # their records stay: make checks them before using them
+EPC_MODULE = "vfio-ep-epc.ko"
+
+
+def prune_build(build: Path) -> None:
+    """Drop a kernel build directory's objects and images, keeping what ``make M=`` needs."""
+    for path in build.rglob("*"):
+        if not path.is_file() or path.relative_to(build).parts[0] in HOST_TOOLS:
+            continue
+        if path.suffix in PRUNED_SUFFIXES or path.name.startswith(PRUNED_PREFIXES):
+            path.unlink()
+
+
+def epc_driver_digest() -> str:
+    """The EP guest's EPC driver sources' hash: the cache key of its builds."""
+    digest = hashlib.sha256()
+    for path in sorted(EPC_DRIVER.iterdir()):
+        if path.is_file():
+            digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def build_epc_driver(build: Path, out: Path) -> Path:
+    """vfio-ep's EPC driver (qemu/kernel/epc) built against kernel build directory ``build``
+    with W=1, a warning failing the build: ``out/vfio-ep-epc.ko``."""
+    work = fresh_dir(out.with_name(out.name + ".partial"))
+    for path in EPC_DRIVER.iterdir():
+        if path.is_file():
+            shutil.copyfile(path, work / path.name)
+    with (work / "build.log").open("w") as sink:
+        _make(["make", "-C", str(build), f"M={work}", "W=1", "KCFLAGS=-Werror", "modules"],
+              sink, "EPC driver")
+    if out.exists():
+        shutil.rmtree(out)
+    work.rename(out)
+    return out / EPC_MODULE
 
 
 def _make(argv: list[str], log: TextIO, label: str, cwd: Path | None = None) -> None:

@@ -320,6 +320,26 @@ class GuestRun:
         self._meta.update(exit_status=status, error=error)
         return result
 
+    async def collect(self) -> GuestResult:
+        """End a guest that serves until stopped (the EP guest): its records (dmesg)
+        through the rescue console, then QEMU stopped; the result of what it printed, with
+        no exit status and no error when it was still running."""
+        assert self._qemu is not None and self._console is not None
+        error = None
+        if self._qemu.returncode is None:
+            self._write_records(await self._rescue_records())
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.qmp.execute("quit"), GRACE)
+        else:
+            error = f"it stopped first (QEMU exit {self._qemu.returncode})"
+            self._write_records(console_sections(self._log("console")))
+        await _terminate(self._qemu)
+        await asyncio.gather(self._console, return_exceptions=True)
+        output, status = parse_console(self._log("console"))
+        self._meta.update(exit_status=status, error=error)
+        return GuestResult(status, output, self.run_dir, self._log("server"), error,
+                           self._line_times)
+
     async def _task_dump(self) -> bool:
         """sysrq-t in the stuck guest: every task's state and stack reach the console (and
         console.log) before QEMU is stopped, so a timeout shows what hung.  False when QEMU

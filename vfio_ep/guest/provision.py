@@ -32,14 +32,19 @@ from vfio_ep.guest.host import (
 )
 from vfio_ep.guest.kernel_build import (
     DEFAULT_LINUX,
+    EP_GUEST_LINES,
+    EPC_MODULE,
     KERNEL_HOST_PACKAGES,
+    build_epc_driver,
     build_kernel,
     compile_test_tool,
     endpoint_test,
+    epc_driver_digest,
     extract_linux_source,
     fragments,
     install_file,
     is_static_elf,
+    prune_build,
     source_package,
     users_kernel,
 )
@@ -76,6 +81,7 @@ class GuestAssets:
     modules: tuple[Path, ...] = ()  # the kernel's loadable modules (*.ko), for the initramfs
     linux: str = DEFAULT_LINUX
     test_kind: str = "kselftest"
+    epc_driver: Path | None = None  # the EP guest's EPC driver, built for this kernel
 
     def describe(self) -> str:
         """A human summary, for ``vfio-ep provision``."""
@@ -85,6 +91,8 @@ class GuestAssets:
             (self.test_kind, f"{self.test} ({_mib(self.test)})"),
             ("busybox", f"{self.busybox} ({_mib(self.busybox)})"),
             ("modules", ", ".join(m.stem for m in self.modules) or "none"),
+            ("EP guest", str(self.epc_driver) if self.epc_driver else
+             f"no (kernel lines {', '.join(EP_GUEST_LINES)})"),
             ("cache", str(cache_dir())),
         ]
         return "\n".join(f"{name:<10} {value}" for name, value in rows)
@@ -115,11 +123,13 @@ def provision_all(qemu: Path | None = None, kernel: Path | None = None,
     started = time.monotonic()
     with _locked(root / "provision.lock"):
         prov = _Provisioner(root, linux)
+        epc_driver = None
         if kernel:
             image, modules = users_kernel(kernel)
         else:
             image = prov.kernel()
             modules = tuple(sorted((image.parent / MODULES).glob("*.ko")))
+            epc_driver = prov.epc_driver(image)
         test, kind = (kselftest, "kselftest") if kselftest else prov.test()
         assets = GuestAssets(
             qemu=prov.qemu(qemu or _env_path("VFIO_EP_QEMU")),
@@ -129,6 +139,7 @@ def provision_all(qemu: Path | None = None, kernel: Path | None = None,
             modules=modules,
             linux=linux,
             test_kind=kind,
+            epc_driver=epc_driver,
         )
     if prov.worked:
         say(f"provisioned in {time.monotonic() - started:.0f} s")
@@ -151,6 +162,7 @@ class _Provisioner:
 
     def __init__(self, root: Path, linux: str) -> None:
         self.root = root
+        self.linux = linux
         self.package = source_package(linux)
         self.fragments = fragments(linux)
         self.apt = PrivateApt(root / "apt", self._work)
@@ -224,8 +236,23 @@ class _Provisioner:
             for ko in build.rglob("*.ko"):
                 shutil.copyfile(ko, modules / ko.name)
             install_file(build / "arch/x86/boot/bzImage", image)
-            shutil.rmtree(build)  # ~230 MB of objects that no later run reuses
+            prune_build(build)  # kept for out-of-tree modules: the EPC driver
         return image
+
+    def epc_driver(self, image: Path) -> Path | None:
+        """The EP guest's EPC driver built against the provisioned kernel ``image`` (its
+        kernel line's, where the line can be an EP guest), rebuilt when its sources change."""
+        if self.linux not in EP_GUEST_LINES:
+            return None
+        out = image.parent / f"epc-{epc_driver_digest()}"
+        build = image.parent / "build"
+        if not (out / EPC_MODULE).is_file() and not (build / "Module.symvers").is_file():
+            raise ProvisionError(f"{image.parent} was provisioned without its build directory "
+                                 "(needed for the EPC driver): remove it to rebuild")
+        if not (out / EPC_MODULE).is_file():
+            self._work(f"EPC driver: building {EPC_MODULE} against {image.parent.name}")
+            build_epc_driver(build, out)
+        return out / EPC_MODULE
 
     def test(self) -> tuple[Path, str]:
         """The line's endpoint test, built static: (binary, "kselftest" or "pcitest")."""

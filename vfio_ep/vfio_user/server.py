@@ -596,6 +596,10 @@ class SocketPathError(ErrnoError):
 class Listener:
     """Listen on a UNIX socket and serve one client at a time with ``device``.
 
+    ``device`` may be a function returning it or None: a device that exists only later (an EP
+    guest's controller before the guest starts it); clients are refused until it does, and
+    its background tasks are not ours (the EP guest's side runs the SoC).
+
     The path is claimed with care: a missing parent directory is created 0700, a stale
     socket (nobody accepts on it) is replaced, a live one or any other file is refused, and
     on exit the path is unlinked only if it is still the socket this listener bound.  Only
@@ -603,7 +607,7 @@ class Listener:
     other users allowed, the socket and the directories made for it open up to them.
     """
 
-    def __init__(self, path: Path, device: PciDevice,
+    def __init__(self, path: Path, device: PciDevice | Callable[[], PciDevice | None],
                  allow_uids: frozenset[int] = frozenset()) -> None:
         self.path = path
         self.device = device
@@ -657,7 +661,8 @@ class Listener:
                  "C fast path" if use_fast else f"Python path: {why}")
         try:
             async with trio.open_nursery() as nursery:
-                for task in self.device.background:
+                for task in self.device.background if isinstance(self.device, PciDevice) \
+                        else ():
                     await nursery.start(task)
                 task_status.started()
                 while True:
@@ -679,7 +684,14 @@ class Listener:
                                     self.active.peer)
                         conn_sock.close()
                         continue
-                    self.active = Connection(conn_sock, self.device, peer)
+                    device = self.device if isinstance(self.device, PciDevice) \
+                        else self.device()
+                    if device is None:
+                        log.warning("refusing client %s: the controller on %s is not started "
+                                    "yet (its EP guest starts it)", peer, self.path)
+                        conn_sock.close()
+                        continue
+                    self.active = Connection(conn_sock, device, peer)
                     self._idle = trio.Event()
                     self.connections += 1
                     nursery.start_soon(self._run, self.active)

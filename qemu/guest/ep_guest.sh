@@ -1,0 +1,25 @@
+# ep_guest.sh NAME SETUP: the EP guest of `vfio-ep run --ep-guest`.  Loads vfio-ep's EPC
+# driver (controllers/NAME appears in configfs) and the endpoint functions, runs the board's
+# setup script SETUP as a board's shell would (from /sys/kernel/config/pci_ep, each line
+# whatever becomes of the one before: a line the kernel refuses says so and the rest goes on),
+# checks that it started the controller, then serves until the run stops this guest.
+name=$1 setup=$2
+ctrl=/sys/kernel/config/pci_ep/controllers/$name
+insmod /lib/modules/vfio-ep-epc.ko || { echo "vfio-ep: the EPC driver did not load"; exit 3; }
+for m in pci-epf-test pci-epf-ntb pci-epf-vntb; do
+	[ -f "/lib/modules/$m.ko" ] && insmod "/lib/modules/$m.ko"
+done
+grep -q " /sys/kernel/config " /proc/mounts || mount -t configfs none /sys/kernel/config
+if [ ! -d "$ctrl" ]; then
+	echo "vfio-ep: no controllers/$name in configfs; there are:" \
+		"$(ls /sys/kernel/config/pci_ep/controllers)"
+	exit 3
+fi
+(cd /sys/kernel/config/pci_ep && sh "$setup")
+if [ "$(cat "$ctrl/start")" != 1 ]; then
+	echo "vfio-ep: the setup script did not start controllers/$name" \
+		"(echo 1 > controllers/$name/start)"
+	exit 3
+fi
+echo "vfio-ep: EP guest ready"
+while :; do sleep 3600; done

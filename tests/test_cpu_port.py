@@ -1,0 +1,201 @@
+"""The controller's CPU side (vfio_ep.epc.cpu_port) driven as the EP guest's EPC driver does,
+with the project's client in both QEMUs' places: the EP guest's (its RAM, the registers)
+and the RC's (the device the EP guest starts).  The real thing, Linux's pci-epf-test on the
+module, is tests/test_ep_guest.py."""
+
+from __future__ import annotations
+
+import errno
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from vfio_user_client import Client, ServerThread, wait_eventfd
+
+from vfio_ep.composition import EP_GUEST_CONTROLLER, Composition, Endpoint
+from vfio_ep.epc import cpu_port as v
+from vfio_ep.epc.edma import (
+    CH_BASE,
+    DAR_HI,
+    DAR_LO,
+    EMUL_DOORBELL_OFFSET,
+    RD_DOORBELL,
+    RD_ENGINE_EN,
+    RD_INT_STATUS,
+    RD_OFFSET,
+    SAR_HI,
+    SAR_LO,
+    TRANSFER_SIZE,
+)
+from vfio_ep.pci.config_space import PCI_DEVICE_ID, PCI_VENDOR_ID
+
+EP_RAM = 0x100000  # the EP guest's RAM, at its guest physical address
+EP_RAM_SIZE = 1 << 20
+RC_RAM = 0x200000  # the RC guest's
+RC_RAM_SIZE = 1 << 20
+PCI_IRQ_MSIX = 4
+
+
+class EpDriver:
+    """What qemu/kernel/epc/vfio-ep-epc.c does over BAR0, in Python."""
+
+    def __init__(self, client: Client) -> None:
+        self.c = client
+        self.ram = client.guest_memory(EP_RAM, EP_RAM_SIZE)
+        self.irq = client.enable_interrupts(v.NR_VECTORS, msix=True)
+
+    def r32(self, off: int) -> int:
+        return int.from_bytes(self.c.read(v.REGS_BAR, off, 4), "little")
+
+    def w32(self, off: int, value: int) -> None:
+        self.c.write(v.REGS_BAR, off, value.to_bytes(4, "little"))
+
+    def w64(self, off: int, value: int) -> None:
+        self.c.write(v.REGS_BAR, off, value.to_bytes(8, "little"))
+
+    def cmd(self, op: str, *args: int) -> tuple[int, int]:
+        """(status, result) of one command."""
+        self.w32(v.CMD_FUNC, 0)
+        for i, a in enumerate(args):
+            self.w64(v.CMD_ARG + 8 * i, a)
+        self.w32(v.CMD, {n: k for k, n in v.OPS.items()}[op])
+        status = struct.unpack("<i", self.c.read(v.REGS_BAR, v.CMD_STATUS, 4))[0]
+        return status, int.from_bytes(self.c.read(v.REGS_BAR, v.CMD_RESULT, 8), "little")
+
+    def events(self) -> list[int]:
+        out = []
+        while (event := self.r32(v.EVENT)) != v.EV_NONE:
+            out.append(event)
+        return out
+
+    def start_pci_epf_test_like(self) -> None:
+        """A function's epc_init and the configfs start: header, BAR0 in our RAM, MSI-X."""
+        assert self.cmd("WRITE_HEADER", 0x16C3 | 0xEDDA << 16 | 0xFF << 56, 1 << 40)[0] == 0
+        assert self.cmd("SET_BAR", 0, 0, 0x10000, EP_RAM, 0)[0] == 0
+        assert self.cmd("SET_MSIX", 4, 0, 0x1000)[0] == 0
+        assert self.cmd("START")[0] == 0
+
+
+@pytest.fixture
+def pair(tmp_path: Path, profile: str = "generic") -> Iterator[tuple[ServerThread, Endpoint,
+                                                                   Endpoint]]:
+    comp = Composition.ep_guest({"profile": profile})
+    comp.assign_sockets([str(tmp_path / "rc.sock")])
+    comp.assign_sockets([str(tmp_path / "ep.sock")], "ep_socket")
+    rc, ep = comp.build()
+    with ServerThread(ep.device, ep.socket, ((rc.device, rc.socket),)) as srv:  # type: ignore[arg-type]
+        yield srv, rc, ep
+
+
+def test_identity_and_features_come_from_the_profile(tmp_path: Path) -> None:
+    comp = Composition.ep_guest({"profile": "rk3588"})
+    comp.assign_sockets([str(tmp_path / "rc.sock")])
+    comp.assign_sockets([str(tmp_path / "ep.sock")], "ep_socket")
+    _, ep = comp.build()
+    with ServerThread(ep.device, ep.socket) as _srv:  # type: ignore[arg-type]
+        c = Client(ep.socket)
+        d = EpDriver(c)
+        assert d.r32(v.MAGIC) == v.MAGIC_VALUE and d.r32(v.VERSION) == v.VERSION_VALUE
+        name = b"".join(c.read(v.REGS_BAR, v.NAME + i, 4) for i in range(0, v.NAME_SIZE, 4))
+        name = name.rstrip(b"\0").decode()
+        assert name == EP_GUEST_CONTROLLER
+        assert not d.r32(v.FEATURES) & v._H["VEPC_F_INTX_CAPABLE"]  # RK3588 has no INTx
+        assert d.r32(v.BAR_DESC + 4 * v.BAR_DESC_STRIDE + v.BAR_TYPE) == 3  # BAR_RESERVED
+        assert d.r32(v.EDMA_BAR) == 4 and d.r32(v.EDMA_CHANNELS) == 2
+        c.close()
+
+
+def test_the_rc_side_exists_once_the_ep_guest_starts_it(pair: tuple[ServerThread, Endpoint,
+                                                                    Endpoint]) -> None:
+    srv, rc, ep = pair
+    d = EpDriver(Client(ep.socket))
+    with pytest.raises((ConnectionError, OSError)):  # refused: not started yet
+        Client(rc.socket).device_info()
+    d.start_pci_epf_test_like()
+    d.ram[:4] = b"\x34\x12\x0b\xf0"
+    host = Client(rc.socket)
+    assert host.cfg_read32(PCI_VENDOR_ID) & 0xFFFF == 0x16C3
+    assert host.cfg_read32(PCI_DEVICE_ID) & 0xFFFF == 0xEDDA
+    assert host.read(0, 0, 4) == b"\x34\x12\x0b\xf0"  # BAR0 shows the EP guest's RAM
+    host.write(0, 4, b"\xaa\xbb\xcc\xdd")
+    assert d.ram[4:8] == b"\xaa\xbb\xcc\xdd"
+    assert wait_eventfd(d.irq[v.VEC_EVENT]) and d.events() == [v.EV_LINK_UP]
+    host.reset()  # PERST#: the functions deinit, then init
+    srv.wait_idle()
+    assert d.events() == [v.EV_DEINIT, v.EV_INIT]
+    host.close()
+    srv.wait_idle()
+    assert d.events() == [v.EV_LINK_DOWN]
+
+
+def test_bad_commands_are_errnos_and_the_server_goes_on(
+        pair: tuple[ServerThread, Endpoint, Endpoint]) -> None:
+    _, _, ep = pair
+    d = EpDriver(Client(ep.socket))
+    assert d.cmd("SET_BAR", 9, 0, 0x1000, EP_RAM, 0)[0] == -errno.EINVAL
+    assert d.cmd("SET_BAR", 1, 0, 0x1000, EP_RAM, 99)[0] == -errno.EINVAL  # pieces
+    assert d.cmd("SET_MSI", 64)[0] == -errno.EINVAL
+    assert d.cmd("RAISE_IRQ", 3, 1)[0] == -errno.EINVAL  # no such IRQ type
+    assert d.cmd("RAISE_IRQ", PCI_IRQ_MSIX, 1)[0] == -errno.EINVAL  # not started
+    assert d.cmd("WRITE_HEADER", 0, 9 << 40)[0] == -errno.EINVAL  # interrupt pin 9
+    d.w32(v.CMD, 77)
+    assert d.r32(v.CMD_STATUS) == -errno.EOPNOTSUPP & 0xFFFFFFFF
+    d.w32(v.MAGIC, 0)  # read-only: logged, kept
+    assert d.r32(v.MAGIC) == v.MAGIC_VALUE
+    d.start_pci_epf_test_like()
+
+
+def test_the_edma_copies_rc_memory_into_ep_guest_ram_and_interrupts_it(
+        pair: tuple[ServerThread, Endpoint, Endpoint]) -> None:
+    srv, rc, ep = pair
+    d = EpDriver(Client(ep.socket))
+    d.start_pci_epf_test_like()
+    host = Client(rc.socket)
+    rc_mem = host.guest_memory(RC_RAM, RC_RAM_SIZE)
+    host.enable_interrupts(4, msix=True)
+    rc_mem[:8] = b"from-rc!"
+    edma = v.EDMA_OFFSET
+    ch = edma + CH_BASE + RD_OFFSET  # read channel 0: RC -> EP
+    for off, value in ((TRANSFER_SIZE, 8), (SAR_LO, RC_RAM), (SAR_HI, 0),
+                       (DAR_LO, EP_RAM + 0x800), (DAR_HI, 0)):
+        d.w32(ch + off, value)
+    d.w32(edma + RD_ENGINE_EN, 1)
+    d.w32(edma + RD_DOORBELL, 0)
+    assert wait_eventfd(d.irq[v.VEC_EDMA])
+    assert d.ram[0x800:0x808] == b"from-rc!"
+    assert d.r32(edma + RD_INT_STATUS) & 1  # done, channel 0
+    srv.wait_idle()
+
+
+def test_the_embedded_doorbell_reaches_the_ep_guest(
+        pair: tuple[ServerThread, Endpoint, Endpoint]) -> None:
+    """pci-epf-test's DOORBELL: BAR1 pointed at the eDMA's interrupt-emulation register
+    (aligned down to the BAR's size, as pci_epf_align_inbound_addr() does); the RC writes
+    0 there and the EP guest gets VEC_DOORBELL."""
+    _, rc, ep = pair
+    d = EpDriver(Client(ep.socket))
+    assert d.cmd("SET_BAR", 1, 0, 0x10000, EP_RAM + 0x10000, 0)[0] == 0
+    d.start_pci_epf_test_like()
+    db = d.r32(v.EDMA_BUS_ADDR) + EMUL_DOORBELL_OFFSET
+    assert d.cmd("SET_BAR", 1, 0, 0x10000, db & ~0xFFFF, 0)[0] == 0
+    host = Client(rc.socket)
+    host.write(1, db & 0xFFFF, b"\0\0\0\0")
+    assert wait_eventfd(d.irq[v.VEC_DOORBELL])
+
+
+def test_the_aperture_reaches_rc_memory_through_the_outbound_atu(
+        pair: tuple[ServerThread, Endpoint, Endpoint]) -> None:
+    srv, rc, ep = pair
+    d = EpDriver(Client(ep.socket))
+    d.start_pci_epf_test_like()
+    host = Client(rc.socket)
+    rc_mem = host.guest_memory(RC_RAM, RC_RAM_SIZE)
+    rc_mem[0x100:0x104] = b"RCRC"
+    ob = int.from_bytes(d.c.read(v.REGS_BAR, v.OB_BUS_ADDR, 8), "little")
+    assert d.cmd("MAP_ADDR", ob + 0x3000, RC_RAM, 0x1000)[0] == 0
+    assert d.c.read(v.OB_BAR, 0x3100, 4) == b"RCRC"
+    d.c.write(v.OB_BAR, 0x3104, b"EPEP")
+    srv.wait_idle()  # a posted write: acknowledged first, applied in order
+    assert rc_mem[0x104:0x108] == b"EPEP"
+    assert d.cmd("UNMAP_ADDR", ob + 0x3000)[0] == 0

@@ -1,0 +1,220 @@
+"""``vfio-ep run --ep-guest``: Linux's own endpoint functions in an EP guest, on vfio-ep's
+controller, and the RC guest's upstream test against them.
+
+One server serves the controller twice: its CPU side to the EP guest, whose kernel drives it
+with vfio-ep's EPC driver (``qemu/kernel/epc``), and its RC side to the RC guest, from the
+moment the EP guest starts it.  The EP guest loads the driver and the function modules,
+mounts configfs and runs a board's setup script (``--configfs SCRIPT`` verbatim, else
+pci-test-howto.rst's steps for pci-epf-test); once its controller is started, the RC guest
+boots and runs the kselftest.  Then the EP guest is stopped, its dmesg taken.  The run
+directory has each guest's console and dmesg (``ep/``, ``rc/``), the server's log, and
+``trace.log``: both guests and the server on one time line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import shlex
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from vfio_ep import cmdline
+from vfio_ep.composition import EP_GUEST_CONTROLLER, Composition
+from vfio_ep.config import ConfigError
+from vfio_ep.configfs_script import parse_script
+from vfio_ep.epf.functions import DRIVERS
+from vfio_ep.guest.assets import EP_GUEST, KSELFTEST
+from vfio_ep.guest.kernel_build import EP_GUEST_LINES, EPC_MODULE
+from vfio_ep.guest.launcher import (
+    DEFAULT_OPTIONS,
+    KSELFTEST_NAME,
+    GuestOptions,
+    GuestResult,
+    GuestRun,
+    LaunchError,
+    _run_async,
+    new_run_dir,
+    running_server,
+)
+from vfio_ep.guest.provision import GuestAssets, ProvisionError, provision_all
+from vfio_ep.guest.results import parse_tap, summary_table, write_results
+from vfio_ep.guest.trace import write_trace
+from vfio_ep.presets import preset_sets
+
+EP_READY = "vfio-ep: EP guest ready"  # ep_guest.sh, once its controller is started
+SETUP = "ep-setup.sh"  # the board's script, in the EP guest's /
+# The function whose configfs directory the default script makes (pci-test-howto.rst's).
+DEFAULT_FUNCTION = "pci_epf_test"
+HOWTO_ATTRIBUTES = ("vendorid", "deviceid", "msi_interrupts", "msix_interrupts")
+
+
+@dataclass(frozen=True)
+class EpGuestRun:
+    """What ``run --ep-guest`` was asked: the controller's attributes (``--set``, a preset's
+    profile), the EP guest's setup script, and the RC guest's kselftest arguments."""
+
+    sets: tuple[str, ...] = ()
+    preset: str | None = None
+    configfs: Path | None = None
+    guest_args: tuple[str, ...] = ()
+
+    def controller(self) -> Composition:
+        """The controller vfio-ep serves: its profile, nothing of the function's."""
+        return cmdline.load(None, None, list(cmdline.controller_items(self.sets)),
+                            preset=self.preset, ep_sockets=["unused"])
+
+    def setup_script(self) -> str:
+        """The board's script: ``--configfs`` as written, else pci-test-howto.rst's steps
+        for pci-epf-test with the function's attributes (a preset's IDs, ``--set`` ones)."""
+        if self.configfs is not None:
+            try:
+                return self.configfs.read_text()
+            except OSError as e:
+                raise ConfigError(f"{self.configfs}: {e.strerror}") from None
+        values = _function_defaults()
+        items = [*(cmdline.function_items(preset_sets(self.preset, DEFAULT_FUNCTION))
+                   if self.preset else []), *cmdline.function_items(self.sets)]
+        for item in items:
+            key, _, value = item.partition("=")
+            values[key.strip()] = value.strip()
+        func = f"functions/{DEFAULT_FUNCTION}/func1"
+        lines = ["cd /sys/kernel/config/pci_ep/", f"mkdir {func}"]
+        lines += [f"echo {_written(values[a])} > {func}/{a}" for a in HOWTO_ATTRIBUTES]
+        lines += [f"ln -s {func} controllers/{EP_GUEST_CONTROLLER}/",
+                  f"echo 1 > controllers/{EP_GUEST_CONTROLLER}/start"]
+        return "\n".join(lines) + "\n"
+
+    def device(self) -> tuple[str, str]:
+        """The IDs the setup script gives the function (for the RC's kselftest.sh, which
+        names the device when no driver binds it)."""
+        values = _function_defaults()
+        try:
+            comp = parse_script(self.setup_script(), str(self.configfs or "the setup"))
+            values |= next(iter(comp.functions.values())).values
+        except (ConfigError, StopIteration):
+            pass  # a script vfio-ep cannot read runs all the same, in the EP guest
+        vendor, device = (f"{int(str(values[k]), 0):#06x}" for k in ("vendorid", "deviceid"))
+        return vendor, device
+
+
+def _function_defaults() -> dict[str, object]:
+    """pci-epf-test's attributes as vfio-ep's own function has them by default."""
+    driver = DRIVERS[DEFAULT_FUNCTION]
+    return {f.name: f.default for f in dataclasses.fields(driver.attributes)} | driver.defaults
+
+
+def _written(value: object) -> str:
+    return f"{value:#x}" if isinstance(value, int) and value > 0xFF else str(value)
+
+
+def run_ep_guest(run: EpGuestRun, *, kernel: Path | None = None, qemu: Path | None = None,
+                 linux: str, timeout: float = 600, run_dir: Path | None = None,
+                 options: GuestOptions = DEFAULT_OPTIONS) -> int:
+    """Boot the EP guest, then the RC guest's kselftest against it; 0 only if every test
+    passed (1 when one failed or a guest never finished, 2 when setting up failed)."""
+    try:
+        if linux not in EP_GUEST_LINES:
+            raise ConfigError(f"an EP guest runs Linux {', '.join(EP_GUEST_LINES)} (its "
+                              f"endpoint doorbells and functions), not {linux}")
+        comp = run.controller()
+        name = next(iter(comp.controllers))
+        assets = provision_all(qemu=qemu, kernel=kernel, linux=linux)
+        if assets.epc_driver is None:
+            raise ProvisionError("no EPC driver was built for this kernel")
+        vendor, device = run.device()
+        server_args = [a for item in cmdline.controller_items(run.sets) for a in ("--set", item)]
+        if run.preset:
+            server_args += ["--preset", run.preset]
+        top = new_run_dir(run_dir)
+        result = _run_async(_boot_pair(
+            assets, name, server_args, top, timeout, options, run.setup_script(),
+            f"sh /kselftest.sh {vendor} {device} {shlex.join(run.guest_args)}"))
+    except (ConfigError, ValueError, ProvisionError, LaunchError) as exc:
+        print(f"vfio-ep run: {exc}", file=sys.stderr)
+        return 2
+    return _report(result, top, assets, comp)
+
+
+@dataclass
+class PairResult:
+    """The two guests' results (None: the RC guest never booted) and the server's log."""
+
+    ep: GuestResult
+    rc: GuestResult | None
+    server_log: str
+    error: str | None = None
+
+
+async def _boot_pair(assets: GuestAssets, name: str, server_args: list[str], top: Path,
+                     timeout: float, options: GuestOptions, setup: str,
+                     rc_script: str) -> PairResult:
+    started = time.monotonic()
+    log = top / "server.log"
+    ep_dir = Path(tempfile.mkdtemp(prefix="vfio-ep-"))  # short: sun_path <= 107
+    ep_socket = ep_dir / "cpu.sock"
+    args = [*server_args, "--ep-socket", f"{name}={ep_socket}"]
+    async with running_server([name], args, log) as (_, sockets):
+        ready = asyncio.Event()
+        ep = GuestRun(f"sh /ep_guest.sh {shlex.quote(name)} /{SETUP}", server_args=[],
+                      assets=assets, socket=ep_socket, run_dir=top / "ep", options=options,
+                      extra_files={"ep_guest.sh": EP_GUEST, SETUP: setup.encode(),
+                                   f"lib/modules/{EPC_MODULE}": assets.epc_driver},
+                      live=_live("ep", lambda line: line == EP_READY and ready.set()))
+        async with ep:
+            ep_done = asyncio.create_task(ep.wait(timeout))
+            waiting = asyncio.create_task(ready.wait())
+            await asyncio.wait({ep_done, waiting}, timeout=timeout,
+                               return_when=asyncio.FIRST_COMPLETED)
+            waiting.cancel()
+            if not ready.is_set():
+                ep_done.cancel()
+                result = await ep.collect() if not ep_done.done() else ep_done.result()
+                return PairResult(result, None, log.read_text(errors="replace"),
+                                  "the EP guest did not start its controller: "
+                                  + (result.error or _last_words(result.output)))
+            rc = GuestRun(rc_script, server_args=[], assets=assets, socket=sockets[name],
+                          run_dir=top / "rc", options=options, live=_live("rc", None),
+                          extra_files={"kselftest.sh": KSELFTEST})
+            rc_result = await rc.run(timeout - (time.monotonic() - started))
+            ep_done.cancel()
+            ep_result = await ep.collect()
+    return PairResult(ep_result, rc_result, log.read_text(errors="replace"),
+                      ep_result.error and f"EP guest: {ep_result.error}")
+
+
+def _live(label: str, seen: Callable[[str], object] | None) -> Callable[[str], None]:
+    def echo(line: str) -> None:
+        print(f"{label}: {line}", flush=True)
+        if seen is not None:
+            seen(line)
+    return echo
+
+
+def _last_words(output: str) -> str:
+    lines = [line for line in output.splitlines() if line.strip()]
+    return lines[-1] if lines else "it printed nothing (see ep/console.log)"
+
+
+def _report(result: PairResult, top: Path, assets: GuestAssets, comp: Composition) -> int:
+    rc = result.rc
+    report = parse_tap(rc.output if rc else "", rc.line_times if rc else None)
+    write_trace(top, rc.line_times if rc else [], result.server_log,
+                others={"ep": result.ep.line_times})
+    error = result.error or (rc.error if rc else None)
+    ctrl = next(iter(comp.controllers.values()))
+    facts = {"function": "pci_epf_test (the EP guest's kernel)",
+             "controllers": f"{ctrl.name}: {ctrl.values.get('profile', 'generic')}",
+             "linux": assets.linux, "kernel": str(assets.kernel)}
+    status = rc.exit_status if rc else None
+    write_results(report, top, exit_status=status, error=error, suite=KSELFTEST_NAME,
+                  endpoint=facts)
+    print(f"\n{summary_table(report)}")
+    if error:
+        print(f"vfio-ep run: {error}", file=sys.stderr)
+    print(f"run directory: {top}")
+    return 0 if status == 0 and report.passed and not error else 1
