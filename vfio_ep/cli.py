@@ -5,12 +5,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from vfio_ep.guest.kernel_build import DEFAULT_LINUX, LINUX_LINES
 from vfio_ep.presets import PRESETS
+
+if TYPE_CHECKING:  # the guest tooling is imported by the commands that boot guests
+    from vfio_ep.guest.ep_guest import EpGuestRun
 
 
 def _verbosity(ctx: click.Context, _param: click.Parameter, count: int) -> None:
@@ -106,6 +109,15 @@ def serve(sockets: tuple[str, ...], ep_sockets: tuple[str, ...], allow_uids: tup
               help="Run the kernel's own pci-epf-test in an EP guest on vfio-ep's controller "
               "(its EPC driver: qemu/kernel/epc), then the RC guest's kselftest against it; "
               "--configfs SCRIPT is the EP guest's board script, run there verbatim.")
+@click.option("--ep-kernel", type=click.Path(exists=True, path_type=Path),
+              help="With --ep-guest: the EP guest boots your kernel build directory (O=, "
+              "bzImage and modules built), with vfio-ep's EPC driver built against it.")
+@click.option("--ep-exec", metavar="CMD",
+              help="With --ep-guest: run CMD in the EP guest once its controller is started "
+              "(its output on the console, ep: lines).")
+@click.option("--ep-dyndbg", multiple=True, metavar="QUERY",
+              help="With --ep-guest: a dynamic debug query for the EP guest (repeatable), as "
+              "--dyndbg is for the RC guest.")
 @click.option("--topology", type=click.Choice(sorted(TOPOLOGIES)),
               help="A shape of guests and endpoint: ntb-pair, two guests joined by "
               "pci-epf-ntb (the same as --function pci-epf-ntb).")
@@ -164,7 +176,8 @@ def serve(sockets: tuple[str, ...], ep_sockets: tuple[str, ...], allow_uids: tup
 @click.option("--run-dir", type=click.Path(path_type=Path), help="Where logs and results go.")
 @click.argument("guest_args", nargs=-1, type=click.UNPROCESSED)
 def run(function: str | None, config_file: Path | None, configfs: Path | None,
-        preset: str | None, sets: tuple[str, ...], ep_guest: bool, topology: str | None,
+        preset: str | None, sets: tuple[str, ...], ep_guest: bool, ep_kernel: Path | None,
+        ep_exec: str | None, ep_dyndbg: tuple[str, ...], topology: str | None,
         kernel: Path | None,
         kselftest: Path | None, qemu: Path | None, linux: str, exec_cmd: str | None,
         shell: bool, axes: tuple[str, ...], xfail: tuple[str, ...], append: str,
@@ -181,6 +194,7 @@ def run(function: str | None, config_file: Path | None, configfs: Path | None,
     ``--exec CMD`` runs your command instead (in both guests of a pci-epf-ntb pair, with
     VFIO_EP_ROLE=a or b).
     """
+    from vfio_ep.guest.ep_guest import EpGuestRun
     from vfio_ep.guest.launcher import GuestOptions, Share
     from vfio_ep.guest.runner import run_suite, run_suite_matrix
 
@@ -211,28 +225,29 @@ def run(function: str | None, config_file: Path | None, configfs: Path | None,
                                        interactive=shell, shares=mounts, dyndbg=dyndbg,
                                        trace_events=trace_events,
                                        ftrace_filter=ftrace_filter, workdir=workdir))
+    ep = EpGuestRun(sets, preset, configfs, guest_args, ep_kernel, ep_exec, ep_dyndbg)
     if ep_guest:
-        raise SystemExit(_run_ep_guest(common, sets, run_dir, bool(axes or exec_cmd or shell
-                                                                   or kselftest or topology)))
+        raise SystemExit(_run_ep_guest(common, ep, run_dir, bool(axes or exec_cmd or shell
+                                                                 or kselftest or topology)))
+    if ep != EpGuestRun(sets, preset, configfs, guest_args):
+        raise click.UsageError("--ep-kernel, --ep-exec and --ep-dyndbg go with --ep-guest")
     if axes:
         raise SystemExit(run_suite_matrix(list(axes), list(sets), run_dir, **common))
     raise SystemExit(run_suite(sets=list(sets), run_dir=run_dir, exec_cmd=exec_cmd, **common))
 
 
-def _run_ep_guest(common: dict[str, Any], sets: tuple[str, ...], run_dir: Path | None,
+def _run_ep_guest(common: dict[str, Any], ep: EpGuestRun, run_dir: Path | None,
                   other_modes: bool) -> int:
     """``run --ep-guest``: the EP guest runs the function, so the options that pick vfio-ep's
     own function or another suite do not apply."""
-    from vfio_ep.guest.ep_guest import EpGuestRun, run_ep_guest
+    from vfio_ep.guest.ep_guest import run_ep_guest
 
     if common["function"] not in (None, "pci-epf-test", "pci_epf_test") or \
             common["config_file"] or other_modes:
         raise click.UsageError("--ep-guest runs pci-epf-test in the EP guest and the "
                                "kselftest in the RC guest: not with --function, --config, "
                                "--topology, --matrix, --exec, --shell or --kselftest yet")
-    return run_ep_guest(EpGuestRun(sets, common["preset"], common["configfs"],
-                                   tuple(common["guest_args"])),
-                        kernel=common["kernel"], qemu=common["qemu"], linux=common["linux"],
+    return run_ep_guest(ep, kernel=common["kernel"], qemu=common["qemu"], linux=common["linux"],
                         timeout=common["timeout"], run_dir=run_dir,
                         options=common["options"])
 

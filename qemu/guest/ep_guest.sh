@@ -1,9 +1,10 @@
-# ep_guest.sh NAME SETUP: the EP guest of `vfio-ep run --ep-guest`.  Loads vfio-ep's EPC
-# driver (controllers/NAME appears in configfs) and the endpoint functions, runs the board's
-# setup script SETUP as a board's shell would (from /sys/kernel/config/pci_ep, each line
-# whatever becomes of the one before: a line the kernel refuses says so and the rest goes on),
-# checks that it started the controller, then serves until the run stops this guest.
-name=$1 setup=$2
+# ep_guest.sh NAME SETUP [CMD]: the EP guest of `vfio-ep run --ep-guest`.  Loads vfio-ep's
+# EPC driver (controllers/NAME appears in configfs) and the endpoint functions, runs the
+# board's setup script SETUP as a board's shell would (from /sys/kernel/config/pci_ep, each
+# line whatever becomes of the one before: a line the kernel refuses says so and the rest goes
+# on), checks that it started the controller, runs CMD (--ep-exec) if given, then serves until
+# the run stops this guest.
+name=$1 setup=$2 cmd=$3
 ctrl=/sys/kernel/config/pci_ep/controllers/$name
 insmod /lib/modules/vfio-ep-epc.ko || { echo "vfio-ep: the EPC driver did not load"; exit 3; }
 for m in pci-epf-test pci-epf-ntb pci-epf-vntb; do
@@ -22,4 +23,5 @@ if [ "$(cat "$ctrl/start")" != 1 ]; then
 	exit 3
 fi
 echo "vfio-ep: EP guest ready"
+[ -n "$cmd" ] && sh -c "$cmd"
 while :; do sleep 3600; done

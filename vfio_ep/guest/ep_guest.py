@@ -29,7 +29,12 @@ from vfio_ep.config import ConfigError
 from vfio_ep.configfs_script import parse_script
 from vfio_ep.epf.functions import DRIVERS
 from vfio_ep.guest.assets import EP_GUEST, KSELFTEST
-from vfio_ep.guest.kernel_build import EP_GUEST_LINES, EPC_MODULE
+from vfio_ep.guest.kernel_build import (
+    EP_GUEST_LINES,
+    EPC_MODULE,
+    build_epc_driver,
+    users_kernel,
+)
 from vfio_ep.guest.launcher import (
     DEFAULT_OPTIONS,
     KSELFTEST_NAME,
@@ -62,6 +67,9 @@ class EpGuestRun:
     preset: str | None = None
     configfs: Path | None = None
     guest_args: tuple[str, ...] = ()
+    ep_kernel: Path | None = None  # the EP side's own kernel build directory
+    ep_exec: str | None = None  # run in the EP guest once its controller is started
+    ep_dyndbg: tuple[str, ...] = ()  # the EP guest's dynamic debug queries
 
     def controller(self) -> Composition:
         """The controller vfio-ep serves: its profile, nothing of the function's."""
@@ -124,15 +132,19 @@ def run_ep_guest(run: EpGuestRun, *, kernel: Path | None = None, qemu: Path | No
         comp = run.controller()
         name = next(iter(comp.controllers))
         assets = provision_all(qemu=qemu, kernel=kernel, linux=linux)
-        if assets.epc_driver is None:
-            raise ProvisionError("no EPC driver was built for this kernel")
+        top = new_run_dir(run_dir)
+        ep_assets = ep_guest_assets(assets, run.ep_kernel, top / "epc-driver")
         vendor, device = run.device()
         server_args = [a for item in cmdline.controller_items(run.sets) for a in ("--set", item)]
         if run.preset:
             server_args += ["--preset", run.preset]
-        top = new_run_dir(run_dir)
+        ep_options = dataclasses.replace(options, dyndbg=run.ep_dyndbg, gdb_port=None,
+                                         interactive=False)
+        ep_script = f"sh /ep_guest.sh {shlex.quote(name)} /{SETUP} " + \
+            (shlex.quote(run.ep_exec) if run.ep_exec else "")
         result = _run_async(_boot_pair(
-            assets, name, server_args, top, timeout, options, run.setup_script(),
+            (ep_assets, assets), name, server_args, top, timeout, (ep_options, options),
+            (ep_script, run.setup_script()),
             f"sh /kselftest.sh {vendor} {device} {shlex.join(run.guest_args)}"))
     except (ConfigError, ValueError, ProvisionError, LaunchError) as exc:
         print(f"vfio-ep run: {exc}", file=sys.stderr)
@@ -150,9 +162,30 @@ class PairResult:
     error: str | None = None
 
 
-async def _boot_pair(assets: GuestAssets, name: str, server_args: list[str], top: Path,
-                     timeout: float, options: GuestOptions, setup: str,
+def ep_guest_assets(assets: GuestAssets, ep_kernel: Path | None, work: Path) -> GuestAssets:
+    """What the EP guest boots: the provisioned kernel and its EPC driver, or the EP side's
+    own kernel build directory (``make O=DIR bzImage modules``), its modules, and the EPC
+    driver built against it into ``work``."""
+    if ep_kernel is None:
+        if assets.epc_driver is None:
+            raise ProvisionError(f"no EPC driver for Linux {assets.linux}")
+        return assets
+    build = ep_kernel if ep_kernel.is_dir() else ep_kernel.parents[3]  # arch/x86/boot/bzImage
+    if not (build / "Module.symvers").is_file():
+        raise ProvisionError(f"--ep-kernel {ep_kernel}: not a kernel build directory with its "
+                             "modules built (make O=DIR bzImage modules); the EPC driver is "
+                             "built against it")
+    image, modules = users_kernel(build)
+    return dataclasses.replace(assets, kernel=image, modules=modules,
+                               epc_driver=build_epc_driver(build, work))
+
+
+async def _boot_pair(assets: tuple[GuestAssets, GuestAssets], name: str,
+                     server_args: list[str], top: Path, timeout: float,
+                     options: tuple[GuestOptions, GuestOptions], ep: tuple[str, str],
                      rc_script: str) -> PairResult:
+    """The EP guest (its assets, options, and (script, board setup) first), then, once its
+    controller is started, the RC guest running ``rc_script``."""
     started = time.monotonic()
     log = top / "server.log"
     ep_dir = Path(tempfile.mkdtemp(prefix="vfio-ep-"))  # short: sun_path <= 107
@@ -160,10 +193,12 @@ async def _boot_pair(assets: GuestAssets, name: str, server_args: list[str], top
     args = [*server_args, "--ep-socket", f"{name}={ep_socket}"]
     async with running_server([name], args, log) as (_, sockets):
         ready = asyncio.Event()
-        ep = GuestRun(f"sh /ep_guest.sh {shlex.quote(name)} /{SETUP}", server_args=[],
-                      assets=assets, socket=ep_socket, run_dir=top / "ep", options=options,
-                      extra_files={"ep_guest.sh": EP_GUEST, SETUP: setup.encode(),
-                                   f"lib/modules/{EPC_MODULE}": assets.epc_driver},
+        ep_assets, rc_assets = assets
+        assert ep_assets.epc_driver is not None
+        ep = GuestRun(ep[0], server_args=[], assets=ep_assets, socket=ep_socket,
+                      run_dir=top / "ep", options=options[0],
+                      extra_files={"ep_guest.sh": EP_GUEST, SETUP: ep[1].encode(),
+                                   f"lib/modules/{EPC_MODULE}": ep_assets.epc_driver},
                       live=_live("ep", lambda line: line == EP_READY and ready.set()))
         async with ep:
             ep_done = asyncio.create_task(ep.wait(timeout))
@@ -177,8 +212,8 @@ async def _boot_pair(assets: GuestAssets, name: str, server_args: list[str], top
                 return PairResult(result, None, log.read_text(errors="replace"),
                                   "the EP guest did not start its controller: "
                                   + (result.error or _last_words(result.output)))
-            rc = GuestRun(rc_script, server_args=[], assets=assets, socket=sockets[name],
-                          run_dir=top / "rc", options=options, live=_live("rc", None),
+            rc = GuestRun(rc_script, server_args=[], assets=rc_assets, socket=sockets[name],
+                          run_dir=top / "rc", options=options[1], live=_live("rc", None),
                           extra_files={"kselftest.sh": KSELFTEST})
             rc_result = await rc.run(timeout - (time.monotonic() - started))
             ep_done.cancel()

@@ -328,8 +328,8 @@ static void vepc_stop(struct pci_epc *epc)
 		dev_warn(&vepc->pdev->dev, "stop: %d\n", ret);
 }
 
-static const struct pci_epc_features *vepc_get_features(struct pci_epc *epc, u8 func_no,
-							 u8 vfunc_no)
+static const struct pci_epc_features *
+vepc_get_features(struct pci_epc *epc, u8 func_no, u8 vfunc_no)
 {
 	struct vepc *vepc = epc_get_drvdata(epc);
 
@@ -435,11 +435,16 @@ static irqreturn_t vepc_event_irq(int irq, void *data)
 
 #define VEPC_EDMA_REG(field)	offsetof(struct dw_edma_v0_regs, field)
 #define VEPC_EDMA_CH_REG(c, field)					\
-	(((c)->write ? VEPC_EDMA_REG(type.unroll.ch[0].wr.field) :	\
-		       VEPC_EDMA_REG(type.unroll.ch[0].rd.field)) +	\
-	 (c)->id * sizeof(struct dw_edma_v0_ch))
+	(VEPC_EDMA_REG(type.unroll.ch[0].wr.field) + vepc_edma_ch_base(c))
 #define VEPC_EDMA_DIR_REG(c, wr_field, rd_field)			\
 	((c)->write ? VEPC_EDMA_REG(wr_field) : VEPC_EDMA_REG(rd_field))
+
+/* Where a channel's registers are relative to write channel 0's (unrolled map). */
+static unsigned int vepc_edma_ch_base(struct vepc_dma_chan *c)
+{
+	return c->id * sizeof(struct dw_edma_v0_ch) +
+	       (c->write ? 0 : offsetof(struct dw_edma_v0_ch, rd));
+}
 
 static struct vepc_dma_chan *to_vepc_chan(struct dma_chan *chan)
 {

@@ -62,7 +62,7 @@
 #define VEPC_DMA_SLAVE			1
 #define VEPC_EDMA_BUS_ADDR		0x0f0	/* 64-bit: bus address of the eDMA block */
 #define VEPC_EDMA_CHANNELS		0x0f8	/* channels per direction; 0: no eDMA */
-#define VEPC_EDMA_BAR			0x0fc	/* BAR pre-exposing the eDMA block, or VEPC_NO_BAR */
+#define VEPC_EDMA_BAR			0x0fc	/* the BAR showing the eDMA, or VEPC_NO_BAR */
 #define VEPC_NO_BAR			0xff
 
 /*
@@ -76,7 +76,7 @@
 #define VEPC_CMD_FUNC			0x110	/* func_no | vfunc_no << 8 */
 #define VEPC_CMD_ARG			0x118	/* 64-bit arguments, 8 bytes apart */
 #define VEPC_CMD_ARGS			6
-#define VEPC_SUBMAP			0x200	/* set_bar pieces: bus address, size (64-bit each) */
+#define VEPC_SUBMAP			0x200	/* set_bar pieces: bus address, size (64-bit) */
 #define VEPC_SUBMAP_STRIDE		0x10
 #define VEPC_SUBMAP_MAX			16
 
@@ -90,8 +90,8 @@
 #define VEPC_OP_SET_MSIX		8	/* nr_irqs, bar, offset */
 #define VEPC_OP_GET_MSIX		9	/* -> vectors the RC enabled */
 #define VEPC_OP_RAISE_IRQ		10	/* PCI_IRQ_INTX/MSI/MSIX, interrupt_num (1-based) */
-#define VEPC_OP_MAP_MSI_IRQ		11	/* bus address, interrupt_num, entry_size
-						 * -> msi_data | msi_addr_offset << 32 */
+/* MAP_MSI_IRQ: bus address, interrupt_num, entry_size -> msi_data | msi_addr_offset << 32 */
+#define VEPC_OP_MAP_MSI_IRQ		11
 #define VEPC_OP_START			12
 #define VEPC_OP_STOP			13
 
