@@ -207,6 +207,7 @@ class PciEpfVntb(PciEpf):
 
     def _init_epc_bar(self) -> None:
         """epf_ntb_init_epc_bar(): explicit BARs first, the mandatory ones automatically."""
+        self._check_explicit_bars()
         features = self.features
         barno = 0
         for bar in (BAR_CONFIG, BAR_DB, BAR_MW1):
@@ -224,6 +225,18 @@ class PciEpfVntb(PciEpf):
                 raise EpcError(errno.EINVAL, f"MW{i + 1} got no BAR: Linux 7.3.4's automatic "
                                "assignment skips the last memory window (it would index "
                                f"bar[-1]); set mw{i + 1}_bar")
+
+    def _check_explicit_bars(self) -> None:
+        """Each region a BAR of its own: 7.3.4 takes two slots naming one BAR as written and
+        lays both regions over each other (the ctrl block in the doorbell BAR, say)."""
+        names = ("ctrl_bar", "db_bar", *(f"mw{i + 1}_bar" for i in range(self.num_mws)))
+        seen: dict[int, str] = {}
+        for name, barno in zip(names, self.epf_ntb_bar, strict=False):
+            if barno in seen:
+                raise EpcError(errno.EINVAL, f"{seen[barno]} and {name} are both BAR{barno}: "
+                               "each NTB region needs a BAR of its own")
+            if barno != NO_BAR:
+                seen[barno] = name
 
     def _find_bar(self, features: Any, bar: int, barno: int) -> int:
         """epf_ntb_find_bar()."""
