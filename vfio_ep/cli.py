@@ -240,6 +240,8 @@ def attributes(function: str) -> None:
 
 def _shown(name: str, value: object) -> str:
     """A default as one would write it back: IDs in hex, sizes in K/M/G, lists with commas."""
+    from vfio_ep.config import format_size
+
     if value is None:
         return "(required)"
     if isinstance(value, tuple):
@@ -248,10 +250,7 @@ def _shown(name: str, value: object) -> str:
         return str(value)
     if name.endswith(("id", "_vid", "_pid")):
         return f"{value:#x}"
-    for suffix, shift in (("G", 30), ("M", 20), ("K", 10)):
-        if value >= 1 << shift and not value % (1 << shift):
-            return f"{value >> shift}{suffix}"
-    return str(value)
+    return format_size(value)
 
 
 @main.command()
