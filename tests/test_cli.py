@@ -43,6 +43,52 @@ def test_serve_until_signal_and_remove_socket(tmp_path: Path, sig: signal.Signal
     assert "connected" in err and "shutting down" in err
 
 
+def test_directories_made_for_the_socket_are_logged_and_removed_at_exit(
+        tmp_path: Path) -> None:
+    """Missing directories are created 0700 and go again at exit; one that something else
+    moved into stays (with its parents)."""
+    sock, kept = tmp_path / "a" / "b" / "ep.sock", tmp_path / "c" / "d" / "ep.sock"
+    proc = subprocess.Popen([sys.executable, "-m", "vfio_ep", "serve", "--function",
+                             "pci-epf-ntb", "--socket", f"ep0={sock}", "--socket",
+                             f"ep1={kept}"], stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(sock)
+        _wait_for(kept)
+        modes = {d: d.stat().st_mode & 0o777 for d in (sock.parent, sock.parent.parent)}
+        (kept.parent / "mine").write_text("not the server's")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=10)
+    assert proc.returncode == 0, err
+    assert modes == {sock.parent: 0o700, sock.parent.parent: 0o700}
+    for d in (tmp_path / "a", tmp_path / "a" / "b", tmp_path / "c", tmp_path / "c" / "d"):
+        assert f"created {d} (700) for the socket; removed at exit" in err
+    assert f"removed {tmp_path / 'a'}, made for the socket" in err
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == \
+        ["c", "c/d", "c/d/mine"]
+
+
+def test_a_refused_socket_leaves_nothing_behind(tmp_path: Path) -> None:
+    """The second controller's path is a file: the first one's socket and directory, bound
+    already, go again."""
+    (tmp_path / "afile").write_text("mine")
+    proc = _vfio_ep("serve", "--function", "pci-epf-ntb", "--socket",
+                    f"ep0={tmp_path / 'new' / 'A.sock'}", "--socket", f"ep1={tmp_path / 'afile'}")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.endswith(f"vfio-ep: {tmp_path / 'afile'} exists and is not a socket\n")
+    assert [p.name for p in tmp_path.iterdir()] == ["afile"]
+
+
+def test_a_socket_path_longer_than_sun_path_is_one_line(tmp_path: Path) -> None:
+    sock = tmp_path / ("d" * 120) / "ep.sock"
+    proc = _serve(sock)
+    size = len(str(sock).encode())
+    assert proc.returncode == 1 and not proc.stdout
+    assert proc.stderr == (f"vfio-ep: {sock}: too long for a UNIX socket ({size} bytes; "
+                           "sun_path holds 107 and the NUL)\n")
+    assert not sock.parent.exists()
+
+
 def test_serve_refuses_bad_configuration(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "vfio_ep", "serve", "--socket",
                            str(tmp_path / "s"), "--set", "msix_interrupts=lots"],

@@ -67,7 +67,9 @@ def composition_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @main.command()
 @verbose_option
 @click.option("--socket", "sockets", multiple=True, metavar="[CONTROLLER=]PATH",
-              help="UNIX socket to serve a controller on (created 0600); repeatable.")
+              help="UNIX socket to serve a controller on (created 0600; at most 107 bytes, "
+              "sun_path's limit); repeatable.  Missing directories are created 0700 and "
+              "removed at exit if still empty.")
 @click.option("--allow-uid", "allow_uids", multiple=True, type=click.IntRange(min=0),
               metavar="UID", help="Also accept clients of this user (checked with "
               "SO_PEERCRED; the socket is then 0666); repeatable.  Default: our own user.")

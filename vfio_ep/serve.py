@@ -71,6 +71,8 @@ def serve_forever(sockets: list[str], function: str | None, config_file: Path | 
         for listener in listeners:
             listener.bind()
     except SocketPathError as e:
+        for listener in listeners:  # the ones bound before: their sockets and directories
+            listener.close()
         sys.exit(f"vfio-ep: {e}")
     for e in endpoints:
         if print_qemu_args:
