@@ -173,21 +173,26 @@ def test_a_second_server_on_a_live_socket_is_refused_and_the_first_keeps_it(
 
 
 def test_print_qemu_args_gives_what_run_uses(tmp_path: Path) -> None:
-    """The printed options come from the launcher's own list (memfd RAM, interrupt remapping
-    for 32 MSI vectors, the root port, the device with its message timeout)."""
+    """A command line per controller that runs as printed: this vfio-ep's `qemu` (the
+    QEMU runs use), then the launcher's own options (memfd RAM and -m of its size,
+    interrupt remapping for 32 MSI vectors, the root port, the device with its message
+    timeout).  tests/test_guest.py boots a guest with it."""
     sock = Path("/tmp/ep.sock")
     proc = subprocess.Popen([sys.executable, "-m", "vfio_ep", *readme_example(
         "vfio-ep serve --socket /tmp/ep.sock --print-qemu-args")], stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True)
     try:
         assert proc.stdout is not None
-        line = proc.stdout.readline()
+        comment, line = proc.stdout.readline(), proc.stdout.readline()
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=10)
-    args = shlex.split(line.split("...", 1)[1])
+    assert comment == "# ep0:\n"
+    args = shlex.split(line)
+    assert args[:5] == [sys.executable, "-m", "vfio_ep", "qemu", "--"]
     assert "intel-iommu,intremap=on,dma-translation=off" in args
     assert "memory-backend-memfd,id=mem,size=256M,share=on" in args
+    assert args[args.index("-m", 5) + 1] == "256"  # after python -m vfio_ep
     device = json.loads(args[-1])
     assert device["socket"] == {"type": "unix", "path": str(sock)}
     assert device["driver"] == "vfio-user-pci" and device["x-msg-timeout"] > 0

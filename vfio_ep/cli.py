@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -79,8 +80,9 @@ def composition_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--pidfile", type=click.Path(dir_okay=False, path_type=Path),
               help="Write our pid here once serving; removed at exit.")
 @click.option("--print-qemu-args", is_flag=True,
-              help="Print, per controller, the QEMU options that attach a guest to it as "
-              "`vfio-ep run` does (memfd RAM, interrupt remapping, root port, the device).")
+              help="Print, per controller, a command line that starts QEMU (through `vfio-ep "
+              "qemu`) with a guest attached as `vfio-ep run` attaches one (memfd RAM and "
+              "-m, interrupt remapping, root port, the device); add a kernel or a disk.")
 @composition_options
 def serve(sockets: tuple[str, ...], allow_uids: tuple[int, ...], ready_fd: int | None,
           pidfile: Path | None, print_qemu_args: bool, function: str | None,
@@ -269,6 +271,23 @@ def provision(qemu: Path | None, linux: str) -> None:
     except ProvisionError as e:
         raise click.ClickException(str(e)) from None
     click.echo(assets.describe())
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.argument("qemu_args", nargs=-1, type=click.UNPROCESSED, metavar="-- QEMU_ARGS")
+def qemu(qemu_args: tuple[str, ...]) -> None:
+    """Run the QEMU that `vfio-ep run` uses with QEMU_ARGS: $VFIO_EP_QEMU, a new enough
+    qemu-system-x86_64 on PATH, else the provisioned one (fetched on first use), which
+    runs only through its private sysroot's loader.  `serve --print-qemu-args` prints
+    command lines for it."""
+    from vfio_ep.guest.provision import ProvisionError, provision_qemu
+
+    try:
+        found = provision_qemu()
+    except ProvisionError as e:
+        raise click.ClickException(str(e)) from None
+    # QEMU takes our place: its exit status, signals and terminal are the caller's.
+    os.execve(found.argv[0], [*found.argv, *qemu_args], {**os.environ, **found.env})
 
 
 @main.command()

@@ -593,9 +593,8 @@ def qemu_command(qemu: Qemu, *, kernel: Path, initrd: Path, qmp: Path, options: 
     serial console on stdout, QMP to our socket, the rescue console's serial port on
     ``rescue``, a PCIe root port for the endpoint; then ``extra_args`` (the run's own
     devices) and the user's options."""
-    memory = options.memory_mb
     argv = [
-        *qemu.argv, *endpoint_machine_args(memory), "-accel", "tcg", "-m", str(memory),
+        *qemu.argv, *endpoint_machine_args(options.memory_mb),
         "-nodefaults", "-nographic", "-no-reboot",
         # Interactive: QEMU's monitor multiplexed in too, so Ctrl-A X always gets out.
         "-serial", "mon:stdio" if options.interactive else "stdio", "-qmp", f"unix:{qmp}",
@@ -621,8 +620,10 @@ def _until_marker(data: bytes, marker: bytes) -> tuple[bytes, bytes, bool]:
 def endpoint_machine_args(memory_mb: int = DEFAULT_MEMORY_MB) -> list[str]:
     """What a QEMU machine needs for a vfio-user endpoint to work as in ``vfio-ep run``."""
     return [
-        # Guest RAM in a shared memfd: the server reaches it directly, not by messages.
-        "-machine", "q35,memory-backend=mem",
+        "-accel", "tcg",
+        # Guest RAM in a shared memfd: the server reaches it directly, not by messages; -m
+        # must say the backend's size.
+        "-machine", "q35,memory-backend=mem", "-m", str(memory_mb),
         "-object", f"memory-backend-memfd,id=mem,size={memory_mb}M,share=on",
         # Interrupt remapping only (x86 multi-MSI needs it); must come before PCI devices.
         "-device", "intel-iommu,intremap=on,dma-translation=off",
