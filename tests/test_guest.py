@@ -625,3 +625,12 @@ def test_vfio_ep_qemu_is_the_qemu_runs_use() -> None:
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith(f"QEMU emulator version {provision_all().qemu.version}")
 
+
+def test_accel_kvm_reaches_qemu_with_the_irqchip_split(tmp_path: Path) -> None:
+    """--accel kvm as far as this machine can take it (its /dev/kvm starts no guest): QEMU's
+    command line, which an unknown option of ours makes QEMU refuse at once."""
+    proc = _run("--accel", "kvm", "--exec", "true", "--qemu-arg=-vfio-ep-stop-here",
+                "--run-dir", str(tmp_path / "r"))
+    assert proc.returncode == 2 and "-vfio-ep-stop-here: invalid option" in proc.stderr
+    argv = json.loads((tmp_path / "r" / "a" / "run.json").read_text())["qemu_argv"]
+    assert argv[argv.index("-accel") + 1] == "kvm,kernel-irqchip=split"

@@ -146,6 +146,9 @@ def serve(sockets: tuple[str, ...], allow_uids: tuple[int, ...], ready_fd: int |
               metavar="MB", help="Guest RAM.")
 @click.option("--cpus", type=click.IntRange(min=1, max=64), default=1, show_default=True,
               help="Guest CPUs (-smp).")
+@click.option("--accel", type=click.Choice(["tcg", "kvm"]), default="tcg", show_default=True,
+              help="QEMU's accelerator; with kvm the irqchip is split (kernel-irqchip=split), "
+              "which interrupt remapping, and so 32 MSI vectors, needs there.")
 @click.option("--qemu-arg", "qemu_args", multiple=True, metavar="ARG",
               help="One more QEMU argument, last on its command line (repeatable: "
               "--qemu-arg=-d --qemu-arg=guest_errors).")
@@ -163,9 +166,9 @@ def run(function: str | None, config_file: Path | None, configfs: Path | None,
         kselftest: Path | None, qemu: Path | None, linux: str, exec_cmd: str | None,
         shell: bool, axes: tuple[str, ...], xfail: tuple[str, ...], append: str,
         shares: tuple[str, ...], dyndbg: tuple[str, ...], trace_events: tuple[str, ...],
-        ftrace_filter: tuple[str, ...], memory: int, cpus: int, qemu_args: tuple[str, ...],
-        gdb_port: int | None, timeout: float | None, run_dir: Path | None,
-        guest_args: tuple[str, ...]) -> None:
+        ftrace_filter: tuple[str, ...], memory: int, cpus: int, accel: str,
+        qemu_args: tuple[str, ...], gdb_port: int | None, timeout: float | None,
+        run_dir: Path | None, guest_args: tuple[str, ...]) -> None:
     """Boot a guest against a fresh vfio-ep and run the function's suite.
 
     pci-epf-test runs the upstream pci_endpoint_test kselftest: options vfio-ep does not know
@@ -204,7 +207,8 @@ def run(function: str | None, config_file: Path | None, configfs: Path | None,
                   options=GuestOptions(memory, append, cpus, qemu_args, gdb_port,
                                        interactive=shell, shares=mounts, dyndbg=dyndbg,
                                        trace_events=trace_events,
-                                       ftrace_filter=ftrace_filter, workdir=workdir))
+                                       ftrace_filter=ftrace_filter, workdir=workdir,
+                                       accel=accel))
     if axes:
         raise SystemExit(run_suite_matrix(list(axes), list(sets), run_dir, **common))
     raise SystemExit(run_suite(sets=list(sets), run_dir=run_dir, exec_cmd=exec_cmd, **common))
