@@ -43,6 +43,52 @@ def test_serve_until_signal_and_remove_socket(tmp_path: Path, sig: signal.Signal
     assert "connected" in err and "shutting down" in err
 
 
+def test_directories_made_for_the_socket_are_logged_and_removed_at_exit(
+        tmp_path: Path) -> None:
+    """Missing directories are created 0700 and go again at exit; one that something else
+    moved into stays (with its parents)."""
+    sock, kept = tmp_path / "a" / "b" / "ep.sock", tmp_path / "c" / "d" / "ep.sock"
+    proc = subprocess.Popen([sys.executable, "-m", "vfio_ep", "serve", "--function",
+                             "pci-epf-ntb", "--socket", f"ep0={sock}", "--socket",
+                             f"ep1={kept}"], stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(sock)
+        _wait_for(kept)
+        modes = {d: d.stat().st_mode & 0o777 for d in (sock.parent, sock.parent.parent)}
+        (kept.parent / "mine").write_text("not the server's")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=10)
+    assert proc.returncode == 0, err
+    assert modes == {sock.parent: 0o700, sock.parent.parent: 0o700}
+    for d in (tmp_path / "a", tmp_path / "a" / "b", tmp_path / "c", tmp_path / "c" / "d"):
+        assert f"created {d} (700) for the socket; removed at exit" in err
+    assert f"removed {tmp_path / 'a'}, made for the socket" in err
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == \
+        ["c", "c/d", "c/d/mine"]
+
+
+def test_a_refused_socket_leaves_nothing_behind(tmp_path: Path) -> None:
+    """The second controller's path is a file: the first one's socket and directory, bound
+    already, go again."""
+    (tmp_path / "afile").write_text("mine")
+    proc = _vfio_ep("serve", "--function", "pci-epf-ntb", "--socket",
+                    f"ep0={tmp_path / 'new' / 'A.sock'}", "--socket", f"ep1={tmp_path / 'afile'}")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.endswith(f"vfio-ep: {tmp_path / 'afile'} exists and is not a socket\n")
+    assert [p.name for p in tmp_path.iterdir()] == ["afile"]
+
+
+def test_a_socket_path_longer_than_sun_path_is_one_line(tmp_path: Path) -> None:
+    sock = tmp_path / ("d" * 120) / "ep.sock"
+    proc = _serve(sock)
+    size = len(str(sock).encode())
+    assert proc.returncode == 1 and not proc.stdout
+    assert proc.stderr == (f"vfio-ep: {sock}: too long for a UNIX socket ({size} bytes; "
+                           "sun_path holds 107 and the NUL)\n")
+    assert not sock.parent.exists()
+
+
 def test_serve_refuses_bad_configuration(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "vfio_ep", "serve", "--socket",
                            str(tmp_path / "s"), "--set", "msix_interrupts=lots"],
@@ -58,19 +104,43 @@ def _serve(sock: Path, *sets: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=30)
 
 
-@pytest.mark.parametrize("bad", ["msi_interrupts=99", "msix_interrupts=4096"])
-def test_values_the_controller_refuses_are_one_line(tmp_path: Path, bad: str) -> None:
+@pytest.mark.parametrize(("bad", "refusal"), [
+    ("vendorid=0x12345", "vendorid: 0x12345 is out of range 0..0xffff (-ERANGE)"),
+    ("deviceid=-1", "deviceid: -1 is out of range 0..0xffff (-EINVAL)"),
+    ("revid=256", "revid: 256 is out of range 0..0xff (-ERANGE)"),
+    ("msi_interrupts=64", "msi_interrupts: 64 is out of range 1..32 (-EINVAL: what "
+     "pci_epc_set_msi() takes)"),
+    ("msix_interrupts=4096", "msix_interrupts: 4096 is out of range 1..2048 (-EINVAL: what "
+     "pci_epc_set_msix() takes)"),
+    ("interrupt_pin=5", "interrupt_pin: 5 is out of range 0..4 (-EINVAL: 0 no INTx, 1-4 "
+     "INTA-INTD: QEMU takes no other)"),
+])
+def test_values_the_store_refuses_are_one_line(tmp_path: Path, bad: str, refusal: str) -> None:
+    """As configfs refuses the write: the attribute, the value, its range, the errno."""
     proc = _serve(tmp_path / "s", bad)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert proc.stderr.startswith("vfio-ep: a function failed to bind")
-    assert "errno 22" in proc.stderr
+    assert proc.returncode == 1 and not proc.stdout, proc.stdout
+    assert proc.stderr == f"vfio-ep: functions/pci_epf_test/func1/{refusal}\n"
+    assert not (tmp_path / "s").exists()
+
+
+def test_the_readmes_refused_writes() -> None:
+    """The README's two examples, socket and all: refused before any socket is made."""
+    for args, refusal in (
+            (readme_example("vfio-ep serve --socket /tmp/ep.sock --set vendorid=0x12345"),
+             "vendorid: 0x12345 is out of range 0..0xffff (-ERANGE)"),
+            (readme_example("vfio-ep serve --socket /tmp/ep.sock --set msi_interrupts=64"),
+             "msi_interrupts: 64 is out of range 1..32 (-EINVAL: what pci_epc_set_msi() "
+             "takes)")):
+        proc = _vfio_ep(*args)
+        assert proc.returncode == 1, proc.stderr
+        assert proc.stderr == f"vfio-ep: functions/pci_epf_test/func1/{refusal}\n"
 
 
 def test_a_bar_larger_than_ep_ram_is_refused_not_skipped(tmp_path: Path) -> None:
     """The kernel would drop the BAR and the kselftest skip it: a run that passes."""
-    proc = _serve(tmp_path / "s", "bar1_size=4G")
+    proc = _serve(tmp_path / "s", "bar1_size=1G")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert "bar1_size 0x100000000 is larger than the controller's EP RAM" in proc.stderr
+    assert "bar1_size 0x40000000 is larger than the controller's EP RAM" in proc.stderr
     assert "errno 12" in proc.stderr
 
 
@@ -103,30 +173,29 @@ def test_a_second_server_on_a_live_socket_is_refused_and_the_first_keeps_it(
 
 
 def test_print_qemu_args_gives_what_run_uses(tmp_path: Path) -> None:
-    """The printed options come from the launcher's own list (memfd RAM, interrupt remapping
-    for 32 MSI vectors, the root port, the device with its message timeout)."""
+    """A command line per controller that runs as printed: this vfio-ep's `qemu` (the
+    QEMU runs use), then the launcher's own options (memfd RAM and -m of its size,
+    interrupt remapping for 32 MSI vectors, the root port, the device with its message
+    timeout).  tests/test_guest.py boots a guest with it."""
     sock = Path("/tmp/ep.sock")
     proc = subprocess.Popen([sys.executable, "-m", "vfio_ep", *readme_example(
         "vfio-ep serve --socket /tmp/ep.sock --print-qemu-args")], stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True)
     try:
         assert proc.stdout is not None
-        line = proc.stdout.readline()
+        comment, line = proc.stdout.readline(), proc.stdout.readline()
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=10)
-    args = shlex.split(line.split("...", 1)[1])
+    assert comment == "# ep0:\n"
+    args = shlex.split(line)
+    assert args[:5] == [sys.executable, "-m", "vfio_ep", "qemu", "--"]
     assert "intel-iommu,intremap=on,dma-translation=off" in args
     assert "memory-backend-memfd,id=mem,size=256M,share=on" in args
+    assert args[args.index("-m", 5) + 1] == "256"  # after python -m vfio_ep
     device = json.loads(args[-1])
     assert device["socket"] == {"type": "unix", "path": str(sock)}
     assert device["driver"] == "vfio-user-pci" and device["x-msg-timeout"] > 0
-
-
-def test_interrupt_pin_beyond_intd_is_one_line(tmp_path: Path) -> None:
-    proc = _serve(tmp_path / "s", "interrupt_pin=5")
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert "interrupt_pin 5: 0 (no INTx) or 1-4 (INTA-INTD)" in proc.stderr
 
 
 def _vfio_ep(*args: str) -> subprocess.CompletedProcess[str]:

@@ -65,6 +65,34 @@ def test_errors_name_the_line(line: str, error: str) -> None:
         parse_script(script, "s.sh")
 
 
+@pytest.mark.parametrize(("write", "refusal"), [
+    ("echo 0x12345 > functions/pci_epf_test/func1/vendorid",
+     "functions/pci_epf_test/func1/vendorid: 0x12345 is out of range 0..0xffff (-ERANGE)"),
+    ("echo -1 > functions/pci_epf_test/func1/deviceid",
+     "functions/pci_epf_test/func1/deviceid: -1 is out of range 0..0xffff (-EINVAL)"),
+    ("echo 256 > functions/pci_epf_test/func1/revid",
+     "functions/pci_epf_test/func1/revid: 256 is out of range 0..0xff (-ERANGE)"),
+    ("echo 64 > functions/pci_epf_test/func1/msi_interrupts",
+     "functions/pci_epf_test/func1/msi_interrupts: 64 is out of range 1..32 (-EINVAL: what "
+     "pci_epc_set_msi() takes)"),
+    ("echo 5G > functions/pci_epf_test/func1/pci_epf_test.0/bar1_size",
+     "functions/pci_epf_test/func1/bar1_size: 5G is out of range 0..0xffffffff (-ERANGE)"),
+])
+def test_a_write_the_store_refuses_fails_at_its_line(write: str, refusal: str) -> None:
+    """Header values are checked at the echo, as configfs refuses the write, not at bind."""
+    script = f"mkdir functions/pci_epf_test/func1\n{write}\n"
+    with pytest.raises(ConfigError) as refused:
+        parse_script(script, "s.sh")
+    assert str(refused.value) == f"s.sh:2: {write}: {refusal}"
+
+
+def test_a_negative_bar_number_is_a_value_not_an_echo_option() -> None:
+    """``echo -1 > .../ctrl_bar`` (the first free BAR) writes -1; only -n/-e are options."""
+    comp = parse_script("mkdir functions/pci_epf_vntb/func1\n"
+                        "echo -1 > functions/pci_epf_vntb/func1/pci_epf_vntb.0/ctrl_bar\n", "s.sh")
+    assert comp.functions["func1"].values["ctrl_bar"] == "-1"
+
+
 def test_stores_after_linking_are_refused_like_7_3_4() -> None:
     script = SEED.read_text() + "echo 8 > functions/pci_epf_vntb/func1/pci_epf_vntb.0/db_count\n"
     with pytest.raises(ConfigError, match="-EOPNOTSUPP"):

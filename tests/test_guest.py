@@ -12,6 +12,7 @@ import os
 import pty
 import re
 import select
+import shlex
 import shutil
 import signal
 import socket
@@ -587,3 +588,49 @@ def test_boot_tracing_lands_in_the_run_directory(tmp_path: Path) -> None:
     assert re.search(r"irq_handler_entry: irq=\d+ name=pci-endpoint-test", trace), trace[-2000:]
     assert "pci_endpoint_test_ioctl" in trace
     assert "Linux version" in (run_dir / "dmesg.txt").read_text()
+
+
+def test_the_printed_qemu_command_runs_as_printed_and_the_guest_sees_the_device(
+        tmp_path: Path) -> None:
+    """Bring your own QEMU: `serve --print-qemu-args` prints a command that runs as it is
+    (`vfio-ep qemu`, the provisioned QEMU through its loader; -m as big as the memory
+    backend); with a kernel added, the guest enumerates 16c3:edda behind the root port.
+    No initramfs: the kernel panics once PCI is up, and -no-reboot ends QEMU there."""
+    sock = tmp_path / "ep.sock"
+    server = subprocess.Popen([sys.executable, "-m", "vfio_ep", "serve", "--socket", str(sock),
+                               "--print-qemu-args"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout is not None
+        assert server.stdout.readline() == "# ep0:\n"
+        command = shlex.split(server.stdout.readline())
+        kernel = provision_all().kernel
+        guest = subprocess.run([*command, "-kernel", str(kernel), "-append",
+                                "console=ttyS0 panic=-1", "-nographic", "-no-reboot"],
+                               capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        _, log = server.communicate(timeout=10)
+    assert "pci 0000:01:00.0: [16c3:edda] type 00 class 0xff0000 PCIe Endpoint" in \
+        guest.stdout, guest.stdout[-3000:] + guest.stderr
+    assert "Machine memory size does not match" not in guest.stderr
+    assert "connected" in log and "Traceback" not in log
+
+
+def test_vfio_ep_qemu_is_the_qemu_runs_use() -> None:
+    """`vfio-ep qemu -- ARGS` runs the QEMU a run would use, with exactly those arguments."""
+    proc = subprocess.run([sys.executable, "-m", "vfio_ep",
+                           *readme_example("vfio-ep qemu -- --version")],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"QEMU emulator version {provision_all().qemu.version}")
+
+
+def test_accel_kvm_reaches_qemu_with_the_irqchip_split(tmp_path: Path) -> None:
+    """--accel kvm as far as this machine can take it (its /dev/kvm starts no guest): QEMU's
+    command line, which an unknown option of ours makes QEMU refuse at once."""
+    proc = _run("--accel", "kvm", "--exec", "true", "--qemu-arg=-vfio-ep-stop-here",
+                "--run-dir", str(tmp_path / "r"))
+    assert proc.returncode == 2 and "-vfio-ep-stop-here: invalid option" in proc.stderr
+    argv = json.loads((tmp_path / "r" / "a" / "run.json").read_text())["qemu_argv"]
+    assert argv[argv.index("-accel") + 1] == "kvm,kernel-irqchip=split"

@@ -94,6 +94,23 @@ def test_debug_options_become_kernel_arguments() -> None:
     assert launcher.GuestOptions().cmdline == launcher.DEFAULT_APPEND
 
 
+@pytest.mark.parametrize(("accel", "memory", "expected"), [
+    ("tcg", 256, "tcg"), ("kvm", 512, "kvm,kernel-irqchip=split")])
+def test_qemus_command_line_per_accelerator(tmp_path: Path, accel: str, memory: int,
+                                            expected: str) -> None:
+    """--accel: KVM with the irqchip split, as interrupt remapping needs there; -m always the
+    memory backend's size, and the IOMMU's interrupt remapping either way."""
+    argv = launcher.qemu_command(
+        provision.Qemu(["qemu-system-x86_64"]), kernel=tmp_path / "bzImage",
+        initrd=tmp_path / "initrd", qmp=tmp_path / "qmp", device=None,
+        options=launcher.GuestOptions(accel=accel, memory_mb=memory))
+    assert argv[argv.index("-accel") + 1] == expected
+    assert argv.count("-accel") == 1
+    assert argv[argv.index("-m") + 1] == str(memory)
+    assert f"memory-backend-memfd,id=mem,size={memory}M,share=on" in argv
+    assert "intel-iommu,intremap=on,dma-translation=off" in argv
+
+
 def test_shares_parse_and_mount(tmp_path: Path) -> None:
     d = tmp_path / "a,b"
     d.mkdir()

@@ -147,10 +147,10 @@ def test_rk3588_reuses_the_doorbell_pre_exposed_in_bar4(tmp_path: Path, path: st
 
 
 @pytest.mark.parametrize(("attrs", "error"), [
-    ({"db_count": 2}, "db_count 2 out of range"),
-    ({"num_mws": 5}, "num_mws 5 > 4"),
+    ({"db_count": 2}, "db_count: 2 is out of range 3..32 "),
+    ({"num_mws": 5}, "num_mws: 5 is out of range 0..4 "),
     ({"mw2": 4096}, "mw2 set but num_mws is 1: -ERANGE"),
-    ({"db_bar": 6}, "db_bar out of range"),
+    ({"db_bar": 6}, "db_bar: 6 is out of range -1..5 "),
     ({"ntb_client": "ftp"}, "ntb_client must be one of"),
     ({"netdev": "eth0"}, "builtin or tap:NAME"),
 ])
@@ -168,6 +168,44 @@ def test_the_last_memory_window_gets_no_automatic_bar(tmp_path: Path) -> None:
         comp.build()
     comp.set("mw2_bar=3")
     assert {b.index for b in comp.build()[0].device.spec.bars} == {0, 2, 3, 4}
+
+
+@pytest.mark.parametrize(("items", "error"), [
+    # the flat form's map is ctrl/db/mw1 = 0/4/2
+    (["ctrl_bar=2"], r"^ctrl_bar and mw1_bar are both BAR2: each NTB region needs a BAR of "
+     r"its own$"),
+    (["db_bar=0"], r"^ctrl_bar and db_bar are both BAR0: "),
+    (["num_mws=2", "mw2=0x10000", "mw2_bar=4"], r"^db_bar and mw2_bar are both BAR4: "),
+])
+def test_two_regions_on_one_bar_are_refused(items: list[str], error: str) -> None:
+    """7.3.4 lays both regions over each other in that BAR; here the bind refuses."""
+    comp = Composition.single("pci-epf-vntb", {"ntb_client": "none"})
+    for item in items:
+        comp.set(item)
+    comp.assign_sockets(["/nonexistent/ep.sock"])
+    with pytest.raises(EpcError, match=error):
+        comp.build()
+
+
+@pytest.mark.parametrize(("items", "error"), [
+    (["mw1=4"], r"^0000:10:00\.0: ntb_transport: memory window 1 \(4 bytes\) holds no "
+     r"frame for queue 0$"),
+    (["ram_size=1M"], r"^0000:10:00\.0: NetdevClient probe: EP RAM exhausted: no 0x100000 "
+     r"bytes aligned to 0x1000 \(-ENOMEM; a larger ram_size, or smaller windows\)$"),
+    (["ntb_client=tool", "mw1=1G"], r"^0000:10:00\.0: ToolResponder probe: EP RAM exhausted"),
+    (["netdev=tap:lo"], r"^0000:10:00\.0: NetdevClient probe: tap:lo: cannot attach \("),
+])
+def test_an_ep_client_that_cannot_probe_is_a_configuration_error(items: list[str],
+                                                                error: str) -> None:
+    """The EP's NTB client probes at bind: no EP RAM for its buffers, a window too small
+    for a frame (where the kernel would divide by zero), an interface that is no TAP
+    device: a ValueError naming it, as `vfio-ep serve` prints in one line."""
+    comp = Composition.single("pci-epf-vntb", {})
+    for item in items:
+        comp.set(item)
+    comp.assign_sockets(["/nonexistent/ep.sock"])
+    with pytest.raises(ValueError, match=error):
+        comp.build()
 
 
 def test_sizes_struct_as_in_the_kernel() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -70,7 +71,9 @@ def composition_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @main.command()
 @verbose_option
 @click.option("--socket", "sockets", multiple=True, metavar="[CONTROLLER=]PATH",
-              help="UNIX socket to serve a controller on (created 0600); repeatable.")
+              help="UNIX socket to serve a controller on (created 0600; at most 107 bytes, "
+              "sun_path's limit); repeatable.  Missing directories are created 0700 and "
+              "removed at exit if still empty.")
 @click.option("--ep-socket", "ep_sockets", multiple=True, metavar="[CONTROLLER=]PATH",
               help="Serve the controller's CPU side here, to an EP guest whose kernel runs "
               "the functions (its EPC driver: qemu/kernel/epc); alone, one controller named "
@@ -84,8 +87,9 @@ def composition_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--pidfile", type=click.Path(dir_okay=False, path_type=Path),
               help="Write our pid here once serving; removed at exit.")
 @click.option("--print-qemu-args", is_flag=True,
-              help="Print, per controller, the QEMU options that attach a guest to it as "
-              "`vfio-ep run` does (memfd RAM, interrupt remapping, root port, the device).")
+              help="Print, per controller, a command line that starts QEMU (through `vfio-ep "
+              "qemu`) with a guest attached as `vfio-ep run` attaches one (memfd RAM and "
+              "-m, interrupt remapping, root port, the device); add a kernel or a disk.")
 @composition_options
 def serve(sockets: tuple[str, ...], ep_sockets: tuple[str, ...], allow_uids: tuple[int, ...],
           ready_fd: int | None, pidfile: Path | None, print_qemu_args: bool,
@@ -163,6 +167,9 @@ def serve(sockets: tuple[str, ...], ep_sockets: tuple[str, ...], allow_uids: tup
               metavar="MB", help="Guest RAM.")
 @click.option("--cpus", type=click.IntRange(min=1, max=64), default=1, show_default=True,
               help="Guest CPUs (-smp).")
+@click.option("--accel", type=click.Choice(["tcg", "kvm"]), default="tcg", show_default=True,
+              help="QEMU's accelerator; with kvm the irqchip is split (kernel-irqchip=split), "
+              "which interrupt remapping, and so 32 MSI vectors, needs there.")
 @click.option("--qemu-arg", "qemu_args", multiple=True, metavar="ARG",
               help="One more QEMU argument, last on its command line (repeatable: "
               "--qemu-arg=-d --qemu-arg=guest_errors).")
@@ -182,9 +189,9 @@ def run(function: str | None, config_file: Path | None, configfs: Path | None,
         kselftest: Path | None, qemu: Path | None, linux: str, exec_cmd: str | None,
         shell: bool, axes: tuple[str, ...], xfail: tuple[str, ...], append: str,
         shares: tuple[str, ...], dyndbg: tuple[str, ...], trace_events: tuple[str, ...],
-        ftrace_filter: tuple[str, ...], memory: int, cpus: int, qemu_args: tuple[str, ...],
-        gdb_port: int | None, timeout: float | None, run_dir: Path | None,
-        guest_args: tuple[str, ...]) -> None:
+        ftrace_filter: tuple[str, ...], memory: int, cpus: int, accel: str,
+        qemu_args: tuple[str, ...], gdb_port: int | None, timeout: float | None,
+        run_dir: Path | None, guest_args: tuple[str, ...]) -> None:
     """Boot a guest against a fresh vfio-ep and run the function's suite.
 
     pci-epf-test runs the upstream pci_endpoint_test kselftest: options vfio-ep does not know
@@ -224,7 +231,8 @@ def run(function: str | None, config_file: Path | None, configfs: Path | None,
                   options=GuestOptions(memory, append, cpus, qemu_args, gdb_port,
                                        interactive=shell, shares=mounts, dyndbg=dyndbg,
                                        trace_events=trace_events,
-                                       ftrace_filter=ftrace_filter, workdir=workdir))
+                                       ftrace_filter=ftrace_filter, workdir=workdir,
+                                       accel=accel))
     ep = EpGuestRun(sets, preset, configfs, guest_args, ep_kernel, ep_exec, ep_dyndbg)
     if ep_guest:
         raise SystemExit(_run_ep_guest(common, ep, run_dir, bool(axes or exec_cmd or shell
@@ -286,6 +294,8 @@ def attributes(function: str) -> None:
 
 def _shown(name: str, value: object) -> str:
     """A default as one would write it back: IDs in hex, sizes in K/M/G, lists with commas."""
+    from vfio_ep.config import format_size
+
     if value is None:
         return "(required)"
     if isinstance(value, tuple):
@@ -294,10 +304,7 @@ def _shown(name: str, value: object) -> str:
         return str(value)
     if name.endswith(("id", "_vid", "_pid")):
         return f"{value:#x}"
-    for suffix, shift in (("G", 30), ("M", 20), ("K", 10)):
-        if value >= 1 << shift and not value % (1 << shift):
-            return f"{value >> shift}{suffix}"
-    return str(value)
+    return format_size(value)
 
 
 @main.command()
@@ -314,6 +321,23 @@ def provision(qemu: Path | None, linux: str) -> None:
     except ProvisionError as e:
         raise click.ClickException(str(e)) from None
     click.echo(assets.describe())
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.argument("qemu_args", nargs=-1, type=click.UNPROCESSED, metavar="-- QEMU_ARGS")
+def qemu(qemu_args: tuple[str, ...]) -> None:
+    """Run the QEMU that `vfio-ep run` uses with QEMU_ARGS: $VFIO_EP_QEMU, a new enough
+    qemu-system-x86_64 on PATH, else the provisioned one (fetched on first use), which
+    runs only through its private sysroot's loader.  `serve --print-qemu-args` prints
+    command lines for it."""
+    from vfio_ep.guest.provision import ProvisionError, provision_qemu
+
+    try:
+        found = provision_qemu()
+    except ProvisionError as e:
+        raise click.ClickException(str(e)) from None
+    # QEMU takes our place: its exit status, signals and terminal are the caller's.
+    os.execve(found.argv[0], [*found.argv, *qemu_args], {**os.environ, **found.env})
 
 
 @main.command()

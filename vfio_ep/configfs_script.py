@@ -27,7 +27,7 @@ import re
 import shlex
 
 from vfio_ep.composition import Composition, ControllerGroup, FunctionGroup
-from vfio_ep.config import ConfigError
+from vfio_ep.config import ConfigError, store
 from vfio_ep.epf.functions import DRIVERS
 from vfio_ep.pci.device import FunctionAttributes
 
@@ -86,8 +86,8 @@ class _Script:
                                "can be made")
 
     def _echo(self, args: list[str]) -> None:
-        if len(args) != 3 or args[1] != ">" or args[0].startswith("-"):
-            raise _ScriptError("expected echo VALUE > FILE")
+        if len(args) != 3 or args[1] != ">" or re.fullmatch(r"-[neE]+", args[0]):
+            raise _ScriptError("expected echo VALUE > FILE")  # -1 is a value, -n an option
         value, parts = args[0], self._rel(args[2])
         if len(parts) == 3 and parts[0] == "controllers" and parts[2] == "start":
             self._controller(parts[1]).started = value.strip() not in ("0", "")
@@ -96,24 +96,25 @@ class _Script:
             raise _ScriptError(f"{'/'.join(parts)}: not a function or controller attribute")
         func = self._function(parts[1], parts[2])
         attr = parts[-1]
-        linked = func.primary is not None or func.secondary is not None
+        drv = DRIVERS[func.driver]
         if len(parts) == 4:
             if attr not in HEADER_ATTRIBUTES:
                 raise _ScriptError(f"functions/{parts[1]}/{parts[2]} has no attribute {attr} "
                                    f"(header attributes: {', '.join(sorted(HEADER_ATTRIBUTES))})")
         elif len(parts) == 5 and re.fullmatch(rf"{parts[1]}\.\d+", parts[3]):
-            drv = DRIVERS[func.driver]
             if attr not in drv.cfs_attributes:
                 raise _ScriptError(f"{parts[3]}/ has no attribute {attr} (known: "
                                    f"{', '.join(drv.cfs_attributes) or 'none'})")
-            if drv.store is not None:
-                try:
-                    drv.store(func.values, attr, value, linked)
-                except ConfigError as e:
-                    raise _ScriptError(str(e)) from None
         else:
             raise _ScriptError(f"{'/'.join(parts)}: no such attribute (the driver's own are "
                                f"in {parts[2]}/{parts[1]}.0/)")
+        try:  # refused at the write, as configfs does
+            store(drv.attributes, attr, value, "/".join(parts[:3]))
+            if drv.store is not None and len(parts) == 5:
+                drv.store(func.values, attr, func.primary is not None
+                          or func.secondary is not None)
+        except ConfigError as e:
+            raise _ScriptError(str(e)) from None
         func.values[attr] = value
 
     def _link(self, target: list[str], link: list[str]) -> None:

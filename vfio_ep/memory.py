@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+import weakref
 
 
 class SharedMemory:
@@ -18,6 +19,9 @@ class SharedMemory:
     def __init__(self, name: str, size: int) -> None:
         self.size = (size + mmap.PAGESIZE - 1) & ~(mmap.PAGESIZE - 1)
         self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        # Collected unclosed (a composition built and dropped), the mapping goes with the
+        # mmap object and the fd with this.
+        self._close_fd = weakref.finalize(self, os.close, self.fd)
         os.ftruncate(self.fd, self.size)
         self._map = mmap.mmap(self.fd, self.size, flags=mmap.MAP_SHARED,
                               prot=mmap.PROT_READ | mmap.PROT_WRITE)
@@ -40,7 +44,7 @@ class SharedMemory:
     def close(self) -> None:
         self.view.release()
         self._map.close()
-        os.close(self.fd)
+        self._close_fd()
 
 
 class ForeignMemory:

@@ -44,12 +44,24 @@ async def serve(listeners: list[Listener], ready: Callable[[], None] = lambda: N
             nursery.start_soon(stop_on_signal)
 
 
-def qemu_args(socket: Path) -> str:
-    """The QEMU options that attach one guest to ``socket`` as ``vfio-ep run`` does."""
+def qemu_command(socket: Path) -> str:
+    """A command line that starts QEMU with a guest attached to ``socket`` as ``vfio-ep
+    run`` attaches one, as printed: ``vfio-ep qemu`` (the QEMU vfio-ep provisions, whose
+    binary only runs through its sysroot's loader) with the machine's options (-m
+    matching the memory backend) and the device; the user adds a kernel or a disk."""
     from vfio_ep.guest.launcher import endpoint_machine_args, vfio_user_device
 
-    return shlex.join([*endpoint_machine_args(),
+    return shlex.join([*_this_program(), "qemu", "--", *endpoint_machine_args(),
                        "-device", json.dumps(vfio_user_device(socket.absolute()))])
+
+
+def _this_program() -> list[str]:
+    """How to start this vfio-ep again from any directory: the script we were started as,
+    by its absolute path, else this Python with ``-m vfio_ep``."""
+    script = Path(sys.argv[0])
+    if script.name == "vfio-ep":
+        return [str(script.absolute())]
+    return [sys.executable, "-m", "vfio_ep"]
 
 
 def serve_forever(sockets: list[str], function: str | None, config_file: Path | None,
@@ -72,10 +84,12 @@ def serve_forever(sockets: list[str], function: str | None, config_file: Path | 
         for listener in listeners:
             listener.bind()
     except SocketPathError as e:
+        for listener in listeners:  # the ones bound before: their sockets and directories
+            listener.close()
         sys.exit(f"vfio-ep: {e}")
     for e in endpoints:
         if print_qemu_args:
-            print(f"# {e.controller}: qemu-system-x86_64 ... {qemu_args(e.socket)}", flush=True)
+            print(f"# {e.controller}:\n{qemu_command(e.socket)}", flush=True)
         if not isinstance(e.device, PciDevice):
             log.info("serving controller %s on %s once its EP guest starts it", e.controller,
                      e.socket)

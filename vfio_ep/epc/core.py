@@ -18,17 +18,18 @@ import enum
 import errno
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Annotated, Protocol
 
+from vfio_ep.config import U32, Range
 from vfio_ep.epc.address_space import PAGE, EpAddressSpace, EpRam
 from vfio_ep.epc.bar import PciEpfBar
-from vfio_ep.epc.dw import DwPcieEp, PciEpcAuxResource
+from vfio_ep.epc.dw import EDMA_BASE, DwPcieEp, PciEpcAuxResource
 from vfio_ep.epc.edma import DmaChannel
 from vfio_ep.epc.features import BarType, EpcFeatures, profile
 from vfio_ep.epc.irq import IrqDomain
 from vfio_ep.epc.msi_controller import PlatformMsiController
 from vfio_ep.epc.outbound import PciEpcMem
-from vfio_ep.epc.soc import EpcError, EpSoc, EpWork
+from vfio_ep.epc.soc import EP_RAM_BASE, EpcError, EpSoc, EpWork
 from vfio_ep.pci.bar import NUM_BARS, PCI_BASE_ADDRESS_MEM_TYPE_64, PCI_BASE_ADDRESS_SPACE_IO
 from vfio_ep.pci.device import PciDevice, PciHeader
 
@@ -66,12 +67,13 @@ class PciEpcAttributes:
     profile, reserved BARs), the EP RAM size, and the period of the core's poll doorbell."""
 
     profile: str = "generic"
-    ram_size: int = 256 << 20
+    ram_size: Annotated[int, Range(PAGE, EDMA_BASE - EP_RAM_BASE, sizes=True,
+                                   why="EP RAM ends where the SoC's MMIO begins")] = 256 << 20
     # More reserved BARs than the profile has, e.g. (0, 1) puts pci-epf-test's registers
     # in BAR2 as on AM654.
-    reserved_bars: tuple[int, ...] = ()
+    reserved_bars: tuple[Annotated[int, Range(0, NUM_BARS - 1)], ...] = ()
     msi_mutable: bool = False
-    doorbell_poll_interval_us: int = 1000
+    doorbell_poll_interval_us: Annotated[U32, Range(1, 0xFFFF_FFFF)] = 1000
     # An EP guest's dmaengine view of the eDMA: "memcpy" channels (pci-epf-test's generic
     # DMA path), or "slave" channels as dw-edma offers them (nvmet-pci-epf's).
     dma_channels: str = "memcpy"
@@ -80,10 +82,6 @@ class PciEpcAttributes:
         if self.dma_channels not in DMA_CHANNEL_KINDS:
             raise ValueError(f"dma_channels {self.dma_channels!r}: one of "
                              f"{', '.join(DMA_CHANNEL_KINDS)}")
-        if self.doorbell_poll_interval_us <= 0:
-            raise ValueError("doorbell_poll_interval_us must be positive")
-        if self.ram_size < PAGE:
-            raise ValueError(f"ram_size {self.ram_size} is smaller than a page")
 
 
 class PciEpcOps(Protocol):

@@ -25,6 +25,7 @@ import logging
 import re
 from pathlib import Path
 
+from vfio_ep.config import attributes
 from vfio_ep.epc.address_space import AddressError, ApertureWindow
 from vfio_ep.epc.bar import PciEpfBar, PciEpfBarSubmap
 from vfio_ep.epc.core import EpcError, IrqType, PciEpc
@@ -326,7 +327,7 @@ class EpcCpuPort:
             if name is None:
                 raise EpcError(errno.EOPNOTSUPP, f"unknown command {op}")
             result = self._op(name)
-        except (EpcError, ValueError) as e:
+        except (EpcError, ValueError) as e:  # ConfigError: an attribute refused
             status = -(e.errno if isinstance(e, EpcError) else errno.EINVAL)
             log.warning("%s: %s from the EP guest refused: %s", self.name, name or op, e)
         except Exception:
@@ -403,9 +404,11 @@ def _count(value: int) -> int:
 
 
 def _header(a0: int, a1: int) -> PciHeader:
-    """VEPC_OP_WRITE_HEADER's two arguments, as vepc_write_header() packs them."""
-    return PciHeader(vendorid=a0 & 0xFFFF, deviceid=a0 >> 16 & 0xFFFF, revid=a0 >> 32 & 0xFF,
-                     progif_code=a0 >> 40 & 0xFF, subclass_code=a0 >> 48 & 0xFF,
-                     baseclass_code=a0 >> 56 & 0xFF, cache_line_size=a1 & 0xFF,
-                     subsys_vendor_id=a1 >> 8 & 0xFFFF, subsys_id=a1 >> 24 & 0xFFFF,
-                     interrupt_pin=a1 >> 40 & 0xFF)
+    """VEPC_OP_WRITE_HEADER's two arguments, as vepc_write_header() packs them, checked as
+    the header's attributes are (an interrupt pin QEMU refuses is -EINVAL)."""
+    values = dict(vendorid=a0 & 0xFFFF, deviceid=a0 >> 16 & 0xFFFF, revid=a0 >> 32 & 0xFF,
+                  progif_code=a0 >> 40 & 0xFF, subclass_code=a0 >> 48 & 0xFF,
+                  baseclass_code=a0 >> 56 & 0xFF, cache_line_size=a1 & 0xFF,
+                  subsys_vendor_id=a1 >> 8 & 0xFFFF, subsys_id=a1 >> 24 & 0xFFFF,
+                  interrupt_pin=a1 >> 40 & 0xFF)
+    return attributes(PciHeader, values, "the EP guest's header")

@@ -20,6 +20,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import weakref
 from collections.abc import Callable
 
 import trio
@@ -48,6 +49,7 @@ class DoorbellTarget:
         self.underlying = underlying
         self.underlying_offset = underlying_offset
         self.efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        weakref.finalize(self, os.close, self.efd)  # lives as long as the target
         self._pending = ctypes.c_uint32(0)  # set by C: the first event was rung
         c = native()  # looked up once: _take_pending runs on every ring
         self._take_c = (None if c is None else

@@ -102,6 +102,7 @@ class GuestOptions:
     trace_events: tuple[str, ...] = ()  # boot-time trace events, "irq:irq_handler_entry"
     ftrace_filter: tuple[str, ...] = ()  # functions for the boot-time function tracer
     workdir: str | None = None  # the guest's directory for the command (inside a share)
+    accel: str = "tcg"  # a key of ACCELERATORS
 
     @property
     def cmdline(self) -> str:
@@ -609,13 +610,12 @@ def vfio_user_device(socket: Path, msg_timeout_ms: int = DEFAULT_MSG_TIMEOUT_MS,
 def qemu_command(qemu: Qemu, *, kernel: Path, initrd: Path, qmp: Path, options: GuestOptions,
                  device: dict[str, Any] | None, extra_args: Sequence[str] = (),
                  rescue: Path | None = None) -> list[str]:
-    """The one QEMU command line: q35 under TCG, memfd RAM (so the server can DMA directly),
-    serial console on stdout, QMP to our socket, the rescue console's serial port on
+    """The one QEMU command line: q35 under TCG (or KVM), memfd RAM (so the server can DMA
+    directly), serial console on stdout, QMP to our socket, the rescue console's serial port on
     ``rescue``, a PCIe root port for the endpoint; then ``extra_args`` (the run's own
     devices) and the user's options."""
-    memory = options.memory_mb
     argv = [
-        *qemu.argv, *endpoint_machine_args(memory), "-accel", "tcg", "-m", str(memory),
+        *qemu.argv, *endpoint_machine_args(options.memory_mb, options.accel),
         "-nodefaults", "-nographic", "-no-reboot",
         # Interactive: QEMU's monitor multiplexed in too, so Ctrl-A X always gets out.
         "-serial", "mon:stdio" if options.interactive else "stdio", "-qmp", f"unix:{qmp}",
@@ -638,11 +638,18 @@ def _until_marker(data: bytes, marker: bytes) -> tuple[bytes, bytes, bool]:
     return data[: len(data) - keep], data[len(data) - keep :], True
 
 
-def endpoint_machine_args(memory_mb: int = DEFAULT_MEMORY_MB) -> list[str]:
+# -accel's options per accelerator.  Interrupt remapping (below) needs the IOAPIC in QEMU:
+# under KVM the irqchip must be split (QEMU refuses intremap=on with the kernel's own).
+ACCELERATORS = {"tcg": "tcg", "kvm": "kvm,kernel-irqchip=split"}
+
+
+def endpoint_machine_args(memory_mb: int = DEFAULT_MEMORY_MB, accel: str = "tcg") -> list[str]:
     """What a QEMU machine needs for a vfio-user endpoint to work as in ``vfio-ep run``."""
     return [
-        # Guest RAM in a shared memfd: the server reaches it directly, not by messages.
-        "-machine", "q35,memory-backend=mem",
+        "-accel", ACCELERATORS[accel],
+        # Guest RAM in a shared memfd: the server reaches it directly, not by messages; -m
+        # must say the backend's size.
+        "-machine", "q35,memory-backend=mem", "-m", str(memory_mb),
         "-object", f"memory-backend-memfd,id=mem,size={memory_mb}M,share=on",
         # Interrupt remapping only (x86 multi-MSI needs it); must come before PCI devices.
         "-device", "intel-iommu,intremap=on,dma-translation=off",

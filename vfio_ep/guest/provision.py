@@ -57,7 +57,8 @@ BUSYBOX = Path("/bin/busybox")
 COLD_NOTE = "cold provisioning takes about 6-8 minutes on 2 cores (cached afterwards)"
 MULTIARCH = "usr/lib/x86_64-linux-gnu"
 
-__all__ = ["GuestAssets", "ProvisionError", "Qemu", "cache_dir", "provision_all"]
+__all__ = ["GuestAssets", "ProvisionError", "Qemu", "cache_dir", "provision_all",
+           "provision_qemu"]
 
 
 @dataclass
@@ -132,7 +133,7 @@ def provision_all(qemu: Path | None = None, kernel: Path | None = None,
             epc_driver = prov.epc_driver(image)
         test, kind = (kselftest, "kselftest") if kselftest else prov.test()
         assets = GuestAssets(
-            qemu=prov.qemu(qemu or _env_path("VFIO_EP_QEMU")),
+            qemu=prov.qemu(qemu),
             kernel=image,
             test=test,
             busybox=prov.busybox(),
@@ -144,6 +145,15 @@ def provision_all(qemu: Path | None = None, kernel: Path | None = None,
     if prov.worked:
         say(f"provisioned in {time.monotonic() - started:.0f} s")
     return assets
+
+
+def provision_qemu(qemu: Path | None = None) -> Qemu:
+    """Only the QEMU a run would use (``qemu`` replacing it as in :func:`provision_all`):
+    what ``vfio-ep qemu`` runs."""
+    root = cache_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    with _locked(root / "provision.lock"):
+        return _Provisioner(root, DEFAULT_LINUX).qemu(qemu)
 
 
 def static_busybox() -> Path:
@@ -175,6 +185,9 @@ class _Provisioner:
         say(message)
 
     def qemu(self, explicit: Path | None) -> Qemu:
+        """``explicit`` (or $VFIO_EP_QEMU), else a new enough qemu-system-x86_64 on PATH,
+        else the private sysroot's (fetched on first use)."""
+        explicit = explicit or _env_path("VFIO_EP_QEMU")
         if explicit:
             return _require_vfio_user(_probe(Qemu(argv=[str(explicit)])), str(explicit))
         system = shutil.which("qemu-system-x86_64")

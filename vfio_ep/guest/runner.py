@@ -278,9 +278,8 @@ def _run_pcitest(target: Target, assets: GuestAssets, comp: Composition, timeout
     if guest_args:
         raise ConfigError(f"Linux {assets.linux} has pcitest, not the kselftest: "
                           f"{shlex.join(guest_args)} selects nothing there")
-    values = next(iter(comp.functions.values())).values
-    msi = int(values.get("msi_interrupts", 32))
-    msix = int(values.get("msix_interrupts", 32))
+    attrs = comp.function_attributes(next(iter(comp.functions)))
+    msi, msix = attrs.msi_interrupts, attrs.msix_interrupts
     top = new_run_dir(run_dir)
     with _keep_on_interrupt(top, "pcitest", facts):
         result = boot_guest(f"sh /pcitest_tap.sh {msi} {msix}",

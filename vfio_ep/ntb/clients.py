@@ -13,6 +13,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
+from vfio_ep.config import U32
 from vfio_ep.ntb.core import NtbClient
 
 CLIENT_NAMES = ("netdev", "pingpong", "tool", "none")
@@ -26,7 +27,7 @@ class NtbClientAttributes:
     ntb_client: str = "netdev"
     netdev: str = "builtin"
     netdev_address: str = "10.0.0.11/24"
-    pingpong_delay_ms: int = 1000  # ntb_pingpong's delay_ms
+    pingpong_delay_ms: U32 = 1000  # ntb_pingpong's delay_ms (a uint module parameter)
 
     def __post_init__(self) -> None:
         if self.ntb_client not in CLIENT_NAMES:
@@ -38,8 +39,6 @@ class NtbClientAttributes:
             ipaddress.IPv4Interface(self.netdev_address)
         except ValueError as e:
             raise ValueError(f"netdev_address: {e}") from None
-        if self.pingpong_delay_ms < 0:
-            raise ValueError("pingpong_delay_ms must not be negative")
 
 
 def create_client(a: NtbClientAttributes) -> NtbClient:

@@ -57,11 +57,19 @@ class NtbDev(abc.ABC):
 
     # -- client binding and events (ntb/core.c) -------------------------------
     def register_client(self, client: NtbClient) -> None:
-        """Bind ``client`` (ntb_register_client matching this device)."""
+        """Bind ``client`` (ntb_register_client matching this device).  A probe that finds
+        no EP RAM for its buffers (-ENOMEM), or a host interface it cannot attach, fails
+        the configuration: a ValueError, what the user must change."""
         if self.client is not None:
             raise RuntimeError(f"{self.name}: already bound to {type(self.client).__name__}")
         self.client = client
-        client.probe(self)
+        try:
+            client.probe(self)
+        except (MemoryError, OSError) as e:
+            self.client = None
+            why = (f"{e} (-ENOMEM; a larger ram_size, or smaller windows)"
+                   if isinstance(e, MemoryError) else e.strerror)
+            raise ValueError(f"{self.name}: {type(client).__name__} probe: {why}") from None
 
     def unregister_client(self) -> None:
         if self.client is not None:

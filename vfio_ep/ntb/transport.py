@@ -315,6 +315,9 @@ class NtbTransport:
         tx_size -= RX_INFO_SIZE
         qp.rx_info = qp.tx_mw + tx_size
         qp.tx_max_frame = min(TRANSPORT_MTU, tx_size // 2)
+        if qp.tx_max_frame <= HDR_SIZE:  # the kernel divides by zero here
+            raise ValueError(f"{self.ntb.name}: ntb_transport: memory window {mw_num + 1} "
+                             f"({mw_size} bytes) holds no frame for queue {qp.qp_num}")
         qp.tx_max_entry = tx_size // qp.tx_max_frame
 
     def _setup_qp_mw(self, qp: TransportQp) -> None:

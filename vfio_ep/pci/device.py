@@ -13,7 +13,9 @@ import errno
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, fields
+from typing import Annotated
 
+from vfio_ep.config import U8, U16, Range
 from vfio_ep.memory import SharedMemory
 from vfio_ep.pci import capabilities as caps
 from vfio_ep.pci.bar import (
@@ -65,31 +67,35 @@ PCI_INTERRUPT_INTD = 4
 
 @dataclass(frozen=True)
 class PciHeader:
-    """Identity of the function, as configfs names it (pci_epf_header)."""
+    """Identity of the function, as configfs names it (pci_epf_header), each field as wide
+    as pci-ep-cfs.c's store reads it."""
 
-    vendorid: int = 0x16C3
-    deviceid: int = 0xEDDA
-    revid: int = 0
-    progif_code: int = 0
-    subclass_code: int = 0
-    baseclass_code: int = 0xFF
-    cache_line_size: int = 0
-    subsys_vendor_id: int = 0
-    subsys_id: int = 0
-    interrupt_pin: int = 1  # INTA; 0 = no INTx
+    vendorid: U16 = 0x16C3
+    deviceid: U16 = 0xEDDA
+    revid: U8 = 0
+    progif_code: U8 = 0
+    subclass_code: U8 = 0
+    baseclass_code: U8 = 0xFF
+    cache_line_size: U8 = 0
+    subsys_vendor_id: U16 = 0
+    subsys_id: U16 = 0
+    # INTA; 0 = no INTx.  The kernel stores any u8; QEMU refuses a device with another pin.
+    interrupt_pin: Annotated[U8, Range(0, PCI_INTERRUPT_INTD,
+                                       why="0 no INTx, 1-4 INTA-INTD: QEMU takes no other")] = 1
 
-    def __post_init__(self) -> None:
-        if not 0 <= self.interrupt_pin <= PCI_INTERRUPT_INTD:
-            raise ValueError(f"interrupt_pin {self.interrupt_pin}: 0 (no INTx) or 1-4 "
-                             "(INTA-INTD); QEMU refuses a device with another pin")
+
+# pci_epc_set_msi()/set_msix() refuse other counts when the function binds; refused here at
+# the write, so the error names the attribute.
+MSI_VECTORS = Range(1, 32, why="what pci_epc_set_msi() takes")
+MSIX_VECTORS = Range(1, 2048, why="what pci_epc_set_msix() takes")
 
 
 @dataclass(frozen=True)
 class FunctionAttributes(PciHeader):
     """What every function's configfs directory has: the header and interrupt counts."""
 
-    msi_interrupts: int = 32
-    msix_interrupts: int = 32
+    msi_interrupts: Annotated[U8, MSI_VECTORS] = 32
+    msix_interrupts: Annotated[U16, MSIX_VECTORS] = 32
 
     def header(self) -> PciHeader:
         return PciHeader(**{f.name: getattr(self, f.name) for f in fields(PciHeader)})

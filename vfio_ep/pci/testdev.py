@@ -10,12 +10,19 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
-from vfio_ep.config import attributes
+from vfio_ep.config import U8, U16, U32, Range, attributes
 from vfio_ep.memory import SharedMemory
 from vfio_ep.pci.bar import BarSpec, Window, WindowKind
-from vfio_ep.pci.device import FunctionAttributes, MsixPlacement, PciDevice, PciDeviceSpec
+from vfio_ep.pci.device import (
+    MSI_VECTORS,
+    MSIX_VECTORS,
+    FunctionAttributes,
+    MsixPlacement,
+    PciDevice,
+    PciDeviceSpec,
+)
 
 log = logging.getLogger(__name__)
 
@@ -34,12 +41,16 @@ MSIX_PBA = 0x2000
 
 @dataclass(frozen=True)
 class TestdevAttributes(FunctionAttributes):
-    bar0_size: int = 16 << 10
-    bar1_size: int = 64 << 10
-    bar2_size: int = 1 << 20
+    """The header, interrupt counts (0: no such capability) and BAR sizes (0: no BAR)."""
+
+    msi_interrupts: Annotated[U8, Range(0, MSI_VECTORS.hi, why="0 for no MSI")] = 32
+    msix_interrupts: Annotated[U16, Range(0, MSIX_VECTORS.hi, why="0 for no MSI-X")] = 32
+    bar0_size: U32 = 16 << 10
+    bar1_size: U32 = 64 << 10
+    bar2_size: U32 = 1 << 20
     bar2_64bit: bool = True
     bar2_prefetch: bool = True
-    bar4_size: int = 0
+    bar4_size: U32 = 0
 
 
 class TestdevRegisters:

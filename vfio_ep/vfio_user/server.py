@@ -45,6 +45,9 @@ _DMA_REPLY_TIMEOUT = 10.0
 # What a handler raises on a malformed request (a payload its layout does not parse, values
 # out of range, an fd that is not what it should be): the request is refused with EINVAL.
 MALFORMED = (ConstructError, struct.error, DmaError, ValueError, OSError)
+# The longest socket path: sizeof(sockaddr_un.sun_path) is 108, with room kept for the NUL
+# that C clients (QEMU's among them) copy along.
+SUN_PATH_MAX = 107
 TEARDOWN_GRACE = 5.0  # seconds a dead client's teardown may take before its successor is served
 
 _R = TypeVar("_R")
@@ -600,11 +603,13 @@ class Listener:
     guest's controller before the guest starts it); clients are refused until it does, and
     its background tasks are not ours (the EP guest's side runs the SoC).
 
-    The path is claimed with care: a missing parent directory is created 0700, a stale
-    socket (nobody accepts on it) is replaced, a live one or any other file is refused, and
-    on exit the path is unlinked only if it is still the socket this listener bound.  Only
-    clients of our own user, or of a uid in ``allow_uids``, are served (SO_PEERCRED); with
-    other users allowed, the socket and the directories made for it open up to them.
+    The path is claimed with care: one longer than ``sun_path`` takes is refused, missing
+    parent directories are created 0700 (logged) and removed again on exit if still empty,
+    a stale socket (nobody accepts on it) is replaced, a live one or any other file is
+    refused, and on exit the path is unlinked only if it is still the socket this listener
+    bound.  Only clients of our own user, or of a uid in ``allow_uids``, are served
+    (SO_PEERCRED); with other users allowed, the socket and the directories made for it open
+    up to them.
     """
 
     def __init__(self, path: Path, device: PciDevice | Callable[[], PciDevice | None],
@@ -618,11 +623,24 @@ class Listener:
         self.connections = 0
         self._sock: socket.socket | None = None
         self._ident: tuple[int, int] | None = None  # (st_dev, st_ino) of our socket file
+        self._made_dirs: list[Path] = []  # created for the socket, outermost first
 
     def bind(self) -> None:
         """Claim the path and listen; SocketPathError says why not (callable before trio
         runs, so ``vfio-ep serve`` reports it in one line)."""
-        _make_dirs(self.path.parent, 0o711 if self._shared else 0o700)
+        size = len(os.fsencode(self.path))
+        if size > SUN_PATH_MAX:
+            raise SocketPathError(errno.ENAMETOOLONG, f"{self.path}: too long for a UNIX "
+                                  f"socket ({size} bytes; sun_path holds {SUN_PATH_MAX} and "
+                                  "the NUL)")
+        self._made_dirs = _make_dirs(self.path.parent, 0o711 if self._shared else 0o700)
+        try:
+            self._claim()
+        except SocketPathError:
+            self.close()
+            raise
+
+    def _claim(self) -> None:
         if self.path.exists() or self.path.is_symlink():
             if self.path.is_symlink() or not self.path.is_socket():
                 raise SocketPathError(errno.EEXIST, f"{self.path} exists and is not a socket")
@@ -644,12 +662,23 @@ class Listener:
         st = os.stat(self.path)
         self._sock, self._ident = sock, (st.st_dev, st.st_ino)
 
-    def _release_path(self) -> None:
-        """Unlink the path only if it is still our socket (a successor may own it now)."""
+    def close(self) -> None:
+        """Stop listening and give the path back: the socket if it is still ours (a
+        successor may own it now), then the directories made for it, if empty."""
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
         with contextlib.suppress(OSError):
             st = os.stat(self.path)
             if (st.st_dev, st.st_ino) == self._ident:
                 self.path.unlink()
+        for d in reversed(self._made_dirs):
+            try:
+                d.rmdir()
+            except OSError:
+                break  # something else lives there now: it stays, and so do its parents
+            log.info("removed %s, made for the socket", d)
+        self._made_dirs = []
 
     async def serve(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         if self._sock is None:
@@ -697,8 +726,7 @@ class Listener:
                     nursery.start_soon(self._run, self.active)
         finally:
             sock.close()
-            self._sock = None
-            self._release_path()
+            self.close()
 
     async def _run(self, conn: Connection) -> None:
         try:
@@ -715,16 +743,26 @@ def _hung_up(sock: trio.socket.SocketType) -> bool:
     return any(events & (select.POLLRDHUP | select.POLLHUP) for _, events in poller.poll(0))
 
 
-def _make_dirs(path: Path, mode: int) -> None:
+def _make_dirs(path: Path, mode: int) -> list[Path]:
     """Create ``path`` and any missing parents with ``mode`` (sockets live there: 0700 keeps
-    other users out, 0711 lets allowed ones reach the socket without listing)."""
+    other users out, 0711 lets allowed ones reach the socket without listing); the ones
+    made, outermost first."""
     missing = []
     while not path.exists():
         missing.append(path)
         path = path.parent
+    made: list[Path] = []
     for d in reversed(missing):
-        d.mkdir(mode=mode)
+        try:
+            d.mkdir(mode=mode)
+        except OSError as e:
+            for m in reversed(made):
+                m.rmdir()
+            raise SocketPathError(e.errno or errno.EIO, f"{d}: {e.strerror}") from None
         os.chmod(d, mode)  # whatever the umask
+        log.info("created %s (%o) for the socket; removed at exit", d, mode)
+        made.append(d)
+    return made
 
 
 def _accepts(path: Path) -> bool:

@@ -20,17 +20,18 @@ class EpfDriver:
 
     ``probe`` turns the attributes (an instance of the ``attributes`` dataclass) into a
     function not yet bound to a controller.  ``cfs_attributes`` are those configfs shows in
-    the driver's ``<driver>.<N>/`` directory; ``store(values, key, value, linked)`` checks one
-    configfs write there the way the driver's ``_store`` does (ConfigError naming the
-    kernel's errno).  ``interfaces`` is 2 for a function with a primary and a secondary
-    controller.
+    the driver's ``<driver>.<N>/`` directory; ``store(values, key, linked)`` checks one
+    configfs write there the way the driver's ``_store`` does beyond the value's own range
+    (:func:`vfio_ep.config.store`): against the function's state and other attributes
+    (ConfigError naming the kernel's errno).  ``interfaces`` is 2 for a function with a
+    primary and a secondary controller.
     """
 
     name: str
     attributes: type
     probe: Callable[[Any], PciEpf]
     cfs_attributes: tuple[str, ...] = ()
-    store: Callable[[dict[str, Any], str, str, bool], None] | None = None
+    store: Callable[[dict[str, Any], str, bool], None] | None = None
     interfaces: int = 1
     defaults: dict[str, Any] = field(default_factory=dict)
 

@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import errno
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
-from vfio_ep.config import ConfigError, parse_int
+from vfio_ep.config import U8, U16, U32, U64, ConfigError, Range, parse_int
 from vfio_ep.epc.address_space import Watch
 from vfio_ep.epc.bar import PciEpfBar
 from vfio_ep.epc.core import EpcError, IrqType, PciEpc
@@ -65,30 +65,26 @@ CFS_ATTRIBUTES = ("db_count", "spad_count", "num_mws", "mw1", "mw2", "mw3", "mw4
 class PciEpfNtbAttributes(FunctionAttributes):
     """configfs (kernel defaults: IDs ffff:ffff, class 05 memory, counts 0)."""
 
-    vendorid: int = PCI_ANY_ID
-    deviceid: int = PCI_ANY_ID
-    baseclass_code: int = PCI_BASE_CLASS_MEMORY
-    db_count: int = 0
-    spad_count: int = 0
-    num_mws: int = 0
-    mw1: int = 0
-    mw2: int = 0
-    mw3: int = 0
-    mw4: int = 0
+    vendorid: U16 = PCI_ANY_ID
+    deviceid: U16 = PCI_ANY_ID
+    baseclass_code: U8 = PCI_BASE_CLASS_MEMORY
+    # The store takes any u32; the bind refuses the rest (the default 0 too).
+    db_count: Annotated[U32, Range(1, MAX_DB_COUNT, why="checked at bind; ntb_hw_epf needs "
+                                   "4 or more")] = 0
+    spad_count: U32 = 0
+    num_mws: Annotated[U32, Range(0, MAX_MW)] = 0
+    mw1: U64 = 0
+    mw2: U64 = 0
+    mw3: U64 = 0
+    mw4: U64 = 0
 
     def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.num_mws > MAX_MW:
-            raise ValueError(f"num_mws {self.num_mws} > {MAX_MW}: -EINVAL")
         for n in range(self.num_mws + 1, MAX_MW + 1):
             if getattr(self, f"mw{n}"):
                 raise ValueError(f"mw{n} set but num_mws is {self.num_mws}: -EINVAL")
         if self.num_mws < 1 or not self.mw1:
             raise ValueError("pci-epf-ntb needs num_mws >= 1 and mw1: MW1 shares BAR2 with "
                              "the doorbells")
-        if not 1 <= self.db_count <= MAX_DB_COUNT:
-            raise ValueError(f"db_count {self.db_count} out of range (1 - {MAX_DB_COUNT}): "
-                             "-EINVAL at bind (ntb_hw_epf needs 4 or more)")
 
 
 # vfio-ep's defaults for the flat and TOML forms (a configfs script starts from the kernel's):
@@ -99,11 +95,9 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-def store(values: dict[str, Any], key: str, value: str, linked: bool) -> None:
-    """One configfs write into pci_epf_ntb.N/, checked as the kernel's _store functions."""
-    number = parse_int(value)
-    if key == "num_mws" and number > MAX_MW:
-        raise ConfigError(f"num_mws {number}: -EINVAL (at most {MAX_MW})")
+def store(values: dict[str, Any], key: str, linked: bool) -> None:
+    """One configfs write into pci_epf_ntb.N/ (its value checked already against the
+    attribute's declaration), checked further as the kernel's _store functions."""
     if key in ("mw1", "mw2", "mw3", "mw4") and int(key[2]) > parse_int(
             values.get("num_mws", 0)):
         raise ConfigError(f"{key}: -EINVAL, MW{key[2]} beyond num_mws="

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from construct import Int32ul, Int64ul, Struct
 
 from vfio_ep.bulk import crc32_views, fill_random
+from vfio_ep.config import U32
 from vfio_ep.epc.address_space import AddressError, Watch
 from vfio_ep.epc.bar import PciEpfBar, PciEpfBarSubmap
 from vfio_ep.epc.core import EpcError, EpWork, IrqType, PciEpcMap
@@ -123,17 +124,17 @@ class PciEpfTestAttributes(FunctionAttributes):
     """configfs: the function's header/interrupts (baseclass ff = PCI_CLASS_OTHERS),
     pci_epf_test.N/barN_size, and the doorbell backend the function asks the core for."""
 
-    bar0_size: int = DEFAULT_BAR_SIZE[0]
-    bar1_size: int = DEFAULT_BAR_SIZE[1]
-    bar2_size: int = DEFAULT_BAR_SIZE[2]
-    bar3_size: int = DEFAULT_BAR_SIZE[3]
-    bar4_size: int = DEFAULT_BAR_SIZE[4]
-    bar5_size: int = DEFAULT_BAR_SIZE[5]
+    # kstrtouint, then is_power_of_2 (below)
+    bar0_size: U32 = DEFAULT_BAR_SIZE[0]
+    bar1_size: U32 = DEFAULT_BAR_SIZE[1]
+    bar2_size: U32 = DEFAULT_BAR_SIZE[2]
+    bar3_size: U32 = DEFAULT_BAR_SIZE[3]
+    bar4_size: U32 = DEFAULT_BAR_SIZE[4]
+    bar5_size: U32 = DEFAULT_BAR_SIZE[5]
     # The doorbell backend (vfio_ep.epf.doorbell): msi | embedded | poll | auto.
     doorbell: str = "auto"
 
     def __post_init__(self) -> None:
-        super().__post_init__()
         if self.doorbell not in DOORBELL_CHOICES:
             raise ValueError(f"doorbell must be one of {', '.join(DOORBELL_CHOICES)}")
         for bar in range(NUM_BARS):

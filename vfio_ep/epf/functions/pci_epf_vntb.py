@@ -22,11 +22,11 @@ from __future__ import annotations
 import errno
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import trio
 
-from vfio_ep.config import ConfigError, parse_int
+from vfio_ep.config import S32, U8, U16, U32, U64, ConfigError, Range, parse_int
 from vfio_ep.epc.address_space import PAGE, AddressError, Watch
 from vfio_ep.epc.bar import PciEpfBar
 from vfio_ep.epc.core import EpcError, IrqType
@@ -72,6 +72,9 @@ VNTB_BAR_NUM = 6
 
 CTRL_SIZE = (EpfNtbCtrl.sizeof() + 3) // 4 * 4  # ALIGN(sizeof(struct epf_ntb_ctrl), 4)
 
+# EPF_NTB_BAR_W: kstrtoint, then NO_BAR..BAR_5.
+BAR_OR_AUTO = Range(NO_BAR, NUM_BARS - 1, why="-1: the first free one")
+
 # The attributes configfs shows in functions/pci_epf_vntb/<func>/pci_epf_vntb.<N>/.
 CFS_ATTRIBUTES = ("spad_count", "db_count", "num_mws", "mw1", "mw2", "mw3", "mw4",
                   "vbus_number", "vntb_pid", "vntb_vid", "ctrl_bar", "db_bar", "mw1_bar",
@@ -83,48 +86,38 @@ class PciEpfVntbAttributes(FunctionAttributes, NtbClientAttributes):
     """configfs (kernel defaults: IDs ffff:ffff, class 05 memory, db_count 0 = unset), the
     doorbell backend, and the EP-side NTB client (:mod:`vfio_ep.ntb.clients`)."""
 
-    vendorid: int = PCI_ANY_ID
-    deviceid: int = PCI_ANY_ID
-    baseclass_code: int = PCI_BASE_CLASS_MEMORY
-    spad_count: int = 0
-    db_count: int = 0
-    num_mws: int = 0
-    mw1: int = 0
-    mw2: int = 0
-    mw3: int = 0
-    mw4: int = 0
-    vbus_number: int = 0xFF
-    vntb_pid: int = 0
-    vntb_vid: int = 0
-    ctrl_bar: int = NO_BAR
-    db_bar: int = NO_BAR
-    mw1_bar: int = NO_BAR
-    mw2_bar: int = NO_BAR
-    mw3_bar: int = NO_BAR
-    mw4_bar: int = NO_BAR
+    vendorid: U16 = PCI_ANY_ID
+    deviceid: U16 = PCI_ANY_ID
+    baseclass_code: U8 = PCI_BASE_CLASS_MEMORY
+    spad_count: U32 = 0
+    # The store's own check; the kernel's default 0 (unset) fails at bind.
+    db_count: Annotated[U32, Range(MIN_DB_COUNT, MAX_DB_COUNT, why="it counts the link and "
+                                   "the reserved slot: 4 gives 2 doorbells")] = 0
+    num_mws: Annotated[U32, Range(0, MAX_MW)] = 0
+    mw1: U64 = 0
+    mw2: U64 = 0
+    mw3: U64 = 0
+    mw4: U64 = 0
+    vbus_number: U32 = 0xFF
+    vntb_pid: U32 = 0
+    vntb_vid: U32 = 0
+    ctrl_bar: Annotated[S32, BAR_OR_AUTO] = NO_BAR
+    db_bar: Annotated[S32, BAR_OR_AUTO] = NO_BAR
+    mw1_bar: Annotated[S32, BAR_OR_AUTO] = NO_BAR
+    mw2_bar: Annotated[S32, BAR_OR_AUTO] = NO_BAR
+    mw3_bar: Annotated[S32, BAR_OR_AUTO] = NO_BAR
+    mw4_bar: Annotated[S32, BAR_OR_AUTO] = NO_BAR
     doorbell: str = "auto"
 
     def __post_init__(self) -> None:
-        """The checks of the configfs stores, on the final values."""
-        FunctionAttributes.__post_init__(self)
+        """The checks of the configfs stores that involve more than one attribute."""
         NtbClientAttributes.__post_init__(self)
         if self.doorbell not in DOORBELL_CHOICES:
             raise ValueError(f"doorbell must be one of {', '.join(DOORBELL_CHOICES)}")
-        if not MIN_DB_COUNT <= self.db_count <= MAX_DB_COUNT:
-            raise ValueError(f"db_count {self.db_count} out of range ({MIN_DB_COUNT} - "
-                             f"{MAX_DB_COUNT}): -EINVAL (it counts the link and the reserved "
-                             "slot: db_count 4 gives 2 doorbells)")
-        if self.num_mws > MAX_MW:
-            raise ValueError(f"num_mws {self.num_mws} > {MAX_MW}: -EINVAL")
         for n in range(1, MAX_MW + 1):
             if getattr(self, f"mw{n}") and n > self.num_mws:
                 raise ValueError(f"mw{n} set but num_mws is {self.num_mws}: -ERANGE (set "
                                  "num_mws first)")
-            if not NO_BAR <= getattr(self, f"mw{n}_bar") < NUM_BARS:
-                raise ValueError(f"mw{n}_bar out of range (-1..5): -EINVAL")
-        for name in ("ctrl_bar", "db_bar"):
-            if not NO_BAR <= getattr(self, name) < NUM_BARS:
-                raise ValueError(f"{name} out of range (-1..5): -EINVAL")
 
 
 # vfio-ep's defaults for the flat and TOML forms (a configfs script starts from the kernel's):
@@ -136,22 +129,16 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-def store(values: dict[str, Any], key: str, value: str, linked: bool) -> None:
-    """One configfs write into pci_epf_vntb.N/, checked as the kernel's _store functions."""
+def store(values: dict[str, Any], key: str, linked: bool) -> None:
+    """One configfs write into pci_epf_vntb.N/ (its value checked already against the
+    attribute's declaration), checked further as the kernel's _store functions."""
     if linked:
         raise ConfigError(f"{key}: -EOPNOTSUPP, the function is linked to a controller "
                           "already (7.3.4 refuses stores once attached)")
-    number = parse_int(value)
-    if key == "db_count" and not MIN_DB_COUNT <= number <= MAX_DB_COUNT:
-        raise ConfigError(f"db_count {number}: -EINVAL (range {MIN_DB_COUNT} - {MAX_DB_COUNT})")
-    if key == "num_mws" and number > MAX_MW:
-        raise ConfigError(f"num_mws {number}: -EINVAL (at most {MAX_MW})")
     if key in ("mw1", "mw2", "mw3", "mw4") and int(key[2]) > parse_int(
             values.get("num_mws", 0)):
         raise ConfigError(f"{key}: -ERANGE, MW{key[2]} out of range (num_mws="
                           f"{values.get('num_mws', 0)}): write num_mws first")
-    if key.endswith("_bar") and not NO_BAR <= number < NUM_BARS:
-        raise ConfigError(f"{key} {number}: -EINVAL (range -1..5)")
 
 
 def probe(a: PciEpfVntbAttributes) -> PciEpfVntb:
@@ -207,6 +194,7 @@ class PciEpfVntb(PciEpf):
 
     def _init_epc_bar(self) -> None:
         """epf_ntb_init_epc_bar(): explicit BARs first, the mandatory ones automatically."""
+        self._check_explicit_bars()
         features = self.features
         barno = 0
         for bar in (BAR_CONFIG, BAR_DB, BAR_MW1):
@@ -224,6 +212,18 @@ class PciEpfVntb(PciEpf):
                 raise EpcError(errno.EINVAL, f"MW{i + 1} got no BAR: Linux 7.3.4's automatic "
                                "assignment skips the last memory window (it would index "
                                f"bar[-1]); set mw{i + 1}_bar")
+
+    def _check_explicit_bars(self) -> None:
+        """Each region a BAR of its own: 7.3.4 takes two slots naming one BAR as written and
+        lays both regions over each other (the ctrl block in the doorbell BAR, say)."""
+        names = ("ctrl_bar", "db_bar", *(f"mw{i + 1}_bar" for i in range(self.num_mws)))
+        seen: dict[int, str] = {}
+        for name, barno in zip(names, self.epf_ntb_bar, strict=False):
+            if barno in seen:
+                raise EpcError(errno.EINVAL, f"{seen[barno]} and {name} are both BAR{barno}: "
+                               "each NTB region needs a BAR of its own")
+            if barno != NO_BAR:
+                seen[barno] = name
 
     def _find_bar(self, features: Any, bar: int, barno: int) -> int:
         """epf_ntb_find_bar()."""
