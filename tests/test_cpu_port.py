@@ -199,3 +199,27 @@ def test_the_aperture_reaches_rc_memory_through_the_outbound_atu(
     srv.wait_idle()  # a posted write: acknowledged first, applied in order
     assert rc_mem[0x104:0x108] == b"EPEP"
     assert d.cmd("UNMAP_ADDR", ob + 0x3000)[0] == 0
+
+
+def test_an_ep_guest_gone_reads_as_a_dead_link_and_the_next_one_takes_over(
+        pair: tuple[ServerThread, Endpoint, Endpoint]) -> None:
+    """The EP guest's QEMU goes: the RC's BAR reads return all ones (its writes go nowhere),
+    the outbound iATU is reset; the next EP guest starts the same controller again."""
+    srv, rc, ep = pair
+    first = EpDriver(Client(ep.socket))
+    first.start_pci_epf_test_like()
+    ob = int.from_bytes(first.c.read(v.REGS_BAR, v.OB_BUS_ADDR, 8), "little")
+    assert first.cmd("MAP_ADDR", ob, RC_RAM, 0x1000)[0] == 0
+    host = Client(rc.socket)
+    first.ram[:4] = b"live"
+    assert host.read(0, 0, 4) == b"live"
+    first.c.close()
+    srv.wait_idle()
+    assert host.read(0, 0, 4) == b"\xff" * 4
+    host.write(0, 0, b"lost")
+    assert not srv.call(lambda: ep.epc.ops.outbound.regions)  # type: ignore[union-attr]
+    second = EpDriver(Client(ep.socket))
+    second.ram[:4] = b"back"
+    second.start_pci_epf_test_like()  # the same header and BARs: START finds it started
+    assert second.events() == [v.EV_LINK_UP]  # the RC was there all along
+    assert host.read(0, 0, 4) == b"back"

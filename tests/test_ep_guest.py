@@ -7,10 +7,18 @@ runs against that function, as it would against a board.
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
 from vfio_ep_cli import KSELFTEST_CASES, readme_example, vfio_ep_run
+
+from vfio_ep.composition import EP_GUEST_CONTROLLER
+from vfio_ep.guest.assets import EP_GUEST
+from vfio_ep.guest.ep_guest import EP_READY, SETUP, EpGuestRun
+from vfio_ep.guest.kernel_build import EPC_MODULE
+from vfio_ep.guest.launcher import GuestResult, GuestRun, running_server
+from vfio_ep.guest.provision import GuestAssets, provision_all
 
 pytestmark = pytest.mark.guest
 
@@ -41,3 +49,74 @@ def test_linux_pci_epf_test_in_the_ep_guest_passes_the_kselftest(tmp_path: Path)
     assert "vfio-ep-epc" in dmesg and "e65d0000.pcie-ep" in dmesg
     trace = (tmp_path / "run" / "trace.log").read_text()
     assert "ep-guest|" in trace and "guest" in trace and "ep   " in trace
+
+
+# The RC guest's side of the fault story: a BAR test, then its BAR1 watched until it reads
+# all ones (the EP guest gone), then until it does not (the next one up), then the test again.
+RC_WATCHING = r"""
+D=$(grep -l 0xedda /sys/bus/pci/devices/*/device | head -1); D=${D%/device}
+B1=$(awk 'NR==2{print $1}' $D/resource)
+/pci_endpoint_test -r pci_ep_bar.BAR1.BAR_TEST >/dev/null; echo "first $?"
+while [ "$(devmem $B1 32)" != 0xFFFFFFFF ]; do sleep 0.2; done; echo "link down"
+while [ "$(devmem $B1 32)" = 0xFFFFFFFF ]; do sleep 0.2; done; echo "back"
+/pci_endpoint_test -r pci_ep_bar.BAR1.BAR_TEST >/dev/null; echo "again $?"
+"""
+
+
+def test_either_guest_can_go_and_the_other_carries_on(tmp_path: Path) -> None:
+    """RC guest a runs a test and its QEMU goes (the EP guest hears link down and serves on);
+    RC guest b comes; the EP guest's QEMU goes and b reads all ones, not a hang; a second EP
+    guest starts the same controller and b's test passes against it."""
+    assets = provision_all()
+    setup = EpGuestRun().setup_script()
+    log = tmp_path / "server.log"
+    ep_socket = tmp_path / "cpu.sock"
+
+    async def story() -> tuple[GuestResult, list[str], str]:
+        async with running_server([EP_GUEST_CONTROLLER], ["--ep-socket", str(ep_socket)],
+                                  log) as (_, sockets):
+            rc_socket = sockets[EP_GUEST_CONTROLLER]
+            first = await _ep_guest(assets, setup, ep_socket, tmp_path / "ep1")
+            a = await GuestRun("/pci_endpoint_test -r pci_ep_bar.BAR1.BAR_TEST", server_args=[],
+                               assets=assets, socket=rc_socket,
+                               run_dir=tmp_path / "a").run(300)
+            assert a.ok, a.output
+            lines: list[str] = []
+            seen = {word: asyncio.Event() for word in ("first", "link down", "back")}
+
+            def heard(line: str) -> None:
+                lines.append(line)
+                for word, event in seen.items():
+                    if line.startswith(word):
+                        event.set()
+
+            b = GuestRun(RC_WATCHING, server_args=[], assets=assets, socket=rc_socket,
+                         run_dir=tmp_path / "b", live=heard)
+            async with b:
+                await asyncio.wait_for(seen["first"].wait(), 300)
+                await first.collect()
+                await first.__aexit__(None, None, None)
+                await asyncio.wait_for(seen["link down"].wait(), 60)
+                second = await _ep_guest(assets, setup, ep_socket, tmp_path / "ep2")
+                result = await b.wait(300)
+                await second.collect()
+                await second.__aexit__(None, None, None)
+        return result, lines, log.read_text()
+
+    result, lines, server_log = asyncio.run(story())
+    assert lines[:3] == ["first 0", "link down", "back"], lines
+    assert result.ok and lines[-1] == "again 0", (lines, result.error)
+    assert "the EP guest is told link down" in server_log
+
+
+async def _ep_guest(assets: GuestAssets, setup: str, socket: Path, run_dir: Path) -> GuestRun:
+    """An EP guest up, its controller started."""
+    ready = asyncio.Event()
+    run = GuestRun(f"sh /ep_guest.sh {EP_GUEST_CONTROLLER} /{SETUP}", server_args=[],
+                   assets=assets, socket=socket, run_dir=run_dir,
+                   extra_files={"ep_guest.sh": EP_GUEST, SETUP: setup.encode(),
+                                f"lib/modules/{EPC_MODULE}": assets.epc_driver},
+                   live=lambda line: line == EP_READY and ready.set())
+    await run.__aenter__()
+    await asyncio.wait_for(ready.wait(), 120)
+    return run

@@ -72,6 +72,8 @@ EVENT, LINK = _H["VEPC_EVENT"], _H["VEPC_LINK"]
 EV_NONE, EV_LINK_UP, EV_LINK_DOWN = (_H["VEPC_EV_NONE"], _H["VEPC_EV_LINK_UP"],
                                      _H["VEPC_EV_LINK_DOWN"])
 EV_DEINIT, EV_INIT = _H["VEPC_EV_DEINIT"], _H["VEPC_EV_INIT"]
+EVENT_NAMES = {EV_LINK_UP: "link up", EV_LINK_DOWN: "link down",
+               EV_DEINIT: "PERST# asserted (deinit)", EV_INIT: "PERST# deasserted (init)"}
 EDMA_OFFSET, EDMA_SIZE = _H["VEPC_EDMA_OFFSET"], _H["VEPC_EDMA_SIZE"]
 MSIX_TABLE, MSIX_PBA = _H["VEPC_MSIX_TABLE"], _H["VEPC_MSIX_PBA"]
 VEC_EVENT, VEC_EDMA, VEC_DOORBELL = (_H["VEPC_VEC_EVENT"], _H["VEPC_VEC_EDMA"],
@@ -96,10 +98,15 @@ if EDMA_SIZE != EDMA_REGS_SIZE:  # the header and the eDMA model must agree
 
 class GuestRam:
     """The EP guest's RAM on the SoC bus [0, BUS_RAM_END): the Aperture protocol over the
-    guest's vfio-user DMA mappings (none while no EP guest is attached)."""
+    guest's vfio-user DMA mappings (none while no EP guest is attached).
+
+    Without an EP guest the RC still reaches its BARs, which translate here: as over a link
+    that went down, its reads return all ones and its writes go nowhere (logged once), so an
+    RC driver sees a dead device rather than an error from its VMM."""
 
     def __init__(self) -> None:
         self.memory: RcMemory | None = None
+        self._told = False
 
     def _mem(self) -> RcMemory:
         if self.memory is None:
@@ -125,13 +132,28 @@ class GuestRam:
             raise AddressError(f"EP guest RAM: {e}") from None
 
     def read_sync(self, offset: int, size: int) -> bytes:
+        if self._gone():
+            return b"\xff" * size
         return b"".join(bytes(v) for v in self._shared(offset, size))
 
     def write_sync(self, offset: int, data: bytes) -> None:
+        if self._gone():
+            return
         pos = 0
         for v in self._shared(offset, len(data)):
             v[:] = data[pos : pos + len(v)]
             pos += len(v)
+
+    def _gone(self) -> bool:
+        """No EP guest: the RC's access is answered as a dead link's (said once)."""
+        if self.memory is not None:
+            self._told = False
+            return False
+        if not self._told:
+            self._told = True
+            log.warning("the RC reaches EP guest RAM while no EP guest is attached: reads "
+                        "return all ones, writes are dropped")
+        return True
 
     def _shared(self, offset: int, size: int) -> list[memoryview]:
         views = self.views(offset, size)
@@ -263,12 +285,18 @@ class EpcCpuPort:
 
     # -- the EP guest attaching and leaving ------------------------------------------
     def _ep_guest_link(self, up: bool) -> None:
-        """A new EP guest starts afresh: no events of the one before; its RAM is the SoC's."""
+        """A new EP guest starts afresh: no events of the one before; its RAM is the SoC's.
+        One that left took the SoC down with it: the outbound iATU and the eDMA reset (its
+        successor maps afresh); the BARs keep translating, to RAM that is gone for now."""
         host: Host | None = self.pci.host
         self.events.clear()
         self.guest_ram.memory = host.dma if up and host is not None else None
         if up and host is not None:
             host.dma.on_change.append(self.epc.space.changed)
+        else:
+            self.dw.outbound.clear()
+            if self.dw.edma is not None:
+                self.dw.edma.stop_all()
         self.epc.space.changed()
         log.info("%s: EP guest %s", self.name, "attached" if up else "gone")
 
@@ -288,6 +316,7 @@ class EpcCpuPort:
     def _event(self, event: int) -> None:
         if self.pci.host is None:
             return  # no EP guest: its driver starts from the controller's state
+        log.info("%s: the EP guest is told %s", self.name, EVENT_NAMES[event])
         if len(self.events) == self.events.maxlen:
             log.warning("%s: the EP guest reads no events; the oldest is dropped", self.name)
         self.events.append(event)

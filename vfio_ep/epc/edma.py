@@ -156,6 +156,11 @@ class DwEdma:
         self._engines[(direction, ch)] = self.spawn(lambda: self._run(direction, ch, regs),
                                                     f"edma-{direction}{ch}")
 
+    def stop_all(self) -> None:
+        """Every running transfer halted, no interrupt (the SoC around the eDMA reset)."""
+        for direction, ch in list(self._engines):
+            self._stop(direction, ch)
+
     def _stop(self, direction: str, ch: int) -> None:
         """A doorbell write with STOP: the channel's transfer ends where it is, halted,
         without an interrupt (whoever stops it is not waiting for one), so that it can never

@@ -103,6 +103,12 @@ class OutboundAtu:
         if len(self.regions) != before:
             self.changed()
 
+    def clear(self) -> None:
+        """Every region unmapped (the controller reset with its SoC)."""
+        if self.regions:
+            self.regions = []
+            self.changed()
+
     def shared_extents(self, offset: int, size: int) -> list[tuple[int, int, ForeignMemory | None]]:
         """[(offset, length, memory)] covering [offset, offset + size): where the range is
         mapped onto RC memory the server shares, that memory (accessed directly, by C too);
