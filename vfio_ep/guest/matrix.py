@@ -3,9 +3,10 @@
 Every cell is a ``vfio-ep run`` as a user types it, on one kernel line: pci-epf-test with
 each doorbell backend (the kselftest; 6.12 has ``pcitest`` and no doorbell test, so one run
 of pcitest.sh's cases), the vNTB suite (6.12's ntb_hw_epf knows the i.MX8 IDs, not the
-R-Car ones: the i.MX8 preset there), and the NTB pair.  The table (kernel x suite x result) is
-printed and written as markdown to ``out``; the exit status is 0 only when every cell
-passed.  ``vfio-ep matrix`` runs it.
+R-Car ones: the i.MX8 preset there), the NTB pair, and, where the line can be one, an EP
+guest running Linux's own pci-epf-test on vfio-ep's controller.  The table (kernel x suite x
+result) is printed and written as markdown to ``out``; the exit status is 0 only when every
+cell passed.  ``vfio-ep matrix`` runs it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from vfio_ep.guest.ep_guest import EpGuestRun, run_ep_guest
+from vfio_ep.guest.kernel_build import EP_GUEST_LINES
 from vfio_ep.guest.launcher import new_run_dir
 from vfio_ep.guest.runner import run_suite
 
@@ -30,6 +33,7 @@ class Cell:
     function: str | None
     sets: tuple[str, ...] = ()
     preset: str | None = None  # vfio_ep.presets
+    ep_guest: bool = False  # run --ep-guest: the function is the EP guest kernel's
 
 
 @dataclass
@@ -59,13 +63,19 @@ def cells(lines: tuple[str, ...]) -> list[Cell]:
         out.append(Cell(linux, "vNTB" + (" (i.MX8 preset)" if imx else ""), "pci-epf-vntb",
                         preset="imx8" if imx else None))
         out.append(Cell(linux, "NTB pair", "pci-epf-ntb"))
+        if linux in EP_GUEST_LINES:
+            out.append(Cell(linux, "EP guest: Linux's pci-epf-test", None, ep_guest=True))
     return out
 
 
 def run_cell(cell: Cell, run_dir: Path) -> Outcome:
     started = time.monotonic()
-    status = run_suite(function=cell.function, sets=list(cell.sets), preset=cell.preset,
-                       linux=cell.linux, run_dir=run_dir)
+    if cell.ep_guest:
+        status = run_ep_guest(EpGuestRun(cell.sets, cell.preset), linux=cell.linux,
+                              run_dir=run_dir)
+    else:
+        status = run_suite(function=cell.function, sets=list(cell.sets), preset=cell.preset,
+                           linux=cell.linux, run_dir=run_dir)
     counts = {"pass": 0, "fail": 0, "skip": 0}
     results = run_dir / "results.json"
     if results.is_file():
@@ -90,7 +100,7 @@ def run_matrix(lines: tuple[str, ...], out: Path, run_dir: Path | None) -> int:
     for i, cell in enumerate(cells(lines), 1):
         print(f"\n# === Linux {cell.linux}: {cell.suite} ===", flush=True)
         slug = "-".join(cell.suite.replace(",", "").replace("(", "").replace(")", "")
-                        .replace(".", "").split()).lower()
+                        .replace(".", "").replace(":", "").replace("'", "").split()).lower()
         outcomes.append(run_cell(cell, top / f"{i:02d}-{cell.linux}-{slug}"))
     text = table(outcomes)
     print(f"\n{text}")
