@@ -23,11 +23,13 @@ provision: $(STAMP)
 
 # Boot a guest against a fresh vfio-ep and run the upstream pci_endpoint_test kselftest,
 # then the NTB suite against pci-epf-vntb (ntb_hw_epf, ntb_tool, ntb_pingpong, ntb_netdev),
-# then two guests joined by pci-epf-ntb.
+# then two guests joined by pci-epf-ntb, then the kselftest against Linux's own pci-epf-test
+# in an EP guest.
 demo: $(STAMP)
 	$(PYTHON) -m vfio_ep run
 	$(PYTHON) -m vfio_ep run --function pci-epf-vntb
 	$(PYTHON) -m vfio_ep run --function pci-epf-ntb
+	$(PYTHON) -m vfio_ep run --ep-guest
 
 # Everything: lint, unit tests, and the guest integration tests (real QEMU, real drivers).
 test: $(STAMP) lint provision

@@ -285,3 +285,26 @@ def test_serve_both_controllers_of_the_ntb_function(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=10)
     assert proc.returncode == 0
+
+
+def test_serve_an_ep_guest_controller(tmp_path: Path) -> None:
+    """The README's controller for your own two QEMUs: the EP guest's side answers at once,
+    the RC's is refused until the EP guest starts the controller."""
+    proc = subprocess.Popen([sys.executable, "-m", "vfio_ep", *readme_example(
+        "vfio-ep serve --socket RC.sock --ep-socket EP.sock")],
+        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not ((tmp_path / "RC.sock").exists() and (tmp_path / "EP.sock").exists()):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1]
+            time.sleep(0.05)
+        ep = Client(tmp_path / "EP.sock")
+        assert ep.cfg_read32(0) == 0x10EE1B36  # the controller's CPU side, 1b36:10ee
+        ep.close()
+        with pytest.raises(OSError):  # refused: no EP guest started the controller
+            Client(tmp_path / "RC.sock").device_info()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=10)
+    assert proc.returncode == 0
+    assert "not started yet" in err
