@@ -6,8 +6,11 @@ module, is tests/test_ep_guest.py."""
 from __future__ import annotations
 
 import errno
+import mmap
 import struct
 from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -77,9 +80,10 @@ class EpDriver:
         assert self.cmd("START")[0] == 0
 
 
-@pytest.fixture
-def pair(tmp_path: Path, profile: str = "generic") -> Iterator[tuple[ServerThread, Endpoint,
-                                                                   Endpoint]]:
+@contextmanager
+def serving(tmp_path: Path, profile: str = "generic") -> Iterator[tuple[ServerThread,
+                                                                        Endpoint, Endpoint]]:
+    """A controller an EP guest drives, its RC side and its CPU side served."""
     comp = Composition.ep_guest({"profile": profile})
     comp.assign_sockets([str(tmp_path / "rc.sock")])
     comp.assign_sockets([str(tmp_path / "ep.sock")], "ep_socket")
@@ -88,12 +92,33 @@ def pair(tmp_path: Path, profile: str = "generic") -> Iterator[tuple[ServerThrea
         yield srv, rc, ep
 
 
+@pytest.fixture
+def pair(tmp_path: Path) -> Iterator[tuple[ServerThread, Endpoint, Endpoint]]:
+    with serving(tmp_path) as served:
+        yield served
+
+
+@dataclass
+class Started:
+    """The EP guest's driver started the controller; an RC with memory is attached."""
+
+    srv: ServerThread
+    ep: EpDriver
+    host: Client
+    rc_mem: mmap.mmap
+
+
+@pytest.fixture
+def started(pair: tuple[ServerThread, Endpoint, Endpoint]) -> Started:
+    srv, rc, ep = pair
+    d = EpDriver(Client(ep.socket))
+    d.start_pci_epf_test_like()
+    host = Client(rc.socket)
+    return Started(srv, d, host, host.guest_memory(RC_RAM, RC_RAM_SIZE))
+
+
 def test_identity_and_features_come_from_the_profile(tmp_path: Path) -> None:
-    comp = Composition.ep_guest({"profile": "rk3588"})
-    comp.assign_sockets([str(tmp_path / "rc.sock")])
-    comp.assign_sockets([str(tmp_path / "ep.sock")], "ep_socket")
-    _, ep = comp.build()
-    with ServerThread(ep.device, ep.socket) as _srv:  # type: ignore[arg-type]
+    with serving(tmp_path, "rk3588") as (_, _, ep):
         c = Client(ep.socket)
         d = EpDriver(c)
         assert d.r32(v.MAGIC) == v.MAGIC_VALUE and d.r32(v.VERSION) == v.VERSION_VALUE
@@ -147,13 +172,9 @@ def test_bad_commands_are_errnos_and_the_server_goes_on(
 
 
 def test_the_edma_copies_rc_memory_into_ep_guest_ram_and_interrupts_it(
-        pair: tuple[ServerThread, Endpoint, Endpoint]) -> None:
-    srv, rc, ep = pair
-    d = EpDriver(Client(ep.socket))
-    d.start_pci_epf_test_like()
-    host = Client(rc.socket)
-    rc_mem = host.guest_memory(RC_RAM, RC_RAM_SIZE)
-    host.enable_interrupts(4, msix=True)
+        started: Started) -> None:
+    d, rc_mem = started.ep, started.rc_mem
+    started.host.enable_interrupts(4, msix=True)
     rc_mem[:8] = b"from-rc!"
     edma = v.EDMA_OFFSET
     ch = edma + CH_BASE + RD_OFFSET  # read channel 0: RC -> EP
@@ -165,7 +186,6 @@ def test_the_edma_copies_rc_memory_into_ep_guest_ram_and_interrupts_it(
     assert wait_eventfd(d.irq[v.VEC_EDMA])
     assert d.ram[0x800:0x808] == b"from-rc!"
     assert d.r32(edma + RD_INT_STATUS) & 1  # done, channel 0
-    srv.wait_idle()
 
 
 def test_the_embedded_doorbell_reaches_the_ep_guest(
@@ -184,19 +204,14 @@ def test_the_embedded_doorbell_reaches_the_ep_guest(
     assert wait_eventfd(d.irq[v.VEC_DOORBELL])
 
 
-def test_the_aperture_reaches_rc_memory_through_the_outbound_atu(
-        pair: tuple[ServerThread, Endpoint, Endpoint]) -> None:
-    srv, rc, ep = pair
-    d = EpDriver(Client(ep.socket))
-    d.start_pci_epf_test_like()
-    host = Client(rc.socket)
-    rc_mem = host.guest_memory(RC_RAM, RC_RAM_SIZE)
+def test_the_aperture_reaches_rc_memory_through_the_outbound_atu(started: Started) -> None:
+    d, rc_mem = started.ep, started.rc_mem
     rc_mem[0x100:0x104] = b"RCRC"
     ob = int.from_bytes(d.c.read(v.REGS_BAR, v.OB_BUS_ADDR, 8), "little")
     assert d.cmd("MAP_ADDR", ob + 0x3000, RC_RAM, 0x1000)[0] == 0
     assert d.c.read(v.OB_BAR, 0x3100, 4) == b"RCRC"
     d.c.write(v.OB_BAR, 0x3104, b"EPEP")
-    srv.wait_idle()  # a posted write: acknowledged first, applied in order
+    started.srv.wait_idle()  # a posted write: acknowledged first, applied in order
     assert rc_mem[0x104:0x108] == b"EPEP"
     assert d.cmd("UNMAP_ADDR", ob + 0x3000)[0] == 0
 

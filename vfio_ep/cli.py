@@ -233,11 +233,11 @@ def run(function: str | None, config_file: Path | None, configfs: Path | None,
                                        trace_events=trace_events,
                                        ftrace_filter=ftrace_filter, workdir=workdir,
                                        accel=accel))
-    ep = EpGuestRun(sets, preset, configfs, guest_args, ep_kernel, ep_exec, ep_dyndbg)
+    ep = EpGuestRun(sets, preset, configfs, guest_args, ep_kernel, ep_exec, ep_dyndbg, xfail)
     if ep_guest:
         raise SystemExit(_run_ep_guest(common, ep, run_dir, bool(axes or exec_cmd or shell
                                                                  or kselftest or topology)))
-    if ep != EpGuestRun(sets, preset, configfs, guest_args):
+    if ep != EpGuestRun(sets, preset, configfs, guest_args, xfail=xfail):
         raise click.UsageError("--ep-kernel, --ep-exec and --ep-dyndbg go with --ep-guest")
     if axes:
         raise SystemExit(run_suite_matrix(list(axes), list(sets), run_dir, **common))

@@ -47,7 +47,8 @@ from vfio_ep.guest.launcher import (
     running_server,
 )
 from vfio_ep.guest.provision import GuestAssets, ProvisionError, provision_all
-from vfio_ep.guest.results import parse_tap, summary_table, write_results
+from vfio_ep.guest.results import expect_failures, parse_tap, summary_table, write_results
+from vfio_ep.guest.runner import Target
 from vfio_ep.guest.trace import write_trace
 from vfio_ep.presets import preset_sets
 
@@ -70,6 +71,7 @@ class EpGuestRun:
     ep_kernel: Path | None = None  # the EP side's own kernel build directory
     ep_exec: str | None = None  # run in the EP guest once its controller is started
     ep_dyndbg: tuple[str, ...] = ()  # the EP guest's dynamic debug queries
+    xfail: tuple[str, ...] = ()  # [KEY=VALUE:]TEST: known behaviour, as run --xfail
 
     def controller(self) -> Composition:
         """The controller vfio-ep serves: its profile, nothing of the function's."""
@@ -96,6 +98,11 @@ class EpGuestRun:
         lines += [f"ln -s {func} controllers/{EP_GUEST_CONTROLLER}/",
                   f"echo 1 > controllers/{EP_GUEST_CONTROLLER}/start"]
         return "\n".join(lines) + "\n"
+
+    def expected_failures(self) -> tuple[str, ...]:
+        """The --xfail tests that apply to this run (scoped as a suite run scopes them)."""
+        return Target(None, None, self.configfs, self.sets, self.preset,
+                      self.xfail).expected_failures()
 
     def device(self) -> tuple[str, str]:
         """The IDs the setup script gives the function (for the RC's kselftest.sh, which
@@ -132,6 +139,7 @@ def run_ep_guest(run: EpGuestRun, *, kernel: Path | None = None, qemu: Path | No
         comp = run.controller()
         name = next(iter(comp.controllers))
         assets = provision_all(qemu=qemu, kernel=kernel, linux=linux)
+        run.expected_failures()  # a malformed --xfail fails here, before any boot
         top = new_run_dir(run_dir)
         ep_assets = ep_guest_assets(assets, run.ep_kernel, top / "epc-driver")
         vendor, device = run.device()
@@ -149,7 +157,7 @@ def run_ep_guest(run: EpGuestRun, *, kernel: Path | None = None, qemu: Path | No
     except (ConfigError, ValueError, ProvisionError, LaunchError) as exc:
         print(f"vfio-ep run: {exc}", file=sys.stderr)
         return 2
-    return _report(result, top, assets, comp)
+    return _report(result, top, assets, comp, run.expected_failures())
 
 
 @dataclass
@@ -235,9 +243,11 @@ def _last_words(output: str) -> str:
     return lines[-1] if lines else "it printed nothing (see ep/console.log)"
 
 
-def _report(result: PairResult, top: Path, assets: GuestAssets, comp: Composition) -> int:
+def _report(result: PairResult, top: Path, assets: GuestAssets, comp: Composition,
+            xfail: tuple[str, ...]) -> int:
     rc = result.rc
-    report = parse_tap(rc.output if rc else "", rc.line_times if rc else None)
+    report = expect_failures(parse_tap(rc.output if rc else "", rc.line_times if rc else None),
+                             xfail)
     write_trace(top, rc.line_times if rc else [], result.server_log,
                 others={"ep": result.ep.line_times})
     error = result.error or (rc.error if rc else None)
@@ -246,6 +256,8 @@ def _report(result: PairResult, top: Path, assets: GuestAssets, comp: Compositio
              "controllers": f"{ctrl.name}: {ctrl.values.get('profile', 'generic')}",
              "linux": assets.linux, "kernel": str(assets.kernel)}
     status = rc.exit_status if rc else None
+    if status == 1 and report.passed and report.counts()["xfail"]:
+        status = 0  # the kselftest exits 1 on a failure; its failures were expected
     write_results(report, top, exit_status=status, error=error, suite=KSELFTEST_NAME,
                   endpoint=facts)
     print(f"\n{summary_table(report)}")
