@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vfio_ep.guest.ep_guest import EpGuestRun, run_ep_guest
-from vfio_ep.guest.kernel_build import EP_GUEST_LINES
+from vfio_ep.guest.kernel_build import DEFAULT_LINUX, EP_GUEST_LINES
 from vfio_ep.guest.launcher import new_run_dir
 from vfio_ep.guest.runner import run_suite
 
@@ -71,11 +71,11 @@ def cells(lines: tuple[str, ...]) -> list[Cell]:
         out.append(Cell(linux, "vNTB" + (" (i.MX8 preset)" if imx else ""), "pci-epf-vntb",
                         preset="imx8" if imx else None))
         out.append(Cell(linux, "NTB pair", "pci-epf-ntb"))
-        if linux in EP_GUEST_LINES:
-            out.append(Cell(linux, "EP guest: Linux's pci-epf-test", None, ep_guest=True))
+        if linux in EP_GUEST_LINES:  # make test runs the generic one on the newest line
             out.append(Cell(linux, "EP guest: Linux's pci-epf-test, RK3588", None,
                             preset="rk3588", ep_guest=True, xfail=RK3588_XFAIL,
-                            args=RK3588_EP_GUEST_ARGS))
+                            args=RK3588_EP_GUEST_ARGS) if linux == DEFAULT_LINUX else
+                       Cell(linux, "EP guest: Linux's pci-epf-test", None, ep_guest=True))
     return out
 
 
