@@ -265,6 +265,9 @@ class _Provisioner:
         if not (out / EPC_MODULE).is_file():
             self._work(f"EPC driver: building {EPC_MODULE} against {image.parent.name}")
             build_epc_driver(build, out)
+            for stale in image.parent.glob("epc-*"):  # builds of sources since changed
+                if stale != out:
+                    shutil.rmtree(stale)
         return out / EPC_MODULE
 
     def test(self) -> tuple[Path, str]:

@@ -74,6 +74,7 @@ struct vepc_dma_chan {
 	struct list_head issued;
 	struct vepc_dma_desc *active;
 	struct dma_slave_config config;
+	dma_cookie_t failed;		/* the last transfer the eDMA aborted */
 };
 
 struct vepc {
@@ -578,7 +579,13 @@ static void vepc_dma_issue_pending(struct dma_chan *chan)
 static enum dma_status vepc_dma_tx_status(struct dma_chan *chan, dma_cookie_t cookie,
 					  struct dma_tx_state *state)
 {
-	return dma_cookie_status(chan, cookie, state);
+	struct vepc_dma_chan *c = to_vepc_chan(chan);
+	enum dma_status status = dma_cookie_status(chan, cookie, state);
+
+	/* A completed transfer the eDMA aborted is an error to whoever asks. */
+	if (status == DMA_COMPLETE && cookie == READ_ONCE(c->failed))
+		return DMA_ERROR;
+	return status;
 }
 
 static int vepc_dma_config(struct dma_chan *chan, struct dma_slave_config *config)
@@ -662,6 +669,8 @@ static struct vepc_dma_desc *vepc_dma_chan_irq(struct vepc_dma_chan *c, bool ok)
 		return NULL;
 	}
 	c->active = NULL;
+	if (!ok)
+		WRITE_ONCE(c->failed, d->tx.cookie);
 	dma_cookie_complete(&d->tx);
 	vepc_dma_start_next(c);
 	return d;
