@@ -32,8 +32,8 @@ class FastPathBuildExt(build_ext):
 
 # The top-level qemu/ folder (guest-side files that are not Python) installs as vfio_ep.qemu,
 # its sub-folders as data packages.
-QEMU_DATA = {"": ["Containerfile"], ".kernel": ["*.config"], ".kernel.epc": ["*.c", "*.h", "Kbuild"],
-             ".guest": ["*.sh"], ".bench": ["*.c"]}
+QEMU_DATA = {"": ["Containerfile"], ".kernel": ["*.config"],
+             ".kernel.epc": ["*.c", "*.h", "Kbuild"], ".guest": ["*.sh"], ".bench": ["*.c"]}
 setup(packages=[*find_packages(include=["vfio_ep*"]), *(f"vfio_ep.qemu{sub}" for sub in QEMU_DATA)],
       package_dir={"vfio_ep.qemu": "qemu"},
       package_data={"vfio_ep.bench": ["*.c", "*.h"],

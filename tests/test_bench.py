@@ -1,5 +1,6 @@
 """Smoke test of the benchmarks that need no guest: tiny N and sizes, so this checks the
-plumbing (server subprocesses, sinks, the client, the results files), never the numbers."""
+plumbing (server subprocesses, sinks, the client, the results files), never the numbers.
+One guest test runs ep-guest's --quick variant, the EP guest pair and its parsing."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ from pathlib import Path
 import pytest
 from vfio_user_client import Client
 
-from vfio_ep.bench import dispatch, doorbell, scale, transfer
-from vfio_ep.bench.__main__ import main
+from vfio_ep.bench import dispatch, doorbell, ep_guest, scale, transfer
+from vfio_ep.bench.__main__ import _runners, main
 from vfio_ep.bench.common import Result, write_results
 from vfio_ep.bench.doorbell import REF_DEVICE, REF_VENDOR, reference_server
 from vfio_ep.bench.trapped import host_round_trips
@@ -83,6 +84,35 @@ def test_guest_result_lines_parse() -> None:
     got = doorbell.parse_results(out)
     assert got == {"doorbell-round-trip": {"n": 10.0, "median_ns": 1500.0, "p99_ns": 9000.0,
                                            "via": "vfio-mmap"}}
+
+
+def test_ep_guest_transfer_times_from_the_functions_dmesg() -> None:
+    """pci-epf-test's own lines (7.3's %ptSp time), the size asked only, each operation's
+    warm-up dropped."""
+    line = ("[   12.9] pci_epf_test pci_epf_test.0: {op} => Size: {size} B, DMA: {dma}, "
+            "Time: {t} s, Rate: 1 KB/s")
+    dmesg = "\n".join(line.format(op=op, size=size, dma=dma, t=t) for op, size, dma, t in (
+        ("READ", 4096, "YES", "9.000000001"), ("READ", 4096, "YES", "0.002589017"),
+        ("READ", 4096, "NO", "0.5"), ("READ", 1024, "YES", "0.5"),
+        ("WRITE", 4096, "YES", "1.0"), ("WRITE", 4096, "YES", "0.0025"),
+        ("WRITE", 4096, "YES", "0.0035"), ("COPY", 4096, "YES", "0.5")))
+    assert ep_guest.transfer_times(dmesg, 4096) == {"READ": [0.002589017],
+                                                    "WRITE": [0.0025, 0.0035]}
+
+
+@pytest.mark.guest
+def test_ep_guest_quick() -> None:
+    """make bench's ep-guest, --quick: the same RC program against vfio-ep's Python
+    pci-epf-test and against Linux's in an EP guest, a row per access and transfer."""
+    r = _runners(quick=True)["ep-guest"]()
+    _well_formed(r, "ep-guest")
+    rows = {row["case"]: row for row in r.rows}
+    bars = [f"BAR{b} {k}" for b in range(6) for k in ("read", "write")]
+    assert list(rows) == ["doorbell -> MSI-X", *bars, "DMA READ 1 MiB", "DMA WRITE 1 MiB"]
+    assert all(row["median_us"] > 0 and row["python_us"] is not None for row in r.rows)
+    for op in ("READ", "WRITE"):  # the function's own time, the RC's ioctl around it
+        dma = rows[f"DMA {op} 1 MiB"]
+        assert 0 < dma["median_us"] < dma["rc_us"] and dma["mb_s"] > 0
 
 
 def test_reference_server_speaks_enough_vfio_user() -> None:

@@ -1,4 +1,5 @@
-/* epbench: the in-guest half of `python -m vfio_ep.bench doorbell|idle`.
+/* epbench: the in-guest half of `python -m vfio_ep.bench` (doorbell, trapped,
+ * bars, idle, ep-guest).
  *
  *   epbench mmio N                 N timed 32-bit reads of ivshmem-plain's BAR0 register (an
  *                                  MMIO access QEMU serves in-process): the floor
@@ -16,6 +17,14 @@
  *   epbench idle SECONDS BDF [db]  set up as above, enable the doorbell only with "db", print
  *                                  "IDLE begin", sleep, print "IDLE end" (server CPU is sampled
  *                                  on the host between the two lines)
+ *   epbench xfer read|write SIZE N DEV
+ *                                  the RC's own driver, pci_endpoint_test, at DEV
+ *                                  (/dev/pci-endpoint-test.0): one warm-up, then N timed
+ *                                  PCITEST_READ or PCITEST_WRITE ioctls of SIZE bytes through the
+ *                                  function's DMA, completion on MSI-X (the driver's buffer
+ *                                  allocation, random fill and CRC32 are in each sample; the
+ *                                  function's own dmesg line times the transfer alone).  The
+ *                                  RC's READ is the function's COMMAND_WRITE, and vice versa
  *
  * Results are lines "RESULT <name> n=... median_ns=... p99_ns=... mean_ns=... min_ns=...
  * max_ns=... via=...".  Each sample is timed with rdtsc, which TCG serves without leaving
@@ -27,6 +36,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <libgen.h>
+#include <linux/pcitest.h>
 #include <linux/vfio.h>
 #include <poll.h>
 #include <stdint.h>
@@ -54,7 +64,7 @@
 #define STATUS_DOORBELL_SUCCESS (1u << 9)
 #define STATUS_DOORBELL_ENABLE_SUCCESS (1u << 10)
 #define STATUS_DOORBELL_DISABLE_SUCCESS (1u << 12)
-#define IRQ_TYPE_MSIX 2
+#define IRQ_TYPE_MSIX 2 /* also PCITEST_IRQ_TYPE_MSIX, which older uapi headers lack */
 /* The C reference device's registers (vfio_ep/bench/refserver.c) */
 #define REF_SCRATCH 0x00
 #define REF_DOORBELL 0x08
@@ -472,6 +482,38 @@ static int cmd_idle(int seconds, const char *bdf, int with_doorbell)
 	return 0;
 }
 
+/* The ioctls pci_endpoint_test's kselftest issues, timed from the RC's userspace. */
+static int cmd_xfer(const char *op, unsigned long size, int n, const char *dev)
+{
+	int write = !strcmp(op, "write");
+	if (!write && strcmp(op, "read")) {
+		fprintf(stderr, "epbench: xfer read|write, not %s\n", op);
+		return 2;
+	}
+	int fd = open(dev, O_RDWR);
+	if (fd < 0)
+		die(dev);
+	if (ioctl(fd, PCITEST_SET_IRQTYPE, IRQ_TYPE_MSIX) < 0)
+		die("PCITEST_SET_IRQTYPE(MSI-X)");
+	struct pci_endpoint_test_xfer_param param = { .size = size,
+						      .flags = PCITEST_FLAGS_USE_DMA };
+	unsigned long req = write ? PCITEST_WRITE : PCITEST_READ;
+	uint64_t *t = calloc(n, sizeof(*t));
+	struct clock c;
+	if (ioctl(fd, req, &param) < 0) /* warm-up: first-touch faults on both sides */
+		die(write ? "PCITEST_WRITE" : "PCITEST_READ");
+	clock_start(&c);
+	for (int i = 0; i < n; i++) {
+		uint64_t t0 = __rdtsc();
+		if (ioctl(fd, req, &param) < 0)
+			die(write ? "PCITEST_WRITE" : "PCITEST_READ");
+		t[i] = __rdtsc() - t0;
+	}
+	report(write ? "pcitest-write-dma" : "pcitest-read-dma", &c, t, n, "pci_endpoint_test");
+	close(fd);
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
 	setvbuf(stdout, NULL, _IOLBF, 0);
@@ -485,6 +527,9 @@ int main(int argc, char **argv)
 		return cmd_ref(atoi(argv[2]), argv[3]);
 	if ((argc == 4 || argc == 5) && !strcmp(argv[1], "idle"))
 		return cmd_idle(atoi(argv[2]), argv[3], argc == 5 && !strcmp(argv[4], "db"));
-	fprintf(stderr, "usage: %s mmio N | doorbell N BDF | ref N BDF | bars N BDF | idle SECONDS BDF [db]\n", argv[0]);
+	if (argc == 6 && !strcmp(argv[1], "xfer"))
+		return cmd_xfer(argv[2], strtoul(argv[3], NULL, 0), atoi(argv[4]), argv[5]);
+	fprintf(stderr, "usage: %s mmio N | doorbell N BDF | ref N BDF | bars N BDF | "
+		"idle SECONDS BDF [db] | xfer read|write SIZE N DEV\n", argv[0]);
 	return 2;
 }

@@ -13,6 +13,10 @@ the same run (the machine is shared, so absolute numbers only mean something sid
   same guests, and vs a host memcpy
 - ``scale``: a trapped register read with 1, 4 and 16 devices in one process, and with 2048
   MSI-X vectors, vs one device
+- ``ep-guest``: Linux's own pci-epf-test in an EP guest (``run --ep-guest``): the doorbell
+  round trip vs the Python function's, each BAR's accesses vs ivshmem, a DMA READ and WRITE
+  vs a host memcpy
 """
 
-NAMES = ("dispatch", "doorbell", "trapped", "bars", "transfer", "idle", "ntb", "ntb-pair", "scale")
+NAMES = ("dispatch", "doorbell", "trapped", "bars", "transfer", "idle", "ntb", "ntb-pair", "scale",
+         "ep-guest")

@@ -25,6 +25,7 @@ def _runners(quick: bool) -> dict[str, Callable[[], Result]]:
         bars,
         dispatch,
         doorbell,
+        ep_guest,
         idle,
         ntb,
         ntb_pair,
@@ -42,10 +43,11 @@ def _runners(quick: bool) -> dict[str, Callable[[], Result]]:
                 "idle": lambda: idle.run(seconds=3),
                 "ntb": lambda: ntb.run(count=20),
                 "ntb-pair": lambda: ntb_pair.run(pings=20),
-                "scale": lambda: scale.run(devices=(1, 4), reads=2000)}
+                "scale": lambda: scale.run(devices=(1, 4), reads=2000),
+                "ep-guest": lambda: ep_guest.run(n=200, n_mmio=2000, size=1 << 20, reps=1)}
     return {"dispatch": dispatch.run, "doorbell": doorbell.run, "trapped": trapped.run,
             "bars": bars.run, "transfer": transfer.run, "idle": idle.run, "ntb": ntb.run,
-            "ntb-pair": ntb_pair.run, "scale": scale.run}
+            "ntb-pair": ntb_pair.run, "scale": scale.run, "ep-guest": ep_guest.run}
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

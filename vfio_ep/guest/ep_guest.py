@@ -137,27 +137,40 @@ def run_ep_guest(run: EpGuestRun, *, kernel: Path | None = None, qemu: Path | No
             raise ConfigError(f"an EP guest runs Linux {', '.join(EP_GUEST_LINES)} (its "
                               f"endpoint doorbells and functions), not {linux}")
         comp = run.controller()
-        name = next(iter(comp.controllers))
         assets = provision_all(qemu=qemu, kernel=kernel, linux=linux)
         run.expected_failures()  # a malformed --xfail fails here, before any boot
         top = new_run_dir(run_dir)
-        ep_assets = ep_guest_assets(assets, run.ep_kernel, top / "epc-driver")
         vendor, device = run.device()
-        server_args = [a for item in cmdline.controller_items(run.sets) for a in ("--set", item)]
-        if run.preset:
-            server_args += ["--preset", run.preset]
-        ep_options = dataclasses.replace(options, dyndbg=run.ep_dyndbg, gdb_port=None,
-                                         interactive=False)
-        ep_script = f"sh /ep_guest.sh {shlex.quote(name)} /{SETUP} " + \
-            (shlex.quote(run.ep_exec) if run.ep_exec else "")
-        result = _run_async(_boot_pair(
-            (ep_assets, assets), name, server_args, top, timeout, (ep_options, options),
-            (ep_script, run.setup_script()),
-            f"sh /kselftest.sh {vendor} {device} {shlex.join(run.guest_args)}"))
+        result = boot_ep_pair(run, assets, top,
+                              f"sh /kselftest.sh {vendor} {device} {shlex.join(run.guest_args)}",
+                              timeout=timeout, options=options)
     except (ConfigError, ValueError, ProvisionError, LaunchError) as exc:
         print(f"vfio-ep run: {exc}", file=sys.stderr)
         return 2
     return _report(result, top, assets, comp, run.expected_failures())
+
+
+def boot_ep_pair(run: EpGuestRun, assets: GuestAssets, top: Path, rc_script: str, *,
+                 timeout: float, options: GuestOptions = DEFAULT_OPTIONS,
+                 rc_options: GuestOptions | None = None,
+                 rc_files: dict[str, Path | bytes] | None = None) -> PairResult:
+    """The EP guest as ``run`` asks (its controller, setup script, kernel), then the RC guest
+    running ``rc_script`` with ``rc_files`` in its initramfs (``run --ep-guest``'s kselftest,
+    or a benchmark's programs), each guest's records under ``top``.  ``rc_options`` (default
+    ``options``) lets the RC guest alone have more (a benchmark's ivshmem floor)."""
+    name = next(iter(run.controller().controllers))
+    ep_assets = ep_guest_assets(assets, run.ep_kernel, top / "epc-driver")
+    server_args = [a for item in cmdline.controller_items(run.sets) for a in ("--set", item)]
+    if run.preset:
+        server_args += ["--preset", run.preset]
+    ep_options = dataclasses.replace(options, dyndbg=run.ep_dyndbg, gdb_port=None,
+                                     interactive=False)
+    ep_script = f"sh /ep_guest.sh {shlex.quote(name)} /{SETUP} " + \
+        (shlex.quote(run.ep_exec) if run.ep_exec else "")
+    return _run_async(_boot_pair(
+        (ep_assets, assets), name, server_args, top, timeout,
+        (ep_options, rc_options or options), (ep_script, run.setup_script()), rc_script,
+        rc_files or {}))
 
 
 @dataclass
@@ -191,9 +204,10 @@ def ep_guest_assets(assets: GuestAssets, ep_kernel: Path | None, work: Path) -> 
 async def _boot_pair(assets: tuple[GuestAssets, GuestAssets], name: str,
                      server_args: list[str], top: Path, timeout: float,
                      options: tuple[GuestOptions, GuestOptions], ep: tuple[str, str],
-                     rc_script: str) -> PairResult:
+                     rc_script: str, rc_files: dict[str, Path | bytes]) -> PairResult:
     """The EP guest (its assets, options, and (script, board setup) first), then, once its
-    controller is started, the RC guest running ``rc_script``."""
+    controller is started, the RC guest running ``rc_script`` (``rc_files`` beside the
+    kselftest in its initramfs)."""
     started = time.monotonic()
     log = top / "server.log"
     ep_dir = Path(tempfile.mkdtemp(prefix="vfio-ep-"))  # short: sun_path <= 107
@@ -222,7 +236,7 @@ async def _boot_pair(assets: tuple[GuestAssets, GuestAssets], name: str,
                                   + (result.error or _last_words(result.output)))
             rc = GuestRun(rc_script, server_args=[], assets=rc_assets, socket=sockets[name],
                           run_dir=top / "rc", options=options[1], live=_live("rc", None),
-                          extra_files={"kselftest.sh": KSELFTEST})
+                          extra_files={"kselftest.sh": KSELFTEST, **rc_files})
             rc_result = await rc.run(timeout - (time.monotonic() - started))
             ep_done.cancel()
             ep_result = await ep.collect()
