@@ -70,6 +70,8 @@ class PciEpcAttributes:
     # in BAR2 as on AM654.
     reserved_bars: tuple[int, ...] = ()
     msi_mutable: bool = False
+    # pci-epf-test's command handler polls every 1 ms, and so does the core's poll doorbell;
+    # pci-epf-vntb brings its own default, the kernel's 5 ms (its CONTROLLER_DEFAULTS).
     doorbell_poll_interval_us: int = 1000
 
     def __post_init__(self) -> None:

@@ -23,7 +23,8 @@ class EpfDriver:
     the driver's ``<driver>.<N>/`` directory; ``store(values, key, value, linked)`` checks one
     configfs write there the way the driver's ``_store`` does (ConfigError naming the
     kernel's errno).  ``interfaces`` is 2 for a function with a primary and a secondary
-    controller.
+    controller.  ``controller_defaults`` are controller attributes whose default the
+    function decides (a period the kernel's driver has), unless the user set them.
     """
 
     name: str
@@ -33,6 +34,7 @@ class EpfDriver:
     store: Callable[[dict[str, Any], str, str, bool], None] | None = None
     interfaces: int = 1
     defaults: dict[str, Any] = field(default_factory=dict)
+    controller_defaults: dict[str, Any] = field(default_factory=dict)
 
 
 DRIVERS: dict[str, EpfDriver] = {
@@ -41,7 +43,8 @@ DRIVERS: dict[str, EpfDriver] = {
                   tuple(f"bar{i}_size" for i in range(6))),
         EpfDriver("pci_epf_vntb", pci_epf_vntb.PciEpfVntbAttributes, pci_epf_vntb.probe,
                   pci_epf_vntb.CFS_ATTRIBUTES, pci_epf_vntb.store,
-                  defaults=pci_epf_vntb.DEFAULTS),
+                  defaults=pci_epf_vntb.DEFAULTS,
+                  controller_defaults=pci_epf_vntb.CONTROLLER_DEFAULTS),
         EpfDriver("pci_epf_ntb", pci_epf_ntb.PciEpfNtbAttributes, pci_epf_ntb.probe,
                   pci_epf_ntb.CFS_ATTRIBUTES, pci_epf_ntb.store, interfaces=2,
                   defaults=pci_epf_ntb.DEFAULTS),
