@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import os
 import subprocess
 from pathlib import Path
@@ -261,3 +262,17 @@ def test_run_directories_are_pruned_but_never_a_live_one(
     assert sorted(p.name for p in runs.iterdir()) == sorted(
         ["00-alive", "03-recent", "04-recent", new.name])
     assert (new / "owner").read_text() == f"{os.getpid()}\n"
+
+
+def test_a_run_probes_its_function_quietly(caplog: pytest.LogCaptureFixture) -> None:
+    """`vfio-ep run` binds the function once in its own process to learn what to tell the
+    guest (the doorbells) and record (the backend): the lines that bind logs are the
+    server's, in server.log; the run printed them twice before the TAP."""
+    from vfio_ep import cmdline
+    from vfio_ep.guest.runner import probe_function, vntb_doorbells
+
+    with caplog.at_level(logging.DEBUG):
+        epf = probe_function(cmdline.load(None, "pci-epf-vntb", ["doorbell=embedded"]))
+    assert vntb_doorbells(epf) == (2, True)
+    assert caplog.records == []
+    assert logging.root.manager.disable == logging.NOTSET  # quiet only meanwhile

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
+import logging
 import re
 import shlex
 import sys
@@ -22,6 +23,7 @@ from vfio_ep import cmdline
 from vfio_ep.composition import Composition
 from vfio_ep.config import ConfigError
 from vfio_ep.epc.core import EpcError, PciEpcAttributes
+from vfio_ep.epf.core import PciEpf
 from vfio_ep.epf.doorbell import pci_epf_doorbell_backend
 from vfio_ep.epf.functions.pci_epf_test import PciEpfTest
 from vfio_ep.epf.functions.pci_epf_vntb import PciEpfVntb
@@ -142,12 +144,13 @@ def run_suite(function: str | None = None, config_file: Path | None = None,
                                   "has two: use --exec")
             exec_cmd = SHELL
         assets = provision_all(qemu=qemu, kernel=kernel, linux=linux, kselftest=kselftest)
-        facts = endpoint_facts(comp, assets)
+        epf = probe_function(comp)
+        facts = endpoint_facts(comp, epf, assets)
         if exec_cmd is not None:
             controllers = [c for c in (func.primary, func.secondary) if c is not None]
             return _run_exec(target, assets, exec_cmd, controllers, timeout, run_dir, options)
         if func.driver == "pci_epf_vntb":
-            return _run_ntb_suite(target, assets, vntb_doorbells(comp), timeout, run_dir,
+            return _run_ntb_suite(target, assets, vntb_doorbells(epf), timeout, run_dir,
                                   guest_args or [], options, facts)
         if func.driver == "pci_epf_ntb":
             assert func.primary is not None and func.secondary is not None
@@ -344,23 +347,35 @@ def _nothing_selected(guest_args: list[str], assets: GuestAssets, run_dir: Path)
             f"-t TEST or -T FIXTURE.VARIANT.TEST):\n{listing.output.rstrip()}")
 
 
-def endpoint_facts(comp: Composition, assets: GuestAssets) -> dict[str, Any]:
-    """What a run tests, for its results: the function, each controller's profile, the
-    doorbell backend the function gets (bound once here with no client, as the server will
-    bind it), and the guest's kernel."""
+def probe_function(comp: Composition) -> PciEpf | None:
+    """The function bound once here, with no NTB client, as the server will bind it: what a
+    run tells the guest and records.  Quietly: its log lines (the doorbell it got, the
+    virtual NTB device) are the server's to log, in server.log, not this process's to print
+    before the suite's TAP."""
     probe = copy.deepcopy(comp)
-    func = next(iter(probe.functions.values()))
-    if func.driver == "pci_epf_vntb":
+    if next(iter(probe.functions.values())).driver == "pci_epf_vntb":
         probe.set("ntb_client=none")
     probe.assign_sockets([f"{name}=unused" for name in probe.controllers])
-    endpoints = probe.build()
-    epf = endpoints[0].functions[0] if endpoints[0].functions else None
+    logging.disable(logging.INFO)
+    try:
+        endpoints = probe.build()
+    finally:
+        logging.disable(logging.NOTSET)
+    return endpoints[0].functions[0] if endpoints[0].functions else None
+
+
+def endpoint_facts(comp: Composition, epf: PciEpf | None,
+                   assets: GuestAssets) -> dict[str, Any]:
+    """What a run tests, for its results: the function, each controller's profile, the
+    doorbell backend the function gets (``epf``, the function probed), and the guest's
+    kernel."""
+    func = next(iter(comp.functions.values()))
     doorbell: str | None = None
     if isinstance(epf, PciEpfVntb):
         doorbell = epf.db_backend or "poll"  # no interrupt doorbell: it polls its BAR
     elif isinstance(epf, PciEpfTest):
         doorbell = pci_epf_doorbell_backend(epf)
-    header = probe.function_attributes(func.name)
+    header = comp.function_attributes(func.name)
     return {
         "function": func.driver,
         "device": f"{header.vendorid:04x}:{header.deviceid:04x}",
@@ -373,13 +388,9 @@ def endpoint_facts(comp: Composition, assets: GuestAssets) -> dict[str, Any]:
     }
 
 
-def vntb_doorbells(comp: Composition) -> tuple[int, bool]:
-    """How many doorbells the EP will answer, and whether they share one register: the
-    function bound once here, with no client, as the server will bind it."""
-    probe = copy.deepcopy(comp)
-    probe.set("ntb_client=none")
-    probe.assign_sockets(["unused"])
-    epf = probe.build()[0].functions[0]
+def vntb_doorbells(epf: PciEpf | None) -> tuple[int, bool]:
+    """How many doorbells the EP will answer, and whether they share one register, from
+    the pci-epf-vntb function probed."""
     assert isinstance(epf, PciEpfVntb)
     return epf.db_count - 2, epf.db_backend == "embedded"
 

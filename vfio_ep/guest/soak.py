@@ -31,7 +31,7 @@ from vfio_ep.guest.launcher import (
 )
 from vfio_ep.guest.provision import GuestAssets, ProvisionError, provision_all
 from vfio_ep.guest.results import parse_tap
-from vfio_ep.guest.runner import Target, vntb_doorbells
+from vfio_ep.guest.runner import Target, probe_function, vntb_doorbells
 
 DEVICE = "/sys/bus/pci/devices/0000:01:00.0"  # the endpoint, alone behind the root port
 RESET_FIRST = 0.25  # share of runs whose guest resets the device before the suite
@@ -74,7 +74,7 @@ def soak(minutes: float, function: str | None, sets: list[str], seed: int | None
         return 2
     driver = next(iter(comp.functions.values())).driver
     if driver == "pci_epf_vntb":
-        bits, shared = vntb_doorbells(comp)
+        bits, shared = vntb_doorbells(probe_function(comp))
         suite = f"sh /ntb_suite.sh netdev {bits} {int(shared)}"
         extra_sets: tuple[str, ...] = ("ntb_client=netdev",)
     elif driver == "pci_epf_test":
