@@ -123,6 +123,8 @@ def test_preset_looks_like_the_board(tmp_path: Path, preset: str, skipped: set[s
     assert "ret (-110)" in " ".join(s["pci_ep_basic.LEGACY_IRQ_TEST"]["diagnostics"])
     assert skipped <= {n for n, t in s.items() if t["status"] == "skip"}
     assert results["endpoint"]["controllers"] == f"ep0: {preset}"
+    transfer = s["pci_ep_data_transfer.dma.READ_TEST"]["metrics"]  # what it measured
+    assert transfer["bytes"] == 2050051 and transfer["mbytes_s"] > 0
     assert proc.returncode == 1
 
 

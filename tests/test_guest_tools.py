@@ -6,6 +6,7 @@ import gzip
 import json
 import logging
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -276,3 +277,59 @@ def test_a_run_probes_its_function_quietly(caplog: pytest.LogCaptureFixture) -> 
     assert vntb_doorbells(epf) == (2, True)
     assert caplog.records == []
     assert logging.root.manager.disable == logging.NOTSET  # quiet only meanwhile
+
+
+PING = """PING 10.0.0.11 (10.0.0.11): 56 data bytes
+64 bytes from 10.0.0.11: seq=0 ttl=64 time=12.500 ms
+64 bytes from 10.0.0.11: seq=1 ttl=64 time=2.000 ms
+64 bytes from 10.0.0.11: seq=2 ttl=64 time=4.000 ms
+64 bytes from 10.0.0.11: seq=3 ttl=64 time=9.000 ms
+round-trip min/avg/max = 2.000/6.875/12.500 ms
+"""
+
+
+def test_ping_round_trips_become_metrics_under_the_guests_busybox(tmp_path: Path) -> None:
+    """rtt_metrics, as the guest suites run it: the first reply apart, min/avg/max/mdev (as
+    iputils computes it) of the others, only the COUNT judged; nothing when none came."""
+    (tmp_path / "ping").write_text(PING)
+    run = subprocess.run([str(provision.static_busybox()), "sh", "-c",
+                          f". {TAP_LIB}; rtt_metrics 3 < {tmp_path / 'ping'}; "
+                          f"rtt_metrics 1 < {tmp_path / 'ping'}; rtt_metrics 3 < /dev/null"],
+                         capture_output=True, text=True, check=True)
+    assert run.stdout.splitlines() == [
+        "# metrics: rtt_first_ms=12.500 rtt_min_ms=2.000 rtt_avg_ms=3.000 rtt_max_ms=4.000 "
+        "rtt_mdev_ms=1.000 replies=3",
+        "# metrics: rtt_first_ms=12.500 replies=1"], run.stderr
+
+
+def test_metrics_go_with_their_test_into_json_junit_and_a_table(tmp_path: Path) -> None:
+    """A suite's "# metrics:" lines belong to the next result; a passing transfer test gets
+    its bytes and throughput from its time; all land in results.json, as JUnit properties
+    of the test case, and in tables (a matrix's cells side by side)."""
+    tap = ("1..3\n# metrics: rtt_first_ms=3.5 rtt_avg_ms=1.25\n# metrics: replies=100\n"
+           "ok 1 netdev.ping_100\nok 2 netdev.rebind\n"
+           "#  RUN           pci_ep_data_transfer.dma.READ_TEST ...\n"
+           "#            OK  pci_ep_data_transfer.dma.READ_TEST\n"
+           "ok 3 pci_ep_data_transfer.dma.READ_TEST\n")
+    lines = tap.splitlines()
+    times = [(0.0 if i < 5 else 1.0 if i < 7 else 3.0, line) for i, line in enumerate(lines)]
+    report = results.parse_tap(tap, times)
+    assert [t.metrics for t in report.tests] == [
+        {"rtt_first_ms": 3.5, "rtt_avg_ms": 1.25, "replies": 100}, {},
+        {"bytes": results.KSELFTEST_TRANSFER_BYTES, "mbytes_s": 1.025}]
+    assert report.tests[2].diagnostics == []
+    results.write_results(report, tmp_path, exit_status=0, error=None, suite="s")
+    saved = json.loads((tmp_path / "results.json").read_text())["tests"]
+    assert saved[0]["metrics"]["rtt_avg_ms"] == 1.25
+    assert results.load_results(tmp_path)[0].tests[0].metrics == report.tests[0].metrics
+    junit = (tmp_path / "results.xml").read_text()
+    assert re.search(r'<testcase classname="netdev" name="ping_100" time="[\d.]+"><properties>'
+                     r'<property name="rtt_first_ms" value="3.5" />', junit), junit
+    slower = results.parse_tap(tap.replace("rtt_avg_ms=1.25", "rtt_avg_ms=5"))
+    table = results.metrics_table([("doorbell=msi", report), ("doorbell=poll", slower)])
+    assert "| test | measure | doorbell=msi | doorbell=poll |" in table
+    assert "| netdev.ping_100 | rtt_avg_ms | 1.25 | 5 |" in table
+    assert "| pci_ep_data_transfer.dma.READ_TEST | mbytes_s | 1.025 |  |" in table
+    assert "| netdev.ping_100 | rtt_avg_ms | 1.25 |" in results.summary_table(report)
+    assert results.metrics_table([("x", results.parse_tap("1..1\nok 1 a\n"))]) == ""
+

@@ -48,6 +48,7 @@ from vfio_ep.guest.results import (
     expect_failures,
     load_results,
     merge_reports,
+    metrics_table,
     parse_tap,
     summary_table,
     write_junit,
@@ -212,6 +213,8 @@ def run_suite_matrix(axes: list[str], sets: list[str] | None = None,
         print(f"| {name} | {'ok' if status == 0 else 'FAILED'} | {counts['pass']} | "
               f"{counts['fail'] + counts['error'] + counts['xpass']} | "
               f"{counts['skip'] + counts['xfail']} |")
+    if measured := metrics_table([(name, report) for name, report, _ in suites]):
+        print(f"\n{measured}")
     print(f"run directory: {top} (results.xml: every cell)")
     return 0 if all(status == 0 for _, status, _ in cells) else 1
 
