@@ -171,6 +171,7 @@ def run(function: str | None, config_file: Path | None, configfs: Path | None,
     ``--exec CMD`` runs your command instead (in both guests of a pci-epf-ntb pair, with
     VFIO_EP_ROLE=a or b).
     """
+    from vfio_ep.guest.interrupt import exit_on_interrupt
     from vfio_ep.guest.launcher import GuestOptions, Share
     from vfio_ep.guest.runner import run_suite, run_suite_matrix
 
@@ -201,9 +202,11 @@ def run(function: str | None, config_file: Path | None, configfs: Path | None,
                                        interactive=shell, shares=mounts, dyndbg=dyndbg,
                                        trace_events=trace_events,
                                        ftrace_filter=ftrace_filter, workdir=workdir))
-    if axes:
-        raise SystemExit(run_suite_matrix(list(axes), list(sets), run_dir, **common))
-    raise SystemExit(run_suite(sets=list(sets), run_dir=run_dir, exec_cmd=exec_cmd, **common))
+    with exit_on_interrupt():
+        if axes:
+            raise SystemExit(run_suite_matrix(list(axes), list(sets), run_dir, **common))
+        raise SystemExit(run_suite(sets=list(sets), run_dir=run_dir, exec_cmd=exec_cmd,
+                                   **common))
 
 
 @main.command("kernel-config")
@@ -285,9 +288,11 @@ def soak(minutes: float, function: str | None, sets: tuple[str, ...], seed: int 
          run_dir: Path | None) -> None:
     """One server, guest after guest for MINUTES, with device resets and killed QEMUs
     between runs; prints runs, failures and the server's memory and fds, start to end."""
+    from vfio_ep.guest.interrupt import exit_on_interrupt
     from vfio_ep.guest.soak import soak as run_soak
 
-    raise SystemExit(run_soak(minutes, function, list(sets), seed, run_dir))
+    with exit_on_interrupt():
+        raise SystemExit(run_soak(minutes, function, list(sets), seed, run_dir))
 
 
 @main.command()
@@ -300,6 +305,8 @@ def soak(minutes: float, function: str | None, sets: tuple[str, ...], seed: int 
 def matrix(lines: tuple[str, ...], out: Path, run_dir: Path | None) -> None:
     """Run the suites on each kernel line (pci-epf-test with each doorbell, or pcitest where
     the kselftest does not exist yet; vNTB; the NTB pair) and print kernel x suite x result."""
+    from vfio_ep.guest.interrupt import exit_on_interrupt
     from vfio_ep.guest.matrix import run_matrix
 
-    raise SystemExit(run_matrix(lines or LINUX_LINES, out, run_dir))
+    with exit_on_interrupt():
+        raise SystemExit(run_matrix(lines or LINUX_LINES, out, run_dir))

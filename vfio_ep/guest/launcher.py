@@ -20,11 +20,11 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 from qemu.qmp import QMPClient
 
@@ -38,6 +38,7 @@ from vfio_ep.guest.initramfs import (
     parse_console,
     sections_script,
 )
+from vfio_ep.guest.interrupt import SIGNALS, Interrupted
 from vfio_ep.guest.provision import GuestAssets, Qemu, cache_dir, provision_all
 from vfio_ep.tail import tail
 
@@ -63,6 +64,7 @@ GUEST_MODULES = "lib/modules"  # where the initramfs holds the kernel's modules 
 _PR_SET_PDEATHSIG = 1
 
 Live = Callable[[str], None]
+T = TypeVar("T")
 
 
 class LaunchError(RuntimeError):
@@ -235,7 +237,7 @@ def boot_guest(
                    extra_files=extra_files, live=live, server_argv=server_argv, socket=socket,
                    options=options, msg_timeout_ms=msg_timeout_ms,
                    extra_qemu_args=extra_qemu_args)
-    return _run_async(run.run(timeout))
+    return run_async(run.run(timeout))
 
 
 class GuestRun:
@@ -545,8 +547,8 @@ def boot_guests(specs: Sequence[GuestSpec], *, server_args: list[str],
     guest at once against it (run directory ``run_dir/<label>``; a guest with ``after`` when
     that one has exited), and return their results in order.  ``live`` gets (label, line)
     as each guest prints."""
-    return _run_async(_boot_guests(specs, server_args, assets or provision_all(), timeout,
-                                   run_dir, extra_files or {}, live, options))
+    return run_async(_boot_guests(specs, server_args, assets or provision_all(), timeout,
+                                  run_dir, extra_files or {}, live, options))
 
 
 async def _boot_guests(specs: Sequence[GuestSpec], server_args: list[str],
@@ -667,26 +669,39 @@ async def _terminate(proc: asyncio.subprocess.Process) -> None:
             await asyncio.wait_for(proc.wait(), GRACE)
 
 
-def _run_async(coro: Any) -> GuestResult:
-    """asyncio.run, with SIGTERM cancelling the run like Ctrl-C does, so teardown happens."""
-    terminated = []
+def run_async(coro: Coroutine[Any, Any, T]) -> T:
+    """asyncio.run, with SIGINT and SIGTERM cancelling ``coro`` (its processes are torn down
+    on the way out) and then raising :class:`Interrupted`.  A second signal during the
+    teardown cannot cut it short."""
+    caught: list[int] = []
 
-    def on_sigterm(task: asyncio.Task[GuestResult]) -> None:
-        terminated.append(True)
-        task.cancel()
+    def on_signal(signum: int, task: asyncio.Task[T]) -> None:
+        if not caught:
+            caught.append(signum)
+            task.cancel()
 
-    async def main() -> GuestResult:
+    async def main() -> T:
         task = asyncio.current_task()
-        if threading.current_thread() is threading.main_thread():
-            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, on_sigterm, task)
+        assert task is not None
+        if in_main_thread:
+            for sig in SIGNALS:
+                asyncio.get_running_loop().add_signal_handler(sig, on_signal, sig, task)
         try:
             return await coro
         except asyncio.CancelledError:
-            if terminated:
-                raise SystemExit(128 + signal.SIGTERM) from None
+            if caught:
+                raise Interrupted(caught[0]) from None
             raise
 
-    return asyncio.run(main())
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    # The loop's close resets the signals it handled to their defaults: put back ours.
+    previous = {sig: signal.getsignal(sig) for sig in SIGNALS} if in_main_thread else {}
+    try:
+        return asyncio.run(main())
+    finally:
+        for sig, handler in previous.items():
+            if handler is not None:
+                signal.signal(sig, handler)
 
 
 def new_run_dir(run_dir: Path | None) -> Path:

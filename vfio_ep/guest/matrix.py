@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from vfio_ep.guest.interrupt import keeping
 from vfio_ep.guest.launcher import new_run_dir
 from vfio_ep.guest.runner import run_suite
 
@@ -86,12 +87,15 @@ def table(outcomes: list[Outcome]) -> str:
 def run_matrix(lines: tuple[str, ...], out: Path, run_dir: Path | None) -> int:
     """Every cell of ``lines``; the table on stdout and in ``out``; 0 when all passed."""
     top = new_run_dir(run_dir)
-    outcomes = []
-    for i, cell in enumerate(cells(lines), 1):
-        print(f"\n# === Linux {cell.linux}: {cell.suite} ===", flush=True)
-        slug = "-".join(cell.suite.replace(",", "").replace("(", "").replace(")", "")
-                        .replace(".", "").split()).lower()
-        outcomes.append(run_cell(cell, top / f"{i:02d}-{cell.linux}-{slug}"))
+    outcomes: list[Outcome] = []
+    with keeping(lambda interruption: print(f"\n{table(outcomes)}\n\nmatrix: interrupted "
+                                            f"({interruption}); run directories under {top}",
+                                            flush=True)):
+        for i, cell in enumerate(cells(lines), 1):
+            print(f"\n# === Linux {cell.linux}: {cell.suite} ===", flush=True)
+            slug = "-".join(cell.suite.replace(",", "").replace("(", "").replace(")", "")
+                            .replace(".", "").split()).lower()
+            outcomes.append(run_cell(cell, top / f"{i:02d}-{cell.linux}-{slug}"))
     text = table(outcomes)
     print(f"\n{text}")
     out.parent.mkdir(parents=True, exist_ok=True)
