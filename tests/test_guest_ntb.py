@@ -115,3 +115,18 @@ def test_a_matrix_prints_each_cells_round_trips_side_by_side(tmp_path: Path) -> 
     assert ping["metrics"]["replies"] == 100
     junit = (tmp_path / "r" / "results.xml").read_text()
     assert junit.count('<property name="rtt_mdev_ms"') == 6  # two pings in each of 3 cells
+
+
+def test_the_guest_kernels_lines_join_the_trace_where_they_happened(tmp_path: Path) -> None:
+    """trace.log holds dmesg's lines on the host's clock: ntb_transport's "eth0 created"
+    (a driver's dev_info, in dmesg.txt) lies between the test before ntb_netdev loads and
+    the one that waited for its carrier."""
+    proc, results = vfio_ep_run(tmp_path, "--function", "pci-epf-vntb", "--", "netdev")
+    assert proc.returncode == 0 and results["passed"], proc.stderr[-3000:]
+    run = tmp_path / "run" / "netdev"
+    assert "eth0 created with 1 queue pairs" in (run / "dmesg.txt").read_text()
+    trace = (run / "trace.log").read_text()
+    assert re.search(r"guest\| ok 1 netdev\.hw_epf_bound\n(.*\n)*?.* dmesg\| .*eth0 created "
+                     r"with 1 queue pairs\n(.*\n)*?.* guest\| ok 2 netdev\.netdev_link_up\n",
+                     trace), trace[-5000:]
+    assert re.search(r"dmesg\| Linux version .*\n(.*\n)*.*guest\| 1\.\.8", trace)

@@ -8,6 +8,8 @@ import logging
 import os
 import re
 import subprocess
+import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -333,3 +335,28 @@ def test_metrics_go_with_their_test_into_json_junit_and_a_table(tmp_path: Path) 
     assert "| netdev.ping_100 | rtt_avg_ms | 1.25 |" in results.summary_table(report)
     assert results.metrics_table([("x", results.parse_tap("1..1\nok 1 a\n"))]) == ""
 
+
+
+def test_dmesg_joins_the_trace_on_the_hosts_clock(tmp_path: Path) -> None:
+    """dmesg.txt's lines are placed by the marker /init writes to the kernel's log as the
+    command begins (the moment its BEGIN line reached the host): a driver's line 1.5 s after
+    the marker lands between the guest lines around it, a continuation line stays with its
+    line, and the server's lines keep their place."""
+    from vfio_ep.guest.trace import write_trace
+
+    began = time.monotonic() - 10
+    (tmp_path / "dmesg.txt").write_text(
+        f"[    0.000000] Linux version 7.3.4\n[    2.000000] {initramfs.KMSG_BEGIN}\n"
+        "[    3.500000] ntb_hw_epf 0000:01:00.0: eth0 created with 1 queue pairs\n"
+        " continued\n")
+    wall = datetime.fromtimestamp(time.time() - 9)  # began + 1 s, for the server's line
+    server = f"{wall:%Y-%m-%d %H:%M:%S},{wall.microsecond // 1000:03d} vfio_ep INFO: link up\n"
+    result = launcher.GuestResult(0, "", tmp_path, server, None,
+                                  [(began + 1.2, "ok 1 a"), (began + 1.8, "ok 2 b")], began)
+    lines = [line.split(" ", 1)[1] for line in write_trace(result).read_text().splitlines()]
+    assert lines == ["dmesg| Linux version 7.3.4", f"dmesg| {initramfs.KMSG_BEGIN}",
+                     "ep   | vfio_ep INFO: link up", "guest| ok 1 a",
+                     "dmesg| ntb_hw_epf 0000:01:00.0: eth0 created with 1 queue pairs",
+                     "dmesg|  continued", "guest| ok 2 b"]
+    no_marker = launcher.GuestResult(0, "", tmp_path, "", None, [], None)
+    assert "dmesg|" not in write_trace(no_marker).read_text()

@@ -82,6 +82,9 @@ class GuestResult:
     error: str | None = None
     # (time.monotonic() when it reached us, line) of each line the command printed
     line_times: list[tuple[float, str]] = field(default_factory=list)
+    # time.monotonic() when the command began (its BEGIN line reached us): the guest's
+    # dmesg has the same moment on its own clock (initramfs.KMSG_BEGIN)
+    began: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -275,6 +278,7 @@ class GuestRun:
         self._qemu: asyncio.subprocess.Process | None = None
         self._console: asyncio.Task[None] | None = None
         self._line_times: list[tuple[float, str]] = []
+        self._began: float | None = None
         self._started = time.monotonic()
         self._meta: dict[str, Any] = {"server_argv": self.server_cmd}
         self._rescue = self._sockets / "rescue.sock"
@@ -318,7 +322,7 @@ class GuestRun:
         if status is None and error is None:
             error = "the guest stopped before its command finished; see console.log"
         result = GuestResult(status, output, self.run_dir, self._log("server"), error,
-                             self._line_times)
+                             self._line_times, self._began)
         self._meta.update(exit_status=status, error=error)
         return result
 
@@ -439,6 +443,7 @@ class GuestRun:
                 held += chunk
                 if phase == "boot" and (start := held.find(BEGIN.encode())) >= 0:
                     phase, held = "command", held[start + len(BEGIN) :].lstrip(b"\r\n")
+                    self._began = time.monotonic()
                 if phase == "command":
                     out, held, going_on = _until_marker(held, END.encode())
                     sys.stdout.buffer.write(out)
@@ -458,6 +463,7 @@ class GuestRun:
                         self.live(text)
                 elif text.endswith(BEGIN):  # firmware may leave escape codes before it
                     inside = True
+                    self._began = time.monotonic()
 
     async def _stop(self) -> None:
         """QMP quit, then SIGTERM, then SIGKILL; QEMU (the client) before the server."""

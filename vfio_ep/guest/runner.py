@@ -271,7 +271,7 @@ def _run_kselftest(target: Target, assets: GuestAssets, timeout: float,
                             run_dir=top, live=_echo, options=options,
                             extra_files={"kselftest.sh": KSELFTEST})
         report = target.report(result.output, result.line_times)
-        write_trace(result.run_dir, result.line_times, result.server_log)
+        write_trace(result)
         unbound = next((line for line in result.output.splitlines()
                         if line.startswith("vfio-ep: ")), None)
         error = result.error
@@ -308,7 +308,7 @@ def _run_pcitest(target: Target, assets: GuestAssets, comp: Composition, timeout
                             server_args=target.server_args(), assets=assets, timeout=timeout,
                             run_dir=top, live=_echo, options=options)
         report = target.report(result.output, result.line_times)
-        write_trace(result.run_dir, result.line_times, result.server_log)
+        write_trace(result)
         write_results(report, result.run_dir, exit_status=target.exit_status(result, report),
                       error=result.error, suite="pcitest", endpoint=facts)
         print(f"\n{summary_table(report)}")
@@ -337,7 +337,7 @@ class Progress:
         """A guest's result: its report and trace.log, and its failure if it failed."""
         report = self.target.report(result.output, result.line_times)
         self.reports.append(report)
-        write_trace(result.run_dir, result.line_times, result.server_log)
+        write_trace(result)
         if result.error or self.target.exit_status(result, report) != 0:
             self.failed.append(f"{label}: {result.error or f'exit {result.exit_status}'}")
 
