@@ -40,6 +40,12 @@ def names(phase: str, suite: dict[str, dict[str, tuple[str, ...]]] = SUITE) -> l
 def test_ntb_pair_suite(tmp_path: Path) -> None:
     proc, results = vfio_ep_run(tmp_path, *readme_example("vfio-ep run --topology ntb-pair")[1:])
     assert_passed(proc, results, [n for phase in SUITE for n in names(phase)])
+    measured = {t["name"]: t["metrics"] for t in results["tests"]}
+    assert measured["a.perf.perf_run"]["bytes"] == 1 << 22  # ntb_perf's total_order 22
+    assert measured["a.perf.perf_run"]["mbytes_s"] > 0
+    for label in "ab":  # each pinged the other
+        assert {"rtt_first_ms", "rtt_avg_ms", "rtt_mdev_ms"} <= set(
+            measured[f"{label}.netdev.ping_100"])
     log = (tmp_path / "run" / "netdev" / "server.log").read_text()
     assert "serving controller ep0: func1 (pci_epf_ntb) 104c:b00d" in log
     assert "serving controller ep1: func1 (pci_epf_ntb) 104c:b00d" in log

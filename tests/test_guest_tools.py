@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import os
+import re
 import subprocess
+import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -175,8 +179,13 @@ def test_fragment_has_the_drivers_under_test() -> None:
 
 
 def test_each_kernel_line_has_its_fragments() -> None:
-    """6.12's ntb_hw_epf can only be a module: its own fragment says so, after the common."""
-    assert kernel_build.fragments("7.3") == [kernel_build.FRAGMENT]
+    """6.12's ntb_hw_epf can only be a module: its own fragment says so, after the common;
+    the lines an EP guest runs get the endpoint framework and functions as well."""
+    for line in kernel_build.EP_GUEST_LINES:
+        assert kernel_build.fragments(line) == [kernel_build.FRAGMENT,
+                                                kernel_build.EP_GUEST_FRAGMENT]
+    ep = kernel_build.parse_config(kernel_build.EP_GUEST_FRAGMENT.read_text())
+    assert ep["CONFIG_PCI_ENDPOINT_MSI_DOORBELL"] == "y" and ep["CONFIG_PCI_EPF_TEST"] == "m"
     common, own = kernel_build.fragments("6.12")
     assert common == kernel_build.FRAGMENT
     assert kernel_build.parse_config(own.read_text()) == {"CONFIG_NTB_EPF": "m"}
@@ -278,3 +287,98 @@ def test_run_directories_are_pruned_but_never_a_live_one(
     assert sorted(p.name for p in runs.iterdir()) == sorted(
         ["00-alive", "03-recent", "04-recent", new.name])
     assert (new / "owner").read_text() == f"{os.getpid()}\n"
+
+
+def test_a_run_probes_its_function_quietly(caplog: pytest.LogCaptureFixture) -> None:
+    """`vfio-ep run` binds the function once in its own process to learn what to tell the
+    guest (the doorbells) and record (the backend): the lines that bind logs are the
+    server's, in server.log; the run printed them twice before the TAP."""
+    from vfio_ep import cmdline
+    from vfio_ep.guest.runner import probe_function, vntb_doorbells
+
+    with caplog.at_level(logging.DEBUG):
+        epf = probe_function(cmdline.load(None, "pci-epf-vntb", ["doorbell=embedded"]))
+    assert vntb_doorbells(epf) == (2, True)
+    assert caplog.records == []
+    assert logging.root.manager.disable == logging.NOTSET  # quiet only meanwhile
+
+
+PING = """PING 10.0.0.11 (10.0.0.11): 56 data bytes
+64 bytes from 10.0.0.11: seq=0 ttl=64 time=12.500 ms
+64 bytes from 10.0.0.11: seq=1 ttl=64 time=2.000 ms
+64 bytes from 10.0.0.11: seq=2 ttl=64 time=4.000 ms
+64 bytes from 10.0.0.11: seq=3 ttl=64 time=9.000 ms
+round-trip min/avg/max = 2.000/6.875/12.500 ms
+"""
+
+
+def test_ping_round_trips_become_metrics_under_the_guests_busybox(tmp_path: Path) -> None:
+    """rtt_metrics, as the guest suites run it: the first reply apart, min/avg/max/mdev (as
+    iputils computes it) of the others, only the COUNT judged; nothing when none came."""
+    (tmp_path / "ping").write_text(PING)
+    run = subprocess.run([str(provision.static_busybox()), "sh", "-c",
+                          f". {TAP_LIB}; rtt_metrics 3 < {tmp_path / 'ping'}; "
+                          f"rtt_metrics 1 < {tmp_path / 'ping'}; rtt_metrics 3 < /dev/null"],
+                         capture_output=True, text=True, check=True)
+    assert run.stdout.splitlines() == [
+        "# metrics: rtt_first_ms=12.500 rtt_min_ms=2.000 rtt_avg_ms=3.000 rtt_max_ms=4.000 "
+        "rtt_mdev_ms=1.000 replies=3",
+        "# metrics: rtt_first_ms=12.500 replies=1"], run.stderr
+
+
+def test_metrics_go_with_their_test_into_json_junit_and_a_table(tmp_path: Path) -> None:
+    """A suite's "# metrics:" lines belong to the next result; a passing transfer test gets
+    its bytes and throughput from its time; all land in results.json, as JUnit properties
+    of the test case, and in tables (a matrix's cells side by side)."""
+    tap = ("1..3\n# metrics: rtt_first_ms=3.5 rtt_avg_ms=1.25\n# metrics: replies=100\n"
+           "ok 1 netdev.ping_100\nok 2 netdev.rebind\n"
+           "#  RUN           pci_ep_data_transfer.dma.READ_TEST ...\n"
+           "#            OK  pci_ep_data_transfer.dma.READ_TEST\n"
+           "ok 3 pci_ep_data_transfer.dma.READ_TEST\n")
+    lines = tap.splitlines()
+    times = [(0.0 if i < 5 else 1.0 if i < 7 else 3.0, line) for i, line in enumerate(lines)]
+    report = results.parse_tap(tap, times)
+    assert [t.metrics for t in report.tests] == [
+        {"rtt_first_ms": 3.5, "rtt_avg_ms": 1.25, "replies": 100}, {},
+        {"bytes": results.KSELFTEST_TRANSFER_BYTES, "mbytes_s": 1.025}]
+    assert report.tests[2].diagnostics == []
+    results.write_results(report, tmp_path, exit_status=0, error=None, suite="s")
+    saved = json.loads((tmp_path / "results.json").read_text())["tests"]
+    assert saved[0]["metrics"]["rtt_avg_ms"] == 1.25
+    assert results.load_results(tmp_path)[0].tests[0].metrics == report.tests[0].metrics
+    junit = (tmp_path / "results.xml").read_text()
+    assert re.search(r'<testcase classname="netdev" name="ping_100" time="[\d.]+"><properties>'
+                     r'<property name="rtt_first_ms" value="3.5" />', junit), junit
+    slower = results.parse_tap(tap.replace("rtt_avg_ms=1.25", "rtt_avg_ms=5"))
+    table = results.metrics_table([("doorbell=msi", report), ("doorbell=poll", slower)])
+    assert "| test | measure | doorbell=msi | doorbell=poll |" in table
+    assert "| netdev.ping_100 | rtt_avg_ms | 1.25 | 5 |" in table
+    assert "| pci_ep_data_transfer.dma.READ_TEST | mbytes_s | 1.025 |  |" in table
+    assert "| netdev.ping_100 | rtt_avg_ms | 1.25 |" in results.summary_table(report)
+    assert results.metrics_table([("x", results.parse_tap("1..1\nok 1 a\n"))]) == ""
+
+
+
+def test_dmesg_joins_the_trace_on_the_hosts_clock(tmp_path: Path) -> None:
+    """dmesg.txt's lines are placed by the marker /init writes to the kernel's log as the
+    command begins (the moment its BEGIN line reached the host): a driver's line 1.5 s after
+    the marker lands between the guest lines around it, a continuation line stays with its
+    line, and the server's lines keep their place."""
+    from vfio_ep.guest.trace import write_trace
+
+    began = time.monotonic() - 10
+    (tmp_path / "dmesg.txt").write_text(
+        f"[    0.000000] Linux version 7.3.4\n[    2.000000] {initramfs.KMSG_BEGIN}\n"
+        "[    3.500000] ntb_hw_epf 0000:01:00.0: eth0 created with 1 queue pairs\n"
+        " continued\n")
+    wall = datetime.fromtimestamp(time.time() - 9)  # began + 1 s, for the server's line
+    server = f"{wall:%Y-%m-%d %H:%M:%S},{wall.microsecond // 1000:03d} vfio_ep INFO: link up\n"
+    result = launcher.GuestResult(0, "", tmp_path, server, None,
+                                  [(began + 1.2, "ok 1 a"), (began + 1.8, "ok 2 b")], began)
+    lines = [line.split(" ", 1)[1] for line in write_trace(result).read_text().splitlines()]
+    assert lines == ["dmesg| Linux version 7.3.4", f"dmesg| {initramfs.KMSG_BEGIN}",
+                     "ep   | vfio_ep INFO: link up", "guest| ok 1 a",
+                     "dmesg| ntb_hw_epf 0000:01:00.0: eth0 created with 1 queue pairs",
+                     "dmesg|  continued", "guest| ok 2 b"]
+    no_marker = launcher.GuestResult(0, "", tmp_path, "", None, [], None)
+    assert "dmesg|" not in write_trace(no_marker).read_text()

@@ -17,7 +17,8 @@ import pytest
 from ntb_hw_epf_rc import CTRL, NtbHwEpfRc
 from vfio_user_client import Client, ServerThread
 
-from vfio_ep.composition import Composition
+from vfio_ep import cmdline
+from vfio_ep.composition import Composition, attribute_listing
 from vfio_ep.config import ConfigError
 from vfio_ep.epc.core import EpcError
 from vfio_ep.epc.edma import EMUL_DOORBELL_OFFSET
@@ -212,3 +213,27 @@ def test_sizes_struct_as_in_the_kernel() -> None:
     assert v.EpfNtbCtrl.sizeof() == 0x134 == v.CTRL_SIZE
     assert (CTRL["command_status"], CTRL["link_status"], CTRL["spad_offset"],
             CTRL["db_data"], CTRL["db_offset"]) == (0x08, 0x0A, 0x28, 0x34, 0xB4)
+
+
+def _poll_interval(comp: Composition, tmp_path: Path) -> float:
+    """The period the built controller scans a polled doorbell with, in seconds."""
+    comp.assign_sockets([f"{name}={tmp_path / name}.sock" for name in comp.controllers])
+    epc = comp.build()[0].epc
+    assert epc is not None
+    return epc.doorbell_poll_interval
+
+
+def test_the_polled_doorbell_runs_at_the_kernels_5_ms_unless_set(tmp_path: Path) -> None:
+    """epf_ntb_cmd_handler scans the doorbell BAR every 5 ms when it has no MSI doorbell:
+    pci-epf-vntb's default in every form (a configfs script too); the controller attribute
+    still sets it; pci-epf-test's poll doorbell keeps pci-epf-test's own 1 ms."""
+    seeds = Path(__file__).parent / "data" / "seed-vntb-setup.sh"
+    assert _poll_interval(cmdline.load(None, "pci-epf-vntb", ["doorbell=poll"]),
+                          tmp_path) == 0.005
+    assert _poll_interval(cmdline.load(None, None, [], seeds), tmp_path) == 0.005
+    assert _poll_interval(cmdline.load(None, "pci-epf-vntb", [
+        "doorbell=poll", "doorbell_poll_interval_us=1000"]), tmp_path) == 0.001
+    assert _poll_interval(cmdline.load(None, "pci-epf-test", ["doorbell=poll"]),
+                          tmp_path) == 0.001
+    listed = dict(attribute_listing("pci-epf-vntb"))
+    assert listed["controllers/NAME/doorbell_poll_interval_us"] == 5000

@@ -37,6 +37,15 @@ def readme_examples() -> list[str]:
     return list(dict.fromkeys(found))
 
 
+def readme_block(containing: str) -> list[str]:
+    """The lines of the README's code block that has ``containing`` (a recipe a test runs
+    as written)."""
+    blocks = re.findall(r"```\w*\n(.*?)```", README.read_text(), flags=re.S)
+    found = [b for b in blocks if containing in b]
+    assert len(found) == 1, f"{len(found)} README code blocks have {containing!r}"
+    return found[0].splitlines()
+
+
 def readme_example(command: str) -> list[str]:
     """The README's ``command``, which must be there as written, split into the arguments
     after ``vfio-ep`` (the tests add only a ``--run-dir`` of their own)."""

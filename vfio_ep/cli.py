@@ -202,6 +202,7 @@ def run(function: str | None, config_file: Path | None, configfs: Path | None,
     VFIO_EP_ROLE=a or b).
     """
     from vfio_ep.guest.ep_guest import EpGuestRun
+    from vfio_ep.guest.interrupt import exit_on_interrupt
     from vfio_ep.guest.launcher import GuestOptions, Share
     from vfio_ep.guest.runner import run_suite, run_suite_matrix
 
@@ -234,14 +235,16 @@ def run(function: str | None, config_file: Path | None, configfs: Path | None,
                                        ftrace_filter=ftrace_filter, workdir=workdir,
                                        accel=accel))
     ep = EpGuestRun(sets, preset, configfs, guest_args, ep_kernel, ep_exec, ep_dyndbg, xfail)
-    if ep_guest:
-        raise SystemExit(_run_ep_guest(common, ep, run_dir, bool(axes or exec_cmd or shell
-                                                                 or kselftest or topology)))
-    if ep != EpGuestRun(sets, preset, configfs, guest_args, xfail=xfail):
+    if ep != EpGuestRun(sets, preset, configfs, guest_args, xfail=xfail) and not ep_guest:
         raise click.UsageError("--ep-kernel, --ep-exec and --ep-dyndbg go with --ep-guest")
-    if axes:
-        raise SystemExit(run_suite_matrix(list(axes), list(sets), run_dir, **common))
-    raise SystemExit(run_suite(sets=list(sets), run_dir=run_dir, exec_cmd=exec_cmd, **common))
+    with exit_on_interrupt():
+        if ep_guest:
+            raise SystemExit(_run_ep_guest(common, ep, run_dir, bool(
+                axes or exec_cmd or shell or kselftest or topology)))
+        if axes:
+            raise SystemExit(run_suite_matrix(list(axes), list(sets), run_dir, **common))
+        raise SystemExit(run_suite(sets=list(sets), run_dir=run_dir, exec_cmd=exec_cmd,
+                                   **common))
 
 
 def _run_ep_guest(common: dict[str, Any], ep: EpGuestRun, run_dir: Path | None,
@@ -355,9 +358,11 @@ def soak(minutes: float, function: str | None, sets: tuple[str, ...], seed: int 
          run_dir: Path | None) -> None:
     """One server, guest after guest for MINUTES, with device resets and killed QEMUs
     between runs; prints runs, failures and the server's memory and fds, start to end."""
+    from vfio_ep.guest.interrupt import exit_on_interrupt
     from vfio_ep.guest.soak import soak as run_soak
 
-    raise SystemExit(run_soak(minutes, function, list(sets), seed, run_dir))
+    with exit_on_interrupt():
+        raise SystemExit(run_soak(minutes, function, list(sets), seed, run_dir))
 
 
 @main.command()
@@ -370,6 +375,8 @@ def soak(minutes: float, function: str | None, sets: tuple[str, ...], seed: int 
 def matrix(lines: tuple[str, ...], out: Path, run_dir: Path | None) -> None:
     """Run the suites on each kernel line (pci-epf-test with each doorbell, or pcitest where
     the kselftest does not exist yet; vNTB; the NTB pair) and print kernel x suite x result."""
+    from vfio_ep.guest.interrupt import exit_on_interrupt
     from vfio_ep.guest.matrix import run_matrix
 
-    raise SystemExit(run_matrix(lines or LINUX_LINES, out, run_dir))
+    with exit_on_interrupt():
+        raise SystemExit(run_matrix(lines or LINUX_LINES, out, run_dir))

@@ -212,6 +212,7 @@ class Composition:
                 continue
             func = next(f for f in self.functions.values() if ctrl.name in (f.primary,
                                                                              f.secondary))
+            values = _controller_defaults(func.driver) | values
             if func.driver == TESTDEV:
                 endpoints.append(Endpoint(ctrl.name, sockets[ctrl.name],
                                           testdev.build(values | func.values)))
@@ -288,6 +289,12 @@ def _defaults(driver: str) -> dict[str, Any]:
     return dict(DRIVERS[driver].defaults) if driver in DRIVERS else {}
 
 
+def _controller_defaults(driver: str) -> dict[str, Any]:
+    """The controller attributes ``driver`` decides when the user did not (every form: the
+    kernel's driver has them too)."""
+    return dict(DRIVERS[driver].controller_defaults) if driver in DRIVERS else {}
+
+
 def attribute_listing(function: str) -> list[tuple[str, Any]]:
     """(configfs path, default) of every attribute of a controller and of ``function``:
     what ``vfio-ep attributes`` prints, in the spelling --set, TOML and configfs use."""
@@ -295,7 +302,8 @@ def attribute_listing(function: str) -> list[tuple[str, Any]]:
     rows: list[tuple[str, Any]] = [(f"controllers/NAME/{SOCKET}", None),
                                    (f"controllers/NAME/{EP_SOCKET}",
                                     "(optional: an EP guest runs the functions)")]
-    rows += [(f"controllers/NAME/{f.name}", f.default)
+    own = _controller_defaults(driver)
+    rows += [(f"controllers/NAME/{f.name}", own.get(f.name, f.default))
              for f in dataclasses.fields(PciEpcAttributes)]
     cls = testdev.TestdevAttributes if driver == TESTDEV else DRIVERS[driver].attributes
     in_dir = DRIVERS[driver].cfs_attributes if driver in DRIVERS else ()

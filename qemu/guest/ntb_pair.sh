@@ -140,6 +140,9 @@ phase_perf() {
 			timeout 300 sh -c "echo 0 > $P/run" || return 1
 			cat $P/run > /tmp/perf
 			sed 's/^ */# /' /tmp/perf
+			# its threads' "N: copied B bytes in U usecs, R MBytes/s" as the test's metrics
+			awk '$2 == "copied" { b += $3; if ($6 > u) u = $6 }
+				END { if (u) printf "# metrics: bytes=%d usecs=%d mbytes_s=%.3f\n", b, u, b / u }' /tmp/perf
 			grep -q "copied $((1 << PERF_ORDER)) bytes" /tmp/perf
 		}
 		check perf_run "ntb_perf did not complete a run to the peer" perf_run

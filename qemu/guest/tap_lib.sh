@@ -30,6 +30,7 @@ pings() {
 		match($0, /seq=[0-9]+/) { got[substr($0, RSTART + 4, RLENGTH - 4)] = 1 }
 		END { for (i = 0; i < n; i++) if (!(i in got)) printf " %d", i }' /tmp/ping)
 	grep round-trip /tmp/ping | sed 's/^/# /'
+	rtt_metrics "$count" < /tmp/ping
 	if [ -n "$missing" ]; then
 		echo "# no reply to seq$missing"
 		grep -v "bytes from" /tmp/ping | sed 's/^/# /'
@@ -37,6 +38,38 @@ pings() {
 		return 1
 	fi
 	echo "# $count of $count answered"
+}
+# rtt_metrics COUNT < PING_OUTPUT: the round trips of sequence numbers below COUNT as a
+# "# metrics:" line (the host's results take it into the next test's): the first apart (it
+# pays ARP and cold paths), then min/avg/max/mdev of the others, mdev as iputils' ping
+# computes it (busybox ping prints none; busybox awk has no sqrt: Newton's method).
+rtt_metrics() {
+	awk -v n="$1" '
+		function root(x,  r, i) {
+			if (x <= 0) return 0
+			for (r = x + 1; i < 100; i++) r = (r + x / r) / 2
+			return r
+		}
+		/seq=[0-9]+ .*time=[0-9.]+/ {
+			split($0, w, "seq="); seq = w[2] + 0  # the number the field starts with
+			split($0, w, "time="); t = w[2] + 0
+			if (seq >= n) next
+			if (seq == 0) { first = t; next }
+			if (!k || t < lo) lo = t
+			if (!k || t > hi) hi = t
+			k++; sum += t; sq += t * t
+		}
+		END {
+			if (first == "" && !k) exit
+			line = "# metrics:"
+			if (first != "") line = line sprintf(" rtt_first_ms=%.3f", first)
+			if (k) {
+				avg = sum / k
+				line = line sprintf(" rtt_min_ms=%.3f rtt_avg_ms=%.3f rtt_max_ms=%.3f" \
+					" rtt_mdev_ms=%.3f", lo, avg, hi, root(sq / k - avg * avg))
+			}
+			print line sprintf(" replies=%d", k + (first != ""))
+		}'
 }
 # netdev_stats: eth0's non-zero counters and ntb_transport's queue statistics, as TAP
 # diagnostics (for a failed network check: where did the packet go?).

@@ -73,6 +73,8 @@ class PciEpcAttributes:
     # in BAR2 as on AM654.
     reserved_bars: tuple[Annotated[int, Range(0, NUM_BARS - 1)], ...] = ()
     msi_mutable: bool = False
+    # pci-epf-test's command handler polls every 1 ms, and so does the core's poll doorbell;
+    # pci-epf-vntb brings its own default, the kernel's 5 ms (its CONTROLLER_DEFAULTS).
     doorbell_poll_interval_us: Annotated[U32, Range(1, 0xFFFF_FFFF)] = 1000
     # An EP guest's dmaengine view of the eDMA: "memcpy" channels (pci-epf-test's generic
     # DMA path), or "slave" channels as dw-edma offers them (nvmet-pci-epf's).

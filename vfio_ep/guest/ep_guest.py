@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from vfio_ep import cmdline
 from vfio_ep.composition import EP_GUEST_CONTROLLER, Composition
@@ -29,6 +30,7 @@ from vfio_ep.config import ConfigError
 from vfio_ep.configfs_script import parse_script
 from vfio_ep.epf.functions import DRIVERS
 from vfio_ep.guest.assets import EP_GUEST, KSELFTEST
+from vfio_ep.guest.interrupt import keeping
 from vfio_ep.guest.kernel_build import (
     EP_GUEST_LINES,
     EPC_MODULE,
@@ -42,13 +44,13 @@ from vfio_ep.guest.launcher import (
     GuestResult,
     GuestRun,
     LaunchError,
-    _run_async,
     new_run_dir,
+    run_async,
     running_server,
 )
 from vfio_ep.guest.provision import GuestAssets, ProvisionError, provision_all
 from vfio_ep.guest.results import expect_failures, parse_tap, summary_table, write_results
-from vfio_ep.guest.runner import Target
+from vfio_ep.guest.runner import Progress, Target
 from vfio_ep.guest.trace import write_trace
 from vfio_ep.presets import preset_sets
 
@@ -99,10 +101,13 @@ class EpGuestRun:
                   f"echo 1 > controllers/{EP_GUEST_CONTROLLER}/start"]
         return "\n".join(lines) + "\n"
 
+    def target(self) -> Target:
+        """The run as a suite run knows one: its settings, and --xfail scoped by them."""
+        return Target(None, None, self.configfs, self.sets, self.preset, self.xfail)
+
     def expected_failures(self) -> tuple[str, ...]:
-        """The --xfail tests that apply to this run (scoped as a suite run scopes them)."""
-        return Target(None, None, self.configfs, self.sets, self.preset,
-                      self.xfail).expected_failures()
+        """The --xfail tests that apply to this run."""
+        return self.target().expected_failures()
 
     def device(self) -> tuple[str, str]:
         """The IDs the setup script gives the function (for the RC's kselftest.sh, which
@@ -141,13 +146,17 @@ def run_ep_guest(run: EpGuestRun, *, kernel: Path | None = None, qemu: Path | No
         run.expected_failures()  # a malformed --xfail fails here, before any boot
         top = new_run_dir(run_dir)
         vendor, device = run.device()
-        result = boot_ep_pair(run, assets, top,
-                              f"sh /kselftest.sh {vendor} {device} {shlex.join(run.guest_args)}",
-                              timeout=timeout, options=options)
+        progress = Progress(top, run.target(), KSELFTEST_NAME, _facts(comp, assets),
+                            running=[top / "rc"])
+        with keeping(progress.keep):  # Ctrl-C, SIGTERM: the RC's TAP so far is the result
+            result = boot_ep_pair(
+                run, assets, top,
+                f"sh /kselftest.sh {vendor} {device} {shlex.join(run.guest_args)}",
+                timeout=timeout, options=options)
     except (ConfigError, ValueError, ProvisionError, LaunchError) as exc:
         print(f"vfio-ep run: {exc}", file=sys.stderr)
         return 2
-    return _report(result, top, assets, comp, run.expected_failures())
+    return _report(result, top, progress.facts, run.expected_failures())
 
 
 def boot_ep_pair(run: EpGuestRun, assets: GuestAssets, top: Path, rc_script: str, *,
@@ -167,7 +176,7 @@ def boot_ep_pair(run: EpGuestRun, assets: GuestAssets, top: Path, rc_script: str
                                      interactive=False)
     ep_script = f"sh /ep_guest.sh {shlex.quote(name)} /{SETUP} " + \
         (shlex.quote(run.ep_exec) if run.ep_exec else "")
-    return _run_async(_boot_pair(
+    return run_async(_boot_pair(
         (ep_assets, assets), name, server_args, top, timeout,
         (ep_options, rc_options or options), (ep_script, run.setup_script()), rc_script,
         rc_files or {}))
@@ -257,18 +266,22 @@ def _last_words(output: str) -> str:
     return lines[-1] if lines else "it printed nothing (see ep/console.log)"
 
 
-def _report(result: PairResult, top: Path, assets: GuestAssets, comp: Composition,
+def _facts(comp: Composition, assets: GuestAssets) -> dict[str, Any]:
+    """What the run tests, for its results."""
+    ctrl = next(iter(comp.controllers.values()))
+    return {"function": "pci_epf_test (the EP guest's kernel)",
+            "controllers": f"{ctrl.name}: {ctrl.values.get('profile', 'generic')}",
+            "linux": assets.linux, "kernel": str(assets.kernel)}
+
+
+def _report(result: PairResult, top: Path, facts: dict[str, Any],
             xfail: tuple[str, ...]) -> int:
     rc = result.rc
     report = expect_failures(parse_tap(rc.output if rc else "", rc.line_times if rc else None),
                              xfail)
-    write_trace(top, rc.line_times if rc else [], result.server_log,
-                others={"ep": result.ep.line_times})
+    main = dataclasses.replace(rc or result.ep, server_log=result.server_log)
+    write_trace(main, {"ep": result.ep} if rc else None, top)
     error = result.error or (rc.error if rc else None)
-    ctrl = next(iter(comp.controllers.values()))
-    facts = {"function": "pci_epf_test (the EP guest's kernel)",
-             "controllers": f"{ctrl.name}: {ctrl.values.get('profile', 'generic')}",
-             "linux": assets.linux, "kernel": str(assets.kernel)}
     status = rc.exit_status if rc else None
     if status == 1 and report.passed and report.counts()["xfail"]:
         status = 0  # the kselftest exits 1 on a failure; its failures were expected

@@ -22,6 +22,9 @@ from pathlib import Path
 
 BEGIN = "@@vfio-ep: begin@@"
 END = "@@vfio-ep: exit status "
+# Written to /dev/kmsg just before BEGIN is echoed: the dmesg line whose printk time is the
+# moment BEGIN reached the host (how trace.log puts the guest's dmesg on the host's clock).
+KMSG_BEGIN = "vfio-ep: the command begins"
 _END_RE = re.compile(re.escape(END) + r"(\d+)@@")
 GUEST_SCRIPT = "guest.sh"
 
@@ -40,6 +43,7 @@ dmesg -n 1
 [ -c /dev/ttyS1 ] && setsid sh -c 'while read -r l; do eval "$l"; done' \\
   </dev/ttyS1 >/dev/ttyS1 2>&1 &
 cd /
+echo '{kmsg_begin}' > /dev/kmsg
 echo '{begin}'
 sh /{script} </dev/null 2>&1
 echo "{end}$?@@"
@@ -91,7 +95,8 @@ class _Entry:
 
 def guest_init(script: str) -> tuple[str, dict[str, bytes]]:
     """The /init text and the extra file that carries ``script`` (a busybox sh script)."""
-    init = INIT.format(script=GUEST_SCRIPT, begin=BEGIN, end=END, sections=sections_script())
+    init = INIT.format(script=GUEST_SCRIPT, begin=BEGIN, end=END, sections=sections_script(),
+                       kmsg_begin=KMSG_BEGIN)
     return init, {GUEST_SCRIPT: script.encode()}
 
 

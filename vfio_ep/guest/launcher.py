@@ -20,11 +20,11 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 from qemu.qmp import QMPClient
 
@@ -38,6 +38,7 @@ from vfio_ep.guest.initramfs import (
     parse_console,
     sections_script,
 )
+from vfio_ep.guest.interrupt import SIGNALS, Interrupted
 from vfio_ep.guest.provision import GuestAssets, Qemu, cache_dir, provision_all
 from vfio_ep.tail import tail
 
@@ -63,6 +64,7 @@ GUEST_MODULES = "lib/modules"  # where the initramfs holds the kernel's modules 
 _PR_SET_PDEATHSIG = 1
 
 Live = Callable[[str], None]
+T = TypeVar("T")
 
 
 class LaunchError(RuntimeError):
@@ -80,6 +82,9 @@ class GuestResult:
     error: str | None = None
     # (time.monotonic() when it reached us, line) of each line the command printed
     line_times: list[tuple[float, str]] = field(default_factory=list)
+    # time.monotonic() when the command began (its BEGIN line reached us): the guest's
+    # dmesg has the same moment on its own clock (initramfs.KMSG_BEGIN)
+    began: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -236,7 +241,7 @@ def boot_guest(
                    extra_files=extra_files, live=live, server_argv=server_argv, socket=socket,
                    options=options, msg_timeout_ms=msg_timeout_ms,
                    extra_qemu_args=extra_qemu_args)
-    return _run_async(run.run(timeout))
+    return run_async(run.run(timeout))
 
 
 class GuestRun:
@@ -274,6 +279,7 @@ class GuestRun:
         self._qemu: asyncio.subprocess.Process | None = None
         self._console: asyncio.Task[None] | None = None
         self._line_times: list[tuple[float, str]] = []
+        self._began: float | None = None
         self._started = time.monotonic()
         self._meta: dict[str, Any] = {"server_argv": self.server_cmd}
         self._rescue = self._sockets / "rescue.sock"
@@ -317,7 +323,7 @@ class GuestRun:
         if status is None and error is None:
             error = "the guest stopped before its command finished; see console.log"
         result = GuestResult(status, output, self.run_dir, self._log("server"), error,
-                             self._line_times)
+                             self._line_times, self._began)
         self._meta.update(exit_status=status, error=error)
         return result
 
@@ -339,7 +345,7 @@ class GuestRun:
         output, status = parse_console(self._log("console"))
         self._meta.update(exit_status=status, error=error)
         return GuestResult(status, output, self.run_dir, self._log("server"), error,
-                           self._line_times)
+                           self._line_times, self._began)
 
     async def _task_dump(self) -> bool:
         """sysrq-t in the stuck guest: every task's state and stack reach the console (and
@@ -458,6 +464,7 @@ class GuestRun:
                 held += chunk
                 if phase == "boot" and (start := held.find(BEGIN.encode())) >= 0:
                     phase, held = "command", held[start + len(BEGIN) :].lstrip(b"\r\n")
+                    self._began = time.monotonic()
                 if phase == "command":
                     out, held, going_on = _until_marker(held, END.encode())
                     sys.stdout.buffer.write(out)
@@ -477,6 +484,7 @@ class GuestRun:
                         self.live(text)
                 elif text.endswith(BEGIN):  # firmware may leave escape codes before it
                     inside = True
+                    self._began = time.monotonic()
 
     async def _stop(self) -> None:
         """QMP quit, then SIGTERM, then SIGKILL; QEMU (the client) before the server."""
@@ -566,8 +574,8 @@ def boot_guests(specs: Sequence[GuestSpec], *, server_args: list[str],
     guest at once against it (run directory ``run_dir/<label>``; a guest with ``after`` when
     that one has exited), and return their results in order.  ``live`` gets (label, line)
     as each guest prints."""
-    return _run_async(_boot_guests(specs, server_args, assets or provision_all(), timeout,
-                                   run_dir, extra_files or {}, live, options))
+    return run_async(_boot_guests(specs, server_args, assets or provision_all(), timeout,
+                                  run_dir, extra_files or {}, live, options))
 
 
 async def _boot_guests(specs: Sequence[GuestSpec], server_args: list[str],
@@ -694,26 +702,39 @@ async def _terminate(proc: asyncio.subprocess.Process) -> None:
             await asyncio.wait_for(proc.wait(), GRACE)
 
 
-def _run_async(coro: Any) -> GuestResult:
-    """asyncio.run, with SIGTERM cancelling the run like Ctrl-C does, so teardown happens."""
-    terminated = []
+def run_async(coro: Coroutine[Any, Any, T]) -> T:
+    """asyncio.run, with SIGINT and SIGTERM cancelling ``coro`` (its processes are torn down
+    on the way out) and then raising :class:`Interrupted`.  A second signal during the
+    teardown cannot cut it short."""
+    caught: list[int] = []
 
-    def on_sigterm(task: asyncio.Task[GuestResult]) -> None:
-        terminated.append(True)
-        task.cancel()
+    def on_signal(signum: int, task: asyncio.Task[T]) -> None:
+        if not caught:
+            caught.append(signum)
+            task.cancel()
 
-    async def main() -> GuestResult:
+    async def main() -> T:
         task = asyncio.current_task()
-        if threading.current_thread() is threading.main_thread():
-            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, on_sigterm, task)
+        assert task is not None
+        if in_main_thread:
+            for sig in SIGNALS:
+                asyncio.get_running_loop().add_signal_handler(sig, on_signal, sig, task)
         try:
             return await coro
         except asyncio.CancelledError:
-            if terminated:
-                raise SystemExit(128 + signal.SIGTERM) from None
+            if caught:
+                raise Interrupted(caught[0]) from None
             raise
 
-    return asyncio.run(main())
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    # The loop's close resets the signals it handled to their defaults: put back ours.
+    previous = {sig: signal.getsignal(sig) for sig in SIGNALS} if in_main_thread else {}
+    try:
+        return asyncio.run(main())
+    finally:
+        for sig, handler in previous.items():
+            if handler is not None:
+                signal.signal(sig, handler)
 
 
 def new_run_dir(run_dir: Path | None) -> Path:

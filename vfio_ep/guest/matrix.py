@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vfio_ep.guest.ep_guest import EpGuestRun, run_ep_guest
+from vfio_ep.guest.interrupt import keeping
 from vfio_ep.guest.kernel_build import DEFAULT_LINUX, EP_GUEST_LINES
 from vfio_ep.guest.launcher import new_run_dir
 from vfio_ep.guest.runner import run_suite
@@ -108,12 +109,15 @@ def table(outcomes: list[Outcome]) -> str:
 def run_matrix(lines: tuple[str, ...], out: Path, run_dir: Path | None) -> int:
     """Every cell of ``lines``; the table on stdout and in ``out``; 0 when all passed."""
     top = new_run_dir(run_dir)
-    outcomes = []
-    for i, cell in enumerate(cells(lines), 1):
-        print(f"\n# === Linux {cell.linux}: {cell.suite} ===", flush=True)
-        slug = "-".join(cell.suite.replace(",", "").replace("(", "").replace(")", "")
-                        .replace(".", "").replace(":", "").replace("'", "").split()).lower()
-        outcomes.append(run_cell(cell, top / f"{i:02d}-{cell.linux}-{slug}"))
+    outcomes: list[Outcome] = []
+    with keeping(lambda interruption: print(f"\n{table(outcomes)}\n\nmatrix: interrupted "
+                                            f"({interruption}); run directories under {top}",
+                                            flush=True)):
+        for i, cell in enumerate(cells(lines), 1):
+            print(f"\n# === Linux {cell.linux}: {cell.suite} ===", flush=True)
+            slug = "-".join(cell.suite.replace(",", "").replace("(", "").replace(")", "")
+                            .replace(".", "").replace(":", "").replace("'", "").split()).lower()
+            outcomes.append(run_cell(cell, top / f"{i:02d}-{cell.linux}-{slug}"))
     text = table(outcomes)
     print(f"\n{text}")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,14 @@ _PLAN = re.compile(r"1\.\.(\d+)")
 _TOTALS = re.compile(r"# Totals: (.*)")
 _RUN = re.compile(r"#\s+RUN\s")
 _HARNESS_STATUS = re.compile(r"#\s+(OK|FAIL|SKIP|XFAIL|XPASS)\s")
+# What a suite measured, for the test it prints before: "# metrics: rtt_avg_ms=2.1 ..."
+_METRICS = re.compile(r"# metrics:((?:\s+\w+=-?[\d.]+)+)\s*$")
+# Transfer tests and the bytes a pass of one moved: the kselftest's READ/WRITE/COPY_TEST
+# each move its test_size[] (1, 1024, 1025, 1024000, 1024001 bytes), a pcitest case the size
+# in its name.
+_KSELFTEST_TRANSFER = re.compile(r"pci_ep_data_transfer\.\w+\.(READ|WRITE|COPY)_TEST")
+_PCITEST_TRANSFER = re.compile(r"pcitest\.(?:READ|WRITE|COPY)_(\d+)(?:_DMA)?")
+KSELFTEST_TRANSFER_BYTES = 1 + 1024 + 1025 + 1024000 + 1024001
 FAILING = ("fail", "xpass", "error")
 
 
@@ -32,6 +40,9 @@ class TestCase:
     reason: str = ""
     diagnostics: list[str] = field(default_factory=list)
     seconds: float | None = None  # from its start (RUN line, or the previous result) to its result
+    # What it measured (a ping's round trips, ntb_perf's and a transfer's throughput), by name
+    # with its unit: rtt_avg_ms, mbytes_s.
+    metrics: dict[str, float] = field(default_factory=dict)
 
     @property
     def failed(self) -> bool:
@@ -75,13 +86,18 @@ def parse_tap(text: str, line_times: list[tuple[float, str]] | None = None) -> R
     tests: list[TestCase] = []
     planned = totals = None
     pending: list[str] | None = None
+    metrics: dict[str, float] = {}
     clock = _LineClock(line_times)
     for line in text.splitlines():
         when = clock.at(line)
         if match := _RESULT.match(line):
-            tests.append(replace(_test_case(match, pending or []), seconds=clock.since(when)))
+            test = replace(_test_case(match, pending or []), seconds=clock.since(when))
+            tests.append(replace(test, metrics=metrics | _transfer_metrics(test)))
             pending = None
+            metrics = {}
             clock.start = None
+        elif match := _METRICS.match(line):
+            metrics |= {k: float(v) for k, v in re.findall(r"(\w+)=(-?[\d.]+)", match[1])}
         elif match := _PLAN.match(line):
             planned = int(match.group(1))
         elif match := _TOTALS.match(line):
@@ -119,6 +135,21 @@ class _LineClock:
         if end is not None:
             self.last = end
         return None if end is None or begin is None else max(end - begin, 0.0)
+
+
+def _transfer_metrics(test: TestCase) -> dict[str, float]:
+    """A passing transfer test's bytes and throughput over its time: the guest's whole
+    test (its buffers' CRC32 under TCG, every command's fixed cost), for comparing runs;
+    ``make bench`` measures the endpoint's data path alone."""
+    if test.status != "pass" or not test.seconds:
+        return {}
+    if _KSELFTEST_TRANSFER.fullmatch(test.name):
+        moved = KSELFTEST_TRANSFER_BYTES
+    elif match := _PCITEST_TRANSFER.fullmatch(test.name):
+        moved = int(match[1])
+    else:
+        return {}
+    return {"bytes": moved, "mbytes_s": round(moved / test.seconds / 1e6, 3)}
 
 
 def _test_case(match: re.Match[str], diagnostics: list[str]) -> TestCase:
@@ -183,7 +214,36 @@ def summary_table(report: Report) -> str:
     summary = ", ".join(f"{n} {status}" for status, n in counts.items() if n)
     lines.append(f"{len(report.tests)} tests: {summary}"
                  + (f" (plan: {report.planned})" if report.planned is not None else ""))
+    if measured := metrics_table([("this run", report)]):
+        lines += ["", measured]
     return "\n".join(lines)
+
+
+def metrics_table(columns: list[tuple[str, Report]]) -> str:
+    """What the tests measured, a row per test and measure, a column per run (a matrix's
+    cells side by side); empty when nothing was measured."""
+    rows: dict[tuple[str, str], dict[str, float]] = {}
+    for column, report in columns:
+        for test in report.tests:
+            for measure, value in test.metrics.items():
+                rows.setdefault((test.name, measure), {})[column] = value
+    if not rows:
+        return ""
+    names = [column for column, _ in columns]
+    lines = [f"| test | measure | {' | '.join(names)} |",
+             f"|---|---|{'---:|' * len(names)}"]
+    for (test, measure), values in rows.items():
+        shown = (_shown(values[n]) if n in values else "" for n in names)
+        lines.append(f"| {test} | {measure} | {' | '.join(shown)} |")
+    return "\n".join(lines)
+
+
+def _shown(value: object) -> str:
+    """A property or a measure as written: whole numbers without a fraction, others to a
+    thousandth."""
+    if not isinstance(value, float):
+        return str(value)
+    return f"{value:.0f}" if value.is_integer() else f"{value:.3f}".rstrip("0")
 
 
 def write_results(report: Report, run_dir: Path, *, exit_status: int | None,
@@ -233,19 +293,25 @@ def _junit(report: Report, suite_name: str, endpoint: dict[str, Any]) -> ET.Elem
     return suites
 
 
+def _junit_properties(parent: ET.Element, values: dict[str, Any]) -> None:
+    """<properties> of a test suite (what it tested) or a test case (what it measured)."""
+    if values:
+        props = ET.SubElement(parent, "properties")
+        for key, value in values.items():
+            ET.SubElement(props, "property", {"name": key, "value": _shown(value)})
+
+
 def _junit_suite(parent: ET.Element, report: Report, suite_name: str,
                  endpoint: dict[str, Any]) -> None:
     suite = ET.SubElement(parent, "testsuite", _junit_counts(suite_name, [report]))
-    if endpoint:
-        props = ET.SubElement(suite, "properties")
-        for key, value in endpoint.items():
-            ET.SubElement(props, "property", {"name": key, "value": str(value)})
+    _junit_properties(suite, endpoint)
     for test in report.tests:
         classname, _, name = test.name.rpartition(".")
         case = ET.SubElement(suite, "testcase", {"classname": classname or suite_name,
                                                  "name": name})
         if test.seconds is not None:
             case.set("time", f"{test.seconds:.3f}")
+        _junit_properties(case, test.metrics)
         tag = {"fail": "failure", "xpass": "failure", "error": "error", "skip": "skipped",
                "xfail": "skipped"}.get(test.status)
         if tag:

@@ -7,14 +7,13 @@ merged into one report.  Either way TAP, JUnit and JSON land in the run director
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import itertools
+import logging
 import re
 import shlex
 import sys
-from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +21,13 @@ from vfio_ep import cmdline
 from vfio_ep.composition import Composition
 from vfio_ep.config import ConfigError
 from vfio_ep.epc.core import EpcError, PciEpcAttributes
+from vfio_ep.epf.core import PciEpf
 from vfio_ep.epf.doorbell import pci_epf_doorbell_backend
 from vfio_ep.epf.functions.pci_epf_test import PciEpfTest
 from vfio_ep.epf.functions.pci_epf_vntb import PciEpfVntb
 from vfio_ep.guest.assets import KSELFTEST, NTB_PAIR, NTB_SUITE, TAP_LIB
 from vfio_ep.guest.initramfs import parse_console
+from vfio_ep.guest.interrupt import Interrupted, keeping
 from vfio_ep.guest.kernel_build import DEFAULT_LINUX
 from vfio_ep.guest.launcher import (
     DEFAULT_OPTIONS,
@@ -46,6 +47,7 @@ from vfio_ep.guest.results import (
     expect_failures,
     load_results,
     merge_reports,
+    metrics_table,
     parse_tap,
     summary_table,
     write_junit,
@@ -142,12 +144,13 @@ def run_suite(function: str | None = None, config_file: Path | None = None,
                                   "has two: use --exec")
             exec_cmd = SHELL
         assets = provision_all(qemu=qemu, kernel=kernel, linux=linux, kselftest=kselftest)
-        facts = endpoint_facts(comp, assets)
+        epf = probe_function(comp)
+        facts = endpoint_facts(comp, epf, assets)
         if exec_cmd is not None:
             controllers = [c for c in (func.primary, func.secondary) if c is not None]
             return _run_exec(target, assets, exec_cmd, controllers, timeout, run_dir, options)
         if func.driver == "pci_epf_vntb":
-            return _run_ntb_suite(target, assets, vntb_doorbells(comp), timeout, run_dir,
+            return _run_ntb_suite(target, assets, vntb_doorbells(epf), timeout, run_dir,
                                   guest_args or [], options, facts)
         if func.driver == "pci_epf_ntb":
             assert func.primary is not None and func.secondary is not None
@@ -187,13 +190,29 @@ def run_suite_matrix(axes: list[str], sets: list[str] | None = None,
         print(f"vfio-ep run: {exc}", file=sys.stderr)
         return 2
     top = new_run_dir(run_dir)
-    cells: list[tuple[str, int, Path]] = []
-    for combo in itertools.product(*values):
-        name = " ".join(combo)
-        print(f"\n# === {name} ===", flush=True)
-        cell_dir = top / re.sub(r"[^A-Za-z0-9.=-]+", "_", name)
-        cells.append((name, run_suite(sets=[*(sets or []), *combo], run_dir=cell_dir,
-                                      **kwargs), cell_dir))
+    cells: list[tuple[str, int, Path]] = []  # (name, exit status, run directory)
+    running: list[tuple[str, Path]] = []
+
+    def keep(interruption: Interrupted) -> None:
+        """The cell that was running has kept its own results: the matrix's, with it."""
+        cells.extend((name, interruption.status, cell_dir) for name, cell_dir in running)
+        _matrix_results(cells, top)
+
+    with keeping(keep):
+        for combo in itertools.product(*values):
+            name = " ".join(combo)
+            cell_dir = top / re.sub(r"[^A-Za-z0-9.=-]+", "_", name)
+            print(f"\n# === {name} ===", flush=True)
+            running[:] = [(name, cell_dir)]
+            status = run_suite(sets=[*(sets or []), *combo], run_dir=cell_dir, **kwargs)
+            running.clear()
+            cells.append((name, status, cell_dir))
+    _matrix_results(cells, top)
+    return 0 if all(status == 0 for _, status, _ in cells) else 1
+
+
+def _matrix_results(cells: list[tuple[str, int, Path]], top: Path) -> None:
+    """Every cell's tests in one results.xml, the cell table, the directory."""
     suites = []
     for name, status, cell_dir in cells:
         if (cell_dir / "results.json").is_file():
@@ -209,8 +228,9 @@ def run_suite_matrix(axes: list[str], sets: list[str] | None = None,
         print(f"| {name} | {'ok' if status == 0 else 'FAILED'} | {counts['pass']} | "
               f"{counts['fail'] + counts['error'] + counts['xpass']} | "
               f"{counts['skip'] + counts['xfail']} |")
-    print(f"run directory: {top} (results.xml: every cell)")
-    return 0 if all(status == 0 for _, status, _ in cells) else 1
+    if measured := metrics_table([(name, report) for name, report, _ in suites]):
+        print(f"\n{measured}")
+    print(f"run directory: {top} (results.xml: every cell)", flush=True)
 
 
 def _run_exec(target: Target, assets: GuestAssets, command: str, controllers: list[str],
@@ -221,12 +241,13 @@ def _run_exec(target: Target, assets: GuestAssets, command: str, controllers: li
     specs = [GuestSpec(role, ctrl, f"export VFIO_EP_ROLE={role}\n{command}")
              for role, ctrl in zip(PAIR_ROLES, controllers, strict=False)]
     several = len(specs) > 1
-    results = boot_guests(specs, server_args=target.server_args(), assets=assets,
-                          timeout=timeout, run_dir=top, options=options,
-                          extra_files={"ntb_suite.sh": NTB_SUITE, "ntb_pair.sh": NTB_PAIR,
-                                       "tap_lib.sh": TAP_LIB},
-                          live=lambda label, line: _echo(f"{label}: {line}" if several
-                                                         else line))
+    with keeping(Progress(top, target, None, {}).keep):
+        results = boot_guests(specs, server_args=target.server_args(), assets=assets,
+                              timeout=timeout, run_dir=top, options=options,
+                              extra_files={"ntb_suite.sh": NTB_SUITE, "ntb_pair.sh": NTB_PAIR,
+                                           "tap_lib.sh": TAP_LIB},
+                              live=lambda label, line: _echo(f"{label}: {line}" if several
+                                                             else line))
     status = 0
     for spec, result in zip(specs, results, strict=True):
         where = f"guest {spec.label}: " if several else ""
@@ -244,28 +265,28 @@ def _run_kselftest(target: Target, assets: GuestAssets, timeout: float,
                    facts: dict[str, Any]) -> int:
     top = new_run_dir(run_dir)
     vendor, device = (f"{int(x, 16):#06x}" for x in facts["device"].split(":"))
-    with _keep_on_interrupt(top, KSELFTEST_NAME, facts):
+    with keeping(Progress(top, target, KSELFTEST_NAME, facts, running=[top]).keep):
         result = boot_guest(f"sh /kselftest.sh {vendor} {device} {shlex.join(guest_args)}",
                             server_args=target.server_args(), assets=assets, timeout=timeout,
                             run_dir=top, live=_echo, options=options,
                             extra_files={"kselftest.sh": KSELFTEST})
-    report = target.report(result.output, result.line_times)
-    write_trace(result.run_dir, result.line_times, result.server_log)
-    unbound = next((line for line in result.output.splitlines()
-                    if line.startswith("vfio-ep: ")), None)
-    error = result.error
-    if error and (running := _running_test(result.output)):
-        error += f"; {running} was running"
-    write_results(report, result.run_dir, exit_status=target.exit_status(result, report),
-                  error=error, suite=KSELFTEST_NAME, endpoint=facts)
-    print(f"\n{summary_table(report)}")
-    if error:
-        print(f"vfio-ep run: {error}", file=sys.stderr)
-    elif unbound:
-        print(unbound.replace("vfio-ep: ", "vfio-ep run: ", 1), file=sys.stderr)
-    elif report.ran_nothing:
-        print(_nothing_selected(guest_args, assets, result.run_dir / "list"),
-              file=sys.stderr)
+        report = target.report(result.output, result.line_times)
+        write_trace(result)
+        unbound = next((line for line in result.output.splitlines()
+                        if line.startswith("vfio-ep: ")), None)
+        error = result.error
+        if error and (running := _running_test(result.output)):
+            error += f"; {running} was running"
+        write_results(report, result.run_dir, exit_status=target.exit_status(result, report),
+                      error=error, suite=KSELFTEST_NAME, endpoint=facts)
+        print(f"\n{summary_table(report)}")
+        if error:
+            print(f"vfio-ep run: {error}", file=sys.stderr)
+        elif unbound:
+            print(unbound.replace("vfio-ep: ", "vfio-ep run: ", 1), file=sys.stderr)
+        elif report.ran_nothing:
+            print(_nothing_selected(guest_args, assets, result.run_dir / "list"),
+                  file=sys.stderr)
     print(f"run directory: {result.run_dir}")
     return 0 if target.exit_status(result, report) == 0 and report.passed else 1
 
@@ -281,44 +302,62 @@ def _run_pcitest(target: Target, assets: GuestAssets, comp: Composition, timeout
     attrs = comp.function_attributes(next(iter(comp.functions)))
     msi, msix = attrs.msi_interrupts, attrs.msix_interrupts
     top = new_run_dir(run_dir)
-    with _keep_on_interrupt(top, "pcitest", facts):
+    with keeping(Progress(top, target, "pcitest", facts, running=[top]).keep):
         result = boot_guest(f"sh /pcitest_tap.sh {msi} {msix}",
                             server_args=target.server_args(), assets=assets, timeout=timeout,
                             run_dir=top, live=_echo, options=options)
-    report = target.report(result.output, result.line_times)
-    write_trace(result.run_dir, result.line_times, result.server_log)
-    write_results(report, result.run_dir, exit_status=target.exit_status(result, report),
-                  error=result.error,
-                  suite="pcitest", endpoint=facts)
-    print(f"\n{summary_table(report)}")
-    if result.error:
-        print(f"vfio-ep run: {result.error}", file=sys.stderr)
+        report = target.report(result.output, result.line_times)
+        write_trace(result)
+        write_results(report, result.run_dir, exit_status=target.exit_status(result, report),
+                      error=result.error, suite="pcitest", endpoint=facts)
+        print(f"\n{summary_table(report)}")
+        if result.error:
+            print(f"vfio-ep run: {result.error}", file=sys.stderr)
     print(f"run directory: {result.run_dir}")
     return 0 if target.exit_status(result, report) == 0 and report.passed else 1
 
 
-@contextlib.contextmanager
-def _keep_on_interrupt(run_dir: Path, suite: str, facts: dict[str, Any]) -> Iterator[None]:
-    """Ctrl-C or SIGTERM (a CI job's timeout) mid-run keeps what ran: the TAP the guest
-    printed so far becomes the results (the tests it planned and never reached count as
-    missing), the summary is printed, and the exit status is 130 or 143."""
-    try:
-        yield
-    except (KeyboardInterrupt, SystemExit) as e:
-        status = 130 if isinstance(e, KeyboardInterrupt) else e.code
-        if status not in (130, 143):
-            raise
-        console = run_dir / "console.log"
-        output, _ = parse_console(console.read_text(errors="replace")
-                                  if console.exists() else "")
-        report = parse_tap(output)
-        running = _running_test(output)
-        why = "interrupted" + (f" while {running} ran" if running else "")
-        write_results(report, run_dir, exit_status=None, error=why, suite=suite,
-                      endpoint=facts)
-        print(f"\n{summary_table(report)}\nvfio-ep run: {why}\nrun directory: {run_dir}",
-              file=sys.stderr)
-        raise SystemExit(status) from None
+@dataclass
+class Progress:
+    """What a run has finished so far, and the run directories of the guests still running:
+    an interrupted run's results hold both (the running guests' TAP read from their console
+    logs, the tests they planned and never reached counted as missing).  ``suite`` None: a
+    command's own output (--exec), no results to write."""
+
+    top: Path
+    target: Target
+    suite: str | None
+    facts: dict[str, Any]
+    running: list[Path] = field(default_factory=list)
+    reports: list[Report] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+
+    def finished(self, result: GuestResult, label: str) -> None:
+        """A guest's result: its report and trace.log, and its failure if it failed."""
+        report = self.target.report(result.output, result.line_times)
+        self.reports.append(report)
+        write_trace(result)
+        if result.error or self.target.exit_status(result, report) != 0:
+            self.failed.append(f"{label}: {result.error or f'exit {result.exit_status}'}")
+
+    def keep(self, interruption: Interrupted) -> None:
+        """Results of what finished and of what was running, the summary, the directory."""
+        outputs = [parse_console(_read(d / "console.log"))[0] for d in self.running]
+        running = next(filter(None, map(_running_test, outputs)), None)
+        why = ("interrupted" + (f" while {running} ran" if running else "")
+               + f" ({interruption})")
+        summary = ""
+        if self.suite is not None:
+            report = merge_reports([*self.reports, *map(self.target.report, outputs)])
+            write_results(report, self.top, exit_status=None, error=why, suite=self.suite,
+                          endpoint=self.facts)
+            summary = f"\n{summary_table(report)}\n"
+        print(f"{summary}vfio-ep run: {why}\nrun directory: {self.top}", file=sys.stderr,
+              flush=True)
+
+
+def _read(path: Path) -> str:
+    return path.read_text(errors="replace") if path.exists() else ""
 
 
 def _running_test(output: str) -> str | None:
@@ -343,23 +382,35 @@ def _nothing_selected(guest_args: list[str], assets: GuestAssets, run_dir: Path)
             f"-t TEST or -T FIXTURE.VARIANT.TEST):\n{listing.output.rstrip()}")
 
 
-def endpoint_facts(comp: Composition, assets: GuestAssets) -> dict[str, Any]:
-    """What a run tests, for its results: the function, each controller's profile, the
-    doorbell backend the function gets (bound once here with no client, as the server will
-    bind it), and the guest's kernel."""
+def probe_function(comp: Composition) -> PciEpf | None:
+    """The function bound once here, with no NTB client, as the server will bind it: what a
+    run tells the guest and records.  Quietly: its log lines (the doorbell it got, the
+    virtual NTB device) are the server's to log, in server.log, not this process's to print
+    before the suite's TAP."""
     probe = copy.deepcopy(comp)
-    func = next(iter(probe.functions.values()))
-    if func.driver == "pci_epf_vntb":
+    if next(iter(probe.functions.values())).driver == "pci_epf_vntb":
         probe.set("ntb_client=none")
     probe.assign_sockets([f"{name}=unused" for name in probe.controllers])
-    endpoints = probe.build()
-    epf = endpoints[0].functions[0] if endpoints[0].functions else None
+    logging.disable(logging.INFO)
+    try:
+        endpoints = probe.build()
+    finally:
+        logging.disable(logging.NOTSET)
+    return endpoints[0].functions[0] if endpoints[0].functions else None
+
+
+def endpoint_facts(comp: Composition, epf: PciEpf | None,
+                   assets: GuestAssets) -> dict[str, Any]:
+    """What a run tests, for its results: the function, each controller's profile, the
+    doorbell backend the function gets (``epf``, the function probed), and the guest's
+    kernel."""
+    func = next(iter(comp.functions.values()))
     doorbell: str | None = None
     if isinstance(epf, PciEpfVntb):
         doorbell = epf.db_backend or "poll"  # no interrupt doorbell: it polls its BAR
     elif isinstance(epf, PciEpfTest):
         doorbell = pci_epf_doorbell_backend(epf)
-    header = probe.function_attributes(func.name)
+    header = comp.function_attributes(func.name)
     return {
         "function": func.driver,
         "device": f"{header.vendorid:04x}:{header.deviceid:04x}",
@@ -372,13 +423,9 @@ def endpoint_facts(comp: Composition, assets: GuestAssets) -> dict[str, Any]:
     }
 
 
-def vntb_doorbells(comp: Composition) -> tuple[int, bool]:
-    """How many doorbells the EP will answer, and whether they share one register: the
-    function bound once here, with no client, as the server will bind it."""
-    probe = copy.deepcopy(comp)
-    probe.set("ntb_client=none")
-    probe.assign_sockets(["unused"])
-    epf = probe.build()[0].functions[0]
+def vntb_doorbells(epf: PciEpf | None) -> tuple[int, bool]:
+    """How many doorbells the EP will answer, and whether they share one register, from
+    the pci-epf-vntb function probed."""
     assert isinstance(epf, PciEpfVntb)
     return epf.db_count - 2, epf.db_backend == "embedded"
 
@@ -387,23 +434,21 @@ def _run_ntb_suite(target: Target, assets: GuestAssets, doorbells: tuple[int, bo
                    timeout: float, run_dir: Path | None, phases: list[str],
                    options: GuestOptions, facts: dict[str, Any]) -> int:
     """One guest per phase, the EP running the matching client; ``phases`` selects some."""
-    top = new_run_dir(run_dir)
-    reports: list[Report] = []
-    failed_boots = []
-    for phase in _phases("NTB suite", phases, NTB_PHASES):
-        print(f"# --- {phase}: the EP runs its {phase} client ---", flush=True)
-        result = boot_guest(
-            f"sh /ntb_suite.sh {phase} {doorbells[0]} {int(doorbells[1])}",
-            server_args=target.server_args(f"ntb_client={phase}",
-                                           f"pingpong_delay_ms={PINGPONG_DELAY_MS}"),
-            assets=assets, timeout=timeout, run_dir=top / phase,
-            extra_files={"ntb_suite.sh": NTB_SUITE, "tap_lib.sh": TAP_LIB}, live=_echo,
-            options=options)
-        reports.append(target.report(result.output, result.line_times))
-        write_trace(result.run_dir, result.line_times, result.server_log)
-        if result.error or target.exit_status(result, reports[-1]) != 0:
-            failed_boots.append(f"{phase}: {result.error or f'exit {result.exit_status}'}")
-    return _finish(reports, failed_boots, top, "ntb", facts)
+    progress = Progress(new_run_dir(run_dir), target, "ntb", facts)
+    with keeping(progress.keep):
+        for phase in _phases("NTB suite", phases, NTB_PHASES):
+            print(f"# --- {phase}: the EP runs its {phase} client ---", flush=True)
+            progress.running = [progress.top / phase]
+            result = boot_guest(
+                f"sh /ntb_suite.sh {phase} {doorbells[0]} {int(doorbells[1])}",
+                server_args=target.server_args(f"ntb_client={phase}",
+                                               f"pingpong_delay_ms={PINGPONG_DELAY_MS}"),
+                assets=assets, timeout=timeout, run_dir=progress.top / phase,
+                extra_files={"ntb_suite.sh": NTB_SUITE, "tap_lib.sh": TAP_LIB}, live=_echo,
+                options=options)
+            progress.running = []
+            progress.finished(result, phase)
+        return _finish(progress)
 
 
 def _run_ntb_pair(target: Target, assets: GuestAssets, controllers: tuple[str, str],
@@ -411,28 +456,25 @@ def _run_ntb_pair(target: Target, assets: GuestAssets, controllers: tuple[str, s
                   options: GuestOptions, facts: dict[str, Any]) -> int:
     """Two guests on one pci-epf-ntb (guest a on the primary, b on the secondary), booted
     together once per phase (rejoin: b boots twice); ``phases`` selects some."""
-    top = new_run_dir(run_dir)
-    reports: list[Report] = []
-    failed_boots = []
-    for phase in _phases("NTB pair phase", phases, PAIR_PHASES):
-        print(f"# --- {phase}: both guests run {phase} ---", flush=True)
-        specs = [GuestSpec(role, ctrl, f"sh /ntb_pair.sh {role} {phase}")
-                 for role, ctrl in zip(PAIR_ROLES, controllers, strict=True)]
-        if phase == "rejoin":  # b's QEMU is gone, and b boots again
-            specs.append(GuestSpec("b2", controllers[1], f"sh /ntb_pair.sh b {phase} 2",
-                                   after="b"))
-        results = boot_guests(specs, server_args=target.server_args(), assets=assets,
-                              timeout=timeout, run_dir=top / phase,
-                              extra_files={"ntb_pair.sh": NTB_PAIR, "tap_lib.sh": TAP_LIB},
-                              live=lambda label, line: _echo(f"{label}: {line}"),
-                              options=options)
-        for spec, result in zip(specs, results, strict=True):
-            reports.append(target.report(result.output, result.line_times))
-            write_trace(result.run_dir, result.line_times, result.server_log)
-            if result.error or target.exit_status(result, reports[-1]) != 0:
-                failed_boots.append(f"{phase}/{spec.label}: "
-                                    f"{result.error or f'exit {result.exit_status}'}")
-    return _finish(reports, failed_boots, top, "ntb-pair", facts)
+    progress = Progress(new_run_dir(run_dir), target, "ntb-pair", facts)
+    with keeping(progress.keep):
+        for phase in _phases("NTB pair phase", phases, PAIR_PHASES):
+            print(f"# --- {phase}: both guests run {phase} ---", flush=True)
+            specs = [GuestSpec(role, ctrl, f"sh /ntb_pair.sh {role} {phase}")
+                     for role, ctrl in zip(PAIR_ROLES, controllers, strict=True)]
+            if phase == "rejoin":  # b's QEMU is gone, and b boots again
+                specs.append(GuestSpec("b2", controllers[1],
+                                       f"sh /ntb_pair.sh b {phase} 2", after="b"))
+            progress.running = [progress.top / phase / s.label for s in specs]
+            results = boot_guests(specs, server_args=target.server_args(), assets=assets,
+                                  timeout=timeout, run_dir=progress.top / phase,
+                                  extra_files={"ntb_pair.sh": NTB_PAIR, "tap_lib.sh": TAP_LIB},
+                                  live=lambda label, line: _echo(f"{label}: {line}"),
+                                  options=options)
+            progress.running = []
+            for spec, result in zip(specs, results, strict=True):
+                progress.finished(result, f"{phase}/{spec.label}")
+        return _finish(progress)
 
 
 def _phases(what: str, chosen: list[str], known: tuple[str, ...]) -> list[str]:
@@ -444,17 +486,18 @@ def _phases(what: str, chosen: list[str], known: tuple[str, ...]) -> list[str]:
     return chosen or list(known)
 
 
-def _finish(reports: list[Report], failed_boots: list[str], top: Path, suite: str,
-            facts: dict[str, Any]) -> int:
+def _finish(progress: Progress) -> int:
     """Merge the boots' reports into one result, print it; 0 only if all passed."""
-    report = merge_reports(reports)
-    write_results(report, top, exit_status=1 if failed_boots else 0,
-                  error="; ".join(failed_boots) or None, suite=suite, endpoint=facts)
+    report = merge_reports(progress.reports)
+    assert progress.suite is not None
+    write_results(report, progress.top, exit_status=1 if progress.failed else 0,
+                  error="; ".join(progress.failed) or None, suite=progress.suite,
+                  endpoint=progress.facts)
     print(f"\n{summary_table(report)}")
-    for line in failed_boots:
+    for line in progress.failed:
         print(f"vfio-ep run: {line}", file=sys.stderr)
-    print(f"run directory: {top}")
-    return 0 if report.passed and not failed_boots else 1
+    print(f"run directory: {progress.top}")
+    return 0 if report.passed and not progress.failed else 1
 
 
 def _echo(line: str) -> None:

@@ -11,7 +11,6 @@ bar).  Exit status 0 only when no run failed.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import random
 import sys
@@ -22,16 +21,18 @@ from pathlib import Path
 from vfio_ep import cmdline
 from vfio_ep.config import ConfigError
 from vfio_ep.guest.assets import NTB_SUITE, TAP_LIB
+from vfio_ep.guest.interrupt import Interrupted, keeping
 from vfio_ep.guest.launcher import (
     KSELFTEST_NAME,
     GuestRun,
     LaunchError,
     new_run_dir,
+    run_async,
     running_server,
 )
 from vfio_ep.guest.provision import GuestAssets, ProvisionError, provision_all
 from vfio_ep.guest.results import parse_tap
-from vfio_ep.guest.runner import Target, vntb_doorbells
+from vfio_ep.guest.runner import Target, probe_function, vntb_doorbells
 
 DEVICE = "/sys/bus/pci/devices/0000:01:00.0"  # the endpoint, alone behind the root port
 RESET_FIRST = 0.25  # share of runs whose guest resets the device before the suite
@@ -74,7 +75,7 @@ def soak(minutes: float, function: str | None, sets: list[str], seed: int | None
         return 2
     driver = next(iter(comp.functions.values())).driver
     if driver == "pci_epf_vntb":
-        bits, shared = vntb_doorbells(comp)
+        bits, shared = vntb_doorbells(probe_function(comp))
         suite = f"sh /ntb_suite.sh netdev {bits} {int(shared)}"
         extra_sets: tuple[str, ...] = ("ntb_client=netdev",)
     elif driver == "pci_epf_test":
@@ -84,17 +85,19 @@ def soak(minutes: float, function: str | None, sets: list[str], seed: int | None
         return 2
     rng = random.Random(seed)
     top = new_run_dir(run_dir)
+    tally = Tally()
     try:
-        return asyncio.run(_soak(minutes * 60, suite, next(iter(comp.controllers)),
-                                 target.server_args(*extra_sets), provision_all(), rng, top))
+        with keeping(lambda interruption: _summary(tally, None, None, top, interruption)):
+            return run_async(_soak(minutes * 60, suite, next(iter(comp.controllers)),
+                                   target.server_args(*extra_sets), provision_all(), rng, top,
+                                   tally))
     except (ProvisionError, LaunchError) as e:
         print(f"vfio-ep soak: {e}", file=sys.stderr)
         return 2
 
 
 async def _soak(seconds: float, suite: str, controller: str, server_args: list[str],
-                assets: GuestAssets, rng: random.Random, top: Path) -> int:
-    tally = Tally()
+                assets: GuestAssets, rng: random.Random, top: Path, tally: Tally) -> int:
     deadline = time.monotonic() + seconds
     quiet = [sys.executable, "-m", "vfio_ep", "serve"]  # INFO logs: hours of DEBUG are GBs
     async with running_server([controller], server_args, top / "server.log",
@@ -136,12 +139,13 @@ async def _soak(seconds: float, suite: str, controller: str, server_args: list[s
 
 
 def _summary(tally: Tally, first: ServerStats | None, last: ServerStats | None,
-             top: Path) -> None:
+             top: Path, interruption: Interrupted | None = None) -> None:
     print(f"\nsoak: {tally.runs} runs ({tally.resets} with a reset first, {tally.kills} with "
-          f"QEMU killed), {tally.tests} tests, {len(tally.failed)} failed")
+          f"QEMU killed), {tally.tests} tests, {len(tally.failed)} failed"
+          + (f"; interrupted ({interruption})" if interruption else ""))
     if first and last:
         print(f"server: RssAnon {first.rss_kib} KiB after run 1, {last.rss_kib} KiB at the end "
               f"({last.rss_kib - first.rss_kib:+d}); open fds {first.fds} -> {last.fds}")
     for line in tally.failed:
         print(f"FAILED {line}")
-    print(f"run directory: {top}")
+    print(f"run directory: {top}", flush=True)

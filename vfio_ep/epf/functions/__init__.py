@@ -25,6 +25,8 @@ class EpfDriver:
     (:func:`vfio_ep.config.store`): against the function's state and other attributes
     (ConfigError naming the kernel's errno).  ``interfaces`` is 2 for a function with a
     primary and a secondary controller.
+    ``controller_defaults`` are controller attributes whose default the function decides (a
+    period the kernel's driver has), unless the user set them.
     """
 
     name: str
@@ -34,6 +36,7 @@ class EpfDriver:
     store: Callable[[dict[str, Any], str, bool], None] | None = None
     interfaces: int = 1
     defaults: dict[str, Any] = field(default_factory=dict)
+    controller_defaults: dict[str, Any] = field(default_factory=dict)
 
 
 DRIVERS: dict[str, EpfDriver] = {
@@ -42,7 +45,8 @@ DRIVERS: dict[str, EpfDriver] = {
                   tuple(f"bar{i}_size" for i in range(6))),
         EpfDriver("pci_epf_vntb", pci_epf_vntb.PciEpfVntbAttributes, pci_epf_vntb.probe,
                   pci_epf_vntb.CFS_ATTRIBUTES, pci_epf_vntb.store,
-                  defaults=pci_epf_vntb.DEFAULTS),
+                  defaults=pci_epf_vntb.DEFAULTS,
+                  controller_defaults=pci_epf_vntb.CONTROLLER_DEFAULTS),
         EpfDriver("pci_epf_ntb", pci_epf_ntb.PciEpfNtbAttributes, pci_epf_ntb.probe,
                   pci_epf_ntb.CFS_ATTRIBUTES, pci_epf_ntb.store, interfaces=2,
                   defaults=pci_epf_ntb.DEFAULTS),
