@@ -379,7 +379,8 @@ def _nothing_selected(guest_args: list[str], assets: GuestAssets, run_dir: Path)
                          run_dir=run_dir)
     return (f"vfio-ep run: the kselftest selection {selection} matched no test, so the run "
             f"fails.\nThe kselftest's tests (its -l; select with -- -f FIXTURE, -v VARIANT, "
-            f"-t TEST or -T FIXTURE.VARIANT.TEST):\n{listing.output.rstrip()}")
+            f"-t TEST, -r FIXTURE.VARIANT.TEST; -T TEST leaves one out):\n"
+            f"{listing.output.rstrip()}")
 
 
 def probe_function(comp: Composition) -> PciEpf | None:
