@@ -8,6 +8,8 @@ runs against that function, as it would against a board.
 from __future__ import annotations
 
 import asyncio
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -18,7 +20,7 @@ from vfio_ep.guest.assets import EP_GUEST
 from vfio_ep.guest.ep_guest import EP_READY, SETUP, EpGuestRun
 from vfio_ep.guest.kernel_build import EPC_MODULE
 from vfio_ep.guest.launcher import GuestResult, GuestRun, running_server
-from vfio_ep.guest.provision import GuestAssets, provision_all
+from vfio_ep.guest.provision import GuestAssets, linux_tree, provision_all
 
 pytestmark = pytest.mark.guest
 
@@ -120,3 +122,47 @@ async def _ep_guest(assets: GuestAssets, setup: str, socket: Path, run_dir: Path
     await run.__aenter__()
     await asyncio.wait_for(ready.wait(), 120)
     return run
+
+
+PROBE = "static int pci_epf_test_probe(struct pci_epf *epf,\n"
+MY_LINE = "vfio-ep test: my own pci-epf-test probes"
+
+
+def test_the_ep_sides_own_tree_runs_with_its_change(tmp_path: Path) -> None:
+    """--ep-kernel BUILD_DIR: an EP developer's tree, here pci-epf-test.c with a pr_info
+    added and rebuilt (make M=) in a build directory of the provisioned kernel (its config,
+    headers, Module.symvers, bzImage, modules); the EPC driver is built against it and the
+    EP guest's dmesg shows the line."""
+    assets = provision_all()
+    built = assets.kernel.parent / "build"
+    tree = tmp_path / "O"
+    shutil.copytree(built, tree, symlinks=True)
+    makefile = tree / "Makefile"  # make O= wrote its own directory there: the copy's now
+    makefile.write_text(makefile.read_text().replace(str(built), str(tree)))
+    (tree / "arch/x86/boot").mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(assets.kernel, tree / "arch/x86/boot/bzImage")
+    functions = tree / "drivers/pci/endpoint/functions"
+    functions.mkdir(parents=True, exist_ok=True)
+    for ko in assets.modules:
+        if ko.name != "pci-epf-test.ko":  # the developer's own, built below
+            shutil.copyfile(ko, functions / ko.name)
+    source = linux_tree(assets) / "drivers/pci/endpoint/functions/pci-epf-test.c"
+    patched = source.read_text().replace(
+        PROBE, f'static int __pci_epf_test_probe(struct pci_epf *epf,\n'
+        f'                                const struct pci_epf_device_id *id);\n'
+        f'{PROBE}                              const struct pci_epf_device_id *id)\n'
+        f'{{\n\tpr_info("{MY_LINE}\\n");\n\treturn __pci_epf_test_probe(epf, id);\n}}\n\n'
+        f'static int __pci_epf_test_probe(struct pci_epf *epf,\n', 1)
+    module = tmp_path / "module"
+    module.mkdir()
+    (module / "pci-epf-test.c").write_text(patched)
+    (module / "Kbuild").write_text("obj-m := pci-epf-test.o\n")
+    subprocess.run(["make", "-C", str(tree), f"M={module}", "modules"], check=True,
+                   capture_output=True)
+    assert len(list(tree.rglob("pci-epf-test.ko")) + list(module.rglob("*.ko"))) == 1
+    if (ko := module / "pci-epf-test.ko").is_file():  # the output stays beside the source
+        shutil.move(ko, functions / ko.name)
+    proc, results = vfio_ep_run(tmp_path, "--ep-guest", "--ep-kernel", str(tree), "--",
+                                "-r", "pcie_ep_doorbell.DOORBELL_TEST")
+    assert proc.returncode == 0 and results["passed"], proc.stdout[-3000:] + proc.stderr
+    assert MY_LINE in (tmp_path / "run" / "ep" / "dmesg.txt").read_text()

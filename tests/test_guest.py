@@ -27,7 +27,6 @@ from vfio_ep_cli import KSELFTEST_CASES, readme_block, readme_example, vfio_ep_r
 from vfio_user_client import ServerThread
 
 from vfio_ep.composition import Composition
-from vfio_ep.guest.kernel_build import DEFAULT_LINUX, source_package
 from vfio_ep.guest.launcher import (
     KSELFTEST_NAME,
     GuestResult,
@@ -35,7 +34,7 @@ from vfio_ep.guest.launcher import (
     boot_guest,
     vfio_user_device,
 )
-from vfio_ep.guest.provision import cache_dir, provision_all
+from vfio_ep.guest.provision import cache_dir, linux_tree, provision_all
 from vfio_ep.guest.results import Report, parse_tap
 from vfio_ep.pci import testdev
 
@@ -532,8 +531,7 @@ def test_the_readme_recipe_builds_your_own_kernel(tmp_path: Path) -> None:
     assert recipe[-1] == "vfio-ep run --kernel $B"
     assets = provision_all()
     built_as = assets.kernel.parent  # <linux-source version>-<options' digest>
-    source = (cache_dir() / "linux" / built_as.name.rsplit("-", 1)[0]
-              / source_package(DEFAULT_LINUX))
+    source = linux_tree(assets)
     build = cache_dir() / "readme-kernel" / built_as.name
     build.mkdir(parents=True, exist_ok=True)
     script = "\n".join(["set -e", f"cd {source}", f"B={build}", *recipe[2:-1],

@@ -156,6 +156,13 @@ def provision_qemu(qemu: Path | None = None) -> Qemu:
         return _Provisioner(root, DEFAULT_LINUX).qemu(qemu)
 
 
+def linux_tree(assets: GuestAssets) -> Path:
+    """The source tree the provisioned kernel of ``assets`` was built from (in the cache;
+    its directory is named <linux-source version>-<options' digest>)."""
+    version = assets.kernel.parent.name.rsplit("-", 1)[0]
+    return cache_dir() / "linux" / version / source_package(assets.linux)
+
+
 def static_busybox() -> Path:
     """The guest's userspace: a static busybox, busybox-static installed if need be."""
     if not is_static_elf(BUSYBOX):
