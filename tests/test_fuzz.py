@@ -214,14 +214,29 @@ def _seeds(corpus: Path) -> None:
         (corpus / name).write_bytes(data)
 
 
+def _ensure_clang_with_runtimes() -> None:
+    """clang, and the libFuzzer and sanitizer runtimes it links (``libclang_rt.*.a``).
+
+    Debian ships those runtimes apart from the compiler (``libclang-rt-N-dev`` beside
+    ``clang-N``, only recommended by it), and host packages are installed without
+    recommends: a machine that has just clang cannot link ``-fsanitize=fuzzer``.  The
+    runtime package is named after the major version of the clang that is installed.
+    """
+    ensure_host_packages(("clang",))
+    version = subprocess.run(["clang", "-dumpversion"], capture_output=True, text=True,
+                             check=True).stdout.strip()
+    ensure_host_packages((f"libclang-rt-{version.split('.')[0]}-dev",))
+
+
 def test_fast_path_under_libfuzzer_and_asan(tmp_path: Path) -> None:
     """Coverage-guided: native/fuzz_vfu_fast.c feeds arbitrary streams to the C fast path
     built with ASan and UBSan; any out-of-bounds access or undefined behaviour fails."""
-    ensure_host_packages(("clang",))
+    _ensure_clang_with_runtimes()
     binary = tmp_path / "fuzz_vfu_fast"
-    subprocess.run(["clang", "-g", "-O1", SANITIZERS, "-fno-sanitize-recover=all",
-                    str(NATIVE / "fuzz_vfu_fast.c"), str(NATIVE / "vfu_fast.c"), "-o",
-                    str(binary)], check=True, capture_output=True, text=True)
+    build = subprocess.run(["clang", "-g", "-O1", SANITIZERS, "-fno-sanitize-recover=all",
+                            str(NATIVE / "fuzz_vfu_fast.c"), str(NATIVE / "vfu_fast.c"), "-o",
+                            str(binary)], capture_output=True, text=True, check=False)
+    assert build.returncode == 0, f"building the fuzz target failed:\n{build.stderr[-5000:]}"
     corpus = Path(os.environ.get("VFIO_EP_FUZZ_CORPUS", tmp_path / "corpus"))
     _seeds(corpus)
     proc = subprocess.run([str(binary), f"-max_total_time={LIBFUZZER_SECONDS}",
