@@ -3,6 +3,10 @@
 podman, runc and debootstrap are installed when missing.  The first run on a machine builds
 the base and project images (a few minutes); later runs reuse podman's layers and the shared
 provisioning cache, so the kernel is never rebuilt for the container.
+
+This is a host-side test (marked ``container``): the suite run inside the image
+(``make container-test``) leaves it out, since the image has no podman, no package lists
+and no network to get them.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.guest
+pytestmark = [pytest.mark.guest, pytest.mark.container]
 
 ROOT = Path(__file__).resolve().parents[1]
 # A real slice of the integration suite: one kselftest run, one vNTB suite run, the NTB pair.
