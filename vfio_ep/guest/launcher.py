@@ -42,7 +42,11 @@ from vfio_ep.guest.interrupt import SIGNALS, Interrupted
 from vfio_ep.guest.provision import GuestAssets, Qemu, cache_dir, provision_all
 from vfio_ep.tail import tail
 
-DEFAULT_APPEND = "console=ttyS0 panic=-1 quiet"
+# no_timer_check: what KVM, Hyper-V and VMware guests set for themselves.  A TCG guest is
+# not seen as virtual, so it times its IO-APIC timer against the TSC at boot; on a busy host
+# the ticks come late and, with interrupt remapping on, the kernel panics ("timer doesn't work
+# through Interrupt-remapped IO-APIC"), seen in a loaded container suite.
+DEFAULT_APPEND = "console=ttyS0 panic=-1 quiet no_timer_check"
 DEFAULT_MEMORY_MB = 256
 DEFAULT_MSG_TIMEOUT_MS = 10_000  # TCG guest + Python server: give slow replies room
 ROOT_PORT = "rp0"
