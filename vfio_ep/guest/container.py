@@ -15,7 +15,7 @@ with podman as root, the way that works on a Debian 12 host without a registry o
    allowed, a no-op when the cache is warm), so the guest kernel is built once for host and
    container alike;
 6. the suite (``pytest -m 'guest and not container'``, plus any extra arguments) runs with
-   ``--network=none``.
+   ``--network=none`` and the host's ``/dev/net/tun`` (the TAP test's own namespace).
 
 The image's QEMU is trixie-backports' ``qemu-system-x86``, which provisioning prefers over the
 sysroot QEMU the host may have cached in the same volume. No ``/dev/kvm``: guests run under TCG.
@@ -51,6 +51,9 @@ CONTAINERS_CONF = "[containers]\ndefault_ulimits = []\n"
 # update-ca-certificates takes them in, so pip can reach PyPI as it does on the host.
 LOCAL_CA_DIR = Path("/usr/local/share/ca-certificates")
 BUILD_CA_DIR = LOCAL_CA_DIR / "host"
+# The TUN/TAP device, passed in when the host has it: the TAP test creates its interface in a
+# network namespace of its own inside the container (podman gives a container no TUN device).
+TUN = Path("/dev/net/tun")
 # Keep in step with the Containerfile's CMD: the integration suite, less the tests that
 # build and run this image (they need podman and a network, on the host).
 SUITE = ("python", "-m", "pytest", "-m", "guest and not container", "-v", "-ra")
@@ -167,10 +170,11 @@ def run_in_image(podman: Podman, command: Sequence[str], *, image: str = IMAGE,
     cache = cache or cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
     name = f"vfio-ep-{os.getpid()}-{next(_serial)}"
-    argv = ["run", "--rm", "--name", name, f"--network={network}",
+    devices = ["--device", str(TUN)] if TUN.exists() else []
+    argv = ["run", "--rm", "--name", name, f"--network={network}", *devices,
             "-v", f"{cache}:{CONTAINER_CACHE}", image, *command]
-    _say(f"$ podman run --rm --network={network} -v {cache}:{CONTAINER_CACHE} {image} "
-         f"{' '.join(command)}")
+    _say(f"$ podman run --rm --network={network} {' '.join(devices)} "
+         f"-v {cache}:{CONTAINER_CACHE} {image} {' '.join(command)}")
     proc = subprocess.Popen(podman.argv(*argv), env=podman.env())
     try:
         return proc.wait()
