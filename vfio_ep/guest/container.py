@@ -30,7 +30,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import click
@@ -58,8 +58,10 @@ TUN = Path("/dev/net/tun")
 # build and run this image (they need podman and a network, on the host).
 SUITE = ("python", "-m", "pytest", "-m", "guest and not container", "-v", "-ra")
 # pytest's temporary directories (each guest test's run directory: console, server log) go to
-# the shared cache, so a failure inside the container leaves its logs on the host.
-BASETEMP = "container/pytest"
+# the shared cache, so a failure inside the container leaves its logs on the host: under this
+# root, pytest-of-root/pytest-N per run, the newest three kept.  Not one --basetemp, which
+# pytest empties as it starts: a second checkout's suite would delete a running one's files.
+TEMPROOT = "container/tmp"
 PROJECT = Path(__file__).resolve().parents[2]
 
 
@@ -142,10 +144,12 @@ def build_base(podman: Podman, *, rebuild: bool = False) -> None:
 
 
 def build_image(podman: Podman, image: str = IMAGE, context: Path = PROJECT, *,
-                no_cache: bool = False) -> None:
-    """The project image from ``qemu/Containerfile`` (apt layers are cached by podman).
+                no_cache: bool = False) -> str:
+    """The project image from ``qemu/Containerfile`` (apt layers are cached by podman); its ID.
 
-    The build context is a checkout: the image installs the project from its sources.
+    The build context is a checkout: the image installs the project from its sources.  Run
+    the image by the ID: the tag is one per machine, and another checkout's build may move it
+    to its own sources while this one's suite is starting.
     """
     containerfile = context / "qemu" / "Containerfile"
     if not containerfile.is_file():
@@ -156,12 +160,19 @@ def build_image(podman: Podman, image: str = IMAGE, context: Path = PROJECT, *,
         args.append("--no-cache")
     if any(LOCAL_CA_DIR.glob("*.crt")):
         args += ["--volume", f"{LOCAL_CA_DIR}:{BUILD_CA_DIR}:ro"]
+    iidfile = podman.root / f"iid-{os.getpid()}"
+    args += ["--iidfile", str(iidfile)]
     with _step(f"project image {image}: podman build (cold ~2-4 min, cached layers seconds)"):
-        podman.run(*args, str(context))
+        try:
+            podman.run(*args, str(context))
+            return iidfile.read_text().strip()
+        finally:
+            iidfile.unlink(missing_ok=True)
 
 
 def run_in_image(podman: Podman, command: Sequence[str], *, image: str = IMAGE,
-                 network: str = "none", cache: Path | None = None) -> int:
+                 network: str = "none", cache: Path | None = None,
+                 env: Mapping[str, str] | None = None) -> int:
     """Run ``command`` in a fresh container with the provisioning cache mounted; its status.
 
     The container is named, and removed if this process is interrupted (Ctrl-C, SIGTERM), so
@@ -171,10 +182,10 @@ def run_in_image(podman: Podman, command: Sequence[str], *, image: str = IMAGE,
     cache.mkdir(parents=True, exist_ok=True)
     name = f"vfio-ep-{os.getpid()}-{next(_serial)}"
     devices = ["--device", str(TUN)] if TUN.exists() else []
-    argv = ["run", "--rm", "--name", name, f"--network={network}", *devices,
-            "-v", f"{cache}:{CONTAINER_CACHE}", image, *command]
-    _say(f"$ podman run --rm --network={network} {' '.join(devices)} "
-         f"-v {cache}:{CONTAINER_CACHE} {image} {' '.join(command)}")
+    variables = [arg for key, value in (env or {}).items() for arg in ("-e", f"{key}={value}")]
+    options = [f"--network={network}", *devices, *variables, "-v", f"{cache}:{CONTAINER_CACHE}"]
+    argv = ["run", "--rm", "--name", name, *options, image, *command]
+    _say(f"$ podman run --rm {' '.join(options)} {image} {' '.join(command)}")
     proc = subprocess.Popen(podman.argv(*argv), env=podman.env())
     try:
         return proc.wait()
@@ -189,13 +200,15 @@ def run_in_image(podman: Podman, command: Sequence[str], *, image: str = IMAGE,
 _serial = itertools.count(1)
 
 
-def prepare(*, image: str = IMAGE, build: bool = True, rebuild_base: bool = False) -> Podman:
-    """Tools, base image, project image and a provisioned cache: ready to run the suite."""
+def prepare(*, image: str = IMAGE, build: bool = True,
+            rebuild_base: bool = False) -> tuple[Podman, str]:
+    """Tools, base image, project image and a provisioned cache: ready to run the suite in
+    the image returned (the ID of the one just built, or ``image`` as it is)."""
     podman = Podman(cache_dir() / "container")
     podman.setup()
     if build:
         build_base(podman, rebuild=rebuild_base)
-        build_image(podman, image)
+        image = build_image(podman, image)
     elif not podman.image_exists(image):
         raise ContainerError(f"{image} does not exist; build it (drop --no-build)")
     with _step("provision inside the container (QEMU from trixie-backports; the kernel is "
@@ -204,7 +217,7 @@ def prepare(*, image: str = IMAGE, build: bool = True, rebuild_base: bool = Fals
                               network="host")
         if status != 0:
             raise ContainerError(f"provisioning inside {image} failed ({status})")
-    return podman
+    return podman, image
 
 
 @click.group()
@@ -239,13 +252,16 @@ def test(image: str, no_build: bool, rebuild_base: bool, pytest_args: tuple[str,
     Extra arguments go to pytest, e.g. ``-k doorbell``.
     """
     started = time.monotonic()
-    podman = _guard(lambda: prepare(image=image, build=not no_build, rebuild_base=rebuild_base))
-    basetemp = [] if any(a.startswith("--basetemp") for a in pytest_args) else [
-        f"--basetemp={CONTAINER_CACHE}/{BASETEMP}"]
+    podman, built = _guard(lambda: prepare(image=image, build=not no_build,
+                                           rebuild_base=rebuild_base))
+    own_temp = any(a.startswith("--basetemp") for a in pytest_args)
+    env = {} if own_temp else {"PYTEST_DEBUG_TEMPROOT": f"{CONTAINER_CACHE}/{TEMPROOT}"}
+    (cache_dir() / TEMPROOT).mkdir(parents=True, exist_ok=True)  # pytest makes only its own
     with _step("integration suite in the container (--network=none)"):
-        status = run_in_image(podman, [*SUITE, *basetemp, *pytest_args], image=image)
-    if status != 0 and basetemp:
-        _say(f"the tests' run directories (console, server log) are in {cache_dir() / BASETEMP}")
+        status = run_in_image(podman, [*SUITE, *pytest_args], image=built, env=env)
+    if status != 0 and not own_temp:
+        _say("the tests' run directories (console, server log) are in the newest pytest-N of "
+             f"{cache_dir() / TEMPROOT / 'pytest-of-root'}")
     _finish(status, started, "container suite")
 
 
@@ -256,9 +272,9 @@ def test(image: str, no_build: bool, rebuild_base: bool, pytest_args: tuple[str,
 def run(image: str, no_build: bool, command: tuple[str, ...]) -> None:
     """Run COMMAND in the container, e.g. ``vfio-ep run -- -f pci_ep_basic``."""
     started = time.monotonic()
-    podman = _guard(lambda: prepare(image=image, build=not no_build))
+    podman, built = _guard(lambda: prepare(image=image, build=not no_build))
     with _step(f"{command[0]} in the container (--network=none)"):
-        status = run_in_image(podman, list(command), image=image)
+        status = run_in_image(podman, list(command), image=built)
     _finish(status, started, command[0])
 
 
