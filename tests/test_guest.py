@@ -514,6 +514,7 @@ def test_kernel_build_directory_brings_its_modules(tmp_path: Path) -> None:
     assert proc.stdout.split() == ["ntb_tool.ko"]
 
 
+@pytest.mark.kernel_build
 @pytest.mark.timeout(3600)
 def test_the_readme_recipe_builds_your_own_kernel(tmp_path: Path) -> None:
     """The README's own-kernel recipe, pasted into a shell as written, in the kernel tree
