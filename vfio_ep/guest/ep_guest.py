@@ -129,7 +129,8 @@ def _function_defaults() -> dict[str, object]:
 
 
 def _written(value: object) -> str:
-    return f"{value:#x}" if isinstance(value, int) and value > 0xFF else str(value)
+    """A value as a board's script writes it: IDs in hex, quoted for the guest's shell."""
+    return f"{value:#x}" if isinstance(value, int) and value > 0xFF else shlex.quote(str(value))
 
 
 def run_ep_guest(run: EpGuestRun, *, kernel: Path | None = None, qemu: Path | None = None,
