@@ -14,12 +14,14 @@ directory has each guest's console and dmesg (``ep/``, ``rc/``), the server's lo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import os
 import shlex
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -177,10 +179,29 @@ def boot_ep_pair(run: EpGuestRun, assets: GuestAssets, top: Path, rc_script: str
                                      interactive=False)
     ep_script = f"sh /ep_guest.sh {shlex.quote(name)} /{SETUP} " + \
         (shlex.quote(run.ep_exec) if run.ep_exec else "")
-    return run_async(_boot_pair(
-        (ep_assets, assets), name, server_args, top, timeout,
-        (ep_options, rc_options or options), (ep_script, run.setup_script()), rc_script,
-        rc_files or {}))
+    with one_cpu():
+        return run_async(_boot_pair(
+            (ep_assets, assets), name, server_args, top, timeout,
+            (ep_options, rc_options or options), (ep_script, run.setup_script()), rc_script,
+            rc_files or {}))
+
+
+@contextlib.contextmanager
+def one_cpu() -> Iterator[None]:
+    """The server and both QEMUs (started meanwhile: they inherit it) on one CPU.
+
+    In an EP guest run nearly every step is a trapped access: a vCPU's QEMU waits for
+    vfio-ep's I/O thread, which waits for the next message.  Woken on its own CPU, either
+    answers in about half the time it takes across CPUs (README, Benchmarks: 21-29 us
+    against 64-93 us a round trip), which is what keeps pci-epf-test's memcpy transfers
+    (2 MiB of 4-byte reads through the aperture: ~12 s here, 22-30 s across CPUs) inside the
+    kselftest's 30 s a test.  The two guests seldom run at once: the RC waits on the EP."""
+    allowed = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {max(allowed)})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, allowed)
 
 
 @dataclass
