@@ -33,11 +33,11 @@ from vfio_ep.epc.dw import DwPcieEp, PciEpcAuxResource
 from vfio_ep.epc.edma import EDMA_REGS_SIZE, EMUL_DOORBELL_OFFSET
 from vfio_ep.epc.features import NO_BAR
 from vfio_ep.epc.irq import IRQ_HANDLED, IRQF_SHARED
-from vfio_ep.guest.assets import EPC_HEADER
 from vfio_ep.memory import ForeignMemory, SharedMemory
 from vfio_ep.pci.bar import NUM_BARS, BarSpec, Window, WindowKind
 from vfio_ep.pci.device import MsixPlacement, PciDevice, PciDeviceSpec, PciHeader
 from vfio_ep.pci.host import Host, RcBusError, RcMemory
+from vfio_ep.qemu_dir import EPC_HEADER
 
 log = logging.getLogger(__name__)
 

@@ -7,28 +7,9 @@ fragments per kernel line, the guest's suite scripts, guest C programs, and the 
 
 from __future__ import annotations
 
-from pathlib import Path
-
-
-def _qemu_dir() -> Path:
-    """``vfio_ep/qemu`` when installed from a wheel, the checkout's ``qemu/`` otherwise.
-
-    Not found through importlib: a checkout's ``qemu/`` must stay a namespace portion (no
-    ``__init__.py``), or run from the checkout it would hide the ``qemu.qmp`` library, and
-    setuptools' editable finder does not resolve a namespace package inside a regular one.
-    """
-    package = Path(__file__).resolve().parents[1]
-    for candidate in (package / "qemu", package.parent / "qemu"):
-        if candidate.is_dir():
-            return candidate
-    raise FileNotFoundError(f"vfio-ep's qemu/ folder is neither in {package} nor beside it")
-
-
-QEMU = _qemu_dir()
+from vfio_ep.qemu_dir import QEMU
 
 KERNEL_FRAGMENTS = QEMU / "kernel"  # kernel.config, plus kernel-<line>.config where one differs
-EPC_DRIVER = QEMU / "kernel" / "epc"  # the EP guest's EPC driver (built against each kernel)
-EPC_HEADER = EPC_DRIVER / "vfio-ep-epc.h"  # its register interface, read by vfio_ep.epc.cpu_port
 GUEST_SCRIPTS = QEMU / "guest"
 TAP_LIB = GUEST_SCRIPTS / "tap_lib.sh"  # sourced by the guest suites
 PCITEST_TAP = GUEST_SCRIPTS / "pcitest_tap.sh"  # pcitest.sh's cases, as TAP

@@ -18,8 +18,9 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-from vfio_ep.guest.assets import EPC_DRIVER, KERNEL_FRAGMENTS
+from vfio_ep.guest.assets import KERNEL_FRAGMENTS
 from vfio_ep.guest.host import ProvisionError, check_call, ensure_host_packages, fresh_dir, say
+from vfio_ep.qemu_dir import EPC_DRIVER
 from vfio_ep.tail import tail
 
 LINUX_LINES = ("6.12", "7.2", "7.3")
