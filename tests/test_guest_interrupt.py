@@ -69,7 +69,7 @@ MODES = {
     "ntb-pair": Mode(("run", "--topology", "ntb-pair", "--", "tool", "pingpong"),
                      ("a: ok 1 a.pingpong.",), signal.SIGTERM,
                      tuple(f"{r}.tool.{t}" for r in "ab" for t in (
-                         "hw_epf_bound", "link_up", "spads_both_ways",
+                         "driver_bound", "link_up", "spads_both_ways",
                          "doorbells_14_both_ways", "mw_both_ways"))),
     "kselftest": Mode(("run",), ("ok 1 ", "ok 2 ", "#  RUN"), signal.SIGTERM,
                       check=_kselftest),

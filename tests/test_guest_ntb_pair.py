@@ -19,13 +19,13 @@ from vfio_ep_cli import REPO, assert_passed, readme_example, vfio_ep_run
 
 pytestmark = pytest.mark.guest
 
-TOOL = ("hw_epf_bound", "link_up")
+TOOL = ("driver_bound", "link_up")
 SUITE = {  # phase: the tests of a, b (and b booting again), in order
     "tool": {r: (*TOOL, "spads_both_ways", "doorbells_14_both_ways", "mw_both_ways")
              for r in "ab"},
-    "pingpong": {r: ("hw_epf_bound", "pingpong_counts") for r in "ab"},
-    "perf": {"a": ("hw_epf_bound", "perf_run"), "b": ("hw_epf_bound", "peer_left")},
-    "netdev": {r: ("hw_epf_bound", "netdev_link_up", "ping_100", "transfer_64mib",
+    "pingpong": {r: ("driver_bound", "pingpong_counts") for r in "ab"},
+    "perf": {"a": ("driver_bound", "perf_run"), "b": ("driver_bound", "peer_left")},
+    "netdev": {r: ("driver_bound", "netdev_link_up", "ping_100", "transfer_64mib",
                    "link_down", "relink_up", "ping_after_relink") for r in "ab"},
     "rejoin": {"a": (*TOOL, "spads_both_ways", "peer_gone", "peer_back",
                      "spads_after_rejoin"),

@@ -110,9 +110,12 @@ def serve(sockets: tuple[str, ...], ep_sockets: tuple[str, ...], allow_uids: tup
               help="Boot this bzImage, or a kernel build directory (O=): its bzImage, and its "
               "modules in the initramfs' /lib/modules.")
 @click.option("--ep-guest", is_flag=True,
-              help="Run the kernel's own pci-epf-test in an EP guest on vfio-ep's controller "
-              "(its EPC driver: qemu/kernel/epc), then the RC guest's kselftest against it; "
-              "--configfs SCRIPT is the EP guest's board script, run there verbatim.")
+              help="Run the kernel's own function in an EP guest on vfio-ep's controller "
+              "(its EPC driver: qemu/kernel/epc), then the RC guest's suite against it: "
+              "pci-epf-test (the default) and the kselftest, or --function pci-epf-vntb "
+              "and the NTB phases (tool, pingpong, netdev) on both sides; --configfs SCRIPT "
+              "is the EP guest's board script, run there verbatim (its function is the "
+              "run's).")
 @click.option("--ep-kernel", type=click.Path(exists=True, path_type=Path),
               help="With --ep-guest: the EP guest boots your kernel build directory (O=, "
               "bzImage and modules built), with vfio-ep's EPC driver built against it.")
@@ -234,8 +237,10 @@ def run(function: str | None, config_file: Path | None, configfs: Path | None,
                                        trace_events=trace_events,
                                        ftrace_filter=ftrace_filter, workdir=workdir,
                                        accel=accel))
-    ep = EpGuestRun(sets, preset, configfs, guest_args, ep_kernel, ep_exec, ep_dyndbg, xfail)
-    if ep != EpGuestRun(sets, preset, configfs, guest_args, xfail=xfail) and not ep_guest:
+    ep = EpGuestRun(sets, preset, configfs, guest_args, ep_kernel, ep_exec, ep_dyndbg, xfail,
+                    function)
+    if ep != EpGuestRun(sets, preset, configfs, guest_args, xfail=xfail, function=function) \
+            and not ep_guest:
         raise click.UsageError("--ep-kernel, --ep-exec and --ep-dyndbg go with --ep-guest")
     with exit_on_interrupt():
         if ep_guest:
@@ -253,11 +258,10 @@ def _run_ep_guest(common: dict[str, Any], ep: EpGuestRun, run_dir: Path | None,
     own function or another suite do not apply."""
     from vfio_ep.guest.ep_guest import run_ep_guest
 
-    if common["function"] not in (None, "pci-epf-test", "pci_epf_test") or \
-            common["config_file"] or other_modes:
-        raise click.UsageError("--ep-guest runs pci-epf-test in the EP guest and the "
-                               "kselftest in the RC guest: not with --function, --config, "
-                               "--topology, --matrix, --exec, --shell or --kselftest yet")
+    if common["config_file"] or other_modes:
+        raise click.UsageError("--ep-guest runs the kernel's function in the EP guest and its "
+                               "suite in the RC guest: not with --config, --topology, "
+                               "--matrix, --exec, --shell or --kselftest yet")
     return run_ep_guest(ep, kernel=common["kernel"], qemu=common["qemu"], linux=common["linux"],
                         timeout=common["timeout"], run_dir=run_dir,
                         options=common["options"])

@@ -2,8 +2,9 @@
 # EPC driver (controllers/NAME appears in configfs) and the endpoint functions, runs the
 # board's setup script SETUP as a board's shell would (from /sys/kernel/config/pci_ep, each
 # line whatever becomes of the one before: a line the kernel refuses says so and the rest goes
-# on), checks that it started the controller, runs CMD (--ep-exec) if given, then serves until
-# the run stops this guest.
+# on; each line is echoed first, "vfio-ep: setup: LINE", so a complaint names its line),
+# checks that it started the controller, runs CMD (--ep-exec, or the EP side of a suite) if
+# given and reports its exit status, then serves until the run stops this guest.
 name=$1 setup=$2 cmd=$3
 ctrl=/sys/kernel/config/pci_ep/controllers/$name
 insmod /lib/modules/vfio-ep-epc.ko || { echo "vfio-ep: the EPC driver did not load"; exit 3; }
@@ -16,12 +17,15 @@ if [ ! -d "$ctrl" ]; then
 		"$(ls /sys/kernel/config/pci_ep/controllers)"
 	exit 3
 fi
-(cd /sys/kernel/config/pci_ep && sh "$setup")
+(cd /sys/kernel/config/pci_ep && PS4='vfio-ep: setup: ' sh -x "$setup" 2>&1)
 if [ "$(cat "$ctrl/start")" != 1 ]; then
 	echo "vfio-ep: the setup script did not start controllers/$name" \
 		"(echo 1 > controllers/$name/start)"
 	exit 3
 fi
 echo "vfio-ep: EP guest ready"
-[ -n "$cmd" ] && sh -c "$cmd"
+if [ -n "$cmd" ]; then
+	sh -c "$cmd"
+	echo "vfio-ep: EP command exited $?"
+fi
 while :; do sleep 3600; done

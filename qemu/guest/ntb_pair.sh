@@ -5,7 +5,18 @@
 #   ROLE is a or b (each guest knows only its own role: the other one is its peer).
 #   PHASE is what both run: tool, pingpong, perf, netdev or rejoin.
 #   BOOT counts the boots of one host within a phase (rejoin: b leaves, b comes back as 2).
-# PERF_ORDER (environment) is log2 of what ntb_perf moves (default 22, 4 MiB).
+# The environment may say (the defaults are a pci-epf-ntb pair's: two RC guests):
+#   NTB_ID      vendor:device of the NTB's PCI device (0x104c:0xb00d)
+#   NTB_DRIVER  the driver that makes it an NTB device (ntb_hw_epf).  An EP guest's vNTB
+#               is pci-epf-vntb's own virtual device, bound to pci-vntb from the start.
+#   SELF_IP, PEER_IP  the netdev's addresses (a: 10.0.0.1, b: 10.0.0.2)
+#   LABEL       what each test name starts with (the role, and the boot after the first)
+#   NETDEV_MIB  the netdev phase's transfer (64)
+#   MW_SIZE     the buffer behind our memory window (65536).  A BAR's translation
+#               (vNTB's EP side) takes the BAR's size: a resizable one is 1 MiB at least.
+#   DB_BITS     the doorbells both sides ring (all in ntb_tool's db_valid_mask).  vNTB's
+#               sides count differently: its EP answers db_count - 2.
+#   PERF_ORDER  log2 of what ntb_perf moves (22, 4 MiB)
 # The bench "phase" is no test: both guests also have a virtio-net NIC joined to each other,
 # and a measures ping and a TCP transfer over each (vfio_ep/bench/ntb_pair.py reads it).
 # Both guests run the same clients against each other, in step: a barrier is a number
@@ -16,33 +27,39 @@ ROLE=$1
 PHASE=$2
 BOOT=${3:-1}
 MODULES=/lib/modules
-if [ "$ROLE" = a ]; then PEER=b; SELF_IP=10.0.0.1; PEER_IP=10.0.0.2
-else PEER=a; SELF_IP=10.0.0.2; PEER_IP=10.0.0.1; fi
-LABEL=$ROLE
-[ "$BOOT" = 1 ] || LABEL=$ROLE$BOOT
+NTB_ID=${NTB_ID:-0x104c:0xb00d}
+NTB_DRIVER=${NTB_DRIVER:-ntb_hw_epf}
+NETDEV_MIB=${NETDEV_MIB:-64}
+if [ "$ROLE" = a ]; then PEER=b; SELF_IP=${SELF_IP:-10.0.0.1}; PEER_IP=${PEER_IP:-10.0.0.2}
+else PEER=a; SELF_IP=${SELF_IP:-10.0.0.2}; PEER_IP=${PEER_IP:-10.0.0.1}; fi
+if [ -z "$LABEL" ]; then
+	LABEL=$ROLE
+	[ "$BOOT" = 1 ] || LABEL=$ROLE$BOOT
+fi
 TAP_PREFIX=$LABEL.$PHASE.
 . /tap_lib.sh
 
-builtin_or_module ntb_hw_epf
-# pci_endpoint_test claims 104c:b00d too: hand the device to ntb_hw_epf.
+[ "$NTB_DRIVER" = ntb_hw_epf ] && builtin_or_module ntb_hw_epf
+# pci_endpoint_test claims 104c:b00d too: hand the device to the NTB's driver.
 DEV=
 for d in /sys/bus/pci/devices/*; do
-	[ "$(cat $d/vendor):$(cat $d/device)" = 0x104c:0xb00d ] && DEV=${d##*/}
+	[ "$(cat $d/vendor):$(cat $d/device)" = "$NTB_ID" ] && DEV=${d##*/}
 done
-bind_ntb_hw_epf() {
+bind_ntb_driver() {
 	[ -n "$DEV" ] || return 1
-	echo ntb_hw_epf > /sys/bus/pci/devices/$DEV/driver_override
+	[ -e "/sys/bus/pci/drivers/$NTB_DRIVER/$DEV" ] && return 0
+	echo "$NTB_DRIVER" > /sys/bus/pci/devices/$DEV/driver_override
 	[ -e /sys/bus/pci/devices/$DEV/driver ] && echo $DEV > /sys/bus/pci/devices/$DEV/driver/unbind
 	echo $DEV > /sys/bus/pci/drivers_probe
-	[ -e /sys/bus/pci/drivers/ntb_hw_epf/$DEV ]
+	[ -e "/sys/bus/pci/drivers/$NTB_DRIVER/$DEV" ]
 }
 
 pattern() { yes "vfio-ep ntb pair: a pattern from $1" | head -c 65536; }
 
-# ntb_tool_up: two tests, ntb_hw_epf bound and ntb_tool's link up; then T is ntb_tool's
+# ntb_tool_up: two tests, the NTB driver bound and ntb_tool's link up; then T is ntb_tool's
 # directory, SYNC the scratchpad barriers use.
 ntb_tool_up() {
-	check hw_epf_bound "ntb_hw_epf did not bind ${DEV:-the device}" bind_ntb_hw_epf
+	check driver_bound "$NTB_DRIVER did not bind ${DEV:-the device $NTB_ID}" bind_ntb_driver
 	insmod $MODULES/ntb_tool.ko
 	T=/sys/kernel/debug/ntb_tool/$DEV
 	echo Y > "$T/link"
@@ -78,7 +95,8 @@ spads_swap() {
 phase_tool() {
 	echo "1..5"
 	ntb_tool_up
-	DB_BITS=$(awk -v m=$(($(hex_of "$T/db_valid_mask"))) 'BEGIN { while (m) { n++; m = int(m / 2) } print n }')
+	[ -n "$DB_BITS" ] || DB_BITS=$(awk -v m=$(($(hex_of "$T/db_valid_mask"))) \
+		'BEGIN { while (m) { n++; m = int(m / 2) } print n }')
 	has() { db=$(hex_of "$T/db") && [ $(( db & $1 )) != 0 ]; }
 	# ring BIT: ring the peer's doorbell BIT, wait for the peer's ring of the same bit.
 	ring() {
@@ -102,7 +120,7 @@ phase_tool() {
 	barrier 2
 
 	# Memory windows: our buffer for the peer, then each writes its pattern into the other.
-	echo 65536 > "$T/peer0/mw_trans0"
+	echo "${MW_SIZE:-65536}" > "$T/peer0/mw_trans0"
 	echo "0:65536" > "$T/peer0/peer_mw_trans0"
 	barrier 3
 	pattern $ROLE > /tmp/mine
@@ -117,7 +135,7 @@ phase_tool() {
 
 phase_pingpong() {
 	echo "1..2"
-	check hw_epf_bound "ntb_hw_epf did not bind ${DEV:-the device}" bind_ntb_hw_epf
+	check driver_bound "$NTB_DRIVER did not bind ${DEV:-the device $NTB_ID}" bind_ntb_driver
 	insmod $MODULES/ntb_pingpong.ko delay_ms=20
 	C=/sys/kernel/debug/ntb_pingpong/$DEV/count
 	counting() { [ "$(cat $C 2>/dev/null || echo 0)" -ge 20 ]; }
@@ -132,7 +150,7 @@ phase_pingpong() {
 PERF_ORDER=${PERF_ORDER:-22}
 phase_perf() {
 	echo "1..2"
-	check hw_epf_bound "ntb_hw_epf did not bind ${DEV:-the device}" bind_ntb_hw_epf
+	check driver_bound "$NTB_DRIVER did not bind ${DEV:-the device $NTB_ID}" bind_ntb_driver
 	insmod $MODULES/ntb_perf.ko total_order=$PERF_ORDER chunk_order=16
 	P=/sys/kernel/debug/ntb_perf/$DEV
 	if [ "$ROLE" = a ]; then
@@ -208,12 +226,12 @@ netdev_up() {
 
 phase_netdev() {
 	echo "1..7"
-	check hw_epf_bound "ntb_hw_epf did not bind ${DEV:-the device}" bind_ntb_hw_epf
+	check driver_bound "$NTB_DRIVER did not bind ${DEV:-the device $NTB_ID}" bind_ntb_driver
 	insmod $MODULES/ntb_transport.ko
 	check netdev_link_up "eth0 (ntb_netdev) got no carrier" netdev_up
 	ping_in_turn ping_100 100 0.02 5010
 
-	# 64 MiB from a to b; then a sends its checksum, which b compares with what it got.
+	# NETDEV_MIB from a to b; then a sends its checksum, which b compares with what it got.
 	# (One direction at a time: nc copies stdin to the socket blocking, so two guests'
 	# TCP stacks echoing a large stream at each other would fill every buffer and wait.)
 	if [ "$ROLE" = b ]; then
@@ -225,26 +243,26 @@ phase_netdev() {
 		timeout 120 nc -l -p 5002 -e /tmp/want.sh
 		got=$(md5sum < /tmp/recv | cut -c1-32)
 		echo "# received $(wc -c < /tmp/recv) bytes, md5 $got"
-		check transfer_64mib "md5 $got, the sender's $(cat /tmp/want)" [ "$got" = "$(cat /tmp/want)" ]
+		check transfer_${NETDEV_MIB}mib "md5 $got, the sender's $(cat /tmp/want)" [ "$got" = "$(cat /tmp/want)" ]
 	else
-		dd if=/dev/urandom of=/tmp/data bs=1M count=64 2>/dev/null
+		dd if=/dev/urandom of=/tmp/data bs=1M count=$NETDEV_MIB 2>/dev/null
 		start=$(date +%s)
 		# until b listens: a refused connection ends nc at once, so try again
 		wait_for 60 sh -c "timeout 900 nc $PEER_IP 5001 < /tmp/data"
-		echo "# 64 MiB sent in $(( $(date +%s) - start )) s"
+		echo "# $NETDEV_MIB MiB sent in $(( $(date +%s) - start )) s"
 		sum=$(md5sum < /tmp/data | cut -c1-32)
-		check transfer_64mib "could not send the checksum" \
+		check transfer_${NETDEV_MIB}mib "could not send the checksum" \
 			wait_for 60 sh -c "echo $sum | timeout 60 nc $PEER_IP 5002"
 	fi
 
-	# a unbinds and rebinds ntb_hw_epf (once b watches): both see the link go and come back.
+	# a unbinds and rebinds its NTB driver (once b watches): both see the link go and come back.
 	gone() { ! grep -q 1 /sys/class/net/eth0/carrier 2>/dev/null; }
 	if [ "$ROLE" = a ]; then
 		hear 5005
-		echo $DEV > /sys/bus/pci/drivers/ntb_hw_epf/unbind
+		echo $DEV > /sys/bus/pci/drivers/$NTB_DRIVER/unbind
 		check link_down "eth0 still there after unbinding" wait_for 10 gone
 		sleep 2
-		echo $DEV > /sys/bus/pci/drivers/ntb_hw_epf/bind
+		echo $DEV > /sys/bus/pci/drivers/$NTB_DRIVER/bind
 		rmmod ntb_netdev
 		check relink_up "no carrier after rebinding" netdev_up
 	else
@@ -266,7 +284,7 @@ BENCH_BYTES=$((16 << 20))
 phase_bench() {
 	ip link set eth0 name vnet0 && ip addr add ${SELF_IP%.*}.$((${SELF_IP##*.} + 100))/24 dev vnet0
 	ip link set vnet0 up
-	bind_ntb_hw_epf && insmod $MODULES/ntb_transport.ko && netdev_up || exit 1
+	bind_ntb_driver && insmod $MODULES/ntb_transport.ko && netdev_up || exit 1
 	VNET_PEER=${PEER_IP%.*}.$((${PEER_IP##*.} + 100))
 	if [ "$ROLE" = a ]; then
 		wait_for 60 ping -c 1 -W 1 $PEER_IP > /dev/null

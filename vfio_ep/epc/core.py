@@ -79,6 +79,9 @@ class PciEpcAttributes:
     # An EP guest's dmaengine view of the eDMA: "memcpy" channels (pci-epf-test's generic
     # DMA path), or "slave" channels as dw-edma offers them (nvmet-pci-epf's).
     dma_channels: str = "memcpy"
+    # False: a SoC without the eDMA, so with no embedded doorbell either: an EP guest's
+    # pci-epf-vntb then polls its doorbells every 5 ms, as on such a board.
+    edma: bool = True
 
     def __post_init__(self) -> None:
         if self.dma_channels not in DMA_CHANNEL_KINDS:
@@ -168,7 +171,8 @@ class PciEpc:
     def create(cls, name: str, a: PciEpcAttributes, soc: EpSoc | None = None) -> PciEpc:
         """``controllers/<name>``: a DesignWare-like controller of profile ``a.profile``,
         on ``soc`` or on a SoC of its own.  ValueError for an unknown profile or BAR."""
-        prof = profile(a.profile, reserved_bars=a.reserved_bars, msi_mutable=a.msi_mutable)
+        prof = profile(a.profile, reserved_bars=a.reserved_bars, msi_mutable=a.msi_mutable,
+                       edma=a.edma)
         if soc is None:
             soc = EpSoc(name, prof, a.ram_size, a.doorbell_poll_interval_us / 1e6)
         return cls(name, DwPcieEp(prof, soc), soc)

@@ -105,10 +105,11 @@ PROFILES: dict[str, ControllerProfile] = {
 }
 
 
-def profile(name: str, reserved_bars: tuple[int, ...] = (), msi_mutable: bool = False
-            ) -> ControllerProfile:
+def profile(name: str, reserved_bars: tuple[int, ...] = (), msi_mutable: bool = False,
+            edma: bool = True) -> ControllerProfile:
     """A named profile; ``reserved_bars`` marks more BARs reserved (e.g. to move the
-    register BAR of pci-epf-test to BAR2 as on AM654)."""
+    register BAR of pci-epf-test to BAR2 as on AM654); ``edma`` False takes its eDMA
+    away (and the eDMA's registers from its reserved BAR)."""
     try:
         base = PROFILES[name]
     except KeyError:
@@ -120,7 +121,8 @@ def profile(name: str, reserved_bars: tuple[int, ...] = (), msi_mutable: bool = 
             raise ValueError(f"reserved BAR {bar} out of range")
         bars[bar] = BarDesc(BarType.RESERVED)
     return replace(base, features=replace(base.features, bar=tuple(bars)),
-                   msi_mutable=msi_mutable)
+                   msi_mutable=msi_mutable, edma=base.edma and edma,
+                   edma_bar=base.edma_bar if edma else NO_BAR)
 
 
 def get_next_free_bar(features: EpcFeatures | None, bar: int) -> int:

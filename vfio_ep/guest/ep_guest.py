@@ -29,7 +29,7 @@ from typing import Any
 from vfio_ep import cmdline
 from vfio_ep.composition import EP_GUEST_CONTROLLER, Composition
 from vfio_ep.config import ConfigError
-from vfio_ep.configfs_script import parse_script
+from vfio_ep.configfs_script import board_script, parse_script
 from vfio_ep.epf.functions import DRIVERS
 from vfio_ep.guest.assets import EP_GUEST, KSELFTEST
 from vfio_ep.guest.interrupt import keeping
@@ -57,16 +57,25 @@ from vfio_ep.guest.trace import write_trace
 from vfio_ep.presets import preset_sets
 
 EP_READY = "vfio-ep: EP guest ready"  # ep_guest.sh, once its controller is started
+EP_EXITED = "vfio-ep: EP command exited "  # ep_guest.sh, then the command's exit status
 SETUP = "ep-setup.sh"  # the board's script, in the EP guest's /
-# The function whose configfs directory the default script makes (pci-test-howto.rst's).
+# The functions an EP guest runs (the kernel's), and the attributes each default setup
+# script writes, in its order: pci-test-howto.rst's for pci-epf-test, the seeds' vNTB block
+# (pci-vntb-howto.rst's, with R-Car's IDs) for pci-epf-vntb.
 DEFAULT_FUNCTION = "pci_epf_test"
-HOWTO_ATTRIBUTES = ("vendorid", "deviceid", "msi_interrupts", "msix_interrupts")
+SCRIPT_ATTRIBUTES = {
+    "pci_epf_test": ("vendorid", "deviceid", "msi_interrupts", "msix_interrupts"),
+    "pci_epf_vntb": ("vendorid", "deviceid", "msi_interrupts", "db_count", "spad_count",
+                     "num_mws", "mw1", "vntb_vid", "vntb_pid", "vbus_number", "ctrl_bar",
+                     "db_bar", "mw1_bar"),
+}
 
 
 @dataclass(frozen=True)
 class EpGuestRun:
     """What ``run --ep-guest`` was asked: the controller's attributes (``--set``, a preset's
-    profile), the EP guest's setup script, and the RC guest's kselftest arguments."""
+    profile), the EP guest's function and setup script, and the RC guest's arguments (the
+    kselftest's, or the NTB phases)."""
 
     sets: tuple[str, ...] = ()
     preset: str | None = None
@@ -76,32 +85,44 @@ class EpGuestRun:
     ep_exec: str | None = None  # run in the EP guest once its controller is started
     ep_dyndbg: tuple[str, ...] = ()  # the EP guest's dynamic debug queries
     xfail: tuple[str, ...] = ()  # [KEY=VALUE:]TEST: known behaviour, as run --xfail
+    function: str | None = None  # --function: the kernel's function the EP guest sets up
 
     def controller(self) -> Composition:
         """The controller vfio-ep serves: its profile, nothing of the function's."""
         return cmdline.load(None, None, list(cmdline.controller_items(self.sets)),
                             preset=self.preset, ep_sockets=["unused"])
 
+    def driver(self) -> str:
+        """The function the EP guest runs: ``--function``, else what ``--configfs``'s script
+        makes (when vfio-ep can read it), else pci-epf-test."""
+        if self.function is not None:
+            driver = self.function.replace("-", "_")
+            if driver not in SCRIPT_ATTRIBUTES:
+                raise ConfigError(f"--ep-guest runs {', '.join(SCRIPT_ATTRIBUTES)} in the EP "
+                                  f"guest, not {self.function}")
+            return driver
+        if self.configfs is not None:
+            with contextlib.suppress(ConfigError, StopIteration):
+                return next(iter(self._script_composition().functions.values())).driver
+        return DEFAULT_FUNCTION
+
     def setup_script(self) -> str:
-        """The board's script: ``--configfs`` as written, else pci-test-howto.rst's steps
-        for pci-epf-test with the function's attributes (a preset's IDs, ``--set`` ones)."""
+        """The board's script: ``--configfs`` as written, else the howto's steps for the
+        function with its attributes (a preset's IDs, ``--set`` ones)."""
         if self.configfs is not None:
             try:
                 return self.configfs.read_text()
             except OSError as e:
                 raise ConfigError(f"{self.configfs}: {e.strerror}") from None
-        values = _function_defaults()
-        items = [*(cmdline.function_items(preset_sets(self.preset, DEFAULT_FUNCTION))
+        driver = self.driver()
+        values = _function_defaults(driver)
+        items = [*(cmdline.function_items(preset_sets(self.preset, driver))
                    if self.preset else []), *cmdline.function_items(self.sets)]
         for item in items:
             key, _, value = item.partition("=")
             values[key.strip()] = value.strip()
-        func = f"functions/{DEFAULT_FUNCTION}/func1"
-        lines = ["cd /sys/kernel/config/pci_ep/", f"mkdir {func}"]
-        lines += [f"echo {_written(values[a])} > {func}/{a}" for a in HOWTO_ATTRIBUTES]
-        lines += [f"ln -s {func} controllers/{EP_GUEST_CONTROLLER}/",
-                  f"echo 1 > controllers/{EP_GUEST_CONTROLLER}/start"]
-        return "\n".join(lines) + "\n"
+        return board_script(driver, {a: _written(a, values[a]) for a in SCRIPT_ATTRIBUTES[driver]},
+                            EP_GUEST_CONTROLLER)
 
     def target(self) -> Target:
         """The run as a suite run knows one: its settings, and --xfail scoped by them."""
@@ -111,46 +132,64 @@ class EpGuestRun:
         """The --xfail tests that apply to this run."""
         return self.target().expected_failures()
 
+    def values(self) -> dict[str, object]:
+        """The function's attributes as the setup script leaves them (defaults where vfio-ep
+        cannot read the script: it runs all the same, in the EP guest)."""
+        values = _function_defaults(self.driver())
+        with contextlib.suppress(ConfigError, StopIteration):
+            values |= next(iter(self._script_composition().functions.values())).values
+        return values
+
     def device(self) -> tuple[str, str]:
         """The IDs the setup script gives the function (for the RC's kselftest.sh, which
         names the device when no driver binds it)."""
-        values = _function_defaults()
-        try:
-            comp = parse_script(self.setup_script(), str(self.configfs or "the setup"))
-            values |= next(iter(comp.functions.values())).values
-        except (ConfigError, StopIteration):
-            pass  # a script vfio-ep cannot read runs all the same, in the EP guest
+        values = self.values()
         vendor, device = (f"{int(str(values[k]), 0):#06x}" for k in ("vendorid", "deviceid"))
         return vendor, device
 
-
-def _function_defaults() -> dict[str, object]:
-    """pci-epf-test's attributes as vfio-ep's own function has them by default."""
-    driver = DRIVERS[DEFAULT_FUNCTION]
-    return {f.name: f.default for f in dataclasses.fields(driver.attributes)} | driver.defaults
+    def _script_composition(self) -> Composition:
+        return parse_script(self.setup_script(), str(self.configfs or "the setup"))
 
 
-def _written(value: object) -> str:
-    """A value as a board's script writes it: IDs in hex, quoted for the guest's shell."""
-    return f"{value:#x}" if isinstance(value, int) and value > 0xFF else shlex.quote(str(value))
+def _function_defaults(driver: str) -> dict[str, object]:
+    """A function's attributes as vfio-ep's own model of it has them by default."""
+    attrs = DRIVERS[driver]
+    return {f.name: f.default for f in dataclasses.fields(attrs.attributes)} | attrs.defaults
+
+
+def _written(attr: str, value: object) -> str:
+    """A value as a board's script writes it: IDs and sizes in hex, quoted for the guest's
+    shell."""
+    if isinstance(value, int) and (attr in _IDS or value > 0xFF):
+        return f"{value:#06x}"
+    return shlex.quote(str(value))
+
+
+_IDS = frozenset({"vendorid", "deviceid", "vntb_vid", "vntb_pid"})
 
 
 def run_ep_guest(run: EpGuestRun, *, kernel: Path | None = None, qemu: Path | None = None,
                  linux: str, timeout: float = 600, run_dir: Path | None = None,
                  options: GuestOptions = DEFAULT_OPTIONS) -> int:
-    """Boot the EP guest, then the RC guest's kselftest against it; 0 only if every test
-    passed (1 when one failed or a guest never finished, 2 when setting up failed)."""
+    """Boot the EP guest, then the RC guest's suite against it (pci-epf-test's kselftest,
+    pci-epf-vntb's NTB phases); 0 only if every test passed (1 when one failed or a guest
+    never finished, 2 when setting up failed)."""
     try:
         if linux not in EP_GUEST_LINES:
             raise ConfigError(f"an EP guest runs Linux {', '.join(EP_GUEST_LINES)} (its "
                               f"endpoint doorbells and functions), not {linux}")
         comp = run.controller()
+        driver = run.driver()
         assets = provision_all(qemu=qemu, kernel=kernel, linux=linux)
         run.expected_failures()  # a malformed --xfail fails here, before any boot
         top = new_run_dir(run_dir)
+        facts = _facts(comp, assets, driver)
+        if driver == "pci_epf_vntb":
+            # (here: that module builds on this one's pair of guests)
+            from vfio_ep.guest.ep_ntb import run_vntb
+            return run_vntb(run, assets, top, facts, timeout=timeout, options=options)
         vendor, device = run.device()
-        progress = Progress(top, run.target(), KSELFTEST_NAME, _facts(comp, assets),
-                            running=[top / "rc"])
+        progress = Progress(top, run.target(), KSELFTEST_NAME, facts, running=[top / "rc"])
         with keeping(progress.keep):  # Ctrl-C, SIGTERM: the RC's TAP so far is the result
             result = boot_ep_pair(
                 run, assets, top,
@@ -165,11 +204,16 @@ def run_ep_guest(run: EpGuestRun, *, kernel: Path | None = None, qemu: Path | No
 def boot_ep_pair(run: EpGuestRun, assets: GuestAssets, top: Path, rc_script: str, *,
                  timeout: float, options: GuestOptions = DEFAULT_OPTIONS,
                  rc_options: GuestOptions | None = None,
-                 rc_files: dict[str, Path | bytes] | None = None) -> PairResult:
-    """The EP guest as ``run`` asks (its controller, setup script, kernel), then the RC guest
-    running ``rc_script`` with ``rc_files`` in its initramfs (``run --ep-guest``'s kselftest,
-    or a benchmark's programs), each guest's records under ``top``.  ``rc_options`` (default
-    ``options``) lets the RC guest alone have more (a benchmark's ivshmem floor)."""
+                 rc_files: dict[str, Path | bytes] | None = None,
+                 ep_files: dict[str, Path | bytes] | None = None,
+                 ep_finish: float = 0) -> PairResult:
+    """The EP guest as ``run`` asks (its controller, setup script, kernel, ``--ep-exec``
+    command, with ``ep_files`` in its initramfs), then the RC guest running ``rc_script``
+    with ``rc_files`` (``run --ep-guest``'s kselftest, an NTB suite's side, a benchmark's
+    programs), each guest's records under ``top``.  ``rc_options`` (default ``options``)
+    lets the RC guest alone have more (a benchmark's ivshmem floor).  Once the RC guest is
+    done, the EP guest's command has ``ep_finish`` more seconds to end (the other side of a
+    suite), then the EP guest is stopped."""
     name = next(iter(run.controller().controllers))
     ep_assets = ep_guest_assets(assets, run.ep_kernel, top / "epc-driver")
     server_args = [a for item in cmdline.controller_items(run.sets) for a in ("--set", item)]
@@ -183,7 +227,7 @@ def boot_ep_pair(run: EpGuestRun, assets: GuestAssets, top: Path, rc_script: str
         return run_async(_boot_pair(
             (ep_assets, assets), name, server_args, top, timeout,
             (ep_options, rc_options or options), (ep_script, run.setup_script()), rc_script,
-            rc_files or {}))
+            (ep_files or {}, rc_files or {}), ep_finish))
 
 
 @contextlib.contextmanager
@@ -235,24 +279,33 @@ def ep_guest_assets(assets: GuestAssets, ep_kernel: Path | None, work: Path) -> 
 async def _boot_pair(assets: tuple[GuestAssets, GuestAssets], name: str,
                      server_args: list[str], top: Path, timeout: float,
                      options: tuple[GuestOptions, GuestOptions], ep: tuple[str, str],
-                     rc_script: str, rc_files: dict[str, Path | bytes]) -> PairResult:
+                     rc_script: str, files: tuple[dict[str, Path | bytes], ...],
+                     ep_finish: float) -> PairResult:
     """The EP guest (its assets, options, and (script, board setup) first), then, once its
-    controller is started, the RC guest running ``rc_script`` (``rc_files`` beside the
-    kselftest in its initramfs)."""
+    controller is started, the RC guest running ``rc_script`` (``files``: the EP's and the
+    RC's beside their scripts in their initramfs)."""
     started = time.monotonic()
     log = top / "server.log"
     ep_dir = Path(tempfile.mkdtemp(prefix="vfio-ep-"))  # short: sun_path <= 107
     ep_socket = ep_dir / "cpu.sock"
     args = [*server_args, "--ep-socket", f"{name}={ep_socket}"]
     async with running_server([name], args, log) as (_, sockets):
-        ready = asyncio.Event()
+        ready, exited = asyncio.Event(), asyncio.Event()
+
+        def seen(line: str) -> None:
+            if line == EP_READY:
+                ready.set()
+            elif line.startswith(EP_EXITED):
+                exited.set()
+
         ep_assets, rc_assets = assets
         assert ep_assets.epc_driver is not None
         ep = GuestRun(ep[0], server_args=[], assets=ep_assets, socket=ep_socket,
                       run_dir=top / "ep", options=options[0],
                       extra_files={"ep_guest.sh": EP_GUEST, SETUP: ep[1].encode(),
-                                   f"lib/modules/{EPC_MODULE}": ep_assets.epc_driver},
-                      live=_live("ep", lambda line: line == EP_READY and ready.set()))
+                                   f"lib/modules/{EPC_MODULE}": ep_assets.epc_driver,
+                                   **files[0]},
+                      live=_live("ep", seen))
         async with ep:
             ep_done = asyncio.create_task(ep.wait(timeout))
             waiting = asyncio.create_task(ready.wait())
@@ -267,8 +320,11 @@ async def _boot_pair(assets: tuple[GuestAssets, GuestAssets], name: str,
                                   + (result.error or _last_words(result.output)))
             rc = GuestRun(rc_script, server_args=[], assets=rc_assets, socket=sockets[name],
                           run_dir=top / "rc", options=options[1], live=_live("rc", None),
-                          extra_files={"kselftest.sh": KSELFTEST, **rc_files})
+                          extra_files={"kselftest.sh": KSELFTEST, **files[1]})
             rc_result = await rc.run(timeout - (time.monotonic() - started))
+            if ep_finish:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(exited.wait(), ep_finish)
             ep_done.cancel()
             ep_result = await ep.collect()
     return PairResult(ep_result, rc_result, log.read_text(errors="replace"),
@@ -288,10 +344,10 @@ def _last_words(output: str) -> str:
     return lines[-1] if lines else "it printed nothing (see ep/console.log)"
 
 
-def _facts(comp: Composition, assets: GuestAssets) -> dict[str, Any]:
+def _facts(comp: Composition, assets: GuestAssets, driver: str) -> dict[str, Any]:
     """What the run tests, for its results."""
     ctrl = next(iter(comp.controllers.values()))
-    return {"function": "pci_epf_test (the EP guest's kernel)",
+    return {"function": f"{driver} (the EP guest's kernel)",
             "controllers": f"{ctrl.name}: {ctrl.values.get('profile', 'generic')}",
             "linux": assets.linux, "kernel": str(assets.kernel)}
 

@@ -437,7 +437,7 @@ def _run_ntb_suite(target: Target, assets: GuestAssets, doorbells: tuple[int, bo
     """One guest per phase, the EP running the matching client; ``phases`` selects some."""
     progress = Progress(new_run_dir(run_dir), target, "ntb", facts)
     with keeping(progress.keep):
-        for phase in _phases("NTB suite", phases, NTB_PHASES):
+        for phase in select_phases("NTB suite", phases, NTB_PHASES):
             print(f"# --- {phase}: the EP runs its {phase} client ---", flush=True)
             progress.running = [progress.top / phase]
             result = boot_guest(
@@ -449,7 +449,7 @@ def _run_ntb_suite(target: Target, assets: GuestAssets, doorbells: tuple[int, bo
                 options=options)
             progress.running = []
             progress.finished(result, phase)
-        return _finish(progress)
+        return finish_suite(progress)
 
 
 def _run_ntb_pair(target: Target, assets: GuestAssets, controllers: tuple[str, str],
@@ -459,7 +459,7 @@ def _run_ntb_pair(target: Target, assets: GuestAssets, controllers: tuple[str, s
     together once per phase (rejoin: b boots twice); ``phases`` selects some."""
     progress = Progress(new_run_dir(run_dir), target, "ntb-pair", facts)
     with keeping(progress.keep):
-        for phase in _phases("NTB pair phase", phases, PAIR_PHASES):
+        for phase in select_phases("NTB pair phase", phases, PAIR_PHASES):
             print(f"# --- {phase}: both guests run {phase} ---", flush=True)
             specs = [GuestSpec(role, ctrl, f"sh /ntb_pair.sh {role} {phase}")
                      for role, ctrl in zip(PAIR_ROLES, controllers, strict=True)]
@@ -475,10 +475,10 @@ def _run_ntb_pair(target: Target, assets: GuestAssets, controllers: tuple[str, s
             progress.running = []
             for spec, result in zip(specs, results, strict=True):
                 progress.finished(result, f"{phase}/{spec.label}")
-        return _finish(progress)
+        return finish_suite(progress)
 
 
-def _phases(what: str, chosen: list[str], known: tuple[str, ...]) -> list[str]:
+def select_phases(what: str, chosen: list[str], known: tuple[str, ...]) -> list[str]:
     """The phases to run: those named after ``--`` (checked), else all."""
     unknown = [p for p in chosen if p not in known]
     if unknown:
@@ -487,7 +487,7 @@ def _phases(what: str, chosen: list[str], known: tuple[str, ...]) -> list[str]:
     return chosen or list(known)
 
 
-def _finish(progress: Progress) -> int:
+def finish_suite(progress: Progress) -> int:
     """Merge the boots' reports into one result, print it; 0 only if all passed."""
     report = merge_reports(progress.reports)
     assert progress.suite is not None

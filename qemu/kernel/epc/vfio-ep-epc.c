@@ -96,6 +96,15 @@ struct vepc {
 	struct work_struct event_work;
 	struct dma_device dma;
 	struct vepc_dma_chan chans[2 * VEPC_EDMA_MAX_CH];
+	/*
+	 * Each BAR as the function set it, as dw_pcie_ep_set_bar() keeps it
+	 * (ep_func->epf_bar[]), with the size and flags it was set with: a function
+	 * that sets a BAR again with the same pci_epf_bar changed in place
+	 * (pci-epf-vntb's mw_set_trans) moves the translation, the BAR unchanged.
+	 */
+	struct pci_epf_bar *epf_bar[PCI_STD_NUM_BARS];
+	u64 bar_size[PCI_STD_NUM_BARS];
+	u64 bar_flags[PCI_STD_NUM_BARS];
 	char name[VEPC_NAME_SIZE + 1];
 };
 
@@ -191,12 +200,20 @@ static int vepc_set_bar(struct pci_epc *epc, u8 func_no, u8 vfunc_no,
 			struct pci_epf_bar *epf_bar)
 {
 	struct vepc *vepc = epc_get_drvdata(epc);
-	u64 args[5] = { epf_bar->barno, epf_bar->flags, epf_bar->size,
+	enum pci_barno bar = epf_bar->barno;
+	u64 args[5] = { bar, epf_bar->flags, epf_bar->size,
 			vepc_bus_addr(vepc, epf_bar->phys_addr), epf_bar->num_submap };
 	unsigned int i;
+	int ret;
 
+	if (bar < BAR_0 || bar > BAR_5)
+		return -EINVAL;
 	if (epf_bar->num_submap > VEPC_SUBMAP_MAX)
 		return -ENOSPC;
+	if (vepc->epf_bar[bar] == epf_bar) {	/* changed in place: as DesignWare */
+		args[1] = vepc->bar_flags[bar];
+		args[2] = vepc->bar_size[bar];
+	}
 
 	guard(mutex)(&vepc->cmd_lock);
 	for (i = 0; i < epf_bar->num_submap; i++) {
@@ -205,7 +222,13 @@ static int vepc_set_bar(struct pci_epc *epc, u8 func_no, u8 vfunc_no,
 		vepc_writeq(vepc, reg, vepc_bus_addr(vepc, epf_bar->submap[i].phys_addr));
 		vepc_writeq(vepc, reg + 8, epf_bar->submap[i].size);
 	}
-	return __vepc_cmd(vepc, func_no, vfunc_no, VEPC_OP_SET_BAR, args, 5, NULL);
+	ret = __vepc_cmd(vepc, func_no, vfunc_no, VEPC_OP_SET_BAR, args, 5, NULL);
+	if (!ret) {
+		vepc->epf_bar[bar] = epf_bar;
+		vepc->bar_flags[bar] = args[1];
+		vepc->bar_size[bar] = args[2];
+	}
+	return ret;
 }
 
 static void vepc_clear_bar(struct pci_epc *epc, u8 func_no, u8 vfunc_no,
@@ -218,6 +241,8 @@ static void vepc_clear_bar(struct pci_epc *epc, u8 func_no, u8 vfunc_no,
 	ret = vepc_cmd(vepc, func_no, vfunc_no, VEPC_OP_CLEAR_BAR, &bar, 1, NULL);
 	if (ret)
 		dev_warn(&vepc->pdev->dev, "clear_bar BAR%llu: %d\n", bar, ret);
+	if (bar < PCI_STD_NUM_BARS)
+		vepc->epf_bar[bar] = NULL;
 }
 
 /* The outbound iATU maps whole granules (VEPC_OB_PAGE_SIZE, the pci_epc_mem page). */
