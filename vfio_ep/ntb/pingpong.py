@@ -11,7 +11,7 @@ import logging
 
 import trio
 
-from vfio_ep.ntb.core import NTB_DEF_PEER_IDX, NtbDev
+from vfio_ep.ntb.core import NTB_DEF_PEER_IDX, NtbClient, NtbCtxOps, NtbDev
 
 log = logging.getLogger(__name__)
 
@@ -19,7 +19,7 @@ PEER_PORT = 0  # two-port NTB: both ports are 0, so in_db = out_db = BIT(0)
 IN_DB = OUT_DB = 1 << PEER_PORT
 
 
-class PingPong:
+class PingPong(NtbClient, NtbCtxOps):
     def __init__(self, delay: float) -> None:
         self.delay = delay
         self.count = 0

@@ -25,7 +25,7 @@ from construct import Int32ul, Struct
 
 from vfio_ep.epf.regs import field_offsets
 from vfio_ep.ntb.core import NTB_DEF_PEER_IDX as PIDX
-from vfio_ep.ntb.core import NtbDev, NtbIoError
+from vfio_ep.ntb.core import NtbClient, NtbCtxOps, NtbDev, NtbIoError
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ RX_INFO_SIZE = 4  # struct ntb_rx_info { unsigned int entry; }
 
 # struct ntb_payload_header, at the end of every frame
 PayloadHeader = Struct("ver" / Int32ul, "len" / Int32ul, "flags" / Int32ul)
-HDR_SIZE = PayloadHeader.sizeof()
+HDR_SIZE: int = PayloadHeader.sizeof()
 HDR = field_offsets(PayloadHeader)
 
 RxHandler = Callable[["TransportQp", bytes], None]
@@ -224,7 +224,7 @@ class TransportQp:
         return True
 
 
-class NtbTransport:
+class NtbTransport(NtbClient, NtbCtxOps):
     """An ntb_transport context on one NTB device (an NtbClient and its NtbCtxOps)."""
 
     def __init__(self, max_mw_size: int = 0, on_probe: Callable[[NtbTransport], None]

@@ -25,8 +25,8 @@ from typing import Any, cast
 
 import trio
 
+from vfio_ep._native import ffi, lib
 from vfio_ep.memory import ForeignMemory, SharedMemory
-from vfio_ep.native import ffi, lib
 from vfio_ep.pci.bar import FastDoorbell, WindowKind, WindowTable
 
 log = logging.getLogger(__name__)

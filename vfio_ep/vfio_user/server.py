@@ -24,7 +24,7 @@ import struct
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import trio
 from construct import ConstructError
@@ -59,7 +59,10 @@ class ClientGone(Exception):
 
 
 class Connection:
-    """One client: its DMA table, its IRQ eventfds, and the request loop."""
+    """One client: its DMA table, its IRQ eventfds, and the request loop.  It is the host
+    the device is attached to (a :class:`~vfio_ep.pci.host.Host`, checked where
+    :meth:`serve` attaches it; not a subclass, as the Protocol's read-only properties would
+    shadow the attributes)."""
 
     def __init__(self, sock: trio.socket.SocketType, device: PciDevice, peer: str) -> None:
         self.sock = sock
@@ -72,7 +75,7 @@ class Connection:
         self.negotiated = False
         self._send_lock = trio.Lock()
         self._next_id = 0
-        self._replies: dict[int, tuple[trio.Event, list[tuple[dict, bytes]]]] = {}
+        self._replies: dict[int, tuple[trio.Event, list[tuple[p.Fields, bytes]]]] = {}
         self._nursery: trio.Nursery | None = None
         self._resample_scope: trio.CancelScope | None = None
         self.dma.message_read = self._dma_read_message
@@ -152,7 +155,7 @@ class Connection:
             if self.fast is not None:  # its effects are in place: C may read on
                 self.fast.resume()
 
-    async def _recv_message(self) -> tuple[dict, bytes, list[int]]:
+    async def _recv_message(self) -> tuple[p.Fields, bytes, list[int]]:
         if self.fast is not None:
             return await self._recv_message_fast(self.fast)
         head = bytearray()
@@ -181,7 +184,7 @@ class Connection:
         body = await self._recv_exact(size - p.HEADER_SIZE, fds)
         return hdr, body, fds
 
-    async def _oversized(self, hdr: dict, fds: list[int]) -> tuple[dict, bytes, list[int]]:
+    async def _oversized(self, hdr: p.Fields, fds: list[int]) -> tuple[p.Fields, bytes, list[int]]:
         """A message beyond max_data_xfer_size: read past it (up to MAX_DRAIN_SIZE) and
         refuse it like a READ of that size, or close a stream that big."""
         _close_fds(fds)
@@ -197,7 +200,8 @@ class Connection:
             left -= k
         return {**hdr, "oversized": True}, b"", []
 
-    async def _recv_message_fast(self, fast: fastpath.FastPath) -> tuple[dict, bytes, list[int]]:
+    async def _recv_message_fast(self, fast: fastpath.FastPath
+                                 ) -> tuple[p.Fields, bytes, list[int]]:
         """C's I/O thread serves the hot messages; the first one that needs Python (or the
         stream's end) is handed over here, and C waits for :meth:`FastPath.resume`."""
         while True:
@@ -237,7 +241,7 @@ class Connection:
             got += k
         return bytes(buf)
 
-    async def _handle_request(self, hdr: dict, body: bytes, fds: list[int]) -> None:
+    async def _handle_request(self, hdr: p.Fields, body: bytes, fds: list[int]) -> None:
         cmd, msg_id = hdr["command"], hdr["msg_id"]
         posted = bool(hdr["flags"] & p.FLAG_NO_REPLY)
         handler = _HANDLERS.get(cmd)
@@ -315,7 +319,7 @@ class Connection:
         self._next_id = (self._next_id + 1) & 0xFFFF
         msg_id = self._next_id
         event = trio.Event()
-        box: list[tuple[dict, bytes]] = []
+        box: list[tuple[p.Fields, bytes]] = []
         self._replies[msg_id] = (event, box)
         try:
             await self._send(p.pack_header(msg_id, cmd, p.HEADER_SIZE + len(payload),
@@ -347,7 +351,7 @@ class Connection:
                                     p.pack_dma_request(self.dma_layout, iova + off, len(chunk),
                                                        chunk))
 
-    def _deliver_reply(self, hdr: dict, body: bytes) -> None:
+    def _deliver_reply(self, hdr: p.Fields, body: bytes) -> None:
         waiter = self._replies.get(hdr["msg_id"])
         if waiter is None:
             log.warning("client %s: reply id %d matches no request of ours", self.peer,
@@ -400,7 +404,7 @@ def _version(c: Connection, msg_id: int, body: bytes, fds: list[int]) -> tuple[b
     return struct.pack("<HH", 0, 0) + p.version_capabilities() + b"\0", None
 
 
-def _client_capabilities(text: str | None) -> dict:
+def _client_capabilities(text: str | None) -> dict[str, Any]:
     """The client's VERSION capabilities, checked: a JSON object whose ``capabilities`` is
     an object, its sizes integers in range (the DMA path splits transfers by
     ``max_data_xfer_size``: 0 or -1 there would stall or silently drop them)."""

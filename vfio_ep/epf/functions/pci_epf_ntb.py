@@ -26,7 +26,7 @@ from typing import Annotated, Any
 from vfio_ep.config import U8, U16, U32, U64, ConfigError, Range, parse_int
 from vfio_ep.epc.address_space import Watch
 from vfio_ep.epc.bar import PciEpfBar
-from vfio_ep.epc.core import EpcError, IrqType, PciEpc
+from vfio_ep.epc.core import EpcError, EpcEvents, IrqType, PciEpc
 from vfio_ep.epc.features import EpcFeatures, get_next_free_bar
 from vfio_ep.epf.core import PRIMARY_INTERFACE, SECONDARY_INTERFACE, PciEpf
 from vfio_ep.epf.functions.ntb_ctrl import (
@@ -437,7 +437,7 @@ class PciEpfNtb(PciEpf):
             self._link(False, gone=x)
 
 
-class _InterfaceEvents:
+class _InterfaceEvents(EpcEvents):
     """The controller events of one interface, forwarded once the interface exists."""
 
     def __init__(self, ntb: PciEpfNtb, interface: int) -> None:

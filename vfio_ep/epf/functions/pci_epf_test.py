@@ -22,10 +22,11 @@ from vfio_ep.bulk import crc32_views, fill_random
 from vfio_ep.config import U32
 from vfio_ep.epc.address_space import AddressError, Watch
 from vfio_ep.epc.bar import PciEpfBar, PciEpfBarSubmap
-from vfio_ep.epc.core import EpcError, EpWork, IrqType, PciEpcMap
+from vfio_ep.epc.core import EpcError, IrqType, PciEpcMap
 from vfio_ep.epc.edma import DmaChannel
 from vfio_ep.epc.features import NO_BAR, BarType, get_first_free_bar, get_next_free_bar
 from vfio_ep.epc.irq import IRQ_HANDLED, IRQF_ONESHOT, IrqError
+from vfio_ep.epc.soc import EpWork
 from vfio_ep.epf.core import PciEpf
 from vfio_ep.epf.doorbell import CHOICES as DOORBELL_CHOICES
 from vfio_ep.epf.doorbell import (
