@@ -24,7 +24,7 @@ import struct
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 from construct import ConstructError
@@ -32,11 +32,13 @@ from construct import ConstructError
 from vfio_ep import native
 from vfio_ep.errors import ErrnoError
 from vfio_ep.pci.device import PciDevice
-from vfio_ep.vfio_user import fastpath
 from vfio_ep.vfio_user import protocol as p
 from vfio_ep.vfio_user.dma import DmaError, DmaTable
 from vfio_ep.vfio_user.irq import IrqSet
 from vfio_ep.vfio_user.protocol import Command, ProtocolError, StreamError
+
+if TYPE_CHECKING:
+    from vfio_ep.vfio_user.fastpath import FastPath
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,14 @@ TEARDOWN_GRACE = 5.0  # seconds a dead client's teardown may take before its suc
 
 _R = TypeVar("_R")
 Handler = Callable[["Connection", int, bytes, list[int]], tuple[bytes, int | None] | None]
+
+
+def _fast_path(sock_fd: int, device: PciDevice) -> FastPath:
+    """The connection's C I/O thread, not started; its module is imported here, as it needs
+    the extension (a server without one serves on the Python path)."""
+    from vfio_ep.vfio_user.fastpath import FastPath
+
+    return FastPath(sock_fd, device.windows)
 
 
 class ClientGone(Exception):
@@ -80,8 +90,7 @@ class Connection:
         self._resample_scope: trio.CancelScope | None = None
         self.dma.message_read = self._dma_read_message
         self.dma.message_write = self._dma_write_message
-        use_fast, _ = native.available()
-        self.fast = fastpath.FastPath(sock.fileno(), device.windows) if use_fast else None
+        self.fast = _fast_path(sock.fileno(), device) if native.available()[0] else None
 
     # -- main loop ----------------------------------------------------------
     async def serve(self) -> None:
@@ -111,7 +120,7 @@ class Connection:
             self.irqs.close()
             self.sock.close()
 
-    def _start_fast_path(self, fast: fastpath.FastPath) -> None:
+    def _start_fast_path(self, fast: FastPath) -> None:
         """The connection's C I/O thread; without one (the system refused a thread), this
         client is served on the Python path."""
         try:
@@ -200,7 +209,7 @@ class Connection:
             left -= k
         return {**hdr, "oversized": True}, b"", []
 
-    async def _recv_message_fast(self, fast: fastpath.FastPath
+    async def _recv_message_fast(self, fast: FastPath
                                  ) -> tuple[p.Fields, bytes, list[int]]:
         """C's I/O thread serves the hot messages; the first one that needs Python (or the
         stream's end) is handed over here, and C waits for :meth:`FastPath.resume`."""
@@ -209,22 +218,22 @@ class Connection:
             if r is None:
                 await trio.lowlevel.wait_readable(fast.notify_fd)
                 continue
-            if r == fastpath.POSTED:
+            if r == fast.POSTED:
                 self._apply_posted(fast)
                 continue
-            if r == fastpath.MESSAGE:
+            if r == fast.MESSAGE:
                 data, fds, truncated = fast.take()
                 if truncated:
                     _close_fds(fds)
                     raise StreamError("file descriptors truncated (more than max_msg_fds)")
                 return p.Header.parse(data), data[p.HEADER_SIZE :], fds
-            if r == fastpath.OVERSIZED:
+            if r == fast.OVERSIZED:
                 data, fds, _ = fast.take()
                 return await self._oversized(p.Header.parse(data), fds)
             fast.drop()
-            if r == fastpath.EOF:
+            if r == fast.EOF:
                 raise ClientGone
-            if r == fastpath.BROKEN:
+            if r == fast.BROKEN:
                 raise StreamError("malformed message framing (bad size or EOF mid-message)")
             err = fast.errno()
             raise OSError(err, f"socket error in the fast path: {os.strerror(err)}")
@@ -290,7 +299,7 @@ class Connection:
                           _name(cmd), msg_id)
             return None, errno.EIO
 
-    def _apply_posted(self, fast: fastpath.FastPath) -> int:
+    def _apply_posted(self, fast: FastPath) -> int:
         """The BAR writes C acknowledged (or the client posted) and queued, in order; a
         refusal is logged like any posted write's, never answered.  How many."""
         applied = 0
