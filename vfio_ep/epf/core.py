@@ -10,12 +10,13 @@ connected or went away).
 from __future__ import annotations
 
 import logging
-from collections.abc import MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 from vfio_ep.epc.bar import PciEpfBar
 from vfio_ep.epc.core import EpcEvents, PciEpc
 from vfio_ep.epc.features import BarType, EpcFeatures
+from vfio_ep.epc.soc import EpWork
 from vfio_ep.pci.bar import NUM_BARS, PCI_BASE_ADDRESS_MEM_TYPE_64
 from vfio_ep.pci.device import PciHeader
 
@@ -91,6 +92,11 @@ class PciEpf(EpcEvents):
         if self.epc is None:
             raise RuntimeError(f"{self.name} is not bound to a controller")
         return self.epc
+
+    def spawn(self, fn: Callable[[], Awaitable[None]], name: str) -> EpWork:
+        """queue_work() on the controller's CPU; usable before bind, as a callback that
+        runs after it (a trapped register's handler)."""
+        return self.controller.spawn(fn, name)
 
     @property
     def features(self) -> EpcFeatures:
