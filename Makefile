@@ -43,8 +43,11 @@ test-matrix: $(STAMP)
 unit: $(STAMP)
 	$(PYTHON) -m pytest -ra -m "not guest"
 
+# ruff everywhere; mypy --strict on the package (pyproject.toml [tool.mypy]): the Protocols
+# (Host, RcMemory, PciEpcOps, FastDoorbell, ...) are checked against what implements them.
 lint: $(STAMP)
 	$(VENV)/bin/ruff check vfio_ep tests native setup.py
+	$(VENV)/bin/mypy
 
 bench: $(STAMP)
 	$(PYTHON) -m vfio_ep.bench
@@ -58,7 +61,7 @@ fuzz: $(STAMP)
 	tests/test_fuzz.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info vfio_ep/_native*
+	rm -rf $(VENV) build *.egg-info vfio_ep/_native.c vfio_ep/_native*.so
 
 # Build the podman image (Debian trixie, QEMU from trixie-backports) and run the guest suite in it.
 container-test: $(STAMP)

@@ -11,6 +11,16 @@
 
 #define NUM_BARS 6
 
+/* The sizes the wire and Python rely on (vfio_ep/vfio_user/protocol.py checks its side
+ * against these at import, through the extension). */
+_Static_assert(sizeof(struct vfu_hdr) == VFU_HDR_SIZE, "vfio-user header is 16 bytes");
+_Static_assert(sizeof(struct vfu_access) == 16, "REGION_READ/WRITE access is 16 bytes");
+_Static_assert(sizeof(struct vfu_multi_entry) == 24, "a WRITE_MULTI entry is 24 bytes");
+_Static_assert(VFU_MAX_MSG == VFU_HDR_SIZE + sizeof(struct vfu_access) + (1u << 20),
+	       "the largest message: a REGION_WRITE of max_data_xfer_size (1 MiB)");
+_Static_assert(VFU_HDR_SIZE + 8 + VFU_WRITE_MULTI_MAX * sizeof(struct vfu_multi_entry) <=
+	       VFU_MAX_MSG, "a full REGION_WRITE_MULTI fits the buffer");
+
 /* The window holding all of [off, off + count), or NULL.  The bounds are client-controlled
  * u64s: compared without forming off + count, which could wrap past 2^64. */
 static const struct vfu_window *find(const struct vfu_fast *f, uint32_t bar, uint64_t off,

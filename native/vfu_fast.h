@@ -32,7 +32,7 @@ struct vfu_window {
 };
 
 #define VFU_MAX_FDS 16
-#define VFU_MAX_MSG 1048608 /* header + access + max_data_xfer_size */
+#define VFU_MAX_MSG 1048608 /* header + access + max_data_xfer_size (vfu_fast.c checks) */
 #define VFU_POSTED_MAX 64   /* writes queued for Python at most (then the stream waits) */
 
 /* A BAR write for Python's register handlers, acknowledged and queued by the fast path. */
@@ -61,12 +61,12 @@ struct vfu_fast {
 	uint8_t *out;            /* VFU_MAX_MSG bytes too: a reply waiting for room, copied */
 	int early_ack;           /* acknowledge BAR writes Python applies (set after VERSION) */
 	uint32_t have;           /* bytes of the current message read so far */
-	int fds[16]; /* VFU_MAX_FDS */
+	int fds[VFU_MAX_FDS];
 	int nfds;
 	int fds_truncated;
 	/* BAR writes for Python in stream order: the fast path appends at posted_head, Python
 	 * applies from posted_tail (both only count up; entry i is posted[i % VFU_POSTED_MAX]). */
-	struct vfu_posted posted[64]; /* VFU_POSTED_MAX */
+	struct vfu_posted posted[VFU_POSTED_MAX];
 	uint32_t posted_head;
 	uint32_t posted_tail;
 	struct vfu_fast_stats stats;
@@ -76,7 +76,7 @@ struct vfu_fast {
 	void *wait_ctx;
 };
 
-/* Results of vfu_fast_poll(). */
+/* Results of vfu_fast_poll() (Python reads them from the extension, never copies them). */
 #define VFU_AGAIN 0      /* nothing complete to read: wait for the socket */
 #define VFU_MESSAGE 1    /* buf holds one whole message (and fds) for Python */
 #define VFU_EOF 2        /* peer closed at a message boundary */

@@ -19,6 +19,19 @@ _Static_assert(sizeof(pthread_t) <= sizeof(uint64_t), "pthread_t fits vfu_io.thr
 static pthread_mutex_t *lock_of(struct vfu_io *io) { return (pthread_mutex_t *)io->lock; }
 static pthread_cond_t *cond_of(struct vfu_io *io) { return (pthread_cond_t *)io->cond; }
 
+/* The lock, where a thread shares io (vfu_io_start to vfu_io_stop); none otherwise. */
+static void hold(struct vfu_io *io)
+{
+	if (io->running)
+		pthread_mutex_lock(lock_of(io));
+}
+
+static void let_go(struct vfu_io *io)
+{
+	if (io->running)
+		pthread_mutex_unlock(lock_of(io));
+}
+
 static void signal_efd(int efd)
 {
 	const uint64_t one = 1;
@@ -88,6 +101,17 @@ static void *vfu_io_run(void *arg)
 	}
 }
 
+void vfu_io_init(struct vfu_io *io, int sock, uint8_t *buf, uint8_t *out, int notify_efd,
+		 int stop_efd)
+{
+	memset(io, 0, sizeof(*io));
+	io->f.sock = sock;
+	io->f.buf = buf;
+	io->f.out = out;
+	io->notify_efd = notify_efd;
+	io->stop_efd = stop_efd;
+}
+
 int vfu_io_start(struct vfu_io *io, struct vfu_window *windows, int n)
 {
 	io->handed = io->stopping = io->sending = 0;
@@ -110,8 +134,42 @@ int vfu_io_start(struct vfu_io *io, struct vfu_window *windows, int n)
 	if (err) {
 		pthread_cond_destroy(cond_of(io));
 		pthread_mutex_destroy(lock_of(io));
+	} else {
+		io->running = 1;
 	}
 	return err;
+}
+
+void vfu_io_allow_early_ack(struct vfu_io *io)
+{
+	hold(io);
+	io->f.early_ack = 1;
+	let_go(io);
+}
+
+int vfu_io_release(struct vfu_io *io, int close_fds)
+{
+	hold(io);
+	int parked = !io->running || io->handed;
+	if (parked) {
+		for (int i = 0; close_fds && i < io->f.nfds; i++)
+			close(io->f.fds[i]);
+		io->f.have = 0;
+		io->f.nfds = 0;
+		io->f.fds_truncated = 0;
+	}
+	let_go(io);
+	return parked ? 0 : -EBUSY;
+}
+
+void vfu_io_close(struct vfu_io *io)
+{
+	vfu_io_release(io, 1);
+	if (io->notify_efd >= 0)
+		close(io->notify_efd);
+	if (io->stop_efd >= 0)
+		close(io->stop_efd);
+	io->notify_efd = io->stop_efd = -1;
 }
 
 int vfu_io_handed(struct vfu_io *io)
@@ -125,11 +183,12 @@ int vfu_io_handed(struct vfu_io *io)
 
 void vfu_io_posted_done(struct vfu_io *io, int n)
 {
-	pthread_mutex_lock(lock_of(io));
+	hold(io);
 	uint32_t queued = io->f.posted_head - io->f.posted_tail;
 	io->f.posted_tail += n < 0 ? 0 : (uint32_t)n > queued ? queued : (uint32_t)n;
-	pthread_mutex_unlock(lock_of(io));
-	pthread_cond_signal(cond_of(io));
+	let_go(io);
+	if (io->running)
+		pthread_cond_signal(cond_of(io));
 }
 
 void vfu_io_resume(struct vfu_io *io)
@@ -152,6 +211,7 @@ void vfu_io_stop(struct vfu_io *io)
 	pthread_join((pthread_t)io->thread, NULL);
 	pthread_cond_destroy(cond_of(io));
 	pthread_mutex_destroy(lock_of(io));
+	io->running = 0;
 }
 
 void vfu_io_set_windows(struct vfu_io *io, struct vfu_window *windows, int n)

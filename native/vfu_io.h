@@ -25,21 +25,38 @@ struct vfu_io {
 	int result;              /* vfu_fast_poll()'s result that was handed over */
 	int err;                 /* errno with VFU_IOERR */
 	int stopping;
+	int running;             /* between vfu_io_start and vfu_io_stop: a thread shares io */
 	int sending;             /* whose message is partly sent (1 Python's, 2 the thread's) */
 	uint64_t thread;         /* a pthread_t */
 	uint64_t lock[8];        /* a pthread_mutex_t: the table, f's state, the send side */
 	uint64_t cond[8];        /* a pthread_cond_t: `handed` cleared, or stopping */
 };
 
-/* Start the thread serving from `windows` (f.sock, f.buf and the eventfds set); 0, or an
- * errno. */
+/* Every field Python sets goes through these calls: once the thread runs, under its lock (or
+ * while it is parked, which they check).
+ *
+ * Before the thread exists: the connection's socket, the two VFU_MAX_MSG buffers (the
+ * caller's) and the eventfds; the rest zeroed. */
+void vfu_io_init(struct vfu_io *io, int sock, uint8_t *buf, uint8_t *out, int notify_efd,
+		 int stop_efd);
+/* Start the thread serving from `windows`; 0, or an errno. */
 int vfu_io_start(struct vfu_io *io, struct vfu_window *windows, int n);
+/* From now on, acknowledge BAR writes Python applies before it has (f.early_ack). */
+void vfu_io_allow_early_ack(struct vfu_io *io);
+/* The handed-over message is done with: its fds were taken by the caller (or, `close_fds`,
+ * are closed here) and f is emptied for the next one.  Only while the thread is parked (a
+ * result handed over, or no thread): -EBUSY otherwise, and nothing changes. */
+int vfu_io_release(struct vfu_io *io, int close_fds);
+/* After vfu_io_stop, or when it never started: what a half-read message left (its fds) and
+ * the two eventfds are closed; calling it again does nothing. */
+void vfu_io_close(struct vfu_io *io);
 #define VFU_POSTED 8 /* vfu_io_handed(): writes are queued, to apply before anything else */
 
 /* What the thread handed over (a VFU_* result), VFU_POSTED while queued writes wait (they
  * come first), or -1 while it reads on. */
 int vfu_io_handed(struct vfu_io *io);
-/* Python has applied the `n` oldest queued writes: the thread may serve what waited. */
+/* Python has applied the `n` oldest queued writes: the thread may serve what waited (after
+ * vfu_io_stop too, for the writes the thread left queued). */
 void vfu_io_posted_done(struct vfu_io *io, int n);
 /* Python has taken and handled the handed-over message: read on. */
 void vfu_io_resume(struct vfu_io *io);

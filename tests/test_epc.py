@@ -33,7 +33,7 @@ from vfio_ep.epc.features import PROFILES
 from vfio_ep.epc.iatu import InboundAtu, NoInboundWindow
 from vfio_ep.epc.irq import IRQ_HANDLED, IRQ_NONE, IRQF_ONESHOT, IRQF_SHARED, IrqDomain, IrqError
 from vfio_ep.epc.outbound import OutboundAtu, PciEpcMem
-from vfio_ep.epc.soc import EpSoc
+from vfio_ep.epc.soc import DelayedWork, EpSoc
 from vfio_ep.epf.core import required_bar_size
 from vfio_ep.pci.bar import PCI_BASE_ADDRESS_MEM_TYPE_64, WindowKind
 from vfio_ep.pci.device import PciHeader
@@ -240,6 +240,35 @@ def test_edma_moves_data_both_ways_and_aborts_cleanly() -> None:
             n.cancel_scope.cancel()
 
     trio.run(go)
+
+
+def test_delayed_work_runs_once_after_its_last_schedule_and_not_after_cancel() -> None:
+    """mod_delayed_work(): scheduling again replaces the pending run; cancel drops it; the
+    work may schedule itself again (ntb_transport's handshake retries)."""
+    soc = EpSoc("t", PROFILES["generic"], 1 << 20, 0.001)
+    runs: list[float] = []
+
+    def fn() -> None:
+        runs.append(trio.current_time())
+        if len(runs) == 1:
+            work.schedule(1.0)
+
+    work = DelayedWork(soc.spawn, fn, "t")
+
+    async def go() -> None:
+        async with trio.open_nursery() as n:
+            await n.start(soc.run)
+            work.schedule(5.0)
+            work.schedule(2.0)  # replaces the run at 5 s
+            await trio.sleep(3.5)  # ran at 2 s, and again at 3 s (its own schedule)
+            assert runs == [2.0, 3.0]
+            work.schedule(1.0)
+            work.cancel()
+            await trio.sleep(10)
+            assert runs == [2.0, 3.0]
+            n.cancel_scope.cancel()
+
+    trio.run(go, clock=trio.testing.MockClock(autojump_threshold=0))
 
 
 def test_edma_stop_before_the_engine_runs_halts_without_an_interrupt() -> None:

@@ -229,14 +229,13 @@ def run(function: str | None, config_file: Path | None, configfs: Path | None,
         timeout = float("inf") if shell else 600.0
     elif timeout == 0:
         timeout = float("inf")
-    common = dict(function=function, config_file=config_file, configfs=configfs,
-                  preset=preset, xfail=xfail, kernel=kernel, kselftest=kselftest, qemu=qemu,
-                  timeout=timeout, guest_args=list(guest_args), linux=linux,
-                  options=GuestOptions(memory, append, cpus, qemu_args, gdb_port,
-                                       interactive=shell, shares=mounts, dyndbg=dyndbg,
-                                       trace_events=trace_events,
-                                       ftrace_filter=ftrace_filter, workdir=workdir,
-                                       accel=accel))
+    common: dict[str, Any] = dict(
+        function=function, config_file=config_file, configfs=configfs, preset=preset,
+        xfail=xfail, kernel=kernel, kselftest=kselftest, qemu=qemu, timeout=timeout,
+        guest_args=list(guest_args), linux=linux,
+        options=GuestOptions(memory, append, cpus, qemu_args, gdb_port, interactive=shell,
+                             shares=mounts, dyndbg=dyndbg, trace_events=trace_events,
+                             ftrace_filter=ftrace_filter, workdir=workdir, accel=accel))
     ep = EpGuestRun(sets, preset, configfs, guest_args, ep_kernel, ep_exec, ep_dyndbg, xfail,
                     function)
     if ep != EpGuestRun(sets, preset, configfs, guest_args, xfail=xfail, function=function) \

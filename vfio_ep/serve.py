@@ -87,18 +87,18 @@ def serve_forever(sockets: list[str], function: str | None, config_file: Path | 
         for listener in listeners:  # the ones bound before: their sockets and directories
             listener.close()
         sys.exit(f"vfio-ep: {e}")
-    for e in endpoints:
+    for ep in endpoints:
         if print_qemu_args:
-            print(f"# {e.controller}:\n{qemu_command(e.socket)}", flush=True)
-        if not isinstance(e.device, PciDevice):
-            log.info("serving controller %s on %s once its EP guest starts it", e.controller,
-                     e.socket)
+            print(f"# {ep.controller}:\n{qemu_command(ep.socket)}", flush=True)
+        if not isinstance(ep.device, PciDevice):
+            log.info("serving controller %s on %s once its EP guest starts it", ep.controller,
+                     ep.socket)
             continue
-        h = e.device.spec.header
-        what = ", ".join(f.tag.split("/")[-1] + f" ({f.name})" for f in e.functions) or \
-            ("its CPU side" if e.epc else "testdev")
-        log.info("serving controller %s: %s %04x:%04x on %s", e.controller, what, h.vendorid,
-                 h.deviceid, e.socket)
+        h = ep.device.spec.header
+        what = ", ".join(f.tag.split("/")[-1] + f" ({f.name})" for f in ep.functions) or \
+            ("its CPU side" if ep.epc else "testdev")
+        log.info("serving controller %s: %s %04x:%04x on %s", ep.controller, what, h.vendorid,
+                 h.deviceid, ep.socket)
 
     def ready() -> None:
         try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 import time
+from typing import Any
 
 from vfio_ep.bench.common import BenchError, Column, Result, median, ratio, serve
 from vfio_ep.epf.functions.pci_epf_vntb import CONTROLLER_DEFAULTS
@@ -46,7 +47,7 @@ def percentile(values: list[float], p: float) -> float:
 
 def run(count: int = 200, interval: float = 0.05) -> Result:
     started = time.monotonic()
-    rows = []
+    rows: list[dict[str, Any]] = []
     for label, sets in CONFIGS:
         with serve(("ntb_client=netdev", *sets), function="pci-epf-vntb") as server:
             result = boot_guest(SCRIPT.format(count=count, interval=interval),

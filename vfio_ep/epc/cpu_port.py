@@ -26,15 +26,15 @@ import re
 from pathlib import Path
 
 from vfio_ep.config import attributes
-from vfio_ep.epc.address_space import AddressError, ApertureWindow
+from vfio_ep.epc.address_space import AddressError, Aperture, ApertureWindow
 from vfio_ep.epc.bar import PciEpfBar, PciEpfBarSubmap
-from vfio_ep.epc.core import EpcError, IrqType, PciEpc
+from vfio_ep.epc.core import EpcError, EpcEvents, IrqType, PciEpc
 from vfio_ep.epc.dw import DwPcieEp, PciEpcAuxResource
 from vfio_ep.epc.edma import EDMA_REGS_SIZE, EMUL_DOORBELL_OFFSET
 from vfio_ep.epc.features import NO_BAR
 from vfio_ep.epc.irq import IRQ_HANDLED, IRQF_SHARED
 from vfio_ep.memory import ForeignMemory, SharedMemory
-from vfio_ep.pci.bar import NUM_BARS, BarSpec, Window, WindowKind
+from vfio_ep.pci.bar import NUM_BARS, BarSpec, MmioHandler, Window, WindowKind
 from vfio_ep.pci.device import MsixPlacement, PciDevice, PciDeviceSpec, PciHeader
 from vfio_ep.pci.host import Host, RcBusError, RcMemory
 from vfio_ep.qemu_dir import EPC_HEADER
@@ -96,7 +96,7 @@ if EDMA_SIZE != EDMA_REGS_SIZE:  # the header and the eDMA model must agree
                       f"{EDMA_REGS_SIZE:#x}")
 
 
-class GuestRam:
+class GuestRam(Aperture):
     """The EP guest's RAM on the SoC bus [0, BUS_RAM_END): the Aperture protocol over the
     guest's vfio-user DMA mappings (none while no EP guest is attached).
 
@@ -177,7 +177,7 @@ class GuestRam:
         return out
 
 
-class EpcCpuPort:
+class EpcCpuPort(MmioHandler, EpcEvents):
     """``controllers/<name>`` seen from the EP guest's CPU: its PCI device, its registers
     (an MmioHandler), and the core's events it passes on (an EpcEvents)."""
 

@@ -22,21 +22,22 @@ import logging
 import os
 import weakref
 from collections.abc import Callable
+from typing import Any
 
 import trio
 
 from vfio_ep.epc.address_space import EpRam
 from vfio_ep.epc.irq import IrqDomain, Spawn
 from vfio_ep.native import native
-from vfio_ep.pci.bar import MmioHandler
+from vfio_ep.pci.bar import FastDoorbell, MmioHandler
 
 log = logging.getLogger(__name__)
 
 DOORBELL_SIZE = 4
 
 
-class DoorbellTarget:
-    """An MmioHandler for one doorbell register: data value -> virq."""
+class DoorbellTarget(FastDoorbell):
+    """One doorbell register (data value -> virq), which the C fast path rings itself."""
 
     def __init__(self, name: str, addr: int, irqs: IrqDomain, spawn: Spawn,
                  underlying: MmioHandler | None = None, underlying_offset: int = 0) -> None:
@@ -141,7 +142,8 @@ class PollDoorbell:
         self.rung = 0
         self.ignored = 0
         self._scope = trio.CancelScope()
-        self._poller = _CPoller.start(self) if native() else None
+        c = native()
+        self._poller = _CPoller.start(self, *c) if c else None
         spawn(self._run, "poll-doorbell")
 
     def word_address(self) -> int:
@@ -187,9 +189,9 @@ class _CPoller:
     followed across EP RAM remaps, and the thread is joined before the word goes away (on
     close, or at interpreter exit, before EP RAM is unmapped)."""
 
-    def __init__(self, doorbell: PollDoorbell) -> None:
-        ffi, self._lib = native() or (None, None)
+    def __init__(self, doorbell: PollDoorbell, ffi: Any, lib: Any) -> None:
         self._ffi = ffi
+        self._lib = lib
         self.doorbell = doorbell
         self.efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.p = ffi.new("struct vfu_poller *")
@@ -198,8 +200,8 @@ class _CPoller:
         self._point()
 
     @classmethod
-    def start(cls, doorbell: PollDoorbell) -> _CPoller:
-        poller = cls(doorbell)
+    def start(cls, doorbell: PollDoorbell, ffi: Any, lib: Any) -> _CPoller:
+        poller = cls(doorbell, ffi, lib)
         err = poller._lib.vfu_poller_start(poller.p)
         if err:
             os.close(poller.efd)

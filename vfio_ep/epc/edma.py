@@ -170,7 +170,7 @@ class DwEdma:
             work.cancel()
             self._set_ch_status(direction, ch, CH_HALTED)
 
-    async def _run(self, direction: str, ch: int, regs: dict) -> None:
+    async def _run(self, direction: str, ch: int, regs: dict[str, int]) -> None:
         sar = regs["sar_lo"] | regs["sar_hi"] << 32
         dar = regs["dar_lo"] | regs["dar_hi"] << 32
         size = regs["size"]

@@ -16,6 +16,7 @@ import inspect
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Protocol
 
 from vfio_ep.errors import ErrnoError
@@ -144,7 +145,7 @@ class IrqDomain:
                     desc.ack()
                 results = [a.handler(desc.virq, a.dev_id) for a in list(desc.actions)]
                 if any(inspect.isawaitable(r) for r in results):  # not plain after all
-                    self._spawn(lambda r=results: self._run(desc, r), f"irq-{virq}-{desc.chip}")
+                    self._spawn(partial(self._run, desc, results), f"irq-{virq}-{desc.chip}")
                     return  # the task finishes this round, and owns `running`
                 self._account(desc, results)
                 if not desc.pending:

@@ -13,7 +13,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from vfio_ep.epc.address_space import AddressError
+from vfio_ep.epc.address_space import AddressError, Aperture
 from vfio_ep.memory import ForeignMemory
 from vfio_ep.pci.host import RcBusError, RcMemory
 
@@ -58,7 +58,7 @@ class PciEpcMem:
         self.used[first : first + pages] = [False] * pages
 
 
-class OutboundAtu:
+class OutboundAtu(Aperture):
     """Outbound iATU regions, and the aperture [base, base + size) they make reachable."""
 
     def __init__(self, base: int, size: int, num_windows: int,

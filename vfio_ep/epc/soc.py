@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from functools import partial
 
 import trio
 
 from vfio_ep.epc.address_space import AddressError, EpAddressSpace, EpRam
 from vfio_ep.epc.features import ControllerProfile
-from vfio_ep.epc.irq import IrqDomain
+from vfio_ep.epc.irq import Cancellable, IrqDomain, Spawn
 from vfio_ep.epc.msi_controller import PlatformMsiController
 from vfio_ep.errors import ErrnoError
 from vfio_ep.pci.host import RcBusError
@@ -42,6 +43,31 @@ class EpWork:
 
     def cancel(self) -> None:
         self.scope.cancel()
+
+
+class DelayedWork:
+    """struct delayed_work on the EP's CPU: :meth:`schedule` runs ``fn`` after ``delay``
+    seconds in place of a run still pending (mod_delayed_work()); :meth:`cancel` drops the
+    pending run (cancel_delayed_work()).  ``fn`` may schedule itself again."""
+
+    def __init__(self, spawn: Spawn, fn: Callable[[], None], name: str) -> None:
+        self._spawn = spawn
+        self._fn = fn
+        self._name = name
+        self._work: Cancellable | None = None
+
+    def schedule(self, delay: float) -> None:
+        self.cancel()
+        self._work = self._spawn(partial(self._later, delay), self._name)
+
+    async def _later(self, delay: float) -> None:
+        await trio.sleep(delay)
+        self._fn()
+
+    def cancel(self) -> None:
+        if self._work is not None:
+            self._work.cancel()
+            self._work = None
 
 
 class EpcError(ErrnoError):

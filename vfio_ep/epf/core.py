@@ -10,11 +10,13 @@ connected or went away).
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 from vfio_ep.epc.bar import PciEpfBar
 from vfio_ep.epc.core import EpcEvents, PciEpc
 from vfio_ep.epc.features import BarType, EpcFeatures
+from vfio_ep.epc.soc import EpWork
 from vfio_ep.pci.bar import NUM_BARS, PCI_BASE_ADDRESS_MEM_TYPE_64
 from vfio_ep.pci.device import PciHeader
 
@@ -43,14 +45,20 @@ def required_bar_size(size: int, bar: int, features: EpcFeatures) -> tuple[int, 
     return size, (size + align - 1) // align * align if align else size
 
 
-class _Tagged(logging.LoggerAdapter):  # type: ignore[type-arg]
-    """A function's log lines start with "<controller>/<function>"."""
+class _Tagged(logging.LoggerAdapter[logging.Logger]):
+    """A function's log lines start with "<controller>/<function>" (its tag when logged:
+    the composition names it after the function is made)."""
 
-    def process(self, msg: object, kwargs: Any) -> tuple[object, Any]:
-        return f"{self.extra['epf'].tag}: {msg}", kwargs  # type: ignore[index]
+    def __init__(self, logger: logging.Logger, epf: PciEpf) -> None:
+        super().__init__(logger)
+        self.epf = epf
+
+    def process(self, msg: object, kwargs: MutableMapping[str, Any]
+                ) -> tuple[object, MutableMapping[str, Any]]:
+        return f"{self.epf.tag}: {msg}", kwargs
 
 
-class PciEpf:
+class PciEpf(EpcEvents):
     """A function: header, interrupt counts, BARs; subclasses implement the event ops."""
 
     name = "pci_epf"
@@ -65,7 +73,7 @@ class PciEpf:
         self.vfunc_no = 0
         # Who this is in logs: "<controller>/<configfs function name>", set by the composition.
         self.tag = self.name
-        self.log = _Tagged(logging.getLogger(type(self).__module__), {"epf": self})
+        self.log = _Tagged(logging.getLogger(type(self).__module__), self)
         self.bar: list[PciEpfBar | None] = [None] * NUM_BARS
         # The secondary interface of a function bridging two controllers (pci-epf-ntb).
         self.sec_epc: PciEpc | None = None
@@ -84,6 +92,11 @@ class PciEpf:
         if self.epc is None:
             raise RuntimeError(f"{self.name} is not bound to a controller")
         return self.epc
+
+    def spawn(self, fn: Callable[[], Awaitable[None]], name: str) -> EpWork:
+        """queue_work() on the controller's CPU; usable before bind, as a callback that
+        runs after it (a trapped register's handler)."""
+        return self.controller.spawn(fn, name)
 
     @property
     def features(self) -> EpcFeatures:

@@ -18,8 +18,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from vfio_ep.epc.core import PciEpcAuxResource
 from vfio_ep.epc.doorbell import PollDoorbell
+from vfio_ep.epc.dw import PciEpcAuxResource
 from vfio_ep.epc.features import NO_BAR
 from vfio_ep.epc.irq import IRQF_SHARED
 from vfio_ep.epc.msi_controller import MsiMsg

@@ -30,8 +30,9 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import IO, TypeVar
 
 import click
 
@@ -44,6 +45,7 @@ BASE_SUITE = "trixie"
 IMAGE = "localhost/vfio-ep-test:latest"
 CONTAINER_CACHE = "/root/.cache/vfio-ep"
 HOST_PACKAGES = ("podman", "runc", "debootstrap")
+_T = TypeVar("_T")
 PODMAN_OPTIONS = ("--runtime", "runc", "--cgroup-manager=cgroupfs")
 CONTAINERS_CONF = "[containers]\ndefault_ulimits = []\n"
 # The host's extra CA certificates (e.g. a TLS-intercepting egress proxy), mounted read-only for
@@ -99,7 +101,7 @@ class Podman:
     def env(self) -> dict[str, str]:
         return {**os.environ, "CONTAINERS_CONF": str(self.conf)}
 
-    def run(self, *args: str, stdin: int | None = None, capture: bool = False,
+    def run(self, *args: str, stdin: int | IO[bytes] | None = None, capture: bool = False,
             check: bool = True) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run(self.argv(*args), env=self.env(), stdin=stdin, text=True,
                               capture_output=capture, check=False)
@@ -280,7 +282,8 @@ def run(image: str, no_build: bool, command: tuple[str, ...]) -> None:
     _finish(status, started, command[0])
 
 
-def _guard(action):  # type: ignore[no-untyped-def]
+def _guard(action: Callable[[], _T]) -> _T:
+    """``action()``, with a provisioning failure said in one line and exit status 2."""
     try:
         return action()
     except (ContainerError, ProvisionError) as exc:

@@ -300,21 +300,21 @@ async def _boot_pair(assets: tuple[GuestAssets, GuestAssets], name: str,
 
         ep_assets, rc_assets = assets
         assert ep_assets.epc_driver is not None
-        ep = GuestRun(ep[0], server_args=[], assets=ep_assets, socket=ep_socket,
-                      run_dir=top / "ep", options=options[0],
-                      extra_files={"ep_guest.sh": EP_GUEST, SETUP: ep[1].encode(),
-                                   f"lib/modules/{EPC_MODULE}": ep_assets.epc_driver,
-                                   **files[0]},
-                      live=_live("ep", seen))
-        async with ep:
-            ep_done = asyncio.create_task(ep.wait(timeout))
+        ep_run = GuestRun(ep[0], server_args=[], assets=ep_assets, socket=ep_socket,
+                          run_dir=top / "ep", options=options[0],
+                          extra_files={"ep_guest.sh": EP_GUEST, SETUP: ep[1].encode(),
+                                       f"lib/modules/{EPC_MODULE}": ep_assets.epc_driver,
+                                       **files[0]},
+                          live=_live("ep", seen))
+        async with ep_run:
+            ep_done = asyncio.create_task(ep_run.wait(timeout))
             waiting = asyncio.create_task(ready.wait())
             await asyncio.wait({ep_done, waiting}, timeout=timeout,
                                return_when=asyncio.FIRST_COMPLETED)
             waiting.cancel()
             if not ready.is_set():
                 ep_done.cancel()
-                result = await ep.collect() if not ep_done.done() else ep_done.result()
+                result = await ep_run.collect() if not ep_done.done() else ep_done.result()
                 return PairResult(result, None, log.read_text(errors="replace"),
                                   "the EP guest did not start its controller: "
                                   + (result.error or _last_words(result.output)))
@@ -326,7 +326,7 @@ async def _boot_pair(assets: tuple[GuestAssets, GuestAssets], name: str,
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(exited.wait(), ep_finish)
             ep_done.cancel()
-            ep_result = await ep.collect()
+            ep_result = await ep_run.collect()
     return PairResult(ep_result, rc_result, log.read_text(errors="replace"),
                       ep_result.error and f"EP guest: {ep_result.error}")
 

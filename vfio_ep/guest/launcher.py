@@ -22,6 +22,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -399,8 +400,10 @@ class GuestRun:
         with self.qmp.listener("DEVICE_DELETED") as listener:
             await self.qmp.execute("device_del", {"id": device_id})
             async with asyncio.timeout(timeout):
-                while (await listener.get())["data"].get("device") != device_id:
-                    pass
+                async for event in listener:
+                    data = event["data"]
+                    if isinstance(data, dict) and data.get("device") == device_id:
+                        break
 
     async def _start(self) -> None:
         if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
@@ -597,7 +600,7 @@ async def _boot_guests(specs: Sequence[GuestSpec], server_args: list[str],
                            socket=sockets[s.controller], run_dir=run_dir / s.label,
                            extra_files=extra_files, extra_qemu_args=s.qemu_args,
                            options=replace(options, gdb_port=gdb_port),
-                           live=(lambda line, label=s.label: live(label, line)) if live else None)
+                           live=partial(live, s.label) if live else None)
             tasks[s.label] = asyncio.create_task(_boot_after(
                 tasks[s.after] if s.after else None, run, timeout))
         results = await asyncio.gather(*tasks.values())

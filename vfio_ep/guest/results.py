@@ -72,7 +72,7 @@ class Report:
     @property
     def passed(self) -> bool:
         """Something ran, no test failed, none went missing, and the harness's totals agree."""
-        totals_bad = bool(self.totals) and any(self.totals.get(k, 0) for k in FAILING)
+        totals_bad = self.totals is not None and any(self.totals.get(k, 0) for k in FAILING)
         return (not self.ran_nothing and not totals_bad
                 and not any(test.failed for test in self.tests))
 
@@ -232,9 +232,9 @@ def metrics_table(columns: list[tuple[str, Report]]) -> str:
     names = [column for column, _ in columns]
     lines = [f"| test | measure | {' | '.join(names)} |",
              f"|---|---|{'---:|' * len(names)}"]
-    for (test, measure), values in rows.items():
+    for (name, measure), values in rows.items():
         shown = (_shown(values[n]) if n in values else "" for n in names)
-        lines.append(f"| {test} | {measure} | {' | '.join(shown)} |")
+        lines.append(f"| {name} | {measure} | {' | '.join(shown)} |")
     return "\n".join(lines)
 
 

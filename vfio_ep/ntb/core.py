@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import abc
 import logging
-from collections.abc import Awaitable, Callable
 from typing import Protocol
+
+from vfio_ep.epc.irq import Spawn
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +49,7 @@ class NtbClient(Protocol):
 class NtbDev(abc.ABC):
     """An NTB device: the ops a hardware driver implements, and the event plumbing."""
 
-    def __init__(self, name: str, spawn: Callable[[Callable[[], Awaitable[None]], str], None]
-                 ) -> None:
+    def __init__(self, name: str, spawn: Spawn) -> None:
         self.name = name
         self.spawn = spawn  # a work queue: run an async job on the EP's CPU
         self.ctx: NtbCtxOps | None = None

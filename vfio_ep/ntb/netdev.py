@@ -17,7 +17,7 @@ from typing import Protocol
 import trio
 
 from vfio_ep.ntb.clients import TAP_PREFIX
-from vfio_ep.ntb.core import NtbDev
+from vfio_ep.ntb.core import NtbClient, NtbDev
 from vfio_ep.ntb.transport import NtbTransport, TransportQp
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ class NetBackend(Protocol):
     def close(self) -> None: ...
 
 
-class NetdevClient:
+class NetdevClient(NtbClient):
     """An NtbClient: ntb_transport, and ntb_netdev on its first queue pair."""
 
     def __init__(self, netdev: str, address: ipaddress.IPv4Interface) -> None:

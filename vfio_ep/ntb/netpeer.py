@@ -21,17 +21,18 @@ from __future__ import annotations
 import ipaddress
 import logging
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 from construct import Bytes, Int8ub, Int16ub, Int32ub, Struct
 
+from vfio_ep.epc.irq import Spawn
+
 log = logging.getLogger(__name__)
 
 Send = Callable[[bytes], None]
-Spawn = Callable[[Callable[[], Awaitable[None]], str], None]
 
 ETH_P_IP = 0x0800
 ETH_P_ARP = 0x0806

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import logging
 
-import trio
-
-from vfio_ep.ntb.core import NTB_DEF_PEER_IDX, NtbDev
+from vfio_ep.epc.soc import DelayedWork
+from vfio_ep.ntb.core import NTB_DEF_PEER_IDX, NtbClient, NtbCtxOps, NtbDev
 
 log = logging.getLogger(__name__)
 
@@ -19,12 +18,12 @@ PEER_PORT = 0  # two-port NTB: both ports are 0, so in_db = out_db = BIT(0)
 IN_DB = OUT_DB = 1 << PEER_PORT
 
 
-class PingPong:
+class PingPong(NtbClient, NtbCtxOps):
     def __init__(self, delay: float) -> None:
         self.delay = delay
         self.count = 0
         self.ntb: NtbDev | None = None
-        self._timer: trio.CancelScope | None = None
+        self._timer: DelayedWork | None = None  # pp->timer, made at probe
 
     # -- NtbClient ------------------------------------------------------------
     def probe(self, ntb: NtbDev) -> None:
@@ -34,23 +33,25 @@ class PingPong:
                              f"(db_valid_mask {ntb.db_valid_mask():#x}, "
                              f"{ntb.spad_count()} spads)")
         self.ntb = ntb
+        self._timer = DelayedWork(ntb.spawn, self._ping, f"{ntb.name}-pingpong")
         ntb.set_ctx(self)
         ntb.link_enable()
         ntb.link_event()
 
     def remove(self, ntb: NtbDev) -> None:
-        self._cancel()
+        assert self._timer is not None
+        self._timer.cancel()
         ntb.clear_ctx()
         ntb.link_disable()
 
     # -- NtbCtxOps --------------------------------------------------------------
     def link_event(self) -> None:
         """pp_setup(): (re)arm the ping timer while the link is up."""
-        assert self.ntb is not None
-        self._cancel()
+        assert self.ntb is not None and self._timer is not None
         if self.ntb.link_is_up():
-            self._arm()
+            self._timer.schedule(self.delay)
         else:
+            self._timer.cancel()
             log.info("%s: ping-pong cancelled (link down)", self.ntb.name)
 
     def db_event(self, vector: int) -> None:
@@ -60,25 +61,8 @@ class PingPong:
         self.count += 1
         log.debug("%s: pong %d (spad %#x)", self.ntb.name, self.count, spad)
         self.ntb.db_clear(IN_DB)
-        self._cancel()
-        self._arm()
-
-    # -- the timer --------------------------------------------------------------
-    def _arm(self) -> None:
-        assert self.ntb is not None
-        scope = self._timer = trio.CancelScope()
-
-        async def ping_later() -> None:
-            with scope:
-                await trio.sleep(self.delay)
-                self._ping()
-
-        self.ntb.spawn(ping_later, f"{self.ntb.name}-pingpong")
-
-    def _cancel(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        assert self._timer is not None
+        self._timer.schedule(self.delay)
 
     def _ping(self) -> None:
         """pp_ping()."""

@@ -13,9 +13,11 @@ import fcntl
 import logging
 import os
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 import trio
+
+from vfio_ep.epc.irq import Spawn
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +31,7 @@ MAX_FRAME = 0x10000
 
 class TapBackend:
     def __init__(self, name: str, send: Callable[[bytes], None],
-                 spawn: Callable[[Callable[[], Awaitable[None]], str], None]) -> None:
+                 spawn: Spawn) -> None:
         if len(name.encode()) >= IFNAMSIZ:
             raise ValueError(f"tap:{name}: interface names are at most {IFNAMSIZ - 1} bytes")
         self.name = name

@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import logging
 
-from vfio_ep.ntb.core import NTB_DEF_PEER_IDX, SZ_4K, NtbDev, NtbIoError
+from vfio_ep.ntb.core import NTB_DEF_PEER_IDX, SZ_4K, NtbClient, NtbCtxOps, NtbDev, NtbIoError
 
 log = logging.getLogger(__name__)
 
 SPAD_MASK = 0xFFFFFFFF
 
 
-class ToolResponder:
+class ToolResponder(NtbClient, NtbCtxOps):
     def __init__(self) -> None:
         self.ntb: NtbDev | None = None
         self.inbound: list[tuple[int, int]] = []  # (EP address, size) per inbound window

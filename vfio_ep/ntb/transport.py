@@ -19,13 +19,14 @@ import errno
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
-import trio
 from construct import Int32ul, Struct
 
+from vfio_ep.epc.soc import DelayedWork
 from vfio_ep.epf.regs import field_offsets
 from vfio_ep.ntb.core import NTB_DEF_PEER_IDX as PIDX
-from vfio_ep.ntb.core import NtbDev, NtbIoError
+from vfio_ep.ntb.core import NtbClient, NtbCtxOps, NtbDev, NtbIoError
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ RX_INFO_SIZE = 4  # struct ntb_rx_info { unsigned int entry; }
 
 # struct ntb_payload_header, at the end of every frame
 PayloadHeader = Struct("ver" / Int32ul, "len" / Int32ul, "flags" / Int32ul)
-HDR_SIZE = PayloadHeader.sizeof()
+HDR_SIZE: int = PayloadHeader.sizeof()
 HDR = field_offsets(PayloadHeader)
 
 RxHandler = Callable[["TransportQp", bytes], None]
@@ -90,7 +91,11 @@ class TransportQp:
     stats: dict[str, int] = field(default_factory=dict)
     _rx_running: bool = False
     _rx_again: bool = False
-    _link_scope: trio.CancelScope | None = None
+    link_work: DelayedWork = field(init=False)  # qp->link_work
+
+    def __post_init__(self) -> None:
+        self.link_work = DelayedWork(self.ntb.spawn, partial(self.transport._qp_link_work, self),
+                                     f"{self.ntb.name}-qp{self.qp_num}-link")
 
     @property
     def ntb(self) -> NtbDev:
@@ -114,7 +119,7 @@ class TransportQp:
         self.client_ready = True
         self.rx_buf_len = rx_buf_len
         if self.transport.link_is_up:
-            self.transport.schedule_qp_link(self, 0)
+            self.link_work.schedule(0)
 
     async def tx_enqueue(self, data: bytes) -> int:
         """ntb_transport_tx_enqueue(): 0, or -ENOLINK / -EMSGSIZE / -EAGAIN (ring full)."""
@@ -224,7 +229,7 @@ class TransportQp:
         return True
 
 
-class NtbTransport:
+class NtbTransport(NtbClient, NtbCtxOps):
     """An ntb_transport context on one NTB device (an NtbClient and its NtbCtxOps)."""
 
     def __init__(self, max_mw_size: int = 0, on_probe: Callable[[NtbTransport], None]
@@ -236,12 +241,13 @@ class NtbTransport:
         self.qps: list[TransportQp] = []
         self.qp_bitmap_free = 0
         self.link_is_up = False
-        self._link_scope: trio.CancelScope | None = None
+        self.link_work: DelayedWork  # nt->link_work, made at probe
 
     # -- NtbClient ------------------------------------------------------------
     def probe(self, ntb: NtbDev) -> None:
         """ntb_transport_probe(): windows, QP count, queues; then enable the link."""
         self.ntb = ntb
+        self.link_work = DelayedWork(ntb.spawn, self._link_work, f"{ntb.name}-transport-link")
         spad_count = ntb.spad_count()
         if spad_count < NTB_TRANSPORT_MIN_SPADS:
             raise ValueError(f"{ntb.name}: ntb_transport needs {NTB_TRANSPORT_MIN_SPADS} "
@@ -276,7 +282,7 @@ class NtbTransport:
     def link_event(self) -> None:
         """ntb_transport_event_callback()."""
         if self.ntb.link_is_up():
-            self._schedule_link_work(0)
+            self.link_work.schedule(0)
         else:
             self._link_cleanup()
 
@@ -352,18 +358,6 @@ class NtbTransport:
         self.ntb.mw_set_trans(PIDX, num_mw, mw.dma_addr, xlat_size)
 
     # -- link -------------------------------------------------------------------
-    def _schedule_link_work(self, delay: float) -> None:
-        if self._link_scope is not None:
-            self._link_scope.cancel()
-        scope = self._link_scope = trio.CancelScope()
-
-        async def later() -> None:
-            with scope:
-                await trio.sleep(delay)
-                self._link_work()
-
-        self.ntb.spawn(later, f"{self.ntb.name}-transport-link")
-
     def _link_work(self) -> None:
         """ntb_transport_link_work(): publish our sizes, check the peer's, then the QPs."""
         ntb = self.ntb
@@ -377,7 +371,7 @@ class NtbTransport:
         theirs = (ntb.spad_read(VERSION), ntb.spad_read(NUM_QPS), ntb.spad_read(NUM_MWS))
         if theirs != (NTB_TRANSPORT_VERSION, len(self.qps), len(self.mws)):
             if ntb.link_is_up():
-                self._schedule_link_work(NTB_LINK_DOWN_TIMEOUT)
+                self.link_work.schedule(NTB_LINK_DOWN_TIMEOUT)
             return
         for i in range(len(self.mws)):
             size = ntb.spad_read(MW0_SZ_HIGH + 2 * i) << 32 | ntb.spad_read(MW0_SZ_LOW + 2 * i)
@@ -393,19 +387,7 @@ class NtbTransport:
         for qp in self.qps:
             self._setup_qp_mw(qp)
             if qp.client_ready:
-                self.schedule_qp_link(qp, 0)
-
-    def schedule_qp_link(self, qp: TransportQp, delay: float) -> None:
-        if qp._link_scope is not None:
-            qp._link_scope.cancel()
-        scope = qp._link_scope = trio.CancelScope()
-
-        async def later() -> None:
-            with scope:
-                await trio.sleep(delay)
-                self._qp_link_work(qp)
-
-        self.ntb.spawn(later, f"{self.ntb.name}-qp{qp.qp_num}-link")
+                qp.link_work.schedule(0)
 
     def _qp_link_work(self, qp: TransportQp) -> None:
         """ntb_qp_link_work(): set our bit in the peer's QP_LINKS; up once the peer set
@@ -420,18 +402,17 @@ class NtbTransport:
                 qp.event_handler(qp, True)
             qp.schedule_rx()
         elif self.link_is_up:
-            self.schedule_qp_link(qp, NTB_LINK_DOWN_TIMEOUT)
+            qp.link_work.schedule(NTB_LINK_DOWN_TIMEOUT)
 
     def schedule_qp_cleanup(self, qp: TransportQp) -> None:
         """The peer sent LINK_DOWN on this QP: clean up, then try to re-link."""
         self._qp_link_cleanup(qp)
         if self.link_is_up:
-            self.schedule_qp_link(qp, NTB_LINK_DOWN_TIMEOUT)
+            qp.link_work.schedule(NTB_LINK_DOWN_TIMEOUT)
 
     def _qp_link_cleanup(self, qp: TransportQp) -> None:
         """ntb_qp_link_cleanup()."""
-        if qp._link_scope is not None:
-            qp._link_scope.cancel()
+        qp.link_work.cancel()
         was_up = qp.link_is_up
         qp.link_is_up = qp.active = False
         qp.tx_index = qp.rx_index = qp.rx_pkts = qp.tx_pkts = 0
@@ -445,8 +426,7 @@ class NtbTransport:
     def _link_cleanup(self) -> None:
         """ntb_transport_link_cleanup(): QPs down, and our scratchpads zeroed so the next
         handshake starts clean.  (The inbound buffers stay: see the module docstring.)"""
-        if self._link_scope is not None:
-            self._link_scope.cancel()
+        self.link_work.cancel()
         for qp in self.qps:
             if not self.qp_bitmap_free & (1 << qp.qp_num):
                 self._qp_link_cleanup(qp)

@@ -16,7 +16,7 @@ import mmap
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Protocol, cast, runtime_checkable
 
 from vfio_ep.memory import ForeignMemory, SharedMemory
 
@@ -197,9 +197,9 @@ class WindowTable:
         if isinstance(w.target, SharedMemory | ForeignMemory):
             return w.target.read(rel, size)
         if w.memory:
-            return w.target.read_bytes(rel, size)
+            return cast(MemoryHandler, w.target).read_bytes(rel, size)
         _check_mmio_size(bar, offset, size)
-        return w.target.read(rel, size).to_bytes(size, "little")
+        return cast(MmioHandler, w.target).read(rel, size).to_bytes(size, "little")
 
     def write(self, bar: int, offset: int, data: bytes) -> None:
         w = self.find(bar, offset, len(data))
@@ -208,10 +208,10 @@ class WindowTable:
             w.target.write(rel, data)
             return
         if w.memory:
-            w.target.write_bytes(rel, data)
+            cast(MemoryHandler, w.target).write_bytes(rel, data)
             return
         _check_mmio_size(bar, offset, len(data))
-        w.target.write(rel, len(data), int.from_bytes(data, "little"))
+        cast(MmioHandler, w.target).write(rel, len(data), int.from_bytes(data, "little"))
 
 
 def _check_mmio_size(bar: int, offset: int, size: int) -> None:

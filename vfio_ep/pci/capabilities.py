@@ -49,15 +49,15 @@ PcieCap = Struct(
 _ZERO8 = bytes(8)
 
 
-def _block(layout: Struct, cap_id: int, values: dict, wmask: dict, w1c: dict | None = None
-           ) -> CapabilityBlock:
+def _block(layout: Struct, cap_id: int, values: dict[str, int], wmask: dict[str, int],
+           w1c: dict[str, int] | None = None) -> CapabilityBlock:
     """Build the capability and its masks from three field dictionaries of one layout."""
 
-    def fill(fields: dict) -> bytes:
+    def fill(fields: dict[str, int]) -> bytes:
         full = {name: 0 for name in (s.name for s in layout.subcons)}
         full.update({k: _ZERO8 for k, v in full.items() if _is_bytes(layout, k)})
         full.update(fields)
-        return layout.build(full)
+        return bytes(layout.build(full))
 
     return CapabilityBlock(cap_id, fill({"id": cap_id, **values}), fill(wmask), fill(w1c or {}))
 

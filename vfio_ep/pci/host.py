@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
+from vfio_ep.pci.regions import Irq
+
 
 class RcBusError(Exception):
     """An access to RC memory that nothing answers: unmapped, or no RC attached (on PCIe, a
@@ -40,17 +42,24 @@ class RcMemory(Protocol):
 
 
 class Interrupts(Protocol):
-    """Interrupt delivery to the RC: INTx level, MSI/MSI-X vectors by index."""
+    """Interrupt delivery to the RC: INTx level, MSI/MSI-X vectors by VFIO IRQ index."""
 
     def set_intx(self, level: bool) -> None: ...
 
     def set_intx_disabled(self, disabled: bool) -> None: ...
 
-    def trigger(self, index: int, vector: int) -> bool: ...
+    def trigger(self, irq: Irq, vector: int) -> bool:
+        """Signal one MSI/MSI-X vector; False where the RC has not assigned it."""
+        ...
 
 
 class Host(Protocol):
-    """The attached client: its memory and its interrupts (work runs on the EP's CPU)."""
+    """The attached client: its memory and its interrupts (work runs on the EP's CPU).
 
-    dma: RcMemory
-    irqs: Interrupts
+    Read-only to the device: the transport owns both (and its own, richer types of them)."""
+
+    @property
+    def dma(self) -> RcMemory: ...
+
+    @property
+    def irqs(self) -> Interrupts: ...

@@ -18,7 +18,7 @@ import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from vfio_ep.pci.host import RcBusError
+from vfio_ep.pci.host import RcBusError, RcMemory
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +44,9 @@ MessageRead = Callable[[int, int], Awaitable[bytes]]
 MessageWrite = Callable[[int, bytes], Awaitable[None]]
 
 
-class DmaTable:
-    """Sorted, non-overlapping iova ranges with a bounds-checked read/write API."""
+class DmaTable(RcMemory):
+    """Sorted, non-overlapping iova ranges with a bounds-checked read/write API: the RC's
+    memory as the device model reaches it."""
 
     def __init__(self) -> None:
         self._regions: list[DmaRegion] = []
@@ -159,10 +160,12 @@ class DmaTable:
     def views(self, iova: int, size: int) -> list[memoryview] | None:
         if size < 0:
             raise DmaError(f"negative DMA size {size}")
-        chunks = self._chunks(iova, size)
-        if any(r.view is None for r, _, _ in chunks):
-            return None
-        return [r.view[off : off + n] for r, off, n in chunks]
+        views = []
+        for r, off, n in self._chunks(iova, size):
+            if r.view is None:
+                return None
+            views.append(r.view[off : off + n])
+        return views
 
     async def read(self, iova: int, size: int) -> bytes:
         if size < 0:

@@ -11,7 +11,13 @@ memory write, and queued: the thread reads on, queueing further such writes (a g
 sustained register writes do not wait for Python one by one), and serves or hands over
 anything else only behind them, once Python has applied them in order.  Without the extension
 (no compiler at install time) or with ``VFIO_EP_FASTPATH=0``, the server reads every message
-in Python.
+in Python (and never imports this module, which needs the extension).
+
+The C headers are the contract's one source: the result codes are the extension's, and at
+import the Python side of the wire (protocol.py's sizes, flags and commands, the window kinds)
+is checked against them, so a stale extension or a one-sided edit fails at once.  Python
+writes no field of ``struct vfu_io`` itself: it calls C, which takes the thread's lock (or
+checks the thread is parked).
 """
 
 from __future__ import annotations
@@ -25,36 +31,71 @@ from typing import Any, cast
 
 import trio
 
+from vfio_ep._native import ffi, lib
 from vfio_ep.memory import ForeignMemory, SharedMemory
-from vfio_ep.native import ffi, lib
 from vfio_ep.pci.bar import FastDoorbell, WindowKind, WindowTable
+from vfio_ep.vfio_user import protocol as p
 
 log = logging.getLogger(__name__)
 
-AGAIN, MESSAGE, EOF, BROKEN, IOERR, OVERSIZED = 0, 1, 2, 3, 4, 5
-POSTED = lib.VFU_POSTED  # handed(): queued BAR writes wait, to apply before anything else
 _U32 = 0xFFFFFFFF  # the queue's counters are uint32_t, counting up and wrapping
 SEND_RETRY = 0.001  # seconds between tries while the thread's own reply waits for room
+
+
+def contract_mismatches() -> list[str]:
+    """Where the Python side of the wire and of the window table disagrees with native/'s
+    headers as the extension was built from them; empty when they agree."""
+    commands = ffi.typeof("enum vfu_command").relements
+    pairs: dict[str, tuple[object, object]] = {
+        "HEADER_SIZE": (p.HEADER_SIZE, lib.VFU_HDR_SIZE),
+        "Header": (p.Header.sizeof(), ffi.sizeof("struct vfu_hdr")),
+        "REGION_ACCESS_SIZE": (p.REGION_ACCESS_SIZE, ffi.sizeof("struct vfu_access")),
+        "WriteMultiEntry": (p.WriteMultiEntry.sizeof(), ffi.sizeof("struct vfu_multi_entry")),
+        "WRITE_MULTI_MAX": (p.WRITE_MULTI_MAX, lib.VFU_WRITE_MULTI_MAX),
+        "MAX_MSG_FDS": (p.MAX_MSG_FDS, lib.VFU_MAX_FDS),
+        "MAX_MESSAGE_SIZE": (p.MAX_MESSAGE_SIZE, lib.VFU_MAX_MSG),
+        **{name: (getattr(p, name), getattr(lib, f"VFU_{name}"))
+           for name in ("FLAG_TYPE_MASK", "FLAG_REPLY", "FLAG_NO_REPLY", "FLAG_ERROR")},
+        **{f"Command.{c.removeprefix('VFU_CMD_')}":
+           (p.Command.__members__.get(c.removeprefix("VFU_CMD_")), value)
+           for c, value in commands.items()},
+        **{f"WindowKind.{k.name}": (int(k), getattr(lib, f"VFU_WINDOW_{k.name}"))
+           for k in WindowKind},
+    }
+    return [f"{name}: Python {py}, C {c}" for name, (py, c) in pairs.items() if py != c]
+
+
+if _mismatches := contract_mismatches():
+    raise ImportError("the C extension and the Python side of the wire disagree (a stale "
+                      "build? make install): " + "; ".join(_mismatches))
 
 
 class FastPath:
     """One connection's C I/O thread: :meth:`start` it, :meth:`stop` it before the socket
     and anything its windows point at go away."""
 
+    # What handed() reports: C's result codes (vfu_fast.h, vfu_io.h), not copies of them.
+    # MESSAGE and OVERSIZED leave a message to take(); POSTED, writes queued to apply first.
+    MESSAGE: int = lib.VFU_MESSAGE
+    EOF: int = lib.VFU_EOF
+    BROKEN: int = lib.VFU_BROKEN
+    OVERSIZED: int = lib.VFU_OVERSIZED
+    POSTED: int = lib.VFU_POSTED
+
     def __init__(self, sock_fd: int, windows: WindowTable) -> None:
         self.io = ffi.new("struct vfu_io *")
         self._buf = ffi.new("uint8_t[]", lib.VFU_MAX_MSG)
         self._out = ffi.new("uint8_t[]", lib.VFU_MAX_MSG)
-        self.io.f.buf = self._buf
-        self.io.f.out = self._out
-        self.io.f.sock = sock_fd
-        self.io.notify_efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self.io.stop_efd = os.eventfd(0, os.EFD_CLOEXEC)
-        self.notify_fd: int = self.io.notify_efd
+        self.notify_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        lib.vfu_io_init(self.io, sock_fd, self._buf, self._out, self.notify_fd,
+                        os.eventfd(0, os.EFD_CLOEXEC))
         self.windows = windows
         self._keep: list[Any] = []
-        self._running = False
         self._recheck = False  # queued writes were applied: look again without a signal
+
+    @property
+    def _running(self) -> bool:
+        return bool(self.io.running)
 
     def start(self) -> None:
         table, n = self._table()
@@ -62,21 +103,17 @@ class FastPath:
         if err:
             raise OSError(err, f"cannot start the connection's I/O thread: {os.strerror(err)}")
         self._keep = [table]
-        self._running = True
         self.windows.listeners.append(self._sync)
         self.windows.guards.append(self._still)
 
     def stop(self) -> None:
-        """Join the thread, then release what a half-read message left (fds)."""
+        """Join the thread, then release what a half-read message left (fds) and the
+        eventfds."""
         if self._running:
             lib.vfu_io_stop(self.io)
-            self._running = False
             self.windows.listeners.remove(self._sync)
             self.windows.guards.remove(self._still)
-        self.drop()
-        for fd in (self.io.notify_efd, self.io.stop_efd):
-            os.close(fd)
-        self.io.notify_efd = self.io.stop_efd = -1
+        lib.vfu_io_close(self.io)
 
     @contextlib.contextmanager
     def _still(self) -> Iterator[None]:
@@ -133,7 +170,7 @@ class FastPath:
     def allow_early_ack(self) -> None:
         """From now on (the client negotiated), BAR writes Python applies are acknowledged
         by the thread first, as PCIe posts memory writes."""
-        self.io.f.early_ack = 1
+        lib.vfu_io_allow_early_ack(self.io)
 
     def resume(self) -> None:
         """Python is done with the handed-over message: the thread reads on."""
@@ -154,11 +191,8 @@ class FastPath:
 
     def posted_done(self, n: int) -> None:
         """The ``n`` oldest queued writes are applied: what waited behind them goes on."""
-        if self._running:
-            lib.vfu_io_posted_done(self.io, n)
-            self._recheck = True
-        else:
-            self.io.f.posted_tail = (self.io.f.posted_tail + n) & _U32
+        lib.vfu_io_posted_done(self.io, n)
+        self._recheck = self._running
 
     def idle(self) -> bool:
         """Whether every message the client sent so far has been handled (the thread waits
@@ -171,7 +205,7 @@ class FastPath:
         data = bytes(ffi.buffer(self._buf, f.have))
         fds = [f.fds[i] for i in range(f.nfds)]
         truncated = bool(f.fds_truncated)
-        f.have = f.nfds = f.fds_truncated = 0
+        self._release(close_fds=False)
         return data, fds, truncated
 
     async def send(self, data: bytes, fd: int | None = None) -> None:
@@ -210,13 +244,19 @@ class FastPath:
         return self.io.err or errno.EIO
 
     def drop(self) -> None:
-        """Release what a broken stream left half-read."""
-        f = self.io.f
-        for i in range(f.nfds):
-            os.close(f.fds[i])
-        f.have = f.nfds = 0
+        """Release what a broken stream left half-read (its fds closed)."""
+        self._release(close_fds=True)
+
+    def _release(self, close_fds: bool) -> None:
+        """Empty the thread's message buffer for the next message: only while the thread is
+        parked (it handed a result over, or has stopped), which C checks."""
+        err = lib.vfu_io_release(self.io, close_fds)
+        if err:
+            raise RuntimeError(f"the I/O thread's message released while it reads on "
+                               f"({os.strerror(-err)}): a bug in the caller")
 
     def stats(self) -> dict[str, int]:
+        """The thread's counters, by struct vfu_fast_stats's field names."""
         s = self.io.f.stats
-        return {k: getattr(s, k) for k in ("fast_reads", "fast_writes", "doorbells",
-                                           "to_python", "early_acks", "posted")}
+        return {name: getattr(s, name)
+                for name, _ in ffi.typeof("struct vfu_fast_stats").fields}

@@ -14,6 +14,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 
+from vfio_ep.pci.host import Interrupts
 from vfio_ep.vfio_user.protocol import (
     IRQ_INFO_AUTOMASKED,
     IRQ_INFO_EVENTFD,
@@ -43,8 +44,9 @@ class IntxLine:
 
 
 @dataclass
-class IrqSet:
-    """The eventfds of one connection, by IRQ index and vector."""
+class IrqSet(Interrupts):
+    """The eventfds of one connection, by IRQ index and vector: the RC's interrupts as the
+    device model raises them."""
 
     counts: dict[Irq, int]
     fds: dict[Irq, dict[int, int]] = field(default_factory=lambda: {i: {} for i in Irq})

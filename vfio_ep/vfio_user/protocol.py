@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import errno
 import json
+from typing import Any
 
 from construct import (
     Array,
@@ -33,6 +34,10 @@ from vfio_ep.pci.regions import Irq as Irq
 from vfio_ep.pci.regions import Region as Region
 
 HEADER_SIZE = 16
+
+# A parsed layout's fields by name (construct's Container, a dict): its values are as
+# untyped as construct itself, checked where a handler reads them.
+Fields = dict[str, Any]
 
 
 class Command(enum.IntEnum):
@@ -183,8 +188,9 @@ def pack_dma_request(layout: DmaLayout, address: int, count: int, data: bytes = 
     """Payload of a DMA_READ (no data) or DMA_WRITE request for ``layout``."""
     if layout is DmaLayout.QEMU:
         # The struct is 32 bytes with data at 28: pad so size >= 32 + count.
-        return DmaAccessQemu.build({"address": address, "count": count, "data": data + bytes(4)})
-    return DmaAccessSpec.build({"address": address, "count": count, "data": data})
+        return bytes(DmaAccessQemu.build({"address": address, "count": count,
+                                          "data": data + bytes(4)}))
+    return bytes(DmaAccessSpec.build({"address": address, "count": count, "data": data}))
 
 
 def unpack_dma_read_reply(layout: DmaLayout, payload: bytes, count: int) -> bytes:
@@ -197,9 +203,9 @@ def unpack_dma_read_reply(layout: DmaLayout, payload: bytes, count: int) -> byte
 
 
 def pack_header(msg_id: int, command: int, size: int, flags: int, error: int = 0) -> bytes:
-    return Header.build(
+    return bytes(Header.build(
         {"msg_id": msg_id, "command": command, "size": size, "flags": flags, "error": error}
-    )
+    ))
 
 
 def version_capabilities() -> bytes:

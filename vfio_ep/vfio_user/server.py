@@ -24,7 +24,7 @@ import struct
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 from construct import ConstructError
@@ -32,11 +32,13 @@ from construct import ConstructError
 from vfio_ep import native
 from vfio_ep.errors import ErrnoError
 from vfio_ep.pci.device import PciDevice
-from vfio_ep.vfio_user import fastpath
 from vfio_ep.vfio_user import protocol as p
 from vfio_ep.vfio_user.dma import DmaError, DmaTable
 from vfio_ep.vfio_user.irq import IrqSet
 from vfio_ep.vfio_user.protocol import Command, ProtocolError, StreamError
+
+if TYPE_CHECKING:
+    from vfio_ep.vfio_user.fastpath import FastPath
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +56,23 @@ _R = TypeVar("_R")
 Handler = Callable[["Connection", int, bytes, list[int]], tuple[bytes, int | None] | None]
 
 
+def _fast_path(sock_fd: int, device: PciDevice) -> FastPath:
+    """The connection's C I/O thread, not started; its module is imported here, as it needs
+    the extension (a server without one serves on the Python path)."""
+    from vfio_ep.vfio_user.fastpath import FastPath
+
+    return FastPath(sock_fd, device.windows)
+
+
 class ClientGone(Exception):
     """EOF at a message boundary: the client closed the connection."""
 
 
 class Connection:
-    """One client: its DMA table, its IRQ eventfds, and the request loop."""
+    """One client: its DMA table, its IRQ eventfds, and the request loop.  It is the host
+    the device is attached to (a :class:`~vfio_ep.pci.host.Host`, checked where
+    :meth:`serve` attaches it; not a subclass, as the Protocol's read-only properties would
+    shadow the attributes)."""
 
     def __init__(self, sock: trio.socket.SocketType, device: PciDevice, peer: str) -> None:
         self.sock = sock
@@ -72,13 +85,12 @@ class Connection:
         self.negotiated = False
         self._send_lock = trio.Lock()
         self._next_id = 0
-        self._replies: dict[int, tuple[trio.Event, list[tuple[dict, bytes]]]] = {}
+        self._replies: dict[int, tuple[trio.Event, list[tuple[p.Fields, bytes]]]] = {}
         self._nursery: trio.Nursery | None = None
         self._resample_scope: trio.CancelScope | None = None
         self.dma.message_read = self._dma_read_message
         self.dma.message_write = self._dma_write_message
-        use_fast, _ = native.available()
-        self.fast = fastpath.FastPath(sock.fileno(), device.windows) if use_fast else None
+        self.fast = _fast_path(sock.fileno(), device) if native.available()[0] else None
 
     # -- main loop ----------------------------------------------------------
     async def serve(self) -> None:
@@ -108,7 +120,7 @@ class Connection:
             self.irqs.close()
             self.sock.close()
 
-    def _start_fast_path(self, fast: fastpath.FastPath) -> None:
+    def _start_fast_path(self, fast: FastPath) -> None:
         """The connection's C I/O thread; without one (the system refused a thread), this
         client is served on the Python path."""
         try:
@@ -152,7 +164,7 @@ class Connection:
             if self.fast is not None:  # its effects are in place: C may read on
                 self.fast.resume()
 
-    async def _recv_message(self) -> tuple[dict, bytes, list[int]]:
+    async def _recv_message(self) -> tuple[p.Fields, bytes, list[int]]:
         if self.fast is not None:
             return await self._recv_message_fast(self.fast)
         head = bytearray()
@@ -181,7 +193,7 @@ class Connection:
         body = await self._recv_exact(size - p.HEADER_SIZE, fds)
         return hdr, body, fds
 
-    async def _oversized(self, hdr: dict, fds: list[int]) -> tuple[dict, bytes, list[int]]:
+    async def _oversized(self, hdr: p.Fields, fds: list[int]) -> tuple[p.Fields, bytes, list[int]]:
         """A message beyond max_data_xfer_size: read past it (up to MAX_DRAIN_SIZE) and
         refuse it like a READ of that size, or close a stream that big."""
         _close_fds(fds)
@@ -197,7 +209,8 @@ class Connection:
             left -= k
         return {**hdr, "oversized": True}, b"", []
 
-    async def _recv_message_fast(self, fast: fastpath.FastPath) -> tuple[dict, bytes, list[int]]:
+    async def _recv_message_fast(self, fast: FastPath
+                                 ) -> tuple[p.Fields, bytes, list[int]]:
         """C's I/O thread serves the hot messages; the first one that needs Python (or the
         stream's end) is handed over here, and C waits for :meth:`FastPath.resume`."""
         while True:
@@ -205,22 +218,22 @@ class Connection:
             if r is None:
                 await trio.lowlevel.wait_readable(fast.notify_fd)
                 continue
-            if r == fastpath.POSTED:
+            if r == fast.POSTED:
                 self._apply_posted(fast)
                 continue
-            if r == fastpath.MESSAGE:
+            if r == fast.MESSAGE:
                 data, fds, truncated = fast.take()
                 if truncated:
                     _close_fds(fds)
                     raise StreamError("file descriptors truncated (more than max_msg_fds)")
                 return p.Header.parse(data), data[p.HEADER_SIZE :], fds
-            if r == fastpath.OVERSIZED:
+            if r == fast.OVERSIZED:
                 data, fds, _ = fast.take()
                 return await self._oversized(p.Header.parse(data), fds)
             fast.drop()
-            if r == fastpath.EOF:
+            if r == fast.EOF:
                 raise ClientGone
-            if r == fastpath.BROKEN:
+            if r == fast.BROKEN:
                 raise StreamError("malformed message framing (bad size or EOF mid-message)")
             err = fast.errno()
             raise OSError(err, f"socket error in the fast path: {os.strerror(err)}")
@@ -237,7 +250,7 @@ class Connection:
             got += k
         return bytes(buf)
 
-    async def _handle_request(self, hdr: dict, body: bytes, fds: list[int]) -> None:
+    async def _handle_request(self, hdr: p.Fields, body: bytes, fds: list[int]) -> None:
         cmd, msg_id = hdr["command"], hdr["msg_id"]
         posted = bool(hdr["flags"] & p.FLAG_NO_REPLY)
         handler = _HANDLERS.get(cmd)
@@ -286,7 +299,7 @@ class Connection:
                           _name(cmd), msg_id)
             return None, errno.EIO
 
-    def _apply_posted(self, fast: fastpath.FastPath) -> int:
+    def _apply_posted(self, fast: FastPath) -> int:
         """The BAR writes C acknowledged (or the client posted) and queued, in order; a
         refusal is logged like any posted write's, never answered.  How many."""
         applied = 0
@@ -315,7 +328,7 @@ class Connection:
         self._next_id = (self._next_id + 1) & 0xFFFF
         msg_id = self._next_id
         event = trio.Event()
-        box: list[tuple[dict, bytes]] = []
+        box: list[tuple[p.Fields, bytes]] = []
         self._replies[msg_id] = (event, box)
         try:
             await self._send(p.pack_header(msg_id, cmd, p.HEADER_SIZE + len(payload),
@@ -347,7 +360,7 @@ class Connection:
                                     p.pack_dma_request(self.dma_layout, iova + off, len(chunk),
                                                        chunk))
 
-    def _deliver_reply(self, hdr: dict, body: bytes) -> None:
+    def _deliver_reply(self, hdr: p.Fields, body: bytes) -> None:
         waiter = self._replies.get(hdr["msg_id"])
         if waiter is None:
             log.warning("client %s: reply id %d matches no request of ours", self.peer,
@@ -400,7 +413,7 @@ def _version(c: Connection, msg_id: int, body: bytes, fds: list[int]) -> tuple[b
     return struct.pack("<HH", 0, 0) + p.version_capabilities() + b"\0", None
 
 
-def _client_capabilities(text: str | None) -> dict:
+def _client_capabilities(text: str | None) -> dict[str, Any]:
     """The client's VERSION capabilities, checked: a JSON object whose ``capabilities`` is
     an object, its sizes integers in range (the DMA path splits transfers by
     ``max_data_xfer_size``: 0 or -1 there would stall or silently drop them)."""

@@ -21,13 +21,15 @@ from __future__ import annotations
 
 import errno
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Annotated, Any
 
 from vfio_ep.config import U8, U16, U32, U64, ConfigError, Range, parse_int
 from vfio_ep.epc.address_space import Watch
 from vfio_ep.epc.bar import PciEpfBar
-from vfio_ep.epc.core import EpcError, IrqType, PciEpc
+from vfio_ep.epc.core import EpcError, EpcEvents, IrqType, PciEpc
 from vfio_ep.epc.features import EpcFeatures, get_next_free_bar
+from vfio_ep.epf.command import TrappedCommand
 from vfio_ep.epf.core import PRIMARY_INTERFACE, SECONDARY_INTERFACE, PciEpf
 from vfio_ep.epf.functions.ntb_ctrl import (
     COMMAND_CONFIGURE_DOORBELL,
@@ -127,8 +129,11 @@ class NtbInterface:
     spad_size: int = 0
     peer_mem: dict[int, tuple[int, int]] = field(default_factory=dict)  # barno -> (phys, size)
     watch: Watch | None = None
-    busy: bool = False
-    again: bool = False
+    command: TrappedCommand = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.command = TrappedCommand(self.epc.spawn, partial(self.ntb._handle_command, self),
+                                      f"{self.ntb.tag}-{self.name.lower()}-cmd")
 
     @property
     def name(self) -> str:
@@ -150,7 +155,9 @@ class NtbInterface:
         """PERST# is over (a reset finished): nothing to redo, the host reconfigures."""
 
     def epc_deinit(self) -> None:
-        """A device reset (the host reboots): this host is gone for the link."""
+        """A device reset (the host reboots): its command in flight is dropped, and this
+        host is gone for the link."""
+        self.command.reset()
         self.ntb.host_gone(self)
 
     def link_up(self) -> None:
@@ -269,8 +276,7 @@ class PciEpfNtb(PciEpf):
         self._db_mw_bar_init(x)
         x.epc.write_header(x.func_no, self.vfunc_no, self.header)
         reg = x.reg
-        x.watch = x.epc.space.watch(reg.addr + reg.offset("command"), 4,
-                                    lambda addr, size: self._command_written(x))
+        x.watch = x.epc.space.watch(reg.addr + reg.offset("command"), 4, x.command.written)
 
     def _configure_interrupt(self, x: NtbInterface) -> None:
         """epf_ntb_configure_interrupt(): db_count MSI and/or MSI-X vectors."""
@@ -305,24 +311,7 @@ class PciEpfNtb(PciEpf):
             x.epc.set_bar(x.func_no, self.vfunc_no, x.bar(bar))
 
     # -- the command handler -----------------------------------------------------
-    def _command_written(self, x: NtbInterface) -> None:
-        if x.busy:
-            x.again = True
-            return
-        x.busy = True
-        x.epc.spawn(lambda: self._cmd_handler(x), f"{self.tag}-{x.name.lower()}-cmd")
-
-    async def _cmd_handler(self, x: NtbInterface) -> None:
-        try:
-            while True:
-                x.again = False
-                self._handle_command(x)
-                if not x.again:
-                    return
-        finally:
-            x.busy = False
-
-    def _handle_command(self, x: NtbInterface) -> None:
+    async def _handle_command(self, x: NtbInterface) -> None:
         """epf_ntb_cmd_handler() for interface ``x``."""
         reg = x.reg
         command = reg["command"]
@@ -437,7 +426,7 @@ class PciEpfNtb(PciEpf):
             self._link(False, gone=x)
 
 
-class _InterfaceEvents:
+class _InterfaceEvents(EpcEvents):
     """The controller events of one interface, forwarded once the interface exists."""
 
     def __init__(self, ntb: PciEpfNtb, interface: int) -> None:

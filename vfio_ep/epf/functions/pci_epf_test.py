@@ -22,10 +22,11 @@ from vfio_ep.bulk import crc32_views, fill_random
 from vfio_ep.config import U32
 from vfio_ep.epc.address_space import AddressError, Watch
 from vfio_ep.epc.bar import PciEpfBar, PciEpfBarSubmap
-from vfio_ep.epc.core import EpcError, EpWork, IrqType, PciEpcMap
+from vfio_ep.epc.core import EpcError, IrqType, PciEpcMap
 from vfio_ep.epc.edma import DmaChannel
 from vfio_ep.epc.features import NO_BAR, BarType, get_first_free_bar, get_next_free_bar
 from vfio_ep.epc.irq import IRQ_HANDLED, IRQF_ONESHOT, IrqError
+from vfio_ep.epf.command import TrappedCommand
 from vfio_ep.epf.core import PciEpf
 from vfio_ep.epf.doorbell import CHOICES as DOORBELL_CHOICES
 from vfio_ep.epf.doorbell import (
@@ -159,9 +160,7 @@ class PciEpfTest(PciEpf):
         self.dma_chan_tx: DmaChannel | None = None
         self.dma_chan_rx: DmaChannel | None = None
         self._watch: Watch | None = None
-        self._busy = False
-        self._again = False
-        self._cmd_work: EpWork | None = None
+        self.command = TrappedCommand(self.spawn, self._handle_one, "pci-epf-test-cmd")
 
     @property
     def regs(self) -> RegisterBlock:
@@ -240,14 +239,11 @@ class PciEpfTest(PciEpf):
                          self.msix_table_offset)
         b = self.reg_space[self.test_reg_bar]
         off, size = REG_OFFSET["command"]
-        self._watch = epc.space.watch(b.phys_addr + off, size, self._command_written)
+        self._watch = epc.space.watch(b.phys_addr + off, size, self.command.written)
 
     def epc_deinit(self) -> None:
         epc = self.controller
-        if self._cmd_work is not None:  # cancel_delayed_work_sync(&epf_test->cmd_handler)
-            self._cmd_work.cancel()
-            self._cmd_work = None
-            self._busy = self._again = False
+        self.command.reset()
         if self.db_msg:  # a reset while the doorbell is on: drop it like DISABLE would
             epc.irqs.free_irq(self.db_msg[0].virq, self)
             self._doorbell_cleanup()
@@ -276,28 +272,8 @@ class PciEpfTest(PciEpf):
         self.regs["caps"] = caps
 
     # -- the command handler -------------------------------------------------
-    def _command_written(self, addr: int, size: int) -> None:
-        """The RC wrote COMMAND: run the handler now (serialised like the kernel's work item)."""
-        if self._busy:
-            self._again = True
-            return
-        self._busy = True
-        self._cmd_work = self.controller.spawn(self._cmd_handler, "pci-epf-test-cmd")
-
-    async def _cmd_handler(self) -> None:
-        work = self._cmd_work
-        try:
-            while True:
-                self._again = False
-                await self._handle_one()
-                if not self._again:
-                    return
-        finally:
-            if self._cmd_work is work:  # not cancelled by a reset (which made it idle)
-                self._busy = False
-                self._cmd_work = None
-
     async def _handle_one(self) -> None:
+        """pci_epf_test_cmd_handler(): the command in COMMAND, its result in STATUS."""
         reg = self.regs
         irq_type = reg["irq_type"]
         command = reg["command"]

@@ -33,6 +33,7 @@ from vfio_ep.epc.bar import PciEpfBar
 from vfio_ep.epc.core import EpcError, IrqType
 from vfio_ep.epc.features import NO_BAR, get_next_free_bar
 from vfio_ep.epc.irq import IRQ_HANDLED, IrqError
+from vfio_ep.epf.command import TrappedCommand
 from vfio_ep.epf.core import PciEpf, required_bar_size
 from vfio_ep.epf.doorbell import CHOICES as DOORBELL_CHOICES
 from vfio_ep.epf.doorbell import DoorbellError, pci_epf_alloc_doorbell, pci_epf_free_doorbell
@@ -172,7 +173,7 @@ class PciEpfVntb(PciEpf):
         self.epf_db: int | None = None  # polled doorbell entries (EP address)
         self.ntb: VntbNtbDev | None = None
         self._watch: Watch | None = None
-        self._busy = self._again = False
+        self.command: TrappedCommand | None = None  # made at bind, named after the tag
         self._poll_scope: trio.CancelScope | None = None
 
     @property
@@ -194,8 +195,9 @@ class PciEpfVntb(PciEpf):
         if self.attrs.ntb_client != "none":
             self.ntb.register_client(create_client(self.attrs))
         # The command handler: trapped COMMAND, plus the doorbell poller when polling.
+        self.command = TrappedCommand(self.spawn, self._handle_command, f"{self.tag}-cmd")
         self._watch = self.controller.space.watch(self.reg.addr + self.reg.offset("command"),
-                                                  4, self._command_written)
+                                                  4, self.command.written)
         if not self.msi_doorbell:
             self.controller.spawn(self._poll_doorbells, f"{self.tag}-db-poll")
 
@@ -397,24 +399,7 @@ class PciEpfVntb(PciEpf):
             self.vpci_mw_phy[i] = phys
 
     # -- the command handler --------------------------------------------------
-    def _command_written(self, addr: int, size: int) -> None:
-        if self._busy:
-            self._again = True
-            return
-        self._busy = True
-        self.controller.spawn(self._cmd_handler, f"{self.tag}-cmd")
-
-    async def _cmd_handler(self) -> None:
-        try:
-            while True:
-                self._again = False
-                self._handle_command()
-                if not self._again:
-                    return
-        finally:
-            self._busy = False
-
-    def _handle_command(self) -> None:
+    async def _handle_command(self) -> None:
         """epf_ntb_cmd_handler(): one command, its status in CMD_STATUS."""
         reg = self.reg
         command = reg["command"]
@@ -470,6 +455,11 @@ class PciEpfVntb(PciEpf):
             self.ntb.link_event()
 
     # -- controller events ----------------------------------------------------
+    def epc_deinit(self) -> None:
+        """PERST#: a command in flight is dropped (the host that sent it is resetting)."""
+        if self.command is not None:
+            self.command.reset()
+
     def link_down(self) -> None:
         """The PCIe link went away (the RC's QEMU is gone): the NTB link with it."""
         if self.bar[self.epf_ntb_bar[BAR_CONFIG]] is not None and \
