@@ -6,6 +6,7 @@ module, is tests/test_ep_guest.py."""
 from __future__ import annotations
 
 import errno
+import logging
 import mmap
 import struct
 from collections.abc import Iterator
@@ -214,6 +215,27 @@ def test_the_aperture_reaches_rc_memory_through_the_outbound_atu(started: Starte
     started.srv.wait_idle()  # a posted write: acknowledged first, applied in order
     assert rc_mem[0x104:0x108] == b"EPEP"
     assert d.cmd("UNMAP_ADDR", ob + 0x3000)[0] == 0
+
+
+def test_the_aperture_with_no_rc_reads_all_ones_and_drops_writes(
+        pair: tuple[ServerThread, Endpoint, Endpoint], caplog: pytest.LogCaptureFixture) -> None:
+    """The RC guest gone (or never there), the EP guest's function still writes through
+    its mapping, as ntb_transport does until it hears link down: a dead link, not a server
+    error; the reason logged once, the server serving on."""
+    srv, _, ep = pair
+    d = EpDriver(Client(ep.socket))
+    d.start_pci_epf_test_like()
+    ob = int.from_bytes(d.c.read(v.REGS_BAR, v.OB_BUS_ADDR, 8), "little")
+    assert d.cmd("MAP_ADDR", ob, RC_RAM, 0x1000)[0] == 0
+    with caplog.at_level(logging.WARNING):
+        for _ in range(3):
+            d.c.write(v.OB_BAR, 0x10, b"lost")
+        assert d.c.read(v.OB_BAR, 0x10, 4) == b"\xff" * 4
+        srv.wait_idle()
+    refused = [r.getMessage() for r in caplog.records if "no RC attached" in r.getMessage()]
+    assert len(refused) == 2, refused  # the writes' reason once, then the read's
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert d.r32(v.EVENT) is not None  # still serving
 
 
 def test_an_ep_guest_gone_reads_as_a_dead_link_and_the_next_one_takes_over(

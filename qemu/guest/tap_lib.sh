@@ -37,7 +37,7 @@ pings() {
 		netdev_stats
 		return 1
 	fi
-	echo "# $count of $count answered"
+	echo "# $count of $count answered by $addr"
 }
 # rtt_metrics COUNT < PING_OUTPUT: the round trips of sequence numbers below COUNT as a
 # "# metrics:" line (the host's results take it into the next test's): the first apart (it

@@ -374,14 +374,35 @@ class WatchedRam:
 
 class ApertureWindow:
     """A BAR window translating onto an outbound aperture (a MemoryHandler): another
-    controller's inbound access leaving the SoC through this one's outbound iATU."""
+    controller's inbound access, or an EP guest's CPU access, leaving the SoC through this
+    one's outbound iATU.  One the link cannot carry (no RC attached, nothing mapped there)
+    ends as on PCIe: a read returns all ones, a write is dropped, and the reason is logged
+    once until the next one differs (not for each of a memcpy_toio's accesses)."""
 
     def __init__(self, aperture: Aperture, base_offset: int) -> None:
         self.aperture = aperture
         self.base_offset = base_offset
+        self._refused: str | None = None
 
     def read_bytes(self, offset: int, size: int) -> bytes:
-        return self.aperture.read_sync(self.base_offset + offset, size)
+        try:
+            data = self.aperture.read_sync(self.base_offset + offset, size)
+        except AddressError as e:
+            self._refuse(e, "reads return all ones")
+            return b"\xff" * size
+        self._refused = None
+        return data
 
     def write_bytes(self, offset: int, data: bytes) -> None:
-        self.aperture.write_sync(self.base_offset + offset, data)
+        try:
+            self.aperture.write_sync(self.base_offset + offset, data)
+        except AddressError as e:
+            self._refuse(e, "writes are dropped")
+            return
+        self._refused = None
+
+    def _refuse(self, error: AddressError, outcome: str) -> None:
+        reason = f"{error}: {outcome}"
+        if reason != self._refused:
+            log.warning("aperture access at %#x: %s", self.base_offset, reason)
+            self._refused = reason

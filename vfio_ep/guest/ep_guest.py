@@ -58,6 +58,7 @@ from vfio_ep.presets import preset_sets
 
 EP_READY = "vfio-ep: EP guest ready"  # ep_guest.sh, once its controller is started
 EP_EXITED = "vfio-ep: EP command exited "  # ep_guest.sh, then the command's exit status
+SETUP_TRACE = "vfio-ep: setup: "  # ep_guest.sh, before each command of the setup script
 SETUP = "ep-setup.sh"  # the board's script, in the EP guest's /
 # The functions an EP guest runs (the kernel's), and the attributes each default setup
 # script writes, in its order: pci-test-howto.rst's for pci-epf-test, the seeds' vNTB block
@@ -151,6 +152,28 @@ class EpGuestRun:
         return parse_script(self.setup_script(), str(self.configfs or "the setup"))
 
 
+def setup_complaints(output: str, script: str) -> list[str]:
+    """What the EP guest's shell said while it ran the setup ``script`` (a write the kernel
+    refused: ``sh: write error: Invalid argument``), each after the script line it came
+    from (the shell's trace of the command when the script is more than one command a
+    line), as a board's shell would leave it for its user to read."""
+    lines = [(n, raw.strip()) for n, raw in enumerate(script.splitlines(), 1)
+             if raw.strip() and not raw.strip().startswith("#")]
+    traced = [t[len(SETUP_TRACE):] for t in output.splitlines() if t.startswith(SETUP_TRACE)]
+    by_line = len(traced) == len(lines)
+    complaints, command = [], -1
+    for text in output.splitlines():
+        if text.startswith(SETUP_TRACE):
+            command += 1
+        elif text == EP_READY or text.startswith("vfio-ep: "):
+            break
+        elif command >= 0 and text.strip() and not text.startswith("["):  # not the kernel's
+            where = (f"line {lines[command][0]}: {lines[command][1]}" if by_line
+                     else traced[command])
+            complaints.append(f"{where}: {text.strip()}")
+    return complaints
+
+
 def _function_defaults(driver: str) -> dict[str, object]:
     """A function's attributes as vfio-ep's own model of it has them by default."""
     attrs = DRIVERS[driver]
@@ -198,7 +221,7 @@ def run_ep_guest(run: EpGuestRun, *, kernel: Path | None = None, qemu: Path | No
     except (ConfigError, ValueError, ProvisionError, LaunchError) as exc:
         print(f"vfio-ep run: {exc}", file=sys.stderr)
         return 2
-    return _report(result, top, progress.facts, run.expected_failures())
+    return _report(result, top, progress.facts, run.expected_failures(), run.setup_script())
 
 
 def boot_ep_pair(run: EpGuestRun, assets: GuestAssets, top: Path, rc_script: str, *,
@@ -352,8 +375,34 @@ def _facts(comp: Composition, assets: GuestAssets, driver: str) -> dict[str, Any
             "linux": assets.linux, "kernel": str(assets.kernel)}
 
 
+# What pci-ep-msi.c and the functions tell of the doorbell they got, in the EP guest's dmesg.
+DOORBELL_LINES = (("Using embedded (DMA) doorbell fallback", "embedded (the eDMA's)"),
+                  ("Failed to allocate doorbell", "none: the function polls"))
+
+
+def ep_facts(ep: GuestResult, script: str) -> dict[str, Any]:
+    """What the EP guest's boot tells of the run: the doorbell its function got, and the
+    setup script's lines it refused (printed too)."""
+    dmesg = ep.run_dir / "dmesg.txt"
+    text = dmesg.read_text(errors="replace") if dmesg.is_file() else ""
+    facts: dict[str, Any] = {}
+    for line, doorbell in DOORBELL_LINES:
+        if line in text:
+            facts["doorbell"] = doorbell
+    return facts | _refused_setup(ep, script)
+
+
+def _refused_setup(ep: GuestResult, script: str) -> dict[str, list[str]]:
+    """The setup script's lines the EP guest refused, printed and for the run's facts
+    (none: no fact)."""
+    complaints = setup_complaints(ep.output, script)
+    for complaint in complaints:
+        print(f"vfio-ep run: the EP guest's setup script, {complaint}", file=sys.stderr)
+    return {"setup_refused": complaints} if complaints else {}
+
+
 def _report(result: PairResult, top: Path, facts: dict[str, Any],
-            xfail: tuple[str, ...]) -> int:
+            xfail: tuple[str, ...], run_script: str) -> int:
     rc = result.rc
     report = expect_failures(parse_tap(rc.output if rc else "", rc.line_times if rc else None),
                              xfail)
@@ -363,6 +412,7 @@ def _report(result: PairResult, top: Path, facts: dict[str, Any],
     status = rc.exit_status if rc else None
     if status == 1 and report.passed and report.counts()["xfail"]:
         status = 0  # the kselftest exits 1 on a failure; its failures were expected
+    facts = facts | ep_facts(result.ep, run_script)
     write_results(report, top, exit_status=status, error=error, suite=KSELFTEST_NAME,
                   endpoint=facts)
     print(f"\n{summary_table(report)}")

@@ -17,7 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from vfio_ep.guest.assets import NTB_PAIR, TAP_LIB
-from vfio_ep.guest.ep_guest import EP_EXITED, EpGuestRun, PairResult, boot_ep_pair
+from vfio_ep.guest.ep_guest import (
+    EP_EXITED,
+    EpGuestRun,
+    PairResult,
+    boot_ep_pair,
+    ep_facts,
+)
 from vfio_ep.guest.interrupt import keeping
 from vfio_ep.guest.launcher import DEFAULT_OPTIONS, GuestOptions, GuestResult
 from vfio_ep.guest.provision import GuestAssets
@@ -48,7 +54,8 @@ def run_vntb(run: EpGuestRun, assets: GuestAssets, top: Path, facts: dict[str, A
     ep_env = _env("pci-vntb", _pci_id(values, "vntb_vid", "vntb_pid"), EP_IP, RC_IP, "ep",
                   common)
     with keeping(progress.keep):
-        for phase in select_phases("vNTB phase", list(run.guest_args), NTB_PHASES):
+        phases = select_phases("vNTB phase", list(run.guest_args), NTB_PHASES)
+        for phase in phases:
             print(f"# --- {phase}: the RC guest and the EP guest run {phase} ---", flush=True)
             ep_side = f"{ep_env} sh /ntb_pair.sh b {phase}"
             phase_run = dataclasses.replace(
@@ -60,6 +67,8 @@ def run_vntb(run: EpGuestRun, assets: GuestAssets, top: Path, facts: dict[str, A
                                 options=options, rc_files=FILES, ep_files=FILES,
                                 ep_finish=EP_FINISH)
             progress.running = []
+            if phase == phases[0]:  # each phase's EP guest runs the same script
+                progress.facts |= ep_facts(pair.ep, run.setup_script())
             _finished(progress, pair, top / phase, phase)
         return finish_suite(progress)
 

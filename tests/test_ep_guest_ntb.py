@@ -1,0 +1,61 @@
+"""Acceptance: the kernel's NTB on both sides, pci-epf-vntb in the EP guest.
+
+The EP guest runs Linux's own pci-epf-vntb on vfio-ep's controller; the RC guest's
+ntb_hw_epf drives it.  Both run ntb_tool, ntb_pingpong and ntb_transport + ntb_netdev
+against each other (ntb_pair.sh), and the RC pings the EP at the seeds' 10.0.0.11.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from vfio_ep_cli import assert_passed, readme_example, vfio_ep_run
+
+pytestmark = pytest.mark.guest
+
+SEED_SETUP = "vfio-ep run --ep-guest --configfs tests/data/seed-vntb-setup.sh --preset rcar-s4"
+PHASES = {  # each side's tests, in order: the RC's (rc), then the EP guest's (ep)
+    "tool": ("driver_bound", "link_up", "spads_both_ways", "doorbells_2_both_ways",
+             "mw_both_ways"),
+    "pingpong": ("driver_bound", "pingpong_counts"),
+    "netdev": ("driver_bound", "netdev_link_up", "ping_100", "transfer_64mib", "link_down",
+               "relink_up", "ping_after_relink"),
+}
+
+
+def names(*phases: str) -> list[str]:
+    return [f"{side}.{phase}.{t}" for phase in phases for side in ("rc", "ep")
+            for t in PHASES[phase]]
+
+
+def test_the_seeds_vntb_block_runs_verbatim_in_the_ep_guest(tmp_path: Path) -> None:
+    """The seeds' configfs block in the EP guest's shell, as written: its stray ``[*]``
+    makes the shell write ``4 [*]`` to db_bar, which the kernel refuses, as a board's would;
+    the run names that line and goes on, and every phase passes on both sides."""
+    proc, results = vfio_ep_run(tmp_path, *readme_example(SEED_SETUP)[1:])
+    assert_passed(proc, results, names(*PHASES))
+    facts = results["endpoint"]
+    assert facts["setup_refused"] == [
+        "line 14: echo 4 > functions/pci_epf_vntb/func1/pci_epf_vntb.0/db_bar [*]: "
+        "sh: write error: Invalid argument"], facts
+    assert "line 14: echo 4 > " in proc.stderr
+    assert facts["doorbell"] == "embedded (the eDMA's)", facts
+    ping = next(t for t in results["tests"] if t["name"] == "rc.netdev.ping_100")
+    assert ping["metrics"]["replies"] == 100 and ping["metrics"]["rtt_avg_ms"] > 0, ping
+    rc = (tmp_path / "run" / "netdev" / "rc" / "console.log").read_text()
+    assert "# 100 of 100 answered by 10.0.0.11" in rc  # the seeds' address of the EP
+    ep_dmesg = (tmp_path / "run" / "netdev" / "ep" / "dmesg.txt").read_text()
+    assert "pci-vntb" in ep_dmesg and "eth0 created" in ep_dmesg, ep_dmesg[-3000:]
+    trace = (tmp_path / "run" / "netdev" / "trace.log").read_text()
+    assert "ep-guest|" in trace and "guest" in trace
+
+
+def test_vntb_polls_where_the_soc_has_no_embedded_doorbell(tmp_path: Path) -> None:
+    """Without the eDMA there is no doorbell to allocate: pci-epf-vntb polls its doorbell
+    BAR every 5 ms (epf_ntb_cmd_handler), and the netdev still carries everything."""
+    proc, results = vfio_ep_run(tmp_path, "--ep-guest", "--function", "pci-epf-vntb",
+                                "--set", "edma=0", "--", "netdev")
+    assert_passed(proc, results, names("netdev"))
+    assert results["endpoint"]["doorbell"] == "none: the function polls", results["endpoint"]
+    assert "setup_refused" not in results["endpoint"]
