@@ -30,6 +30,7 @@ demo: $(STAMP)
 	$(PYTHON) -m vfio_ep run --function pci-epf-vntb
 	$(PYTHON) -m vfio_ep run --function pci-epf-ntb
 	$(PYTHON) -m vfio_ep run --ep-guest
+	$(PYTHON) -m vfio_ep run --ep-guest --configfs tests/data/seed-vntb-setup.sh --preset rcar-s4
 
 # Everything: lint, unit tests, and the guest integration tests (real QEMU, real drivers).
 test: $(STAMP) lint provision

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from vfio_ep.guest.kernel_build import DEFAULT_LINUX, LINUX_LINES
+from vfio_ep.guest.kernel_build import DEFAULT_LINUX, EP_GUEST_LINES, LINUX_LINES
 from vfio_ep.presets import PRESETS
 
 if TYPE_CHECKING:  # the guest tooling is imported by the commands that boot guests
@@ -119,6 +119,9 @@ def serve(sockets: tuple[str, ...], ep_sockets: tuple[str, ...], allow_uids: tup
 @click.option("--ep-kernel", type=click.Path(exists=True, path_type=Path),
               help="With --ep-guest: the EP guest boots your kernel build directory (O=, "
               "bzImage and modules built), with vfio-ep's EPC driver built against it.")
+@click.option("--ep-linux", type=click.Choice(EP_GUEST_LINES),
+              help="With --ep-guest: the EP guest's kernel line, where it differs from the RC "
+              "guest's --linux (old and new peers: --linux 6.12 --ep-linux 7.3).")
 @click.option("--ep-exec", metavar="CMD",
               help="With --ep-guest: run CMD in the EP guest once its controller is started "
               "(its output on the console, ep: lines).")
@@ -187,7 +190,7 @@ def serve(sockets: tuple[str, ...], ep_sockets: tuple[str, ...], allow_uids: tup
 @click.argument("guest_args", nargs=-1, type=click.UNPROCESSED)
 def run(function: str | None, config_file: Path | None, configfs: Path | None,
         preset: str | None, sets: tuple[str, ...], ep_guest: bool, ep_kernel: Path | None,
-        ep_exec: str | None, ep_dyndbg: tuple[str, ...], topology: str | None,
+        ep_linux: str | None, ep_exec: str | None, ep_dyndbg: tuple[str, ...], topology: str | None,
         kernel: Path | None,
         kselftest: Path | None, qemu: Path | None, linux: str, exec_cmd: str | None,
         shell: bool, axes: tuple[str, ...], xfail: tuple[str, ...], append: str,
@@ -237,10 +240,11 @@ def run(function: str | None, config_file: Path | None, configfs: Path | None,
                              shares=mounts, dyndbg=dyndbg, trace_events=trace_events,
                              ftrace_filter=ftrace_filter, workdir=workdir, accel=accel))
     ep = EpGuestRun(sets, preset, configfs, guest_args, ep_kernel, ep_exec, ep_dyndbg, xfail,
-                    function)
+                    function, ep_linux)
     if ep != EpGuestRun(sets, preset, configfs, guest_args, xfail=xfail, function=function) \
             and not ep_guest:
-        raise click.UsageError("--ep-kernel, --ep-exec and --ep-dyndbg go with --ep-guest")
+        raise click.UsageError("--ep-kernel, --ep-linux, --ep-exec and --ep-dyndbg go with "
+                               "--ep-guest")
     with exit_on_interrupt():
         if ep_guest:
             raise SystemExit(_run_ep_guest(common, ep, run_dir, bool(

@@ -87,6 +87,7 @@ class EpGuestRun:
     ep_dyndbg: tuple[str, ...] = ()  # the EP guest's dynamic debug queries
     xfail: tuple[str, ...] = ()  # [KEY=VALUE:]TEST: known behaviour, as run --xfail
     function: str | None = None  # --function: the kernel's function the EP guest sets up
+    ep_linux: str | None = None  # --ep-linux: the EP guest's kernel line (else --linux's)
 
     def controller(self) -> Composition:
         """The controller vfio-ep serves: its profile, nothing of the function's."""
@@ -198,15 +199,18 @@ def run_ep_guest(run: EpGuestRun, *, kernel: Path | None = None, qemu: Path | No
     pci-epf-vntb's NTB phases); 0 only if every test passed (1 when one failed or a guest
     never finished, 2 when setting up failed)."""
     try:
-        if linux not in EP_GUEST_LINES:
+        ep_linux = run.ep_linux or linux
+        if ep_linux not in EP_GUEST_LINES:
             raise ConfigError(f"an EP guest runs Linux {', '.join(EP_GUEST_LINES)} (its "
-                              f"endpoint doorbells and functions), not {linux}")
+                              f"endpoint doorbells and functions), not {ep_linux}"
+                              + ("" if run.ep_linux else "; --ep-linux picks its line apart "
+                                 "from the RC guest's --linux"))
         comp = run.controller()
         driver = run.driver()
         assets = provision_all(qemu=qemu, kernel=kernel, linux=linux)
         run.expected_failures()  # a malformed --xfail fails here, before any boot
         top = new_run_dir(run_dir)
-        facts = _facts(comp, assets, driver)
+        facts = _facts(comp, assets, driver) | {"ep_linux": ep_linux}
         if driver == "pci_epf_vntb":
             # (here: that module builds on this one's pair of guests)
             from vfio_ep.guest.ep_ntb import run_vntb
@@ -238,7 +242,9 @@ def boot_ep_pair(run: EpGuestRun, assets: GuestAssets, top: Path, rc_script: str
     done, the EP guest's command has ``ep_finish`` more seconds to end (the other side of a
     suite), then the EP guest is stopped."""
     name = next(iter(run.controller().controllers))
-    ep_assets = ep_guest_assets(assets, run.ep_kernel, top / "epc-driver")
+    ep_base = assets if run.ep_linux in (None, assets.linux) else \
+        dataclasses.replace(provision_all(linux=run.ep_linux), qemu=assets.qemu)
+    ep_assets = ep_guest_assets(ep_base, run.ep_kernel, top / "epc-driver")
     server_args = [a for item in cmdline.controller_items(run.sets) for a in ("--set", item)]
     if run.preset:
         server_args += ["--preset", run.preset]

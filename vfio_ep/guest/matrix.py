@@ -4,9 +4,10 @@ Every cell is a ``vfio-ep run`` as a user types it, on one kernel line: pci-epf-
 each doorbell backend (the kselftest; 6.12 has ``pcitest`` and no doorbell test, so one run
 of pcitest.sh's cases), the vNTB suite (6.12's ntb_hw_epf knows the i.MX8 IDs, not the
 R-Car ones: the i.MX8 preset there), the NTB pair, and, where the line can be one, an EP
-guest running Linux's own pci-epf-test on vfio-ep's controller.  The table (kernel x suite x
-result) is printed and written as markdown to ``out``; the exit status is 0 only when every
-cell passed.  ``vfio-ep matrix`` runs it.
+guest running Linux's own pci-epf-test and pci-epf-vntb on vfio-ep's controller; 6.12's RC
+guest also meets a 7.3 EP guest's pci-epf-vntb (old and new peers, seed 003).  The table
+(kernel x suite x result) is printed and written as markdown to ``out``; the exit status is 0
+only when every cell passed.  ``vfio-ep matrix`` runs it.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class Cell:
     ep_guest: bool = False  # run --ep-guest: the function is the EP guest kernel's
     xfail: tuple[str, ...] = ()  # known behaviour (run --xfail)
     args: tuple[str, ...] = ()  # the kselftest's own (after --)
+    ep_linux: str | None = None  # the EP guest's line, where it is not the RC's
 
 
 @dataclass
@@ -77,6 +79,11 @@ def cells(lines: tuple[str, ...]) -> list[Cell]:
                             preset="rk3588", ep_guest=True, xfail=RK3588_XFAIL,
                             args=RK3588_EP_GUEST_ARGS) if linux == DEFAULT_LINUX else
                        Cell(linux, "EP guest: Linux's pci-epf-test", None, ep_guest=True))
+            out.append(Cell(linux, "EP guest: Linux's vNTB", "pci-epf-vntb", ep_guest=True))
+        elif linux in OLD_NTB_IDS:
+            out.append(Cell(linux, f"EP guest: {EP_GUEST_LINES[-1]}'s vNTB (i.MX8 preset)",
+                            "pci-epf-vntb", preset="imx8", ep_guest=True,
+                            ep_linux=EP_GUEST_LINES[-1]))
     return out
 
 
@@ -84,7 +91,9 @@ def run_cell(cell: Cell, run_dir: Path) -> Outcome:
     started = time.monotonic()
     if cell.ep_guest:
         status = run_ep_guest(EpGuestRun(cell.sets, cell.preset, guest_args=cell.args,
-                                         xfail=cell.xfail), linux=cell.linux, run_dir=run_dir)
+                                         xfail=cell.xfail, function=cell.function,
+                                         ep_linux=cell.ep_linux),
+                              linux=cell.linux, run_dir=run_dir)
     else:
         status = run_suite(function=cell.function, sets=list(cell.sets), preset=cell.preset,
                            xfail=cell.xfail, guest_args=list(cell.args), linux=cell.linux,
