@@ -24,7 +24,7 @@ provision: $(STAMP)
 # Boot a guest against a fresh vfio-ep and run the upstream pci_endpoint_test kselftest,
 # then the NTB suite against pci-epf-vntb (ntb_hw_epf, ntb_tool, ntb_pingpong, ntb_netdev),
 # then two guests joined by pci-epf-ntb, then the kselftest against Linux's own pci-epf-test
-# in an EP guest.
+# in an EP guest, then the seeds' vNTB block with the kernel's vNTB on both sides.
 demo: $(STAMP)
 	$(PYTHON) -m vfio_ep run
 	$(PYTHON) -m vfio_ep run --function pci-epf-vntb

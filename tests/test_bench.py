@@ -115,6 +115,17 @@ def test_ep_guest_quick() -> None:
         assert 0 < dma["median_us"] < dma["rc_us"] and dma["mb_s"] > 0
 
 
+@pytest.mark.guest
+def test_ep_vntb_quick() -> None:
+    """make bench's ep-vntb, --quick: the kernel's vNTB on both sides, pinged with the
+    embedded doorbell and polled; polling is the slower."""
+    r = _runners(quick=True)["ep-vntb"]()
+    _well_formed(r, "ep-vntb")
+    embedded, polled = r.rows
+    assert embedded["ratio"] == 1 and polled["replies"] >= 18
+    assert polled["median_ms"] > embedded["median_ms"], r.rows
+
+
 def test_reference_server_speaks_enough_vfio_user() -> None:
     """The trapped benchmark's C floor (refserver.c) answers what QEMU asks at attach time,
     keeps its registers, and its doorbell register raises MSI-X vector 0."""

@@ -3,7 +3,8 @@
 #
 # Usage: ntb_pair.sh ROLE PHASE [BOOT]
 #   ROLE is a or b (each guest knows only its own role: the other one is its peer).
-#   PHASE is what both run: tool, pingpong, perf, netdev or rejoin.
+#   PHASE is what both run: tool, pingpong, perf, netdev or rejoin (bench and ping: no
+#   tests, numbers for the benchmarks).
 #   BOOT counts the boots of one host within a phase (rejoin: b leaves, b comes back as 2).
 # The environment may say (the defaults are a pci-epf-ntb pair's: two RC guests):
 #   NTB_ID      vendor:device of the NTB's PCI device (0x104c:0xb00d)
@@ -310,6 +311,20 @@ phase_bench() {
 	fi
 }
 
+# ping: no test (vfio_ep/bench/ep_vntb.py reads it): the netdev up, a pings b BENCH_PINGS
+# times after 10 warm-up pings ("ntb ping: " lines), b answers until a says it is done.
+phase_ping() {
+	bind_ntb_driver && insmod $MODULES/ntb_transport.ko && netdev_up || exit 1
+	if [ "$ROLE" = a ]; then
+		wait_for 60 ping -c 1 -W 1 $PEER_IP > /dev/null || exit 1
+		ping -c 10 -i 0.05 $PEER_IP > /dev/null
+		ping -c ${BENCH_PINGS:-200} -i 0.05 -W 5 $PEER_IP | sed "s/^/ntb ping: /"
+		tell 5003
+	else
+		hear 5003
+	fi
+}
+
 case "$PHASE" in
 tool) phase_tool ;;
 pingpong) phase_pingpong ;;
@@ -317,6 +332,7 @@ perf) phase_perf ;;
 netdev) phase_netdev ;;
 rejoin) phase_rejoin ;;
 bench) phase_bench ;;
+ping) phase_ping ;;
 *) echo "Bail out! unknown phase $PHASE"; exit 2 ;;
 esac
 dmesg | grep -iE "ntb|epf" | tail -n 15 | sed 's/^/# dmesg: /'

@@ -16,7 +16,9 @@ the same run (the machine is shared, so absolute numbers only mean something sid
 - ``ep-guest``: Linux's own pci-epf-test in an EP guest (``run --ep-guest``): the doorbell
   round trip vs the Python function's, each BAR's accesses vs ivshmem, a DMA READ and WRITE
   vs a host memcpy
+- ``ep-vntb``: the vNTB ping with the kernel's vNTB on both sides (an EP guest), polled
+  vs the embedded doorbell
 """
 
 NAMES = ("dispatch", "doorbell", "trapped", "bars", "transfer", "idle", "ntb", "ntb-pair", "scale",
-         "ep-guest")
+         "ep-guest", "ep-vntb")

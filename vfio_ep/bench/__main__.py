@@ -26,6 +26,7 @@ def _runners(quick: bool) -> dict[str, Callable[[], Result]]:
         dispatch,
         doorbell,
         ep_guest,
+        ep_vntb,
         idle,
         ntb,
         ntb_pair,
@@ -44,10 +45,12 @@ def _runners(quick: bool) -> dict[str, Callable[[], Result]]:
                 "ntb": lambda: ntb.run(count=20),
                 "ntb-pair": lambda: ntb_pair.run(pings=20),
                 "scale": lambda: scale.run(devices=(1, 4), reads=2000),
-                "ep-guest": lambda: ep_guest.run(n=200, n_mmio=2000, size=1 << 20, reps=1)}
+                "ep-guest": lambda: ep_guest.run(n=200, n_mmio=2000, size=1 << 20, reps=1),
+                "ep-vntb": lambda: ep_vntb.run(count=20)}
     return {"dispatch": dispatch.run, "doorbell": doorbell.run, "trapped": trapped.run,
             "bars": bars.run, "transfer": transfer.run, "idle": idle.run, "ntb": ntb.run,
-            "ntb-pair": ntb_pair.run, "scale": scale.run, "ep-guest": ep_guest.run}
+            "ntb-pair": ntb_pair.run, "scale": scale.run, "ep-guest": ep_guest.run,
+            "ep-vntb": ep_vntb.run}
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

@@ -42,35 +42,44 @@ def run_vntb(run: EpGuestRun, assets: GuestAssets, top: Path, facts: dict[str, A
     """One pair of guests per phase (``run.guest_args`` selects some); 0 only if every test
     of both sides passed."""
     progress = Progress(top, run.target(), "ep-vntb", facts)
+    with keeping(progress.keep):
+        phases = select_phases("vNTB phase", list(run.guest_args), NTB_PHASES)
+        for phase in phases:
+            print(f"# --- {phase}: the RC guest and the EP guest run {phase} ---", flush=True)
+            progress.running = [top / phase / "rc", top / phase / "ep"]
+            pair = boot_vntb_phase(run, assets, top / phase, phase, timeout=timeout,
+                                   options=options)
+            progress.running = []
+            if phase == phases[0]:  # each phase's EP guest runs the same script
+                progress.facts |= ep_facts(pair.ep, run.setup_script())
+            _finished(progress, pair, top / phase, phase)
+        return finish_suite(progress)
+
+
+def boot_vntb_phase(run: EpGuestRun, assets: GuestAssets, top: Path, phase: str, *,
+                    timeout: float, options: GuestOptions = DEFAULT_OPTIONS,
+                    env: tuple[str, ...] = ()) -> PairResult:
+    """The EP guest as ``run`` sets it up, the RC guest, both running ntb_pair.sh's
+    ``phase`` (``env``: more of its variables for both, BENCH_PINGS say), records in
+    ``top``."""
     values = run.values()
     # pci-epf-vntb's first two doorbell slots are the link's and a reserved one
     db_bits = int(str(values["db_count"]), 0) - 2
     common = [f"DB_BITS={db_bits}",
               # the EP's window is its MW BAR, translated whole (pci_epc_set_bar() takes
               # a resizable BAR's size only, 1 MiB at least)
-              f"MW_SIZE={int(str(values['mw1']), 0)}"]
+              f"MW_SIZE={int(str(values['mw1']), 0)}", *env]
     rc_env = _env("ntb_hw_epf", _pci_id(values, "vendorid", "deviceid"), RC_IP, EP_IP, "rc",
                   common)
     ep_env = _env("pci-vntb", _pci_id(values, "vntb_vid", "vntb_pid"), EP_IP, RC_IP, "ep",
                   common)
-    with keeping(progress.keep):
-        phases = select_phases("vNTB phase", list(run.guest_args), NTB_PHASES)
-        for phase in phases:
-            print(f"# --- {phase}: the RC guest and the EP guest run {phase} ---", flush=True)
-            ep_side = f"{ep_env} sh /ntb_pair.sh b {phase}"
-            phase_run = dataclasses.replace(
-                run, ep_exec=f"{run.ep_exec}; {ep_side}" if run.ep_exec else ep_side)
-            (top / phase).mkdir()
-            progress.running = [top / phase / "rc", top / phase / "ep"]
-            pair = boot_ep_pair(phase_run, assets, top / phase,
-                                f"{rc_env} sh /ntb_pair.sh a {phase}", timeout=timeout,
-                                options=options, rc_files=FILES, ep_files=FILES,
-                                ep_finish=EP_FINISH)
-            progress.running = []
-            if phase == phases[0]:  # each phase's EP guest runs the same script
-                progress.facts |= ep_facts(pair.ep, run.setup_script())
-            _finished(progress, pair, top / phase, phase)
-        return finish_suite(progress)
+    ep_side = f"{ep_env} sh /ntb_pair.sh b {phase}"
+    phase_run = dataclasses.replace(
+        run, ep_exec=f"{run.ep_exec}; {ep_side}" if run.ep_exec else ep_side)
+    top.mkdir(exist_ok=True)
+    return boot_ep_pair(phase_run, assets, top, f"{rc_env} sh /ntb_pair.sh a {phase}",
+                        timeout=timeout, options=options, rc_files=FILES, ep_files=FILES,
+                        ep_finish=EP_FINISH)
 
 
 def _env(driver: str, pci_id: str, self_ip: str, peer_ip: str, label: str,
