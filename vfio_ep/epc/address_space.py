@@ -22,6 +22,7 @@ from typing import Any, Protocol
 from vfio_ep.bulk import move, zero_views
 from vfio_ep.memory import SharedMemory
 from vfio_ep.pci.bar import MmioHandler
+from vfio_ep.ratelimit import Repeats
 
 PAGE = 0x1000
 
@@ -377,32 +378,28 @@ class ApertureWindow:
     controller's inbound access, or an EP guest's CPU access, leaving the SoC through this
     one's outbound iATU.  One the link cannot carry (no RC attached, nothing mapped there)
     ends as on PCIe: a read returns all ones, a write is dropped, and the reason is logged
-    once until the next one differs (not for each of a memcpy_toio's accesses)."""
+    once while it repeats (not for each of a memcpy_toio's accesses)."""
 
     def __init__(self, aperture: Aperture, base_offset: int) -> None:
         self.aperture = aperture
         self.base_offset = base_offset
-        self._refused: str | None = None
+        self._refused = Repeats(log)
 
     def read_bytes(self, offset: int, size: int) -> bytes:
         try:
             data = self.aperture.read_sync(self.base_offset + offset, size)
         except AddressError as e:
-            self._refuse(e, "reads return all ones")
+            self._refused.warning("aperture access at %#x: %s: reads return all ones",
+                                  self.base_offset, e)
             return b"\xff" * size
-        self._refused = None
+        self._refused.clear()
         return data
 
     def write_bytes(self, offset: int, data: bytes) -> None:
         try:
             self.aperture.write_sync(self.base_offset + offset, data)
         except AddressError as e:
-            self._refuse(e, "writes are dropped")
+            self._refused.warning("aperture access at %#x: %s: writes are dropped",
+                                  self.base_offset, e)
             return
-        self._refused = None
-
-    def _refuse(self, error: AddressError, outcome: str) -> None:
-        reason = f"{error}: {outcome}"
-        if reason != self._refused:
-            log.warning("aperture access at %#x: %s", self.base_offset, reason)
-            self._refused = reason
+        self._refused.clear()

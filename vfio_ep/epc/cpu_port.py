@@ -38,6 +38,7 @@ from vfio_ep.pci.bar import NUM_BARS, BarSpec, MmioHandler, Window, WindowKind
 from vfio_ep.pci.device import MsixPlacement, PciDevice, PciDeviceSpec, PciHeader
 from vfio_ep.pci.host import Host, RcBusError, RcMemory
 from vfio_ep.qemu_dir import EPC_HEADER
+from vfio_ep.ratelimit import Repeats
 
 log = logging.getLogger(__name__)
 
@@ -191,6 +192,7 @@ class EpcCpuPort(MmioHandler, EpcEvents):
         self.epc = epc
         self.dw: DwPcieEp = epc.ops
         self.name = name
+        self._refused = Repeats(log)  # a function's retries: nvmet-pci-epf's raises, say
         self.guest_ram = GuestRam()
         epc.space.add_aperture(0, BUS_RAM_END, self.guest_ram)
         self.regs = bytearray(EDMA_OFFSET)
@@ -358,7 +360,8 @@ class EpcCpuPort(MmioHandler, EpcEvents):
             result = self._op(name)
         except (EpcError, ValueError) as e:  # ConfigError: an attribute refused
             status = -(e.errno if isinstance(e, EpcError) else errno.EINVAL)
-            log.warning("%s: %s from the EP guest refused: %s", self.name, name or op, e)
+            self._refused.warning("%s: %s from the EP guest refused: %s", self.name,
+                                  name or op, e)
         except Exception:
             status = -errno.EIO
             log.exception("%s: %s from the EP guest failed", self.name, name or op)

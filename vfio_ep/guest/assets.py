@@ -16,6 +16,7 @@ PCITEST_TAP = GUEST_SCRIPTS / "pcitest_tap.sh"  # pcitest.sh's cases, as TAP
 KSELFTEST = GUEST_SCRIPTS / "kselftest.sh"  # the kselftest, once its driver has the device
 NTB_SUITE = GUEST_SCRIPTS / "ntb_suite.sh"
 NTB_PAIR = GUEST_SCRIPTS / "ntb_pair.sh"
+NVME_SUITE = GUEST_SCRIPTS / "nvme_suite.sh"  # the RC's side of an EP guest's nvmet-pci-epf
 EP_GUEST = GUEST_SCRIPTS / "ep_guest.sh"  # the EP guest: EPC driver, functions, setup script
 INSMOD = GUEST_SCRIPTS / "insmod.sh"  # the guest's insmod: busybox's + the cmdline's dyndbg
 GUEST_PROGRAMS = QEMU / "bench"  # static C programs the benchmarks run in the guest

@@ -69,7 +69,41 @@ SCRIPT_ATTRIBUTES = {
     "pci_epf_vntb": ("vendorid", "deviceid", "msi_interrupts", "db_count", "spad_count",
                      "num_mws", "mw1", "vntb_vid", "vntb_pid", "vbus_number", "ctrl_bar",
                      "db_bar", "mw1_bar"),
+    "nvmet_pci_epf": (),  # its script is the NVMe target's as well: NVMET_SETUP
 }
+# nvmet-pci-epf's DMA: private slave channels, which the eDMA offers as dw-edma does.
+FUNCTION_CONTROLLER_SETS = {"nvmet_pci_epf": ("dma_channels=slave",)}
+# Documentation/nvme/nvme-pci-endpoint-target.rst's steps (insmod for modprobe: the EP
+# guest's modules are files in /lib/modules), the namespace a memory-backed null_blk in the
+# EP guest's RAM (the howto's has no memory: what the RC writes would read back as zeros).
+NVMET_SETUP = """insmod /lib/modules/null_blk.ko nr_devices=1 memory_backed=1 gb=1
+insmod /lib/modules/nvmet.ko
+insmod /lib/modules/nvmet-pci-epf.ko
+cd /sys/kernel/config/nvmet/subsystems
+mkdir nvmepf.0.nqn
+echo -n "Linux-pci-epf" > nvmepf.0.nqn/attr_model
+echo "0x1b96" > nvmepf.0.nqn/attr_vendor_id
+echo "0x1b96" > nvmepf.0.nqn/attr_subsys_vendor_id
+echo 1 > nvmepf.0.nqn/attr_allow_any_host
+echo 4 > nvmepf.0.nqn/attr_qid_max
+mkdir nvmepf.0.nqn/namespaces/1
+echo -n "/dev/nullb0" > nvmepf.0.nqn/namespaces/1/device_path
+echo 1 > "nvmepf.0.nqn/namespaces/1/enable"
+cd /sys/kernel/config/nvmet/ports
+mkdir 1
+echo -n "pci" > 1/addr_trtype
+ln -s /sys/kernel/config/nvmet/subsystems/nvmepf.0.nqn \\
+        /sys/kernel/config/nvmet/ports/1/subsystems/nvmepf.0.nqn
+cd /sys/kernel/config/pci_ep/functions/nvmet_pci_epf
+mkdir nvmepf.0
+echo 0xBEEF > nvmepf.0/deviceid
+echo 32 > nvmepf.0/msix_interrupts
+echo 1 > nvmepf.0/nvme/portid
+echo "nvmepf.0.nqn" > nvmepf.0/nvme/subsysnqn
+cd /sys/kernel/config/pci_ep
+ln -s functions/nvmet_pci_epf/nvmepf.0 controllers/CONTROLLER/
+echo 1 > controllers/CONTROLLER/start
+"""
 
 
 @dataclass(frozen=True)
@@ -91,8 +125,16 @@ class EpGuestRun:
 
     def controller(self) -> Composition:
         """The controller vfio-ep serves: its profile, nothing of the function's."""
-        return cmdline.load(None, None, list(cmdline.controller_items(self.sets)),
-                            preset=self.preset, ep_sockets=["unused"])
+        return cmdline.load(None, None, self.controller_sets(), preset=self.preset,
+                            ep_sockets=["unused"])
+
+    def controller_sets(self) -> list[str]:
+        """The controller's ``--set`` items: the command line's, after what the function
+        needs of it (nvmet-pci-epf's slave DMA channels) unless the command line says."""
+        own = cmdline.controller_items(self.sets)
+        given = {item.partition("=")[0] for item in own}
+        implied = FUNCTION_CONTROLLER_SETS.get(self.driver(), ())
+        return [*(i for i in implied if i.partition("=")[0] not in given), *own]
 
     def driver(self) -> str:
         """The function the EP guest runs: ``--function``, else what ``--configfs``'s script
@@ -117,6 +159,8 @@ class EpGuestRun:
             except OSError as e:
                 raise ConfigError(f"{self.configfs}: {e.strerror}") from None
         driver = self.driver()
+        if driver == "nvmet_pci_epf":
+            return NVMET_SETUP.replace("CONTROLLER", EP_GUEST_CONTROLLER)
         values = _function_defaults(driver)
         items = [*(cmdline.function_items(preset_sets(self.preset, driver))
                    if self.preset else []), *cmdline.function_items(self.sets)]
@@ -137,7 +181,10 @@ class EpGuestRun:
     def values(self) -> dict[str, object]:
         """The function's attributes as the setup script leaves them (defaults where vfio-ep
         cannot read the script: it runs all the same, in the EP guest)."""
-        values = _function_defaults(self.driver())
+        driver = self.driver()
+        if driver not in DRIVERS:  # no model of it in vfio-ep: the kernel's values alone
+            return {}
+        values = _function_defaults(driver)
         with contextlib.suppress(ConfigError, StopIteration):
             values |= next(iter(self._script_composition().functions.values())).values
         return values
@@ -211,10 +258,13 @@ def run_ep_guest(run: EpGuestRun, *, kernel: Path | None = None, qemu: Path | No
         run.expected_failures()  # a malformed --xfail fails here, before any boot
         top = new_run_dir(run_dir)
         facts = _facts(comp, assets, driver) | {"ep_linux": ep_linux}
+        # (imported here: those modules build on this one's pair of guests)
         if driver == "pci_epf_vntb":
-            # (here: that module builds on this one's pair of guests)
             from vfio_ep.guest.ep_ntb import run_vntb
             return run_vntb(run, assets, top, facts, timeout=timeout, options=options)
+        if driver == "nvmet_pci_epf":
+            from vfio_ep.guest.ep_nvme import run_nvme
+            return run_nvme(run, assets, top, facts, timeout=timeout, options=options)
         vendor, device = run.device()
         progress = Progress(top, run.target(), KSELFTEST_NAME, facts, running=[top / "rc"])
         with keeping(progress.keep):  # Ctrl-C, SIGTERM: the RC's TAP so far is the result
@@ -233,19 +283,21 @@ def boot_ep_pair(run: EpGuestRun, assets: GuestAssets, top: Path, rc_script: str
                  rc_options: GuestOptions | None = None,
                  rc_files: dict[str, Path | bytes] | None = None,
                  ep_files: dict[str, Path | bytes] | None = None,
-                 ep_finish: float = 0) -> PairResult:
+                 ep_finish: float = 0, rc_again: tuple[str, ...] = ()) -> PairResult:
     """The EP guest as ``run`` asks (its controller, setup script, kernel, ``--ep-exec``
     command, with ``ep_files`` in its initramfs), then the RC guest running ``rc_script``
     with ``rc_files`` (``run --ep-guest``'s kselftest, an NTB suite's side, a benchmark's
     programs), each guest's records under ``top``.  ``rc_options`` (default ``options``)
     lets the RC guest alone have more (a benchmark's ivshmem floor).  Once the RC guest is
     done, the EP guest's command has ``ep_finish`` more seconds to end (the other side of a
-    suite), then the EP guest is stopped."""
+    suite), then the EP guest is stopped.  Each of ``rc_again`` is the script of one more
+    RC guest, booted after the one before it is gone (an RC's reboots, the EP guest up all
+    along), its records in ``rc2``, ``rc3``..."""
     name = next(iter(run.controller().controllers))
     ep_base = assets if run.ep_linux in (None, assets.linux) else \
         dataclasses.replace(provision_all(linux=run.ep_linux), qemu=assets.qemu)
     ep_assets = ep_guest_assets(ep_base, run.ep_kernel, top / "epc-driver")
-    server_args = [a for item in cmdline.controller_items(run.sets) for a in ("--set", item)]
+    server_args = [a for item in run.controller_sets() for a in ("--set", item)]
     if run.preset:
         server_args += ["--preset", run.preset]
     ep_options = dataclasses.replace(options, dyndbg=run.ep_dyndbg, gdb_port=None,
@@ -256,7 +308,7 @@ def boot_ep_pair(run: EpGuestRun, assets: GuestAssets, top: Path, rc_script: str
         return run_async(_boot_pair(
             (ep_assets, assets), name, server_args, top, timeout,
             (ep_options, rc_options or options), (ep_script, run.setup_script()), rc_script,
-            (ep_files or {}, rc_files or {}), ep_finish))
+            (ep_files or {}, rc_files or {}), ep_finish, rc_again))
 
 
 @contextlib.contextmanager
@@ -285,6 +337,7 @@ class PairResult:
     rc: GuestResult | None
     server_log: str
     error: str | None = None
+    rc_again: tuple[GuestResult, ...] = ()  # the RC guests booted after the first
 
 
 def ep_guest_assets(assets: GuestAssets, ep_kernel: Path | None, work: Path) -> GuestAssets:
@@ -309,7 +362,7 @@ async def _boot_pair(assets: tuple[GuestAssets, GuestAssets], name: str,
                      server_args: list[str], top: Path, timeout: float,
                      options: tuple[GuestOptions, GuestOptions], ep: tuple[str, str],
                      rc_script: str, files: tuple[dict[str, Path | bytes], ...],
-                     ep_finish: float) -> PairResult:
+                     ep_finish: float, rc_again: tuple[str, ...]) -> PairResult:
     """The EP guest (its assets, options, and (script, board setup) first), then, once its
     controller is started, the RC guest running ``rc_script`` (``files``: the EP's and the
     RC's beside their scripts in their initramfs)."""
@@ -347,17 +400,20 @@ async def _boot_pair(assets: tuple[GuestAssets, GuestAssets], name: str,
                 return PairResult(result, None, log.read_text(errors="replace"),
                                   "the EP guest did not start its controller: "
                                   + (result.error or _last_words(result.output)))
-            rc = GuestRun(rc_script, server_args=[], assets=rc_assets, socket=sockets[name],
-                          run_dir=top / "rc", options=options[1], live=_live("rc", None),
-                          extra_files={"kselftest.sh": KSELFTEST, **files[1]})
-            rc_result = await rc.run(timeout - (time.monotonic() - started))
+            rc_results = []
+            for boot, script in enumerate((rc_script, *rc_again), 1):
+                label = "rc" if boot == 1 else f"rc{boot}"
+                rc = GuestRun(script, server_args=[], assets=rc_assets, socket=sockets[name],
+                              run_dir=top / label, options=options[1], live=_live(label, None),
+                              extra_files={"kselftest.sh": KSELFTEST, **files[1]})
+                rc_results.append(await rc.run(timeout - (time.monotonic() - started)))
             if ep_finish:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(exited.wait(), ep_finish)
             ep_done.cancel()
             ep_result = await ep_run.collect()
-    return PairResult(ep_result, rc_result, log.read_text(errors="replace"),
-                      ep_result.error and f"EP guest: {ep_result.error}")
+    return PairResult(ep_result, rc_results[0], log.read_text(errors="replace"),
+                      ep_result.error and f"EP guest: {ep_result.error}", tuple(rc_results[1:]))
 
 
 def _live(label: str, seen: Callable[[str], object] | None) -> Callable[[str], None]:

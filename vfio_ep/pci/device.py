@@ -59,6 +59,7 @@ from vfio_ep.pci.regions import (
     Region,
     RegionError,
 )
+from vfio_ep.ratelimit import Repeats
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +149,7 @@ class PciDevice:
         self._power_on = bytes(self.config.data)
         self.msi_pos = self.config.find_capability(caps.PCI_CAP_ID_MSI)
         self.msix_pos = self.config.find_capability(caps.PCI_CAP_ID_MSIX)
+        self._unraised = Repeats(log)  # a function's raises the host has not enabled
         self.config.on_write(PCI_COMMAND, 2, self._command_written)
 
     # -- construction -------------------------------------------------------
@@ -319,7 +321,7 @@ class PciDevice:
         """Signal 0-based MSI ``vector`` if the host enabled that many."""
         st = self.msi_state()
         if self.host is None or st is None or not st.enabled or vector >= st.vectors:
-            log.warning("MSI vector %d not raised: %s", vector,
+            self._unraised.warning("MSI vector %d not raised: %s", vector,
                         "no client" if self.host is None else f"host enabled {st}")
             return False
         return self.host.irqs.trigger(Irq.MSI, vector)
@@ -327,7 +329,7 @@ class PciDevice:
     def raise_msix(self, vector: int) -> bool:
         st = self.msix_state()
         if self.host is None or st is None or not st.enabled or vector >= st.vectors:
-            log.warning("MSI-X vector %d not raised: %s", vector,
+            self._unraised.warning("MSI-X vector %d not raised: %s", vector,
                         "no client" if self.host is None else f"host state {st}")
             return False
         return self.host.irqs.trigger(Irq.MSIX, vector)
