@@ -48,9 +48,8 @@ BAR = 1  # pci-epf-test's BAR1: plain EP RAM behind it
 BAR_SIZE = 128 << 10
 REG_SIZE = t.REG_OFFSET["size"][0]  # pci-epf-test's SIZE register (the reference's scratch)
 WRITE_SIZE = 4
-_MSG = struct.Struct("<HHIIIQIII")  # header, access (offset, region, count), 4 data bytes
-_HDR = struct.Struct("<HHIII")
-_ACCESS = struct.Struct("<QII")
+# header, access (offset, region, count), 4 data bytes
+_MSG = struct.Struct(p.HEADER.struct.format + p.ACCESS.struct.format.lstrip("<") + "I")
 
 
 @dataclass(frozen=True)
@@ -99,14 +98,14 @@ def run_once(client: Client, target: Target, n: int, check: bool) -> float:
     stream, last_off, last_value = build_stream(n, target.bar, target.start, target.span)
     client.msg_id = n & 0xFFFF
     fence_id = client.next_id()
-    fence = _HDR.pack(fence_id, Command.REGION_READ, p.HEADER_SIZE + _ACCESS.size,
-                      p.FLAG_REQUEST, 0) + _ACCESS.pack(last_off, target.bar, WRITE_SIZE)
+    fence = p.HEADER.pack(fence_id, Command.REGION_READ, p.HEADER_SIZE + p.ACCESS.size,
+                      p.FLAG_REQUEST, 0) + p.ACCESS.pack(last_off, target.bar, WRITE_SIZE)
     start = time.perf_counter()
     client.sock.sendall(stream)
     client.sock.sendall(fence)
     body = client.reply(fence_id, Command.REGION_READ)
     elapsed = time.perf_counter() - start
-    got = int.from_bytes(body[_ACCESS.size :], "little")
+    got = int.from_bytes(body[p.ACCESS.size :], "little")
     if check and got != last_value:
         raise BenchError(f"fence read {got:#x} at BAR{target.bar}+{last_off:#x}, wrote "
                          f"{last_value:#x}")
@@ -207,13 +206,13 @@ def _drain(conn: socket.socket) -> None:
 
 
 def _reply(conn: socket.socket, msg: bytes) -> None:
-    msg_id, cmd, _, _, _ = _HDR.unpack_from(msg)
+    msg_id, cmd, _, _, _ = p.HEADER.unpack_from(msg)
     if cmd == Command.REGION_READ:
-        off, region, count = _ACCESS.unpack_from(msg, p.HEADER_SIZE)
-        body = _ACCESS.pack(off, region, count) + bytes(count)
+        off, region, count = p.ACCESS.unpack_from(msg, p.HEADER_SIZE)
+        body = p.ACCESS.pack(off, region, count) + bytes(count)
     else:
         body = b""
-    conn.sendall(_HDR.pack(msg_id, cmd, p.HEADER_SIZE + len(body), p.FLAG_REPLY, 0) + body)
+    conn.sendall(p.HEADER.pack(msg_id, cmd, p.HEADER_SIZE + len(body), p.FLAG_REPLY, 0) + body)
 
 
 @click.command()
