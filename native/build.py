@@ -25,6 +25,9 @@ ffibuilder = FFI()
 # constants and sizes against C's (vfio_ep/vfio_user/fastpath.py, at import).
 ffibuilder.cdef("\n".join(declarations(f"{unit}.h") for unit in UNITS))
 ffibuilder.cdef(declarations("vfu_wire.h"), packed=True)
+# The register reads the I/O thread answers by calling Python (struct vfu_fast.read_reg),
+# defined by vfio_ep/vfio_user/fastpath.py.
+ffibuilder.cdef('extern "Python" int vfu_py_read_reg(void *, uint64_t, uint32_t, uint64_t *);')
 # setuptools wants paths relative to the project root (where setup.py runs).
 ffibuilder.set_source("vfio_ep._native",
                       "".join(f'#include "{h}.h"\n' for h in (*UNITS, "vfu_wire")),

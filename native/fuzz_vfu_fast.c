@@ -1,9 +1,10 @@
 /* libFuzzer target: the C fast path's framing, window look-up and serving, under ASan.
  *
  * The fuzzer's bytes are what a client writes on the socket.  They go through a socketpair
- * into vfu_fast_poll() with a window table like a served device's: an MMIO window, two RAM
- * windows over heap buffers of exactly their size (an access one byte outside is an ASan
- * report) and a doorbell window.  Messages handed to Python are dropped as Python's take()
+ * into vfu_fast_poll() with a window table like a served device's: an MMIO window (its
+ * register reads answered by read_reg, which refuses some as a raising handler does), two
+ * RAM windows over heap buffers of exactly their size (an access one byte outside is an
+ * ASan report) and a doorbell window.  Messages handed to Python are dropped as Python's take()
  * would, queued writes applied as its posted_done() would; what C answers is drained.  Build and run: make fuzz (or tests/test_fuzz.py's
  * bounded run).
  */
@@ -26,13 +27,22 @@ static int efd = -1;
 static struct vfu_window windows[4];
 static uint8_t buf[VFU_MAX_MSG];
 
+/* struct vfu_fast.read_reg as Python's: the I/O thread passes a checked register access. */
+static int read_reg(void *handle, uint64_t offset, uint32_t count, uint64_t *value)
+{
+	if (handle != windows || offset + count > 0x1000 || offset % count)
+		abort();
+	*value = offset * 0x0101010101010101ULL;
+	return offset % 0x100 == 0x80; /* a handler raising: handed to Python */
+}
+
 static void setup(void)
 {
 	ram1 = malloc(RAM1_SIZE);
 	ram2 = malloc(RAM2_SIZE);
 	efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
 	windows[0] = (struct vfu_window){ .bar = 0, .kind = VFU_WINDOW_MMIO, .start = 0,
-					  .end = 0x1000 };
+					  .end = 0x1000, .read_handle = windows };
 	windows[1] = (struct vfu_window){ .bar = 1, .kind = VFU_WINDOW_RAM, .start = 0,
 					  .end = RAM1_SIZE, .ram = NULL };
 	windows[2] = (struct vfu_window){ .bar = 2, .kind = VFU_WINDOW_RAM, .start = 0x3000,
@@ -79,7 +89,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	 * queued); 2, Python slow to apply them (only once the stream waits, a message is
 	 * handed over, or all is sent), so the queue fills and what C serves waits. */
 	struct vfu_fast f = { .sock = sv[0], .windows = windows, .nwindows = 4, .buf = buf,
-			      .early_ack = size && (data[0] & 1) };
+			      .early_ack = size && (data[0] & 1), .read_reg = read_reg };
 	int slow = size && (data[0] & 2);
 	for (int rounds = 0; rounds < 10000; rounds++) {
 		if (off < size) {

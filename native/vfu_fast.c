@@ -97,10 +97,10 @@ static int fast_write_ok(const struct vfu_window *w, uint64_t off, const uint8_t
 	return value == w->db_data;
 }
 
-/* A write Python's register handlers take (and so may be acknowledged before they run): it
- * lies in a window, as a naturally aligned 1, 2, 4 or 8-byte access
- * (vfio_ep.pci.bar._check_mmio_size). */
-static int register_write_ok(const struct vfu_window *w, uint64_t off, uint32_t count)
+/* A register access Python's handlers take (a write may then be acknowledged before they
+ * run, a read answered through read_reg): it lies in a window, as a naturally aligned 1, 2,
+ * 4 or 8-byte access (vfio_ep.pci.bar._check_mmio_size). */
+static int register_access_ok(const struct vfu_window *w, uint64_t off, uint32_t count)
 {
 	return w && (count == 1 || count == 2 || count == 4 || count == 8) && off % count == 0;
 }
@@ -161,25 +161,33 @@ static int serve(struct vfu_fast *f)
 			return SERVE_PYTHON;
 		const struct vfu_window *w = find(f, a->region, a->offset, a->count);
 		if (h->command == VFU_CMD_REGION_READ) {
-			if (!w || w->kind != VFU_WINDOW_RAM || len != sizeof(*a))
+			int reg = w && w->kind == VFU_WINDOW_MMIO && w->read_handle && f->read_reg &&
+				  register_access_ok(w, a->offset, a->count);
+			if (!w || !(w->kind == VFU_WINDOW_RAM || reg) || len != sizeof(*a))
 				return SERVE_PYTHON;
 			if (posted_pending(f))
 				return SERVE_WAIT;
+			uint64_t value;
+			if (reg && f->read_reg(w->read_handle, a->offset - w->start, a->count, &value))
+				return SERVE_PYTHON;
 			struct vfu_hdr rh = { h->msg_id, h->command, VFU_HDR_SIZE + sizeof(*a) + a->count,
 					  VFU_FLAG_REPLY, 0 };
 			struct iovec iov[3] = {
 				{ &rh, VFU_HDR_SIZE }, { a, sizeof(*a) },
-				{ w->ram + (a->offset - w->start), a->count },
+				{ reg ? (void *)&value : w->ram + (a->offset - w->start), a->count },
 			};
 			if (send_iov(f, iov, 3))
 				return SERVE_IOERR;
-			f->stats.fast_reads++;
+			if (reg)
+				f->stats.register_reads++;
+			else
+				f->stats.fast_reads++;
 			return SERVE_DONE;
 		}
 		if (len != sizeof(*a) + a->count)
 			return SERVE_PYTHON;
 		int here = fast_write_ok(w, a->offset, body + sizeof(*a), a->count);
-		int queue = !here && f->early_ack && register_write_ok(w, a->offset, a->count);
+		int queue = !here && f->early_ack && register_access_ok(w, a->offset, a->count);
 		if (!here && !queue)
 			return SERVE_PYTHON; /* with its reply (an error one, if Python refuses it) */
 		if (posted_pending(f) &&

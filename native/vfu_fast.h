@@ -4,7 +4,8 @@
  * plain data as vfio_ep.pci.bar.WindowTable); the connection's I/O thread
  * (vfu_io.h) runs vfu_fast_poll(), which reads messages in order; REGION_READ/REGION_WRITE/REGION_WRITE_MULTI that
  * land entirely in RAM windows are served here, doorbell-window writes mark
- * the doorbell pending and signal its eventfd; the first message that needs
+ * the doorbell pending and signal its eventfd, register reads of an MMIO window
+ * whose handler allows it are answered by calling it (read_reg); the first message that needs
  * anything else is handed back to Python, whole and with its fds, so the
  * order of the stream is kept.  Once `early_ack` is set, a BAR write Python
  * applies is acknowledged here first and queued for Python (`posted`), as PCIe
@@ -29,6 +30,8 @@ struct vfu_window {
 	uint32_t db_offset;      /* DOORBELL: offset of the doorbell register in the window */
 	uint32_t db_data;        /* DOORBELL: the value that rings it */
 	uint32_t *db_pending;    /* DOORBELL: set to 1 when rung */
+	void *read_handle;       /* MMIO: non-NULL when its register reads may be answered
+				  * by vfu_fast.read_reg in the I/O thread (passed back to it) */
 };
 
 #define VFU_MAX_FDS 16
@@ -51,6 +54,7 @@ struct vfu_fast_stats {
 	uint64_t to_python;
 	uint64_t early_acks;     /* BAR writes for Python, acknowledged before it applied them */
 	uint64_t posted;         /* BAR writes for Python queued (acknowledged or posted) */
+	uint64_t register_reads; /* MMIO register reads answered through read_reg */
 };
 
 struct vfu_fast {
@@ -74,6 +78,12 @@ struct vfu_fast {
 	 * go on sending, else the reply is abandoned as an I/O error. */
 	int (*wait_writable)(void *ctx);
 	void *wait_ctx;
+	/* A register read in an MMIO window with a read_handle: a naturally aligned 1-8 byte
+	 * read at `offset` in the window, its value in *value; 0, or anything else to hand the
+	 * message to Python after all.  NULL: every MMIO read goes to Python.  The I/O thread
+	 * calls it under its lock (vfio_ep/vfio_user/fastpath.py: the handler's read, in
+	 * Python, under the GIL). */
+	int (*read_reg)(void *handle, uint64_t offset, uint32_t count, uint64_t *value);
 };
 
 /* Results of vfu_fast_poll() (Python reads them from the extension, never copies them). */

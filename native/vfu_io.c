@@ -102,9 +102,11 @@ static void *vfu_io_run(void *arg)
 }
 
 void vfu_io_init(struct vfu_io *io, int sock, uint8_t *buf, uint8_t *out, int notify_efd,
-		 int stop_efd)
+		 int stop_efd,
+		 int (*read_reg)(void *handle, uint64_t offset, uint32_t count, uint64_t *value))
 {
 	memset(io, 0, sizeof(*io));
+	io->f.read_reg = read_reg;
 	io->f.sock = sock;
 	io->f.buf = buf;
 	io->f.out = out;

@@ -36,9 +36,10 @@ struct vfu_io {
  * while it is parked, which they check).
  *
  * Before the thread exists: the connection's socket, the two VFU_MAX_MSG buffers (the
- * caller's) and the eventfds; the rest zeroed. */
+ * caller's), the eventfds and f.read_reg (NULL: none); the rest zeroed. */
 void vfu_io_init(struct vfu_io *io, int sock, uint8_t *buf, uint8_t *out, int notify_efd,
-		 int stop_efd);
+		 int stop_efd,
+		 int (*read_reg)(void *handle, uint64_t offset, uint32_t count, uint64_t *value));
 /* Start the thread serving from `windows`; 0, or an errno. */
 int vfu_io_start(struct vfu_io *io, struct vfu_window *windows, int n);
 /* From now on, acknowledge BAR writes Python applies before it has (f.early_ack). */

@@ -22,9 +22,12 @@ static void *vfu_poller_run(void *arg)
 	while (!__atomic_load_n(&p->stop, __ATOMIC_ACQUIRE)) {
 		nanosleep(&period, NULL);
 		uint32_t *word = __atomic_load_n(&p->word, __ATOMIC_ACQUIRE);
+		uint32_t count = __atomic_load_n(&p->count, __ATOMIC_RELAXED);
+		uint32_t set = 0;
 
-		if (__atomic_load_n(word, __ATOMIC_RELAXED) &&
-		    write(p->efd, &one, sizeof(one)) < 0) {
+		for (uint32_t i = 0; i < count && !set; i++)
+			set = __atomic_load_n(&word[i], __ATOMIC_RELAXED);
+		if (set && write(p->efd, &one, sizeof(one)) < 0) {
 			/* EAGAIN: the counter is full, Python has not caught up; it will. */
 		}
 	}

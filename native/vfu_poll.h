@@ -1,18 +1,21 @@
-/* vfio-ep poll doorbell: the word in EP RAM checked by a C thread, not by the event loop.
+/* vfio-ep polled doorbells: words in EP RAM checked by a C thread, not by the event loop.
  *
- * The core's poll-mode doorbell has no interrupt: something must look at the word every
- * period.  Doing that in the server's event loop wakes the interpreter 1000 times a second
- * (~12% of a core); a thread that sleeps, loads one word and sleeps again costs a few
- * microseconds per period.  While the word is non-zero the thread signals `efd`; Python
- * reads and clears the word, checks the value and raises the doorbell's EP interrupt.
+ * A polled doorbell has no interrupt: something must look at its words every period (the
+ * core's poll-mode doorbell, one word; pci-epf-vntb's polled doorbell BAR, a word per
+ * slot).  Doing that in the server's event loop wakes the interpreter every period (~12% of
+ * a core at 1 ms); a thread that sleeps, loads the words and sleeps again costs a few
+ * microseconds per period.  While any word is non-zero the thread signals `efd`; Python
+ * takes (reads and clears) the words and raises what they ring.
  */
 #include <stdint.h>
 
-/* The thread reads `word` and `stop` anew each period (atomic loads): Python may store them. */
+/* The thread reads `word`, `count` and `stop` anew each period (atomic loads): Python may
+ * store them. */
 struct vfu_poller {
-	uint32_t *word;       /* the doorbell word; Python moves it when EP RAM pages move */
+	uint32_t *word;       /* the first word; Python moves it when EP RAM pages move */
+	uint32_t count;       /* words polled from `word` on (within one page of EP RAM) */
 	uint64_t interval_ns;
-	int efd;              /* eventfd signalled while *word != 0 */
+	int efd;              /* eventfd signalled while a word is non-zero */
 	int stop;
 	uint64_t thread;      /* a pthread_t */
 };

@@ -239,7 +239,7 @@ def test_poll_doorbell_follows_its_word_when_the_page_moves(tmp_path: Path, path
     with serve(tmp_path, doorbell="poll", doorbell_poll_interval_us=200) as (srv, g):
         assert g.command(t.COMMAND_ENABLE_DOORBELL) & t.STATUS_DOORBELL_ENABLE_SUCCESS
         db = srv.functions[0].db_poll
-        assert (db._poller is not None) == (path == "c")
+        assert (db.words._poller is not None) == (path == "c")
         assert db.ram.phys(db.addr) != db.addr - db.ram.base  # the page moved
         for _ in range(3):
             assert _ring(g)

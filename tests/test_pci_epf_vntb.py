@@ -9,6 +9,7 @@ Python path.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -122,6 +123,38 @@ def test_scratchpads_and_doorbells_both_ways(tmp_path: Path, path: str, backend:
             for i in range(4):  # the EP (tool client) read ours and answered in its own
                 assert rc.spad(i) == ~(0x5A5A0000 + 16 * bit + i) & 0xFFFFFFFF
         assert not any(rc.wait_irq(slot, 0) for slot in range(MSI_VECTORS))
+
+
+def test_an_idle_polled_doorbell_bar_does_not_wake_the_event_loop(tmp_path: Path,
+                                                                  path: str) -> None:
+    """The polled doorbell BAR's slots are watched by the C poller (every slot, the last
+    too): the event loop wakes for a ring, never for a period that found none; on the
+    Python path it looks every period itself."""
+    with vntb(tmp_path, doorbell="poll", doorbell_poll_interval_us=500, db_count=6) as (rc,
+                                                                                        epf):
+        words = epf._db_poll
+        assert words is not None and (words._poller is not None) == (path == "c")
+        wakeups: list[float] = []
+        wait = words.wait
+
+        async def counted() -> None:
+            await wait()
+            wakeups.append(time.monotonic())
+
+        words.wait = counted  # type: ignore[method-assign]  # from the wait after the next
+        assert rc.command(v.COMMAND_LINK_UP) == v.COMMAND_STATUS_OK
+        rc.peer_db_set(0)
+        assert rc.wait_irq(2)
+        before = len(wakeups)
+        time.sleep(0.2)  # 400 periods, nothing rung
+        idle = len(wakeups) - before
+        rc.peer_db_set(3)  # DB#3: slot 5, the last word polled
+        assert rc.wait_irq(5)
+        assert len(wakeups) > before + idle
+        if path == "c":
+            assert idle == 0
+        else:
+            assert idle > 40
 
 
 def test_memory_windows_both_ways(tmp_path: Path, path: str) -> None:

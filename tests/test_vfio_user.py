@@ -22,6 +22,7 @@ import trio
 from vfio_user_client import Client, ErrorReply, ServerThread, eventfd, eventfd_count
 
 from vfio_ep.pci import testdev
+from vfio_ep.pci.bar import Window, WindowKind
 from vfio_ep.pci.capabilities import PCI_CAP_ID_EXP, PCI_CAP_ID_MSI, PCI_CAP_ID_MSIX, PCI_CAP_ID_PM
 from vfio_ep.vfio_user import protocol as p
 from vfio_ep.vfio_user.dma import DmaError
@@ -185,6 +186,53 @@ def test_posted_writes_are_ordered_and_unanswered(client: Client) -> None:
     # The next reply is the read's: nothing was answered for the posted writes.
     assert client.read(Region.BAR0, 0x40, 4) == struct.pack("<I", 99)
     assert client.read(Region.BAR0, 0x48, 2) == b"\x01\x02"
+
+
+class _Registers:
+    """A register block whose reads are a function of the offset; one register refuses."""
+
+    read_in_io_thread = True
+
+    def read(self, offset: int, size: int) -> int:
+        if offset == 8:
+            raise ValueError("register 8 is not readable")
+        return 0x100 + offset
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        raise AssertionError("not written here")
+
+
+def test_register_reads_are_answered_by_the_io_thread(tmp_path: Path, path: str) -> None:
+    """A register block whose handler allows it (read_in_io_thread): on the C path the I/O
+    thread answers its reads by calling the handler, without handing them to the event
+    loop, and behind the writes queued before them (testdev's scratch registers); a read
+    the handler raises on goes to Python after all, which refuses it as it always did."""
+    device = testdev.build({"bar4_size": 4096})
+    device.windows.replace_bar(4, [Window(4, 0, 4096, WindowKind.MMIO, _Registers())])
+    with ServerThread(device, tmp_path / "ep.sock") as server:
+        client = Client(server.path)
+
+        def stats() -> dict[str, int]:
+            fast = server.listener.active.fast
+            return fast.stats() if fast else {"register_reads": 0, "to_python": 0}
+
+        before = server.call(stats)
+        assert client.read(Region.BAR4, 4, 4) == (0x104).to_bytes(4, "little")
+        assert client.read(Region.BAR4, 0x10, 2) == (0x110).to_bytes(2, "little")
+        client.write(Region.BAR0, 0x40, struct.pack("<I", 7), posted=True)
+        assert client.read(Region.BAR0, 0x40, 4) == struct.pack("<I", 7)
+        after = server.call(stats)
+        with pytest.raises(ErrorReply):
+            client.read(Region.BAR4, 8, 4)
+        with pytest.raises(ErrorReply):  # misaligned: Python's to refuse
+            client.read(Region.BAR4, 2, 4)
+        refused = server.call(stats)
+        client.close()
+    answered = 3 if path == "c" else 0
+    assert after["register_reads"] - before["register_reads"] == answered
+    assert after["to_python"] == before["to_python"]  # the write was queued, not handed over
+    assert refused["register_reads"] == after["register_reads"]
+    assert refused["to_python"] - after["to_python"] == (2 if path == "c" else 0)
 
 
 def test_write_multi(client: Client) -> None:

@@ -21,9 +21,6 @@ from vfio_ep.pci.capabilities import PCI_CAP_ID_MSIX, PCI_MSIX_FLAGS_ENABLE
 from vfio_ep.vfio_user import protocol as p
 from vfio_ep.vfio_user.protocol import Command, Irq, Region
 
-_HDR = struct.Struct("<HHIII")  # msg_id, command, size, flags, error
-_ACCESS = struct.Struct("<QII")  # offset, region, count
-
 
 class Client:
     def __init__(self, path: Path, *, negotiate: bool = True) -> None:
@@ -49,7 +46,7 @@ class Client:
     def send(self, cmd: int, payload: bytes = b"", fds: tuple[int, ...] = (), flags: int = 0
              ) -> int:
         msg_id = self.next_id()
-        data = _HDR.pack(msg_id, cmd, p.HEADER_SIZE + len(payload), flags, 0) + payload
+        data = p.HEADER.pack(msg_id, cmd, p.HEADER_SIZE + len(payload), flags, 0) + payload
         anc = ([(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
                if fds else [])
         sent = self.sock.sendmsg([data], anc)
@@ -71,7 +68,7 @@ class Client:
     def reply(self, msg_id: int, cmd: int) -> bytes:
         """The body of the reply to ``msg_id``; an error reply raises."""
         head = self._recv_exact(p.HEADER_SIZE)
-        rid, rcmd, size, flags, err = _HDR.unpack(head)
+        rid, rcmd, size, flags, err = p.HEADER.unpack_from(head)
         body = self._recv_exact(size - p.HEADER_SIZE)
         if flags & p.FLAG_TYPE_MASK != p.FLAG_REPLY:
             raise BenchError(f"server sent request {rcmd}: this client maps memory by fd only")
@@ -100,11 +97,11 @@ class Client:
             (fd,))
 
     def read(self, region: int, offset: int, count: int) -> bytes:
-        body = self.request(Command.REGION_READ, _ACCESS.pack(offset, region, count))
-        return body[_ACCESS.size :]
+        body = self.request(Command.REGION_READ, p.ACCESS.pack(offset, region, count))
+        return body[p.ACCESS.size :]
 
     def write(self, region: int, offset: int, data: bytes) -> None:
-        self.request(Command.REGION_WRITE, _ACCESS.pack(offset, region, len(data)) + data)
+        self.request(Command.REGION_WRITE, p.ACCESS.pack(offset, region, len(data)) + data)
 
     def read32(self, region: int, offset: int) -> int:
         return int.from_bytes(self.read(region, offset, 4), "little")

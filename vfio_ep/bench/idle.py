@@ -72,7 +72,7 @@ POLLER_ALONE = """
 import os, sys, time
 from vfio_ep._native import ffi, lib
 word, p = ffi.new("uint32_t *"), ffi.new("struct vfu_poller *")
-p.word, p.interval_ns, p.efd = word, int(sys.argv[1]) * 1000, os.eventfd(0)
+p.word, p.count, p.interval_ns, p.efd = word, 1, int(sys.argv[1]) * 1000, os.eventfd(0)
 assert lib.vfu_poller_start(p) == 0
 print("ready", flush=True)
 time.sleep(float(sys.argv[2]))

@@ -357,6 +357,8 @@ class WatchedRam:
     Offsets are memfd offsets; ``ep_delta`` turns them back into EP addresses.
     """
 
+    read_in_io_thread = True  # a read is a load from EP RAM (pages move under the I/O lock)
+
     def __init__(self, ram: EpRam, watches: list[Watch], ep_delta: int) -> None:
         self.ram = ram
         self.watches = watches

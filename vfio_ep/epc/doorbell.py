@@ -9,8 +9,9 @@ that eventfd, runs the virq's handlers.  The Python path does exactly the
 same.  Writes with any other value or width are ignored, counted and logged.
 
 :class:`PollDoorbell` is the backend without hardware: a word in EP RAM checked
-every ``interval`` seconds, only while it is allocated: by a C thread that signals an
-eventfd while the word is set (native/vfu_poll.c), or on the Python path by a task.
+every ``interval`` seconds, only while it is allocated (:class:`PolledWords`: by a C thread
+that signals an eventfd while the word is set, native/vfu_poll.c, or on the Python path by a
+task).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Any
 
 import trio
 
-from vfio_ep.epc.address_space import EpRam
+from vfio_ep.epc.address_space import PAGE, EpRam
 from vfio_ep.epc.irq import IrqDomain, Spawn
 from vfio_ep.native import native
 from vfio_ep.pci.bar import FastDoorbell, MmioHandler
@@ -128,6 +129,56 @@ class DoorbellTarget(FastDoorbell):
                     if virq is not None:
                         self.irqs.handle_now(virq)
 
+class PolledWords:
+    """``count`` consecutive 32-bit words of EP RAM (in one page) that the RC sets to ring,
+    looked at every ``interval`` seconds until :meth:`close`: by a C thread that signals an
+    eventfd while any is non-zero (native/vfu_poll.c), so that an idle polled doorbell never
+    wakes the interpreter; on the Python path, by the event loop every period.  The core's
+    poll doorbell (one word) and pci-epf-vntb's polled doorbell BAR (a word per slot)."""
+
+    def __init__(self, ram: EpRam, addr: int, count: int, interval: float) -> None:
+        if (addr - ram.base) // PAGE != (addr + 4 * count - 1 - ram.base) // PAGE:
+            raise ValueError(f"polled words [{addr:#x}, +{4 * count:#x}) cross a page: "
+                             "EP RAM pages move one by one")
+        self.ram = ram
+        self.addr = addr
+        self.count = count
+        self.interval = interval
+        self._native = native()
+        self._poller = _CPoller.start(self, *self._native) if self._native else None
+
+    def host_address(self) -> int:
+        """Host address of the first word, where it is now (pages can move)."""
+        return self.ram.mem.address + self.ram.phys(self.addr)
+
+    async def wait(self) -> None:
+        """Until a word may be set: the C poller's eventfd, or one period."""
+        if self._poller is None:
+            await trio.sleep(self.interval)
+            return
+        await trio.lowlevel.wait_readable(self._poller.efd)
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self._poller.efd)
+
+    def take(self, i: int) -> int:
+        """Word ``i``'s value, cleared (0: not rung).  With the extension, in one atomic
+        exchange: a ring landing between the read and the clear is not lost."""
+        if self._native is None:
+            addr = self.addr + 4 * i
+            value = int.from_bytes(self.ram.read(addr, 4), "little")
+            if value:
+                self.ram.write(addr, bytes(4))
+            return value
+        ffi, lib = self._native
+        return int(lib.vfu_take_pending(ffi.cast("uint32_t *", self.host_address() + 4 * i)))
+
+    def close(self) -> None:
+        """Stop looking (the C thread joined): the words may go."""
+        if self._poller is not None:
+            self._poller.stop()
+            self._poller = None
+
+
 class PollDoorbell:
     """A doorbell word in EP RAM, polled while allocated: the core's fallback backend."""
 
@@ -136,37 +187,21 @@ class PollDoorbell:
         self.ram = ram
         self.irqs = irqs
         self.data = data
-        self.interval = interval
         self.addr = ram.alloc(DOORBELL_SIZE)
         self.virq = irqs.alloc("poll-doorbell")
         self.rung = 0
         self.ignored = 0
         self._scope = trio.CancelScope()
-        c = native()
-        self._poller = _CPoller.start(self, *c) if c else None
+        self.words = PolledWords(ram, self.addr, 1, interval)
         spawn(self._run, "poll-doorbell")
-
-    def word_address(self) -> int:
-        """Host address of the doorbell word, where it is now (pages can move)."""
-        return self.ram.mem.address + self.ram.phys(self.addr)
-
-    async def _wait(self) -> None:
-        """Until the word may be set: the C poller's eventfd, or one period."""
-        if self._poller is None:
-            await trio.sleep(self.interval)
-            return
-        await trio.lowlevel.wait_readable(self._poller.efd)
-        with contextlib.suppress(BlockingIOError):
-            os.eventfd_read(self._poller.efd)
 
     async def _run(self) -> None:
         with self._scope:
             while True:
-                await self._wait()
-                value = int.from_bytes(self.ram.read(self.addr, DOORBELL_SIZE), "little")
+                await self.words.wait()
+                value = self.words.take(0)
                 if not value:
                     continue
-                self.ram.write(self.addr, bytes(DOORBELL_SIZE))
                 if value != self.data:
                     self.ignored += 1
                     log.warning("poll doorbell: ignored value %#x (expects %#x)", value,
@@ -177,49 +212,48 @@ class PollDoorbell:
 
     def close(self) -> None:
         self._scope.cancel()
-        if self._poller is not None:
-            self._poller.stop()
-            self._poller = None
+        self.words.close()
         self.irqs.dispose(self.virq)
         self.ram.free(self.addr, DOORBELL_SIZE)
 
 
 class _CPoller:
-    """The C thread polling a PollDoorbell's word (native/vfu_poll.h): the word's address is
-    followed across EP RAM remaps, and the thread is joined before the word goes away (on
-    close, or at interpreter exit, before EP RAM is unmapped)."""
+    """The C thread polling PolledWords (native/vfu_poll.h): their address is followed
+    across EP RAM remaps, and the thread is joined before the words go away (on close, or
+    at interpreter exit, before EP RAM is unmapped)."""
 
-    def __init__(self, doorbell: PollDoorbell, ffi: Any, lib: Any) -> None:
+    def __init__(self, words: PolledWords, ffi: Any, lib: Any) -> None:
         self._ffi = ffi
         self._lib = lib
-        self.doorbell = doorbell
+        self.words = words
         self.efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.p = ffi.new("struct vfu_poller *")
-        self.p.interval_ns = max(1, round(doorbell.interval * 1e9))
+        self.p.interval_ns = max(1, round(words.interval * 1e9))
+        self.p.count = words.count
         self.p.efd = self.efd
         self._point()
 
     @classmethod
-    def start(cls, doorbell: PollDoorbell, ffi: Any, lib: Any) -> _CPoller:
-        poller = cls(doorbell, ffi, lib)
+    def start(cls, words: PolledWords, ffi: Any, lib: Any) -> _CPoller:
+        poller = cls(words, ffi, lib)
         err = poller._lib.vfu_poller_start(poller.p)
         if err:
             os.close(poller.efd)
             raise OSError(err, f"poll doorbell thread: {os.strerror(err)}")
-        doorbell.ram.on_remap.append(poller._point)
+        words.ram.on_remap.append(poller._point)
         atexit.register(poller.stop)
         return poller
 
     def _point(self) -> None:
-        self.p.word = self._ffi.cast("uint32_t *", self.doorbell.word_address())
+        self.p.word = self._ffi.cast("uint32_t *", self.words.host_address())
 
     def stop(self) -> None:
-        """Join the thread (idempotent), then let the word and the eventfd go."""
+        """Join the thread (idempotent), then let the words and the eventfd go."""
         if self.efd < 0:
             return
         self._lib.vfu_poller_stop(self.p)
         atexit.unregister(self.stop)
-        self.doorbell.ram.on_remap.remove(self._point)
+        self.words.ram.on_remap.remove(self._point)
         with contextlib.suppress(RuntimeError):  # at exit, no event loop waits on it
             trio.lowlevel.notify_closing(self.efd)
         os.close(self.efd)

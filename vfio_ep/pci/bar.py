@@ -66,7 +66,13 @@ class BarSpec:
 
 
 class MmioHandler(Protocol):
-    """A trapped register block; offsets are relative to the block."""
+    """A trapped register block; offsets are relative to the block.
+
+    A handler whose ``read`` is a plain function of its state (no side effect, nothing
+    half-updated between two statements of the event loop's tasks) may say so with a class
+    attribute ``read_in_io_thread = True``: the connection's C I/O thread then answers the
+    guest's reads by calling it, under the GIL, without waking the event loop
+    (vfio_ep/vfio_user/fastpath.py)."""
 
     def read(self, offset: int, size: int) -> int: ...
 

@@ -56,6 +56,8 @@ class TestdevAttributes(FunctionAttributes):
 class TestdevRegisters:
     """Scratch dwords; a COMMAND write raises IRQ_TYPE/IRQ_NUMBER and sets IRQ_RAISED."""
 
+    read_in_io_thread = True  # a read is a slice of the dwords
+
     def __init__(self, pci: PciDevice) -> None:
         self.pci = pci
         self.regs = bytearray(REGS_SIZE)

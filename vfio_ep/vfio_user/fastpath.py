@@ -13,6 +13,12 @@ anything else only behind them, once Python has applied them in order.  Without 
 (no compiler at install time) or with ``VFIO_EP_FASTPATH=0``, the server reads every message
 in Python (and never imports this module, which needs the extension).
 
+A register read in an MMIO window whose handler says its reads are safe anywhere
+(``read_in_io_thread``: a plain function of its state, no side effect) is answered by the I/O
+thread itself, calling the handler under the GIL (:func:`vfu_py_read_reg`): no hand-over,
+no wake-up of the event loop, and the stream's order kept (the thread calls it where it
+would have handed the read over).
+
 The C headers are the contract's one source: the result codes are the extension's, and at
 import the Python side of the wire (protocol.py's sizes, flags and commands, the window kinds)
 is checked against them, so a stale extension or a one-sided edit fails at once.  Python
@@ -33,7 +39,7 @@ import trio
 
 from vfio_ep._native import ffi, lib
 from vfio_ep.memory import ForeignMemory, SharedMemory
-from vfio_ep.pci.bar import FastDoorbell, WindowKind, WindowTable
+from vfio_ep.pci.bar import FastDoorbell, MmioHandler, WindowKind, WindowTable
 from vfio_ep.vfio_user import protocol as p
 
 log = logging.getLogger(__name__)
@@ -70,6 +76,22 @@ if _mismatches := contract_mismatches():
                       "build? make install): " + "; ".join(_mismatches))
 
 
+def _read_reg_failed(exc_type: type[BaseException], value: BaseException, tb: Any) -> None:
+    """A handler's read raised in the I/O thread: the read goes to Python after all, which
+    answers or refuses it as it would any other (and logs why)."""
+
+
+def vfu_py_read_reg(handle: Any, offset: int, count: int, value: Any) -> int:
+    """struct vfu_fast.read_reg: called by the connection's I/O thread (holding its lock) for
+    a register read of a window whose handler allows it; its value in ``*value``."""
+    read, base = ffi.from_handle(handle)
+    value[0] = read(base + offset, count)
+    return 0
+
+
+ffi.def_extern(error=-1, onerror=_read_reg_failed)(vfu_py_read_reg)
+
+
 class FastPath:
     """One connection's C I/O thread: :meth:`start` it, :meth:`stop` it before the socket
     and anything its windows point at go away."""
@@ -88,7 +110,7 @@ class FastPath:
         self._out = ffi.new("uint8_t[]", lib.VFU_MAX_MSG)
         self.notify_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         lib.vfu_io_init(self.io, sock_fd, self._buf, self._out, self.notify_fd,
-                        os.eventfd(0, os.EFD_CLOEXEC))
+                        os.eventfd(0, os.EFD_CLOEXEC), lib.vfu_py_read_reg)
         self.windows = windows
         self._keep: list[Any] = []
         self._recheck = False  # queued writes were applied: look again without a signal
@@ -98,11 +120,11 @@ class FastPath:
         return bool(self.io.running)
 
     def start(self) -> None:
-        table, n = self._table()
+        table, n, handles = self._table()
         err = lib.vfu_io_start(self.io, table, n)
         if err:
             raise OSError(err, f"cannot start the connection's I/O thread: {os.strerror(err)}")
-        self._keep = [table]
+        self._keep = [table, handles]
         self.windows.listeners.append(self._sync)
         self.windows.guards.append(self._still)
 
@@ -127,14 +149,17 @@ class FastPath:
     def _sync(self) -> None:
         """Swap a new copy of the window table in under the thread's lock: from its next
         message on, C serves from it (and the old copy is unused)."""
-        table, n = self._table()
+        table, n, handles = self._table()
         lib.vfu_io_set_windows(self.io, table, n)
-        self._keep = [table]
+        self._keep = [table, handles]
 
-    def _table(self) -> tuple[Any, int]:
-        """The window table as C rows (RAM rows carry their host address)."""
+    def _table(self) -> tuple[Any, int, list[Any]]:
+        """The window table as C rows (RAM rows carry their host address, MMIO rows whose
+        reads the thread may answer a handle to the handler's read), and those handles, to
+        keep while C may use them."""
         rows = self.windows.windows
         table = ffi.new("struct vfu_window[]", max(len(rows), 1))
+        handles = []
         for i, w in enumerate(rows):
             c = table[i]
             c.bar, c.start, c.end = w.bar, w.start, w.end
@@ -149,7 +174,11 @@ class FastPath:
                 c.db_pending = ffi.cast("uint32_t *", db.pending_ptr())
             else:
                 c.kind = lib.VFU_WINDOW_MMIO
-        return table, len(rows)
+                if not w.memory and getattr(w.target, "read_in_io_thread", False):
+                    handles.append(ffi.new_handle((cast(MmioHandler, w.target).read,
+                                                   w.target_offset)))
+                    c.read_handle = handles[-1]
+        return table, len(rows), handles
 
     def handed(self) -> int | None:
         """The result the thread handed over (MESSAGE, OVERSIZED, EOF, ...), or None while

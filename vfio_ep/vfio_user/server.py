@@ -182,7 +182,7 @@ class Connection:
                     raise StreamError(f"EOF after {len(head)} bytes of a message header")
                 raise ClientGone
             head += data
-        hdr = p.Header.parse(head)
+        hdr = p.HEADER.parse(head)
         size = hdr["size"]
         if size < p.HEADER_SIZE:
             _close_fds(fds)
@@ -226,10 +226,10 @@ class Connection:
                 if truncated:
                     _close_fds(fds)
                     raise StreamError("file descriptors truncated (more than max_msg_fds)")
-                return p.Header.parse(data), data[p.HEADER_SIZE :], fds
+                return p.HEADER.parse(data), data[p.HEADER_SIZE :], fds
             if r == fast.OVERSIZED:
                 data, fds, _ = fast.take()
-                return await self._oversized(p.Header.parse(data), fds)
+                return await self._oversized(p.HEADER.parse(data), fds)
             fast.drop()
             if r == fast.EOF:
                 raise ClientGone
@@ -514,22 +514,20 @@ def _set_irqs(c: Connection, msg_id: int, body: bytes, fds: list[int]) -> None:
 def _region_access(body: bytes, writing: bool) -> tuple[int, int, int, bytes]:
     if len(body) < p.REGION_ACCESS_SIZE:
         raise ProtocolError(errno.EINVAL, f"region access payload of {len(body)} bytes")
-    a = p.RegionAccess.parse(body)
-    count, data = a["count"], a["data"]
+    offset, region, count, data = p.parse_region_access(body)
     if count > p.MAX_DATA_XFER_SIZE:
         raise ProtocolError(errno.EINVAL, f"count {count} > max_data_xfer_size")
     if writing and len(data) != count:
         raise ProtocolError(errno.EINVAL, f"count {count} but {len(data)} data bytes")
     if not writing and data:
         raise ProtocolError(errno.EINVAL, f"read request carries {len(data)} stray bytes")
-    return a["offset"], a["region"], count, data
+    return offset, region, count, data
 
 
 def _region_read(c: Connection, msg_id: int, body: bytes, fds: list[int]) -> tuple[bytes, None]:
     offset, region, count, _ = _region_access(body, writing=False)
     data = c.device.region_read(region, offset, count)
-    return p.RegionAccess.build({"offset": offset, "region": region, "count": count,
-                                 "data": data}), None
+    return p.pack_region_access(offset, region, count, data), None
 
 
 def _region_write(c: Connection, msg_id: int, body: bytes, fds: list[int]) -> None:

@@ -31,6 +31,7 @@ from vfio_ep.config import S32, U8, U16, U32, U64, ConfigError, Range, parse_int
 from vfio_ep.epc.address_space import PAGE, AddressError, Watch
 from vfio_ep.epc.bar import PciEpfBar
 from vfio_ep.epc.core import EpcError, IrqType
+from vfio_ep.epc.doorbell import PolledWords
 from vfio_ep.epc.features import NO_BAR, get_next_free_bar
 from vfio_ep.epc.irq import IRQ_HANDLED, IrqError
 from vfio_ep.epf.command import TrappedCommand
@@ -174,7 +175,7 @@ class PciEpfVntb(PciEpf):
         self.ntb: VntbNtbDev | None = None
         self._watch: Watch | None = None
         self.command: TrappedCommand | None = None  # made at bind, named after the tag
-        self._poll_scope: trio.CancelScope | None = None
+        self._db_poll: PolledWords | None = None  # the polled doorbell BAR's slots
 
     @property
     def reg(self) -> RegisterBlock:
@@ -199,7 +200,7 @@ class PciEpfVntb(PciEpf):
         self._watch = self.controller.space.watch(self.reg.addr + self.reg.offset("command"),
                                                   4, self.command.written)
         if not self.msi_doorbell:
-            self.controller.spawn(self._poll_doorbells, f"{self.tag}-db-poll")
+            self._start_doorbell_poll()
 
     def _init_epc_bar(self) -> None:
         """epf_ntb_init_epc_bar(): explicit BARs first, the mandatory ones automatically."""
@@ -366,20 +367,26 @@ class PciEpfVntb(PciEpf):
                 self.ntb.db_event(i - EPF_IRQ_DB_START)
         return IRQ_HANDLED
 
+    def _start_doorbell_poll(self) -> None:
+        """The polled doorbell BAR's slots (DB#0 on) watched by the C poller, which wakes
+        the event loop only once one is rung (each period on the Python path)."""
+        assert self.epf_db is not None
+        epc = self.controller
+        self._db_poll = PolledWords(epc.ram, self.epf_db + 4 * EPF_IRQ_DB_START,
+                                    self.db_count - EPF_IRQ_DB_START,
+                                    epc.doorbell_poll_interval)
+        epc.spawn(self._poll_doorbells, f"{self.tag}-db-poll")
+
     async def _poll_doorbells(self) -> None:
         """The polled doorbell BAR: entry i nonzero means slot i was rung (DB#i-2)."""
-        epc = self.controller
-        with trio.CancelScope() as self._poll_scope:
-            while True:
-                await trio.sleep(epc.doorbell_poll_interval)
-                if self.epf_db is None or self.ntb is None:
-                    continue
-                for i in range(EPF_IRQ_DB_START, self.db_count):
-                    addr = self.epf_db + 4 * i
-                    if int.from_bytes(epc.ram.read(addr, 4), "little"):
-                        self.db |= 1 << (i - EPF_IRQ_DB_START)
-                        self.ntb.db_event(i - EPF_IRQ_DB_START)
-                        epc.ram.write(addr, bytes(4))
+        words, ntb = self._db_poll, self.ntb
+        assert words is not None and ntb is not None
+        while True:
+            await words.wait()
+            for bit in range(words.count):
+                if words.take(bit):
+                    self.db |= 1 << bit
+                    ntb.db_event(bit)
 
     # -- memory windows -------------------------------------------------------
     def _mw_bar_init(self) -> None:
