@@ -14,7 +14,6 @@ from vfio_ep_cli import assert_passed, readme_example, vfio_ep_run
 
 pytestmark = pytest.mark.guest
 
-SEED_SETUP = "vfio-ep run --ep-guest --configfs tests/data/seed-vntb-setup.sh --preset rcar-s4"
 PHASES = {  # each side's tests, in order: the RC's (rc), then the EP guest's (ep)
     "tool": ("driver_bound", "link_up", "spads_both_ways", "doorbells_2_both_ways",
              "mw_both_ways"),
@@ -33,7 +32,8 @@ def test_the_seeds_vntb_block_runs_verbatim_in_the_ep_guest(tmp_path: Path) -> N
     """The seeds' configfs block in the EP guest's shell, as written: its stray ``[*]``
     makes the shell write ``4 [*]`` to db_bar, which the kernel refuses, as a board's would;
     the run names that line and goes on, and every phase passes on both sides."""
-    proc, results = vfio_ep_run(tmp_path, *readme_example(SEED_SETUP)[1:])
+    proc, results = vfio_ep_run(tmp_path, *readme_example(
+        "vfio-ep run --ep-guest --configfs tests/data/seed-vntb-setup.sh --preset rcar-s4")[1:])
     assert_passed(proc, results, names(*PHASES))
     facts = results["endpoint"]
     assert facts["setup_refused"] == [
@@ -59,3 +59,15 @@ def test_vntb_polls_where_the_soc_has_no_embedded_doorbell(tmp_path: Path) -> No
     assert_passed(proc, results, names("netdev"))
     assert results["endpoint"]["doorbell"] == "none: the function polls", results["endpoint"]
     assert "setup_refused" not in results["endpoint"]
+
+
+def test_an_old_rc_meets_a_new_ep(tmp_path: Path) -> None:
+    """Seed 003's old and new peers: 6.12's ntb_hw_epf (a module there, with the i.MX8 IDs
+    and not R-Car's) in the RC guest, 7.3's pci-epf-vntb in the EP guest."""
+    proc, results = vfio_ep_run(tmp_path, *readme_example(
+        "vfio-ep run --ep-guest --linux 6.12 --ep-linux 7.3 --function pci-epf-vntb "
+        "--preset imx8")[1:])
+    assert_passed(proc, results, names(*PHASES))
+    assert (results["endpoint"]["linux"], results["endpoint"]["ep_linux"]) == ("6.12", "7.3")
+    rc_dmesg = (tmp_path / "run" / "netdev" / "rc" / "dmesg.txt").read_text()
+    assert "Linux version 6.12" in rc_dmesg and "ntb_hw_epf" in rc_dmesg, rc_dmesg[-2000:]
