@@ -16,8 +16,8 @@ import re
 import time
 from typing import Any
 
-from vfio_ep.bench.common import BenchError, Column, Result, median, ratio
-from vfio_ep.bench.ntb import percentile
+from vfio_ep.bench.common import BenchError, Column, Result, ratio
+from vfio_ep.bench.ntb import ping_stats
 from vfio_ep.guest.ep_guest import EpGuestRun
 from vfio_ep.guest.ep_ntb import boot_vntb_phase
 from vfio_ep.guest.launcher import new_run_dir
@@ -45,8 +45,7 @@ def run(count: int = 200) -> Result:
             raise BenchError(f"{label}: {len(times)} of {count} replies ({pair.error or ''}); "
                              f"run dir {top / str(i)}\n--- RC guest ---\n{tail(output)}\n"
                              f"--- EP guest ---\n{tail(pair.ep.output)}")
-        rows.append({"doorbell": label, "median_ms": median(times),
-                     "p99_ms": percentile(times, 0.99), "replies": len(times)})
+        rows.append({"doorbell": label, **ping_stats(times)})
     base = rows[0]
     for row in rows:
         row["ratio"] = ratio(row["median_ms"], base["median_ms"])

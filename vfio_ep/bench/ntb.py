@@ -45,6 +45,12 @@ def percentile(values: list[float], p: float) -> float:
     return s[min(len(s) - 1, int(len(s) * p))]
 
 
+def ping_stats(times: list[float]) -> dict[str, float]:
+    """A row's numbers from busybox ping's per-reply times (ms)."""
+    return {"median_ms": median(times), "p99_ms": percentile(times, 0.99),
+            "replies": len(times)}
+
+
 def run(count: int = 200, interval: float = 0.05) -> Result:
     started = time.monotonic()
     rows: list[dict[str, Any]] = []
@@ -57,8 +63,7 @@ def run(count: int = 200, interval: float = 0.05) -> Result:
         if not result.ok or len(times) < count * 0.9:
             raise BenchError(f"{label}: {len(times)} of {count} replies ({result.error or ''});"
                              f" run dir {result.run_dir}\n{result.output[-2000:]}\n{log}")
-        rows.append({"backend": label, "median_ms": median(times),
-                     "p99_ms": percentile(times, 0.99), "replies": len(times)})
+        rows.append({"backend": label, **ping_stats(times)})
     base = rows[0]
     for row in rows:
         row["ratio_median"] = ratio(row["median_ms"], base["median_ms"])
