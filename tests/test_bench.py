@@ -126,6 +126,17 @@ def test_ep_vntb_quick() -> None:
     assert polled["median_ms"] > embedded["median_ms"], r.rows
 
 
+@pytest.mark.guest
+def test_ep_nvme_quick() -> None:
+    """make bench's ep-nvme, --quick: the EP guest's nvmet-pci-epf and QEMU's nvme in one
+    RC guest, each written and read."""
+    r = _runners(quick=True)["ep-nvme"]()
+    _well_formed(r, "ep-nvme")
+    assert [row["case"] for row in r.rows] == ["sequential write, 8 MiB",
+                                              "sequential read, 8 MiB"]
+    assert all(row["mb_s"] > 0 and row["baseline_mb_s"] > 0 for row in r.rows)
+
+
 def test_reference_server_speaks_enough_vfio_user() -> None:
     """The trapped benchmark's C floor (refserver.c) answers what QEMU asks at attach time,
     keeps its registers, and its doorbell register raises MSI-X vector 0."""

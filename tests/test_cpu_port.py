@@ -243,7 +243,8 @@ def test_the_aperture_with_no_rc_reads_all_ones_and_drops_writes(
 def test_an_ep_guest_gone_reads_as_a_dead_link_and_the_next_one_takes_over(
         pair: tuple[ServerThread, Endpoint, Endpoint]) -> None:
     """The EP guest's QEMU goes: the RC's BAR reads return all ones (its writes go nowhere),
-    the outbound iATU is reset; the next EP guest starts the same controller again."""
+    the outbound iATU is reset; the next EP guest's RAM stays out of the RC's reach until it
+    starts the same controller again."""
     srv, rc, ep = pair
     first = EpDriver(Client(ep.socket))
     first.start_pci_epf_test_like()
@@ -259,6 +260,9 @@ def test_an_ep_guest_gone_reads_as_a_dead_link_and_the_next_one_takes_over(
     assert not srv.call(lambda: ep.epc.ops.outbound.regions)  # type: ignore[union-attr]
     second = EpDriver(Client(ep.socket))
     second.ram[:4] = b"back"
+    srv.wait_idle()
+    # booting, its controller not started: its RAM is not the RC's to read yet
+    assert host.read(0, 0, 4) == b"\xff" * 4
     second.start_pci_epf_test_like()  # the same header and BARs: START finds it started
     assert second.events() == [v.EV_LINK_UP]  # the RC was there all along
     assert host.read(0, 0, 4) == b"back"

@@ -12,20 +12,23 @@ import logging
 
 
 class Repeats:
-    """One logger's repeated warning, logged once per run of the same text."""
+    """One logger's repeated warning, logged once per run of the same text (or of the same
+    ``key``, where each repeat names another address, say)."""
 
     def __init__(self, log: logging.Logger) -> None:
         self.log = log
-        self._last: str | None = None
+        self._last: object = None
+        self._text = ""
         self._repeated = 0
 
-    def warning(self, fmt: str, *args: object) -> None:
+    def warning(self, fmt: str, *args: object, key: object = None) -> None:
         text = fmt % args
-        if text == self._last:
+        same = text if key is None else key
+        if self._last is not None and same == self._last:
             self._repeated += 1
             return
         self._flush()
-        self._last = text
+        self._last, self._text = same, text
         self.log.warning("%s", text)
 
     def clear(self) -> None:
@@ -35,5 +38,6 @@ class Repeats:
 
     def _flush(self) -> None:
         if self._repeated:
-            self.log.warning("(%s: %d more times)", self._last, self._repeated)
+            self.log.warning("(%s: %d more times%s)", self._text, self._repeated,
+                             "" if self._text == self._last else ", alike")
             self._repeated = 0

@@ -18,7 +18,9 @@ the same run (the machine is shared, so absolute numbers only mean something sid
   vs a host memcpy
 - ``ep-vntb``: the vNTB ping with the kernel's vNTB on both sides (an EP guest), polled
   vs the embedded doorbell
+- ``ep-nvme``: nvmet-pci-epf in an EP guest as the RC's NVMe drive, sequential write and
+  read vs QEMU's emulated nvme in the same RC guest
 """
 
 NAMES = ("dispatch", "doorbell", "trapped", "bars", "transfer", "idle", "ntb", "ntb-pair", "scale",
-         "ep-guest", "ep-vntb")
+         "ep-guest", "ep-vntb", "ep-nvme")

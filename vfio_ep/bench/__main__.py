@@ -26,6 +26,7 @@ def _runners(quick: bool) -> dict[str, Callable[[], Result]]:
         dispatch,
         doorbell,
         ep_guest,
+        ep_nvme,
         ep_vntb,
         idle,
         ntb,
@@ -46,11 +47,12 @@ def _runners(quick: bool) -> dict[str, Callable[[], Result]]:
                 "ntb-pair": lambda: ntb_pair.run(pings=20),
                 "scale": lambda: scale.run(devices=(1, 4), reads=2000),
                 "ep-guest": lambda: ep_guest.run(n=200, n_mmio=2000, size=1 << 20, reps=1),
-                "ep-vntb": lambda: ep_vntb.run(count=20)}
+                "ep-vntb": lambda: ep_vntb.run(count=20),
+                "ep-nvme": lambda: ep_nvme.run(mib=8)}
     return {"dispatch": dispatch.run, "doorbell": doorbell.run, "trapped": trapped.run,
             "bars": bars.run, "transfer": transfer.run, "idle": idle.run, "ntb": ntb.run,
             "ntb-pair": ntb_pair.run, "scale": scale.run, "ep-guest": ep_guest.run,
-            "ep-vntb": ep_vntb.run}
+            "ep-vntb": ep_vntb.run, "ep-nvme": ep_nvme.run}
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

@@ -392,7 +392,7 @@ class ApertureWindow:
             data = self.aperture.read_sync(self.base_offset + offset, size)
         except AddressError as e:
             self._refused.warning("aperture access at %#x: %s: reads return all ones",
-                                  self.base_offset, e)
+                                  self.base_offset, e, key="read")
             return b"\xff" * size
         self._refused.clear()
         return data
@@ -402,6 +402,6 @@ class ApertureWindow:
             self.aperture.write_sync(self.base_offset + offset, data)
         except AddressError as e:
             self._refused.warning("aperture access at %#x: %s: writes are dropped",
-                                  self.base_offset, e)
+                                  self.base_offset, e, key="write")
             return
         self._refused.clear()

@@ -103,10 +103,15 @@ class GuestRam(Aperture):
 
     Without an EP guest the RC still reaches its BARs, which translate here: as over a link
     that went down, its reads return all ones and its writes go nowhere (logged once), so an
-    RC driver sees a dead device rather than an error from its VMM."""
+    RC driver sees a dead device rather than an error from its VMM.  The link stays down
+    (``linked`` False) from the EP guest leaving until its successor starts the controller:
+    the successor's RAM is not the RC's to read while it boots, whatever the BARs still
+    translate to, as a rebooting board's controller shows the RC nothing until it trains
+    the link again."""
 
     def __init__(self) -> None:
         self.memory: RcMemory | None = None
+        self.linked = True
         self._told = False
 
     def _mem(self) -> RcMemory:
@@ -146,14 +151,15 @@ class GuestRam(Aperture):
             pos += len(v)
 
     def _gone(self) -> bool:
-        """No EP guest: the RC's access is answered as a dead link's (said once)."""
-        if self.memory is not None:
+        """No EP guest, or none that started the controller since: the RC's access is
+        answered as a dead link's (said once)."""
+        if self.memory is not None and self.linked:
             self._told = False
             return False
         if not self._told:
             self._told = True
-            log.warning("the RC reaches EP guest RAM while no EP guest is attached: reads "
-                        "return all ones, writes are dropped")
+            log.warning("the RC reaches EP guest RAM while no EP guest has the controller "
+                        "started: reads return all ones, writes are dropped")
         return True
 
     def _shared(self, offset: int, size: int) -> list[memoryview]:
@@ -164,7 +170,9 @@ class GuestRam(Aperture):
 
     def shared_extents(self, offset: int, size: int) -> list[tuple[int, int, ForeignMemory | None]]:
         """Where the range is shared guest memory, that memory (the C fast path serves a
-        BAR translating there); None where it is not."""
+        BAR translating there); None where it is not, or while the link is down."""
+        if not self.linked:
+            return [(offset, size, None)]
         try:
             views = self.views(offset, size)
         except AddressError:
@@ -289,13 +297,15 @@ class EpcCpuPort(MmioHandler, EpcEvents):
     def _ep_guest_link(self, up: bool) -> None:
         """A new EP guest starts afresh: no events of the one before; its RAM is the SoC's.
         One that left took the SoC down with it: the outbound iATU and the eDMA reset (its
-        successor maps afresh); the BARs keep translating, to RAM that is gone for now."""
+        successor maps afresh), the link is down until the successor starts the controller;
+        the BARs keep translating, to RAM that is gone for now."""
         host: Host | None = self.pci.host
         self.events.clear()
         self.guest_ram.memory = host.dma if up and host is not None else None
         if up and host is not None:
             host.dma.on_change.append(self.epc.space.changed)
         else:
+            self.guest_ram.linked = False
             self.dw.outbound.clear()
             if self.dw.edma is not None:
                 self.dw.edma.stop_all()
@@ -418,6 +428,9 @@ class EpcCpuPort(MmioHandler, EpcEvents):
         """pci_epc_start(): the RC's device exists from now on; an RC already attached (the
         EP guest came back) is a link that is up."""
         rc = self.epc.start()
+        if not self.guest_ram.linked:
+            self.guest_ram.linked = True
+            self.epc.space.changed()
         if rc.host is not None:
             self.link_up()
 
