@@ -453,12 +453,39 @@ static const struct pci_epc_ops vepc_ops = {
 
 /* -- events: link and PERST# -------------------------------------------------------- */
 
+/*
+ * Whether a function's secondary interface is on this controller (pci-epf-ntb's).  The
+ * core's notifiers (pci_epc_linkup() and the rest) walk epc->pci_epf as struct
+ * pci_epf's list members, but pci_epc_add_epf() puts a secondary interface there by
+ * its sec_epc_list, which the walk would take for another function and lock its mutex
+ * at a wrong address.  Such a controller is told nothing, as J721E's, the one
+ * pci-epf-ntb was written on, has no link or PERST# events to tell; the function does
+ * not listen for them.  Read as a secondary entry, a primary one's sec_epc field falls
+ * on its own id pointer, inside the same function: never this controller.
+ */
+static bool vepc_has_secondary(struct pci_epc *epc)
+{
+	struct list_head *node;
+
+	guard(mutex)(&epc->list_lock);
+	list_for_each(node, &epc->pci_epf) {
+		if (container_of(node, struct pci_epf, sec_epc_list)->sec_epc == epc)
+			return true;
+	}
+	return false;
+}
+
 static void vepc_event_work(struct work_struct *work)
 {
 	struct vepc *vepc = container_of(work, struct vepc, event_work);
 	u32 event;
 
 	while ((event = readl(vepc->regs + VEPC_EVENT)) != VEPC_EV_NONE) {
+		if (vepc_has_secondary(vepc->epc)) {
+			dev_info_once(&vepc->pdev->dev,
+				      "a secondary interface is here: link and PERST# events not passed on (pci-epc-core.c walks it as a primary)\n");
+			continue;
+		}
 		switch (event) {
 		case VEPC_EV_LINK_UP:
 			pci_epc_linkup(vepc->epc);
