@@ -32,7 +32,7 @@ from vfio_ep.epc.edma import (
 from vfio_ep.epc.features import PROFILES
 from vfio_ep.epc.iatu import InboundAtu, NoInboundWindow
 from vfio_ep.epc.irq import IRQ_HANDLED, IRQ_NONE, IRQF_ONESHOT, IRQF_SHARED, IrqDomain, IrqError
-from vfio_ep.epc.outbound import OutboundAtu, PciEpcMem
+from vfio_ep.epc.outbound import RC_MSI_ADDR, OutboundAtu, PciEpcMem
 from vfio_ep.epc.soc import DelayedWork, EpSoc
 from vfio_ep.epf.core import required_bar_size
 from vfio_ep.pci.bar import PCI_BASE_ADDRESS_MEM_TYPE_64, WindowKind
@@ -135,6 +135,24 @@ def test_outbound_translation_and_errors() -> None:
 
     trio.run(go)
     assert bytes(table.view(0x40010, 2)) == b"hi"
+
+
+def test_outbound_write_to_the_rc_msi_window_is_an_interrupt() -> None:
+    """pci-epf-ntb maps the MSI-X table's address itself: a write there reaches the RC's
+    interrupt controller (the vector its data names), never RC memory."""
+    table = DmaTable()
+    ob = OutboundAtu(0x1_0000_0000, 0x100000, 4, lambda: table)
+    ob.map_addr(0x1_0000_0000, RC_MSI_ADDR, 0x100)
+    ob.map_addr(0x1_0000_0100, RC_MSI_ADDR, 0x100)
+    with pytest.raises(AddressError):  # no interrupt controller modelled: RC memory
+        ob.write_sync(0x100, (3).to_bytes(4, "little"))
+    rung: list[tuple[int, int]] = []
+    ob.msi = lambda offset, value: rung.append((offset, value))
+    ob.write_sync(0x100, (3).to_bytes(4, "little"))
+    trio.run(ob.write, 0, (1).to_bytes(4, "little"))
+    assert rung == [(0, 3), (0, 1)]
+    assert ob.views(0, 4) is None and ob.read_sync(0, 4) == bytes(4)
+    assert [m for _, _, m in ob.shared_extents(0, 0x200)] == [None, None]
 
 
 def test_irq_sharing_and_oneshot_rules() -> None:
