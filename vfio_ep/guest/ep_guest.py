@@ -77,7 +77,11 @@ SCRIPT_ATTRIBUTES = {
                     "mw2"),
 }
 # nvmet-pci-epf's DMA: private slave channels, which the eDMA offers as dw-edma does.
-FUNCTION_CONTROLLER_SETS = {"nvmet_pci_epf": ("dma_channels=slave",)}
+# pci-epf-ntb: TI J721E's controller (see its profile), whose nonzero align the function's
+# MSI-X doorbells need: epf_ntb_configure_msix() maps ALIGN_DOWN(msg_addr, align), which
+# is PCI address 0 for align 0, and points the peer at msg_addr & (align - 1), past its BAR.
+FUNCTION_CONTROLLER_SETS = {"nvmet_pci_epf": ("dma_channels=slave",),
+                            "pci_epf_ntb": ("controller=j721e",)}
 # Documentation/nvme/nvme-pci-endpoint-target.rst's steps (insmod for modprobe: the EP
 # guest's modules are files in /lib/modules), the namespace a memory-backed null_blk in the
 # EP guest's RAM (the howto's has no memory: what the RC writes would read back as zeros).
