@@ -36,6 +36,11 @@ from vfio_ep.guest.trace import write_trace
 # The NTB pair's phases but rejoin, whose b leaves and boots again while a stays: here
 # every phase boots its three guests together.
 BRIDGE_PHASES = tuple(p for p in PAIR_PHASES if p != "rejoin")
+# pci-epf-ntb takes the link down only when a host's driver says so (COMMAND_LINK_DOWN sets
+# both interfaces' link_status down); a host whose QEMU just goes leaves it up for the other
+# (the EP guest's EPC driver passes no event to a secondary interface): perf's a unloads
+# ntb_perf, as a host that leaves cleanly, for b to see it go.
+PERF_LEAVE = "PERF_LEAVE=driver"
 
 
 def bridge_controllers(run: EpGuestRun) -> tuple[str, str]:
@@ -65,7 +70,7 @@ def run_ntb_bridge(run: EpGuestRun, assets: GuestAssets, top: Path, facts: dict[
                   flush=True)
             (top / phase).mkdir()
             progress.running = [top / phase / role for role in PAIR_ROLES]
-            rcs = [RcGuest(role, ctrl, f"{ntb_id} sh /ntb_pair.sh {role} {phase}")
+            rcs = [RcGuest(role, ctrl, f"{ntb_id} {PERF_LEAVE} sh /ntb_pair.sh {role} {phase}")
                    for role, ctrl in zip(PAIR_ROLES, controllers, strict=True)]
             result = boot_ep_guests(run, assets, top / phase, controllers, rcs,
                                     timeout=timeout, options=options, rc_files=FILES)
