@@ -376,3 +376,17 @@ def test_required_bar_size(size: int, profile: str, want: tuple[int, int] | None
         assert required_bar_size(size, 4, features) == (256, 4096)  # memory 4 KiB-aligned
         with pytest.raises(ValueError, match="larger than fixed size"):
             required_bar_size(257, 4, features)
+
+
+def test_the_msix_table_the_ep_reads_holds_messages_to_the_rc_msi_window() -> None:
+    """The RC's table stays in its VMM: what the EP reads at the table in its BAR is the
+    controller's message per vector (RC_MSI_ADDR, data i, unmasked), as pci-epf-ntb reads
+    it to map its doorbells."""
+    epc = _epc("j721e")
+    ram = epc.ram.base
+    epc.set_bar(0, 0, PciEpfBar(0, ram, 8192))
+    epc.set_msix(0, 0, 4, 0, 0x1000)
+    epc.start()
+    table = epc.ram.read(ram + 0x1000, 4 * 16)
+    assert [int.from_bytes(table[i:i + 4], "little") for i in range(0, 64, 4)] == [
+        v for i in range(4) for v in (RC_MSI_ADDR, 0, i, 0)]
