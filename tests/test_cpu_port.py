@@ -266,3 +266,37 @@ def test_an_ep_guest_gone_reads_as_a_dead_link_and_the_next_one_takes_over(
     second.start_pci_epf_test_like()  # the same header and BARs: START finds it started
     assert second.events() == [v.EV_LINK_UP]  # the RC was there all along
     assert host.read(0, 0, 4) == b"back"
+
+
+def test_one_ep_guests_two_controllers_share_its_soc(tmp_path: Path) -> None:
+    """pci-epf-ntb in one EP guest (pci-ntb-howto.rst's two controllers): each has its
+    name and its own aperture on one SoC bus, and a BAR of the first translated to the
+    second's aperture reaches what the second maps there, the second RC's memory."""
+    names = ("2900000.pcie-ep", "2910000.pcie-ep")
+    comp = Composition.ep_guest({}, names)
+    comp.assign_sockets([f"{n}={tmp_path / n}.rc" for n in names])
+    comp.assign_sockets([f"{n}={tmp_path / n}.ep" for n in names], "ep_socket")
+    rc1, ep1, rc2, ep2 = comp.build()
+    assert ep1.epc is not None and ep2.epc is not None and ep1.epc.soc is ep2.epc.soc
+    with ServerThread(ep1.device, ep1.socket,  # type: ignore[arg-type]
+                      ((ep2.device, ep2.socket), (rc1.device, rc1.socket),  # type: ignore[arg-type]
+                       (rc2.device, rc2.socket))):  # type: ignore[arg-type]
+        first, second = EpDriver(Client(ep1.socket)), EpDriver(Client(ep2.socket))
+        for d, name in ((first, names[0]), (second, names[1])):
+            raw = b"".join(d.c.read(v.REGS_BAR, v.NAME + i, 4) for i in range(0, v.NAME_SIZE, 4))
+            assert raw.rstrip(b"\0").decode() == name
+        ob1, ob2 = (int.from_bytes(d.c.read(v.REGS_BAR, v.OB_BUS_ADDR, 8), "little")
+                    for d in (first, second))
+        assert ob1 != ob2
+        assert first.cmd("SET_BAR", 2, 0, 0x10000, ob2, 0)[0] == 0
+        first.start_pci_epf_test_like()
+        second.start_pci_epf_test_like()
+        host2 = Client(rc2.socket)
+        rc2_mem = host2.guest_memory(RC_RAM, RC_RAM_SIZE)
+        rc2_mem[:8] = b"host two"
+        assert second.cmd("MAP_ADDR", ob2, RC_RAM, 0x10000)[0] == 0
+        host1 = Client(rc1.socket)
+        assert host1.read(2, 0, 8) == b"host two"
+        host1.write(2, 8, b"from one")
+        assert host1.read(2, 8, 8) == b"from one"  # in order after the posted write
+        assert rc2_mem[8:16] == b"from one"

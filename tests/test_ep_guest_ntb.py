@@ -71,3 +71,34 @@ def test_an_old_rc_meets_a_new_ep(tmp_path: Path) -> None:
     assert (results["endpoint"]["linux"], results["endpoint"]["ep_linux"]) == ("6.12", "7.3")
     rc_dmesg = (tmp_path / "run" / "netdev" / "rc" / "dmesg.txt").read_text()
     assert "Linux version 6.12" in rc_dmesg and "ntb_hw_epf" in rc_dmesg, rc_dmesg[-2000:]
+
+
+BRIDGE_PHASES = {  # pci-epf-ntb between two RC guests: each phase's a tests, then b's
+    "tool": {r: PHASES["tool"] for r in "ab"},
+    "pingpong": {r: PHASES["pingpong"] for r in "ab"},
+    "perf": {"a": ("driver_bound", "perf_run"), "b": ("driver_bound", "peer_left")},
+    "netdev": {r: PHASES["netdev"] for r in "ab"},
+}
+
+
+def test_linux_pci_epf_ntb_in_the_ep_guest_joins_two_rc_guests(tmp_path: Path) -> None:
+    """pci-ntb-howto.rst's setup in one EP guest holding two of vfio-ep's controllers (on
+    the J721E profile the function is TI's for: its MSI-X doorbells need the nonzero align),
+    pci-epf-ntb bound primary and secondary, two RC guests' ntb_hw_epf talking through it:
+    doorbells ring the other host's MSI-X vectors, every phase passes on both."""
+    proc, results = vfio_ep_run(tmp_path, *readme_example(
+        "vfio-ep run --ep-guest --function pci-epf-ntb")[1:])
+    assert_passed(proc, results, [f"{role}.{phase}.{t}" for phase, roles in BRIDGE_PHASES.items()
+                                  for role, tests in roles.items() for t in tests])
+    facts = results["endpoint"]
+    assert "2900000.pcie-ep: j721e" in facts["controllers"], facts
+    assert "2910000.pcie-ep: j721e" in facts["controllers"], facts
+    perf = next(t for t in results["tests"] if t["name"] == "a.perf.perf_run")
+    assert perf["metrics"]["mbytes_s"] > 0, perf
+    ep_dmesg = (tmp_path / "run" / "tool" / "ep" / "dmesg.txt").read_text()
+    assert "Oops" not in ep_dmesg and "BUG" not in ep_dmesg, ep_dmesg[-3000:]
+    server_log = (tmp_path / "run" / "tool" / "server.log").read_text()
+    assert "raises no MSI-X vector" not in server_log
+    trace = (tmp_path / "run" / "netdev" / "trace.log").read_text()
+    for label in ("a", "b", "ep"):
+        assert f"{label}-guest" in trace, trace[:2000]

@@ -32,7 +32,7 @@ from vfio_ep.epc.edma import (
 from vfio_ep.epc.features import PROFILES
 from vfio_ep.epc.iatu import InboundAtu, NoInboundWindow
 from vfio_ep.epc.irq import IRQ_HANDLED, IRQ_NONE, IRQF_ONESHOT, IRQF_SHARED, IrqDomain, IrqError
-from vfio_ep.epc.outbound import OutboundAtu, PciEpcMem
+from vfio_ep.epc.outbound import RC_MSI_ADDR, OutboundAtu, PciEpcMem
 from vfio_ep.epc.soc import DelayedWork, EpSoc
 from vfio_ep.epf.core import required_bar_size
 from vfio_ep.pci.bar import PCI_BASE_ADDRESS_MEM_TYPE_64, WindowKind
@@ -135,6 +135,24 @@ def test_outbound_translation_and_errors() -> None:
 
     trio.run(go)
     assert bytes(table.view(0x40010, 2)) == b"hi"
+
+
+def test_outbound_write_to_the_rc_msi_window_is_an_interrupt() -> None:
+    """pci-epf-ntb maps the MSI-X table's address itself: a write there reaches the RC's
+    interrupt controller (the vector its data names), never RC memory."""
+    table = DmaTable()
+    ob = OutboundAtu(0x1_0000_0000, 0x100000, 4, lambda: table)
+    ob.map_addr(0x1_0000_0000, RC_MSI_ADDR, 0x100)
+    ob.map_addr(0x1_0000_0100, RC_MSI_ADDR, 0x100)
+    with pytest.raises(AddressError):  # no interrupt controller modelled: RC memory
+        ob.write_sync(0x100, (3).to_bytes(4, "little"))
+    rung: list[tuple[int, int]] = []
+    ob.msi = lambda offset, value: rung.append((offset, value))
+    ob.write_sync(0x100, (3).to_bytes(4, "little"))
+    trio.run(ob.write, 0, (1).to_bytes(4, "little"))
+    assert rung == [(0, 3), (0, 1)]
+    assert ob.views(0, 4) is None and ob.read_sync(0, 4) == bytes(4)
+    assert [m for _, _, m in ob.shared_extents(0, 0x200)] == [None, None]
 
 
 def test_irq_sharing_and_oneshot_rules() -> None:
@@ -358,3 +376,17 @@ def test_required_bar_size(size: int, profile: str, want: tuple[int, int] | None
         assert required_bar_size(size, 4, features) == (256, 4096)  # memory 4 KiB-aligned
         with pytest.raises(ValueError, match="larger than fixed size"):
             required_bar_size(257, 4, features)
+
+
+def test_the_msix_table_the_ep_reads_holds_messages_to_the_rc_msi_window() -> None:
+    """The RC's table stays in its VMM: what the EP reads at the table in its BAR is the
+    controller's message per vector (RC_MSI_ADDR, data i, unmasked), as pci-epf-ntb reads
+    it to map its doorbells."""
+    epc = _epc("j721e")
+    ram = epc.ram.base
+    epc.set_bar(0, 0, PciEpfBar(0, ram, 8192))
+    epc.set_msix(0, 0, 4, 0, 0x1000)
+    epc.start()
+    table = epc.ram.read(ram + 0x1000, 4 * 16)
+    assert [int.from_bytes(table[i:i + 4], "little") for i in range(0, 64, 4)] == [
+        v for i in range(4) for v in (RC_MSI_ADDR, 0, i, 0)]

@@ -7,7 +7,13 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from vfio_ep.composition import CONTROLLER_KEYS, EP_SOCKET, FLAT_ALIASES, Composition
+from vfio_ep.composition import (
+    CONTROLLER_KEYS,
+    EP_GUEST_CONTROLLER,
+    EP_SOCKET,
+    FLAT_ALIASES,
+    Composition,
+)
 from vfio_ep.config import ConfigError
 from vfio_ep.configfs_script import parse_script
 from vfio_ep.presets import preset_sets
@@ -19,14 +25,15 @@ def load(config_file: Path | None, function: str | None, sets: list[str],
     """The composition a command line asks for (``--config``, ``--configfs``, ``--function``,
     ``--preset``, ``--set``, ``--socket``, ``--ep-socket``); a preset's items come before the
     ``--set`` ones, which win.  ``--ep-socket`` alone is one controller an EP guest drives,
-    given only a preset's controller items (the guest's own script sets its function's)."""
+    given only a preset's controller items (the guest's own script sets its function's);
+    ``--ep-socket NAME=PATH`` names it, and several are as many controllers of that guest."""
     if config_file is not None and configfs is not None:
         raise ConfigError("--config and --configfs are two ways of saying the same: pick one")
     if ep_sockets and not (config_file or configfs):
         if function is not None:
             raise ConfigError("--ep-socket serves a controller whose functions an EP guest "
                               "runs: --function is for functions vfio-ep runs itself")
-        comp = Composition.ep_guest({})
+        comp = Composition.ep_guest({}, ep_guest_controllers(ep_sockets))
         if preset is not None:
             sets = [*controller_items(preset_sets(preset, "pci_epf_test")), *sets]
         for item in sets:
@@ -56,6 +63,13 @@ def load(config_file: Path | None, function: str | None, sets: list[str],
     comp.assign_sockets(sockets or [])
     comp.assign_sockets(ep_sockets or [], EP_SOCKET)
     return comp
+
+
+def ep_guest_controllers(ep_sockets: list[str]) -> list[str]:
+    """The controllers ``--ep-socket [NAME=]PATH ...`` serve an EP guest, in order (no
+    NAME: e65d0000.pcie-ep, the seeds' boards' name)."""
+    return list(dict.fromkeys(spec.rpartition("=")[0] or EP_GUEST_CONTROLLER
+                              for spec in ep_sockets))
 
 
 def controller_items(items: tuple[str, ...]) -> list[str]:

@@ -14,13 +14,15 @@ be the endpoint of several guests.  Three spellings lead here:
 
 A controller with an ``ep_socket`` is driven by an EP guest: its functions are that guest's
 kernel's (``vfio-ep run --ep-guest``), none is linked to it here, and besides its RC side on
-``socket`` it serves its CPU side (:mod:`vfio_ep.epc.cpu_port`) on ``ep_socket``.
+``socket`` it serves its CPU side (:mod:`vfio_ep.epc.cpu_port`) on ``ep_socket``.  Such
+controllers are one EP guest's, on one SoC (its RAM is the guest's): pci-epf-ntb there backs
+one controller's BARs with another's outbound aperture.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,7 @@ from typing import Any
 from vfio_ep.config import ConfigError, attributes
 from vfio_ep.epc.core import PciEpc, PciEpcAttributes
 from vfio_ep.epc.cpu_port import EpcCpuPort
+from vfio_ep.epc.soc import EpSoc
 from vfio_ep.epf.core import PRIMARY_INTERFACE, SECONDARY_INTERFACE, PciEpf
 from vfio_ep.epf.functions import DRIVERS, canonical
 from vfio_ep.pci import testdev
@@ -109,11 +112,13 @@ class Composition:
                                                    primary=SINGLE_CONTROLLER)})
 
     @classmethod
-    def ep_guest(cls, values: dict[str, Any]) -> Composition:
-        """One controller whose functions an EP guest runs (``--ep-socket`` alone):
-        ``values`` are its attributes."""
+    def ep_guest(cls, values: dict[str, Any],
+                 names: Sequence[str] = (EP_GUEST_CONTROLLER,)) -> Composition:
+        """Controllers whose functions an EP guest runs (``--ep-socket`` alone), one per
+        name (pci-epf-ntb's primary and secondary are two): ``values`` are each one's
+        attributes."""
         values = {FLAT_ALIASES.get(k, k): v for k, v in values.items()}
-        return cls({EP_GUEST_CONTROLLER: ControllerGroup(EP_GUEST_CONTROLLER, values)})
+        return cls({name: ControllerGroup(name, dict(values)) for name in names})
 
     @classmethod
     def from_toml(cls, data: dict[str, Any], source: str) -> Composition:
@@ -205,10 +210,12 @@ class Composition:
         endpoints: list[Endpoint] = []
         epcs: dict[str, PciEpc] = {}
         socs = self._socs()
+        guest_soc: EpSoc | None = None  # the EP guest's: its controllers share it
         for ctrl in sorted(started, key=lambda c: c.name in socs):  # SoC owners first
             values = _without(ctrl.values, SOCKET)
             if EP_SOCKET in ctrl.values:
-                endpoints += _ep_guest_endpoints(ctrl, sockets[ctrl.name])
+                endpoints += _ep_guest_endpoints(ctrl, sockets[ctrl.name], guest_soc)
+                guest_soc = endpoints[-1].epc.soc if endpoints[-1].epc else None
                 continue
             func = next(f for f in self.functions.values() if ctrl.name in (f.primary,
                                                                              f.secondary))
@@ -334,11 +341,13 @@ def _tables(data: dict[str, Any], key: str, source: str) -> dict[str, dict[str, 
     return tables
 
 
-def _ep_guest_endpoints(ctrl: ControllerGroup, socket: Path) -> list[Endpoint]:
-    """A controller an EP guest drives: its CPU side now, its RC side once started."""
+def _ep_guest_endpoints(ctrl: ControllerGroup, socket: Path,
+                        soc: EpSoc | None) -> list[Endpoint]:
+    """A controller an EP guest drives, on ``soc`` (another of the guest's controllers')
+    or a SoC of its own: its CPU side now, its RC side once started."""
     values = _without(_without(ctrl.values, SOCKET), EP_SOCKET)
     attrs = attributes(PciEpcAttributes, values, f"controllers/{ctrl.name}")
-    epc = PciEpc.create(ctrl.name, attrs)
+    epc = PciEpc.create(ctrl.name, attrs, soc)
     port = EpcCpuPort(epc, ctrl.name, attrs.dma_channels)
     return [Endpoint(ctrl.name, socket, lambda: epc.pci, epc),
             Endpoint(f"{ctrl.name} (EP guest)", Path(str(ctrl.values[EP_SOCKET])), port.pci,

@@ -178,18 +178,21 @@ def parse_script(text: str, source: str) -> Composition:
 
 
 
-def board_script(driver: str, values: dict[str, str], controller: str) -> str:
+def board_script(driver: str, values: dict[str, str], controller: str,
+                 secondary: str | None = None) -> str:
     """The configfs script a board's howto gives for one function on ``controller``: make
     ``functions/<driver>/func1``, write ``values`` (in their order, as the shell writes them:
     header attributes in the function's directory, the driver's own in ``<driver>.0/``),
     link the controller as the function's ``primary`` (pci-epf-test's howto links the
-    function into the controller: the older form) and start it.  ``parse_script`` reads it
-    back."""
+    function into the controller: the older form), and ``secondary`` as its secondary
+    (pci-epf-ntb's), and start them.  ``parse_script`` reads it back."""
     func = f"functions/{driver}/func1"
     lines = [f"cd {ROOT}/", f"mkdir {func}"]
     lines += [f"echo {value} > {func}/{'' if attr in HEADER_ATTRIBUTES else f'{driver}.0/'}"
               f"{attr}" for attr, value in values.items()]
     lines.append(f"ln -s {func} controllers/{controller}/" if driver == "pci_epf_test"
                  else f"ln -s controllers/{controller} {func}/primary/")
-    lines.append(f"echo 1 > controllers/{controller}/start")
+    if secondary is not None:
+        lines.append(f"ln -s controllers/{secondary} {func}/secondary/")
+    lines += [f"echo 1 > controllers/{c}/start" for c in (controller, secondary) if c]
     return "\n".join(lines) + "\n"

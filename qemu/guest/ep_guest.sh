@@ -1,28 +1,33 @@
-# ep_guest.sh NAME SETUP [CMD]: the EP guest of `vfio-ep run --ep-guest`.  Loads vfio-ep's
-# EPC driver (controllers/NAME appears in configfs) and the endpoint functions, runs the
-# board's setup script SETUP as a board's shell would (from /sys/kernel/config/pci_ep, each
-# line whatever becomes of the one before: a line the kernel refuses says so and the rest goes
-# on; each line is echoed first, "vfio-ep: setup: LINE", so a complaint names its line),
-# checks that it started the controller, runs CMD (--ep-exec, or the EP side of a suite) if
-# given and reports its exit status, then serves until the run stops this guest.
-name=$1 setup=$2 cmd=$3
-ctrl=/sys/kernel/config/pci_ep/controllers/$name
+# ep_guest.sh NAMES SETUP [CMD]: the EP guest of `vfio-ep run --ep-guest`.  Loads vfio-ep's
+# EPC driver (controllers/NAME appears in configfs for each of NAMES, one word: pci-epf-ntb's
+# two controllers are "PRIMARY SECONDARY") and the endpoint functions, runs the board's setup
+# script SETUP as a board's shell would (from /sys/kernel/config/pci_ep, each line whatever
+# becomes of the one before: a line the kernel refuses says so and the rest goes on; each
+# line is echoed first, "vfio-ep: setup: LINE", so a complaint names its line), checks that
+# it started the controllers, runs CMD (--ep-exec, or the EP side of a suite) if given and
+# reports its exit status, then serves until the run stops this guest.
+names=$1 setup=$2 cmd=$3
+cfs=/sys/kernel/config/pci_ep
 insmod /lib/modules/vfio-ep-epc.ko || { echo "vfio-ep: the EPC driver did not load"; exit 3; }
 for m in pci-epf-test pci-epf-ntb pci-epf-vntb; do
 	[ -f "/lib/modules/$m.ko" ] && insmod "/lib/modules/$m.ko"
 done
 grep -q " /sys/kernel/config " /proc/mounts || mount -t configfs none /sys/kernel/config
-if [ ! -d "$ctrl" ]; then
-	echo "vfio-ep: no controllers/$name in configfs; there are:" \
-		"$(ls /sys/kernel/config/pci_ep/controllers)"
-	exit 3
-fi
-(cd /sys/kernel/config/pci_ep && PS4='vfio-ep: setup: ' sh -x "$setup" 2>&1)
-if [ "$(cat "$ctrl/start")" != 1 ]; then
-	echo "vfio-ep: the setup script did not start controllers/$name" \
-		"(echo 1 > controllers/$name/start)"
-	exit 3
-fi
+for name in $names; do
+	if [ ! -d "$cfs/controllers/$name" ]; then
+		echo "vfio-ep: no controllers/$name in configfs; there are:" \
+			"$(ls $cfs/controllers)"
+		exit 3
+	fi
+done
+(cd $cfs && PS4='vfio-ep: setup: ' sh -x "$setup" 2>&1)
+for name in $names; do
+	if [ "$(cat "$cfs/controllers/$name/start")" != 1 ]; then
+		echo "vfio-ep: the setup script did not start controllers/$name" \
+			"(echo 1 > controllers/$name/start)"
+		exit 3
+	fi
+done
 echo "vfio-ep: EP guest ready"
 if [ -n "$cmd" ]; then
 	sh -c "$cmd"

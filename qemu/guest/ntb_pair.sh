@@ -18,6 +18,9 @@
 #   DB_BITS     the doorbells both sides ring (all in ntb_tool's db_valid_mask).  vNTB's
 #               sides count differently: its EP answers db_count - 2.
 #   PERF_ORDER  log2 of what ntb_perf moves (22, 4 MiB)
+#   PERF_LEAVE  how a leaves after its ntb_perf run: qemu (its QEMU goes, the default) or
+#               driver (it unloads ntb_perf first, whose ntb_link_disable() takes the link
+#               down: the kernel's pci-epf-ntb sees a host leave no other way)
 # The bench "phase" is no test: both guests also have a virtio-net NIC joined to each other,
 # and a measures ping and a TCP transfer over each (vfio_ep/bench/ntb_pair.py reads it).
 # Both guests run the same clients against each other, in step: a barrier is a number
@@ -146,8 +149,8 @@ phase_pingpong() {
 }
 
 # ntb_perf: a measures a -> b, b serves until a's QEMU is gone (which takes the link down
-# for b: a pair never waits on a dead peer).  4 MiB in 64 KiB chunks: the default 1 GiB
-# would take TCG minutes.
+# for b: a pair never waits on a dead peer), or a unloads ntb_perf (PERF_LEAVE=driver).
+# 4 MiB in 64 KiB chunks: the default 1 GiB would take TCG minutes.
 PERF_ORDER=${PERF_ORDER:-22}
 phase_perf() {
 	echo "1..2"
@@ -165,6 +168,7 @@ phase_perf() {
 			grep -q "copied $((1 << PERF_ORDER)) bytes" /tmp/perf
 		}
 		check perf_run "ntb_perf did not complete a run to the peer" perf_run
+		if [ "${PERF_LEAVE:-qemu}" = driver ]; then rmmod ntb_perf; fi
 	else
 		peer_link() { grep -q "Link status: $1" $P/info; }
 		wait_for 120 peer_link up

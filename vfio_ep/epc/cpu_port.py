@@ -26,7 +26,7 @@ import re
 from pathlib import Path
 
 from vfio_ep.config import attributes
-from vfio_ep.epc.address_space import AddressError, Aperture, ApertureWindow
+from vfio_ep.epc.address_space import AddressError, Aperture, ApertureWindow, EpAddressSpace
 from vfio_ep.epc.bar import PciEpfBar, PciEpfBarSubmap
 from vfio_ep.epc.core import EpcError, EpcEvents, IrqType, PciEpc
 from vfio_ep.epc.dw import DwPcieEp, PciEpcAuxResource
@@ -107,12 +107,34 @@ class GuestRam(Aperture):
     (``linked`` False) from the EP guest leaving until its successor starts the controller:
     the successor's RAM is not the RC's to read while it boots, whatever the BARs still
     translate to, as a rebooting board's controller shows the RC nothing until it trains
-    the link again."""
+    the link again.
+
+    One EP guest may hold several controllers of the SoC (pci-epf-ntb's two): each device's
+    connection maps the same RAM, and any one attached serves it (:meth:`attach`)."""
 
     def __init__(self) -> None:
         self.memory: RcMemory | None = None
         self.linked = True
         self._told = False
+        self._mappings: dict[str, RcMemory] = {}
+
+    @classmethod
+    def on(cls, space: EpAddressSpace) -> GuestRam:
+        """The SoC's guest RAM on its bus, put there by its first controller's port."""
+        found = space.aperture_at(0, BUS_RAM_END)
+        if found is not None and isinstance(found[1], GuestRam):
+            return found[1]
+        ram = cls()
+        space.add_aperture(0, BUS_RAM_END, ram)
+        return ram
+
+    def attach(self, controller: str, memory: RcMemory | None) -> None:
+        """``controller``'s device got the EP guest's DMA mappings (None: it left)."""
+        if memory is None:
+            self._mappings.pop(controller, None)
+        else:
+            self._mappings[controller] = memory
+        self.memory = next(iter(self._mappings.values()), None)
 
     def _mem(self) -> RcMemory:
         if self.memory is None:
@@ -201,8 +223,7 @@ class EpcCpuPort(MmioHandler, EpcEvents):
         self.dw: DwPcieEp = epc.ops
         self.name = name
         self._refused = Repeats(log)  # a function's retries: nvmet-pci-epf's raises, say
-        self.guest_ram = GuestRam()
-        epc.space.add_aperture(0, BUS_RAM_END, self.guest_ram)
+        self.guest_ram = GuestRam.on(epc.space)
         self.regs = bytearray(EDMA_OFFSET)
         self.events: collections.deque[int] = collections.deque(maxlen=EVENT_QUEUE)
         self._fill_identity(raw)
@@ -301,7 +322,7 @@ class EpcCpuPort(MmioHandler, EpcEvents):
         the BARs keep translating, to RAM that is gone for now."""
         host: Host | None = self.pci.host
         self.events.clear()
-        self.guest_ram.memory = host.dma if up and host is not None else None
+        self.guest_ram.attach(self.name, host.dma if up and host is not None else None)
         if up and host is not None:
             host.dma.on_change.append(self.epc.space.changed)
         else:

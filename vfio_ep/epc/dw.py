@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -39,7 +40,7 @@ from vfio_ep.epc.doorbell import DoorbellTarget
 from vfio_ep.epc.edma import EDMA_REGS_SIZE, EMUL_DOORBELL_OFFSET, DmaChannel, DwEdma
 from vfio_ep.epc.features import NO_BAR, ControllerProfile, EpcFeatures
 from vfio_ep.epc.iatu import InboundAtu, NoInboundWindow
-from vfio_ep.epc.outbound import OutboundAtu
+from vfio_ep.epc.outbound import RC_MSI_ADDR, OutboundAtu
 from vfio_ep.epc.soc import EpcError, EpSoc
 from vfio_ep.pci.bar import (
     PCI_BASE_ADDRESS_MEM_PREFETCH,
@@ -99,6 +100,7 @@ class DwPcieEp:
                                     self.rc_memory)
         soc.space.add_aperture(self.outbound_base, OUTBOUND_SIZE, self.outbound)
         self.outbound.on_change.append(soc.space.changed)
+        self.outbound.msi = self._rc_msi_write
         self.inbound = InboundAtu(soc.space, profile.num_ib_windows)
         # The integrated eDMA, with its interrupt-emulation doorbell.
         self.edma: DwEdma | None = None
@@ -299,7 +301,39 @@ class DwPcieEp:
         self.pci.reset_hooks.append(lambda: self.on_reset())
         self.pci.background.append(self.soc.run)
         self._refresh_all_bars()
+        self._fill_msix_table(func)
         return self.pci
+
+    def _fill_msix_table(self, func: DwPcieEpFunc) -> None:
+        """The MSI-X table as the EP reads it in its BAR: entry i the message RC_MSI_ADDR,
+        data i, unmasked (see RC_MSI_ADDR: the RC's own table stays in its VMM).  A
+        function that maps the table's addresses itself (pci-epf-ntb's doorbells) rings
+        vector i by writing i there."""
+        if func.msix is None or func.msix[1] not in func.bars:
+            return
+        count, bar, offset = func.msix
+        table = b"".join(struct.pack("<IIII", RC_MSI_ADDR, 0, i, 0) for i in range(count))
+        addr = func.bars[bar].phys_addr + offset
+        try:
+            views = self.soc.space.views(addr, len(table))
+        except AddressError as e:
+            log.warning("MSI-X table at %#x not filled: %s", addr, e)
+            return
+        if views is None:
+            log.warning("MSI-X table at %#x not filled: not memory", addr)
+            return
+        pos = 0
+        for v in views:
+            v[:] = table[pos : pos + len(v)]
+            pos += len(v)
+
+    def _rc_msi_write(self, offset: int, value: int) -> None:
+        """A write the outbound iATU took to the RC's MSI window: the MSI-X vector its data
+        names (the message _fill_msix_table gave it), as the RC's interrupt controller."""
+        pci = self.pci
+        if pci is None or offset != 0 or not pci.raise_msix(value):
+            log.warning("write of %#x to the RC's MSI window +%#x raises no MSI-X vector",
+                        value, offset)
 
     def _link_changed(self, up: bool) -> None:
         """An RC attached or left: what the outbound aperture shows of its memory changed,

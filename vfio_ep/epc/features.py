@@ -91,6 +91,17 @@ PROFILES: dict[str, ControllerProfile] = {
         "imx8q",
         EpcFeatures(align=1 << 16, bar=_bars(bar1=_DISABLED, bar3=_DISABLED, bar5=_DISABLED)),
     ),
+    # J721E (pci-j721e.c on pcie-cadence-ep.c, cdns_pcie_epc_features): MSI and MSI-X, no
+    # INTx, every BAR programmable, 256-byte alignment, 16 outbound regions (its device
+    # tree's cdns,max-outbound-regions), no eDMA.  Modelled on the DesignWare core with the
+    # same features: what a function sees of a controller is its features and its ops.
+    # pci-epf-ntb is TI's function for it and needs the nonzero align (its MSI-X doorbells).
+    "j721e": ControllerProfile(
+        "j721e",
+        EpcFeatures(intx_capable=False, align=256),
+        num_ob_windows=16,
+        edma=False,
+    ),
     # RK3588 (pcie-dw-rockchip.c): BAR4 is reserved and shows the eDMA registers; as on the
     # Rock 5B in the seeds, the EP finds no MSI domain, so doorbells use the eDMA.
     "rk3588": ControllerProfile(

@@ -22,6 +22,15 @@ log = logging.getLogger(__name__)
 
 IrqWrite = Callable[[int, int], None]  # (offset in the region, value written)
 
+# Where the RC's MSI-X messages point: x86's interrupt window, which a write reaches as an
+# interrupt, never as memory.  The RC's VMM keeps the MSI-X table a BAR holds to itself
+# (QEMU's vfio-user client emulates it and takes vectors as eventfds), so what the EP reads
+# of that table is what the controller puts there (DwPcieEp: entry i is this address with
+# data i) and an outbound write here, as the RC's interrupt controller would, raises the
+# vector its data names (pci-epf-ntb's doorbells: it maps the table's addresses itself).
+RC_MSI_ADDR = 0xFEE00000
+RC_MSI_SIZE = 0x1000
+
 
 @dataclass(frozen=True)
 class OutboundRegion:
@@ -72,6 +81,9 @@ class OutboundAtu(Aperture):
         # RC memory through it (shared_extents), so every change must refresh them.
         self.shown = False
         self.on_change: list[Callable[[], None]] = []
+        # The RC's interrupt controller: a write mapped into [RC_MSI_ADDR, +RC_MSI_SIZE)
+        # (offset there, value); None: such writes go to RC memory like any other.
+        self.msi: IrqWrite | None = None
 
     def changed(self) -> None:
         """The translation or the RC memory behind it changed: refresh BARs showing it."""
@@ -127,9 +139,12 @@ class OutboundAtu(Aperture):
                 continue
             n = min(end, region.phys_addr + region.size) - pos
             mem = None
-            if region.irq is None and rc is not None:
+            pci = region.pci_addr + pos - region.phys_addr
+            in_msi = self.msi is not None and pci < RC_MSI_ADDR + RC_MSI_SIZE \
+                and pci + n > RC_MSI_ADDR
+            if region.irq is None and rc is not None and not in_msi:
                 try:
-                    mem = ForeignMemory(rc.view(region.pci_addr + pos - region.phys_addr, n))
+                    mem = ForeignMemory(rc.view(pci, n))
                 except RcBusError:
                     mem = None
             out.append((pos - self.base, n, mem))
@@ -153,17 +168,37 @@ class OutboundAtu(Aperture):
             raise AddressError("outbound access with no RC attached (link down)")
         return rc
 
+    def _msi_offset(self, r: OutboundRegion, offset: int, size: int) -> int | None:
+        """Where [offset, +size) of region ``r`` lands in the RC's MSI window (None: not
+        there, or no interrupt controller modelled)."""
+        if self.msi is None or r.irq is not None:
+            return None
+        pci = r.pci_addr + self.base + offset - r.phys_addr
+        if pci >= RC_MSI_ADDR and pci + size <= RC_MSI_ADDR + RC_MSI_SIZE:
+            return pci - RC_MSI_ADDR
+        return None
+
     def _interrupt(self, offset: int, data: bytes | memoryview) -> bool:
-        """Deliver a write that lands in an interrupt region; False for any other region."""
+        """Deliver a write that lands in an interrupt region or the RC's MSI window; False
+        for any other region."""
         r = self._region(offset, len(data))
-        if r.irq is None:
+        value = int.from_bytes(data, "little")
+        if r.irq is not None:
+            r.irq(self.base + offset - r.phys_addr, value)
+            return True
+        msi = self._msi_offset(r, offset, len(data))
+        if msi is None or self.msi is None:
             return False
-        r.irq(self.base + offset - r.phys_addr, int.from_bytes(data, "little"))
+        self.msi(msi, value)
         return True
+
+    def _not_memory(self, offset: int, size: int) -> bool:
+        r = self._region(offset, size)
+        return r.irq is not None or self._msi_offset(r, offset, size) is not None
 
     # The Aperture protocol (EpAddressSpace routes the aperture's addresses here).
     def views(self, offset: int, size: int) -> list[memoryview] | None:
-        if self._region(offset, size).irq is not None:
+        if self._not_memory(offset, size):
             return None
         try:
             return self._table().views(self.translate(offset, size), size)
@@ -178,7 +213,7 @@ class OutboundAtu(Aperture):
             await self._table().write(self.translate(offset, len(data)), data)
 
     def read_sync(self, offset: int, size: int) -> bytes:
-        if self._region(offset, size).irq is not None:
+        if self._not_memory(offset, size):
             return bytes(size)  # MSI targets read as zero
         return bytes(self._view(offset, size))
 

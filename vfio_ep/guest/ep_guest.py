@@ -16,12 +16,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import os
 import shlex
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,7 @@ from vfio_ep.guest.launcher import (
     new_run_dir,
     run_async,
     running_server,
+    vfio_user_device,
 )
 from vfio_ep.guest.provision import GuestAssets, ProvisionError, provision_all
 from vfio_ep.guest.results import expect_failures, parse_tap, summary_table, write_results
@@ -62,7 +64,8 @@ SETUP_TRACE = "vfio-ep: setup: "  # ep_guest.sh, before each command of the setu
 SETUP = "ep-setup.sh"  # the board's script, in the EP guest's /
 # The functions an EP guest runs (the kernel's), and the attributes each default setup
 # script writes, in its order: pci-test-howto.rst's for pci-epf-test, the seeds' vNTB block
-# (pci-vntb-howto.rst's, with R-Car's IDs) for pci-epf-vntb.
+# (pci-vntb-howto.rst's, with R-Car's IDs) for pci-epf-vntb, pci-ntb-howto.rst's for
+# pci-epf-ntb (with vfio-ep's NTB pair's counts).
 DEFAULT_FUNCTION = "pci_epf_test"
 SCRIPT_ATTRIBUTES = {
     "pci_epf_test": ("vendorid", "deviceid", "msi_interrupts", "msix_interrupts"),
@@ -70,9 +73,15 @@ SCRIPT_ATTRIBUTES = {
                      "num_mws", "mw1", "vntb_vid", "vntb_pid", "vbus_number", "ctrl_bar",
                      "db_bar", "mw1_bar"),
     "nvmet_pci_epf": (),  # its script is the NVMe target's as well: NVMET_SETUP
+    "pci_epf_ntb": ("vendorid", "deviceid", "db_count", "spad_count", "num_mws", "mw1",
+                    "mw2"),
 }
 # nvmet-pci-epf's DMA: private slave channels, which the eDMA offers as dw-edma does.
-FUNCTION_CONTROLLER_SETS = {"nvmet_pci_epf": ("dma_channels=slave",)}
+# pci-epf-ntb: TI J721E's controller (see its profile), whose nonzero align the function's
+# MSI-X doorbells need: epf_ntb_configure_msix() maps ALIGN_DOWN(msg_addr, align), which
+# is PCI address 0 for align 0, and points the peer at msg_addr & (align - 1), past its BAR.
+FUNCTION_CONTROLLER_SETS = {"nvmet_pci_epf": ("dma_channels=slave",),
+                            "pci_epf_ntb": ("controller=j721e",)}
 # Documentation/nvme/nvme-pci-endpoint-target.rst's steps (insmod for modprobe: the EP
 # guest's modules are files in /lib/modules), the namespace a memory-backed null_blk in the
 # EP guest's RAM (the howto's has no memory: what the RC writes would read back as zeros).
@@ -104,6 +113,13 @@ cd /sys/kernel/config/pci_ep
 ln -s functions/nvmet_pci_epf/nvmepf.0 controllers/CONTROLLER/
 echo 1 > controllers/CONTROLLER/start
 """
+# The controllers a default setup script links and starts: the seeds' board's, and
+# pci-ntb-howto.rst's primary and secondary for pci-epf-ntb, with the howto's values (its
+# doorbells each take an outbound iATU region: vfio-ep's NTB pair's 16 would not fit).
+SCRIPT_CONTROLLERS = {"pci_epf_ntb": ("2900000.pcie-ep", "2910000.pcie-ep")}
+SCRIPT_DEFAULTS: dict[str, dict[str, object]] = {
+    "pci_epf_ntb": {"db_count": 4, "spad_count": 128, "num_mws": 2, "mw1": 0x100000,
+                    "mw2": 0x100000}}
 
 
 @dataclass(frozen=True)
@@ -147,7 +163,7 @@ class EpGuestRun:
             return driver
         if self.configfs is not None:
             with contextlib.suppress(ConfigError, StopIteration):
-                return next(iter(self._script_composition().functions.values())).driver
+                return next(iter(self.script_composition().functions.values())).driver
         return DEFAULT_FUNCTION
 
     def setup_script(self) -> str:
@@ -168,7 +184,7 @@ class EpGuestRun:
             key, _, value = item.partition("=")
             values[key.strip()] = value.strip()
         return board_script(driver, {a: _written(a, values[a]) for a in SCRIPT_ATTRIBUTES[driver]},
-                            EP_GUEST_CONTROLLER)
+                            *SCRIPT_CONTROLLERS.get(driver, (EP_GUEST_CONTROLLER,)))
 
     def target(self) -> Target:
         """The run as a suite run knows one: its settings, and --xfail scoped by them."""
@@ -186,7 +202,7 @@ class EpGuestRun:
             return {}
         values = _function_defaults(driver)
         with contextlib.suppress(ConfigError, StopIteration):
-            values |= next(iter(self._script_composition().functions.values())).values
+            values |= next(iter(self.script_composition().functions.values())).values
         return values
 
     def device(self) -> tuple[str, str]:
@@ -196,7 +212,7 @@ class EpGuestRun:
         vendor, device = (f"{int(str(values[k]), 0):#06x}" for k in ("vendorid", "deviceid"))
         return vendor, device
 
-    def _script_composition(self) -> Composition:
+    def script_composition(self) -> Composition:
         return parse_script(self.setup_script(), str(self.configfs or "the setup"))
 
 
@@ -223,9 +239,11 @@ def setup_complaints(output: str, script: str) -> list[str]:
 
 
 def _function_defaults(driver: str) -> dict[str, object]:
-    """A function's attributes as vfio-ep's own model of it has them by default."""
+    """A function's attributes as vfio-ep's own model of it has them by default (a default
+    setup script's own values over them)."""
     attrs = DRIVERS[driver]
-    return {f.name: f.default for f in dataclasses.fields(attrs.attributes)} | attrs.defaults
+    return {f.name: f.default for f in dataclasses.fields(attrs.attributes)} | attrs.defaults \
+        | SCRIPT_DEFAULTS.get(driver, {})
 
 
 def _written(attr: str, value: object) -> str:
@@ -265,6 +283,9 @@ def run_ep_guest(run: EpGuestRun, *, kernel: Path | None = None, qemu: Path | No
         if driver == "nvmet_pci_epf":
             from vfio_ep.guest.ep_nvme import run_nvme
             return run_nvme(run, assets, top, facts, timeout=timeout, options=options)
+        if driver == "pci_epf_ntb":
+            from vfio_ep.guest.ep_bridge import run_ntb_bridge
+            return run_ntb_bridge(run, assets, top, facts, timeout=timeout, options=options)
         vendor, device = run.device()
         progress = Progress(top, run.target(), KSELFTEST_NAME, facts, running=[top / "rc"])
         with keeping(progress.keep):  # Ctrl-C, SIGTERM: the RC's TAP so far is the result
@@ -294,6 +315,32 @@ def boot_ep_pair(run: EpGuestRun, assets: GuestAssets, top: Path, rc_script: str
     RC guest, booted after the one before it is gone (an RC's reboots, the EP guest up all
     along), its records in ``rc2``, ``rc3``..."""
     name = next(iter(run.controller().controllers))
+    with one_cpu():
+        return boot_ep_guests(run, assets, top, [name], [RcGuest("rc", name, rc_script)],
+                              timeout=timeout, options=options, rc_options=rc_options,
+                              rc_files=rc_files, ep_files=ep_files, ep_finish=ep_finish,
+                              rc_again=rc_again)
+
+
+@dataclass(frozen=True)
+class RcGuest:
+    """An RC guest of an EP guest run: ``script`` on ``controller``'s RC side, its records
+    in ``label``/ under the run's directory and its lines so labelled."""
+
+    label: str
+    controller: str
+    script: str
+
+
+def boot_ep_guests(run: EpGuestRun, assets: GuestAssets, top: Path, controllers: Sequence[str],
+                   rcs: Sequence[RcGuest], *, timeout: float,
+                   options: GuestOptions = DEFAULT_OPTIONS,
+                   rc_options: GuestOptions | None = None,
+                   rc_files: dict[str, Path | bytes] | None = None,
+                   ep_files: dict[str, Path | bytes] | None = None,
+                   ep_finish: float = 0, rc_again: tuple[str, ...] = ()) -> PairResult:
+    """:func:`boot_ep_pair` with an EP guest holding a device per controller (pci-epf-ntb's
+    primary and secondary) and the RC guests ``rcs``, booted at once."""
     ep_base = assets if run.ep_linux in (None, assets.linux) else \
         dataclasses.replace(provision_all(linux=run.ep_linux), qemu=assets.qemu)
     ep_assets = ep_guest_assets(ep_base, run.ep_kernel, top / "epc-driver")
@@ -302,13 +349,12 @@ def boot_ep_pair(run: EpGuestRun, assets: GuestAssets, top: Path, rc_script: str
         server_args += ["--preset", run.preset]
     ep_options = dataclasses.replace(options, dyndbg=run.ep_dyndbg, gdb_port=None,
                                      interactive=False)
-    ep_script = f"sh /ep_guest.sh {shlex.quote(name)} /{SETUP} " + \
+    ep_script = f"sh /ep_guest.sh {shlex.quote(' '.join(controllers))} /{SETUP} " + \
         (shlex.quote(run.ep_exec) if run.ep_exec else "")
-    with one_cpu():
-        return run_async(_boot_pair(
-            (ep_assets, assets), name, server_args, top, timeout,
-            (ep_options, rc_options or options), (ep_script, run.setup_script()), rc_script,
-            (ep_files or {}, rc_files or {}), ep_finish, rc_again))
+    return run_async(_boot_pair(
+        (ep_assets, assets), controllers, server_args, top, timeout,
+        (ep_options, rc_options or options), (ep_script, run.setup_script()), rcs,
+        (ep_files or {}, rc_files or {}), ep_finish, rc_again))
 
 
 @contextlib.contextmanager
@@ -331,13 +377,18 @@ def one_cpu() -> Iterator[None]:
 
 @dataclass
 class PairResult:
-    """The two guests' results (None: the RC guest never booted) and the server's log."""
+    """The guests' results (no RC's: they never booted) and the server's log."""
 
     ep: GuestResult
-    rc: GuestResult | None
+    rcs: list[GuestResult]
     server_log: str
     error: str | None = None
     rc_again: tuple[GuestResult, ...] = ()  # the RC guests booted after the first
+
+    @property
+    def rc(self) -> GuestResult | None:
+        """The RC guest's result, of a pair (None: it never booted)."""
+        return self.rcs[0] if self.rcs else None
 
 
 def ep_guest_assets(assets: GuestAssets, ep_kernel: Path | None, work: Path) -> GuestAssets:
@@ -358,20 +409,22 @@ def ep_guest_assets(assets: GuestAssets, ep_kernel: Path | None, work: Path) -> 
                                epc_driver=build_epc_driver(build, work))
 
 
-async def _boot_pair(assets: tuple[GuestAssets, GuestAssets], name: str,
+async def _boot_pair(assets: tuple[GuestAssets, GuestAssets], names: Sequence[str],
                      server_args: list[str], top: Path, timeout: float,
                      options: tuple[GuestOptions, GuestOptions], ep: tuple[str, str],
-                     rc_script: str, files: tuple[dict[str, Path | bytes], ...],
+                     rcs: Sequence[RcGuest], files: tuple[dict[str, Path | bytes], ...],
                      ep_finish: float, rc_again: tuple[str, ...]) -> PairResult:
-    """The EP guest (its assets, options, and (script, board setup) first), then, once its
-    controller is started, the RC guest running ``rc_script`` (``files``: the EP's and the
-    RC's beside their scripts in their initramfs)."""
+    """The EP guest (its assets, options, and (script, board setup) first) with a device per
+    controller ``names`` names, then, once its controllers are started, the RC guests
+    ``rcs`` (``files``: the EP's and the RCs' beside their scripts in their initramfs), then
+    each of ``rc_again`` on the first RC guest's controller, one after the other."""
     started = time.monotonic()
     log = top / "server.log"
     ep_dir = Path(tempfile.mkdtemp(prefix="vfio-ep-"))  # short: sun_path <= 107
-    ep_socket = ep_dir / "cpu.sock"
-    args = [*server_args, "--ep-socket", f"{name}={ep_socket}"]
-    async with running_server([name], args, log) as (_, sockets):
+    ep_sockets = [ep_dir / f"cpu{i}.sock" for i in range(len(names))]
+    args = [*server_args, *(a for name, path in zip(names, ep_sockets, strict=True)
+                            for a in ("--ep-socket", f"{name}={path}"))]
+    async with running_server(names, args, log) as (_, sockets):
         ready, exited = asyncio.Event(), asyncio.Event()
 
         def seen(line: str) -> None:
@@ -382,12 +435,12 @@ async def _boot_pair(assets: tuple[GuestAssets, GuestAssets], name: str,
 
         ep_assets, rc_assets = assets
         assert ep_assets.epc_driver is not None
-        ep_run = GuestRun(ep[0], server_args=[], assets=ep_assets, socket=ep_socket,
+        ep_run = GuestRun(ep[0], server_args=[], assets=ep_assets, socket=ep_sockets[0],
                           run_dir=top / "ep", options=options[0],
                           extra_files={"ep_guest.sh": EP_GUEST, SETUP: ep[1].encode(),
                                        f"lib/modules/{EPC_MODULE}": ep_assets.epc_driver,
                                        **files[0]},
-                          live=_live("ep", seen))
+                          live=_live("ep", seen), extra_qemu_args=_more_devices(ep_sockets))
         async with ep_run:
             ep_done = asyncio.create_task(ep_run.wait(timeout))
             waiting = asyncio.create_task(ready.wait())
@@ -397,23 +450,42 @@ async def _boot_pair(assets: tuple[GuestAssets, GuestAssets], name: str,
             if not ready.is_set():
                 ep_done.cancel()
                 result = await ep_run.collect() if not ep_done.done() else ep_done.result()
-                return PairResult(result, None, log.read_text(errors="replace"),
+                return PairResult(result, [], log.read_text(errors="replace"),
                                   "the EP guest did not start its controller: "
                                   + (result.error or _last_words(result.output)))
-            rc_results = []
-            for boot, script in enumerate((rc_script, *rc_again), 1):
-                label = "rc" if boot == 1 else f"rc{boot}"
-                rc = GuestRun(script, server_args=[], assets=rc_assets, socket=sockets[name],
-                              run_dir=top / label, options=options[1], live=_live(label, None),
+            left = timeout - (time.monotonic() - started)
+            rc_results = list(await asyncio.gather(*(
+                GuestRun(rc.script, server_args=[], assets=rc_assets,
+                         socket=sockets[rc.controller], run_dir=top / rc.label,
+                         options=options[1], live=_live(rc.label, None),
+                         extra_files={"kselftest.sh": KSELFTEST, **files[1]}).run(left)
+                for rc in rcs)))
+            again = []
+            for boot, script in enumerate(rc_again, len(rcs) + 1):
+                label = f"rc{boot}"
+                rc = GuestRun(script, server_args=[], assets=rc_assets,
+                              socket=sockets[rcs[0].controller], run_dir=top / label,
+                              options=options[1], live=_live(label, None),
                               extra_files={"kselftest.sh": KSELFTEST, **files[1]})
-                rc_results.append(await rc.run(timeout - (time.monotonic() - started)))
+                again.append(await rc.run(timeout - (time.monotonic() - started)))
             if ep_finish:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(exited.wait(), ep_finish)
             ep_done.cancel()
             ep_result = await ep_run.collect()
-    return PairResult(ep_result, rc_results[0], log.read_text(errors="replace"),
-                      ep_result.error and f"EP guest: {ep_result.error}", tuple(rc_results[1:]))
+    return PairResult(ep_result, rc_results, log.read_text(errors="replace"),
+                      ep_result.error and f"EP guest: {ep_result.error}", tuple(again))
+
+
+def _more_devices(sockets: Sequence[Path]) -> list[str]:
+    """QEMU arguments for the EP guest's devices after the first: each on a root port of
+    its own, as a SoC's controllers are each a device of their own."""
+    args = []
+    for i, socket in enumerate(sockets[1:], 1):
+        port = f"rp{i}"
+        args += ["-device", f"pcie-root-port,id={port},bus=pcie.0,chassis={i + 1}",
+                 "-device", json.dumps(vfio_user_device(socket, device_id=f"ep{i}", bus=port))]
+    return args
 
 
 def _live(label: str, seen: Callable[[str], object] | None) -> Callable[[str], None]:

@@ -69,9 +69,9 @@ def boot_vntb_phase(run: EpGuestRun, assets: GuestAssets, top: Path, phase: str,
               # the EP's window is its MW BAR, translated whole (pci_epc_set_bar() takes
               # a resizable BAR's size only, 1 MiB at least)
               f"MW_SIZE={int(str(values['mw1']), 0)}", *env]
-    rc_env = _env("ntb_hw_epf", _pci_id(values, "vendorid", "deviceid"), RC_IP, EP_IP, "rc",
+    rc_env = _env("ntb_hw_epf", pci_id(values, "vendorid", "deviceid"), RC_IP, EP_IP, "rc",
                   common)
-    ep_env = _env("pci-vntb", _pci_id(values, "vntb_vid", "vntb_pid"), EP_IP, RC_IP, "ep",
+    ep_env = _env("pci-vntb", pci_id(values, "vntb_vid", "vntb_pid"), EP_IP, RC_IP, "ep",
                   common)
     ep_side = f"{ep_env} sh /ntb_pair.sh b {phase}"
     phase_run = dataclasses.replace(
@@ -89,7 +89,7 @@ def _env(driver: str, pci_id: str, self_ip: str, peer_ip: str, label: str,
                        f"PEER_IP={peer_ip}", f"LABEL={label}", *common])
 
 
-def _pci_id(values: dict[str, object], vendor: str, device: str) -> str:
+def pci_id(values: dict[str, object], vendor: str, device: str) -> str:
     """``vendor:device`` as sysfs spells them (``0x1912:0x0030``)."""
     return ":".join(f"{int(str(values[k]), 0):#06x}" for k in (vendor, device))
 

@@ -29,13 +29,15 @@ Event = tuple[float, int, str, str]  # (wall clock, order within its source, sou
 
 
 def write_trace(result: GuestResult, others: dict[str, GuestResult] | None = None,
-                run_dir: Path | None = None) -> Path:
+                run_dir: Path | None = None, label: str | None = None) -> Path:
     """Write ``trace.log`` in ``run_dir`` (the result's run directory by default): guest lines
     (``guest|``), the guest kernel's (``dmesg|``, when dmesg.txt is there), the same of the
-    ``others`` guests under their labels (an EP guest's ``ep-guest|`` and ``ep-dmesg|``) and
-    server lines (``ep   |``) in time order."""
+    ``others`` guests under their labels (an EP guest's ``ep-guest|`` and ``ep-dmesg|``), and
+    of ``result`` too when it has a ``label`` (of two RC guests, ``a-guest|``), and server
+    lines (``ep   |``) in time order."""
     to_wall = time.time() - time.monotonic()  # the launcher's times are time.monotonic()
-    events = _guest_events(result, "guest", "dmesg", to_wall)
+    events = _guest_events(result, f"{label}-guest" if label else "guest",
+                           f"{label}-dmesg" if label else "dmesg", to_wall)
     for label, other in (others or {}).items():
         events += _guest_events(other, f"{label}-guest", f"{label}-dmesg", to_wall)
     events += _server_events(result.server_log)

@@ -13,6 +13,10 @@
  * That device is also the DMA device of the functions (pci_epf_alloc_space(), the eDMA
  * channels' dmaengine device and dma_map_*()); its DMA addresses are guest physical
  * addresses, which the controller reaches as its SoC's RAM.
+ *
+ * A guest may hold several such controllers, all on one SoC bus (pci-ntb-howto.rst's
+ * 2900000.pcie-ep and 2910000.pcie-ep): pci-epf-ntb backs one controller's BARs with the
+ * other's outbound aperture, an address the first reaches over that bus.
  */
 
 #include <linux/bitfield.h>
@@ -106,7 +110,12 @@ struct vepc {
 	u64 bar_size[PCI_STD_NUM_BARS];
 	u64 bar_flags[PCI_STD_NUM_BARS];
 	char name[VEPC_NAME_SIZE + 1];
+	struct list_head node;		/* in vepc_list */
 };
+
+/* Every controller of this guest, for the addresses one hands another (vepc_bus_addr()). */
+static LIST_HEAD(vepc_list);
+static DEFINE_SPINLOCK(vepc_list_lock);
 
 static u64 vepc_readq(struct vepc *vepc, unsigned int reg)
 {
@@ -118,6 +127,16 @@ static void vepc_writeq(struct vepc *vepc, unsigned int reg, u64 val)
 	lo_hi_writeq(val, vepc->regs + reg);
 }
 
+static bool vepc_in_aperture(struct vepc *vepc, phys_addr_t phys)
+{
+	return phys >= vepc->ob_phys && phys - vepc->ob_phys < vepc->ob_size;
+}
+
+static bool vepc_in_regs(struct vepc *vepc, phys_addr_t phys)
+{
+	return phys >= vepc->regs_phys && phys - vepc->regs_phys < VEPC_REGS_SIZE;
+}
+
 /**
  * vepc_bus_addr() - the controller's (bus) address of a CPU physical address
  * @vepc: the controller
@@ -127,17 +146,28 @@ static void vepc_writeq(struct vepc *vepc, unsigned int reg, u64 val)
  * (pci_epf_alloc_space(), dma_map_*()), outbound aperture addresses (pci_epc_mem_alloc_addr())
  * and the doorbell's address (the aux resource, which a function may align down to a BAR's
  * size before mapping it).  On the controller's SoC bus guest RAM keeps its addresses, the
- * aperture has its own, and the MMIO space around the eDMA block follows it linearly.
+ * aperture has its own, and the MMIO space around the eDMA block follows it linearly.  An
+ * address in another controller's BARs is that controller's on the bus: pci-epf-ntb's
+ * doorbell and memory window BARs translate to the peer controller's aperture.
  */
 static u64 vepc_bus_addr(struct vepc *vepc, phys_addr_t phys)
 {
-	phys_addr_t edma_phys = vepc->regs_phys + VEPC_EDMA_OFFSET;
+	struct vepc *other;
 
 	if (phys < VEPC_BUS_RAM_END)
 		return phys;
-	if (phys >= vepc->ob_phys && phys - vepc->ob_phys < vepc->ob_size)
+	if (!vepc_in_aperture(vepc, phys) && !vepc_in_regs(vepc, phys)) {
+		guard(spinlock_irqsave)(&vepc_list_lock);
+		list_for_each_entry(other, &vepc_list, node) {
+			if (vepc_in_aperture(other, phys) || vepc_in_regs(other, phys)) {
+				vepc = other;
+				break;
+			}
+		}
+	}
+	if (vepc_in_aperture(vepc, phys))
 		return vepc->ob_bus + (phys - vepc->ob_phys);
-	return vepc->edma_bus + (phys - edma_phys);
+	return vepc->edma_bus + (phys - (vepc->regs_phys + VEPC_EDMA_OFFSET));
 }
 
 /**
@@ -423,12 +453,39 @@ static const struct pci_epc_ops vepc_ops = {
 
 /* -- events: link and PERST# -------------------------------------------------------- */
 
+/*
+ * Whether a function's secondary interface is on this controller (pci-epf-ntb's).  The
+ * core's notifiers (pci_epc_linkup() and the rest) walk epc->pci_epf as struct
+ * pci_epf's list members, but pci_epc_add_epf() puts a secondary interface there by
+ * its sec_epc_list, which the walk would take for another function and lock its mutex
+ * at a wrong address.  Such a controller is told nothing, as J721E's, the one
+ * pci-epf-ntb was written on, has no link or PERST# events to tell; the function does
+ * not listen for them.  Read as a secondary entry, a primary one's sec_epc field falls
+ * on its own id pointer, inside the same function: never this controller.
+ */
+static bool vepc_has_secondary(struct pci_epc *epc)
+{
+	struct list_head *node;
+
+	guard(mutex)(&epc->list_lock);
+	list_for_each(node, &epc->pci_epf) {
+		if (container_of(node, struct pci_epf, sec_epc_list)->sec_epc == epc)
+			return true;
+	}
+	return false;
+}
+
 static void vepc_event_work(struct work_struct *work)
 {
 	struct vepc *vepc = container_of(work, struct vepc, event_work);
 	u32 event;
 
 	while ((event = readl(vepc->regs + VEPC_EVENT)) != VEPC_EV_NONE) {
+		if (vepc_has_secondary(vepc->epc)) {
+			dev_info_once(&vepc->pdev->dev,
+				      "a secondary interface is here: link and PERST# events not passed on (pci-epc-core.c walks it as a primary)\n");
+			continue;
+		}
 		switch (event) {
 		case VEPC_EV_LINK_UP:
 			pci_epc_linkup(vepc->epc);
@@ -958,6 +1015,22 @@ static int vepc_add_plat(struct vepc *vepc)
 	return 0;
 }
 
+static void vepc_unlist(void *data)
+{
+	struct vepc *vepc = data;
+
+	guard(spinlock_irqsave)(&vepc_list_lock);
+	list_del(&vepc->node);
+}
+
+/* On the list while its BARs are what it read at probe; off it before it is freed. */
+static int vepc_list_add(struct vepc *vepc)
+{
+	scoped_guard(spinlock_irqsave, &vepc_list_lock)
+		list_add_tail(&vepc->node, &vepc_list);
+	return devm_add_action_or_reset(&vepc->pdev->dev, vepc_unlist, vepc);
+}
+
 static int vepc_probe(struct pci_dev *pdev, const struct pci_device_id *id)
 {
 	struct device *dev = &pdev->dev;
@@ -984,6 +1057,9 @@ static int vepc_probe(struct pci_dev *pdev, const struct pci_device_id *id)
 	vepc->ob_phys = pci_resource_start(pdev, VEPC_OB_BAR);
 	vepc->ob_size = pci_resource_len(pdev, VEPC_OB_BAR);
 	ret = vepc_check_device(vepc);
+	if (ret)
+		return ret;
+	ret = vepc_list_add(vepc);
 	if (ret)
 		return ret;
 	vepc_read_features(vepc);
