@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import shlex
 import time
 from typing import Any
 
@@ -28,6 +29,7 @@ GUEST_TIMEOUT = 900
 _LINE = re.compile(r"^nvme bench: (\S+) (write|read) ([\d.]+) s$", re.MULTILINE)
 
 SCRIPT = """set -e
+MIB=$1
 t() { cut -d' ' -f1 /proc/uptime; }
 for c in /sys/class/nvme/nvme*; do
 	model=$(sed 's/ *$//' $c/model)
@@ -37,9 +39,9 @@ for c in /sys/class/nvme/nvme*; do
 	dd if=/dev/zero of=$d bs=1M count=8 oflag=direct 2>/dev/null  # warm-up
 	for op in write read; do
 		a=$(t)
-		if [ $op = write ]; then dd if=/dev/zero of=$d bs=1M count={mib} oflag=direct 2>/dev/null
-		else dd if=$d of=/dev/null bs=1M count={mib} iflag=direct 2>/dev/null; fi
-		echo "nvme bench: $kind $op $(awk -v a=$a -v b=$(t) 'BEGIN {{ print b - a }}') s"
+		if [ $op = write ]; then dd if=/dev/zero of=$d bs=1M count=$MIB oflag=direct 2>/dev/null
+		else dd if=$d of=/dev/null bs=1M count=$MIB iflag=direct 2>/dev/null; fi
+		echo "nvme bench: $kind $op $(awk -v a=$a -v b=$(t) 'BEGIN { print b - a }') s"
 	done
 done
 """
@@ -55,7 +57,8 @@ def run(mib: int = 64) -> Result:
         *RC_FIRMWARE, "-drive", f"file={image},if=none,id=nvq,format=raw,cache=writeback",
         "-device", "nvme,drive=nvq,serial=vfio-ep-bench"))
     pair = boot_ep_pair(EpGuestRun(function="nvmet-pci-epf"), provision_all(), top,
-                        SCRIPT.format(mib=mib), timeout=GUEST_TIMEOUT, rc_options=rc_options)
+                        f"sh -c {shlex.quote(SCRIPT)} nvme-bench {mib}",
+                        timeout=GUEST_TIMEOUT, rc_options=rc_options)
     output = pair.rc.output if pair.rc else ""
     seconds = {(kind, op): float(s) for kind, op, s in _LINE.findall(output)}
     if pair.error or len(seconds) != 4:

@@ -4,8 +4,8 @@ Every cell is a ``vfio-ep run`` as a user types it, on one kernel line: pci-epf-
 each doorbell backend (the kselftest; 6.12 has ``pcitest`` and no doorbell test, so one run
 of pcitest.sh's cases), the vNTB suite (6.12's ntb_hw_epf knows the i.MX8 IDs, not the
 R-Car ones: the i.MX8 preset there), the NTB pair, and, where the line can be one, an EP
-guest running Linux's own pci-epf-test, pci-epf-vntb and nvmet-pci-epf on vfio-ep's
-controller; 6.12's RC guest also meets a 7.3 EP guest's pci-epf-vntb (old and new peers,
+guest running Linux's own pci-epf-test, pci-epf-vntb, nvmet-pci-epf and pci-epf-ntb on
+vfio-ep's controllers; 6.12's RC guest also meets a 7.3 EP guest's pci-epf-vntb (old and new peers,
 seed 003).  The table
 (kernel x suite x result) is printed and written as markdown to ``out``; the exit status is 0
 only when every cell passed.  ``vfio-ep matrix`` runs it.
@@ -80,9 +80,12 @@ def cells(lines: tuple[str, ...]) -> list[Cell]:
                             preset="rk3588", ep_guest=True, xfail=RK3588_XFAIL,
                             args=RK3588_EP_GUEST_ARGS) if linux == DEFAULT_LINUX else
                        Cell(linux, "EP guest: Linux's pci-epf-test", None, ep_guest=True))
-            out.append(Cell(linux, "EP guest: Linux's vNTB", "pci-epf-vntb", ep_guest=True))
-            out.append(Cell(linux, "EP guest: Linux's nvmet-pci-epf", "nvmet-pci-epf",
-                            ep_guest=True))
+            if linux != DEFAULT_LINUX:  # make test runs these on the newest line
+                out += [Cell(linux, "EP guest: Linux's vNTB", "pci-epf-vntb", ep_guest=True),
+                        Cell(linux, "EP guest: Linux's nvmet-pci-epf", "nvmet-pci-epf",
+                             ep_guest=True),
+                        Cell(linux, "EP guest: Linux's pci-epf-ntb, two RC guests",
+                             "pci-epf-ntb", ep_guest=True)]
         elif linux in OLD_NTB_IDS:
             out.append(Cell(linux, f"EP guest: {EP_GUEST_LINES[-1]}'s vNTB (i.MX8 preset)",
                             "pci-epf-vntb", preset="imx8", ep_guest=True,
