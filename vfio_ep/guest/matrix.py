@@ -80,12 +80,11 @@ def cells(lines: tuple[str, ...]) -> list[Cell]:
                             preset="rk3588", ep_guest=True, xfail=RK3588_XFAIL,
                             args=RK3588_EP_GUEST_ARGS) if linux == DEFAULT_LINUX else
                        Cell(linux, "EP guest: Linux's pci-epf-test", None, ep_guest=True))
-            if linux != DEFAULT_LINUX:  # make test runs these on the newest line
-                out += [Cell(linux, "EP guest: Linux's vNTB", "pci-epf-vntb", ep_guest=True),
-                        Cell(linux, "EP guest: Linux's nvmet-pci-epf", "nvmet-pci-epf",
-                             ep_guest=True),
-                        Cell(linux, "EP guest: Linux's pci-epf-ntb, two RC guests",
-                             "pci-epf-ntb", ep_guest=True)]
+            out += [Cell(linux, "EP guest: Linux's vNTB", "pci-epf-vntb", ep_guest=True),
+                    Cell(linux, "EP guest: Linux's nvmet-pci-epf", "nvmet-pci-epf",
+                         ep_guest=True),
+                    Cell(linux, "EP guest: Linux's pci-epf-ntb, two RC guests",
+                         "pci-epf-ntb", ep_guest=True)]
         elif linux in OLD_NTB_IDS:
             out.append(Cell(linux, f"EP guest: {EP_GUEST_LINES[-1]}'s vNTB (i.MX8 preset)",
                             "pci-epf-vntb", preset="imx8", ep_guest=True,
