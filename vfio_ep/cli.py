@@ -259,7 +259,7 @@ def _run_ep_guest(common: dict[str, Any], ep: EpGuestRun, run_dir: Path | None,
                   other_modes: bool) -> int:
     """``run --ep-guest``: the EP guest runs the function, so the options that pick vfio-ep's
     own function or another suite do not apply."""
-    from vfio_ep.guest.ep_guest import run_ep_guest
+    from vfio_ep.guest.ep_run import run_ep_guest
 
     if common["config_file"] or other_modes:
         raise click.UsageError("--ep-guest runs the kernel's function in the EP guest and its "

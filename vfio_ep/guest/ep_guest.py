@@ -1,12 +1,12 @@
-"""``vfio-ep run --ep-guest``: Linux's own endpoint functions in an EP guest, on vfio-ep's
-controller, and the RC guest's upstream test against them.
+"""The EP guest of ``vfio-ep run --ep-guest``: Linux's own endpoint functions on vfio-ep's
+controller, and the RC guests booted against them (``ep_run`` picks the suite).
 
 One server serves the controller twice: its CPU side to the EP guest, whose kernel drives it
 with vfio-ep's EPC driver (``qemu/kernel/epc``), and its RC side to the RC guest, from the
 moment the EP guest starts it.  The EP guest loads the driver and the function modules,
 mounts configfs and runs a board's setup script (``--configfs SCRIPT`` verbatim, else
-pci-test-howto.rst's steps for pci-epf-test); once its controller is started, the RC guest
-boots and runs the kselftest.  Then the EP guest is stopped, its dmesg taken.  The run
+a howto's steps for the function); once its controller is started, the RC guest boots and
+runs its side of the suite.  Then the EP guest is stopped, its dmesg taken.  The run
 directory has each guest's console and dmesg (``ep/``, ``rc/``), the server's log, and
 ``trace.log``: both guests and the server on one time line.
 """
@@ -33,29 +33,22 @@ from vfio_ep.config import ConfigError
 from vfio_ep.configfs_script import board_script, parse_script
 from vfio_ep.epf.functions import DRIVERS
 from vfio_ep.guest.assets import EP_GUEST, KSELFTEST
-from vfio_ep.guest.interrupt import keeping
 from vfio_ep.guest.kernel_build import (
-    EP_GUEST_LINES,
     EPC_MODULE,
     build_epc_driver,
     users_kernel,
 )
 from vfio_ep.guest.launcher import (
     DEFAULT_OPTIONS,
-    KSELFTEST_NAME,
     GuestOptions,
     GuestResult,
     GuestRun,
-    LaunchError,
-    new_run_dir,
     run_async,
     running_server,
     vfio_user_device,
 )
 from vfio_ep.guest.provision import GuestAssets, ProvisionError, provision_all
-from vfio_ep.guest.results import expect_failures, parse_tap, summary_table, write_results
-from vfio_ep.guest.runner import Progress, Target
-from vfio_ep.guest.trace import write_trace
+from vfio_ep.guest.runner import Target
 from vfio_ep.presets import preset_sets
 
 EP_READY = "vfio-ep: EP guest ready"  # ep_guest.sh, once its controller is started
@@ -255,48 +248,6 @@ def _written(attr: str, value: object) -> str:
 
 
 _IDS = frozenset({"vendorid", "deviceid", "vntb_vid", "vntb_pid"})
-
-
-def run_ep_guest(run: EpGuestRun, *, kernel: Path | None = None, qemu: Path | None = None,
-                 linux: str, timeout: float = 600, run_dir: Path | None = None,
-                 options: GuestOptions = DEFAULT_OPTIONS) -> int:
-    """Boot the EP guest, then the RC guest's suite against it (pci-epf-test's kselftest,
-    pci-epf-vntb's NTB phases); 0 only if every test passed (1 when one failed or a guest
-    never finished, 2 when setting up failed)."""
-    try:
-        ep_linux = run.ep_linux or linux
-        if ep_linux not in EP_GUEST_LINES:
-            raise ConfigError(f"an EP guest runs Linux {', '.join(EP_GUEST_LINES)} (its "
-                              f"endpoint doorbells and functions), not {ep_linux}"
-                              + ("" if run.ep_linux else "; --ep-linux picks its line apart "
-                                 "from the RC guest's --linux"))
-        comp = run.controller()
-        driver = run.driver()
-        assets = provision_all(qemu=qemu, kernel=kernel, linux=linux)
-        run.expected_failures()  # a malformed --xfail fails here, before any boot
-        top = new_run_dir(run_dir)
-        facts = _facts(comp, assets, driver) | {"ep_linux": ep_linux}
-        # (imported here: those modules build on this one's pair of guests)
-        if driver == "pci_epf_vntb":
-            from vfio_ep.guest.ep_ntb import run_vntb
-            return run_vntb(run, assets, top, facts, timeout=timeout, options=options)
-        if driver == "nvmet_pci_epf":
-            from vfio_ep.guest.ep_nvme import run_nvme
-            return run_nvme(run, assets, top, facts, timeout=timeout, options=options)
-        if driver == "pci_epf_ntb":
-            from vfio_ep.guest.ep_bridge import run_ntb_bridge
-            return run_ntb_bridge(run, assets, top, facts, timeout=timeout, options=options)
-        vendor, device = run.device()
-        progress = Progress(top, run.target(), KSELFTEST_NAME, facts, running=[top / "rc"])
-        with keeping(progress.keep):  # Ctrl-C, SIGTERM: the RC's TAP so far is the result
-            result = boot_ep_pair(
-                run, assets, top,
-                f"sh /kselftest.sh {vendor} {device} {shlex.join(run.guest_args)}",
-                timeout=timeout, options=options)
-    except (ConfigError, ValueError, ProvisionError, LaunchError) as exc:
-        print(f"vfio-ep run: {exc}", file=sys.stderr)
-        return 2
-    return _report(result, top, progress.facts, run.expected_failures(), run.setup_script())
 
 
 def boot_ep_pair(run: EpGuestRun, assets: GuestAssets, top: Path, rc_script: str, *,
@@ -501,14 +452,6 @@ def _last_words(output: str) -> str:
     return lines[-1] if lines else "it printed nothing (see ep/console.log)"
 
 
-def _facts(comp: Composition, assets: GuestAssets, driver: str) -> dict[str, Any]:
-    """What the run tests, for its results."""
-    ctrl = next(iter(comp.controllers.values()))
-    return {"function": f"{driver} (the EP guest's kernel)",
-            "controllers": f"{ctrl.name}: {ctrl.values.get('profile', 'generic')}",
-            "linux": assets.linux, "kernel": str(assets.kernel)}
-
-
 # What pci-ep-msi.c and the functions tell of the doorbell they got, in the EP guest's dmesg.
 DOORBELL_LINES = (("Using embedded (DMA) doorbell fallback", "embedded (the eDMA's)"),
                   ("Failed to allocate doorbell", "none: the function polls"))
@@ -533,24 +476,3 @@ def _refused_setup(ep: GuestResult, script: str) -> dict[str, list[str]]:
     for complaint in complaints:
         print(f"vfio-ep run: the EP guest's setup script, {complaint}", file=sys.stderr)
     return {"setup_refused": complaints} if complaints else {}
-
-
-def _report(result: PairResult, top: Path, facts: dict[str, Any],
-            xfail: tuple[str, ...], run_script: str) -> int:
-    rc = result.rc
-    report = expect_failures(parse_tap(rc.output if rc else "", rc.line_times if rc else None),
-                             xfail)
-    main = dataclasses.replace(rc or result.ep, server_log=result.server_log)
-    write_trace(main, {"ep": result.ep} if rc else None, top)
-    error = result.error or (rc.error if rc else None)
-    status = rc.exit_status if rc else None
-    if status == 1 and report.passed and report.counts()["xfail"]:
-        status = 0  # the kselftest exits 1 on a failure; its failures were expected
-    facts = facts | ep_facts(result.ep, run_script)
-    write_results(report, top, exit_status=status, error=error, suite=KSELFTEST_NAME,
-                  endpoint=facts)
-    print(f"\n{summary_table(report)}")
-    if error:
-        print(f"vfio-ep run: {error}", file=sys.stderr)
-    print(f"run directory: {top}")
-    return 0 if status == 0 and report.passed and not error else 1

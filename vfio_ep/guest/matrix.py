@@ -19,7 +19,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from vfio_ep.guest.ep_guest import EpGuestRun, run_ep_guest
+from vfio_ep.guest.ep_guest import EpGuestRun
+from vfio_ep.guest.ep_run import run_ep_guest
 from vfio_ep.guest.interrupt import keeping
 from vfio_ep.guest.kernel_build import DEFAULT_LINUX, EP_GUEST_LINES
 from vfio_ep.guest.launcher import new_run_dir
