@@ -51,6 +51,7 @@ from vfio_ep.pci.bar import (
 )
 from vfio_ep.pci.device import MsixPlacement, PciDevice, PciDeviceSpec, PciHeader
 from vfio_ep.pci.host import RcMemory
+from vfio_ep.ratelimit import Repeats
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,7 @@ class DwPcieEp:
         soc.space.add_aperture(self.outbound_base, OUTBOUND_SIZE, self.outbound)
         self.outbound.on_change.append(soc.space.changed)
         self.outbound.msi = self._rc_msi_write
+        self._unraised = Repeats(log)  # a function ringing vectors the RC has not enabled
         self.inbound = InboundAtu(soc.space, profile.num_ib_windows)
         # The integrated eDMA, with its interrupt-emulation doorbell.
         self.edma: DwEdma | None = None
@@ -332,8 +334,8 @@ class DwPcieEp:
         names (the message _fill_msix_table gave it), as the RC's interrupt controller."""
         pci = self.pci
         if pci is None or offset != 0 or not pci.raise_msix(value):
-            log.warning("write of %#x to the RC's MSI window +%#x raises no MSI-X vector",
-                        value, offset)
+            self._unraised.warning("write of %#x to the RC's MSI window +%#x raises no "
+                                   "MSI-X vector", value, offset)
 
     def _link_changed(self, up: bool) -> None:
         """An RC attached or left: what the outbound aperture shows of its memory changed,
