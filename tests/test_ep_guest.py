@@ -19,8 +19,9 @@ from vfio_ep.composition import EP_GUEST_CONTROLLER
 from vfio_ep.guest.assets import EP_GUEST
 from vfio_ep.guest.ep_guest import EP_READY, SETUP, EpGuestRun
 from vfio_ep.guest.kernel_build import EPC_MODULE
-from vfio_ep.guest.launcher import GuestResult, GuestRun, running_server
+from vfio_ep.guest.launcher import GuestBoot, GuestResult, GuestRun
 from vfio_ep.guest.provision import GuestAssets, linux_tree, provision_all
+from vfio_ep.guest.server import running_server
 
 pytestmark = pytest.mark.guest
 
@@ -76,12 +77,12 @@ def test_either_guest_can_go_and_the_other_carries_on(tmp_path: Path) -> None:
 
     async def story() -> tuple[GuestResult, list[str], str]:
         async with running_server([EP_GUEST_CONTROLLER], ["--ep-socket", str(ep_socket)],
-                                  log) as (_, sockets):
-            rc_socket = sockets[EP_GUEST_CONTROLLER]
+                                  log) as served:
+            rc_socket = served.sockets[EP_GUEST_CONTROLLER]
             first = await _ep_guest(assets, setup, ep_socket, tmp_path / "ep1")
-            a = await GuestRun("/pci_endpoint_test -r pci_ep_bar.BAR1.BAR_TEST", server_args=[],
-                               assets=assets, socket=rc_socket,
-                               run_dir=tmp_path / "a").run(300)
+            a = await GuestRun(GuestBoot("/pci_endpoint_test -r pci_ep_bar.BAR1.BAR_TEST",
+                                         socket=rc_socket, assets=assets,
+                                         run_dir=tmp_path / "a")).run(300)
             assert a.ok, a.output
             lines: list[str] = []
             seen = {word: asyncio.Event() for word in ("first", "link down", "back")}
@@ -92,8 +93,8 @@ def test_either_guest_can_go_and_the_other_carries_on(tmp_path: Path) -> None:
                     if line.startswith(word):
                         event.set()
 
-            b = GuestRun(RC_WATCHING, server_args=[], assets=assets, socket=rc_socket,
-                         run_dir=tmp_path / "b", live=heard)
+            b = GuestRun(GuestBoot(RC_WATCHING, socket=rc_socket, assets=assets,
+                                   run_dir=tmp_path / "b", live=heard))
             async with b:
                 await asyncio.wait_for(seen["first"].wait(), 300)
                 await first.collect()
@@ -114,11 +115,12 @@ def test_either_guest_can_go_and_the_other_carries_on(tmp_path: Path) -> None:
 async def _ep_guest(assets: GuestAssets, setup: str, socket: Path, run_dir: Path) -> GuestRun:
     """An EP guest up, its controller started."""
     ready = asyncio.Event()
-    run = GuestRun(f"sh /ep_guest.sh {EP_GUEST_CONTROLLER} /{SETUP}", server_args=[],
-                   assets=assets, socket=socket, run_dir=run_dir,
-                   extra_files={"ep_guest.sh": EP_GUEST, SETUP: setup.encode(),
-                                f"lib/modules/{EPC_MODULE}": assets.epc_driver},
-                   live=lambda line: line == EP_READY and ready.set())
+    assert assets.epc_driver is not None
+    run = GuestRun(GuestBoot(f"sh /ep_guest.sh {EP_GUEST_CONTROLLER} /{SETUP}", socket=socket,
+                             assets=assets, run_dir=run_dir,
+                             files={"ep_guest.sh": EP_GUEST, SETUP: setup.encode(),
+                                    f"lib/modules/{EPC_MODULE}": assets.epc_driver},
+                             live=lambda line: line == EP_READY and ready.set()))
     await run.__aenter__()
     await asyncio.wait_for(ready.wait(), 120)
     return run

@@ -27,14 +27,9 @@ from vfio_ep_cli import KSELFTEST_CASES, readme_block, readme_example, vfio_ep_r
 from vfio_user_client import ServerThread
 
 from vfio_ep.composition import Composition
-from vfio_ep.guest.launcher import (
-    KSELFTEST_NAME,
-    GuestResult,
-    GuestRun,
-    boot_guest,
-    vfio_user_device,
-)
+from vfio_ep.guest.launcher import KSELFTEST_NAME, GuestBoot, GuestResult, GuestRun, boot_guest
 from vfio_ep.guest.provision import cache_dir, linux_tree, provision_all
+from vfio_ep.guest.qemu_cmdline import vfio_user_device
 from vfio_ep.guest.results import Report, parse_tap
 from vfio_ep.pci import testdev
 
@@ -46,8 +41,8 @@ def kselftest(*sets: str, args: str = "", tmp_path: Path) -> tuple[Report, Guest
     server = ["--function", "pci-epf-test"]
     for s in sets:
         server += ["--set", s]
-    result = boot_guest(f"/{KSELFTEST_NAME} {args}", server_args=server, timeout=600,
-                        run_dir=tmp_path / "run")
+    result = boot_guest(GuestBoot(f"/{KSELFTEST_NAME} {args}", serve=server,
+                                  run_dir=tmp_path / "run"), timeout=600)
     return parse_tap(result.output), result
 
 
@@ -79,8 +74,8 @@ devmem $((B2 + 0x1000)) 32 0xcafef00d
 grep pci-endpoint-test /proc/interrupts | awk '{ s += $2 } END { print "msix", s }'
 """
     with ServerThread(device, tmp_path / "ep.sock") as srv:
-        result = boot_guest(script, server_args=[], socket=srv.path, timeout=300,
-                            run_dir=tmp_path / "run")
+        result = boot_guest(GuestBoot(script, socket=srv.path, run_dir=tmp_path / "run"),
+                            timeout=300)
         bar2 = next(w.target for w in device.windows.of_bar(2))
         server_side = bytes(bar2.view[0x1000:0x1004])
     out = result.output
@@ -199,8 +194,8 @@ echo "rebooted $n times"
             fds.append(len(os.listdir("/proc/self/fd")))
 
     with ServerThread(endpoint.device, tmp_path / "ep.sock") as srv:
-        run = GuestRun(script, server_args=[], socket=srv.path, run_dir=tmp_path / "run",
-                       extra_qemu_args=["-action", "reboot=reset"], live=live)
+        run = GuestRun(GuestBoot(script, socket=srv.path, run_dir=tmp_path / "run",
+                                 qemu_args=("-action", "reboot=reset"), live=live))
         result = asyncio.run(run.run(900))
         connections = srv.listener.connections
     assert result.ok, result.error or result.output[-3000:]
@@ -238,8 +233,8 @@ echo "ram $(devmem $(( $(bar2 $D) + 0x80 )) 32)"
 
     async def scenario(sock: Path) -> GuestResult:
         lines: asyncio.Queue[str] = asyncio.Queue()
-        run = GuestRun(script, server_args=[], socket=sock, run_dir=tmp_path / "run",
-                       live=lines.put_nowait)
+        run = GuestRun(GuestBoot(script, socket=sock, run_dir=tmp_path / "run",
+                                 live=lines.put_nowait))
 
         async def expect(line: str) -> None:
             while (got := await asyncio.wait_for(lines.get(), 120)) != line:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import gzip
 import json
-import logging
 import os
 import re
 import subprocess
+import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 from vfio_ep_cli import KSELFTEST_CASES
 
-from vfio_ep.guest import initramfs, kernel_build, launcher, provision, results
+from vfio_ep.guest import initramfs, kernel_build, launcher, provision, qemu_cmdline, results
 from vfio_ep.guest.assets import TAP_LIB
+from vfio_ep.guest.run_dir import new_run_dir
 
 TAP = """TAP version 13
 1..4
@@ -88,14 +89,14 @@ def test_records_after_the_command_become_files() -> None:
 
 
 def test_debug_options_become_kernel_arguments() -> None:
-    options = launcher.GuestOptions(
+    options = qemu_cmdline.GuestOptions(
         append="foo=1", dyndbg=("module ntb_transport +p", "file drivers/misc/x.c +pf"),
         trace_events=("irq:irq_handler_entry", "irq_vectors:*"), ftrace_filter=("ntb_epf_*",))
     assert options.cmdline == (
-        f"{launcher.DEFAULT_APPEND} ntb_transport.dyndbg=\"+p\" "
+        f"{qemu_cmdline.DEFAULT_APPEND} ntb_transport.dyndbg=\"+p\" "
         'dyndbg="file drivers/misc/x.c +pf" trace_event=irq:irq_handler_entry,irq_vectors:* '
         "ftrace=function ftrace_filter=ntb_epf_* foo=1")  # the user's own arguments last
-    assert launcher.GuestOptions().cmdline == launcher.DEFAULT_APPEND
+    assert qemu_cmdline.GuestOptions().cmdline == qemu_cmdline.DEFAULT_APPEND
 
 
 @pytest.mark.parametrize(("accel", "memory", "expected"), [
@@ -104,10 +105,10 @@ def test_qemus_command_line_per_accelerator(tmp_path: Path, accel: str, memory: 
                                             expected: str) -> None:
     """--accel: KVM with the irqchip split, as interrupt remapping needs there; -m always the
     memory backend's size, and the IOMMU's interrupt remapping either way."""
-    argv = launcher.qemu_command(
+    argv = qemu_cmdline.qemu_command(
         provision.Qemu(["qemu-system-x86_64"]), kernel=tmp_path / "bzImage",
         initrd=tmp_path / "initrd", qmp=tmp_path / "qmp", device=None,
-        options=launcher.GuestOptions(accel=accel, memory_mb=memory))
+        options=qemu_cmdline.GuestOptions(accel=accel, memory_mb=memory))
     assert argv[argv.index("-accel") + 1] == expected
     assert argv.count("-accel") == 1
     assert argv[argv.index("-m") + 1] == str(memory)
@@ -118,11 +119,11 @@ def test_qemus_command_line_per_accelerator(tmp_path: Path, accel: str, memory: 
 def test_shares_parse_and_mount(tmp_path: Path) -> None:
     d = tmp_path / "a,b"
     d.mkdir()
-    same = launcher.Share.parse(str(d))
+    same = qemu_cmdline.Share.parse(str(d))
     assert (same.host, same.guest, same.readonly) == (d, str(d), False)
-    ro = launcher.Share.parse(f"{d}:/mnt/tree:ro")
+    ro = qemu_cmdline.Share.parse(f"{d}:/mnt/tree:ro")
     assert (ro.guest, ro.readonly) == ("/mnt/tree", True)
-    options = launcher.GuestOptions(shares=(same, ro))
+    options = qemu_cmdline.GuestOptions(shares=(same, ro))
     argv = options.qemu_argv()
     assert argv[argv.index("-virtfs") + 1] == (
         f"local,path={tmp_path}/a,,b,mount_tag=vfio-ep-share0,security_model=none")
@@ -133,11 +134,11 @@ def test_shares_parse_and_mount(tmp_path: Path) -> None:
     assert "exit 125" in setup
     assert same.guest_path(d / "sub") == f"{d}/sub" and same.guest_path(d) == str(d)
     assert ro.guest_path(d / "x") == "/mnt/tree/x" and ro.guest_path(tmp_path) is None
-    assert launcher.GuestOptions(shares=(ro,), workdir="/mnt/tree/x").guest_setup().endswith(
+    assert qemu_cmdline.GuestOptions(shares=(ro,), workdir="/mnt/tree/x").guest_setup().endswith(
         "cd '/mnt/tree/x' || exit 125\n")
     for bad in (str(tmp_path / "missing"), f"{d}:relative", f"{d}:/", "", f"{d}:/a:/b:ro"):
         with pytest.raises(ValueError, match="--share"):
-            launcher.Share.parse(bad)
+            qemu_cmdline.Share.parse(bad)
 
 
 def test_tap_report_and_files(tmp_path: Path) -> None:
@@ -195,11 +196,11 @@ def test_each_kernel_line_has_its_fragments() -> None:
 
 @pytest.mark.guest
 def test_plain_guest_boots_with_drivers_and_kselftest(tmp_path: Path) -> None:
-    from vfio_ep.guest.launcher import boot_guest
+    from vfio_ep.guest.launcher import GuestBoot, boot_guest
 
     # Without an endpoint every kselftest case fails fast, but all must run and report.
-    result = boot_guest("ls /sys/bus/pci/drivers; /pci_endpoint_test; echo status=$?",
-                        server_args=None, timeout=120, run_dir=tmp_path)
+    result = boot_guest(GuestBoot("ls /sys/bus/pci/drivers; /pci_endpoint_test; echo status=$?",
+                                  run_dir=tmp_path), timeout=120)
     assert result.exit_status == 0, result.error
     assert "pci-endpoint-test" in result.output
     assert "ntb_hw_epf" in result.output
@@ -283,24 +284,58 @@ def test_run_directories_are_pruned_but_never_a_live_one(
                       ("03-recent", gone.pid), ("04-recent", gone.pid)):
         (runs / name).mkdir(parents=True)
         (runs / name / "owner").write_text(f"{pid}\n")
-    new = launcher.new_run_dir(None)
+    new = new_run_dir(None)
     assert sorted(p.name for p in runs.iterdir()) == sorted(
         ["00-alive", "03-recent", "04-recent", new.name])
     assert (new / "owner").read_text() == f"{os.getpid()}\n"
 
 
-def test_a_run_probes_its_function_quietly(caplog: pytest.LogCaptureFixture) -> None:
-    """`vfio-ep run` binds the function once in its own process to learn what to tell the
-    guest (the doorbells) and record (the backend): the lines that bind logs are the
-    server's, in server.log; the run printed them twice before the TAP."""
-    from vfio_ep import cmdline
-    from vfio_ep.guest.runner import probe_function, vntb_doorbells
+@pytest.mark.parametrize(("function", "sets", "expected"), [
+    ("pci-epf-vntb", ["doorbell=embedded"],
+     {"function": "pci_epf_vntb", "doorbell": "embedded", "doorbells": 2, "db_shared": True}),
+    ("pci-epf-vntb", ["profile=rcar-s4", "edma=0"],  # no MSI controller, no eDMA
+     {"function": "pci_epf_vntb", "doorbell": "poll", "doorbells": 2, "db_shared": False}),
+    ("pci-epf-test", ["doorbell=embedded"], {"function": "pci_epf_test",
+                                             "doorbell": "embedded"}),
+])
+def test_serve_reports_what_it_serves(tmp_path: Path, function: str, sets: list[str],
+                                      expected: dict[str, object]) -> None:
+    """`vfio-ep serve --facts` writes what each controller serves before its socket exists:
+    what `vfio-ep run` tells the guest's suite to expect (the doorbells pci-epf-vntb
+    answers, and whether they share a register) and records, so the runner never builds
+    the model itself.  The real command, stopped by SIGTERM."""
+    from vfio_ep.guest.runner import ntb_suite_script
 
-    with caplog.at_level(logging.DEBUG):
-        epf = probe_function(cmdline.load(None, "pci-epf-vntb", ["doorbell=embedded"]))
-    assert vntb_doorbells(epf) == (2, True)
-    assert caplog.records == []
-    assert logging.root.manager.disable == logging.NOTSET  # quiet only meanwhile
+    sock, facts = tmp_path / "ep.sock", tmp_path / "endpoint.json"
+    cmd = [sys.executable, "-m", "vfio_ep", "serve", "--socket", str(sock), "--facts",
+           str(facts), "--function", function, *(a for s in sets for a in ("--set", s))]
+    server = subprocess.Popen(cmd, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists():
+            assert server.poll() is None, server.communicate()[1].decode()
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        served = json.loads(facts.read_text())
+    finally:
+        server.terminate()
+        server.wait(10)
+    profile = "rcar-s4" if "profile=rcar-s4" in sets else "generic"
+    assert served["ep0"] == {"profile": profile, "device": served["ep0"]["device"], **expected}
+    if function == "pci-epf-vntb":
+        assert ntb_suite_script("tool", served) == (
+            f"sh /ntb_suite.sh tool 2 {int(expected['db_shared'] is True)}")
+
+
+def test_a_bad_facts_path_is_refused(tmp_path: Path) -> None:
+    """A --facts file that cannot be written stops the server with the reason."""
+    run = subprocess.run([sys.executable, "-m", "vfio_ep", "serve", "--socket",
+                          str(tmp_path / "ep.sock"), "--facts", str(tmp_path / "no/such"),
+                          "--function", "pci-epf-test"], capture_output=True, text=True,
+                         timeout=60)
+    assert run.returncode == 1
+    assert f"--facts {tmp_path / 'no/such'}: No such file or directory" in run.stderr
+    assert not (tmp_path / "ep.sock").exists()
 
 
 PING = """PING 10.0.0.11 (10.0.0.11): 56 data bytes

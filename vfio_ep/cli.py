@@ -15,6 +15,7 @@ from vfio_ep.presets import PRESETS
 
 if TYPE_CHECKING:  # the guest tooling is imported by the commands that boot guests
     from vfio_ep.guest.ep_guest import EpGuestRun
+    from vfio_ep.guest.runner import RunSpec
 
 
 def _verbosity(ctx: click.Context, _param: click.Parameter, count: int) -> None:
@@ -86,21 +87,25 @@ def composition_options(fn: Callable[..., Any]) -> Callable[..., Any]:
               "descriptor and close it (a pipe a script waits on).")
 @click.option("--pidfile", type=click.Path(dir_okay=False, path_type=Path),
               help="Write our pid here once serving; removed at exit.")
+@click.option("--facts", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write what each controller serves here (JSON, by controller: profile, "
+              "IDs, function, the doorbell backend it got, and a function's own facts), "
+              "before its socket exists: what a test runner tells its guest to expect.")
 @click.option("--print-qemu-args", is_flag=True,
               help="Print, per controller, a command line that starts QEMU (through `vfio-ep "
               "qemu`) with a guest attached as `vfio-ep run` attaches one (memfd RAM and "
               "-m, interrupt remapping, root port, the device); add a kernel or a disk.")
 @composition_options
 def serve(sockets: tuple[str, ...], ep_sockets: tuple[str, ...], allow_uids: tuple[int, ...],
-          ready_fd: int | None, pidfile: Path | None, print_qemu_args: bool,
-          function: str | None, config_file: Path | None, configfs: Path | None,
-          preset: str | None, sets: tuple[str, ...]) -> None:
+          ready_fd: int | None, pidfile: Path | None, facts: Path | None,
+          print_qemu_args: bool, function: str | None, config_file: Path | None,
+          configfs: Path | None, preset: str | None, sets: tuple[str, ...]) -> None:
     """Serve every started controller on its socket until SIGINT/SIGTERM."""
     from vfio_ep.serve import serve_forever
 
     serve_forever(list(sockets), function, config_file, list(sets), configfs,
                   frozenset(allow_uids), print_qemu_args, preset, ready_fd, pidfile,
-                  list(ep_sockets))
+                  list(ep_sockets), facts)
 
 
 @main.command(context_settings={"ignore_unknown_options": True})
@@ -209,8 +214,8 @@ def run(function: str | None, config_file: Path | None, configfs: Path | None,
     """
     from vfio_ep.guest.ep_guest import EpGuestRun
     from vfio_ep.guest.interrupt import exit_on_interrupt
-    from vfio_ep.guest.launcher import GuestOptions, Share
-    from vfio_ep.guest.runner import run_suite, run_suite_matrix
+    from vfio_ep.guest.qemu_cmdline import GuestOptions, Share
+    from vfio_ep.guest.runner import RunSpec, Target, run_suite, run_suite_matrix
 
     if shell and exec_cmd is not None:
         raise click.UsageError("--shell and --exec both say what the guest runs: pick one")
@@ -232,13 +237,12 @@ def run(function: str | None, config_file: Path | None, configfs: Path | None,
         timeout = float("inf") if shell else 600.0
     elif timeout == 0:
         timeout = float("inf")
-    common: dict[str, Any] = dict(
-        function=function, config_file=config_file, configfs=configfs, preset=preset,
-        xfail=xfail, kernel=kernel, kselftest=kselftest, qemu=qemu, timeout=timeout,
-        guest_args=list(guest_args), linux=linux,
-        options=GuestOptions(memory, append, cpus, qemu_args, gdb_port, interactive=shell,
-                             shares=mounts, dyndbg=dyndbg, trace_events=trace_events,
-                             ftrace_filter=ftrace_filter, workdir=workdir, accel=accel))
+    spec = RunSpec(
+        Target(function, config_file, configfs, sets, preset, xfail), linux, kernel,
+        kselftest, qemu, guest_args, exec_cmd,
+        GuestOptions(memory, append, cpus, qemu_args, gdb_port, interactive=shell,
+                     shares=mounts, dyndbg=dyndbg, trace_events=trace_events,
+                     ftrace_filter=ftrace_filter, workdir=workdir, accel=accel), timeout)
     ep = EpGuestRun(sets, preset, configfs, guest_args, ep_kernel, ep_exec, ep_dyndbg, xfail,
                     function, ep_linux)
     if ep != EpGuestRun(sets, preset, configfs, guest_args, xfail=xfail, function=function) \
@@ -247,27 +251,25 @@ def run(function: str | None, config_file: Path | None, configfs: Path | None,
                                "--ep-guest")
     with exit_on_interrupt():
         if ep_guest:
-            raise SystemExit(_run_ep_guest(common, ep, run_dir, bool(
+            raise SystemExit(_run_ep_guest(spec, ep, run_dir, bool(
                 axes or exec_cmd or shell or kselftest or topology)))
         if axes:
-            raise SystemExit(run_suite_matrix(list(axes), list(sets), run_dir, **common))
-        raise SystemExit(run_suite(sets=list(sets), run_dir=run_dir, exec_cmd=exec_cmd,
-                                   **common))
+            raise SystemExit(run_suite_matrix(list(axes), spec, run_dir))
+        raise SystemExit(run_suite(spec, run_dir))
 
 
-def _run_ep_guest(common: dict[str, Any], ep: EpGuestRun, run_dir: Path | None,
+def _run_ep_guest(spec: RunSpec, ep: EpGuestRun, run_dir: Path | None,
                   other_modes: bool) -> int:
     """``run --ep-guest``: the EP guest runs the function, so the options that pick vfio-ep's
     own function or another suite do not apply."""
     from vfio_ep.guest.ep_run import run_ep_guest
 
-    if common["config_file"] or other_modes:
+    if spec.target.config_file or other_modes:
         raise click.UsageError("--ep-guest runs the kernel's function in the EP guest and its "
                                "suite in the RC guest: not with --config, --topology, "
                                "--matrix, --exec, --shell or --kselftest yet")
-    return run_ep_guest(ep, kernel=common["kernel"], qemu=common["qemu"], linux=common["linux"],
-                        timeout=common["timeout"], run_dir=run_dir,
-                        options=common["options"])
+    return run_ep_guest(ep, kernel=spec.kernel, qemu=spec.qemu, linux=spec.linux,
+                        timeout=spec.timeout, run_dir=run_dir, options=spec.options)
 
 
 @main.command("kernel-config")

@@ -14,8 +14,9 @@ from pathlib import Path
 import trio
 
 from vfio_ep import cmdline
+from vfio_ep.composition import TESTDEV, Composition, Endpoint
 from vfio_ep.config import ConfigError
-from vfio_ep.epc.core import EpcError
+from vfio_ep.epc.core import EpcError, PciEpcAttributes
 from vfio_ep.pci.device import PciDevice
 from vfio_ep.vfio_user.server import Listener, SocketPathError
 
@@ -49,7 +50,7 @@ def qemu_command(socket: Path) -> str:
     run`` attaches one, as printed: ``vfio-ep qemu`` (the QEMU vfio-ep provisions, whose
     binary only runs through its sysroot's loader) with the machine's options (-m
     matching the memory backend) and the device; the user adds a kernel or a disk."""
-    from vfio_ep.guest.launcher import endpoint_machine_args, vfio_user_device
+    from vfio_ep.guest.qemu_cmdline import endpoint_machine_args, vfio_user_device
 
     return shlex.join([*_this_program(), "qemu", "--", *endpoint_machine_args(),
                        "-device", json.dumps(vfio_user_device(socket.absolute()))])
@@ -68,10 +69,12 @@ def serve_forever(sockets: list[str], function: str | None, config_file: Path | 
                   sets: list[str], configfs: Path | None = None,
                   allow_uids: frozenset[int] = frozenset(), print_qemu_args: bool = False,
                   preset: str | None = None, ready_fd: int | None = None,
-                  pidfile: Path | None = None, ep_sockets: list[str] | None = None) -> None:
+                  pidfile: Path | None = None, ep_sockets: list[str] | None = None,
+                  facts: Path | None = None) -> None:
     """Build the composition, bind every started controller's socket, then serve until
-    SIGINT/SIGTERM.  Once every socket accepts clients: ``READY=1`` on ``ready_fd`` (then
-    closed), and our pid in ``pidfile`` (removed at exit if it still holds it)."""
+    SIGINT/SIGTERM.  Before the sockets exist, what they serve in ``facts``
+    (:func:`endpoint_facts`); once every socket accepts clients: ``READY=1`` on ``ready_fd``
+    (then closed), and our pid in ``pidfile`` (removed at exit if it still holds it)."""
     try:
         comp = cmdline.load(config_file, function, sets, configfs, sockets, preset, ep_sockets)
         endpoints = comp.build()
@@ -79,6 +82,11 @@ def serve_forever(sockets: list[str], function: str | None, config_file: Path | 
         sys.exit(f"vfio-ep: {e}")
     except EpcError as e:
         sys.exit(f"vfio-ep: a function failed to bind: {e} (errno {e.errno})")
+    if facts is not None:
+        try:
+            _write_atomically(facts, json.dumps(endpoint_facts(comp, endpoints), indent=2))
+        except OSError as e:
+            sys.exit(f"vfio-ep: --facts {facts}: {e.strerror}")
     listeners = [Listener(e.socket, e.device, allow_uids) for e in endpoints]
     try:
         for listener in listeners:
@@ -117,6 +125,38 @@ def serve_forever(sockets: list[str], function: str | None, config_file: Path | 
     finally:
         if pidfile is not None and _holds_our_pid(pidfile):
             pidfile.unlink()
+
+
+def endpoint_facts(comp: Composition, endpoints: list[Endpoint]) -> dict[str, dict[str, object]]:
+    """By endpoint (its controller's name): the controller's profile, and what it serves.
+    A PCI device: its IDs and its function's own facts (:meth:`PciEpf.facts`: the doorbell
+    backend it got, ...), or the testdev function.  An EP guest's controller: ``ep_guest``
+    (its function is the guest's, its IDs the guest's to write), and its CPU side, the
+    device the EP guest's driver binds."""
+    facts: dict[str, dict[str, object]] = {}
+    for ep in endpoints:
+        entry: dict[str, object] = {}
+        if ep.epc is not None:
+            entry["profile"] = comp.controllers[ep.epc.name].values.get(
+                "profile", PciEpcAttributes.profile)
+        if isinstance(ep.device, PciDevice):
+            h = ep.device.spec.header
+            entry["device"] = f"{h.vendorid:04x}:{h.deviceid:04x}"
+        else:
+            entry["ep_guest"] = True
+        if ep.epc is None:
+            entry["function"] = TESTDEV
+        for epf in ep.functions:
+            entry |= epf.facts()
+        facts[ep.controller] = entry
+    return facts
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Whole or not at all: a reader that sees the file sees all of it."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(text + "\n")
+    tmp.replace(path)
 
 
 def _holds_our_pid(pidfile: Path) -> bool:

@@ -31,7 +31,8 @@ from vfio_ep.bench.common import (
 )
 from vfio_ep.epc.core import PciEpcAttributes
 from vfio_ep.epf.functions.pci_epf_test import PciEpfTestAttributes
-from vfio_ep.guest.launcher import GuestResult, boot_guest, vfio_user_device
+from vfio_ep.guest.launcher import GuestBoot, GuestResult, boot_guest
+from vfio_ep.guest.qemu_cmdline import vfio_user_device
 from vfio_ep.tail import tail
 
 BACKENDS = ("msi", "embedded", "poll")
@@ -104,9 +105,9 @@ def run_guest(script: str, sets: list[str], *, timeout: float = 300,
             extra += reference_device_args(stack.enter_context(reference_server()).socket)
         if on_server is not None:
             on_server(server)
-        result = boot_guest(script, server_args=[], socket=server.socket, timeout=timeout,
-                            extra_files={f"/{k}": v for k, v in programs.items()},
-                            extra_qemu_args=extra, live=live)
+        result = boot_guest(GuestBoot(script, socket=server.socket,
+                                      files={f"/{k}": v for k, v in programs.items()},
+                                      qemu_args=tuple(extra), live=live), timeout)
         log = server.log_tail()
     if not result.ok:
         raise BenchError(f"guest failed ({result.error or result.exit_status}); run dir "

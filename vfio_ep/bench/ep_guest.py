@@ -30,8 +30,9 @@ from typing import Any
 from vfio_ep.bench.common import BenchError, Column, Result, guest_programs, median, ratio
 from vfio_ep.bench.doorbell import IVSHMEM, PROGRAM, parse_results, run_guest, vfio_prelude
 from vfio_ep.guest.ep_guest import EpGuestRun, PairResult, boot_ep_pair
-from vfio_ep.guest.launcher import DEFAULT_OPTIONS, new_run_dir
 from vfio_ep.guest.provision import provision_all
+from vfio_ep.guest.qemu_cmdline import DEFAULT_OPTIONS
+from vfio_ep.guest.run_dir import new_run_dir
 from vfio_ep.tail import tail
 
 MIB = 1 << 20

@@ -20,8 +20,8 @@ from vfio_ep.bench.common import BenchError, Column, Result, ratio
 from vfio_ep.bench.ntb import ping_stats
 from vfio_ep.guest.ep_guest import EpGuestRun
 from vfio_ep.guest.ep_ntb import boot_vntb_phase
-from vfio_ep.guest.launcher import new_run_dir
 from vfio_ep.guest.provision import provision_all
+from vfio_ep.guest.run_dir import new_run_dir
 from vfio_ep.tail import tail
 
 CONFIGS = (("embedded (the eDMA's)", ()), ("polled, 5 ms (edma=0)", ("edma=0",)))

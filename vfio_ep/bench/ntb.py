@@ -16,7 +16,7 @@ from typing import Any
 
 from vfio_ep.bench.common import BenchError, Column, Result, median, ratio, serve
 from vfio_ep.epf.functions.pci_epf_vntb import CONTROLLER_DEFAULTS
-from vfio_ep.guest.launcher import GUEST_MODULES, boot_guest
+from vfio_ep.guest.launcher import GUEST_MODULES, GuestBoot, boot_guest
 
 PEER = "10.0.0.11"
 FAST_POLL_US = 1000
@@ -56,8 +56,8 @@ def run(count: int = 200, interval: float = 0.05) -> Result:
     rows: list[dict[str, Any]] = []
     for label, sets in CONFIGS:
         with serve(("ntb_client=netdev", *sets), function="pci-epf-vntb") as server:
-            result = boot_guest(SCRIPT.format(count=count, interval=interval),
-                                server_args=[], socket=server.socket, timeout=300)
+            result = boot_guest(GuestBoot(SCRIPT.format(count=count, interval=interval),
+                                          socket=server.socket), timeout=300)
             log = server.log_tail()
         times = [float(t) for t in _TIME.findall(result.output)]
         if not result.ok or len(times) < count * 0.9:

@@ -19,7 +19,8 @@ from pathlib import Path
 from vfio_ep.bench.common import BenchError, Column, Result, median, ratio
 from vfio_ep.bench.ntb import percentile
 from vfio_ep.guest.assets import NTB_PAIR, TAP_LIB
-from vfio_ep.guest.launcher import GuestResult, GuestSpec, boot_guests
+from vfio_ep.guest.guests import GuestSpec, boot_guests
+from vfio_ep.guest.launcher import GuestResult
 from vfio_ep.guest.runner import PAIR_ROLES
 
 SERVER_ARGS = ["--function", "pci-epf-ntb"]
@@ -45,7 +46,7 @@ def _boot(phase: str, run_dir: Path, env: str = "", nics: Path | None = None
              for role, peer, ctrl in zip(PAIR_ROLES, PAIR_ROLES[::-1], CONTROLLERS,
                                          strict=True)]
     results = boot_guests(specs, server_args=SERVER_ARGS, timeout=600, run_dir=run_dir,
-                          extra_files={"ntb_pair.sh": NTB_PAIR, "tap_lib.sh": TAP_LIB})
+                          files={"ntb_pair.sh": NTB_PAIR, "tap_lib.sh": TAP_LIB})
     for spec, r in zip(specs, results, strict=True):
         if not r.ok:
             raise BenchError(f"ntb-pair {phase}, guest {spec.label}: "

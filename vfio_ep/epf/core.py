@@ -147,6 +147,12 @@ class PciEpf(EpcEvents):
             self.controller.ram.free(b.phys_addr, b.mem_size)
             self.bar[bar] = None
 
+    def facts(self) -> dict[str, object]:
+        """What a run records of this bound function, and what its guest's suite is told to
+        expect (``vfio-ep serve --facts``): its driver, plus what each driver adds.  The
+        server that serves the function says so, so no runner rebuilds the model to learn."""
+        return {"function": self.name}
+
     # Driver ops and controller events: overridden by functions.
     def bind(self) -> None:
         """Called once bound: query features, allocate space."""

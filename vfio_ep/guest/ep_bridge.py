@@ -28,8 +28,8 @@ from vfio_ep.guest.ep_guest import (
 )
 from vfio_ep.guest.ep_ntb import FILES, pci_id
 from vfio_ep.guest.interrupt import keeping
-from vfio_ep.guest.launcher import DEFAULT_OPTIONS, GuestOptions
 from vfio_ep.guest.provision import GuestAssets
+from vfio_ep.guest.qemu_cmdline import DEFAULT_OPTIONS, GuestOptions
 from vfio_ep.guest.runner import PAIR_PHASES, PAIR_ROLES, Progress, finish_suite, select_phases
 from vfio_ep.guest.trace import write_trace
 

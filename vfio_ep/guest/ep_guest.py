@@ -33,22 +33,17 @@ from vfio_ep.config import ConfigError
 from vfio_ep.configfs_script import board_script, parse_script
 from vfio_ep.epf.functions import DRIVERS
 from vfio_ep.guest.assets import EP_GUEST, KSELFTEST
+from vfio_ep.guest.children import run_async
 from vfio_ep.guest.kernel_build import (
     EPC_MODULE,
     build_epc_driver,
     users_kernel,
 )
-from vfio_ep.guest.launcher import (
-    DEFAULT_OPTIONS,
-    GuestOptions,
-    GuestResult,
-    GuestRun,
-    run_async,
-    running_server,
-    vfio_user_device,
-)
+from vfio_ep.guest.launcher import GuestBoot, GuestResult, GuestRun
 from vfio_ep.guest.provision import GuestAssets, ProvisionError, provision_all
+from vfio_ep.guest.qemu_cmdline import DEFAULT_OPTIONS, GuestOptions, vfio_user_device
 from vfio_ep.guest.runner import Target
+from vfio_ep.guest.server import running_server
 from vfio_ep.presets import preset_sets
 
 EP_READY = "vfio-ep: EP guest ready"  # ep_guest.sh, once its controller is started
@@ -375,7 +370,7 @@ async def _boot_pair(assets: tuple[GuestAssets, GuestAssets], names: Sequence[st
     ep_sockets = [ep_dir / f"cpu{i}.sock" for i in range(len(names))]
     args = [*server_args, *(a for name, path in zip(names, ep_sockets, strict=True)
                             for a in ("--ep-socket", f"{name}={path}"))]
-    async with running_server(names, args, log) as (_, sockets):
+    async with running_server(names, args, log) as served:
         ready, exited = asyncio.Event(), asyncio.Event()
 
         def seen(line: str) -> None:
@@ -386,12 +381,11 @@ async def _boot_pair(assets: tuple[GuestAssets, GuestAssets], names: Sequence[st
 
         ep_assets, rc_assets = assets
         assert ep_assets.epc_driver is not None
-        ep_run = GuestRun(ep[0], server_args=[], assets=ep_assets, socket=ep_sockets[0],
-                          run_dir=top / "ep", options=options[0],
-                          extra_files={"ep_guest.sh": EP_GUEST, SETUP: ep[1].encode(),
-                                       f"lib/modules/{EPC_MODULE}": ep_assets.epc_driver,
-                                       **files[0]},
-                          live=_live("ep", seen), extra_qemu_args=_more_devices(ep_sockets))
+        ep_run = GuestRun(GuestBoot(
+            ep[0], socket=ep_sockets[0], assets=ep_assets, run_dir=top / "ep",
+            files={"ep_guest.sh": EP_GUEST, SETUP: ep[1].encode(),
+                   f"lib/modules/{EPC_MODULE}": ep_assets.epc_driver, **files[0]},
+            options=options[0], qemu_args=_more_devices(ep_sockets), live=_live("ep", seen)))
         async with ep_run:
             ep_done = asyncio.create_task(ep_run.wait(timeout))
             waiting = asyncio.create_task(ready.wait())
@@ -406,18 +400,18 @@ async def _boot_pair(assets: tuple[GuestAssets, GuestAssets], names: Sequence[st
                                   + (result.error or _last_words(result.output)))
             left = timeout - (time.monotonic() - started)
             rc_results = list(await asyncio.gather(*(
-                GuestRun(rc.script, server_args=[], assets=rc_assets,
-                         socket=sockets[rc.controller], run_dir=top / rc.label,
-                         options=options[1], live=_live(rc.label, None),
-                         extra_files={"kselftest.sh": KSELFTEST, **files[1]}).run(left)
+                GuestRun(GuestBoot(rc.script, socket=served.sockets[rc.controller],
+                                   assets=rc_assets, run_dir=top / rc.label,
+                                   files={"kselftest.sh": KSELFTEST, **files[1]},
+                                   options=options[1], live=_live(rc.label, None))).run(left)
                 for rc in rcs)))
             again = []
             for boot, script in enumerate(rc_again, len(rcs) + 1):
                 label = f"rc{boot}"
-                rc = GuestRun(script, server_args=[], assets=rc_assets,
-                              socket=sockets[rcs[0].controller], run_dir=top / label,
-                              options=options[1], live=_live(label, None),
-                              extra_files={"kselftest.sh": KSELFTEST, **files[1]})
+                rc = GuestRun(GuestBoot(script, socket=served.sockets[rcs[0].controller],
+                                        assets=rc_assets, run_dir=top / label,
+                                        files={"kselftest.sh": KSELFTEST, **files[1]},
+                                        options=options[1], live=_live(label, None)))
                 again.append(await rc.run(timeout - (time.monotonic() - started)))
             if ep_finish:
                 with contextlib.suppress(TimeoutError):
@@ -428,7 +422,7 @@ async def _boot_pair(assets: tuple[GuestAssets, GuestAssets], names: Sequence[st
                       ep_result.error and f"EP guest: {ep_result.error}", tuple(again))
 
 
-def _more_devices(sockets: Sequence[Path]) -> list[str]:
+def _more_devices(sockets: Sequence[Path]) -> tuple[str, ...]:
     """QEMU arguments for the EP guest's devices after the first: each on a root port of
     its own, as a SoC's controllers are each a device of their own."""
     args = []
@@ -436,7 +430,7 @@ def _more_devices(sockets: Sequence[Path]) -> list[str]:
         port = f"rp{i}"
         args += ["-device", f"pcie-root-port,id={port},bus=pcie.0,chassis={i + 1}",
                  "-device", json.dumps(vfio_user_device(socket, device_id=f"ep{i}", bus=port))]
-    return args
+    return tuple(args)
 
 
 def _live(label: str, seen: Callable[[str], object] | None) -> Callable[[str], None]:

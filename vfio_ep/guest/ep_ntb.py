@@ -25,8 +25,9 @@ from vfio_ep.guest.ep_guest import (
     ep_facts,
 )
 from vfio_ep.guest.interrupt import keeping
-from vfio_ep.guest.launcher import DEFAULT_OPTIONS, GuestOptions, GuestResult
+from vfio_ep.guest.launcher import GuestResult
 from vfio_ep.guest.provision import GuestAssets
+from vfio_ep.guest.qemu_cmdline import DEFAULT_OPTIONS, GuestOptions
 from vfio_ep.guest.runner import NTB_PHASES, Progress, finish_suite, select_phases
 from vfio_ep.guest.trace import write_trace
 

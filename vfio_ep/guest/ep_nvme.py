@@ -20,8 +20,8 @@ from typing import Any
 from vfio_ep.guest.assets import NVME_SUITE, TAP_LIB
 from vfio_ep.guest.ep_guest import EpGuestRun, boot_ep_pair, ep_facts
 from vfio_ep.guest.interrupt import keeping
-from vfio_ep.guest.launcher import DEFAULT_OPTIONS, GuestOptions
 from vfio_ep.guest.provision import GuestAssets
+from vfio_ep.guest.qemu_cmdline import DEFAULT_OPTIONS, GuestOptions
 from vfio_ep.guest.runner import Progress, finish_suite
 from vfio_ep.guest.trace import write_trace
 

@@ -15,21 +15,18 @@ from typing import Any, Protocol
 
 from vfio_ep.composition import Composition
 from vfio_ep.config import ConfigError
+from vfio_ep.guest.children import LaunchError
 from vfio_ep.guest.ep_bridge import run_ntb_bridge
 from vfio_ep.guest.ep_guest import EpGuestRun, PairResult, boot_ep_pair, ep_facts
 from vfio_ep.guest.ep_ntb import run_vntb
 from vfio_ep.guest.ep_nvme import run_nvme
 from vfio_ep.guest.interrupt import keeping
 from vfio_ep.guest.kernel_build import EP_GUEST_LINES
-from vfio_ep.guest.launcher import (
-    DEFAULT_OPTIONS,
-    KSELFTEST_NAME,
-    GuestOptions,
-    LaunchError,
-    new_run_dir,
-)
+from vfio_ep.guest.launcher import KSELFTEST_NAME
 from vfio_ep.guest.provision import GuestAssets, ProvisionError, provision_all
+from vfio_ep.guest.qemu_cmdline import DEFAULT_OPTIONS, GuestOptions
 from vfio_ep.guest.results import expect_failures, parse_tap, summary_table, write_results
+from vfio_ep.guest.run_dir import new_run_dir
 from vfio_ep.guest.runner import Progress
 from vfio_ep.guest.trace import write_trace
 

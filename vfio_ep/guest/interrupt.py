@@ -5,7 +5,7 @@ by its user (Ctrl-C, SIGINT) or by a CI job's timeout (SIGTERM) at any moment: i
 (the event loop), between two phases, or while results are written.  Both signals become
 :class:`Interrupted`, raised in the main thread; an event loop running a boot turns the
 signal into a cancellation first, so QEMU and the server are torn down before it is raised
-(:func:`vfio_ep.guest.launcher.run_async`).  Each mode catches it where it knows what
+(:func:`vfio_ep.guest.children.run_async`).  Each mode catches it where it knows what
 finished (:func:`keeping`), writes that, prints its run directory and lets it go on; the
 command (:func:`exit_on_interrupt`) exits with 128 + the signal's number (130, 143), as a
 shell reports a process a signal ended.

@@ -1,35 +1,33 @@
-"""Boot a QEMU guest against a freshly started vfio-ep server, and own both processes.
+"""One guest boot, supervised: its server (or a running one's socket), QEMU with its serial
+console read live, QMP on a socket this process listens on, and a rescue console for a guest
+that hangs; all torn down on success, failure, timeout, Ctrl-C or SIGTERM.
 
-The QEMU command line is assembled here and nowhere else. A run starts the server first, waits
-for its socket, then starts QEMU (serial console on a pipe read live, QMP on a socket this
-process listens on) and always tears both down: on success, failure, timeout, Ctrl-C or SIGTERM.
-QMP (asyncio, PyPI ``qemu.qmp``) lives in this launcher process, never in the trio server.
+What to boot is one :class:`GuestBoot`; the QEMU command line is :mod:`qemu_cmdline`'s, the
+processes' lifetimes :mod:`children`'s, the server's start and facts :mod:`server`'s.  QMP
+(asyncio, PyPI ``qemu.qmp``) lives in this launcher process, never in the trio server.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import json
 import logging
 import os
 import shutil
-import signal
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
-from dataclasses import dataclass, field, replace
-from functools import partial
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any
 
 from qemu.qmp import QMPClient
 
 from vfio_ep.guest.assets import INSMOD, PCITEST_TAP, TAP_LIB
+from vfio_ep.guest.children import GRACE, LaunchError, run_async, spawn, terminate
 from vfio_ep.guest.initramfs import (
     BEGIN,
     END,
@@ -39,41 +37,59 @@ from vfio_ep.guest.initramfs import (
     parse_console,
     sections_script,
 )
-from vfio_ep.guest.interrupt import SIGNALS, Interrupted
-from vfio_ep.guest.provision import GuestAssets, Qemu, cache_dir, provision_all
+from vfio_ep.guest.provision import GuestAssets, provision_all
+from vfio_ep.guest.qemu_cmdline import (
+    DEFAULT_MSG_TIMEOUT_MS,
+    DEFAULT_OPTIONS,
+    DEVICE_ID,
+    GuestOptions,
+    qemu_command,
+    vfio_user_device,
+)
+from vfio_ep.guest.run_dir import new_run_dir
+from vfio_ep.guest.server import FACTS_FILE, Facts, read_facts, server_command, wait_for_sockets
 from vfio_ep.tail import tail
 
-# no_timer_check: what KVM, Hyper-V and VMware guests set for themselves.  A TCG guest is
-# not seen as virtual, so it times its IO-APIC timer against the TSC at boot; on a busy host
-# the ticks come late and, with interrupt remapping on, the kernel panics ("timer doesn't work
-# through Interrupt-remapped IO-APIC"), seen in a loaded container suite.
-DEFAULT_APPEND = "console=ttyS0 panic=-1 quiet no_timer_check"
-DEFAULT_MEMORY_MB = 256
-DEFAULT_MSG_TIMEOUT_MS = 10_000  # TCG guest + Python server: give slow replies room
-ROOT_PORT = "rp0"
-DEVICE_ID = "ep0"
-SERVER_READY_TIMEOUT = 30.0
-GRACE = 5.0
 TASK_DUMP_SECONDS = 3.0  # for a timed-out guest's sysrq-t dump to reach the console
 RESCUE_LIMIT = 32 << 20  # bytes: the largest dmesg + trace buffer the rescue console takes
 RESCUE_SECONDS = 20.0  # for a timed-out guest's dmesg (and trace) through the rescue console
 # What the rescue console prints when done; the tty's echo of the command has $((6*7)).
 RESCUE_DONE, RESCUE_DONE_CMD = b"@@vfio-ep: rescue 42@@", "echo '@@vfio-ep: rescue' $((6*7))@@"
-KEEP_RUNS = 20  # run directories kept under the cache's runs/ (VFIO_EP_KEEP_RUNS)
 KSELFTEST_NAME = "pci_endpoint_test"
 TEST_FILES = {"kselftest": KSELFTEST_NAME, "pcitest": "pcitest"}  # the guest's /NAME, by kind
-# The guest's insmod (qemu/guest/insmod.sh, adding the command line's NAME.dyndbg as
-# modprobe would), for commands that say `insmod`.
-GUEST_INSMOD = 'insmod() { /sbin/insmod "$@"; }\n'
 GUEST_MODULES = "lib/modules"  # where the initramfs holds the kernel's modules (insmod PATH)
-_PR_SET_PDEATHSIG = 1
 
 Live = Callable[[str], None]
-T = TypeVar("T")
 
 
-class LaunchError(RuntimeError):
-    """The server or QEMU could not be started; the message carries the tail of its log."""
+@dataclass(frozen=True)
+class GuestBoot:
+    """One guest boot, whole: what it runs, the endpoint it gets, what it carries, and how.
+
+    The endpoint: ``serve`` starts a ``vfio-ep serve`` of the boot's own with these arguments
+    (``script`` may then be a function of the facts that server reports, as its test's
+    expectations); ``socket`` attaches to a running server's instead; neither boots with no
+    vfio-user device.  ``files`` go into the initramfs (guest path: host file or bytes),
+    ``qemu_args`` on QEMU's command line before the user's options (another device), and
+    ``live`` gets each line of the command's output as the guest prints it."""
+
+    script: str | Callable[[Facts], str]
+    serve: Sequence[str] | None = None
+    socket: Path | None = None
+    assets: GuestAssets | None = None
+    run_dir: Path | None = None
+    files: Mapping[str, Path | bytes] = field(default_factory=dict)
+    options: GuestOptions = DEFAULT_OPTIONS
+    qemu_args: tuple[str, ...] = ()
+    live: Live | None = None
+
+    def __post_init__(self) -> None:
+        if self.serve is not None and self.socket is not None:
+            raise ValueError("a guest boot starts its own server or attaches to a socket, "
+                             "not both")
+        if callable(self.script) and self.serve is None:
+            raise ValueError("only a boot that starts its own server has facts to build its "
+                             "script from")
 
 
 @dataclass
@@ -90,195 +106,33 @@ class GuestResult:
     # time.monotonic() when the command began (its BEGIN line reached us): the guest's
     # dmesg has the same moment on its own clock (initramfs.KMSG_BEGIN)
     began: float | None = None
+    facts: Facts = field(default_factory=dict)  # what its own server reported it served
 
     @property
     def ok(self) -> bool:
         return self.exit_status == 0
 
 
-@dataclass(frozen=True)
-class GuestOptions:
-    """How every guest of a run boots, beyond its script: memory, CPUs, kernel arguments,
-    QEMU arguments of the user's, and a gdbstub."""
-
-    memory_mb: int = DEFAULT_MEMORY_MB
-    append: str = ""  # after DEFAULT_APPEND, so the user's arguments win
-    cpus: int = 1
-    qemu_args: tuple[str, ...] = ()  # last on QEMU's command line
-    gdb_port: int | None = None  # QEMU's gdbstub on 127.0.0.1:PORT
-    interactive: bool = False  # the serial console on our terminal (stdin to the guest)
-    shares: tuple[Share, ...] = ()  # host directories mounted in the guest (virtio-9p)
-    dyndbg: tuple[str, ...] = ()  # dynamic debug queries, "module ntb_transport +p"
-    trace_events: tuple[str, ...] = ()  # boot-time trace events, "irq:irq_handler_entry"
-    ftrace_filter: tuple[str, ...] = ()  # functions for the boot-time function tracer
-    workdir: str | None = None  # the guest's directory for the command (inside a share)
-    accel: str = "tcg"  # a key of ACCELERATORS
-
-    @property
-    def cmdline(self) -> str:
-        """The kernel command line: ours, the debugging options', then the user's own."""
-        return " ".join(filter(None, (DEFAULT_APPEND, *debug_cmdline(
-            self.dyndbg, self.trace_events, self.ftrace_filter), self.append)))
-
-    def qemu_argv(self) -> list[str]:
-        """The QEMU options these stand for (after the machine's own)."""
-        gdb = ["-gdb", f"tcp:127.0.0.1:{self.gdb_port}"] if self.gdb_port is not None else []
-        shares = [a for i, s in enumerate(self.shares) for a in s.qemu_args(i)]
-        return ["-smp", str(self.cpus), *gdb, *shares, *self.qemu_args]
-
-    def guest_setup(self) -> str:
-        """Shell lines the guest runs before the command: our insmod for the command's own
-        (busybox sh runs its applet before looking at PATH), the shares' mounts, then the
-        working directory."""
-        cd = f"cd '{self.workdir}' || exit 125\n" if self.workdir else ""
-        return (GUEST_INSMOD + "".join(s.mount_script(i) for i, s in enumerate(self.shares))
-                + cd)
-
-
-@dataclass(frozen=True)
-class Share:
-    """A host directory the guest mounts over virtio-9p (``run --share``): at the same path
-    by default, so a command names a file of the host's tree as it is written there."""
-
-    host: Path
-    guest: str
-    readonly: bool = False
-
-    @classmethod
-    def parse(cls, spec: str) -> Share:
-        """``HOST[:GUEST][:ro]``; GUEST defaults to HOST's absolute path."""
-        parts = spec.split(":")
-        readonly = parts[-1] == "ro" and len(parts) > 1
-        if readonly:
-            parts.pop()
-        if not 1 <= len(parts) <= 2 or not parts[0]:
-            raise ValueError(f"--share {spec!r}: expected HOST[:GUEST][:ro]")
-        host = Path(parts[0]).expanduser().resolve()
-        if not host.is_dir():
-            raise ValueError(f"--share {spec!r}: {host} is not a directory")
-        guest = parts[1] if len(parts) == 2 else str(host)
-        if any(c in str(host) + guest for c in "'\n"):
-            raise ValueError(f"--share {spec!r}: paths with quotes or newlines are refused")
-        if not guest.startswith("/") or guest == "/":
-            raise ValueError(f"--share {spec!r}: the guest path must be absolute, and not /")
-        return cls(host, guest, readonly)
-
-    def guest_path(self, host: Path) -> str | None:
-        """Where the host's ``host`` (absolute) is in the guest, if inside this share (and
-        quotable in the guest's shell)."""
-        if not host.is_relative_to(self.host) or any(c in str(host) for c in "'\n"):
-            return None
-        rel = host.relative_to(self.host)
-        return self.guest if rel == Path() else f"{self.guest.rstrip('/')}/{rel}"
-
-    def tag(self, index: int) -> str:
-        return f"vfio-ep-share{index}"
-
-    def qemu_args(self, index: int) -> list[str]:
-        """A virtio-9p device exporting the directory (no ID mapping: files are the user's)."""
-        return ["-virtfs", f"local,path={_qemu_escape(str(self.host))},mount_tag="
-                f"{self.tag(index)},security_model=none"
-                + (",readonly=on" if self.readonly else "")]
-
-    def mount_script(self, index: int) -> str:
-        """The guest's mount, failing the run with a reason when the kernel cannot."""
-        opts = "trans=virtio,version=9p2000.L,msize=262144" + (",ro" if self.readonly else "")
-        return (f"mkdir -p '{self.guest}' && mount -t 9p -o {opts} {self.tag(index)} "
-                f"'{self.guest}' || {{ echo 'vfio-ep: cannot mount the shared {self.host} at "
-                f"{self.guest} (is CONFIG_9P_FS and CONFIG_NET_9P_VIRTIO in the kernel?)'; "
-                "exit 125; }\n")
-
-
-def _qemu_escape(value: str) -> str:
-    """A value inside a QEMU -option list: commas doubled."""
-    return value.replace(",", ",,")
-
-
-def debug_cmdline(dyndbg: Sequence[str], trace_events: Sequence[str],
-                  ftrace_filter: Sequence[str]) -> list[str]:
-    """Kernel arguments for dynamic debug and boot-time tracing.  ``module NAME QUERY`` becomes
-    ``NAME.dyndbg="QUERY"``, which the kernel applies when NAME loads (built in or a module
-    loaded later); other queries go to ``dyndbg=``, applied at boot."""
-    args = []
-    plain = []
-    for query in dyndbg:
-        words = query.split(maxsplit=2)
-        if len(words) == 3 and words[0] == "module":  # module names: dashes are underscores
-            args.append(f'{words[1].replace("-", "_")}.dyndbg="{words[2]}"')
-        else:
-            plain.append(query)
-    if plain:
-        args.append(f'dyndbg="{"; ".join(plain)}"')
-    if trace_events:
-        args.append(f"trace_event={','.join(trace_events)}")
-    if ftrace_filter:
-        args += ["ftrace=function", f"ftrace_filter={','.join(ftrace_filter)}"]
-    return args
-
-
-DEFAULT_OPTIONS = GuestOptions()
-
-
-def boot_guest(
-    script: str,
-    *,
-    server_args: list[str] | None,
-    assets: GuestAssets | None = None,
-    timeout: float = 300,
-    run_dir: Path | None = None,
-    extra_files: dict[str, Path | bytes] | None = None,
-    live: Live | None = None,
-    server_argv: Sequence[str] | None = None,
-    socket: Path | None = None,
-    options: GuestOptions = DEFAULT_OPTIONS,
-    msg_timeout_ms: int = DEFAULT_MSG_TIMEOUT_MS,
-    extra_qemu_args: Sequence[str] = (),
-) -> GuestResult:
-    """Boot a guest that runs ``script`` (busybox sh) and powers off; return its output.
-
-    ``server_args`` go to ``vfio-ep serve``; None boots without a vfio-user device.
-    ``server_argv`` replaces the ``python -m vfio_ep -v serve`` prefix; ``socket`` attaches to an
-    already running server (e.g. one in this process) instead of starting one. ``live`` gets
-    each line of the command's output as the guest prints it. ``timeout`` covers the whole run.
-    ``extra_qemu_args`` are appended to the QEMU command line (e.g. another device).
-    """
-    run = GuestRun(script, server_args=server_args, assets=assets, run_dir=run_dir,
-                   extra_files=extra_files, live=live, server_argv=server_argv, socket=socket,
-                   options=options, msg_timeout_ms=msg_timeout_ms,
-                   extra_qemu_args=extra_qemu_args)
-    return run_async(run.run(timeout))
+def boot_guest(boot: GuestBoot, timeout: float = 300) -> GuestResult:
+    """Boot a guest that runs ``boot.script`` (busybox sh) and powers off; return its
+    output.  ``timeout`` covers the whole run."""
+    return run_async(GuestRun(boot).run(timeout))
 
 
 class GuestRun:
     """One guest boot and the processes it owns; ``async with`` it to hot-plug over QMP."""
 
-    def __init__(
-        self,
-        script: str,
-        *,
-        server_args: list[str] | None,
-        assets: GuestAssets | None = None,
-        run_dir: Path | None = None,
-        extra_files: dict[str, Path | bytes] | None = None,
-        live: Live | None = None,
-        server_argv: Sequence[str] | None = None,
-        socket: Path | None = None,
-        options: GuestOptions = DEFAULT_OPTIONS,
-        msg_timeout_ms: int = DEFAULT_MSG_TIMEOUT_MS,
-        extra_qemu_args: Sequence[str] = (),
-    ) -> None:
-        self.assets = assets or provision_all()
-        self.run_dir = new_run_dir(run_dir)
-        self.script = script
-        self.extra_files = extra_files or {}
-        self.live = live
-        self.options = options
-        self.msg_timeout_ms = msg_timeout_ms
-        self.extra_qemu_args = list(extra_qemu_args)
+    def __init__(self, boot: GuestBoot) -> None:
+        self.boot = boot
+        self.assets = boot.assets or provision_all()
+        self.run_dir = new_run_dir(boot.run_dir)
+        self.options = boot.options
         self._sockets = Path(tempfile.mkdtemp(prefix="vfio-ep-"))  # short: sun_path <= 107
-        self.socket = socket or (self._sockets / "ep.sock" if server_args is not None else None)
-        self.server_cmd = (None if socket or server_args is None
-                           else server_command([str(self.socket)], server_args, server_argv))
+        self.socket = boot.socket or (self._sockets / "ep.sock" if boot.serve is not None
+                                      else None)
+        self.server_cmd = (None if boot.serve is None else server_command(
+            [str(self.socket)], boot.serve, self.run_dir / FACTS_FILE))
+        self.facts: Facts = {}
         self.qmp = QMPClient("vfio-ep-guest")
         self._server: asyncio.subprocess.Process | None = None
         self._qemu: asyncio.subprocess.Process | None = None
@@ -328,7 +182,7 @@ class GuestRun:
         if status is None and error is None:
             error = "the guest stopped before its command finished; see console.log"
         result = GuestResult(status, output, self.run_dir, self._log("server"), error,
-                             self._line_times, self._began)
+                             self._line_times, self._began, self.facts)
         self._meta.update(exit_status=status, error=error)
         return result
 
@@ -345,12 +199,12 @@ class GuestRun:
         else:
             error = f"it stopped first (QEMU exit {self._qemu.returncode})"
             self._write_records(console_sections(self._log("console")))
-        await _terminate(self._qemu)
+        await terminate(self._qemu)
         await asyncio.gather(self._console, return_exceptions=True)
         output, status = parse_console(self._log("console"))
         self._meta.update(exit_status=status, error=error)
         return GuestResult(status, output, self.run_dir, self._log("server"), error,
-                           self._line_times, self._began)
+                           self._line_times, self._began, self.facts)
 
     async def _task_dump(self) -> bool:
         """sysrq-t in the stuck guest: every task's state and stack reach the console (and
@@ -408,34 +262,36 @@ class GuestRun:
     async def _start(self) -> None:
         if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
             logging.getLogger("qemu.qmp").setLevel(logging.WARNING)  # EOF at poweroff is normal
+        if self.server_cmd:  # first: the script may be built from what it serves
+            self._server = await spawn(self.server_cmd, stdout=self._open_log("server"))
+            await self._wait_for_socket()
+            self.facts = read_facts(self.run_dir / FACTS_FILE)
+        script = self.boot.script(self.facts) if callable(self.boot.script) else self.boot.script
         files = {TEST_FILES[self.assets.test_kind]: self.assets.test, "sbin/insmod": INSMOD,
                  **({"pcitest_tap.sh": PCITEST_TAP, "tap_lib.sh": TAP_LIB}
                     if self.assets.test_kind == "pcitest" else {}),
                  **{f"{GUEST_MODULES}/{ko.name}": ko for ko in self.assets.modules},
-                 **self.extra_files}
-        init, script_file = guest_init(self.options.guest_setup() + self.script)
+                 **self.boot.files}
+        init, script_file = guest_init(self.options.guest_setup() + script)
         initrd = build_initramfs(self.run_dir / "initramfs.gz", {**files, **script_file}, init,
                                  self.assets.busybox)
-        if self.server_cmd:
-            self._server = await _spawn(self.server_cmd, stdout=self._open_log("server"))
-            await self._wait_for_socket()
         qmp_socket = self._sockets / "qmp.sock"
         await self.qmp.start_server(str(qmp_socket))
         argv = qemu_command(self.assets.qemu, kernel=self.assets.kernel, initrd=initrd,
                             qmp=qmp_socket, rescue=self._rescue, options=self.options,
-                            device=(vfio_user_device(self.socket, self.msg_timeout_ms)
+                            device=(vfio_user_device(self.socket, DEFAULT_MSG_TIMEOUT_MS)
                                     if self.socket else None),
-                            extra_args=self.extra_qemu_args)
+                            extra_args=self.boot.qemu_args)
         self._meta["qemu_argv"] = argv
         if self.options.gdb_port is not None:
             vmlinux = self.assets.kernel.with_name("vmlinux")
             print(f"vfio-ep: QEMU gdbstub on 127.0.0.1:{self.options.gdb_port} ({self.run_dir.name}"
                   f"): gdb {vmlinux if vmlinux.is_file() else 'vmlinux'} -ex 'target remote "
                   f"127.0.0.1:{self.options.gdb_port}'", file=sys.stderr)
-        self._qemu = await _spawn(argv, stdout=asyncio.subprocess.PIPE,
-                                  stderr=self._open_log("qemu"),
-                                  env={**os.environ, **self.assets.qemu.env},
-                                  terminal=self.options.interactive)
+        self._qemu = await spawn(argv, stdout=asyncio.subprocess.PIPE,
+                                 stderr=self._open_log("qemu"),
+                                 env={**os.environ, **self.assets.qemu.env},
+                                 terminal=self.options.interactive)
         self._console = asyncio.create_task(self._read_console())
         await self._accept_qmp()
 
@@ -487,8 +343,8 @@ class GuestRun:
                     inside = False
                 elif inside:
                     self._line_times.append((time.monotonic(), text))
-                    if self.live:
-                        self.live(text)
+                    if self.boot.live:
+                        self.boot.live(text)
                 elif text.endswith(BEGIN):  # firmware may leave escape codes before it
                     inside = True
                     self._began = time.monotonic()
@@ -502,7 +358,7 @@ class GuestRun:
             await self.qmp.disconnect()
         for proc in (self._qemu, self._server):
             if proc:
-                await _terminate(proc)
+                await terminate(proc)
         if self._console:
             await asyncio.gather(self._console, return_exceptions=True)
         shutil.rmtree(self._sockets, ignore_errors=True)
@@ -517,131 +373,6 @@ class GuestRun:
         return path.read_text(errors="replace") if path.exists() else ""
 
 
-def server_command(sockets: Sequence[str], server_args: list[str],
-                   server_argv: Sequence[str] | None = None) -> list[str]:
-    """``vfio-ep serve`` on ``sockets`` (``PATH`` or ``CONTROLLER=PATH``); ``server_argv``
-    swaps the program part."""
-    prefix = list(server_argv or [sys.executable, "-m", "vfio_ep", "-v", "serve"])
-    return [*prefix, *(a for s in sockets for a in ("--socket", s)), *server_args]
-
-
-async def wait_for_sockets(server: asyncio.subprocess.Process, sockets: Sequence[Path],
-                           log: Path) -> None:
-    """The server is ready once its sockets exist; fail with its log if it died first."""
-    deadline = time.monotonic() + SERVER_READY_TIMEOUT
-    while not all(s.exists() for s in sockets):
-        text = log.read_text(errors="replace") if log.exists() else ""
-        if server.returncode is not None:
-            raise LaunchError(f"vfio-ep server exited with {server.returncode} before creating "
-                              f"{', '.join(map(str, sockets))}:\n{tail(text)}")
-        if time.monotonic() > deadline:
-            raise LaunchError(f"vfio-ep server made no socket in {SERVER_READY_TIMEOUT:.0f} "
-                              f"s:\n{tail(text)}")
-        await asyncio.sleep(0.05)
-
-
-@contextlib.asynccontextmanager
-async def running_server(controllers: Sequence[str], server_args: list[str], log: Path,
-                         server_argv: Sequence[str] | None = None
-                         ) -> AsyncIterator[tuple[asyncio.subprocess.Process, dict[str, Path]]]:
-    """``vfio-ep serve`` with a socket per named controller (its output in ``log``), ready
-    to connect to; stopped (and its sockets' directory removed) on exit."""
-    tmp = Path(tempfile.mkdtemp(prefix="vfio-ep-"))  # short: sun_path <= 107
-    sockets = {c: tmp / f"{c}.sock" for c in dict.fromkeys(controllers)}
-    cmd = server_command([f"{c}={p}" for c, p in sockets.items()], server_args, server_argv)
-    server = await _spawn(cmd, stdout=log.open("wb"))
-    try:
-        await wait_for_sockets(server, list(sockets.values()), log)
-        yield server, sockets
-    finally:
-        await _terminate(server)
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-@dataclass(frozen=True)
-class GuestSpec:
-    """One guest of several against one server: attached to ``controller``'s socket.  With
-    ``after``, it boots once the guest labelled so has exited: the same host coming back.
-    ``qemu_args`` go on its QEMU command line (a NIC, say)."""
-
-    label: str
-    controller: str
-    script: str
-    after: str | None = None
-    qemu_args: tuple[str, ...] = ()
-
-
-
-def boot_guests(specs: Sequence[GuestSpec], *, server_args: list[str],
-                assets: GuestAssets | None = None, timeout: float = 300, run_dir: Path,
-                extra_files: dict[str, Path | bytes] | None = None,
-                live: Callable[[str, str], None] | None = None,
-                options: GuestOptions = DEFAULT_OPTIONS) -> list[GuestResult]:
-    """Start one ``vfio-ep serve`` with a socket per controller the specs name, boot every
-    guest at once against it (run directory ``run_dir/<label>``; a guest with ``after`` when
-    that one has exited), and return their results in order.  ``live`` gets (label, line)
-    as each guest prints."""
-    return run_async(_boot_guests(specs, server_args, assets or provision_all(), timeout,
-                                  run_dir, extra_files or {}, live, options))
-
-
-async def _boot_guests(specs: Sequence[GuestSpec], server_args: list[str],
-                       assets: GuestAssets, timeout: float, run_dir: Path,
-                       extra_files: dict[str, Path | bytes],
-                       live: Callable[[str, str], None] | None,
-                       options: GuestOptions) -> list[GuestResult]:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    log = run_dir / "server.log"
-    async with running_server([s.controller for s in specs], server_args, log) as (_, sockets):
-        tasks: dict[str, asyncio.Task[GuestResult]] = {}
-        for i, s in enumerate(specs):
-            gdb_port = None if options.gdb_port is None else options.gdb_port + i
-            run = GuestRun(s.script, server_args=[], assets=assets,
-                           socket=sockets[s.controller], run_dir=run_dir / s.label,
-                           extra_files=extra_files, extra_qemu_args=s.qemu_args,
-                           options=replace(options, gdb_port=gdb_port),
-                           live=partial(live, s.label) if live else None)
-            tasks[s.label] = asyncio.create_task(_boot_after(
-                tasks[s.after] if s.after else None, run, timeout))
-        results = await asyncio.gather(*tasks.values())
-    server_log = log.read_text(errors="replace")
-    return [replace(r, server_log=server_log) for r in results]
-
-
-async def _boot_after(before: asyncio.Task[GuestResult] | None, run: GuestRun,
-                      timeout: float) -> GuestResult:
-    if before is not None:
-        await asyncio.wait([before])  # its failure is its own result
-    return await run.run(timeout)
-
-
-def vfio_user_device(socket: Path, msg_timeout_ms: int = DEFAULT_MSG_TIMEOUT_MS,
-                     device_id: str = DEVICE_ID, bus: str = ROOT_PORT) -> dict[str, Any]:
-    """The vfio-user-pci device, as -device JSON or QMP ``device_add`` arguments."""
-    return {"driver": "vfio-user-pci", "id": device_id, "bus": bus,
-            "socket": {"type": "unix", "path": str(socket)}, "x-msg-timeout": msg_timeout_ms}
-
-
-def qemu_command(qemu: Qemu, *, kernel: Path, initrd: Path, qmp: Path, options: GuestOptions,
-                 device: dict[str, Any] | None, extra_args: Sequence[str] = (),
-                 rescue: Path | None = None) -> list[str]:
-    """The one QEMU command line: q35 under TCG (or KVM), memfd RAM (so the server can DMA
-    directly), serial console on stdout, QMP to our socket, the rescue console's serial port on
-    ``rescue``, a PCIe root port for the endpoint; then ``extra_args`` (the run's own
-    devices) and the user's options."""
-    argv = [
-        *qemu.argv, *endpoint_machine_args(options.memory_mb, options.accel),
-        "-nodefaults", "-nographic", "-no-reboot",
-        # Interactive: QEMU's monitor multiplexed in too, so Ctrl-A X always gets out.
-        "-serial", "mon:stdio" if options.interactive else "stdio", "-qmp", f"unix:{qmp}",
-        *(["-serial", f"unix:{rescue},server=on,wait=off"] if rescue else []),
-        "-kernel", str(kernel), "-initrd", str(initrd), "-append", options.cmdline,
-    ]
-    if device:
-        argv += ["-device", json.dumps(device)]
-    return argv + list(extra_args) + options.qemu_argv()
-
-
 def _until_marker(data: bytes, marker: bytes) -> tuple[bytes, bytes, bool]:
     """(what to show now, what to hold back, whether to go on showing): everything before
     ``marker``; when it is not there, all but a tail that could be its beginning."""
@@ -651,125 +382,3 @@ def _until_marker(data: bytes, marker: bytes) -> tuple[bytes, bytes, bool]:
     keep = next((n for n in range(min(len(marker) - 1, len(data)), 0, -1)
                  if marker.startswith(data[-n:])), 0)
     return data[: len(data) - keep], data[len(data) - keep :], True
-
-
-# -accel's options per accelerator.  Interrupt remapping (below) needs the IOAPIC in QEMU:
-# under KVM the irqchip must be split (QEMU refuses intremap=on with the kernel's own).
-ACCELERATORS = {"tcg": "tcg", "kvm": "kvm,kernel-irqchip=split"}
-
-
-def endpoint_machine_args(memory_mb: int = DEFAULT_MEMORY_MB, accel: str = "tcg") -> list[str]:
-    """What a QEMU machine needs for a vfio-user endpoint to work as in ``vfio-ep run``."""
-    return [
-        "-accel", ACCELERATORS[accel],
-        # Guest RAM in a shared memfd: the server reaches it directly, not by messages; -m
-        # must say the backend's size.
-        "-machine", "q35,memory-backend=mem", "-m", str(memory_mb),
-        "-object", f"memory-backend-memfd,id=mem,size={memory_mb}M,share=on",
-        # Interrupt remapping only (x86 multi-MSI needs it); must come before PCI devices.
-        "-device", "intel-iommu,intremap=on,dma-translation=off",
-        "-device", f"pcie-root-port,id={ROOT_PORT},bus=pcie.0,chassis=1",
-        # Native PCIe hot-plug (pciehp, in the guest kernel) instead of q35's ACPI hot-plug.
-        "-global", "ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off",
-    ]
-
-
-async def _spawn(argv: Sequence[str], *, stdout: Any, stderr: Any = asyncio.subprocess.STDOUT,
-                 env: dict[str, str] | None = None,
-                 terminal: bool = False) -> asyncio.subprocess.Process:
-    """Start a child in its own session (the terminal's Ctrl-C reaches only us, and we stop it
-    in order) that dies with us even if we are SIGKILLed.  With ``terminal`` it reads our
-    stdin instead, in our session (a background reader of a terminal would be stopped)."""
-    env = dict(env or os.environ)
-    package_root = str(Path(__file__).resolve().parents[2])  # `-m vfio_ep` from any cwd
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
-    try:
-        return await asyncio.create_subprocess_exec(
-            *argv, stdin=None if terminal else asyncio.subprocess.DEVNULL, stdout=stdout,
-            stderr=stderr, env=env, start_new_session=not terminal,
-            preexec_fn=_die_with_parent, limit=1 << 20)
-    finally:
-        for stream in (stdout, stderr):
-            if hasattr(stream, "close"):
-                stream.close()
-
-
-def _die_with_parent() -> None:
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
-async def _terminate(proc: asyncio.subprocess.Process) -> None:
-    """SIGTERM the child's process group, SIGKILL it after :data:`GRACE` seconds."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        if proc.returncode is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(proc.wait(), GRACE)
-
-
-def run_async(coro: Coroutine[Any, Any, T]) -> T:
-    """asyncio.run, with SIGINT and SIGTERM cancelling ``coro`` (its processes are torn down
-    on the way out) and then raising :class:`Interrupted`.  A second signal during the
-    teardown cannot cut it short."""
-    caught: list[int] = []
-
-    def on_signal(signum: int, task: asyncio.Task[T]) -> None:
-        if not caught:
-            caught.append(signum)
-            task.cancel()
-
-    async def main() -> T:
-        task = asyncio.current_task()
-        assert task is not None
-        if in_main_thread:
-            for sig in SIGNALS:
-                asyncio.get_running_loop().add_signal_handler(sig, on_signal, sig, task)
-        try:
-            return await coro
-        except asyncio.CancelledError:
-            if caught:
-                raise Interrupted(caught[0]) from None
-            raise
-
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    # The loop's close resets the signals it handled to their defaults: put back ours.
-    previous = {sig: signal.getsignal(sig) for sig in SIGNALS} if in_main_thread else {}
-    try:
-        return asyncio.run(main())
-    finally:
-        for sig, handler in previous.items():
-            if handler is not None:
-                signal.signal(sig, handler)
-
-
-def new_run_dir(run_dir: Path | None) -> Path:
-    """``run_dir`` (created), else a fresh directory under the cache's runs/.
-
-    The oldest there go beyond ``$VFIO_EP_KEEP_RUNS`` (KEEP_RUNS by default), except a run
-    whose process is still alive (its ``owner`` file names it): a long matrix is never
-    pruned under its own feet by the runs started beside it."""
-    if run_dir:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        return run_dir.resolve()
-    runs = cache_dir() / "runs"
-    runs.mkdir(parents=True, exist_ok=True)
-    keep = int(os.environ.get("VFIO_EP_KEEP_RUNS", KEEP_RUNS))
-    for old in sorted(runs.iterdir())[: -keep or None]:
-        if not _owner_alive(old):
-            shutil.rmtree(old, ignore_errors=True)
-    new = Path(tempfile.mkdtemp(prefix=time.strftime("%Y%m%d-%H%M%S-"), dir=runs))
-    (new / "owner").write_text(f"{os.getpid()}\n")
-    return new
-
-
-def _owner_alive(run: Path) -> bool:
-    try:
-        os.kill(int((run / "owner").read_text()), 0)
-    except PermissionError:
-        return True  # another user's, alive
-    except (OSError, ValueError):
-        return False  # no owner file, or its process is gone
-    return True
-

@@ -23,8 +23,8 @@ from vfio_ep.guest.ep_guest import EpGuestRun
 from vfio_ep.guest.ep_run import run_ep_guest
 from vfio_ep.guest.interrupt import keeping
 from vfio_ep.guest.kernel_build import DEFAULT_LINUX, EP_GUEST_LINES
-from vfio_ep.guest.launcher import new_run_dir
-from vfio_ep.guest.runner import run_suite
+from vfio_ep.guest.run_dir import new_run_dir
+from vfio_ep.guest.runner import RunSpec, Target, run_suite
 
 NO_KSELFTEST = ("6.12",)  # pcitest only: no doorbell test, one run
 # RK3588 has no INTx: the kselftest's INTx test fails there, as on the board.
@@ -101,9 +101,9 @@ def run_cell(cell: Cell, run_dir: Path) -> Outcome:
                                          ep_linux=cell.ep_linux),
                               linux=cell.linux, run_dir=run_dir)
     else:
-        status = run_suite(function=cell.function, sets=list(cell.sets), preset=cell.preset,
-                           xfail=cell.xfail, guest_args=list(cell.args), linux=cell.linux,
-                           run_dir=run_dir)
+        status = run_suite(RunSpec(Target(cell.function, None, None, cell.sets, cell.preset,
+                                          cell.xfail), linux=cell.linux,
+                                   guest_args=cell.args), run_dir)
     counts = {"pass": 0, "fail": 0, "skip": 0}
     results = run_dir / "results.json"
     if results.is_file():

@@ -7,40 +7,28 @@ merged into one report.  Either way TAP, JUnit and JSON land in the run director
 
 from __future__ import annotations
 
-import copy
 import itertools
-import logging
 import re
 import shlex
 import sys
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from vfio_ep import cmdline
 from vfio_ep.composition import Composition
 from vfio_ep.config import ConfigError
-from vfio_ep.epc.core import EpcError, PciEpcAttributes
-from vfio_ep.epf.core import PciEpf
-from vfio_ep.epf.doorbell import pci_epf_doorbell_backend
-from vfio_ep.epf.functions.pci_epf_test import PciEpfTest
-from vfio_ep.epf.functions.pci_epf_vntb import PciEpfVntb
+from vfio_ep.epc.core import EpcError
 from vfio_ep.guest.assets import KSELFTEST, NTB_PAIR, NTB_SUITE, TAP_LIB
+from vfio_ep.guest.children import LaunchError
+from vfio_ep.guest.guests import GuestSpec, boot_guests
 from vfio_ep.guest.initramfs import parse_console
 from vfio_ep.guest.interrupt import Interrupted, keeping
 from vfio_ep.guest.kernel_build import DEFAULT_LINUX
-from vfio_ep.guest.launcher import (
-    DEFAULT_OPTIONS,
-    KSELFTEST_NAME,
-    GuestOptions,
-    GuestResult,
-    GuestSpec,
-    LaunchError,
-    boot_guest,
-    boot_guests,
-    new_run_dir,
-)
+from vfio_ep.guest.launcher import KSELFTEST_NAME, GuestBoot, GuestResult, boot_guest
 from vfio_ep.guest.provision import GuestAssets, ProvisionError, provision_all
+from vfio_ep.guest.qemu_cmdline import DEFAULT_OPTIONS, GuestOptions
 from vfio_ep.guest.results import (
     Report,
     TestCase,
@@ -53,6 +41,8 @@ from vfio_ep.guest.results import (
     write_junit,
     write_results,
 )
+from vfio_ep.guest.run_dir import new_run_dir
+from vfio_ep.guest.server import Facts
 from vfio_ep.guest.trace import write_trace
 
 PAIR_ROLES = ("a", "b")
@@ -111,14 +101,24 @@ class Target:
         return args
 
 
-def run_suite(function: str | None = None, config_file: Path | None = None,
-              configfs: Path | None = None, sets: list[str] | None = None,
-              preset: str | None = None, xfail: tuple[str, ...] = (),
-              kernel: Path | None = None, kselftest: Path | None = None,
-              qemu: Path | None = None, timeout: float = 600,
-              run_dir: Path | None = None, guest_args: list[str] | None = None,
-              exec_cmd: str | None = None, options: GuestOptions = DEFAULT_OPTIONS,
-              linux: str = DEFAULT_LINUX) -> int:
+@dataclass(frozen=True)
+class RunSpec:
+    """One ``vfio-ep run`` as its command line asks: what the server serves (``target``),
+    the guest (its kernel line, images and options), and what it runs (the function's suite
+    with ``guest_args``, or ``exec_cmd``) within ``timeout`` seconds."""
+
+    target: Target
+    linux: str = DEFAULT_LINUX
+    kernel: Path | None = None
+    kselftest: Path | None = None
+    qemu: Path | None = None
+    guest_args: tuple[str, ...] = ()
+    exec_cmd: str | None = None
+    options: GuestOptions = DEFAULT_OPTIONS
+    timeout: float = 600.0
+
+
+def run_suite(spec: RunSpec, run_dir: Path | None = None) -> int:
     """Run the suite of the configured function; 0 only if every test passed.  With
     ``exec_cmd``, the guest (both guests of a pci-epf-ntb pair) runs that instead.
 
@@ -126,41 +126,38 @@ def run_suite(function: str | None = None, config_file: Path | None = None,
     configuration, provisioning or launching failed; with ``exec_cmd``, the command's exit
     status (124 when the run timed out).
     """
-    target = Target(function, config_file, configfs, tuple(sets or []), preset, xfail)
+    target = spec.target
     try:
         target.expected_failures()  # a malformed --xfail fails here, before any boot
-        comp = cmdline.load(config_file, function, list(target.sets), configfs, preset=preset)
+        comp = cmdline.load(target.config_file, target.function, list(target.sets),
+                            target.configfs, preset=target.preset)
         if len(comp.functions) != 1:
             raise ConfigError(f"vfio-ep run boots one guest against one function; this "
                               f"composition has {len(comp.functions)} "
                               f"({', '.join(comp.functions)})")
         func = next(iter(comp.functions.values()))
-        if exec_cmd is not None and guest_args:
-            raise ConfigError(f"--exec runs its command alone: put {shlex.join(guest_args)} "
-                              "into it")
-        if options.interactive:
+        if spec.exec_cmd is not None and spec.guest_args:
+            raise ConfigError(f"--exec runs its command alone: put "
+                              f"{shlex.join(spec.guest_args)} into it")
+        if spec.options.interactive:
             if func.secondary is not None:
                 raise ConfigError("--shell gives one guest the terminal; a pci-epf-ntb pair "
                                   "has two: use --exec")
-            exec_cmd = SHELL
-        assets = provision_all(qemu=qemu, kernel=kernel, linux=linux, kselftest=kselftest)
-        epf = probe_function(comp)
-        facts = endpoint_facts(comp, epf, assets)
-        if exec_cmd is not None:
+            spec = replace(spec, exec_cmd=SHELL)
+        assets = provision_all(qemu=spec.qemu, kernel=spec.kernel, linux=spec.linux,
+                               kselftest=spec.kselftest)
+        facts = guest_facts(assets)
+        if spec.exec_cmd is not None:
             controllers = [c for c in (func.primary, func.secondary) if c is not None]
-            return _run_exec(target, assets, exec_cmd, controllers, timeout, run_dir, options)
+            return _run_exec(spec, spec.exec_cmd, assets, controllers, run_dir)
         if func.driver == "pci_epf_vntb":
-            return _run_ntb_suite(target, assets, vntb_doorbells(epf), timeout, run_dir,
-                                  guest_args or [], options, facts)
+            return _run_ntb_suite(spec, assets, run_dir, facts)
         if func.driver == "pci_epf_ntb":
             assert func.primary is not None and func.secondary is not None
-            return _run_ntb_pair(target, assets, (func.primary, func.secondary), timeout,
-                                 run_dir, guest_args or [], options, facts)
+            return _run_ntb_pair(spec, assets, (func.primary, func.secondary), run_dir, facts)
         if assets.test_kind == "pcitest":
-            return _run_pcitest(target, assets, comp, timeout, run_dir, guest_args or [],
-                                options, facts)
-        return _run_kselftest(target, assets, timeout, run_dir, guest_args or [], options,
-                              facts)
+            return _run_pcitest(spec, assets, comp, run_dir, facts)
+        return _run_kselftest(spec, assets, run_dir, facts)
     except (ConfigError, ValueError, EpcError, ProvisionError, LaunchError) as exc:
         print(f"vfio-ep run: {exc}", file=sys.stderr)
         return 2
@@ -173,8 +170,7 @@ SHELL = ("echo 'vfio-ep: a shell in the guest (the kselftest is /pci_endpoint_te
          "setsid cttyhack sh")
 
 
-def run_suite_matrix(axes: list[str], sets: list[str] | None = None,
-                     run_dir: Path | None = None, **kwargs: Any) -> int:
+def run_suite_matrix(axes: list[str], spec: RunSpec, run_dir: Path | None = None) -> int:
     """``--matrix KEY=V1,V2,...`` (repeatable): the suite once per combination of the values,
     each an extra ``--set KEY=V`` after ``sets``; every cell's tests in one JUnit file (a
     test suite per cell) and a table.  0 only if every cell passed, 2 for a bad axis."""
@@ -204,7 +200,8 @@ def run_suite_matrix(axes: list[str], sets: list[str] | None = None,
             cell_dir = top / re.sub(r"[^A-Za-z0-9.=-]+", "_", name)
             print(f"\n# === {name} ===", flush=True)
             running[:] = [(name, cell_dir)]
-            status = run_suite(sets=[*(sets or []), *combo], run_dir=cell_dir, **kwargs)
+            status = run_suite(replace(spec, target=replace(
+                spec.target, sets=(*spec.target.sets, *combo))), cell_dir)
             running.clear()
             cells.append((name, status, cell_dir))
     _matrix_results(cells, top)
@@ -233,24 +230,24 @@ def _matrix_results(cells: list[tuple[str, int, Path]], top: Path) -> None:
     print(f"run directory: {top} (results.xml: every cell)", flush=True)
 
 
-def _run_exec(target: Target, assets: GuestAssets, command: str, controllers: list[str],
-              timeout: float, run_dir: Path | None, options: GuestOptions) -> int:
+def _run_exec(spec: RunSpec, command: str, assets: GuestAssets, controllers: list[str],
+              run_dir: Path | None) -> int:
     """Boot a guest per controller (``VFIO_EP_ROLE`` a, b, ... in its environment) that
     runs ``command`` with the suites' files at hand; the first failing status is ours."""
     top = new_run_dir(run_dir)
-    specs = [GuestSpec(role, ctrl, f"export VFIO_EP_ROLE={role}\n{command}")
-             for role, ctrl in zip(PAIR_ROLES, controllers, strict=False)]
-    several = len(specs) > 1
-    with keeping(Progress(top, target, None, {}).keep):
-        results = boot_guests(specs, server_args=target.server_args(), assets=assets,
-                              timeout=timeout, run_dir=top, options=options,
-                              extra_files={"ntb_suite.sh": NTB_SUITE, "ntb_pair.sh": NTB_PAIR,
-                                           "tap_lib.sh": TAP_LIB},
+    guests = [GuestSpec(role, ctrl, f"export VFIO_EP_ROLE={role}\n{command}")
+              for role, ctrl in zip(PAIR_ROLES, controllers, strict=False)]
+    several = len(guests) > 1
+    with keeping(Progress(top, spec.target, None, {}).keep):
+        results = boot_guests(guests, server_args=spec.target.server_args(), assets=assets,
+                              timeout=spec.timeout, run_dir=top, options=spec.options,
+                              files={"ntb_suite.sh": NTB_SUITE, "ntb_pair.sh": NTB_PAIR,
+                                     "tap_lib.sh": TAP_LIB},
                               live=lambda label, line: _echo(f"{label}: {line}" if several
                                                              else line))
     status = 0
-    for spec, result in zip(specs, results, strict=True):
-        where = f"guest {spec.label}: " if several else ""
+    for guest, result in zip(guests, results, strict=True):
+        where = f"guest {guest.label}: " if several else ""
         if result.exit_status is None:
             print(f"vfio-ep run: {where}{result.error}", file=sys.stderr)
             status = status or (124 if "timed out" in (result.error or "") else 2)
@@ -260,16 +257,22 @@ def _run_exec(target: Target, assets: GuestAssets, command: str, controllers: li
     return status
 
 
-def _run_kselftest(target: Target, assets: GuestAssets, timeout: float,
-                   run_dir: Path | None, guest_args: list[str], options: GuestOptions,
+def _run_kselftest(spec: RunSpec, assets: GuestAssets, run_dir: Path | None,
                    facts: dict[str, Any]) -> int:
+    target, guest_args = spec.target, spec.guest_args
     top = new_run_dir(run_dir)
-    vendor, device = (f"{int(x, 16):#06x}" for x in facts["device"].split(":"))
-    with keeping(Progress(top, target, KSELFTEST_NAME, facts, running=[top]).keep):
-        result = boot_guest(f"sh /kselftest.sh {vendor} {device} {shlex.join(guest_args)}",
-                            server_args=target.server_args(), assets=assets, timeout=timeout,
-                            run_dir=top, live=_echo, options=options,
-                            extra_files={"kselftest.sh": KSELFTEST})
+    progress = Progress(top, target, KSELFTEST_NAME, facts, running=[top])
+
+    def kselftest(served: Facts) -> str:
+        """The kselftest, bound to the device the server says it serves."""
+        progress.served(served)
+        vendor, device = (f"{int(x, 16):#06x}" for x in progress.facts["device"].split(":"))
+        return f"sh /kselftest.sh {vendor} {device} {shlex.join(guest_args)}"
+
+    with keeping(progress.keep):
+        result = boot_guest(GuestBoot(kselftest, serve=target.server_args(), assets=assets,
+                                      run_dir=top, files={"kselftest.sh": KSELFTEST},
+                                      options=spec.options, live=_echo), spec.timeout)
         report = target.report(result.output, result.line_times)
         write_trace(result)
         unbound = next((line for line in result.output.splitlines()
@@ -278,7 +281,7 @@ def _run_kselftest(target: Target, assets: GuestAssets, timeout: float,
         if error and (running := _running_test(result.output)):
             error += f"; {running} was running"
         write_results(report, result.run_dir, exit_status=target.exit_status(result, report),
-                      error=error, suite=KSELFTEST_NAME, endpoint=facts)
+                      error=error, suite=KSELFTEST_NAME, endpoint=progress.facts)
         print(f"\n{summary_table(report)}")
         if error:
             print(f"vfio-ep run: {error}", file=sys.stderr)
@@ -291,25 +294,26 @@ def _run_kselftest(target: Target, assets: GuestAssets, timeout: float,
     return 0 if target.exit_status(result, report) == 0 and report.passed else 1
 
 
-def _run_pcitest(target: Target, assets: GuestAssets, comp: Composition, timeout: float,
-                 run_dir: Path | None, guest_args: list[str], options: GuestOptions,
-                 facts: dict[str, Any]) -> int:
+def _run_pcitest(spec: RunSpec, assets: GuestAssets, comp: Composition,
+                 run_dir: Path | None, facts: dict[str, Any]) -> int:
     """Linux before 6.14: pcitest.sh's cases (``pcitest_tap.sh``), with the vectors the
     function advertises."""
-    if guest_args:
+    target = spec.target
+    if spec.guest_args:
         raise ConfigError(f"Linux {assets.linux} has pcitest, not the kselftest: "
-                          f"{shlex.join(guest_args)} selects nothing there")
+                          f"{shlex.join(spec.guest_args)} selects nothing there")
     attrs = comp.function_attributes(next(iter(comp.functions)))
     msi, msix = attrs.msi_interrupts, attrs.msix_interrupts
     top = new_run_dir(run_dir)
-    with keeping(Progress(top, target, "pcitest", facts, running=[top]).keep):
-        result = boot_guest(f"sh /pcitest_tap.sh {msi} {msix}",
-                            server_args=target.server_args(), assets=assets, timeout=timeout,
-                            run_dir=top, live=_echo, options=options)
+    progress = Progress(top, target, "pcitest", facts, running=[top])
+    with keeping(progress.keep):
+        result = boot_guest(GuestBoot(progress.recording(f"sh /pcitest_tap.sh {msi} {msix}"),
+                                      serve=target.server_args(), assets=assets, run_dir=top,
+                                      options=spec.options, live=_echo), spec.timeout)
         report = target.report(result.output, result.line_times)
         write_trace(result)
         write_results(report, result.run_dir, exit_status=target.exit_status(result, report),
-                      error=result.error, suite="pcitest", endpoint=facts)
+                      error=result.error, suite="pcitest", endpoint=progress.facts)
         print(f"\n{summary_table(report)}")
         if result.error:
             print(f"vfio-ep run: {result.error}", file=sys.stderr)
@@ -332,8 +336,23 @@ class Progress:
     reports: list[Report] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
 
+    def served(self, facts: Facts) -> None:
+        """What the run's server reported it serves, into the results' record of the
+        endpoint (:func:`endpoint_record`)."""
+        self.facts = self.facts | endpoint_record(facts)
+
+    def recording(self, script: str) -> Callable[[Facts], str]:
+        """A boot's ``script`` that records its server's facts first (:meth:`served`): an
+        interrupted run's results say what it tested too."""
+        def script_of(facts: Facts) -> str:
+            self.served(facts)
+            return script
+        return script_of
+
     def finished(self, result: GuestResult, label: str) -> None:
         """A guest's result: its report and trace.log, and its failure if it failed."""
+        if result.facts:
+            self.served(result.facts)
         report = self.target.report(result.output, result.line_times)
         self.reports.append(report)
         write_trace(result)
@@ -372,119 +391,100 @@ def _running_test(output: str) -> str | None:
     return running
 
 
-def _nothing_selected(guest_args: list[str], assets: GuestAssets, run_dir: Path) -> str:
+def _nothing_selected(guest_args: Sequence[str], assets: GuestAssets, run_dir: Path) -> str:
     """Why a run that ran no test fails: the selection, and the tests that exist (``-l``)."""
     selection = shlex.join(guest_args) or "(no arguments)"
-    listing = boot_guest(f"/{KSELFTEST_NAME} -l", server_args=None, assets=assets, timeout=120,
-                         run_dir=run_dir)
+    listing = boot_guest(GuestBoot(f"/{KSELFTEST_NAME} -l", assets=assets, run_dir=run_dir),
+                         timeout=120)
     return (f"vfio-ep run: the kselftest selection {selection} matched no test, so the run "
             f"fails.\nThe kselftest's tests (its -l; select with -- -f FIXTURE, -v VARIANT, "
             f"-t TEST, -r FIXTURE.VARIANT.TEST; -T TEST leaves one out):\n"
             f"{listing.output.rstrip()}")
 
 
-def probe_function(comp: Composition) -> PciEpf | None:
-    """The function bound once here, with no NTB client, as the server will bind it: what a
-    run tells the guest and records.  Quietly: its log lines (the doorbell it got, the
-    virtual NTB device) are the server's to log, in server.log, not this process's to print
-    before the suite's TAP."""
-    probe = copy.deepcopy(comp)
-    if next(iter(probe.functions.values())).driver == "pci_epf_vntb":
-        probe.set("ntb_client=none")
-    probe.assign_sockets([f"{name}=unused" for name in probe.controllers])
-    logging.disable(logging.INFO)
-    try:
-        endpoints = probe.build()
-    finally:
-        logging.disable(logging.NOTSET)
-    return endpoints[0].functions[0] if endpoints[0].functions else None
+def guest_facts(assets: GuestAssets) -> dict[str, Any]:
+    """What a run's results record of its guest: the kernel line and image."""
+    return {"linux": assets.linux, "kernel": str(assets.kernel)}
 
 
-def endpoint_facts(comp: Composition, epf: PciEpf | None,
-                   assets: GuestAssets) -> dict[str, Any]:
-    """What a run tests, for its results: the function, each controller's profile, the
-    doorbell backend the function gets (``epf``, the function probed), and the guest's
-    kernel."""
-    func = next(iter(comp.functions.values()))
-    doorbell: str | None = None
-    if isinstance(epf, PciEpfVntb):
-        doorbell = epf.db_backend or "poll"  # no interrupt doorbell: it polls its BAR
-    elif isinstance(epf, PciEpfTest):
-        doorbell = pci_epf_doorbell_backend(epf)
-    header = comp.function_attributes(func.name)
-    return {
-        "function": func.driver,
-        "device": f"{header.vendorid:04x}:{header.deviceid:04x}",
-        "controllers": ", ".join(
-            f"{name}: {ctrl.values.get('profile', PciEpcAttributes.profile)}"
-            for name, ctrl in comp.controllers.items()),
-        "doorbell": doorbell,
-        "linux": assets.linux,
-        "kernel": str(assets.kernel),
-    }
+def endpoint_record(served: Facts) -> dict[str, Any]:
+    """What a run's results record of the endpoint, from what its server reported serving
+    (``vfio-ep serve --facts``): the function, its IDs, each controller's profile, and the
+    doorbell backend the function got."""
+    first = next(iter(served.values()), {})
+    return {"function": first.get("function"), "device": first.get("device"),
+            "controllers": ", ".join(f"{name}: {entry.get('profile')}"
+                                     for name, entry in served.items()),
+            "doorbell": first.get("doorbell")}
 
 
-def vntb_doorbells(epf: PciEpf | None) -> tuple[int, bool]:
-    """How many doorbells the EP will answer, and whether they share one register, from
-    the pci-epf-vntb function probed."""
-    assert isinstance(epf, PciEpfVntb)
-    return epf.db_count - 2, epf.db_backend == "embedded"
+def ntb_suite_script(phase: str, served: Facts) -> str:
+    """``ntb_suite.sh`` for ``phase``, expecting the doorbells the server's pci-epf-vntb
+    reports: how many the peer can ring, and whether they share one register."""
+    vntb = next(iter(served.values()))
+    return f"sh /ntb_suite.sh {phase} {vntb['doorbells']} {int(vntb['db_shared'])}"
 
 
-def _run_ntb_suite(target: Target, assets: GuestAssets, doorbells: tuple[int, bool],
-                   timeout: float, run_dir: Path | None, phases: list[str],
-                   options: GuestOptions, facts: dict[str, Any]) -> int:
-    """One guest per phase, the EP running the matching client; ``phases`` selects some."""
+def _run_ntb_suite(spec: RunSpec, assets: GuestAssets, run_dir: Path | None,
+                   facts: dict[str, Any]) -> int:
+    """One guest per phase, the EP running the matching client; the guest arguments select
+    some phases."""
+    target = spec.target
     progress = Progress(new_run_dir(run_dir), target, "ntb", facts)
     with keeping(progress.keep):
-        for phase in select_phases("NTB suite", phases, NTB_PHASES):
+        for phase in select_phases("NTB suite", spec.guest_args, NTB_PHASES):
             print(f"# --- {phase}: the EP runs its {phase} client ---", flush=True)
             progress.running = [progress.top / phase]
-            result = boot_guest(
-                f"sh /ntb_suite.sh {phase} {doorbells[0]} {int(doorbells[1])}",
-                server_args=target.server_args(f"ntb_client={phase}",
-                                               f"pingpong_delay_ms={PINGPONG_DELAY_MS}"),
-                assets=assets, timeout=timeout, run_dir=progress.top / phase,
-                extra_files={"ntb_suite.sh": NTB_SUITE, "tap_lib.sh": TAP_LIB}, live=_echo,
-                options=options)
+
+            def script(served: Facts, phase: str = phase) -> str:
+                progress.served(served)
+                return ntb_suite_script(phase, served)
+
+            result = boot_guest(GuestBoot(
+                script, serve=target.server_args(f"ntb_client={phase}",
+                                                 f"pingpong_delay_ms={PINGPONG_DELAY_MS}"),
+                assets=assets, run_dir=progress.top / phase,
+                files={"ntb_suite.sh": NTB_SUITE, "tap_lib.sh": TAP_LIB}, options=spec.options,
+                live=_echo), spec.timeout)
             progress.running = []
             progress.finished(result, phase)
         return finish_suite(progress)
 
 
-def _run_ntb_pair(target: Target, assets: GuestAssets, controllers: tuple[str, str],
-                  timeout: float, run_dir: Path | None, phases: list[str],
-                  options: GuestOptions, facts: dict[str, Any]) -> int:
+def _run_ntb_pair(spec: RunSpec, assets: GuestAssets, controllers: tuple[str, str],
+                  run_dir: Path | None, facts: dict[str, Any]) -> int:
     """Two guests on one pci-epf-ntb (guest a on the primary, b on the secondary), booted
-    together once per phase (rejoin: b boots twice); ``phases`` selects some."""
-    progress = Progress(new_run_dir(run_dir), target, "ntb-pair", facts)
+    together once per phase (rejoin: b boots twice); the guest arguments select some
+    phases."""
+    progress = Progress(new_run_dir(run_dir), spec.target, "ntb-pair", facts)
     with keeping(progress.keep):
-        for phase in select_phases("NTB pair phase", phases, PAIR_PHASES):
+        for phase in select_phases("NTB pair phase", spec.guest_args, PAIR_PHASES):
             print(f"# --- {phase}: both guests run {phase} ---", flush=True)
-            specs = [GuestSpec(role, ctrl, f"sh /ntb_pair.sh {role} {phase}")
-                     for role, ctrl in zip(PAIR_ROLES, controllers, strict=True)]
+            guests = [GuestSpec(role, ctrl, f"sh /ntb_pair.sh {role} {phase}")
+                      for role, ctrl in zip(PAIR_ROLES, controllers, strict=True)]
             if phase == "rejoin":  # b's QEMU is gone, and b boots again
-                specs.append(GuestSpec("b2", controllers[1],
-                                       f"sh /ntb_pair.sh b {phase} 2", after="b"))
-            progress.running = [progress.top / phase / s.label for s in specs]
-            results = boot_guests(specs, server_args=target.server_args(), assets=assets,
-                                  timeout=timeout, run_dir=progress.top / phase,
-                                  extra_files={"ntb_pair.sh": NTB_PAIR, "tap_lib.sh": TAP_LIB},
+                guests.append(GuestSpec("b2", controllers[1],
+                                        f"sh /ntb_pair.sh b {phase} 2", after="b"))
+            progress.running = [progress.top / phase / g.label for g in guests]
+            results = boot_guests(guests, server_args=spec.target.server_args(),
+                                  assets=assets, timeout=spec.timeout,
+                                  run_dir=progress.top / phase,
+                                  files={"ntb_pair.sh": NTB_PAIR, "tap_lib.sh": TAP_LIB},
                                   live=lambda label, line: _echo(f"{label}: {line}"),
-                                  options=options)
+                                  options=spec.options)
             progress.running = []
-            for spec, result in zip(specs, results, strict=True):
-                progress.finished(result, f"{phase}/{spec.label}")
+            for guest, result in zip(guests, results, strict=True):
+                progress.finished(result, f"{phase}/{guest.label}")
         return finish_suite(progress)
 
 
-def select_phases(what: str, chosen: list[str], known: tuple[str, ...]) -> list[str]:
+def select_phases(what: str, chosen: Sequence[str], known: tuple[str, ...]) -> list[str]:
     """The phases to run: those named after ``--`` (checked), else all."""
     unknown = [p for p in chosen if p not in known]
     if unknown:
         raise ConfigError(f"no {what} {', '.join(unknown)}; the phases are "
                           f"{', '.join(known)}")
-    return chosen or list(known)
+    return list(chosen or known)
 
 
 def finish_suite(progress: Progress) -> int:

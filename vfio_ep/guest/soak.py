@@ -16,24 +16,22 @@ import os
 import random
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from vfio_ep import cmdline
 from vfio_ep.config import ConfigError
 from vfio_ep.guest.assets import NTB_SUITE, TAP_LIB
+from vfio_ep.guest.children import LaunchError, run_async
 from vfio_ep.guest.interrupt import Interrupted, keeping
-from vfio_ep.guest.launcher import (
-    KSELFTEST_NAME,
-    GuestRun,
-    LaunchError,
-    new_run_dir,
-    run_async,
-    running_server,
-)
+from vfio_ep.guest.launcher import KSELFTEST_NAME, GuestBoot, GuestRun
 from vfio_ep.guest.provision import GuestAssets, ProvisionError, provision_all
 from vfio_ep.guest.results import parse_tap
-from vfio_ep.guest.runner import Target, probe_function, vntb_doorbells
+from vfio_ep.guest.run_dir import new_run_dir
+from vfio_ep.guest.runner import Target, ntb_suite_script
+from vfio_ep.guest.server import Facts, running_server
 
 DEVICE = "/sys/bus/pci/devices/0000:01:00.0"  # the endpoint, alone behind the root port
 RESET_FIRST = 0.25  # share of runs whose guest resets the device before the suite
@@ -96,12 +94,12 @@ def soak(minutes: float, function: str | None, sets: list[str], seed: int | None
         print(f"vfio-ep soak: {e}", file=sys.stderr)
         return 2
     driver = next(iter(comp.functions.values())).driver
+    suite: Callable[[Facts], str]
     if driver == "pci_epf_vntb":
-        bits, shared = vntb_doorbells(probe_function(comp))
-        suite = f"sh /ntb_suite.sh netdev {bits} {int(shared)}"
+        suite = partial(ntb_suite_script, "netdev")
         extra_sets: tuple[str, ...] = ("ntb_client=netdev",)
     elif driver == "pci_epf_test":
-        suite, extra_sets = f"/{KSELFTEST_NAME}", ()
+        suite, extra_sets = (lambda _: f"/{KSELFTEST_NAME}"), ()
     else:
         print(f"vfio-ep soak: no suite soaks {driver}", file=sys.stderr)
         return 2
@@ -118,21 +116,23 @@ def soak(minutes: float, function: str | None, sets: list[str], seed: int | None
         return 2
 
 
-async def _soak(seconds: float, suite: str, controller: str, server_args: list[str],
+async def _soak(seconds: float, suite_of: Callable[[Facts], str], controller: str,
+                server_args: list[str],
                 assets: GuestAssets, rng: random.Random, top: Path, tally: Tally) -> int:
     deadline = time.monotonic() + seconds
     quiet = [sys.executable, "-m", "vfio_ep", "serve"]  # INFO logs: hours of DEBUG are GBs
     async with running_server([controller], server_args, top / "server.log",
-                              quiet) as (server, sockets):
+                              quiet) as served:
+        server, suite = served.process, suite_of(served.facts)
         first: ServerStats | None = None
         while time.monotonic() < deadline or not tally.runs:
             n = tally.runs + 1
             reset = rng.random() < RESET_FIRST
             kill_after = rng.uniform(2, 6) if rng.random() < KILL else None
             script = f"echo 1 > {DEVICE}/reset; {suite}" if reset else suite
-            run = GuestRun(script, server_args=None, socket=sockets[controller], assets=assets,
-                           run_dir=top / f"run{n:04d}",
-                           extra_files={"ntb_suite.sh": NTB_SUITE, "tap_lib.sh": TAP_LIB})
+            run = GuestRun(GuestBoot(script, socket=served.sockets[controller], assets=assets,
+                                     run_dir=top / f"run{n:04d}",
+                                     files={"ntb_suite.sh": NTB_SUITE, "tap_lib.sh": TAP_LIB}))
             started = time.monotonic()
             result = await run.run(kill_after or RUN_TIMEOUT)
             tally.runs += 1

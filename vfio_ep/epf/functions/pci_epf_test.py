@@ -33,6 +33,7 @@ from vfio_ep.epf.doorbell import (
     DoorbellError,
     pci_epf_alloc_doorbell,
     pci_epf_doorbell_addresses,
+    pci_epf_doorbell_backend,
     pci_epf_free_doorbell,
 )
 from vfio_ep.epf.regs import RegisterBlock, field_offsets
@@ -167,6 +168,10 @@ class PciEpfTest(PciEpf):
         """struct pci_epf_test_reg in the EP RAM behind test_reg_bar."""
         return RegisterBlock(TestReg, self.controller.ram,
                              self.reg_space[self.test_reg_bar].phys_addr)
+
+    def facts(self) -> dict[str, object]:
+        """Its driver, and the doorbell backend DOORBELL_TEST's enable will get."""
+        return super().facts() | {"doorbell": pci_epf_doorbell_backend(self)}
 
     # -- bind / space ------------------------------------------------------------
     def bind(self) -> None:

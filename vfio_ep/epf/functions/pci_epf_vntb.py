@@ -184,6 +184,15 @@ class PciEpfVntb(PciEpf):
         assert b is not None
         return RegisterBlock(EpfNtbCtrl, self.controller.ram, b.phys_addr)
 
+    def facts(self) -> dict[str, object]:
+        """Its driver, the doorbell backend it got ("poll" when none: it polls its BAR), how
+        many doorbells the peer can ring (its db_count less the link and reserved slots),
+        and whether they share one register (the embedded doorbell: any ring sets them
+        all)."""
+        return super().facts() | {"doorbell": self.db_backend or "poll",
+                                  "doorbells": self.db_count - EPF_IRQ_DB_START,
+                                  "db_shared": self.db_backend == "embedded"}
+
     # -- bind: BARs, interrupts, doorbells, memory windows, the NTB device ------------
     def bind(self) -> None:
         """epf_ntb_bind(); raises EpcError with the errno the kernel's bind returns."""
