@@ -21,6 +21,7 @@ from vfio_ep.composition import EP_GUEST_CONTROLLER, Composition, Endpoint
 from vfio_ep.epc import cpu_port as v
 from vfio_ep.epc.edma import (
     CH_BASE,
+    CTRL,
     DAR_HI,
     DAR_LO,
     EMUL_DOORBELL_OFFSET,
@@ -82,10 +83,11 @@ class EpDriver:
 
 
 @contextmanager
-def serving(tmp_path: Path, profile: str = "generic") -> Iterator[tuple[ServerThread,
-                                                                        Endpoint, Endpoint]]:
-    """A controller an EP guest drives, its RC side and its CPU side served."""
-    comp = Composition.ep_guest({"profile": profile})
+def serving(tmp_path: Path, profile: str = "generic", **values: str
+            ) -> Iterator[tuple[ServerThread, Endpoint, Endpoint]]:
+    """A controller an EP guest drives (more of its attributes in ``values``), its RC side
+    and its CPU side served."""
+    comp = Composition.ep_guest({"profile": profile, **values})
     comp.assign_sockets([str(tmp_path / "rc.sock")])
     comp.assign_sockets([str(tmp_path / "ep.sock")], "ep_socket")
     rc, ep = comp.build()
@@ -203,6 +205,23 @@ def test_the_embedded_doorbell_reaches_the_ep_guest(
     host = Client(rc.socket)
     host.write(1, db & 0xFFFF, b"\0\0\0\0")
     assert wait_eventfd(d.irq[v.VEC_DOORBELL])
+
+
+def test_under_dw_edma_the_doorbell_is_the_edmas_own_interrupt(tmp_path: Path) -> None:
+    """dma_channels=dw-edma: the driver is told to hand the eDMA to Linux's dw-edma, which
+    reads the channel counts from CTRL, and the emulation doorbell asserts the eDMA's own
+    interrupt (VEC_EDMA), which dw-edma's handler passes to its doorbell IRQ, as on a SoC."""
+    with serving(tmp_path, dma_channels="dw-edma") as (_, rc, ep):
+        d = EpDriver(Client(ep.socket))
+        assert d.r32(v.DMA_CHANNELS) == v.DMA_KINDS["dw-edma"]
+        assert d.r32(v.EDMA_OFFSET + CTRL) == 2 | 2 << 16
+        assert d.cmd("SET_BAR", 1, 0, 0x10000, EP_RAM + 0x10000, 0)[0] == 0
+        d.start_pci_epf_test_like()
+        db = d.r32(v.EDMA_BUS_ADDR) + EMUL_DOORBELL_OFFSET
+        assert d.cmd("SET_BAR", 1, 0, 0x10000, db & ~0xFFFF, 0)[0] == 0
+        Client(rc.socket).write(1, db & 0xFFFF, b"\0\0\0\0")
+        assert wait_eventfd(d.irq[v.VEC_EDMA])
+        assert not wait_eventfd(d.irq[v.VEC_DOORBELL], timeout=0.2)
 
 
 def test_the_aperture_reaches_rc_memory_through_the_outbound_atu(started: Started) -> None:

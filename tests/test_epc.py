@@ -17,10 +17,21 @@ from vfio_ep.epc.edma import (
     CH_CONTROL1,
     CH_HALTED,
     CH_STATUS_SHIFT,
+    CH_STOPPED,
+    CTRL,
+    CTRL1_CCS,
+    CTRL1_LLE,
     DAR_HI,
     DAR_LO,
     DOORBELL_STOP,
     EDMA_REGS_SIZE,
+    LL_CB,
+    LL_LIE,
+    LL_LLP,
+    LL_TCB,
+    LLI,
+    LLP_HI,
+    LLP_LO,
     SAR_HI,
     SAR_LO,
     TRANSFER_SIZE,
@@ -390,3 +401,77 @@ def test_the_msix_table_the_ep_reads_holds_messages_to_the_rc_msi_window() -> No
     table = epc.ram.read(ram + 0x1000, 4 * 16)
     assert [int.from_bytes(table[i:i + 4], "little") for i in range(0, 64, 4)] == [
         v for i in range(4) for v in (RC_MSI_ADDR, 0, i, 0)]
+
+
+def _dw_edma_chunk(space: EpAddressSpace, ll: int, bursts: list[tuple[int, int, int]],
+                   cb: bool) -> None:
+    """What dw-edma's dw_edma_core_start() writes for one chunk: a data element per burst
+    (cycle bit ``cb``, LIE on the last), then a link back to the list's start whose cycle
+    bit is the state after its toggle."""
+    for i, (size, sar, dar) in enumerate(bursts):
+        control = (LL_CB if cb else 0) | (LL_LIE if i == len(bursts) - 1 else 0)
+        space.ram.write(ll + i * LLI.size, LLI.pack(control, size, sar, dar))
+    space.ram.write(ll + len(bursts) * LLI.size,
+                    LLI.pack(LL_LLP | LL_TCB | (0 if cb else LL_CB), 0, ll, 0))
+
+
+def test_edma_linked_list_mode_runs_dw_edma_chunks() -> None:
+    """Linux's dw-edma drives the eDMA in linked-list mode: CTRL reports the channels;
+    the first chunk enables the channel (CCS | LLE, LLP at the list), every chunk rings the
+    doorbell after writing its elements with the cycle bit toggled from the last one's.
+    Each chunk moves its bursts, raises DONE once (its last element's LIE) and stops at the
+    elements the producer has not handed over; a list that only loops through links
+    aborts."""
+    table = DmaTable()
+    fd = os.memfd_create("rc", os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, 0x10000)
+    table.map(0, 0x10000, 3, fd, 0)
+    os.close(fd)
+    soc = EpSoc("t", PROFILES["generic"], 1 << 20, 0.001)
+    ll = BASE + 0x8000
+
+    async def go() -> None:
+        async with trio.open_nursery() as n:
+            await n.start(soc.run)
+            edma = DwEdma(soc.space, soc.irqs, soc.spawn, 2, lambda: table)
+            assert edma.read(CTRL, 4) == 2 | 2 << 16
+            edma.write(CTRL, 4, 0)
+            assert edma.read(CTRL, 4) == 2 | 2 << 16  # read-only
+            raised: list[int] = []
+            soc.irqs.request_irq(edma.virq, lambda v, d: raised.append(v) or IRQ_HANDLED,
+                                 IRQF_SHARED, "t", "me")
+            ch = CH_BASE  # write channel 0: EP -> RC
+            soc.space.ram.write(BASE, bytes(range(256)) * 16)
+            edma.write(WR_ENGINE_EN, 4, 1)
+            edma.write(ch + CH_CONTROL1, 4, CTRL1_CCS | CTRL1_LLE)
+            edma.write(ch + LLP_LO, 4, ll & 0xFFFFFFFF)
+            edma.write(ch + LLP_HI, 4, ll >> 32)
+            chunks = [[(16, BASE, 0x100), (16, BASE + 16, 0x110)],
+                      [(32, BASE + 32, 0x200)],
+                      [(8, BASE + 64, 0x300), (8, BASE + 72, 0x308), (8, BASE + 80, 0x310)]]
+            for k, bursts in enumerate(chunks):
+                _dw_edma_chunk(soc.space, ll, bursts, cb=k % 2 == 0)
+                edma.write(WR_DOORBELL, 4, 0)
+                await trio.testing.wait_all_tasks_blocked()
+                assert len(raised) == k + 1
+                assert edma.dirs["wr"].int_status == 1
+                edma.write(0x58, 4, 1)  # WR_INT_CLEAR
+                assert edma.read(ch + CH_CONTROL1, 4) >> CH_STATUS_SHIFT & 3 == CH_STOPPED
+            assert bytes(table.view(0x100, 32)) == bytes(range(32))
+            assert bytes(table.view(0x200, 32)) == bytes(range(32, 64))
+            assert bytes(table.view(0x300, 24)) == bytes(range(64, 88))
+            # A doorbell with nothing handed over moves nothing and raises nothing.
+            edma.write(WR_DOORBELL, 4, 0)
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(raised) == 3 and edma.dirs["wr"].int_status == 0
+            # A link to itself that is always handed over: aborted, not spun on forever.
+            ccs = bool(edma.read(ch + CH_CONTROL1, 4) & CTRL1_CCS)
+            here = edma.read(ch + LLP_LO, 4) | edma.read(ch + LLP_HI, 4) << 32
+            soc.space.ram.write(here, LLI.pack(LL_LLP | (LL_CB if ccs else 0), 0, here, 0))
+            edma.write(WR_DOORBELL, 4, 0)
+            await trio.testing.wait_all_tasks_blocked()
+            assert edma.dirs["wr"].int_status == 1 << 16  # ABORT, channel 0
+            assert edma.read(ch + CH_CONTROL1, 4) >> CH_STATUS_SHIFT & 3 == CH_HALTED
+            n.cancel_scope.cancel()
+
+    trio.run(go)

@@ -72,13 +72,15 @@ def test_parse_console_cuts_between_markers() -> None:
 
 
 def test_records_after_the_command_become_files() -> None:
-    """dmesg and the trace buffer, from the console after the exit status or from the rescue
-    console (where the tty echoes the command line first)."""
+    """dmesg, the interrupt counts and the trace buffer, from the console after the exit
+    status or from the rescue console (where the tty echoes the command line first)."""
     console = (initramfs.BEGIN + "\r\nout\r\n" + initramfs.END + "0@@\r\n"
                "--- dmesg ---\r\n[    0.1] one\r\n[    0.2] two\r\n"
+               "--- interrupts ---\r\n 25:  3  dw-edma-emul\r\n"
                "--- trace ---\r\n# tracer: nop\r\n  sh-1 [000] irq_handler_entry\r\n")
     assert initramfs.console_sections(console) == {
         "dmesg.txt": "[    0.1] one\n[    0.2] two\n",
+        "interrupts.txt": " 25:  3  dw-edma-emul\n",
         "ftrace.txt": "# tracer: nop\n  sh-1 [000] irq_handler_entry\n"}
     rescue = (initramfs.sections_script() + "; echo done\r\n--- dmesg ---\r\n[ 9.0] hung\r\n"
               + launcher.RESCUE_DONE.decode())

@@ -8,6 +8,8 @@
 # reports its exit status, then serves until the run stops this guest.
 names=$1 setup=$2 cmd=$3
 cfs=/sys/kernel/config/pci_ep
+# dw-edma first: the EPC driver hands the eDMA to it (dma_channels=dw-edma), so uses its symbols
+[ -f /lib/modules/dw-edma.ko ] && insmod /lib/modules/dw-edma.ko
 insmod /lib/modules/vfio-ep-epc.ko || { echo "vfio-ep: the EPC driver did not load"; exit 3; }
 for m in pci-epf-test pci-epf-ntb pci-epf-vntb; do
 	[ -f "/lib/modules/$m.ko" ] && insmod "/lib/modules/$m.ko"

@@ -38,7 +38,7 @@ __all__ = ["EpcError", "IrqType", "PciEpc", "PciEpcAttributes", "PciEpcMap", "Pc
 PCI_BASE_ADDRESS_IO_MASK = ~0x3
 SZ_1M = 1 << 20
 RESIZABLE_MAX = 128 << 40  # SZ_128G * 1024
-DMA_CHANNEL_KINDS = ("memcpy", "slave")
+DMA_CHANNEL_KINDS = ("memcpy", "slave", "dw-edma")
 
 
 class IrqType(enum.IntEnum):
@@ -76,8 +76,10 @@ class PciEpcAttributes:
     # pci-epf-test's command handler polls every 1 ms, and so does the core's poll doorbell;
     # pci-epf-vntb brings its own default, the kernel's 5 ms (its CONTROLLER_DEFAULTS).
     doorbell_poll_interval_us: Annotated[U32, Range(1, 0xFFFF_FFFF)] = 1000
-    # An EP guest's dmaengine view of the eDMA: "memcpy" channels (pci-epf-test's generic
-    # DMA path), or "slave" channels as dw-edma offers them (nvmet-pci-epf's).
+    # An EP guest's dmaengine view of the eDMA: its EPC driver's "memcpy" channels
+    # (pci-epf-test's generic DMA path) or "slave" channels as dw-edma offers them
+    # (nvmet-pci-epf's), or "dw-edma": Linux's own dw-edma driver in linked-list mode, with
+    # its interrupt-emulation doorbell, as on a DesignWare SoC.
     dma_channels: str = "memcpy"
     # False: a SoC without the eDMA, so with no embedded doorbell either: an EP guest's
     # pci-epf-vntb then polls its doorbells every 5 ms, as on such a board.

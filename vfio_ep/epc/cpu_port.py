@@ -63,8 +63,10 @@ BUS_RAM_END = _H["VEPC_BUS_RAM_END"]
 OB_BUS_ADDR, OB_PAGE_SIZE = _H["VEPC_OB_BUS_ADDR"], _H["VEPC_OB_PAGE_SIZE"]
 EDMA_BUS_ADDR, EDMA_CHANNELS = _H["VEPC_EDMA_BUS_ADDR"], _H["VEPC_EDMA_CHANNELS"]
 EDMA_BAR, REG_NO_BAR = _H["VEPC_EDMA_BAR"], _H["VEPC_NO_BAR"]
-DMA_CHANNELS, DMA_MEMCPY, DMA_SLAVE = (_H["VEPC_DMA_CHANNELS"], _H["VEPC_DMA_MEMCPY"],
-                                       _H["VEPC_DMA_SLAVE"])
+DMA_CHANNELS = _H["VEPC_DMA_CHANNELS"]
+# The controller's dma_channels, as the driver reads it
+DMA_KINDS = {"memcpy": _H["VEPC_DMA_MEMCPY"], "slave": _H["VEPC_DMA_SLAVE"],
+             "dw-edma": _H["VEPC_DMA_DW_EDMA"]}
 CMD, CMD_STATUS, CMD_RESULT = _H["VEPC_CMD"], _H["VEPC_CMD_STATUS"], _H["VEPC_CMD_RESULT"]
 CMD_FUNC, CMD_ARG, CMD_ARGS = _H["VEPC_CMD_FUNC"], _H["VEPC_CMD_ARG"], _H["VEPC_CMD_ARGS"]
 SUBMAP, SUBMAP_STRIDE, SUBMAP_MAX = (_H["VEPC_SUBMAP"], _H["VEPC_SUBMAP_STRIDE"],
@@ -227,7 +229,10 @@ class EpcCpuPort(MmioHandler, EpcEvents):
         self.regs = bytearray(EDMA_OFFSET)
         self.events: collections.deque[int] = collections.deque(maxlen=EVENT_QUEUE)
         self._fill_identity(raw)
-        self._put(DMA_CHANNELS, 4, DMA_SLAVE if dma_channels == "slave" else DMA_MEMCPY)
+        self._put(DMA_CHANNELS, 4, DMA_KINDS[dma_channels])
+        # Under Linux's dw-edma the emulation doorbell asserts the eDMA's own interrupt,
+        # which dw-edma's handler hands to the doorbell's IRQ; else it has its own vector.
+        self._doorbell_vector = VEC_EDMA if dma_channels == "dw-edma" else VEC_DOORBELL
         self.pci = self._device()
         self._refresh_aperture()
         self.dw.outbound.on_change.append(self._refresh_aperture)
@@ -304,7 +309,7 @@ class EpcCpuPort(MmioHandler, EpcEvents):
         irqs = self.epc.irqs
         irqs.request_irq(edma.virq, lambda virq, dev: self._forward(VEC_EDMA), IRQF_SHARED,
                          "vfio-ep-epc-edma", self)
-        irqs.request_irq(edma.emul_virq, lambda virq, dev: self._forward(VEC_DOORBELL),
+        irqs.request_irq(edma.emul_virq, lambda virq, dev: self._forward(self._doorbell_vector),
                          IRQF_SHARED, "vfio-ep-epc-doorbell", self)
         self.dw.start_doorbell(PciEpcAuxResource(
             "doorbell-mmio", self.dw.edma_base + EMUL_DOORBELL_OFFSET, 4, NO_BAR, 0,

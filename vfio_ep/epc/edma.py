@@ -2,9 +2,15 @@
 
 The register block sits at an EP address like on the SoC.  Write channels
 move EP memory to RC (PCI) addresses, read channels RC to EP; a channel is
-programmed with SAR/DAR/transfer size in non-linked-list mode and started by
-writing its number to the direction's doorbell register; completion sets the
-DONE (or ABORT) status bit and raises the eDMA interrupt unless masked.
+started by writing its number to the direction's doorbell register, and
+moves either what its SAR/DAR/transfer size registers say (non-linked-list
+mode, what our own drivers program) or, with LLE in CH_CONTROL1, the linked
+list at its LLP in EP memory (what Linux's dw-edma programs): data elements
+while their cycle bit matches the channel's consumer cycle state (CCS), link
+elements followed (toggling CCS with TCB), stopping at the first element the
+producer has not handed over.  A data element with LIE, or a non-LL transfer,
+sets the DONE (or ABORT) status bit and raises the eDMA interrupt unless
+masked.  CTRL reports the channels per direction, as dw_edma_probe() reads.
 
 Interrupt emulation: as in Linux 7.3.4 (dw-edma-v0-core.c), any write to
 ``rd_int_status`` asserts a dedicated "dw-edma-emul" interrupt without
@@ -19,6 +25,7 @@ COPY with DMA needs one).
 from __future__ import annotations
 
 import logging
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -36,6 +43,8 @@ EDMA_REGS_SIZE = 0x2000
 MAX_CHANNELS = 8
 
 # Global registers (struct dw_edma_v0_regs).
+CTRL = 0x08  # read-only: write channels in bits 3:0, read channels in bits 19:16
+CTRL_RD_CH_SHIFT = 16
 WR_ENGINE_EN = 0x0C
 WR_DOORBELL = 0x10
 RD_ENGINE_EN = 0x2C
@@ -57,6 +66,8 @@ SAR_LO = 0x0C
 SAR_HI = 0x10
 DAR_LO = 0x14
 DAR_HI = 0x18
+LLP_LO = 0x1C
+LLP_HI = 0x20
 
 DOORBELL_CH_MASK = 0x7
 DOORBELL_STOP = 1 << 31
@@ -65,6 +76,14 @@ ABORT_SHIFT = 16
 CH_STATUS_SHIFT = 5  # CH_CONTROL1 bits 6:5
 CH_RUNNING, CH_HALTED, CH_STOPPED = 1, 2, 3
 CTRL2_LOCAL_COPY = 1 << 0
+# CH_CONTROL1 and linked-list element control bits (dw-edma-v0-core.c, enum dw_edma_control)
+LL_CB, LL_TCB, LL_LLP, LL_LIE, LL_RIE = 1 << 0, 1 << 1, 1 << 2, 1 << 3, 1 << 4
+CTRL1_CCS, CTRL1_LLE = 1 << 8, 1 << 9
+# struct dw_edma_v0_lli: control, transfer_size, sar, dar; a link element (struct
+# dw_edma_v0_llp) has its pointer where a data element has its SAR.
+LLI = struct.Struct("<IIQQ")
+# Link elements followed with no data element between them: past this the list loops.
+MAX_LINK_HOPS = 16
 
 # Offset of the interrupt-emulation doorbell (dw_edma_v0_core_db_offset()).
 EMUL_DOORBELL_OFFSET = RD_INT_STATUS
@@ -96,12 +115,15 @@ class DwEdma:
         self.spawn = spawn
         self.channels = min(channels, MAX_CHANNELS)
         self.regs = bytearray(EDMA_REGS_SIZE)
+        self._put(CTRL, self.channels | self.channels << CTRL_RD_CH_SHIFT)
         self.dirs = {"wr": Direction("write"), "rd": Direction("read")}
         self.irqs = irqs
         self.virq = irqs.alloc("dw-edma")
         # dw_edma_emul_irqchip: handle_level_irq, acked by a zero write to INT_CLEAR.
         self.emul_virq = irqs.alloc("dw-edma-emul", ack=lambda: self.write(RD_INT_CLEAR, 4, 0))
         self._engines: dict[tuple[str, int], Cancellable] = {}  # (direction, ch) running
+        # Linked-list channels rung while running: they look at the list again when done.
+        self._rings: set[tuple[str, int]] = set()
 
     # -- MmioHandler -------------------------------------------------------
     def read(self, offset: int, size: int) -> int:
@@ -127,12 +149,20 @@ class DwEdma:
                 (wr if offset == WR_ENGINE_EN else rd).engine_en = value
             case 0x10 | 0x30:
                 self._doorbell("wr" if offset == WR_DOORBELL else "rd", value)
+            case 0x08:  # CTRL: the channel counts are the hardware's
+                pass
             case _:
                 self.regs[offset : offset + 4] = value.to_bytes(4, "little")
 
     # -- engine --------------------------------------------------------------
     def _ch_base(self, direction: str, ch: int) -> int:
         return CH_BASE + ch * CH_STRIDE + (RD_OFFSET if direction == "rd" else 0)
+
+    def _get(self, offset: int, size: int = 4) -> int:
+        return int.from_bytes(self.regs[offset : offset + size], "little")
+
+    def _put(self, offset: int, value: int, size: int = 4) -> None:
+        self.regs[offset : offset + size] = value.to_bytes(size, "little")
 
     def _set_ch_status(self, direction: str, ch: int, status: int) -> None:
         base = self._ch_base(direction, ch)
@@ -151,6 +181,14 @@ class DwEdma:
                         ch, "on" if d.engine_en & 1 else "off")
             return
         base = self._ch_base(direction, ch)
+        if self._get(base) & CTRL1_LLE:
+            if (direction, ch) in self._engines:  # it walks the list on from where it is
+                self._rings.add((direction, ch))
+                return
+            self._set_ch_status(direction, ch, CH_RUNNING)
+            self._engines[(direction, ch)] = self.spawn(
+                lambda: self._run_list(direction, ch), f"edma-{direction}{ch}")
+            return
         regs = ChannelRegs.parse(bytes(self.regs[base : base + CH_REGS_SIZE]))
         self._set_ch_status(direction, ch, CH_RUNNING)
         self._engines[(direction, ch)] = self.spawn(lambda: self._run(direction, ch, regs),
@@ -166,6 +204,7 @@ class DwEdma:
         without an interrupt (whoever stops it is not waiting for one), so that it can never
         complete into the channel's next transfer."""
         work = self._engines.pop((direction, ch), None)
+        self._rings.discard((direction, ch))
         if work is not None:
             work.cancel()
             self._set_ch_status(direction, ch, CH_HALTED)
@@ -188,11 +227,60 @@ class DwEdma:
         # completion, no interrupt, and nothing of a newer transfer's is touched.
         await trio.lowlevel.checkpoint_if_cancelled()
         self._engines.pop((direction, ch), None)
-        d = self.dirs[direction]
         self._set_ch_status(direction, ch, CH_STOPPED if ok else CH_HALTED)
+        self._raise_done(direction, ch, ok)  # the engine's task ends here: handlers in place
+
+    async def _run_list(self, direction: str, ch: int) -> None:
+        """Linked-list mode: the list at the channel's LLP, element by element, LLP and CCS
+        following in the channel's registers as they do on the hardware, so that a doorbell
+        after a stop goes on from there (dw-edma's next chunk)."""
+        base = self._ch_base(direction, ch)
+        ok, hops = True, 0
+        try:
+            while True:
+                llp, ctrl1 = self._get(base + LLP_LO, 8), self._get(base)
+                ccs = bool(ctrl1 & CTRL1_CCS)
+                control, size, sar, dar = LLI.unpack(await self.space.read(llp, LLI.size))
+                if control & LL_LLP:
+                    # A link: handed over when its cycle bit is the state after its toggle.
+                    toggled = ccs != bool(control & LL_TCB)
+                    if bool(control & LL_CB) != toggled:
+                        break
+                    hops += 1
+                    if hops > MAX_LINK_HOPS:
+                        raise AddressError(f"linked list at {llp:#x} loops through links")
+                    self._put(base, ctrl1 ^ CTRL1_CCS if control & LL_TCB else ctrl1)
+                    self._put(base + LLP_LO, sar, 8)
+                    continue
+                if bool(control & LL_CB) != ccs:  # not the producer's yet: stop here
+                    if (direction, ch) not in self._rings:
+                        break
+                    self._rings.discard((direction, ch))
+                    continue
+                hops = 0
+                local = self.space
+                src: BusMemory = local if direction == "wr" else self._rc()
+                dst: BusMemory = local if direction == "rd" else self._rc()
+                await move(dst, dar, src, sar, size)
+                self._put(base + LLP_LO, llp + LLI.size, 8)
+                if control & LL_LIE:
+                    self._raise_done(direction, ch, ok=True)
+        except (AddressError, RcBusError) as e:
+            ok = False
+            log.warning("eDMA %s channel %d aborted: %s", self.dirs[direction].name, ch, e)
+        await trio.lowlevel.checkpoint_if_cancelled()  # STOP meanwhile: halted already
+        self._engines.pop((direction, ch), None)
+        self._rings.discard((direction, ch))
+        self._set_ch_status(direction, ch, CH_STOPPED if ok else CH_HALTED)
+        if not ok:
+            self._raise_done(direction, ch, ok=False)
+
+    def _raise_done(self, direction: str, ch: int, ok: bool) -> None:
+        """The channel's DONE (or ABORT) status bit, and the interrupt unless masked."""
+        d = self.dirs[direction]
         bit = 1 << ch if ok else 1 << (ch + ABORT_SHIFT)
         d.int_status |= bit
-        if not d.int_mask & bit:  # the engine's task ends here: its handlers run in place
+        if not d.int_mask & bit:
             self.irqs.handle_now(self.virq)
 
     def _rc(self) -> RcMemory:

@@ -52,34 +52,36 @@ sync
 poweroff -f
 """
 # The records after the command, also what the rescue console runs on a timeout (so one
-# line): dmesg, and the trace buffer when the kernel command line asked for boot-time tracing.
-SECTIONS = ("echo '{dmesg}'; dmesg; "
+# line): dmesg, the interrupt counts (which handlers ran: a doorbell's, the eDMA's), and the
+# trace buffer when the kernel command line asked for boot-time tracing.
+SECTIONS = ("echo '{dmesg}'; dmesg; echo '{interrupts}'; cat /proc/interrupts; "
             "if grep -qE '(^| )(trace_event|ftrace)=' /proc/cmdline; then "
             "mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null; "
             "echo '{trace}'; cat /sys/kernel/tracing/trace; fi")
 DMESG = "--- dmesg ---"
+INTERRUPTS = "--- interrupts ---"
 TRACE = "--- trace ---"
-_SECTION_RE = re.compile(rf"^({re.escape(DMESG)}|{re.escape(TRACE)})$", re.MULTILINE)
+SECTION_FILES = {DMESG: "dmesg.txt", INTERRUPTS: "interrupts.txt", TRACE: "ftrace.txt"}
+_SECTION_RE = re.compile("^(" + "|".join(map(re.escape, SECTION_FILES)) + ")$", re.MULTILINE)
 
 
 def sections_script() -> str:
     """One shell line printing the guest's records, each after its heading."""
-    return SECTIONS.format(dmesg=DMESG, trace=TRACE)
+    return SECTIONS.format(dmesg=DMESG, interrupts=INTERRUPTS, trace=TRACE)
 
 
 def console_sections(text: str) -> dict[str, str]:
     """The records a guest printed after its command (or through the rescue console), by
-    file name: ``dmesg.txt``, and ``ftrace.txt`` when tracing was on."""
+    file name: ``dmesg.txt``, ``interrupts.txt``, and ``ftrace.txt`` when tracing was on."""
     text = text.replace("\r", "")
     end = _END_RE.search(text)
     if end is not None:
         text = text[end.end():]
-    names = {DMESG: "dmesg.txt", TRACE: "ftrace.txt"}
     found: dict[str, str] = {}
     heads = list(_SECTION_RE.finditer(text))
     for i, m in enumerate(heads):
         stop = heads[i + 1].start() if i + 1 < len(heads) else len(text)
-        found[names[m.group(1)]] = text[m.end():stop].lstrip("\n")
+        found[SECTION_FILES[m.group(1)]] = text[m.end():stop].lstrip("\n")
     return found
 
 

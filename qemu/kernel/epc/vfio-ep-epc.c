@@ -22,6 +22,7 @@
 #include <linux/bitfield.h>
 #include <linux/delay.h>
 #include <linux/dma-mapping.h>
+#include <linux/dma/edma.h>
 #include <linux/dmaengine.h>
 #include <linux/interrupt.h>
 #include <linux/io.h>
@@ -44,6 +45,8 @@
 #define VEPC_EDMA_CTRL2_LOCAL	BIT(0)
 #define VEPC_EDMA_DOORBELL_STOP	BIT(31)
 #define VEPC_EDMA_ABORT_SHIFT	16
+/* Linked-list memory per dw-edma channel, as pcie-designware.c gives each (a page) */
+#define VEPC_DW_EDMA_LL_SIZE	PAGE_SIZE
 
 struct vepc;
 
@@ -96,8 +99,10 @@ struct vepc {
 	u8 edma_bar;
 	unsigned int edma_channels;
 	bool dma_slave;			/* VEPC_DMA_SLAVE: private slave channels */
+	bool dw_edma;			/* VEPC_DMA_DW_EDMA: Linux's dw-edma drives the eDMA */
 	struct mutex cmd_lock;		/* the command registers */
 	struct work_struct event_work;
+	struct dw_edma_chip edma_chip;	/* VEPC_DMA_DW_EDMA */
 	struct dma_device dma;
 	struct vepc_dma_chan chans[2 * VEPC_EDMA_MAX_CH];
 	/*
@@ -394,13 +399,17 @@ vepc_get_features(struct pci_epc *epc, u8 func_no, u8 vfunc_no)
 
 /*
  * The eDMA's interrupt-emulation doorbell, as pcie-designware-ep.c reports it: a write of 0
- * to its rd_int_status raises VEPC_VEC_DOORBELL.  Pre-exposed in a BAR where the profile
+ * to its rd_int_status asserts an interrupt.  Under dw-edma (VEPC_DMA_DW_EDMA) that is the
+ * eDMA's own, which dw-edma hands to the doorbell's virtual IRQ (chip->db_irq, at
+ * chip->db_offset); otherwise VEPC_VEC_DOORBELL.  Pre-exposed in a BAR where the profile
  * reserves one for the eDMA block (RK3588's BAR4).
  */
 static int vepc_get_aux_resources_count(struct pci_epc *epc, u8 func_no, u8 vfunc_no)
 {
 	struct vepc *vepc = epc_get_drvdata(epc);
 
+	if (vepc->dw_edma)
+		return vepc->edma_chip.db_offset == ~0 ? 0 : 1;
 	return vepc->edma_channels ? 1 : 0;
 }
 
@@ -410,11 +419,16 @@ static int vepc_get_aux_resources(struct pci_epc *epc, u8 func_no, u8 vfunc_no,
 	struct vepc *vepc = epc_get_drvdata(epc);
 	resource_size_t db = offsetof(struct dw_edma_v0_regs, rd_int_status);
 	bool exposed = vepc->edma_bar != VEPC_NO_BAR;
+	int irq = pci_irq_vector(vepc->pdev, VEPC_VEC_DOORBELL);
 
-	if (!vepc->edma_channels)
+	if (!vepc_get_aux_resources_count(epc, func_no, vfunc_no))
 		return 0;
 	if (num_resources < 1)
 		return -ENOSPC;
+	if (vepc->dw_edma) {
+		db = vepc->edma_chip.db_offset;
+		irq = vepc->edma_chip.db_irq;
+	}
 
 	resources[0] = (struct pci_epc_aux_resource) {
 		.type = PCI_EPC_AUX_DOORBELL_MMIO,
@@ -423,7 +437,7 @@ static int vepc_get_aux_resources(struct pci_epc *epc, u8 func_no, u8 vfunc_no,
 		.bar = exposed ? vepc->edma_bar : NO_BAR,
 		.bar_offset = exposed ? db : 0,
 		.u.db_mmio = {
-			.irq = pci_irq_vector(vepc->pdev, VEPC_VEC_DOORBELL),
+			.irq = irq,
 			.data = 0,	/* write 0 to assert */
 		},
 	};
@@ -835,6 +849,71 @@ static int vepc_dma_register(struct vepc *vepc)
 	return dma_async_device_register(dma);
 }
 
+/* -- the eDMA, under Linux's dw-edma ---------------------------------------------------- */
+
+static int vepc_dw_edma_irq_vector(struct device *dev, unsigned int nr)
+{
+	struct vepc *vepc = *(struct vepc **)dev_get_platdata(dev);
+
+	return pci_irq_vector(vepc->pdev, VEPC_VEC_EDMA);
+}
+
+static const struct dw_edma_plat_ops vepc_dw_edma_ops = {
+	.irq_vector = vepc_dw_edma_irq_vector,
+};
+
+static int vepc_dw_edma_ll(struct device *dev, struct dw_edma_region *ll)
+{
+	dma_addr_t paddr;
+
+	ll->sz = VEPC_DW_EDMA_LL_SIZE;
+	ll->vaddr.mem = dmam_alloc_coherent(dev, ll->sz, &paddr, GFP_KERNEL);
+	if (!ll->vaddr.mem)
+		return -ENOMEM;
+	ll->paddr = paddr;
+	return 0;
+}
+
+static void vepc_dw_edma_remove(void *data)
+{
+	dw_edma_remove(data);
+}
+
+/*
+ * The eDMA as pcie-designware.c hands it to dw-edma on a SoC: local (the EP's CPU programs
+ * it), unrolled registers, one interrupt for every channel, a page of linked-list memory per
+ * channel in the SoC's RAM.  dw-edma then offers the channels (its dmaengine device is the
+ * EPC's parent, as the functions' filters ask) and allocates the interrupt-emulation
+ * doorbell's virtual IRQ.
+ */
+static int vepc_dw_edma_probe(struct vepc *vepc)
+{
+	struct dw_edma_chip *chip = &vepc->edma_chip;
+	struct device *dev = &vepc->plat->dev;
+	unsigned int i;
+	int ret;
+
+	chip->dev = dev;
+	chip->ops = &vepc_dw_edma_ops;
+	chip->flags = DW_EDMA_CHIP_LOCAL;
+	chip->mf = EDMA_MF_EDMA_UNROLL;
+	chip->nr_irqs = 1;
+	chip->reg_base = vepc->edma;
+	chip->ll_wr_cnt = vepc->edma_channels;
+	chip->ll_rd_cnt = vepc->edma_channels;
+	for (i = 0; i < vepc->edma_channels; i++) {
+		ret = vepc_dw_edma_ll(dev, &chip->ll_region_wr[i]);
+		if (!ret)
+			ret = vepc_dw_edma_ll(dev, &chip->ll_region_rd[i]);
+		if (ret)
+			return ret;
+	}
+	ret = dw_edma_probe(chip);
+	if (ret)
+		return dev_err_probe(dev, ret, "dw-edma on the eDMA block\n");
+	return devm_add_action_or_reset(dev, vepc_dw_edma_remove, chip);
+}
+
 /* -- probe ---------------------------------------------------------------------------- */
 
 static void vepc_read_features(struct vepc *vepc)
@@ -885,6 +964,7 @@ static int vepc_check_device(struct vepc *vepc)
 	}
 	vepc->edma_bar = readl(vepc->regs + VEPC_EDMA_BAR);
 	vepc->dma_slave = readl(vepc->regs + VEPC_DMA_CHANNELS) == VEPC_DMA_SLAVE;
+	vepc->dw_edma = readl(vepc->regs + VEPC_DMA_CHANNELS) == VEPC_DMA_DW_EDMA;
 	vepc->edma_bus = vepc_readq(vepc, VEPC_EDMA_BUS_ADDR);
 	vepc->ob_bus = vepc_readq(vepc, VEPC_OB_BUS_ADDR);
 	return 0;
@@ -900,7 +980,7 @@ static int vepc_request_irqs(struct vepc *vepc)
 			       "vfio-ep-epc-event", vepc);
 	if (ret)
 		return ret;
-	if (!vepc->edma_channels)
+	if (!vepc->edma_channels || vepc->dw_edma)	/* dw-edma requests its own */
 		return 0;
 	return devm_request_threaded_irq(dev, pci_irq_vector(pdev, VEPC_VEC_EDMA), NULL,
 					 vepc_edma_irq, IRQF_ONESHOT, "vfio-ep-epc-edma", vepc);
@@ -933,7 +1013,11 @@ static int vepc_plat_probe(struct platform_device *plat)
 	ret = dma_set_mask_and_coherent(dev, DMA_BIT_MASK(64));
 	if (ret)
 		return ret;
-	if (vepc->edma_channels) {
+	if (vepc->edma_channels && vepc->dw_edma) {
+		ret = vepc_dw_edma_probe(vepc);
+		if (ret)
+			return ret;
+	} else if (vepc->edma_channels) {
 		ret = vepc_dma_register(vepc);
 		if (ret)
 			return ret;
@@ -962,8 +1046,10 @@ static int vepc_plat_probe(struct platform_device *plat)
 
 	/* No PERST# to wait for here: the controller is ready to be programmed. */
 	pci_epc_init_notify(vepc->epc);
-	dev_info(dev, "endpoint controller: %u eDMA channels per direction, aperture %pa+%pa\n",
-		 vepc->edma_channels, &vepc->ob_phys, &vepc->ob_size);
+	dev_info(dev, "endpoint controller: %u eDMA channels per direction (%s), aperture %pa+%pa\n",
+		 vepc->edma_channels,
+		 vepc->dw_edma ? "dw-edma" : vepc->dma_slave ? "slave" : "memcpy",
+		 &vepc->ob_phys, &vepc->ob_size);
 	return 0;
 }
 

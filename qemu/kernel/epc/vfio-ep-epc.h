@@ -55,11 +55,14 @@
  * MEMCPY, memcpy channels (pci-epf-test's generic path: its READ, WRITE and COPY); SLAVE,
  * private slave channels as dw-edma offers a DesignWare eDMA (what nvmet-pci-epf needs, and
  * pci-epf-test prefers: its COPY then fails, "DMA controller doesn't support MEMCPY", as on
- * those boards).
+ * those boards); DW_EDMA, Linux's own dw-edma driver on the eDMA block (linked-list mode,
+ * its one interrupt on VEPC_VEC_EDMA, and its interrupt-emulation doorbell as the aux
+ * resource, as pcie-designware-ep.c reports it).
  */
 #define VEPC_DMA_CHANNELS		0x0ec
 #define VEPC_DMA_MEMCPY			0
 #define VEPC_DMA_SLAVE			1
+#define VEPC_DMA_DW_EDMA		2
 #define VEPC_EDMA_BUS_ADDR		0x0f0	/* 64-bit: bus address of the eDMA block */
 #define VEPC_EDMA_CHANNELS		0x0f8	/* channels per direction; 0: no eDMA */
 #define VEPC_EDMA_BAR			0x0fc	/* the BAR showing the eDMA, or VEPC_NO_BAR */
@@ -115,7 +118,7 @@
 #define VEPC_MSIX_TABLE			0x8000
 #define VEPC_MSIX_PBA			0x9000
 #define VEPC_VEC_EVENT			0	/* controller events */
-#define VEPC_VEC_EDMA			1	/* eDMA done/abort */
+#define VEPC_VEC_EDMA			1	/* eDMA done/abort (DW_EDMA: and emulation) */
 #define VEPC_VEC_DOORBELL		2	/* the eDMA's interrupt-emulation doorbell */
 #define VEPC_NR_VECTORS			3
 
