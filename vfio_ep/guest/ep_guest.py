@@ -19,10 +19,11 @@ import dataclasses
 import json
 import os
 import shlex
+import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ from vfio_ep.guest.launcher import (
     GuestOptions,
     GuestResult,
     GuestRun,
+    Live,
     run_async,
     running_server,
     vfio_user_device,
@@ -292,20 +294,38 @@ def boot_ep_guests(run: EpGuestRun, assets: GuestAssets, top: Path, controllers:
                    ep_finish: float = 0, rc_again: tuple[str, ...] = ()) -> PairResult:
     """:func:`boot_ep_pair` with an EP guest holding a device per controller (pci-epf-ntb's
     primary and secondary) and the RC guests ``rcs``, booted at once."""
+    return run_async(_boot_pair(
+        _ep_side(run, assets, top, controllers, options), assets, controllers, top, timeout,
+        rc_options or options, rcs, (ep_files or {}, rc_files or {}), ep_finish, rc_again))
+
+
+@dataclass(frozen=True)
+class _EpSide:
+    """The EP guest of a run, as ``vfio-ep serve`` and its QEMU need it."""
+
+    assets: GuestAssets
+    server_args: list[str]  # its controller's attributes
+    options: GuestOptions
+    script: str  # ep_guest.sh, with the controllers, the setup script and the command
+    setup: str  # the board's setup script
+
+
+def _ep_side(run: EpGuestRun, assets: GuestAssets, top: Path, controllers: Sequence[str],
+             options: GuestOptions) -> _EpSide:
+    """The EP guest ``run`` asks for on ``controllers``: its kernel (``assets``'s unless
+    --ep-linux or --ep-kernel says), ``options`` with its own dynamic debug and no gdbstub
+    (the RC guest's), and ep_guest.sh's command line."""
     ep_base = assets if run.ep_linux in (None, assets.linux) else \
         dataclasses.replace(provision_all(linux=run.ep_linux), qemu=assets.qemu)
-    ep_assets = ep_guest_assets(ep_base, run.ep_kernel, top / "epc-driver")
     server_args = [a for item in run.controller_sets() for a in ("--set", item)]
     if run.preset:
         server_args += ["--preset", run.preset]
-    ep_options = dataclasses.replace(options, dyndbg=run.ep_dyndbg, gdb_port=None,
-                                     interactive=False)
-    ep_script = f"sh /ep_guest.sh {shlex.quote(' '.join(controllers))} /{SETUP} " + \
+    script = f"sh /ep_guest.sh {shlex.quote(' '.join(controllers))} /{SETUP} " + \
         (shlex.quote(run.ep_exec) if run.ep_exec else "")
-    return run_async(_boot_pair(
-        (ep_assets, assets), controllers, server_args, top, timeout,
-        (ep_options, rc_options or options), (ep_script, run.setup_script()), rcs,
-        (ep_files or {}, rc_files or {}), ep_finish, rc_again))
+    return _EpSide(ep_guest_assets(ep_base, run.ep_kernel, top / "epc-driver"), server_args,
+                   dataclasses.replace(options, dyndbg=run.ep_dyndbg, gdb_port=None,
+                                       interactive=False),
+                   script, run.setup_script())
 
 
 @contextlib.contextmanager
@@ -360,70 +380,90 @@ def ep_guest_assets(assets: GuestAssets, ep_kernel: Path | None, work: Path) -> 
                                epc_driver=build_epc_driver(build, work))
 
 
-async def _boot_pair(assets: tuple[GuestAssets, GuestAssets], names: Sequence[str],
-                     server_args: list[str], top: Path, timeout: float,
-                     options: tuple[GuestOptions, GuestOptions], ep: tuple[str, str],
-                     rcs: Sequence[RcGuest], files: tuple[dict[str, Path | bytes], ...],
-                     ep_finish: float, rc_again: tuple[str, ...]) -> PairResult:
-    """The EP guest (its assets, options, and (script, board setup) first) with a device per
-    controller ``names`` names, then, once its controllers are started, the RC guests
-    ``rcs`` (``files``: the EP's and the RCs' beside their scripts in their initramfs), then
-    each of ``rc_again`` on the first RC guest's controller, one after the other."""
-    started = time.monotonic()
-    log = top / "server.log"
+@contextlib.asynccontextmanager
+async def _ep_guest_up(ep: _EpSide, names: Sequence[str], log: Path, run_dir: Path,
+                       files: dict[str, Path | bytes], live: Live | None,
+                       more_qemu_args: Sequence[str] = ()
+                       ) -> AsyncIterator[tuple[GuestRun, dict[str, Path]]]:
+    """``vfio-ep serve`` (its output in ``log``) with each controller ``names`` names
+    served twice, and the EP guest's QEMU started on their CPU sides (``files`` beside its
+    script in its initramfs); yields the EP guest and the RC sides' sockets, and stops both."""
     ep_dir = Path(tempfile.mkdtemp(prefix="vfio-ep-"))  # short: sun_path <= 107
     ep_sockets = [ep_dir / f"cpu{i}.sock" for i in range(len(names))]
-    args = [*server_args, *(a for name, path in zip(names, ep_sockets, strict=True)
-                            for a in ("--ep-socket", f"{name}={path}"))]
-    async with running_server(names, args, log) as (_, sockets):
-        ready, exited = asyncio.Event(), asyncio.Event()
+    args = [*ep.server_args, *(a for name, path in zip(names, ep_sockets, strict=True)
+                               for a in ("--ep-socket", f"{name}={path}"))]
+    try:
+        async with running_server(names, args, log) as (_, sockets):
+            assert ep.assets.epc_driver is not None
+            async with GuestRun(ep.script, server_args=[], assets=ep.assets,
+                                socket=ep_sockets[0], run_dir=run_dir, options=ep.options,
+                                extra_files={"ep_guest.sh": EP_GUEST, SETUP: ep.setup.encode(),
+                                             f"lib/modules/{EPC_MODULE}": ep.assets.epc_driver,
+                                             **files},
+                                live=live,
+                                extra_qemu_args=[*_more_devices(ep_sockets), *more_qemu_args]
+                                ) as ep_run:
+                yield ep_run, sockets
+    finally:
+        shutil.rmtree(ep_dir, ignore_errors=True)
 
-        def seen(line: str) -> None:
-            if line == EP_READY:
-                ready.set()
-            elif line.startswith(EP_EXITED):
-                exited.set()
 
-        ep_assets, rc_assets = assets
-        assert ep_assets.epc_driver is not None
-        ep_run = GuestRun(ep[0], server_args=[], assets=ep_assets, socket=ep_sockets[0],
-                          run_dir=top / "ep", options=options[0],
-                          extra_files={"ep_guest.sh": EP_GUEST, SETUP: ep[1].encode(),
-                                       f"lib/modules/{EPC_MODULE}": ep_assets.epc_driver,
-                                       **files[0]},
-                          live=_live("ep", seen), extra_qemu_args=_more_devices(ep_sockets))
-        async with ep_run:
-            ep_done = asyncio.create_task(ep_run.wait(timeout))
-            waiting = asyncio.create_task(ready.wait())
-            await asyncio.wait({ep_done, waiting}, timeout=timeout,
-                               return_when=asyncio.FIRST_COMPLETED)
-            waiting.cancel()
-            if not ready.is_set():
-                ep_done.cancel()
-                result = await ep_run.collect() if not ep_done.done() else ep_done.result()
-                return PairResult(result, [], log.read_text(errors="replace"),
-                                  "the EP guest did not start its controller: "
-                                  + (result.error or _last_words(result.output)))
-            left = timeout - (time.monotonic() - started)
-            rc_results = list(await asyncio.gather(*(
-                GuestRun(rc.script, server_args=[], assets=rc_assets,
-                         socket=sockets[rc.controller], run_dir=top / rc.label,
-                         options=options[1], live=_live(rc.label, None),
-                         extra_files={"kselftest.sh": KSELFTEST, **files[1]}).run(left)
-                for rc in rcs)))
-            again = []
-            for boot, script in enumerate(rc_again, len(rcs) + 1):
-                label = f"rc{boot}"
-                rc = GuestRun(script, server_args=[], assets=rc_assets,
-                              socket=sockets[rcs[0].controller], run_dir=top / label,
-                              options=options[1], live=_live(label, None),
-                              extra_files={"kselftest.sh": KSELFTEST, **files[1]})
-                again.append(await rc.run(timeout - (time.monotonic() - started)))
-            if ep_finish:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(exited.wait(), ep_finish)
+def _rc_guest(script: str, assets: GuestAssets, socket: Path, run_dir: Path,
+              options: GuestOptions, live: Live | None,
+              files: dict[str, Path | bytes]) -> GuestRun:
+    """An RC guest on a controller's RC side, kselftest.sh and ``files`` beside its script."""
+    return GuestRun(script, server_args=[], assets=assets, socket=socket, run_dir=run_dir,
+                    options=options, live=live,
+                    extra_files={"kselftest.sh": KSELFTEST, **files})
+
+
+async def _boot_pair(ep: _EpSide, rc_assets: GuestAssets, names: Sequence[str], top: Path,
+                     timeout: float, rc_options: GuestOptions, rcs: Sequence[RcGuest],
+                     files: tuple[dict[str, Path | bytes], dict[str, Path | bytes]],
+                     ep_finish: float, rc_again: tuple[str, ...]) -> PairResult:
+    """The EP guest with a device per controller ``names`` names, then, once its
+    controllers are started, the RC guests ``rcs`` (``files``: the EP's and the RCs' beside
+    their scripts in their initramfs), then each of ``rc_again`` on the first RC guest's
+    controller, one after the other."""
+    started = time.monotonic()
+    log = top / "server.log"
+    ready, exited = asyncio.Event(), asyncio.Event()
+
+    def seen(line: str) -> None:
+        if line == EP_READY:
+            ready.set()
+        elif line.startswith(EP_EXITED):
+            exited.set()
+
+    async with _ep_guest_up(ep, names, log, top / "ep", files[0], _live("ep", seen)) \
+            as (ep_run, sockets):
+        ep_done = asyncio.create_task(ep_run.wait(timeout))
+        waiting = asyncio.create_task(ready.wait())
+        await asyncio.wait({ep_done, waiting}, timeout=timeout,
+                           return_when=asyncio.FIRST_COMPLETED)
+        waiting.cancel()
+        if not ready.is_set():
             ep_done.cancel()
-            ep_result = await ep_run.collect()
+            result = await ep_run.collect() if not ep_done.done() else ep_done.result()
+            return PairResult(result, [], log.read_text(errors="replace"),
+                              "the EP guest did not start its controller: "
+                              + (result.error or _last_words(result.output)))
+        left = timeout - (time.monotonic() - started)
+        rc_results = list(await asyncio.gather(*(
+            _rc_guest(rc.script, rc_assets, sockets[rc.controller], top / rc.label,
+                      rc_options, _live(rc.label, None), files[1]).run(left)
+            for rc in rcs)))
+        again = []
+        for boot, script in enumerate(rc_again, len(rcs) + 1):
+            label = f"rc{boot}"
+            rc = _rc_guest(script, rc_assets, sockets[rcs[0].controller], top / label,
+                           rc_options, _live(label, None), files[1])
+            again.append(await rc.run(timeout - (time.monotonic() - started)))
+        if ep_finish:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(exited.wait(), ep_finish)
+        ep_done.cancel()
+        ep_result = await ep_run.collect()
     return PairResult(ep_result, rc_results, log.read_text(errors="replace"),
                       ep_result.error and f"EP guest: {ep_result.error}", tuple(again))
 
