@@ -9,6 +9,11 @@ a howto's steps for the function); once its controller is started, the RC guest 
 runs its side of the suite.  Then the EP guest is stopped, its dmesg taken.  The run
 directory has each guest's console and dmesg (``ep/``, ``rc/``), the server's log, and
 ``trace.log``: both guests and the server on one time line.
+
+With ``--ep-shell`` the EP guest's console is the user's terminal instead, and a shell there
+is what the run waits for: the RC guest boots once the controller is started and idles with
+its driver bound, the shell comes once it is, and the shell's exit ends the run
+(:func:`boot_ep_shell`).
 """
 
 from __future__ import annotations
@@ -57,6 +62,22 @@ EP_READY = "vfio-ep: EP guest ready"  # ep_guest.sh, once its controller is star
 EP_EXITED = "vfio-ep: EP command exited "  # ep_guest.sh, then the command's exit status
 SETUP_TRACE = "vfio-ep: setup: "  # ep_guest.sh, before each command of the setup script
 SETUP = "ep-setup.sh"  # the board's script, in the EP guest's /
+# --ep-shell's command in the EP guest, as runner.SHELL is --shell's in the RC guest: a shell
+# with the console as its controlling terminal (job control, Ctrl-C reaching its foreground
+# job); its exit status ends the run.
+EP_SHELL = ("echo 'vfio-ep: a shell in the EP guest (configfs: /sys/kernel/config/pci_ep, "
+            "debugfs: /sys/kernel/debug); exit ends the run with its status, Ctrl-A X stops "
+            "QEMU'\nsetsid cttyhack sh")
+# The EP guest's cue port for --ep-shell (ep_guest.sh's CUE): its console is the user's
+# terminal, so the host hears "ready" and tells of the RC guest on a serial port of its own.
+# COM4, not COM3: an ISA interrupt line has one level in QEMU (the last device's to set it),
+# and COM4 shares IRQ 3 with the rescue console, which stays quiet, where COM3 would share
+# IRQ 4 with the busy console and could lose one of its interrupts.
+CUE_INDEX = 3
+CUE_PORT = f"/dev/ttyS{CUE_INDEX}"
+# The line an RC guest's script prints under --ep-shell once its driver has the function
+# (what has it after the prefix); until then, its lines starting "vfio-ep: " say why not.
+RC_BOUND = "vfio-ep: bound: "
 # The functions an EP guest runs (the kernel's), and the attributes each default setup
 # script writes, in its order: pci-test-howto.rst's for pci-epf-test, the seeds' vNTB block
 # (pci-vntb-howto.rst's, with R-Car's IDs) for pci-epf-vntb, pci-ntb-howto.rst's for
@@ -133,6 +154,7 @@ class EpGuestRun:
     xfail: tuple[str, ...] = ()  # [KEY=VALUE:]TEST: known behaviour, as run --xfail
     function: str | None = None  # --function: the kernel's function the EP guest sets up
     ep_linux: str | None = None  # --ep-linux: the EP guest's kernel line (else --linux's)
+    ep_shell: bool = False  # --ep-shell: a shell in the EP guest on the terminal (boot_ep_shell)
 
     def controller(self) -> Composition:
         """The controller vfio-ep serves: its profile, nothing of the function's."""
@@ -299,6 +321,20 @@ def boot_ep_guests(run: EpGuestRun, assets: GuestAssets, top: Path, controllers:
         rc_options or options, rcs, (ep_files or {}, rc_files or {}), ep_finish, rc_again))
 
 
+def boot_ep_shell(run: EpGuestRun, assets: GuestAssets, top: Path, rc_script: str, *,
+                  timeout: float, options: GuestOptions = DEFAULT_OPTIONS) -> PairResult:
+    """``run --ep-guest --ep-shell``: the EP guest as ``run`` asks, its console on our
+    terminal; once its controller is started, the RC guest running ``rc_script``, which
+    prints an RC_BOUND line once its driver has the function and then idles; then the EP
+    guest's shell, whose exit ends the run (the RC guest stopped, its dmesg taken, then the
+    server).  Of the RC guest the terminal shows only the line the EP guest prints before
+    its shell (the driver bound, or why not): the rest is in ``top/rc/console.log``."""
+    name = next(iter(run.controller().controllers))
+    with one_cpu():
+        return run_async(_boot_shell(_ep_side(run, assets, top, [name], options), assets, name,
+                                     top, timeout, options, rc_script))
+
+
 @dataclass(frozen=True)
 class _EpSide:
     """The EP guest of a run, as ``vfio-ep serve`` and its QEMU need it."""
@@ -314,17 +350,18 @@ def _ep_side(run: EpGuestRun, assets: GuestAssets, top: Path, controllers: Seque
              options: GuestOptions) -> _EpSide:
     """The EP guest ``run`` asks for on ``controllers``: its kernel (``assets``'s unless
     --ep-linux or --ep-kernel says), ``options`` with its own dynamic debug and no gdbstub
-    (the RC guest's), and ep_guest.sh's command line."""
+    (the RC guest's), our terminal only for its shell, and ep_guest.sh's command line."""
     ep_base = assets if run.ep_linux in (None, assets.linux) else \
         dataclasses.replace(provision_all(linux=run.ep_linux), qemu=assets.qemu)
     server_args = [a for item in run.controller_sets() for a in ("--set", item)]
     if run.preset:
         server_args += ["--preset", run.preset]
+    command = EP_SHELL if run.ep_shell else run.ep_exec
     script = f"sh /ep_guest.sh {shlex.quote(' '.join(controllers))} /{SETUP} " + \
-        (shlex.quote(run.ep_exec) if run.ep_exec else "")
+        (shlex.quote(command) if command else "") + (f" {CUE_PORT}" if run.ep_shell else "")
     return _EpSide(ep_guest_assets(ep_base, run.ep_kernel, top / "epc-driver"), server_args,
                    dataclasses.replace(options, dyndbg=run.ep_dyndbg, gdb_port=None,
-                                       interactive=False),
+                                       interactive=run.ep_shell),
                    script, run.setup_script())
 
 
@@ -466,6 +503,91 @@ async def _boot_pair(ep: _EpSide, rc_assets: GuestAssets, names: Sequence[str], 
         ep_result = await ep_run.collect()
     return PairResult(ep_result, rc_results, log.read_text(errors="replace"),
                       ep_result.error and f"EP guest: {ep_result.error}", tuple(again))
+
+
+async def _boot_shell(ep: _EpSide, rc_assets: GuestAssets, name: str, top: Path,
+                      timeout: float, rc_options: GuestOptions, rc_script: str) -> PairResult:
+    """:func:`boot_ep_shell`'s guests: the EP guest with its cue port; once it says "ready"
+    there, the RC guest, whose lines go nowhere but its console.log; once its driver has
+    the function (or it has ended), one line on the cue port says so, the EP guest shows it
+    and runs its shell, and the shell's end (or QEMU's, Ctrl-A X) ends the RC guest too."""
+    started = time.monotonic()
+    log = top / "server.log"
+    cue_dir = Path(tempfile.mkdtemp(prefix="vfio-ep-"))  # short: sun_path <= 107
+    cue = cue_dir / "cue.sock"
+    cue_args = ["-chardev", f"socket,id=cue,path={cue},server=on,wait=off",
+                "-device", f"isa-serial,chardev=cue,index={CUE_INDEX}"]
+    said: list[str] = []  # the RC guest's "vfio-ep: " lines
+    bound = asyncio.Event()
+
+    def heard(line: str) -> None:
+        if line.startswith("vfio-ep: "):
+            said.append(line)
+            if line.startswith(RC_BOUND):
+                bound.set()
+
+    try:
+        async with _ep_guest_up(ep, [name], log, top / "ep", {}, None, cue_args) \
+                as (ep_run, sockets):
+            ep_done = asyncio.create_task(ep_run.wait(timeout))
+            reader, writer = await asyncio.open_unix_connection(str(cue))
+            try:
+                ready = asyncio.create_task(_cue(reader, EP_READY))
+                await asyncio.wait({ep_done, ready}, return_when=asyncio.FIRST_COMPLETED)
+                if not (ready.done() and ready.result()):
+                    ready.cancel()
+                    result = await ep_done  # the cue port closes with QEMU
+                    return PairResult(result, [], log.read_text(errors="replace"),
+                                      "the EP guest did not start its controller: "
+                                      + (result.error or _last_words(result.output)))
+                rc_run = _rc_guest(rc_script, rc_assets, sockets[name], top / "rc", rc_options,
+                                   heard, {})
+                async with rc_run:
+                    rc_done = asyncio.create_task(
+                        rc_run.wait(timeout - (time.monotonic() - started)))
+                    waiting = asyncio.create_task(bound.wait())
+                    await asyncio.wait({rc_done, waiting, ep_done},
+                                       return_when=asyncio.FIRST_COMPLETED)
+                    waiting.cancel()
+                    if not ep_done.done():
+                        writer.write(_rc_news(said, rc_done, top / "rc").encode() + b"\n")
+                        with contextlib.suppress(ConnectionError):
+                            await writer.drain()
+                    ep_result = await ep_done
+                    if rc_done.done():
+                        rc_result = rc_done.result()
+                    else:
+                        rc_done.cancel()
+                        rc_result = await rc_run.collect()
+            finally:
+                writer.close()
+    finally:
+        shutil.rmtree(cue_dir, ignore_errors=True)
+    return PairResult(ep_result, [rc_result], log.read_text(errors="replace"),
+                      ep_result.error and f"EP guest: {ep_result.error}")
+
+
+async def _cue(reader: asyncio.StreamReader, line: str) -> bool:
+    """Whether the EP guest says ``line`` on its cue port before the port closes (QEMU
+    gone)."""
+    with contextlib.suppress(ConnectionError):
+        while text := await reader.readline():
+            if text.decode(errors="replace").strip() == line:
+                return True
+    return False
+
+
+def _rc_news(said: list[str], rc_done: asyncio.Task[GuestResult], run_dir: Path) -> str:
+    """The line the EP guest shows before its shell: what the RC guest's driver has, or,
+    the RC guest ended, why it has nothing; one line (the cue port's reader reads one)."""
+    if bound := next((line for line in said if line.startswith(RC_BOUND)), None):
+        return (f"vfio-ep: the RC guest's driver has the function ({bound[len(RC_BOUND):]}); "
+                f"its console, kernel messages included: {run_dir}/console.log")
+    result = rc_done.result()
+    why = said[-1].removeprefix("vfio-ep: ") if said else \
+        result.error or f"it exited {result.exit_status}"
+    return (f"vfio-ep: the RC guest's driver did not bind ({' '.join(why.split())}); its "
+            f"console: {run_dir}/console.log")
 
 
 def _more_devices(sockets: Sequence[Path]) -> list[str]:
