@@ -308,3 +308,27 @@ def test_serve_an_ep_guest_controller(tmp_path: Path) -> None:
         _, err = proc.communicate(timeout=10)
     assert proc.returncode == 0
     assert "not started yet" in err
+
+
+@pytest.mark.parametrize(("args", "refusal"), [
+    (["--ep-shell"], "--ep-shell and --ep-dyndbg go with --ep-guest"),
+    (["--ep-guest", "--ep-shell", "--shell"], "--shell and --ep-shell each give a guest"),
+    (["--ep-guest", "--ep-shell", "--ep-exec", "ls"], "--ep-exec and --ep-shell both say"),
+    (["--ep-guest", "--ep-shell", "--matrix", "doorbell=msi,poll"],
+     "--matrix runs the suite in every cell: not with --shell, --ep-shell or --exec"),
+    (["--ep-guest", "--ep-shell", "--", "-r", "pci_ep_bar.BAR0.BAR_TEST"],
+     "the RC guest runs no test, so -r pci_ep_bar.BAR0.BAR_TEST selects none"),
+    (["--ep-guest", "--ep-shell", "--function", "pci-epf-vntb"],
+     "--ep-shell comes with pci-epf-test's EP guest"),
+])
+def test_ep_shell_refuses_what_makes_no_sense_with_it(tmp_path: Path, args: list[str],
+                                                      refusal: str) -> None:
+    """--ep-shell gives the terminal to the EP guest's shell: another shell, another command
+    for the EP guest, a matrix or the kselftest's arguments are refused, naming the options,
+    before anything boots."""
+    proc = subprocess.run([sys.executable, "-m", "vfio_ep", "run", "--run-dir",
+                           str(tmp_path / "r"), *args], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert refusal in " ".join(proc.stderr.split()), proc.stderr
+    assert not (tmp_path / "r").exists()

@@ -8,12 +8,13 @@ runs against that function, as it would against a board.
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
-from vfio_ep_cli import KSELFTEST_CASES, readme_example, vfio_ep_run
+from vfio_ep_cli import KSELFTEST_CASES, Terminal, readme_example, vfio_ep_run
 
 from vfio_ep.composition import EP_GUEST_CONTROLLER
 from vfio_ep.guest.assets import EP_GUEST
@@ -93,6 +94,37 @@ def _irq_count(interrupts: str, what: str) -> int:
                     break
                 total += int(word)
     return total
+
+
+def test_ep_shell_on_a_terminal(tmp_path: Path) -> None:
+    """--ep-shell: the EP guest's shell on our terminal (a pty here) once its controller is
+    started and the RC guest's driver has the function; what is typed there runs in the EP
+    guest, the RC guest's lines stay in its console.log, and the shell's exit status is the
+    run's, both guests stopped."""
+    run_dir = tmp_path / "r"
+    terminal = Terminal(*readme_example("vfio-ep run --ep-guest --ep-shell"),
+                        "--run-dir", str(run_dir))
+    try:
+        assert terminal.until(b"Ctrl-A X stops QEMU", 300), terminal.text
+        assert terminal.until(b"# ", 30)
+        terminal.type(f"cat /sys/kernel/config/pci_ep/controllers/{EP_GUEST_CONTROLLER}/start; "
+                      "tty; exit 3")
+        terminal.until(b"run directory", 120)
+    finally:
+        status = terminal.wait()
+    text = terminal.text
+    assert status == 3, text
+    assert "vfio-ep: the RC guest's driver has the function (pci-endpoint-test 0000:01:00.0)" \
+        in text
+    assert re.search(r"\n1\r*\n/dev/ttyS0\r*\n", text), text  # started; the shell's tty
+    rc_console = (run_dir / "rc" / "console.log").read_text(errors="replace")
+    assert "vfio-ep: bound: pci-endpoint-test 0000:01:00.0" in rc_console
+    assert "vfio-ep: bound:" not in text and "@@vfio-ep" not in text
+    # Both guests ended: the EP guest by itself (its dmesg after its exit status), the RC
+    # guest stopped by the run (its dmesg through the rescue console).
+    assert "exit status 3@@" in (run_dir / "ep" / "console.log").read_text(errors="replace")
+    for guest in ("ep", "rc"):
+        assert "Linux version" in (run_dir / guest / "dmesg.txt").read_text(), guest
 
 
 # The RC guest's side of the fault story: a BAR test, then its BAR1 watched until it reads

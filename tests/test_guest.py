@@ -10,9 +10,7 @@ import asyncio
 import fcntl
 import json
 import os
-import pty
 import re
-import select
 import shlex
 import shutil
 import signal
@@ -23,7 +21,13 @@ import time
 from pathlib import Path
 
 import pytest
-from vfio_ep_cli import KSELFTEST_CASES, readme_block, readme_example, vfio_ep_run
+from vfio_ep_cli import (
+    KSELFTEST_CASES,
+    Terminal,
+    readme_block,
+    readme_example,
+    vfio_ep_run,
+)
 from vfio_user_client import ServerThread
 
 from vfio_ep.composition import Composition
@@ -445,34 +449,16 @@ def test_shell_on_a_terminal(tmp_path: Path) -> None:
     """--shell: the guest's shell on our terminal (a pty here), with the console as its
     controlling tty; what it prints reaches us, the vfio-ep markers and dmesg do not, and its
     exit status is the run's."""
-    pid, fd = pty.fork()
-    if pid == 0:  # the child: vfio-ep on the pty, as a developer's terminal
-        os.execv(sys.executable, [sys.executable, "-m", "vfio_ep",
-                                  *readme_example("vfio-ep run --shell"),
-                                  "--run-dir", str(tmp_path / "r")])
-    seen = b""
-
-    def until(token: bytes, seconds: float) -> bool:
-        nonlocal seen
-        end = time.monotonic() + seconds
-        while token not in seen and time.monotonic() < end:
-            if select.select([fd], [], [], 0.5)[0]:
-                try:
-                    seen += os.read(fd, 4096)
-                except OSError:  # the child closed the pty
-                    break
-        return token in seen
-
+    terminal = Terminal(*readme_example("vfio-ep run --shell"), "--run-dir", str(tmp_path / "r"))
     try:
-        assert until(b"Ctrl-A X stops QEMU", 120), seen.decode(errors="replace")
-        assert until(b"# ", 30)  # the prompt, shown without a newline after it
-        os.write(fd, b"echo answer=$((6*7)); tty; exit 5\r")
-        until(b"run directory", 60)
+        assert terminal.until(b"Ctrl-A X stops QEMU", 120), terminal.text
+        assert terminal.until(b"# ", 30)  # the prompt, shown without a newline after it
+        terminal.type("echo answer=$((6*7)); tty; exit 5")
+        terminal.until(b"run directory", 60)
     finally:
-        _, status = os.waitpid(pid, 0)
-        os.close(fd)
-    text = seen.decode(errors="replace")
-    assert os.waitstatus_to_exitcode(status) == 5, text
+        status = terminal.wait()
+    text = terminal.text
+    assert status == 5, text
     assert "answer=42" in text and "/dev/ttyS0" in text
     assert "@@vfio-ep" not in text and "--- dmesg ---" not in text
 

@@ -4,10 +4,14 @@ examples (each run by a test exactly as written: :func:`readme_example`)."""
 from __future__ import annotations
 
 import json
+import os
+import pty
 import re
+import select
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -75,3 +79,41 @@ def assert_passed(proc: subprocess.CompletedProcess[str], results: dict,
     assert not failed, f"{failed}\n{proc.stdout[-4000:]}"
     assert [t["name"] for t in results["tests"]] == names
     assert proc.returncode == 0 and results["passed"], proc.stderr[-3000:]
+
+
+class Terminal:
+    """``vfio-ep ARGS`` on a pty of its own, as on a developer's terminal (a guest's shell
+    there: ``--shell``, ``--ep-shell``): what it prints, what is typed at it, its exit
+    status."""
+
+    def __init__(self, *args: str) -> None:
+        self.pid, self.fd = pty.fork()
+        if self.pid == 0:  # the child: vfio-ep on the pty
+            os.execv(sys.executable, [sys.executable, "-m", "vfio_ep", *args])
+        self.seen = b""
+
+    @property
+    def text(self) -> str:
+        return self.seen.decode(errors="replace")
+
+    def until(self, token: bytes, seconds: float) -> bool:
+        """Read what vfio-ep prints until ``token`` (a prompt comes without a newline after
+        it) or ``seconds``; whether it came."""
+        end = time.monotonic() + seconds
+        while token not in self.seen and time.monotonic() < end:
+            if select.select([self.fd], [], [], 0.5)[0]:
+                try:
+                    self.seen += os.read(self.fd, 4096)
+                except OSError:  # vfio-ep closed the pty
+                    break
+        return token in self.seen
+
+    def type(self, line: str) -> None:
+        """A line typed at the terminal (Enter is a carriage return there)."""
+        os.write(self.fd, line.encode() + b"\r")
+
+    def wait(self) -> int:
+        """vfio-ep's exit status, once it has exited."""
+        _, status = os.waitpid(self.pid, 0)
+        os.close(self.fd)
+        return os.waitstatus_to_exitcode(status)

@@ -130,6 +130,12 @@ def serve(sockets: tuple[str, ...], ep_sockets: tuple[str, ...], allow_uids: tup
 @click.option("--ep-exec", metavar="CMD",
               help="With --ep-guest: run CMD in the EP guest once its controller is started "
               "(its output on the console, ep: lines).")
+@click.option("--ep-shell", is_flag=True,
+              help="With --ep-guest: an interactive shell in the EP guest on this terminal "
+              "once its controller is started and the RC guest's pci_endpoint_test has the "
+              "function (the RC guest runs no test: it idles, its kernel's messages in "
+              "rc/console.log); the shell's exit ends the run with its status (Ctrl-A X "
+              "stops QEMU).  No timeout unless given.")
 @click.option("--ep-dyndbg", multiple=True, metavar="QUERY",
               help="With --ep-guest: a dynamic debug query for the EP guest (repeatable), as "
               "--dyndbg is for the RC guest.")
@@ -190,13 +196,13 @@ def serve(sockets: tuple[str, ...], ep_sockets: tuple[str, ...], allow_uids: tup
 @click.option("--timeout", type=click.FloatRange(min=0), default=None,
               help="Seconds for the whole run (fractions welcome; 0: none).  On a timeout "
               "the guest's tasks are dumped (sysrq-t) into console.log and its dmesg into "
-              "dmesg.txt.  [default: 600; none with --shell]")
+              "dmesg.txt.  [default: 600; none with --shell or --ep-shell]")
 @click.option("--run-dir", type=click.Path(path_type=Path), help="Where logs and results go.")
 @click.argument("guest_args", nargs=-1, type=click.UNPROCESSED)
 def run(function: str | None, config_file: Path | None, configfs: Path | None,
         preset: str | None, sets: tuple[str, ...], ep_guest: bool, ep_kernel: Path | None,
-        ep_linux: str | None, ep_exec: str | None, ep_dyndbg: tuple[str, ...], topology: str | None,
-        kernel: Path | None,
+        ep_linux: str | None, ep_exec: str | None, ep_shell: bool, ep_dyndbg: tuple[str, ...],
+        topology: str | None, kernel: Path | None,
         kselftest: Path | None, qemu: Path | None, linux: str, exec_cmd: str | None,
         shell: bool, axes: tuple[str, ...], xfail: tuple[str, ...], append: str,
         shares: tuple[str, ...], dyndbg: tuple[str, ...], trace_events: tuple[str, ...],
@@ -219,14 +225,16 @@ def run(function: str | None, config_file: Path | None, configfs: Path | None,
 
     if shell and exec_cmd is not None:
         raise click.UsageError("--shell and --exec both say what the guest runs: pick one")
+    if ep_shell:
+        _ep_shell_alone(shell, ep_exec, guest_args)
     if topology is not None:
         if function is not None or config_file or configfs:
             raise click.UsageError("--topology names the function itself: not with "
                                    "--function, --config or --configfs")
         function = TOPOLOGIES[topology]
-    if axes and (shell or exec_cmd is not None):
-        raise click.UsageError("--matrix runs the suite in every cell: not with --shell or "
-                               "--exec")
+    if axes and (shell or ep_shell or exec_cmd is not None):
+        raise click.UsageError("--matrix runs the suite in every cell: not with --shell, "
+                               "--ep-shell or --exec")
     try:
         mounts = tuple(Share.parse(s) for s in shares)
     except ValueError as e:
@@ -234,7 +242,7 @@ def run(function: str | None, config_file: Path | None, configfs: Path | None,
     # Like vng: started inside a shared directory, the guest's command starts there too.
     workdir = next(filter(None, (s.guest_path(Path.cwd().resolve()) for s in mounts)), None)
     if timeout is None:
-        timeout = float("inf") if shell else 600.0
+        timeout = float("inf") if shell or ep_shell else 600.0
     elif timeout == 0:
         timeout = float("inf")
     spec = RunSpec(
@@ -244,11 +252,11 @@ def run(function: str | None, config_file: Path | None, configfs: Path | None,
                      shares=mounts, dyndbg=dyndbg, trace_events=trace_events,
                      ftrace_filter=ftrace_filter, workdir=workdir, accel=accel), timeout)
     ep = EpGuestRun(sets, preset, configfs, guest_args, ep_kernel, ep_exec, ep_dyndbg, xfail,
-                    function, ep_linux)
+                    function, ep_linux, ep_shell)
     if ep != EpGuestRun(sets, preset, configfs, guest_args, xfail=xfail, function=function) \
             and not ep_guest:
-        raise click.UsageError("--ep-kernel, --ep-linux, --ep-exec and --ep-dyndbg go with "
-                               "--ep-guest")
+        raise click.UsageError("--ep-kernel, --ep-linux, --ep-exec, --ep-shell and --ep-dyndbg "
+                               "go with --ep-guest")
     with exit_on_interrupt():
         if ep_guest:
             raise SystemExit(_run_ep_guest(spec, ep, run_dir, bool(
@@ -256,6 +264,20 @@ def run(function: str | None, config_file: Path | None, configfs: Path | None,
         if axes:
             raise SystemExit(run_suite_matrix(list(axes), spec, run_dir))
         raise SystemExit(run_suite(spec, run_dir))
+
+
+def _ep_shell_alone(shell: bool, ep_exec: str | None, guest_args: tuple[str, ...]) -> None:
+    """--ep-shell gives the terminal to the EP guest's shell, which is all that guest runs
+    once its controller is started, and the RC guest runs no test meanwhile."""
+    if shell:
+        raise click.UsageError("--shell and --ep-shell each give a guest this terminal (the RC "
+                               "guest's, the EP guest's): pick one")
+    if ep_exec is not None:
+        raise click.UsageError("--ep-exec and --ep-shell both say what the EP guest runs once "
+                               "its controller is started: pick one (or run CMD in the shell)")
+    if guest_args:
+        raise click.UsageError(f"--ep-shell: the RC guest runs no test, so "
+                               f"{' '.join(guest_args)} selects none")
 
 
 def _run_ep_guest(spec: RunSpec, ep: EpGuestRun, run_dir: Path | None,

@@ -9,6 +9,11 @@ a howto's steps for the function); once its controller is started, the RC guest 
 runs its side of the suite.  Then the EP guest is stopped, its dmesg taken.  The run
 directory has each guest's console and dmesg (``ep/``, ``rc/``), the server's log, and
 ``trace.log``: both guests and the server on one time line.
+
+With ``--ep-shell`` the EP guest's console is the user's terminal instead, and a shell there
+is what the run waits for: the RC guest boots once the controller is started and idles with
+its driver bound, the shell comes once it is, and the shell's exit ends the run
+(:func:`boot_ep_shell`).
 """
 
 from __future__ import annotations
@@ -19,10 +24,11 @@ import dataclasses
 import json
 import os
 import shlex
+import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +45,7 @@ from vfio_ep.guest.kernel_build import (
     build_epc_driver,
     users_kernel,
 )
-from vfio_ep.guest.launcher import GuestBoot, GuestResult, GuestRun
+from vfio_ep.guest.launcher import GuestBoot, GuestResult, GuestRun, Live
 from vfio_ep.guest.provision import GuestAssets, ProvisionError, provision_all
 from vfio_ep.guest.qemu_cmdline import DEFAULT_OPTIONS, GuestOptions, vfio_user_device
 from vfio_ep.guest.runner import Target
@@ -50,6 +56,22 @@ EP_READY = "vfio-ep: EP guest ready"  # ep_guest.sh, once its controller is star
 EP_EXITED = "vfio-ep: EP command exited "  # ep_guest.sh, then the command's exit status
 SETUP_TRACE = "vfio-ep: setup: "  # ep_guest.sh, before each command of the setup script
 SETUP = "ep-setup.sh"  # the board's script, in the EP guest's /
+# --ep-shell's command in the EP guest, as runner.SHELL is --shell's in the RC guest: a shell
+# with the console as its controlling terminal (job control, Ctrl-C reaching its foreground
+# job); its exit status ends the run.
+EP_SHELL = ("echo 'vfio-ep: a shell in the EP guest (configfs: /sys/kernel/config/pci_ep, "
+            "debugfs: /sys/kernel/debug); exit ends the run with its status, Ctrl-A X stops "
+            "QEMU'\nsetsid cttyhack sh")
+# The EP guest's cue port for --ep-shell (ep_guest.sh's CUE): its console is the user's
+# terminal, so the host hears "ready" and tells of the RC guest on a serial port of its own.
+# COM4, not COM3: an ISA interrupt line has one level in QEMU (the last device's to set it),
+# and COM4 shares IRQ 3 with the rescue console, which stays quiet, where COM3 would share
+# IRQ 4 with the busy console and could lose one of its interrupts.
+CUE_INDEX = 3
+CUE_PORT = f"/dev/ttyS{CUE_INDEX}"
+# The line an RC guest's script prints under --ep-shell once its driver has the function
+# (what has it after the prefix); until then, its lines starting "vfio-ep: " say why not.
+RC_BOUND = "vfio-ep: bound: "
 # The functions an EP guest runs (the kernel's), and the attributes each default setup
 # script writes, in its order: pci-test-howto.rst's for pci-epf-test, the seeds' vNTB block
 # (pci-vntb-howto.rst's, with R-Car's IDs) for pci-epf-vntb, pci-ntb-howto.rst's for
@@ -126,6 +148,7 @@ class EpGuestRun:
     xfail: tuple[str, ...] = ()  # [KEY=VALUE:]TEST: known behaviour, as run --xfail
     function: str | None = None  # --function: the kernel's function the EP guest sets up
     ep_linux: str | None = None  # --ep-linux: the EP guest's kernel line (else --linux's)
+    ep_shell: bool = False  # --ep-shell: a shell in the EP guest on the terminal (boot_ep_shell)
 
     def controller(self) -> Composition:
         """The controller vfio-ep serves: its profile, nothing of the function's."""
@@ -287,20 +310,53 @@ def boot_ep_guests(run: EpGuestRun, assets: GuestAssets, top: Path, controllers:
                    ep_finish: float = 0, rc_again: tuple[str, ...] = ()) -> PairResult:
     """:func:`boot_ep_pair` with an EP guest holding a device per controller (pci-epf-ntb's
     primary and secondary) and the RC guests ``rcs``, booted at once."""
+    return run_async(_boot_pair(
+        _ep_side(run, assets, top, controllers, options), assets, controllers, top, timeout,
+        rc_options or options, rcs, (ep_files or {}, rc_files or {}), ep_finish, rc_again))
+
+
+def boot_ep_shell(run: EpGuestRun, assets: GuestAssets, top: Path, rc_script: str, *,
+                  timeout: float, options: GuestOptions = DEFAULT_OPTIONS) -> PairResult:
+    """``run --ep-guest --ep-shell``: the EP guest as ``run`` asks, its console on our
+    terminal; once its controller is started, the RC guest running ``rc_script``, which
+    prints an RC_BOUND line once its driver has the function and then idles; then the EP
+    guest's shell, whose exit ends the run (the RC guest stopped, its dmesg taken, then the
+    server).  Of the RC guest the terminal shows only the line the EP guest prints before
+    its shell (the driver bound, or why not): the rest is in ``top/rc/console.log``."""
+    name = next(iter(run.controller().controllers))
+    with one_cpu():
+        return run_async(_boot_shell(_ep_side(run, assets, top, [name], options), assets, name,
+                                     top, timeout, options, rc_script))
+
+
+@dataclass(frozen=True)
+class _EpSide:
+    """The EP guest of a run, as ``vfio-ep serve`` and its QEMU need it."""
+
+    assets: GuestAssets
+    server_args: list[str]  # its controller's attributes
+    options: GuestOptions
+    script: str  # ep_guest.sh, with the controllers, the setup script and the command
+    setup: str  # the board's setup script
+
+
+def _ep_side(run: EpGuestRun, assets: GuestAssets, top: Path, controllers: Sequence[str],
+             options: GuestOptions) -> _EpSide:
+    """The EP guest ``run`` asks for on ``controllers``: its kernel (``assets``'s unless
+    --ep-linux or --ep-kernel says), ``options`` with its own dynamic debug and no gdbstub
+    (the RC guest's), our terminal only for its shell, and ep_guest.sh's command line."""
     ep_base = assets if run.ep_linux in (None, assets.linux) else \
         dataclasses.replace(provision_all(linux=run.ep_linux), qemu=assets.qemu)
-    ep_assets = ep_guest_assets(ep_base, run.ep_kernel, top / "epc-driver")
     server_args = [a for item in run.controller_sets() for a in ("--set", item)]
     if run.preset:
         server_args += ["--preset", run.preset]
-    ep_options = dataclasses.replace(options, dyndbg=run.ep_dyndbg, gdb_port=None,
-                                     interactive=False)
-    ep_script = f"sh /ep_guest.sh {shlex.quote(' '.join(controllers))} /{SETUP} " + \
-        (shlex.quote(run.ep_exec) if run.ep_exec else "")
-    return run_async(_boot_pair(
-        (ep_assets, assets), controllers, server_args, top, timeout,
-        (ep_options, rc_options or options), (ep_script, run.setup_script()), rcs,
-        (ep_files or {}, rc_files or {}), ep_finish, rc_again))
+    command = EP_SHELL if run.ep_shell else run.ep_exec
+    script = f"sh /ep_guest.sh {shlex.quote(' '.join(controllers))} /{SETUP} " + \
+        (shlex.quote(command) if command else "") + (f" {CUE_PORT}" if run.ep_shell else "")
+    return _EpSide(ep_guest_assets(ep_base, run.ep_kernel, top / "epc-driver"), server_args,
+                   dataclasses.replace(options, dyndbg=run.ep_dyndbg, gdb_port=None,
+                                       interactive=run.ep_shell),
+                   script, run.setup_script())
 
 
 @contextlib.contextmanager
@@ -355,71 +411,175 @@ def ep_guest_assets(assets: GuestAssets, ep_kernel: Path | None, work: Path) -> 
                                epc_driver=build_epc_driver(build, work))
 
 
-async def _boot_pair(assets: tuple[GuestAssets, GuestAssets], names: Sequence[str],
-                     server_args: list[str], top: Path, timeout: float,
-                     options: tuple[GuestOptions, GuestOptions], ep: tuple[str, str],
-                     rcs: Sequence[RcGuest], files: tuple[dict[str, Path | bytes], ...],
-                     ep_finish: float, rc_again: tuple[str, ...]) -> PairResult:
-    """The EP guest (its assets, options, and (script, board setup) first) with a device per
-    controller ``names`` names, then, once its controllers are started, the RC guests
-    ``rcs`` (``files``: the EP's and the RCs' beside their scripts in their initramfs), then
-    each of ``rc_again`` on the first RC guest's controller, one after the other."""
-    started = time.monotonic()
-    log = top / "server.log"
+@contextlib.asynccontextmanager
+async def _ep_guest_up(ep: _EpSide, names: Sequence[str], log: Path, run_dir: Path,
+                       files: dict[str, Path | bytes], live: Live | None,
+                       more_qemu_args: Sequence[str] = ()
+                       ) -> AsyncIterator[tuple[GuestRun, dict[str, Path]]]:
+    """``vfio-ep serve`` (its output in ``log``) with each controller ``names`` names
+    served twice, and the EP guest's QEMU started on their CPU sides (``files`` beside its
+    script in its initramfs); yields the EP guest and the RC sides' sockets, and stops both."""
     ep_dir = Path(tempfile.mkdtemp(prefix="vfio-ep-"))  # short: sun_path <= 107
     ep_sockets = [ep_dir / f"cpu{i}.sock" for i in range(len(names))]
-    args = [*server_args, *(a for name, path in zip(names, ep_sockets, strict=True)
-                            for a in ("--ep-socket", f"{name}={path}"))]
-    async with running_server(names, args, log) as served:
-        ready, exited = asyncio.Event(), asyncio.Event()
+    args = [*ep.server_args, *(a for name, path in zip(names, ep_sockets, strict=True)
+                               for a in ("--ep-socket", f"{name}={path}"))]
+    try:
+        async with running_server(names, args, log) as served:
+            assert ep.assets.epc_driver is not None
+            async with GuestRun(GuestBoot(
+                    ep.script, socket=ep_sockets[0], assets=ep.assets, run_dir=run_dir,
+                    files={"ep_guest.sh": EP_GUEST, SETUP: ep.setup.encode(),
+                           f"lib/modules/{EPC_MODULE}": ep.assets.epc_driver, **files},
+                    options=ep.options, qemu_args=(*_more_devices(ep_sockets), *more_qemu_args),
+                    live=live)) as ep_run:
+                yield ep_run, served.sockets
+    finally:
+        shutil.rmtree(ep_dir, ignore_errors=True)
 
-        def seen(line: str) -> None:
-            if line == EP_READY:
-                ready.set()
-            elif line.startswith(EP_EXITED):
-                exited.set()
 
-        ep_assets, rc_assets = assets
-        assert ep_assets.epc_driver is not None
-        ep_run = GuestRun(GuestBoot(
-            ep[0], socket=ep_sockets[0], assets=ep_assets, run_dir=top / "ep",
-            files={"ep_guest.sh": EP_GUEST, SETUP: ep[1].encode(),
-                   f"lib/modules/{EPC_MODULE}": ep_assets.epc_driver, **files[0]},
-            options=options[0], qemu_args=_more_devices(ep_sockets), live=_live("ep", seen)))
-        async with ep_run:
-            ep_done = asyncio.create_task(ep_run.wait(timeout))
-            waiting = asyncio.create_task(ready.wait())
-            await asyncio.wait({ep_done, waiting}, timeout=timeout,
-                               return_when=asyncio.FIRST_COMPLETED)
-            waiting.cancel()
-            if not ready.is_set():
-                ep_done.cancel()
-                result = await ep_run.collect() if not ep_done.done() else ep_done.result()
-                return PairResult(result, [], log.read_text(errors="replace"),
-                                  "the EP guest did not start its controller: "
-                                  + (result.error or _last_words(result.output)))
-            left = timeout - (time.monotonic() - started)
-            rc_results = list(await asyncio.gather(*(
-                GuestRun(GuestBoot(rc.script, socket=served.sockets[rc.controller],
-                                   assets=rc_assets, run_dir=top / rc.label,
-                                   files={"kselftest.sh": KSELFTEST, **files[1]},
-                                   options=options[1], live=_live(rc.label, None))).run(left)
-                for rc in rcs)))
-            again = []
-            for boot, script in enumerate(rc_again, len(rcs) + 1):
-                label = f"rc{boot}"
-                rc = GuestRun(GuestBoot(script, socket=served.sockets[rcs[0].controller],
-                                        assets=rc_assets, run_dir=top / label,
-                                        files={"kselftest.sh": KSELFTEST, **files[1]},
-                                        options=options[1], live=_live(label, None)))
-                again.append(await rc.run(timeout - (time.monotonic() - started)))
-            if ep_finish:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(exited.wait(), ep_finish)
+def _rc_guest(script: str, assets: GuestAssets, socket: Path, run_dir: Path,
+              options: GuestOptions, live: Live | None,
+              files: dict[str, Path | bytes]) -> GuestRun:
+    """An RC guest on a controller's RC side, kselftest.sh and ``files`` beside its script."""
+    return GuestRun(GuestBoot(script, socket=socket, assets=assets, run_dir=run_dir,
+                              files={"kselftest.sh": KSELFTEST, **files}, options=options,
+                              live=live))
+
+
+async def _boot_pair(ep: _EpSide, rc_assets: GuestAssets, names: Sequence[str], top: Path,
+                     timeout: float, rc_options: GuestOptions, rcs: Sequence[RcGuest],
+                     files: tuple[dict[str, Path | bytes], dict[str, Path | bytes]],
+                     ep_finish: float, rc_again: tuple[str, ...]) -> PairResult:
+    """The EP guest with a device per controller ``names`` names, then, once its
+    controllers are started, the RC guests ``rcs`` (``files``: the EP's and the RCs' beside
+    their scripts in their initramfs), then each of ``rc_again`` on the first RC guest's
+    controller, one after the other."""
+    started = time.monotonic()
+    log = top / "server.log"
+    ready, exited = asyncio.Event(), asyncio.Event()
+
+    def seen(line: str) -> None:
+        if line == EP_READY:
+            ready.set()
+        elif line.startswith(EP_EXITED):
+            exited.set()
+
+    async with _ep_guest_up(ep, names, log, top / "ep", files[0], _live("ep", seen)) \
+            as (ep_run, sockets):
+        ep_done = asyncio.create_task(ep_run.wait(timeout))
+        waiting = asyncio.create_task(ready.wait())
+        await asyncio.wait({ep_done, waiting}, timeout=timeout,
+                           return_when=asyncio.FIRST_COMPLETED)
+        waiting.cancel()
+        if not ready.is_set():
             ep_done.cancel()
-            ep_result = await ep_run.collect()
+            result = await ep_run.collect() if not ep_done.done() else ep_done.result()
+            return PairResult(result, [], log.read_text(errors="replace"),
+                              "the EP guest did not start its controller: "
+                              + (result.error or _last_words(result.output)))
+        left = timeout - (time.monotonic() - started)
+        rc_results = list(await asyncio.gather(*(
+            _rc_guest(rc.script, rc_assets, sockets[rc.controller], top / rc.label,
+                      rc_options, _live(rc.label, None), files[1]).run(left)
+            for rc in rcs)))
+        again = []
+        for boot, script in enumerate(rc_again, len(rcs) + 1):
+            label = f"rc{boot}"
+            rc = _rc_guest(script, rc_assets, sockets[rcs[0].controller], top / label,
+                           rc_options, _live(label, None), files[1])
+            again.append(await rc.run(timeout - (time.monotonic() - started)))
+        if ep_finish:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(exited.wait(), ep_finish)
+        ep_done.cancel()
+        ep_result = await ep_run.collect()
     return PairResult(ep_result, rc_results, log.read_text(errors="replace"),
                       ep_result.error and f"EP guest: {ep_result.error}", tuple(again))
+
+
+async def _boot_shell(ep: _EpSide, rc_assets: GuestAssets, name: str, top: Path,
+                      timeout: float, rc_options: GuestOptions, rc_script: str) -> PairResult:
+    """:func:`boot_ep_shell`'s guests: the EP guest with its cue port; once it says "ready"
+    there, the RC guest, whose lines go nowhere but its console.log; once its driver has
+    the function (or it has ended), one line on the cue port says so, the EP guest shows it
+    and runs its shell, and the shell's end (or QEMU's, Ctrl-A X) ends the RC guest too."""
+    started = time.monotonic()
+    log = top / "server.log"
+    cue_dir = Path(tempfile.mkdtemp(prefix="vfio-ep-"))  # short: sun_path <= 107
+    cue = cue_dir / "cue.sock"
+    cue_args = ["-chardev", f"socket,id=cue,path={cue},server=on,wait=off",
+                "-device", f"isa-serial,chardev=cue,index={CUE_INDEX}"]
+    said: list[str] = []  # the RC guest's "vfio-ep: " lines
+    bound = asyncio.Event()
+
+    def heard(line: str) -> None:
+        if line.startswith("vfio-ep: "):
+            said.append(line)
+            if line.startswith(RC_BOUND):
+                bound.set()
+
+    try:
+        async with _ep_guest_up(ep, [name], log, top / "ep", {}, None, cue_args) \
+                as (ep_run, sockets):
+            ep_done = asyncio.create_task(ep_run.wait(timeout))
+            reader, writer = await asyncio.open_unix_connection(str(cue))
+            try:
+                ready = asyncio.create_task(_cue(reader, EP_READY))
+                await asyncio.wait({ep_done, ready}, return_when=asyncio.FIRST_COMPLETED)
+                if not (ready.done() and ready.result()):
+                    ready.cancel()
+                    result = await ep_done  # the cue port closes with QEMU
+                    return PairResult(result, [], log.read_text(errors="replace"),
+                                      "the EP guest did not start its controller: "
+                                      + (result.error or _last_words(result.output)))
+                rc_run = _rc_guest(rc_script, rc_assets, sockets[name], top / "rc", rc_options,
+                                   heard, {})
+                async with rc_run:
+                    rc_done = asyncio.create_task(
+                        rc_run.wait(timeout - (time.monotonic() - started)))
+                    waiting = asyncio.create_task(bound.wait())
+                    await asyncio.wait({rc_done, waiting, ep_done},
+                                       return_when=asyncio.FIRST_COMPLETED)
+                    waiting.cancel()
+                    if not ep_done.done():
+                        writer.write(_rc_news(said, rc_done, top / "rc").encode() + b"\n")
+                        with contextlib.suppress(ConnectionError):
+                            await writer.drain()
+                    ep_result = await ep_done
+                    if rc_done.done():
+                        rc_result = rc_done.result()
+                    else:
+                        rc_done.cancel()
+                        rc_result = await rc_run.collect()
+            finally:
+                writer.close()
+    finally:
+        shutil.rmtree(cue_dir, ignore_errors=True)
+    return PairResult(ep_result, [rc_result], log.read_text(errors="replace"),
+                      ep_result.error and f"EP guest: {ep_result.error}")
+
+
+async def _cue(reader: asyncio.StreamReader, line: str) -> bool:
+    """Whether the EP guest says ``line`` on its cue port before the port closes (QEMU
+    gone)."""
+    with contextlib.suppress(ConnectionError):
+        while text := await reader.readline():
+            if text.decode(errors="replace").strip() == line:
+                return True
+    return False
+
+
+def _rc_news(said: list[str], rc_done: asyncio.Task[GuestResult], run_dir: Path) -> str:
+    """The line the EP guest shows before its shell: what the RC guest's driver has, or,
+    the RC guest ended, why it has nothing; one line (the cue port's reader reads one)."""
+    if bound := next((line for line in said if line.startswith(RC_BOUND)), None):
+        return (f"vfio-ep: the RC guest's driver has the function ({bound[len(RC_BOUND):]}); "
+                f"its console, kernel messages included: {run_dir}/console.log")
+    result = rc_done.result()
+    why = said[-1].removeprefix("vfio-ep: ") if said else \
+        result.error or f"it exited {result.exit_status}"
+    return (f"vfio-ep: the RC guest's driver did not bind ({' '.join(why.split())}); its "
+            f"console: {run_dir}/console.log")
 
 
 def _more_devices(sockets: Sequence[Path]) -> tuple[str, ...]:

@@ -2,7 +2,8 @@
 
 pci-epf-test's is the RC guest's kselftest, here; pci-epf-vntb's (``ep_ntb``), pci-epf-ntb's
 (``ep_bridge``) and nvmet-pci-epf's (``ep_nvme``) are their modules', all built on
-``ep_guest``'s EP guest and its pair of guests.
+``ep_guest``'s EP guest and its pair of guests.  ``--ep-shell`` runs no suite: a shell in
+the EP guest, the RC guest's pci_endpoint_test bound and idle meanwhile.
 """
 
 from __future__ import annotations
@@ -17,7 +18,15 @@ from vfio_ep.composition import Composition
 from vfio_ep.config import ConfigError
 from vfio_ep.guest.children import LaunchError
 from vfio_ep.guest.ep_bridge import run_ntb_bridge
-from vfio_ep.guest.ep_guest import EpGuestRun, PairResult, boot_ep_pair, ep_facts
+from vfio_ep.guest.ep_guest import (
+    DEFAULT_FUNCTION,
+    RC_BOUND,
+    EpGuestRun,
+    PairResult,
+    boot_ep_pair,
+    boot_ep_shell,
+    ep_facts,
+)
 from vfio_ep.guest.ep_ntb import run_vntb
 from vfio_ep.guest.ep_nvme import run_nvme
 from vfio_ep.guest.interrupt import keeping
@@ -41,6 +50,17 @@ class Suite(Protocol):
 
 SUITES: dict[str, Suite] = {"pci_epf_vntb": run_vntb, "nvmet_pci_epf": run_nvme,
                             "pci_epf_ntb": run_ntb_bridge}
+# The RC guest of --ep-shell: kselftest.sh's check that pci_endpoint_test has the function
+# (its line why not, if not), the device it has, then the RC kernel's messages onto its
+# console (rc/console.log: `tail -f` it to watch the RC react to what the EP shell does)
+# until the shell's exit stops the guest.
+RC_IDLE = """sh /kselftest.sh {vendor} {device} --bound || exit 3
+for d in /sys/bus/pci/drivers/pci-endpoint-test/*:*; do
+	echo "{bound}pci-endpoint-test ${{d##*/}}"
+done
+dmesg -n 8
+while :; do sleep 3600; done
+"""
 
 
 def run_ep_guest(run: EpGuestRun, *, kernel: Path | None = None, qemu: Path | None = None,
@@ -48,7 +68,8 @@ def run_ep_guest(run: EpGuestRun, *, kernel: Path | None = None, qemu: Path | No
                  options: GuestOptions = DEFAULT_OPTIONS) -> int:
     """Boot the EP guest, then the RC guest's suite against it (pci-epf-test's kselftest,
     or the function's own: SUITES); 0 only if every test passed (1 when one failed or a guest
-    never finished, 2 when setting up failed)."""
+    never finished, 2 when setting up failed).  With ``run.ep_shell``, the EP shell's exit
+    status instead (:func:`_ep_shell`)."""
     try:
         ep_linux = run.ep_linux or linux
         if ep_linux not in EP_GUEST_LINES:
@@ -58,9 +79,14 @@ def run_ep_guest(run: EpGuestRun, *, kernel: Path | None = None, qemu: Path | No
                                  "from the RC guest's --linux"))
         comp = run.controller()
         driver = run.driver()
+        if run.ep_shell and driver != DEFAULT_FUNCTION:
+            raise ConfigError(f"--ep-shell comes with pci-epf-test's EP guest (the RC guest's "
+                              f"pci_endpoint_test bound meanwhile), not {driver}'s yet")
         assets = provision_all(qemu=qemu, kernel=kernel, linux=linux)
         run.expected_failures()  # a malformed --xfail fails here, before any boot
         top = new_run_dir(run_dir)
+        if run.ep_shell:
+            return _ep_shell(run, assets, top, timeout=timeout, options=options)
         facts = _facts(comp, assets, driver) | {"ep_linux": ep_linux}
         suite = SUITES.get(driver)
         if suite is not None:
@@ -87,13 +113,42 @@ def _facts(comp: Composition, assets: GuestAssets, driver: str) -> dict[str, Any
 
 
 
+def _ep_shell(run: EpGuestRun, assets: GuestAssets, top: Path, *, timeout: float,
+              options: GuestOptions) -> int:
+    """``--ep-shell``: the EP guest's shell on the terminal, the RC guest idle with its driver
+    bound meanwhile (RC_IDLE); the shell's exit status, or 124 when the run timed out, 2
+    when there was no shell or QEMU was stopped under it (Ctrl-A X), as ``--shell``."""
+    vendor, device = run.device()
+    with keeping(Progress(top, run.target(), None, {}).keep):
+        result = boot_ep_shell(run, assets, top,
+                               RC_IDLE.format(vendor=vendor, device=device, bound=RC_BOUND),
+                               timeout=timeout, options=options)
+    # The RC guest's lines are its kernel's messages, which its dmesg.txt has, timed.
+    _write_trace(result, top, rc_lines=False)
+    status = result.ep.exit_status
+    if result.rc is None or status is None:
+        print(f"vfio-ep run: {result.error}", file=sys.stderr)
+        status = 124 if "timed out" in (result.error or "") else 2
+    print(f"run directory: {top}", file=sys.stderr)
+    return status
+
+
+def _write_trace(result: PairResult, top: Path, *, rc_lines: bool = True) -> None:
+    """trace.log: the RC guest (the EP guest alone when the RC never booted), the EP
+    guest's, and the server's lines on one time line."""
+    rc = result.rc
+    if rc is not None and not rc_lines:
+        rc = dataclasses.replace(rc, line_times=[])
+    main = dataclasses.replace(rc or result.ep, server_log=result.server_log)
+    write_trace(main, {"ep": result.ep} if rc else None, top)
+
+
 def _report(result: PairResult, top: Path, facts: dict[str, Any],
             xfail: tuple[str, ...], run_script: str) -> int:
     rc = result.rc
     report = expect_failures(parse_tap(rc.output if rc else "", rc.line_times if rc else None),
                              xfail)
-    main = dataclasses.replace(rc or result.ep, server_log=result.server_log)
-    write_trace(main, {"ep": result.ep} if rc else None, top)
+    _write_trace(result, top)
     error = result.error or (rc.error if rc else None)
     status = rc.exit_status if rc else None
     if status == 1 and report.passed and report.counts()["xfail"]:
