@@ -53,6 +53,17 @@ from vfio_ep.vfio_user.dma import DmaTable
 BASE = 0x8000_0000
 
 
+def rc_memory(at: int = 0, size: int = 0x10000) -> DmaTable:
+    """The RC's memory as the server sees it: ``size`` bytes of a memfd at RC address
+    ``at``."""
+    table = DmaTable()
+    fd = os.memfd_create("rc", os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, size)
+    table.map(at, size, 3, fd, 0)
+    os.close(fd)
+    return table
+
+
 def test_ep_ram_allocator_aligns_and_reuses() -> None:
     ram = EpRam(BASE, 1 << 20)
     a = ram.alloc(100)
@@ -125,11 +136,7 @@ def test_iatu_subrange_split_and_kinds() -> None:
 
 
 def test_outbound_translation_and_errors() -> None:
-    table = DmaTable()
-    fd = os.memfd_create("rc", os.MFD_ALLOW_SEALING)
-    os.ftruncate(fd, 0x10000)
-    table.map(0x40000, 0x10000, 3, fd, 0)
-    os.close(fd)
+    table = rc_memory(at=0x40000)
     mem = PciEpcMem(0x1_0000_0000, 0x100000, PAGE)
     ob = OutboundAtu(0x1_0000_0000, 0x100000, 2, lambda: table)
     phys = mem.alloc_addr(0x2000)
@@ -242,11 +249,7 @@ def test_handle_now_runs_plain_handlers_in_place() -> None:
 
 
 def test_edma_moves_data_both_ways_and_aborts_cleanly() -> None:
-    table = DmaTable()
-    fd = os.memfd_create("rc", os.MFD_ALLOW_SEALING)
-    os.ftruncate(fd, 0x10000)
-    table.map(0, 0x10000, 3, fd, 0)
-    os.close(fd)
+    table = rc_memory()
     space = EpAddressSpace(EpRam(BASE, 1 << 20))
 
     async def go() -> None:
@@ -304,11 +307,7 @@ def test_edma_stop_before_the_engine_runs_halts_without_an_interrupt() -> None:
     """STOP written right after the doorbell, before the engine's task ran (the guest can do
     it through rk3588's eDMA BAR): the channel is halted, nothing moves, no interrupt, as
     the STOP promises; nor does a cancelled piece of EP work start at all."""
-    table = DmaTable()
-    fd = os.memfd_create("rc", os.MFD_ALLOW_SEALING)
-    os.ftruncate(fd, 0x10000)
-    table.map(0, 0x10000, 3, fd, 0)
-    os.close(fd)
+    table = rc_memory()
     soc = EpSoc("t", PROFILES["generic"], 1 << 20, 0.001)
 
     async def go() -> None:
@@ -422,11 +421,7 @@ def test_edma_linked_list_mode_runs_dw_edma_chunks() -> None:
     Each chunk moves its bursts, raises DONE once (its last element's LIE) and stops at the
     elements the producer has not handed over; a list that only loops through links
     aborts."""
-    table = DmaTable()
-    fd = os.memfd_create("rc", os.MFD_ALLOW_SEALING)
-    os.ftruncate(fd, 0x10000)
-    table.map(0, 0x10000, 3, fd, 0)
-    os.close(fd)
+    table = rc_memory()
     soc = EpSoc("t", PROFILES["generic"], 1 << 20, 0.001)
     ll = BASE + 0x8000
 
