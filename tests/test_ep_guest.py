@@ -111,7 +111,7 @@ def test_ep_shell_on_a_terminal(tmp_path: Path) -> None:
                       "tty; exit 3")
         terminal.until(b"run directory", 120)
     finally:
-        status = terminal.wait()
+        status = terminal.wait(kill_after=180)
     text = terminal.text
     assert status == 3, text
     assert "vfio-ep: the RC guest's driver has the function (pci-endpoint-test 0000:01:00.0)" \

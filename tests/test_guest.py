@@ -456,7 +456,7 @@ def test_shell_on_a_terminal(tmp_path: Path) -> None:
         terminal.type("echo answer=$((6*7)); tty; exit 5")
         terminal.until(b"run directory", 60)
     finally:
-        status = terminal.wait()
+        status = terminal.wait(kill_after=180)
     text = terminal.text
     assert status == 5, text
     assert "answer=42" in text and "/dev/ttyS0" in text

@@ -9,6 +9,7 @@ import pty
 import re
 import select
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -112,8 +113,16 @@ class Terminal:
         """A line typed at the terminal (Enter is a carriage return there)."""
         os.write(self.fd, line.encode() + b"\r")
 
-    def wait(self) -> int:
-        """vfio-ep's exit status, once it has exited."""
-        _, status = os.waitpid(self.pid, 0)
+    def wait(self, kill_after: float | None = None) -> int:
+        """vfio-ep's exit status, once it has exited; with ``kill_after``, SIGTERM (it stops
+        its guests, as on Ctrl-C) if it has not within so many seconds: a test that failed
+        midway does not hang on the shell it left open."""
+        end = time.monotonic() + (kill_after if kill_after is not None else float("inf"))
+        while (reaped := os.waitpid(self.pid, os.WNOHANG)) == (0, 0):
+            if time.monotonic() > end:
+                os.kill(self.pid, signal.SIGTERM)
+                end = float("inf")
+            self.until(b"\0never\0", 0.5)  # keep its output flowing meanwhile
+        status = reaped[1]
         os.close(self.fd)
         return os.waitstatus_to_exitcode(status)

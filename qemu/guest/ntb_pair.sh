@@ -4,7 +4,8 @@
 # Usage: ntb_pair.sh ROLE PHASE [BOOT]
 #   ROLE is a or b (each guest knows only its own role: the other one is its peer).
 #   PHASE is what both run: tool, pingpong, perf, netdev or rejoin (bench and ping: no
-#   tests, numbers for the benchmarks).
+#   tests, numbers for the benchmarks; up: no tests, the NTB driver bound and the netdev
+#   brought up at SELF_IP for someone's shell, BOUND_LINE printed once the driver is bound).
 #   BOOT counts the boots of one host within a phase (rejoin: b leaves, b comes back as 2).
 # The environment may say (the defaults are a pci-epf-ntb pair's: two RC guests):
 #   NTB_ID      vendor:device of the NTB's PCI device (0x104c:0xb00d)
@@ -329,7 +330,14 @@ phase_ping() {
 	fi
 }
 
+phase_up() {
+	bind_ntb_driver || { echo "vfio-ep: $NTB_DRIVER did not bind $NTB_ID"; exit 3; }
+	[ -n "$BOUND_LINE" ] && echo "$BOUND_LINE$NTB_DRIVER $DEV, ntb_netdev at $SELF_IP"
+	insmod $MODULES/ntb_transport.ko && netdev_up
+}
+
 case "$PHASE" in
+up) phase_up; exit ;;
 tool) phase_tool ;;
 pingpong) phase_pingpong ;;
 perf) phase_perf ;;

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from vfio_ep import cmdline
-from vfio_ep.composition import EP_GUEST_CONTROLLER, Composition
+from vfio_ep.composition import DEFAULT_FUNCTION, EP_GUEST_CONTROLLER, Composition
 from vfio_ep.config import ConfigError
 from vfio_ep.configfs_script import board_script, parse_script
 from vfio_ep.epf.functions import DRIVERS
@@ -76,7 +76,6 @@ RC_BOUND = "vfio-ep: bound: "
 # script writes, in its order: pci-test-howto.rst's for pci-epf-test, the seeds' vNTB block
 # (pci-vntb-howto.rst's, with R-Car's IDs) for pci-epf-vntb, pci-ntb-howto.rst's for
 # pci-epf-ntb (with vfio-ep's NTB pair's counts).
-DEFAULT_FUNCTION = "pci_epf_test"
 SCRIPT_ATTRIBUTES = {
     "pci_epf_test": ("vendorid", "deviceid", "msi_interrupts", "msix_interrupts"),
     "pci_epf_vntb": ("vendorid", "deviceid", "msi_interrupts", "db_count", "spad_count",
@@ -316,17 +315,19 @@ def boot_ep_guests(run: EpGuestRun, assets: GuestAssets, top: Path, controllers:
 
 
 def boot_ep_shell(run: EpGuestRun, assets: GuestAssets, top: Path, rc_script: str, *,
-                  timeout: float, options: GuestOptions = DEFAULT_OPTIONS) -> PairResult:
+                  timeout: float, options: GuestOptions = DEFAULT_OPTIONS,
+                  files: dict[str, Path | bytes] | None = None) -> PairResult:
     """``run --ep-guest --ep-shell``: the EP guest as ``run`` asks, its console on our
     terminal; once its controller is started, the RC guest running ``rc_script``, which
     prints an RC_BOUND line once its driver has the function and then idles; then the EP
     guest's shell, whose exit ends the run (the RC guest stopped, its dmesg taken, then the
     server).  Of the RC guest the terminal shows only the line the EP guest prints before
-    its shell (the driver bound, or why not): the rest is in ``top/rc/console.log``."""
+    its shell (the driver bound, or why not): the rest is in ``top/rc/console.log``.
+    ``files`` go into both guests' initramfs; ``run.ep_exec`` runs before the shell."""
     name = next(iter(run.controller().controllers))
     with one_cpu():
         return run_async(_boot_shell(_ep_side(run, assets, top, [name], options), assets, name,
-                                     top, timeout, options, rc_script))
+                                     top, timeout, options, rc_script, files or {}))
 
 
 @dataclass(frozen=True)
@@ -350,7 +351,8 @@ def _ep_side(run: EpGuestRun, assets: GuestAssets, top: Path, controllers: Seque
     server_args = [a for item in run.controller_sets() for a in ("--set", item)]
     if run.preset:
         server_args += ["--preset", run.preset]
-    command = EP_SHELL if run.ep_shell else run.ep_exec
+    command = "; ".join(filter(None, (run.ep_exec, EP_SHELL))) if run.ep_shell \
+        else run.ep_exec
     script = f"sh /ep_guest.sh {shlex.quote(' '.join(controllers))} /{SETUP} " + \
         (shlex.quote(command) if command else "") + (f" {CUE_PORT}" if run.ep_shell else "")
     return _EpSide(ep_guest_assets(ep_base, run.ep_kernel, top / "epc-driver"), server_args,
@@ -498,7 +500,8 @@ async def _boot_pair(ep: _EpSide, rc_assets: GuestAssets, names: Sequence[str], 
 
 
 async def _boot_shell(ep: _EpSide, rc_assets: GuestAssets, name: str, top: Path,
-                      timeout: float, rc_options: GuestOptions, rc_script: str) -> PairResult:
+                      timeout: float, rc_options: GuestOptions, rc_script: str,
+                      files: dict[str, Path | bytes]) -> PairResult:
     """:func:`boot_ep_shell`'s guests: the EP guest with its cue port; once it says "ready"
     there, the RC guest, whose lines go nowhere but its console.log; once its driver has
     the function (or it has ended), one line on the cue port says so, the EP guest shows it
@@ -519,7 +522,7 @@ async def _boot_shell(ep: _EpSide, rc_assets: GuestAssets, name: str, top: Path,
                 bound.set()
 
     try:
-        async with _ep_guest_up(ep, [name], log, top / "ep", {}, None, cue_args) \
+        async with _ep_guest_up(ep, [name], log, top / "ep", files, None, cue_args) \
                 as (ep_run, sockets):
             ep_done = asyncio.create_task(ep_run.wait(timeout))
             reader, writer = await asyncio.open_unix_connection(str(cue))
@@ -533,7 +536,7 @@ async def _boot_shell(ep: _EpSide, rc_assets: GuestAssets, name: str, top: Path,
                                       "the EP guest did not start its controller: "
                                       + (result.error or _last_words(result.output)))
                 rc_run = _rc_guest(rc_script, rc_assets, sockets[name], top / "rc", rc_options,
-                                   heard, {})
+                                   heard, files)
                 async with rc_run:
                     rc_done = asyncio.create_task(
                         rc_run.wait(timeout - (time.monotonic() - started)))

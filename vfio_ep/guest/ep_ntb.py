@@ -63,17 +63,7 @@ def boot_vntb_phase(run: EpGuestRun, assets: GuestAssets, top: Path, phase: str,
     """The EP guest as ``run`` sets it up, the RC guest, both running ntb_pair.sh's
     ``phase`` (``env``: more of its variables for both, BENCH_PINGS say), records in
     ``top``."""
-    values = run.values()
-    # pci-epf-vntb's first two doorbell slots are the link's and a reserved one
-    db_bits = int(str(values["db_count"]), 0) - 2
-    common = [f"DB_BITS={db_bits}",
-              # the EP's window is its MW BAR, translated whole (pci_epc_set_bar() takes
-              # a resizable BAR's size only, 1 MiB at least)
-              f"MW_SIZE={int(str(values['mw1']), 0)}", *env]
-    rc_env = _env("ntb_hw_epf", pci_id(values, "vendorid", "deviceid"), RC_IP, EP_IP, "rc",
-                  common)
-    ep_env = _env("pci-vntb", pci_id(values, "vntb_vid", "vntb_pid"), EP_IP, RC_IP, "ep",
-                  common)
+    rc_env, ep_env = _sides(run, env)
     ep_side = f"{ep_env} sh /ntb_pair.sh b {phase}"
     phase_run = dataclasses.replace(
         run, ep_exec=f"{run.ep_exec}; {ep_side}" if run.ep_exec else ep_side)
@@ -83,11 +73,40 @@ def boot_vntb_phase(run: EpGuestRun, assets: GuestAssets, top: Path, phase: str,
                         ep_finish=EP_FINISH)
 
 
+def vntb_shell_sides(run: EpGuestRun, bound: str) -> tuple[str, str]:
+    """``--ep-shell`` on vNTB: the RC guest's script (ntb_hw_epf bound, the line ``bound``
+    starts said, then ntb_netdev up at 10.0.0.10, then idle) and what the EP guest runs
+    before its shell (ntb_netdev up at the seeds' 10.0.0.11): ``ping 10.0.0.10`` works in
+    the shell."""
+    rc_env, ep_env = _sides(run, (f"BOUND_LINE={bound}",))
+    return (f"{rc_env} sh /ntb_pair.sh a up || exit 3\n"
+            "dmesg -n 8\nwhile :; do sleep 3600; done",
+            f"{ep_env} sh /ntb_pair.sh b up")
+
+
+def _sides(run: EpGuestRun, env: tuple[str, ...]) -> tuple[str, str]:
+    """ntb_pair.sh's environment for the RC guest (ntb_hw_epf on the function) and the EP
+    guest (pci-vntb's virtual device), from the setup's attributes."""
+    values = run.values()
+    # pci-epf-vntb's first two doorbell slots are the link's and a reserved one
+    db_bits = int(str(values["db_count"]), 0) - 2
+    common = [f"DB_BITS={db_bits}",
+              # the EP's window is its MW BAR, translated whole (pci_epc_set_bar() takes
+              # a resizable BAR's size only, 1 MiB at least)
+              f"MW_SIZE={int(str(values['mw1']), 0)}", *env]
+    return (_env("ntb_hw_epf", pci_id(values, "vendorid", "deviceid"), RC_IP, EP_IP, "rc",
+                 common),
+            _env("pci-vntb", pci_id(values, "vntb_vid", "vntb_pid"), EP_IP, RC_IP, "ep",
+                 common))
+
+
 def _env(driver: str, pci_id: str, self_ip: str, peer_ip: str, label: str,
          common: list[str]) -> str:
-    """ntb_pair.sh's environment for one side."""
-    return shlex.join([f"NTB_DRIVER={driver}", f"NTB_ID={pci_id}", f"SELF_IP={self_ip}",
-                       f"PEER_IP={peer_ip}", f"LABEL={label}", *common])
+    """ntb_pair.sh's environment for one side: NAME=VALUE words, each value quoted."""
+    items = [f"NTB_DRIVER={driver}", f"NTB_ID={pci_id}", f"SELF_IP={self_ip}",
+             f"PEER_IP={peer_ip}", f"LABEL={label}", *common]
+    return " ".join(f"{name}={shlex.quote(value)}"
+                    for name, _, value in (item.partition("=") for item in items))
 
 
 def pci_id(values: dict[str, object], vendor: str, device: str) -> str:

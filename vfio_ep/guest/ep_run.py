@@ -14,12 +14,11 @@ import sys
 from pathlib import Path
 from typing import Any, Protocol
 
-from vfio_ep.composition import Composition
+from vfio_ep.composition import DEFAULT_FUNCTION, Composition
 from vfio_ep.config import ConfigError
 from vfio_ep.guest.children import LaunchError
 from vfio_ep.guest.ep_bridge import run_ntb_bridge
 from vfio_ep.guest.ep_guest import (
-    DEFAULT_FUNCTION,
     RC_BOUND,
     EpGuestRun,
     PairResult,
@@ -27,7 +26,8 @@ from vfio_ep.guest.ep_guest import (
     boot_ep_shell,
     ep_facts,
 )
-from vfio_ep.guest.ep_ntb import run_vntb
+from vfio_ep.guest.ep_ntb import FILES as VNTB_FILES
+from vfio_ep.guest.ep_ntb import run_vntb, vntb_shell_sides
 from vfio_ep.guest.ep_nvme import run_nvme
 from vfio_ep.guest.interrupt import keeping
 from vfio_ep.guest.kernel_build import EP_GUEST_LINES
@@ -79,9 +79,10 @@ def run_ep_guest(run: EpGuestRun, *, kernel: Path | None = None, qemu: Path | No
                                  "from the RC guest's --linux"))
         comp = run.controller()
         driver = run.driver()
-        if run.ep_shell and driver != DEFAULT_FUNCTION:
-            raise ConfigError(f"--ep-shell comes with pci-epf-test's EP guest (the RC guest's "
-                              f"pci_endpoint_test bound meanwhile), not {driver}'s yet")
+        if run.ep_shell and driver not in (DEFAULT_FUNCTION, "pci_epf_vntb"):
+            raise ConfigError(f"--ep-shell comes with pci-epf-test's and pci-epf-vntb's EP "
+                              f"guest (the RC guest's driver bound meanwhile), not {driver}'s "
+                              "yet")
         assets = provision_all(qemu=qemu, kernel=kernel, linux=linux)
         run.expected_failures()  # a malformed --xfail fails here, before any boot
         top = new_run_dir(run_dir)
@@ -117,12 +118,18 @@ def _ep_shell(run: EpGuestRun, assets: GuestAssets, top: Path, *, timeout: float
               options: GuestOptions) -> int:
     """``--ep-shell``: the EP guest's shell on the terminal, the RC guest idle with its driver
     bound meanwhile (RC_IDLE); the shell's exit status, or 124 when the run timed out, 2
-    when there was no shell or QEMU was stopped under it (Ctrl-A X), as ``--shell``."""
-    vendor, device = run.device()
+    when there was no shell or QEMU was stopped under it (Ctrl-A X), as ``--shell``.  On
+    vNTB both sides' ntb_netdev are up first (:func:`vntb_shell_sides`)."""
+    files: dict[str, Path | bytes] = {}
+    if run.driver() == "pci_epf_vntb":
+        rc_script, ep_prep = vntb_shell_sides(run, RC_BOUND)
+        run, files = dataclasses.replace(run, ep_exec=ep_prep), VNTB_FILES
+    else:
+        vendor, device = run.device()
+        rc_script = RC_IDLE.format(vendor=vendor, device=device, bound=RC_BOUND)
     with keeping(Progress(top, run.target(), None, {}).keep):
-        result = boot_ep_shell(run, assets, top,
-                               RC_IDLE.format(vendor=vendor, device=device, bound=RC_BOUND),
-                               timeout=timeout, options=options)
+        result = boot_ep_shell(run, assets, top, rc_script, timeout=timeout, options=options,
+                               files=files)
     # The RC guest's lines are its kernel's messages, which its dmesg.txt has, timed.
     _write_trace(result, top, rc_lines=False)
     status = result.ep.exit_status
