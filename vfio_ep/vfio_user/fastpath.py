@@ -183,9 +183,10 @@ class FastPath:
     def handed(self) -> int | None:
         """The result the thread handed over (MESSAGE, OVERSIZED, EOF, ...), or None while
         it is still reading; POSTED while queued writes wait (:meth:`posted`).  The thread
-        signals only after it has handed over or queued, so without a signal there is
-        nothing to look at (and the loop never waits for its lock); after :meth:`posted_done`
-        the signal may have been spent already, so it looks again regardless."""
+        signals only after it has handed over, or queued a write into an empty queue, so
+        without a signal there is nothing to look at (and the loop never waits for its
+        lock); after :meth:`posted_done` it looks again regardless: the writes queued behind
+        those applied came without a signal."""
         if self._recheck:
             self._recheck = False
         else:
