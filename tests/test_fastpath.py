@@ -30,6 +30,17 @@ def test_a_one_sided_change_is_found(monkeypatch: pytest.MonkeyPatch) -> None:
     assert found == ["HEADER_SIZE: Python 17, C 16", "FLAG_NO_REPLY: Python 64, C 16"]
 
 
+def test_a_one_sided_change_of_the_queue_entry_is_found(monkeypatch: pytest.MonkeyPatch
+                                                        ) -> None:
+    """struct vfu_posted, which Python unpacks from a copy of the queue: a field that
+    Python reads narrower than C moves the ones after it."""
+    fields = dict(fastpath._POSTED_FIELDS)
+    monkeypatch.setattr(fastpath, "_POSTED_FIELDS", tuple({**fields, "region": "H"}.items()))
+    assert fastpath.contract_mismatches() == ["vfu_posted.count: Python 10, C 12",
+                                              "vfu_posted.data: Python 14, C 16",
+                                              "vfu_posted.msg_id: Python 22, C 24"]
+
+
 @pytest.fixture
 def thread() -> Iterator[tuple[fastpath.FastPath, socket.socket]]:
     """A started I/O thread on one end of a socketpair (no windows: everything goes to
