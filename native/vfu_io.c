@@ -78,8 +78,12 @@ static void *vfu_io_run(void *arg)
 		int r = vfu_fast_poll(&io->f);
 		if (r == VFU_WAIT || r == VFU_QUEUED) {
 			waiting = r == VFU_WAIT;
+			/* Python applies all that is queued when it looks, and looks again after
+			 * (FastPath.posted_done): only a write into an empty queue needs the signal
+			 * (one write(2) a message less in a stream of them). */
+			int first = r == VFU_QUEUED && io->f.posted_head - io->f.posted_tail == 1;
 			pthread_mutex_unlock(lock_of(io));
-			if (r == VFU_QUEUED)
+			if (first)
 				signal_efd(io->notify_efd);
 			continue;
 		}

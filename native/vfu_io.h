@@ -5,12 +5,13 @@
  * Python is handed over (notify_efd becomes readable) and the thread waits until Python has
  * handled it (vfu_io_resume), so the order of the stream is kept.  BAR writes for Python's
  * register handlers are acknowledged and queued instead (f.posted, which Python copies under
- * vfu_io_lock): the thread reads on, queueing more such writes, and serves anything else
- * only once Python has applied them (vfu_io_posted_done), as PCIe orders posted writes.  The window table and the
- * socket's send side are shared with Python under one lock: Python swaps the table
- * (vfu_io_set_windows) and sends its own messages (vfu_io_send) through here without
- * waiting for room in the socket: a client that stops reading stalls only its own
- * connection.
+ * vfu_io_lock; notify_efd signalled for a write into an empty queue only, as Python applies
+ * all that is queued and looks again after): the thread reads on, queueing more such
+ * writes, and serves anything else only once Python has applied them (vfu_io_posted_done),
+ * as PCIe orders posted writes.  The window table and the socket's send side are shared
+ * with Python under one lock: Python swaps the table (vfu_io_set_windows) and sends its own
+ * messages (vfu_io_send) through here without waiting for room in the socket: a client that
+ * stops reading stalls only its own connection.
  */
 #pragma once
 #include <stdint.h>
@@ -19,7 +20,8 @@
 
 struct vfu_io {
 	struct vfu_fast f;       /* the thread's message pump; f.sock is the connection */
-	int notify_efd;          /* signalled when a message (or the stream's end) waits */
+	int notify_efd;          /* signalled when a message (or the stream's end) waits, or
+				  * a write goes into an empty queue */
 	int stop_efd;            /* signalled by vfu_io_stop */
 	int handed;              /* 1 while Python has `result` (and f's message) to handle */
 	int result;              /* vfu_fast_poll()'s result that was handed over */

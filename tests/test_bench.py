@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from vfio_user_client import Client
 
-from vfio_ep.bench import dispatch, doorbell, ep_guest, scale, transfer
+from vfio_ep.bench import dispatch, doorbell, ep_guest, probe, scale, transfer
 from vfio_ep.bench.__main__ import _runners, main
-from vfio_ep.bench.common import Result, write_results
+from vfio_ep.bench.common import BenchError, Result, write_results
 from vfio_ep.bench.doorbell import REF_DEVICE, REF_VENDOR, reference_server
 from vfio_ep.bench.trapped import host_round_trips
 from vfio_ep.vfio_user import protocol as p
@@ -38,6 +38,9 @@ def test_dispatch_small() -> None:
     rows = {row["target"]: row for row in r.rows}
     assert "server, Python path" in rows
     assert all(row["rate"] > 0 for row in r.rows)
+    # where a write to a register Python applies spends its time, from the probed server
+    (note,) = [n for n in r.notes if "where a write's time goes" in n]
+    assert "the C I/O thread" in note and "writes a batch" in note
 
 
 def test_transfer_small() -> None:
@@ -48,6 +51,27 @@ def test_transfer_small() -> None:
                    "COPY DMA"]
     # each against the host doing that operation's work
     assert all(row["host_ms"] > 0 and row["ratio"] > 0 for row in r.rows)
+    # the floor's stages, from the client's and the probed server's stamps
+    (note,) = [n for n in r.notes if n.startswith("floor ms, where it goes")]
+    assert "the function's Python" in note and "by DMA" in note
+
+
+def test_every_probed_function_exists() -> None:
+    """The probes wrap the server's functions by name: a rename must fail here (the server
+    under the probe would not start)."""
+    for owner, attr in [*probe.TIMED.values(), *probe.STAMPED.values()]:
+        assert callable(getattr(owner, attr, None)), f"{owner.__name__}.{attr}"
+
+
+def test_floor_stages_from_the_client_and_server_stamps() -> None:
+    client = [{"c0": 0, "c1": 20, "c2": 200}, {"c0": 1000, "c1": 1030, "c2": 1150}]
+    server = [{"applied": 40, "handler": 90, "raise": 170, "msix": 180},
+              {"applied": 1050, "handler": 1090, "raise": 1120, "msix": 1130}]
+    got = transfer.floor_stages(client, server)
+    assert got == {"acked": [20, 30], "applied": [40, 50], "handler": [50, 40],
+                   "raise": [80, 30], "msix": [10, 10], "c2": [20, 20]}
+    with pytest.raises(BenchError, match="2 commands but 1 MSI-X"):
+        transfer.floor_stages(client, server[:1])
 
 
 def test_scale_small() -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from vfio_ep.pci.bar import WindowTable
+from vfio_ep.pci.bar import Window, WindowKind, WindowTable
 from vfio_ep.vfio_user import fastpath
 from vfio_ep.vfio_user import protocol as p
 from vfio_ep.vfio_user.protocol import Command
@@ -28,6 +28,17 @@ def test_a_one_sided_change_is_found(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(p, "FLAG_NO_REPLY", 0x40)
     found = fastpath.contract_mismatches()
     assert found == ["HEADER_SIZE: Python 17, C 16", "FLAG_NO_REPLY: Python 64, C 16"]
+
+
+def test_a_one_sided_change_of_the_queue_entry_is_found(monkeypatch: pytest.MonkeyPatch
+                                                        ) -> None:
+    """struct vfu_posted, which Python unpacks from a copy of the queue: a field that
+    Python reads narrower than C moves the ones after it."""
+    fields = dict(fastpath._POSTED_FIELDS)
+    monkeypatch.setattr(fastpath, "_POSTED_FIELDS", tuple({**fields, "region": "H"}.items()))
+    assert fastpath.contract_mismatches() == ["vfu_posted.count: Python 10, C 12",
+                                              "vfu_posted.data: Python 14, C 16",
+                                              "vfu_posted.msg_id: Python 22, C 24"]
 
 
 @pytest.fixture
@@ -72,6 +83,60 @@ def test_the_message_buffer_is_released_only_while_the_thread_is_parked(
     client.close()
     assert _handed(fast) == fast.EOF
     fast.drop()  # parked again: fine
+
+
+class _Registers:
+    """An MMIO window whose writes Python applies: the thread queues them."""
+
+    def read(self, offset: int, size: int) -> int:
+        return 0
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        raise AssertionError("the test applies nothing")
+
+
+def _posted_writes(first: int, n: int) -> bytes:
+    """``n`` posted 4-byte writes to BAR0 0x10, values (and ids) ``first``..."""
+    return b"".join(p.pack_header(i, Command.REGION_WRITE, p.HEADER_SIZE + 20,
+                                  p.FLAG_REQUEST | p.FLAG_NO_REPLY)
+                    + p.ACCESS.pack(0x10, 0, 4) + i.to_bytes(4, "little")
+                    for i in range(first, first + n))
+
+
+def _queued(fast: fastpath.FastPath, n: int) -> list[tuple[int, int, bytes, int]]:
+    for _ in range(200):
+        entries = fast.posted()
+        if len(entries) == n:
+            return entries
+        select.select([], [], [], 0.01)
+    raise AssertionError(f"{len(fast.posted())} writes queued, not {n}")
+
+
+def test_queued_writes_signal_once_and_are_copied_in_order_across_the_ring() -> None:
+    """The thread signals Python for a write into an empty queue only (Python applies all
+    that is queued when it looks, and looks again after), and the queue's copy keeps the
+    stream's order where the ring wraps."""
+    ours, client = socket.socketpair()
+    windows = WindowTable()
+    windows.add(Window(0, 0, 0x100, WindowKind.MMIO, _Registers()))
+    fast = fastpath.FastPath(ours.fileno(), windows)
+    fast.start()
+    try:
+        fast.allow_early_ack()
+        first = fastpath.lib.VFU_POSTED_MAX - 8  # the second batch wraps past the ring's end
+        client.sendall(_posted_writes(1, first))
+        assert len(_queued(fast, first)) == first
+        assert os.eventfd_read(fast.notify_fd) == 1  # one signal for the whole stream
+        fast.posted_done(first)
+        client.sendall(_posted_writes(first + 1, 16))
+        entries = _queued(fast, 16)
+        assert entries == [(0, 0x10, i.to_bytes(4, "little"), i)
+                           for i in range(first + 1, first + 17)]
+        assert os.eventfd_read(fast.notify_fd) == 1
+    finally:
+        fast.stop()
+        ours.close()
+        client.close()
 
 
 def test_the_early_ack_is_set_through_c(thread: tuple[fastpath.FastPath, socket.socket]

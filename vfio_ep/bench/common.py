@@ -34,6 +34,7 @@ REPO = HERE.parents[1]
 DEFAULT_OUT = REPO / "results" / "bench.json"
 NATIVE = REPO / "native"  # C headers the benchmarks' programs share with the fast path
 SERVER_READY_TIMEOUT = 30.0
+PROBE_ENV = "VFIO_EP_PROBE"  # a probed server's file (vfio_ep.bench.probe)
 
 
 class BenchError(RuntimeError):
@@ -172,6 +173,7 @@ class Server:
     proc: subprocess.Popen[bytes]
     socket: Path
     log: Path
+    probe: Path | None = None  # where a probed server writes (vfio_ep.bench.probe)
 
     @property
     def pid(self) -> int:
@@ -184,34 +186,39 @@ class Server:
 @contextlib.contextmanager
 def serve(sets: Sequence[str] = (), *, fastpath: bool = True, function: str = "pci-epf-test",
           verbose: bool = False, argv: Sequence[str] | None = None,
-          controllers: int = 0) -> Iterator[Server]:
+          controllers: int = 0, probe: bool = False) -> Iterator[Server]:
     """Start a server subprocess (``argv`` replaces the vfio-ep command, e.g. a sink), wait
     for its socket, and stop it (SIGTERM, then SIGKILL) on exit.  ``controllers`` > 0: that
     many controllers, each with its own ``function`` and socket ``ep<k>.sock`` (the
-    Server's ``socket`` is the first)."""
+    Server's ``socket`` is the first).  ``probe``: vfio-ep with its stages measured
+    (vfio_ep.bench.probe)."""
     tmp = Path(tempfile.mkdtemp(prefix="vfio-ep-bench-"))  # short: sun_path <= 107
     sock = tmp / ("ep0.sock" if controllers else "ep.sock")
     log = tmp / "server.log"
+    vfio_ep = [sys.executable, "-m", "vfio_ep.bench.probe" if probe else "vfio_ep"]
     if controllers:
         config = tmp / "composition.toml"
         config.write_text("".join(
             f'[controllers.ep{k}]\nsocket = "{tmp}/ep{k}.sock"\n'
             f'[functions.f{k}]\ntype = "{function}"\nprimary = "ep{k}"\n'
             for k in range(controllers)))
-        cmd = [sys.executable, "-m", "vfio_ep", "serve", "--config", str(config)]
+        cmd = [*vfio_ep, "serve", "--config", str(config)]
     elif argv is None:
-        cmd = [sys.executable, "-m", "vfio_ep", *(["-v"] if verbose else []), "serve",
-               "--socket", str(sock), "--function", function]
+        cmd = [*vfio_ep, *(["-v"] if verbose else []), "serve", "--socket", str(sock),
+               "--function", function]
         for s in sets:
             cmd += ["--set", s]
     else:
         cmd = [*argv, str(sock)]
     env = {**os.environ, "VFIO_EP_FASTPATH": "1" if fastpath else "0"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    probe_file = tmp / "probe.json" if probe else None
+    if probe_file is not None:
+        env[PROBE_ENV] = str(probe_file)
     with log.open("wb") as sink:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=sink,
                                 stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    server = Server(proc, sock, log)
+    server = Server(proc, sock, log, probe_file)
     try:
         deadline = time.monotonic() + SERVER_READY_TIMEOUT
         while not all((tmp / f"ep{k}.sock").exists() for k in range(controllers)) \
@@ -283,6 +290,16 @@ def sample_process(pid: int) -> ProcSample:
                             (task / "status").read_text().splitlines()
                             if "ctxt_switches:" in line)
     return ProcSample(time.monotonic(), on_cpu, ticks, switches)
+
+
+def thread_cpu(pid: int) -> dict[int, int]:
+    """Nanoseconds each thread of ``pid`` has run so far, by thread id (its schedstat): the
+    main thread's id is ``pid``."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):  # a thread that just exited
+            out[int(task.name)] = int((task / "schedstat").read_text().split()[0])
+    return out
 
 
 # -- C programs ------------------------------------------------------------------

@@ -13,6 +13,10 @@ anything, the floor of the transport.  A Python sink shows what any Python recei
 per message.  The C reference vfio-user server (refserver.c) and vfio-ep's C path also take
 the same stream aimed at one register (pci-epf-test's SIZE in BAR0, the reference's
 scratch register): sustained posted writes against the C floor of a real server.
+
+The stream to a register Python applies (pci-epf-test's COMMAND) is broken down in a note:
+its server's CPU a write, thread by thread (/proc), the event loop's part split by the
+server's probes (vfio_ep.bench.probe), beside the C servers' CPU a write.
 """
 
 from __future__ import annotations
@@ -29,16 +33,19 @@ from dataclasses import dataclass
 import click
 
 from vfio_ep import native
+from vfio_ep.bench import probe
 from vfio_ep.bench.client import Client
 from vfio_ep.bench.common import (
     HERE,
     BenchError,
     Column,
     Result,
+    Server,
     build_c,
     median,
     ratio,
     serve,
+    thread_cpu,
 )
 from vfio_ep.epf.functions import pci_epf_test as t
 from vfio_ep.vfio_user import protocol as p
@@ -49,6 +56,7 @@ BAR_SIZE = 128 << 10
 REG_SIZE = t.REG_OFFSET["size"][0]  # pci-epf-test's SIZE register (the reference's scratch)
 REG_COMMAND = t.REG_OFFSET["command"][0]  # watched: Python applies every write
 WRITE_SIZE = 4
+PROBED = "c-path-cmd"  # the target whose time per write is broken down (its server probed)
 # header, access (offset, region, count), 4 data bytes
 _MSG = struct.Struct(p.HEADER.struct.format + p.ACCESS.struct.format.lstrip("<") + "I")
 
@@ -119,7 +127,7 @@ def run_once(client: Client, target: Target, n: int, check: bool) -> float:
 
 
 @contextlib.contextmanager
-def _target(t: Target) -> Iterator[Client]:
+def _target(t: Target) -> Iterator[tuple[Server, Client]]:
     if t.name == "sink-c":
         ctx = serve(argv=[str(build_c(HERE / "sink.c"))])
     elif t.name == "sink-py":
@@ -127,9 +135,40 @@ def _target(t: Target) -> Iterator[Client]:
     elif t.name == "ref":
         ctx = serve(argv=[str(build_c(HERE / "refserver.c"))])
     else:
-        ctx = serve(fastpath=t.name.startswith("c-path"))
+        ctx = serve(fastpath=t.name.startswith("c-path"), probe=t.name == PROBED)
     with ctx as server, Client(server.socket, negotiate=not t.name.startswith("sink")) as c:
-        yield c
+        yield server, c
+
+
+def _cpu_since(pid: int, before: dict[int, int], into: dict[str, int]) -> None:
+    """Add the CPU ns each kind of thread of ``pid`` ran since ``before`` to ``into``: the
+    main thread (a vfio-ep server's event loop) and the others (its C I/O thread)."""
+    for tid, ns in thread_cpu(pid).items():
+        kind = "main" if tid == pid else "others"
+        into[kind] = into.get(kind, 0) + ns - before.get(tid, 0)
+
+
+def where_it_goes(writes: int, cpu: dict[str, int], probed: dict[str, tuple[int, int]],
+                  ref: float, reg: float | None, wall: float) -> str:
+    """The note under the probed row: its server's CPU a write by thread, the event loop's
+    split by the probes (ns per write in; us out), against the C servers' CPU a write."""
+    applied_calls, applied = probed.get("applied", (0, 0))
+    copied = probed.get("copied", (0, 0))[1]
+    loop, io = cpu.get("main", 0) / writes, cpu.get("others", 0) / writes
+    return (f"a register Python applies, where a write's time goes (CPU time over its runs, "
+            f"per thread from /proc, the event loop's split by vfio_ep/bench/probe.py): "
+            f"{(loop + io) / 1e3:.2f} us of server CPU a write against the C reference's "
+            f"{ref / 1e3:.2f}" + (f" (C fast path, one register: {reg / 1e3:.2f})" if reg
+                                   else "") +
+            f": the C I/O thread {io / 1e3:.2f} (read, acknowledge, queue), the event loop "
+            f"{loop / 1e3:.2f}: copying the queue out {copied / writes / 1e3:.2f}, applying "
+            f"the writes {(applied - copied) / writes / 1e3:.2f} (each through "
+            "PciDevice.region_write to its window, WatchedRam's store and the watch's "
+            "callback; the batch handed back), the rest "
+            f"{(loop - applied / writes) / 1e3:.2f} (waiting for and taking each batch: "
+            "epoll, the eventfd, trio; the handler's runs); "
+            f"{writes / max(applied_calls, 1):.0f} writes a batch, {wall / 1e3:.2f} us a "
+            "write of wall time.")
 
 
 def run(n: int = 200_000, reps: int = 5) -> Result:
@@ -139,15 +178,23 @@ def run(n: int = 200_000, reps: int = 5) -> Result:
     times: dict[str, list[float]] = {t.name: [] for t in targets}
     counts = {t.name: max(int(n * t.fraction), 100) for t in targets}
     check = {t.name: not t.name.startswith("sink") for t in targets}
+    cpu: dict[str, dict[str, int]] = {t.name: {} for t in targets}
+    probed: dict[str, tuple[int, int]] = {}
     try:
         with contextlib.ExitStack() as stack:
-            clients = {t.name: stack.enter_context(_target(t)) for t in targets}
+            ends = {t.name: stack.enter_context(_target(t)) for t in targets}
             for t in targets:  # warm-up: first-touch page faults, caches, trio's first wakeups
-                run_once(clients[t.name], t, max(counts[t.name] // 10, 100), check[t.name])
+                run_once(ends[t.name][1], t, max(counts[t.name] // 10, 100), check[t.name])
+            before = probe.take(ends[PROBED][0]) if PROBED in ends else None
             for _ in range(reps):
                 for t in targets:
-                    times[t.name].append(run_once(clients[t.name], t, counts[t.name],
+                    pid = ends[t.name][0].pid
+                    start = thread_cpu(pid)
+                    times[t.name].append(run_once(ends[t.name][1], t, counts[t.name],
                                                   check[t.name]))
+                    _cpu_since(pid, start, cpu[t.name])
+            if before is not None:
+                probed = probe.take(ends[PROBED][0]).since(before)
     finally:
         build_stream.cache_clear()  # up to 10 N messages
     rates = {name: counts[name] / median(ts) for name, ts in times.items()}
@@ -169,6 +216,11 @@ def run(n: int = 200_000, reps: int = 5) -> Result:
              "(watched: each write is acknowledged by the I/O thread and queued, the queue "
              "applied by the event loop, the command handler run and finding no command); "
              "target <= 1.1x the C reference's time per write."]
+    if PROBED in rates:
+        per_write = {name: sum(cpu[name].values()) / (reps * counts[name]) for name in cpu}
+        notes.append(where_it_goes(reps * counts[PROBED], cpu[PROBED], probed,
+                                   per_write["ref"], per_write.get("c-path-reg"),
+                                   1e9 / rates[PROBED]))
     if not native.available()[0]:
         notes.append(f"C fast path not measured: {native.available()[1]}")
     return Result(

@@ -8,6 +8,11 @@ MSI-X on its eventfd.  The baseline of each operation is this process doing the 
 on the same buffers, measured in the same run: READ copies and checksums (CRC32), WRITE
 fills with random data, checksums and copies, COPY copies.  The ratio is how far the
 endpoint's data path (messages, the outbound iATU, the eDMA model) is from that work alone.
+
+A 4 KiB command of each kind is the "floor", what any command costs before its data; a note
+breaks it into stages, from the client's stamps and the server's (the server runs under
+vfio_ep.bench.probe): the COMMAND write reaching the event loop, the handler task started,
+the function's Python, the MSI-X raised, the client woken.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import zlib
 
 import trio
 
+from vfio_ep.bench import probe
 from vfio_ep.bench.client import Client, RcSide
 from vfio_ep.bench.common import BenchError, Column, Result, median, ratio, serve
 from vfio_ep.bulk import fill_random
@@ -35,6 +41,15 @@ OK = {"READ": t.STATUS_READ_SUCCESS, "WRITE": t.STATUS_WRITE_SUCCESS,
 IOVA = 0x1_0000_0000  # guest RAM above 4 GiB, as a 64-bit DMA mask allows
 REG_BAR = 0
 REG = {name: off for name, (off, _) in t.REG_OFFSET.items()}
+# A floor command's stages, each from the stamp before to its own: the client's (c0: the
+# COMMAND write sent, c2: the MSI-X seen) and the probed server's (vfio_ep.bench.probe).
+STAGES = (("c0", "applied", "the COMMAND write reaching the event loop (the I/O thread reads, "
+           "acknowledges, queues it and wakes the loop)"),
+          ("applied", "handler", "the write applied and the handler task started (the queue's "
+           "copy, region_write, the watch's callback, trio)"),
+          ("handler", "raise", "the function's Python"),
+          ("raise", "msix", "raising the MSI-X (pci_epc_raise_irq to the eventfd's write)"),
+          ("msix", "c2", "the eventfd reaching the client"))
 
 
 class Endpoint:
@@ -51,6 +66,9 @@ class Endpoint:
         self.dst[:] = bytes(max_size)  # touch every page now, not inside a timed run
         # The host's copy of the function's buffer in EP RAM (COPY by memcpy stages there).
         self.stage = memoryview(bytearray(max_size))
+        # The last command's client stamps (monotonic ns): c0 the COMMAND write sent, c1 its
+        # reply, c2 the MSI-X seen.
+        self.stamps: dict[str, int] = {}
 
     def w(self, name: str, value: int) -> None:
         off, size = t.REG_OFFSET[name]
@@ -66,10 +84,12 @@ class Endpoint:
         self.w("size", size)
         self.w("checksum", checksum)
         self.w("flags", t.FLAG_USE_DMA if dma else 0)
-        start = time.perf_counter()
+        c0 = time.monotonic_ns()  # CLOCK_MONOTONIC: the probed server's stamps' clock
         self.w("command", OPS[name])
+        c1 = time.monotonic_ns()
         self.rc.wait_irq()
-        elapsed = time.perf_counter() - start
+        self.stamps = {"c0": c0, "c1": c1, "c2": time.monotonic_ns()}
+        elapsed = (self.stamps["c2"] - c0) / 1e9
         status = self.c.read32(REG_BAR, REG["status"])
         if not status & OK[name]:
             raise BenchError(f"{name} of {size} bytes ({'DMA' if dma else 'memcpy'}) failed: "
@@ -116,13 +136,55 @@ def beyond_floor(host: float, took: float, floor: float) -> float | None:
     return ratio(host, took - floor)
 
 
+def floor_stages(client: list[dict[str, int]], server: list[dict[str, int]]
+                 ) -> dict[str, list[int]]:
+    """Each stage's ns (STAGES, and "acked": the COMMAND write's reply at the client) for
+    every command, from its client and server stamps (one record each, in order)."""
+    if len(client) != len(server):
+        raise BenchError(f"{len(client)} commands but {len(server)} MSI-X stamped by the "
+                         "server")
+    out: dict[str, list[int]] = {"acked": [c["c1"] - c["c0"] for c in client]}
+    for c, s in zip(client, server, strict=True):
+        both = c | s
+        for start, end, _ in STAGES:
+            out.setdefault(end, []).append(both[end] - both[start])
+    return out
+
+
+def where_it_goes(stages: dict[tuple[str, bool], dict[str, list[int]]]) -> str:
+    """The floor's note: each stage's median (us) over all the floor commands, the
+    function's Python per operation."""
+    def us(values: list[int]) -> str:
+        return f"{median(values) / 1e3:.0f}"
+
+    pooled: dict[str, list[int]] = {}
+    for per_kind in stages.values():
+        for stage, values in per_kind.items():
+            pooled.setdefault(stage, []).extend(values)
+    parts = []
+    for _, end, what in STAGES:
+        if end == "raise":
+            kinds = [(name, dma) for dma in (False, True) for name in OPS]
+            what += (f" {us(pooled[end])} (READ/WRITE/COPY by memcpy " +
+                     "/".join(us(stages[k][end]) for k in kinds[:3]) + ", by DMA " +
+                     "/".join(us(stages[k][end]) for k in kinds[3:]) + ")")
+        else:
+            what += f" {us(pooled[end])}"
+        parts.append(what)
+    return ("floor ms, where it goes (medians, us, over every floor command; CLOCK_MONOTONIC "
+            "stamps in the client and in the server, vfio_ep/bench/probe.py): " +
+            ", ".join(parts) + "; the COMMAND write's reply reaches the client after "
+            f"{us(pooled['acked'])}.")
+
+
 def run(sizes: tuple[int, ...] = SIZES, reps: int = 5) -> Result:
     started = time.monotonic()
     rows = []
     ram_size = PciEpcAttributes.ram_size
     if max(sizes) > ram_size // 2:  # a DMA READ/WRITE bounces through EP RAM
         raise BenchError(f"sizes up to {max(sizes)} need ram_size > {2 * max(sizes)}")
-    with serve() as server, Client(server.socket) as client:
+    stages = {}  # the floor commands' stages, by operation
+    with serve(probe=True) as server, Client(server.socket) as client:
         ep = Endpoint(client, max(sizes))
         try:
             floor = {}  # a FLOOR_SIZE command: what every command costs before its data
@@ -130,8 +192,13 @@ def run(sizes: tuple[int, ...] = SIZES, reps: int = 5) -> Result:
             for dma in (False, True):
                 for name in OPS:
                     ep.op(name, FLOOR_SIZE, dma, crc)
-                    floor[name, dma] = median([ep.op(name, FLOOR_SIZE, dma, crc)
-                                               for _ in range(4 * reps)])
+                    probe.take(server)  # the warm-up's stamps
+                    times, stamps = [], []
+                    for _ in range(4 * reps):
+                        times.append(ep.op(name, FLOOR_SIZE, dma, crc))
+                        stamps.append(ep.stamps)
+                    floor[name, dma] = median(times)
+                    stages[name, dma] = floor_stages(stamps, probe.take(server).commands)
             for size in sizes:
                 host = {}
                 for dma in (False, True):
@@ -164,12 +231,12 @@ def run(sizes: tuple[int, ...] = SIZES, reps: int = 5) -> Result:
              "ms, target >= 0.5x (before 2026-11-29 COPY by memcpy was held against one "
              "copy: its ratio then was about half).",
              f"floor ms: a {FLOOR_SIZE // 1024} KiB command of the same kind (median of "
-             f"{4 * reps}): the cost of any command before its data (the COMMAND write's "
-             "round trip, the event loop's wake-up, the function's Python, the interrupt's "
-             "eventfd); beyond floor = host ms / (ms - floor ms), left out (-) where the "
+             f"{4 * reps}): the cost of any command before its data (its stages: the next "
+             "note); beyond floor = host ms / (ms - floor ms), left out (-) where the "
              f"floor is over {1 - FLOOR_SHARE_MAX:.0%} of ms.  Where the host's work is "
              "below the floor (COPY at 1-4 MiB: a memcpy of 0.03-0.2 ms) no command path "
              "reaches 0.5x.",
+             where_it_goes(stages),
              f"EP RAM {ram_size // MIB} MiB (ram_size; DMA READ/WRITE bounce through it), "
              f"outbound aperture {OUTBOUND_SIZE // MIB} MiB; C fast path server."]
     return Result(

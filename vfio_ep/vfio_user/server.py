@@ -22,9 +22,8 @@ import select
 import socket
 import struct
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import trio
 from construct import ConstructError
@@ -53,6 +52,7 @@ SUN_PATH_MAX = 107
 TEARDOWN_GRACE = 5.0  # seconds a dead client's teardown may take before its successor is served
 
 _R = TypeVar("_R")
+_P = ParamSpec("_P")
 Handler = Callable[["Connection", int, bytes, list[int]], tuple[bytes, int | None] | None]
 
 
@@ -280,13 +280,14 @@ class Connection:
         await self._send(p.pack_header(msg_id, cmd, p.HEADER_SIZE + len(payload), p.FLAG_REPLY)
                          + payload, fd)
 
-    def _guarded(self, cmd: int, msg_id: int,
-                 call: Callable[[], _R]) -> tuple[_R | None, int]:
-        """A request's handling: (its result, 0), or (None, the errno to answer) with the
+    def _guarded(self, cmd: int, msg_id: int, call: Callable[_P, _R], *args: _P.args,
+                 **kwargs: _P.kwargs) -> tuple[_R | None, int]:
+        """A request's handling, ``call(*args, **kwargs)`` (no partial to build for each of
+        a stream of posted writes): (its result, 0), or (None, the errno to answer) with the
         reason logged, for a refusal (ErrnoError: ProtocolError, or the device's own), a
         malformed message, or a device-model bug (which must not take the server down)."""
         try:
-            return call(), 0
+            return call(*args, **kwargs), 0
         except ErrnoError as e:
             log.warning("client %s: refused %s (id %d): %s", self.peer, _name(cmd), msg_id,
                         e.reason)
@@ -303,10 +304,10 @@ class Connection:
         """The BAR writes C acknowledged (or the client posted) and queued, in order; a
         refusal is logged like any posted write's, never answered.  How many."""
         applied = 0
+        write = self.device.region_write
         try:
             for region, offset, data, msg_id in fast.posted():
-                self._guarded(Command.REGION_WRITE, msg_id,
-                              partial(self.device.region_write, region, offset, data))
+                self._guarded(Command.REGION_WRITE, msg_id, write, region, offset, data)
                 applied += 1
         finally:
             fast.posted_done(applied)
