@@ -318,8 +318,8 @@ def test_serve_an_ep_guest_controller(tmp_path: Path) -> None:
      "--matrix runs the suite in every cell: not with --shell, --ep-shell or --exec"),
     (["--ep-guest", "--ep-shell", "--", "-r", "pci_ep_bar.BAR0.BAR_TEST"],
      "the RC guest runs no test, so -r pci_ep_bar.BAR0.BAR_TEST selects none"),
-    (["--ep-guest", "--ep-shell", "--function", "pci-epf-vntb"],
-     "--ep-shell comes with pci-epf-test's EP guest"),
+    (["--ep-guest", "--ep-shell", "--function", "nvmet-pci-epf"],
+     "--ep-shell comes with pci-epf-test's and pci-epf-vntb's EP guest"),
 ])
 def test_ep_shell_refuses_what_makes_no_sense_with_it(tmp_path: Path, args: list[str],
                                                       refusal: str) -> None:
