@@ -1,8 +1,10 @@
 /* See vfu_io.h. */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
 #include <poll.h>
 #include <pthread.h>
+#include <sched.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -57,12 +59,47 @@ static int wait_writable(void *ctx)
 	return r < 0 || pfd[1].revents ? -1 : 0;
 }
 
+/*
+ * Sleep until the client sends more, or Python stops us.  Where the process may run on
+ * several CPUs (io->block_wait), in the socket's own wait: a blocking one-byte peek (the
+ * socket is blocking while the thread runs, vfu_io_start), which the peer's send wakes
+ * sooner than a poll() when the two sit on different CPUs; vfu_io_stop wakes it with
+ * shutdown(SHUT_RD).  Pinned to one CPU (an EP-guest run), a poll() is the cheaper wait.
+ * `make bench wake` measures both.  The message itself is read by vfu_fast_poll, which
+ * finds EOF or an error there too.  0 to go on, -1 when stopping.
+ */
+static int wait_readable(struct vfu_io *io)
+{
+	struct pollfd pfd[2] = { { .fd = io->f.sock, .events = POLLIN },
+				 { .fd = io->stop_efd, .events = POLLIN } };
+	ssize_t r = -1;
+	char byte;
+
+	if (io->block_wait) {
+		while ((r = recv(io->f.sock, &byte, 1, MSG_PEEK)) < 0 && errno == EINTR)
+			;
+		errno = r < 0 ? errno : 0;
+	}
+	if (!io->block_wait || (r < 0 && errno == EAGAIN)) {  /* or made non-blocking */
+		while (poll(pfd, 2, -1) < 0 && errno == EINTR)
+			;
+		if (pfd[1].revents)
+			return -1;
+	}
+	return __atomic_load_n(&io->stopping, __ATOMIC_ACQUIRE) ? -1 : 0;
+}
+
+/* Whether this process may run on more than one CPU. */
+static int several_cpus(void)
+{
+	cpu_set_t cpus;
+
+	return sched_getaffinity(0, sizeof(cpus), &cpus) != 0 || CPU_COUNT(&cpus) > 1;
+}
+
 static void *vfu_io_run(void *arg)
 {
 	struct vfu_io *io = arg;
-	struct pollfd pfd[2] = { { .fd = io->f.sock, .events = POLLIN },
-				 { .fd = io->stop_efd, .events = POLLIN } };
-
 	int waiting = 0; /* a message waits until Python has applied the queued writes */
 
 	for (;;) {
@@ -97,10 +134,7 @@ static void *vfu_io_run(void *arg)
 			signal_efd(io->notify_efd);
 			continue;
 		}
-		/* Block until the client sends more, or Python stops us. */
-		while (poll(pfd, 2, -1) < 0 && errno == EINTR)
-			;
-		if (pfd[1].revents)
+		if (wait_readable(io))
 			return NULL;
 	}
 }
@@ -135,9 +169,18 @@ int vfu_io_start(struct vfu_io *io, struct vfu_window *windows, int n)
 	if (err)
 		return err;
 	err = pthread_cond_init(cond_of(io), NULL);
+	/* Blocking while the thread runs, where it waits so (wait_readable); Python drains an
+	 * oversized message only while the thread is parked, and makes it non-blocking
+	 * meanwhile. */
+	io->sock_flags = fcntl(io->f.sock, F_GETFL);
+	io->block_wait = io->sock_flags >= 0 && several_cpus();
+	if (!err && io->block_wait)
+		fcntl(io->f.sock, F_SETFL, io->sock_flags & ~O_NONBLOCK);
 	if (!err)
 		err = pthread_create((pthread_t *)&io->thread, NULL, vfu_io_run, io);
 	if (err) {
+		if (io->block_wait)
+			fcntl(io->f.sock, F_SETFL, io->sock_flags);
 		pthread_cond_destroy(cond_of(io));
 		pthread_mutex_destroy(lock_of(io));
 	} else {
@@ -210,11 +253,14 @@ void vfu_io_resume(struct vfu_io *io)
 void vfu_io_stop(struct vfu_io *io)
 {
 	pthread_mutex_lock(lock_of(io));
-	io->stopping = 1;
+	__atomic_store_n(&io->stopping, 1, __ATOMIC_RELEASE);
 	pthread_cond_signal(cond_of(io));
 	pthread_mutex_unlock(lock_of(io));
 	signal_efd(io->stop_efd);
+	shutdown(io->f.sock, SHUT_RD);  /* wakes wait_readable: the connection is ending */
 	pthread_join((pthread_t)io->thread, NULL);
+	if (io->block_wait)
+		fcntl(io->f.sock, F_SETFL, io->sock_flags);
 	pthread_cond_destroy(cond_of(io));
 	pthread_mutex_destroy(lock_of(io));
 	io->running = 0;

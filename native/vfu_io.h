@@ -29,6 +29,8 @@ struct vfu_io {
 	int stopping;
 	int running;             /* between vfu_io_start and vfu_io_stop: a thread shares io */
 	int sending;             /* whose message is partly sent (1 Python's, 2 the thread's) */
+	int sock_flags;          /* f.sock's file status flags before the thread started */
+	int block_wait;          /* the thread waits in a blocking peek (f.sock blocking), not poll */
 	uint64_t thread;         /* a pthread_t */
 	uint64_t lock[8];        /* a pthread_mutex_t: the table, f's state, the send side */
 	uint64_t cond[8];        /* a pthread_cond_t: `handed` cleared, or stopping */

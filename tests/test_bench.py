@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from vfio_user_client import Client
 
-from vfio_ep.bench import dispatch, doorbell, ep_guest, probe, scale, transfer
+from vfio_ep.bench import dispatch, doorbell, ep_guest, probe, scale, transfer, wake
 from vfio_ep.bench.__main__ import _runners, main
 from vfio_ep.bench.common import BenchError, Result, write_results
 from vfio_ep.bench.doorbell import REF_DEVICE, REF_VENDOR, reference_server
@@ -54,6 +54,17 @@ def test_transfer_small() -> None:
     # the floor's stages, from the client's and the probed server's stamps
     (note,) = [n for n in r.notes if n.startswith("floor ms, where it goes")]
     assert "the function's Python" in note and "by DMA" in note
+
+
+def test_wake_small() -> None:
+    """The ways the I/O thread may wait, each timed against poll on one CPU and, where the
+    machine has two, across CPUs; the note says what the thread's own wait saves."""
+    r = wake.run(n=500, reps=1)
+    assert r.name == "wake" and r.baseline
+    assert [row["mode"] for row in r.rows[:4]] == list(wake.MODES)
+    assert all(row["median_us"] > 0 and row["vs_poll"] > 0 for row in r.rows)
+    assert {row["placement"] for row in r.rows} <= {"one CPU", "across CPUs"}
+    assert any("the I/O thread's blocking peek saves" in n for n in r.notes)
 
 
 def test_every_probed_function_exists() -> None:

@@ -786,6 +786,30 @@ def test_a_client_that_stops_reading_stalls_only_itself(tmp_path: Path) -> None:
         b.close()
 
 
+def test_a_client_that_stalls_mid_oversized_message_stalls_only_itself(
+        tmp_path: Path) -> None:
+    """Client A sends the head of a message beyond max_data_xfer_size and stops: the server
+    drains it in the event loop (its C I/O thread parked, the socket it keeps blocking made
+    non-blocking meanwhile), so client B of another device in the same server is served as
+    usual; when A goes, its connection ends and B carries on."""
+    a_dev, b_dev = testdev.build({}), testdev.build({})
+    with ServerThread(a_dev, tmp_path / "a.sock", more=((b_dev, tmp_path / "b.sock"),)):
+        a = Client(tmp_path / "a.sock")
+        b = Client(tmp_path / "b.sock")
+        count = p.MAX_DATA_XFER_SIZE + 4096
+        a.sock.sendall(p.pack_header(7, Command.REGION_WRITE, p.HEADER_SIZE + 16 + count, 0)
+                       + struct.pack("<QII", 0, Region.BAR1, count) + bytes(4096))
+        time.sleep(0.5)
+        ids = int.from_bytes(b_dev.config.data[:4], "little")
+        for i in range(10):
+            b.write(Region.BAR1, 8 * i, struct.pack("<Q", i))
+            assert b.read(Region.BAR1, 8 * i, 8) == struct.pack("<Q", i)
+            assert b.cfg_read32(0) == ids
+        a.close()
+        assert b.cfg_read32(0) == ids
+        b.close()
+
+
 def test_moving_memory_holds_the_c_reader_still(server: ServerThread, client: Client,
                                                 path: str) -> None:
     """While memory the window table points into moves (WindowTable.changing), the C I/O

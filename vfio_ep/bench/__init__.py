@@ -20,7 +20,9 @@ the same run (the machine is shared, so absolute numbers only mean something sid
   vs the embedded doorbell
 - ``ep-nvme``: nvmet-pci-epf in an EP guest as the RC's NVMe drive, sequential write and
   read vs QEMU's emulated nvme in the same RC guest
+- ``wake``: the I/O thread's wait for the client (poll, a blocking peek, a blocking read),
+  on one CPU and across CPUs, vs poll
 """
 
 NAMES = ("dispatch", "doorbell", "trapped", "bars", "transfer", "idle", "ntb", "ntb-pair", "scale",
-         "ep-guest", "ep-vntb", "ep-nvme")
+         "ep-guest", "ep-vntb", "ep-nvme", "wake")

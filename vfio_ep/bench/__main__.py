@@ -34,6 +34,7 @@ def _runners(quick: bool) -> dict[str, Callable[[], Result]]:
         scale,
         transfer,
         trapped,
+        wake,
     )
 
     if quick:
@@ -48,11 +49,12 @@ def _runners(quick: bool) -> dict[str, Callable[[], Result]]:
                 "scale": lambda: scale.run(devices=(1, 4), reads=2000),
                 "ep-guest": lambda: ep_guest.run(n=200, n_mmio=2000, size=1 << 20, reps=1),
                 "ep-vntb": lambda: ep_vntb.run(count=20),
-                "ep-nvme": lambda: ep_nvme.run(mib=8)}
+                "ep-nvme": lambda: ep_nvme.run(mib=8),
+                "wake": lambda: wake.run(n=2000, reps=1)}
     return {"dispatch": dispatch.run, "doorbell": doorbell.run, "trapped": trapped.run,
             "bars": bars.run, "transfer": transfer.run, "idle": idle.run, "ntb": ntb.run,
             "ntb-pair": ntb_pair.run, "scale": scale.run, "ep-guest": ep_guest.run,
-            "ep-vntb": ep_vntb.run, "ep-nvme": ep_nvme.run}
+            "ep-vntb": ep_vntb.run, "ep-nvme": ep_nvme.run, "wake": wake.run}
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

@@ -229,7 +229,14 @@ class Connection:
                 return p.HEADER.parse(data), data[p.HEADER_SIZE :], fds
             if r == fast.OVERSIZED:
                 data, fds, _ = fast.take()
-                return await self._oversized(p.HEADER.parse(data), fds)
+                # The thread is parked, its socket maybe blocking (native/vfu_io.c): trio's
+                # reads must not block the event loop on a client that stalls mid-message.
+                blocking = os.get_blocking(self.sock.fileno())
+                os.set_blocking(self.sock.fileno(), False)
+                try:
+                    return await self._oversized(p.HEADER.parse(data), fds)
+                finally:
+                    os.set_blocking(self.sock.fileno(), blocking)
             fast.drop()
             if r == fast.EOF:
                 raise ClientGone
