@@ -14,7 +14,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from vfio_ep_cli import KSELFTEST_CASES, Terminal, readme_example, vfio_ep_run
+from vfio_ep_cli import KSELFTEST_CASES, readme_example, shell_session, vfio_ep_run
 
 from vfio_ep.composition import EP_GUEST_CONTROLLER
 from vfio_ep.guest.assets import EP_GUEST
@@ -102,17 +102,10 @@ def test_ep_shell_on_a_terminal(tmp_path: Path) -> None:
     guest, the RC guest's lines stay in its console.log, and the shell's exit status is the
     run's, both guests stopped."""
     run_dir = tmp_path / "r"
-    terminal = Terminal(*readme_example("vfio-ep run --ep-guest --ep-shell"),
-                        "--run-dir", str(run_dir))
-    try:
-        assert terminal.until(b"Ctrl-A X stops QEMU", 300), terminal.text
-        assert terminal.until(b"# ", 30)
-        terminal.type(f"cat /sys/kernel/config/pci_ep/controllers/{EP_GUEST_CONTROLLER}/start; "
-                      "tty; exit 3")
-        terminal.until(b"run directory", 120)
-    finally:
-        status = terminal.wait(kill_after=180)
-    text = terminal.text
+    status, text = shell_session(
+        [*readme_example("vfio-ep run --ep-guest --ep-shell"), "--run-dir", str(run_dir)],
+        f"cat /sys/kernel/config/pci_ep/controllers/{EP_GUEST_CONTROLLER}/start; tty; exit 3",
+        300)
     assert status == 3, text
     assert "vfio-ep: the RC guest's driver has the function (pci-endpoint-test 0000:01:00.0)" \
         in text

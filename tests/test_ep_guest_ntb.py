@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from vfio_ep_cli import Terminal, assert_passed, readme_example, vfio_ep_run
+from vfio_ep_cli import assert_passed, readme_example, shell_session, vfio_ep_run
 
 pytestmark = pytest.mark.guest
 
@@ -108,17 +108,9 @@ def test_an_ep_shell_on_vntb_pings_the_rc(tmp_path: Path) -> None:
     """--ep-shell on vNTB: before the shell, the RC guest's ntb_hw_epf has the function and
     both sides' ntb_netdev are up, so the EP guest's shell reaches the RC at 10.0.0.10
     through the kernel's own pci-epf-vntb; its exit status is the run's."""
-    run_dir = tmp_path / "r"
-    terminal = Terminal(*readme_example(
-        "vfio-ep run --ep-guest --function pci-epf-vntb --ep-shell"), "--run-dir", str(run_dir))
-    try:
-        assert terminal.until(b"Ctrl-A X stops QEMU", 300), terminal.text
-        assert terminal.until(b"# ", 30)
-        terminal.type("ping -c 3 10.0.0.10 && exit 4")
-        terminal.until(b"run directory", 120)
-    finally:
-        status = terminal.wait(kill_after=180)
-    text = terminal.text
+    status, text = shell_session(
+        [*readme_example("vfio-ep run --ep-guest --function pci-epf-vntb --ep-shell"),
+         "--run-dir", str(tmp_path / "r")], "ping -c 3 10.0.0.10 && exit 4", 300)
     assert status == 4, text
     assert "the RC guest's driver has the function (ntb_hw_epf 0000:01:00.0, ntb_netdev at " \
         "10.0.0.10)" in text, text

@@ -23,9 +23,9 @@ from pathlib import Path
 import pytest
 from vfio_ep_cli import (
     KSELFTEST_CASES,
-    Terminal,
     readme_block,
     readme_example,
+    shell_session,
     vfio_ep_run,
 )
 from vfio_user_client import ServerThread
@@ -449,15 +449,9 @@ def test_shell_on_a_terminal(tmp_path: Path) -> None:
     """--shell: the guest's shell on our terminal (a pty here), with the console as its
     controlling tty; what it prints reaches us, the vfio-ep markers and dmesg do not, and its
     exit status is the run's."""
-    terminal = Terminal(*readme_example("vfio-ep run --shell"), "--run-dir", str(tmp_path / "r"))
-    try:
-        assert terminal.until(b"Ctrl-A X stops QEMU", 120), terminal.text
-        assert terminal.until(b"# ", 30)  # the prompt, shown without a newline after it
-        terminal.type("echo answer=$((6*7)); tty; exit 5")
-        terminal.until(b"run directory", 60)
-    finally:
-        status = terminal.wait(kill_after=180)
-    text = terminal.text
+    status, text = shell_session(
+        [*readme_example("vfio-ep run --shell"), "--run-dir", str(tmp_path / "r")],
+        "echo answer=$((6*7)); tty; exit 5", 120)
     assert status == 5, text
     assert "answer=42" in text and "/dev/ttyS0" in text
     assert "@@vfio-ep" not in text and "--- dmesg ---" not in text

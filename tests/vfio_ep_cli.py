@@ -126,3 +126,18 @@ class Terminal:
         status = reaped[1]
         os.close(self.fd)
         return os.waitstatus_to_exitcode(status)
+
+
+def shell_session(args: list[str], typed: str, boot_seconds: float) -> tuple[int, str]:
+    """``vfio-ep ARGS`` on a terminal of its own: once its shell's banner and prompt show
+    (within ``boot_seconds``), ``typed`` at the prompt, then until the run ends (SIGTERM if
+    it hangs); its exit status and everything the terminal showed."""
+    terminal = Terminal(*args)
+    try:
+        assert terminal.until(b"Ctrl-A X stops QEMU", boot_seconds), terminal.text
+        assert terminal.until(b"# ", 30)  # the prompt, shown without a newline after it
+        terminal.type(typed)
+        terminal.until(b"run directory", 120)
+    finally:
+        status = terminal.wait(kill_after=180)
+    return status, terminal.text
