@@ -459,19 +459,23 @@ def test_shell_on_a_terminal(tmp_path: Path) -> None:
 
 def test_exec_timeout_is_124_and_says_so(tmp_path: Path) -> None:
     """A fractional timeout is honoured; the stuck guest's tasks (sysrq-t) land in the run's
-    console.log, its whole dmesg in dmesg.txt (taken through the rescue console while the
-    command still hangs), and the message says where."""
+    console.log, its whole dmesg in dmesg.txt and its interrupt counts in interrupts.txt
+    (taken through the rescue console while the command still hangs), and the message says
+    where."""
     proc = _run("--run-dir", str(tmp_path / "r"), "--timeout", "12.5", "--exec",
                 "echo hung > /dev/kmsg; sleep 60")
     assert proc.returncode == 124
     assert re.search(r"timed out after 12\.\d s \(the guest's tasks, sysrq-t, are at the end "
-                     r"of console\.log\); its dmesg\.txt are in the run directory",
+                     r"of console\.log\); its dmesg\.txt and interrupts\.txt are in the run "
+                     r"directory",
                      proc.stderr), proc.stderr
     console = (next((tmp_path / "r").rglob("console.log"))).read_text(errors="replace")
     assert "sysrq: Show State" in console and re.search(r"task:sleep\s", console)
     dmesg = (next((tmp_path / "r").rglob("dmesg.txt"))).read_text()
     assert "Linux version" in dmesg and "hung" in dmesg
     assert "sysrq: Show State" in dmesg  # taken after the task dump
+    interrupts = (next((tmp_path / "r").rglob("interrupts.txt"))).read_text()
+    assert "ttyS0" in interrupts and "CPU0" in interrupts
 
 
 def test_kernel_build_directory_brings_its_modules(tmp_path: Path) -> None:
