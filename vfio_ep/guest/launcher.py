@@ -39,7 +39,6 @@ from vfio_ep.guest.initramfs import (
 )
 from vfio_ep.guest.provision import GuestAssets, provision_all
 from vfio_ep.guest.qemu_cmdline import (
-    DEFAULT_MSG_TIMEOUT_MS,
     DEFAULT_OPTIONS,
     DEVICE_ID,
     GuestOptions,
@@ -279,8 +278,7 @@ class GuestRun:
         await self.qmp.start_server(str(qmp_socket))
         argv = qemu_command(self.assets.qemu, kernel=self.assets.kernel, initrd=initrd,
                             qmp=qmp_socket, rescue=self._rescue, options=self.options,
-                            device=(vfio_user_device(self.socket, DEFAULT_MSG_TIMEOUT_MS)
-                                    if self.socket else None),
+                            device=vfio_user_device(self.socket) if self.socket else None,
                             extra_args=self.boot.qemu_args)
         self._meta["qemu_argv"] = argv
         if self.options.gdb_port is not None:
