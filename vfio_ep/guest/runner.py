@@ -13,6 +13,7 @@ import shlex
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -149,7 +150,7 @@ def run_suite(spec: RunSpec, run_dir: Path | None = None) -> int:
         facts = guest_facts(assets)
         if spec.exec_cmd is not None:
             controllers = [c for c in (func.primary, func.secondary) if c is not None]
-            return _run_exec(spec, spec.exec_cmd, assets, controllers, run_dir)
+            return _run_exec(spec, assets, controllers, run_dir)
         if func.driver == "pci_epf_vntb":
             return _run_ntb_suite(spec, assets, run_dir, facts)
         if func.driver == "pci_epf_ntb":
@@ -230,12 +231,12 @@ def _matrix_results(cells: list[tuple[str, int, Path]], top: Path) -> None:
     print(f"run directory: {top} (results.xml: every cell)", flush=True)
 
 
-def _run_exec(spec: RunSpec, command: str, assets: GuestAssets, controllers: list[str],
+def _run_exec(spec: RunSpec, assets: GuestAssets, controllers: list[str],
               run_dir: Path | None) -> int:
     """Boot a guest per controller (``VFIO_EP_ROLE`` a, b, ... in its environment) that
-    runs ``command`` with the suites' files at hand; the first failing status is ours."""
+    runs ``spec.exec_cmd`` with the suites' files at hand; the first failing status is ours."""
     top = new_run_dir(run_dir)
-    guests = [GuestSpec(role, ctrl, f"export VFIO_EP_ROLE={role}\n{command}")
+    guests = [GuestSpec(role, ctrl, f"export VFIO_EP_ROLE={role}\n{spec.exec_cmd}")
               for role, ctrl in zip(PAIR_ROLES, controllers, strict=False)]
     several = len(guests) > 1
     with keeping(Progress(top, spec.target, None, {}).keep):
@@ -263,14 +264,9 @@ def _run_kselftest(spec: RunSpec, assets: GuestAssets, run_dir: Path | None,
     top = new_run_dir(run_dir)
     progress = Progress(top, target, KSELFTEST_NAME, facts, running=[top])
 
-    def kselftest(served: Facts) -> str:
-        """The kselftest, bound to the device the server says it serves."""
-        progress.served(served)
-        vendor, device = (f"{int(x, 16):#06x}" for x in progress.facts["device"].split(":"))
-        return f"sh /kselftest.sh {vendor} {device} {shlex.join(guest_args)}"
-
     with keeping(progress.keep):
-        result = boot_guest(GuestBoot(kselftest, serve=target.server_args(), assets=assets,
+        result = boot_guest(GuestBoot(progress.recording(partial(kselftest_script, guest_args)),
+                                      serve=target.server_args(), assets=assets,
                                       run_dir=top, files={"kselftest.sh": KSELFTEST},
                                       options=spec.options, live=_echo), spec.timeout)
         report = target.report(result.output, result.line_times)
@@ -341,12 +337,13 @@ class Progress:
         endpoint (:func:`endpoint_record`)."""
         self.facts = self.facts | endpoint_record(facts)
 
-    def recording(self, script: str) -> Callable[[Facts], str]:
-        """A boot's ``script`` that records its server's facts first (:meth:`served`): an
-        interrupted run's results say what it tested too."""
+    def recording(self, script: str | Callable[[Facts], str]) -> Callable[[Facts], str]:
+        """A boot's ``script`` (or the function of its server's facts that makes it) that
+        records those facts first (:meth:`served`): an interrupted run's results say what
+        it tested too."""
         def script_of(facts: Facts) -> str:
             self.served(facts)
-            return script
+            return script(facts) if callable(script) else script
         return script_of
 
     def finished(self, result: GuestResult, label: str) -> None:
@@ -418,6 +415,13 @@ def endpoint_record(served: Facts) -> dict[str, Any]:
             "doorbell": first.get("doorbell")}
 
 
+def kselftest_script(guest_args: Sequence[str], served: Facts) -> str:
+    """kselftest.sh with ``guest_args``, bound to the device the server says it serves."""
+    ids = next(iter(served.values()))["device"]
+    vendor, device = (f"{int(x, 16):#06x}" for x in ids.split(":"))
+    return f"sh /kselftest.sh {vendor} {device} {shlex.join(guest_args)}"
+
+
 def ntb_suite_script(phase: str, served: Facts) -> str:
     """``ntb_suite.sh`` for ``phase``, expecting the doorbells the server's pci-epf-vntb
     reports: how many the peer can ring, and whether they share one register."""
@@ -436,13 +440,10 @@ def _run_ntb_suite(spec: RunSpec, assets: GuestAssets, run_dir: Path | None,
             print(f"# --- {phase}: the EP runs its {phase} client ---", flush=True)
             progress.running = [progress.top / phase]
 
-            def script(served: Facts, phase: str = phase) -> str:
-                progress.served(served)
-                return ntb_suite_script(phase, served)
-
             result = boot_guest(GuestBoot(
-                script, serve=target.server_args(f"ntb_client={phase}",
-                                                 f"pingpong_delay_ms={PINGPONG_DELAY_MS}"),
+                progress.recording(partial(ntb_suite_script, phase)),
+                serve=target.server_args(f"ntb_client={phase}",
+                                         f"pingpong_delay_ms={PINGPONG_DELAY_MS}"),
                 assets=assets, run_dir=progress.top / phase,
                 files={"ntb_suite.sh": NTB_SUITE, "tap_lib.sh": TAP_LIB}, options=spec.options,
                 live=_echo), spec.timeout)
