@@ -191,6 +191,35 @@ def test_the_edma_copies_rc_memory_into_ep_guest_ram_and_interrupts_it(
     assert d.r32(edma + RD_INT_STATUS) & 1  # done, channel 0
 
 
+def test_the_edmas_status_is_read_without_the_event_loop(tmp_path: Path, path: str) -> None:
+    """A driver reads INT_STATUS on every transfer's interrupt (twice a transfer, the EPC
+    driver; dw-edma too): on the C path the EP socket's I/O thread answers it (the eDMA's
+    reads are read_in_io_thread), with what the engine left there."""
+    with serving(tmp_path) as (srv, rc, ep):
+        d = EpDriver(Client(ep.socket))
+        d.start_pci_epf_test_like()
+        host = Client(rc.socket)
+        host.guest_memory(RC_RAM, RC_RAM_SIZE)
+        edma, ch = v.EDMA_OFFSET, v.EDMA_OFFSET + CH_BASE + RD_OFFSET
+
+        def stats() -> dict[str, int]:
+            fast = srv.listener.active.fast
+            return fast.stats() if fast else {"register_reads": 0, "to_python": 0}
+
+        for off, value in ((TRANSFER_SIZE, 8), (SAR_LO, RC_RAM), (SAR_HI, 0),
+                           (DAR_LO, EP_RAM + 0x800), (DAR_HI, 0)):
+            d.w32(ch + off, value)
+        d.w32(edma + RD_ENGINE_EN, 1)
+        d.w32(edma + RD_DOORBELL, 0)
+        assert wait_eventfd(d.irq[v.VEC_EDMA])
+        before = srv.call(stats)
+        assert d.r32(edma + RD_INT_STATUS) == 1 and d.r32(edma + CTRL) == 2 | 2 << 16
+        after = srv.call(stats)
+        host.close()
+    assert after["register_reads"] - before["register_reads"] == (2 if path == "c" else 0)
+    assert after["to_python"] == before["to_python"]
+
+
 def test_the_embedded_doorbell_reaches_the_ep_guest(
         pair: tuple[ServerThread, Endpoint, Endpoint]) -> None:
     """pci-epf-test's DOORBELL: BAR1 pointed at the eDMA's interrupt-emulation register

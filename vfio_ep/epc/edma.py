@@ -126,11 +126,15 @@ class DwEdma:
         self._rings: set[tuple[str, int]] = set()
 
     # -- MmioHandler -------------------------------------------------------
+    # A read is a load of the registers or of a direction's status, each changed by one
+    # statement (no register is half-updated between two): the connection's I/O thread may
+    # answer it (MmioHandler).  A driver reads INT_STATUS on every transfer's interrupt;
+    # answered there, it costs no wake-up of the event loop.
+    read_in_io_thread = True
+
     def read(self, offset: int, size: int) -> int:
-        status = {WR_INT_STATUS: self.dirs["wr"].int_status,
-                  RD_INT_STATUS: self.dirs["rd"].int_status}.get(offset)
-        if status is not None and size == 4:
-            return status
+        if size == 4 and offset in (WR_INT_STATUS, RD_INT_STATUS):
+            return self.dirs["wr" if offset == WR_INT_STATUS else "rd"].int_status
         return int.from_bytes(self.regs[offset : offset + size], "little")
 
     def write(self, offset: int, size: int, value: int) -> None:

@@ -283,7 +283,7 @@ def boot_ep_pair(run: EpGuestRun, assets: GuestAssets, top: Path, rc_script: str
     RC guest, booted after the one before it is gone (an RC's reboots, the EP guest up all
     along), its records in ``rc2``, ``rc3``..."""
     name = next(iter(run.controller().controllers))
-    with one_cpu():
+    with one_cpu(run):
         return boot_ep_guests(run, assets, top, [name], [RcGuest("rc", name, rc_script)],
                               timeout=timeout, options=options, rc_options=rc_options,
                               rc_files=rc_files, ep_files=ep_files, ep_finish=ep_finish,
@@ -325,7 +325,7 @@ def boot_ep_shell(run: EpGuestRun, assets: GuestAssets, top: Path, rc_script: st
     its shell (the driver bound, or why not): the rest is in ``top/rc/console.log``.
     ``files`` go into both guests' initramfs; ``run.ep_exec`` runs before the shell."""
     name = next(iter(run.controller().controllers))
-    with one_cpu():
+    with one_cpu(run):
         return run_async(_boot_shell(_ep_side(run, assets, top, [name], options), assets, name,
                                      top, timeout, options, rc_script, files or {}))
 
@@ -361,18 +361,28 @@ def _ep_side(run: EpGuestRun, assets: GuestAssets, top: Path, controllers: Seque
                    script, run.setup_script())
 
 
+# EP functions that spin a CPU while they wait for the RC: nvmet-pci-epf's SQ poller runs
+# for 5 s after each command (NVMET_PCI_EPF_SQ_POLL_IDLE), the guest's one vCPU with it.
+SPINNING_FUNCTIONS = frozenset({"nvmet-pci-epf"})
+
+
 @contextlib.contextmanager
-def one_cpu() -> Iterator[None]:
-    """The server and both QEMUs (started meanwhile: they inherit it) on one CPU.
+def one_cpu(run: EpGuestRun) -> Iterator[None]:
+    """The server and both QEMUs (started meanwhile: they inherit it) on one CPU, unless the
+    EP guest's function spins (SPINNING_FUNCTIONS).
 
     In an EP guest run nearly every step is a trapped access: a vCPU's QEMU waits for
     vfio-ep's I/O thread, which waits for the next message.  Woken on its own CPU, either
     answers in about half the time it takes across CPUs (README, Benchmarks: 21-29 us
     against 64-93 us a round trip), which is what keeps pci-epf-test's memcpy transfers
     (2 MiB of 4-byte reads through the aperture: ~12 s here, 22-30 s across CPUs) inside the
-    kselftest's 30 s a test.  The two guests seldom run at once: the RC waits on the EP."""
+    kselftest's 30 s a test.  The two guests seldom run at once: the RC waits on the EP.
+    A spinning EP vCPU, though, would take that one CPU from the server and the RC's QEMU,
+    which answer it: nvmet-pci-epf's 64 MiB reads take 1.5x as long there as across the
+    two CPUs (11.7-12.1 s against 7.4-8.1 s, writes 1.4-1.8 s against 1.0-1.1 s)."""
     allowed = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, {max(allowed)})
+    if run.function not in SPINNING_FUNCTIONS:
+        os.sched_setaffinity(0, {max(allowed)})
     try:
         yield
     finally:

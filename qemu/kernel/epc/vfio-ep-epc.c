@@ -782,16 +782,22 @@ static void vepc_dma_finish(struct vepc_dma_desc *d, bool ok)
 	kfree(d);
 }
 
+/*
+ * Each direction's INT_STATUS is read once, then split among its channels: every read is a
+ * trapped access, a round trip to vfio-ep, on each transfer's completion.
+ */
 static irqreturn_t vepc_edma_irq(int irq, void *data)
 {
 	struct vepc *vepc = data;
 	irqreturn_t handled = IRQ_NONE;
 	unsigned int i;
+	u32 status[2];
 
+	status[0] = readl(vepc->edma + VEPC_EDMA_REG(rd_int_status));
+	status[1] = readl(vepc->edma + VEPC_EDMA_REG(wr_int_status));
 	for (i = 0; i < 2 * vepc->edma_channels; i++) {
 		struct vepc_dma_chan *c = &vepc->chans[i];
-		unsigned int status_reg = VEPC_EDMA_DIR_REG(c, wr_int_status, rd_int_status);
-		u32 bits = readl(vepc->edma + status_reg) & vepc_chan_bits(c);
+		u32 bits = status[c->write] & vepc_chan_bits(c);
 		struct vepc_dma_desc *d;
 
 		if (!bits)
