@@ -283,7 +283,7 @@ def boot_ep_pair(run: EpGuestRun, assets: GuestAssets, top: Path, rc_script: str
     RC guest, booted after the one before it is gone (an RC's reboots, the EP guest up all
     along), its records in ``rc2``, ``rc3``..."""
     name = next(iter(run.controller().controllers))
-    with one_cpu(run):
+    with cpu_placement(run):
         return boot_ep_guests(run, assets, top, [name], [RcGuest("rc", name, rc_script)],
                               timeout=timeout, options=options, rc_options=rc_options,
                               rc_files=rc_files, ep_files=ep_files, ep_finish=ep_finish,
@@ -325,7 +325,7 @@ def boot_ep_shell(run: EpGuestRun, assets: GuestAssets, top: Path, rc_script: st
     its shell (the driver bound, or why not): the rest is in ``top/rc/console.log``.
     ``files`` go into both guests' initramfs; ``run.ep_exec`` runs before the shell."""
     name = next(iter(run.controller().controllers))
-    with one_cpu(run):
+    with cpu_placement(run):
         return run_async(_boot_shell(_ep_side(run, assets, top, [name], options), assets, name,
                                      top, timeout, options, rc_script, files or {}))
 
@@ -367,7 +367,7 @@ SPINNING_FUNCTIONS = frozenset({"nvmet-pci-epf"})
 
 
 @contextlib.contextmanager
-def one_cpu(run: EpGuestRun) -> Iterator[None]:
+def cpu_placement(run: EpGuestRun) -> Iterator[None]:
     """The server and both QEMUs (started meanwhile: they inherit it) on one CPU, unless the
     EP guest's function spins (SPINNING_FUNCTIONS).
 
