@@ -310,6 +310,22 @@ def test_serve_an_ep_guest_controller(tmp_path: Path) -> None:
     assert "not started yet" in err
 
 
+@pytest.mark.parametrize("function", ["pci-epf-ntb", "pci-epf-vntb"])
+def test_an_ep_guest_setup_a_preset_does_not_fit_is_refused_before_anything_boots(
+        tmp_path: Path, function: str) -> None:
+    """--preset rk3588 is pci-epf-test's: with another function's EP guest it is refused
+    with that reason, before the run directory is made, as often as it is asked (it once
+    left a phase directory behind, and the second try was a traceback)."""
+    for _ in range(2):
+        proc = subprocess.run([sys.executable, "-m", "vfio_ep", "run", "--ep-guest",
+                               "--function", function, "--preset", "rk3588", "--run-dir",
+                               str(tmp_path / "r")], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2, proc.stderr
+        assert f"preset rk3588 is for pci-epf-test, not {function}" in proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert not (tmp_path / "r").exists()
+
+
 @pytest.mark.parametrize(("args", "refusal"), [
     (["--ep-shell"], "--ep-shell and --ep-dyndbg go with --ep-guest"),
     (["--ep-guest", "--ep-shell", "--shell"], "--shell and --ep-shell each give a guest"),

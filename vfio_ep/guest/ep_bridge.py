@@ -68,7 +68,7 @@ def run_ntb_bridge(run: EpGuestRun, assets: GuestAssets, top: Path, facts: dict[
         for phase in phases:
             print(f"# --- {phase}: a and b run {phase} through the EP guest's pci-epf-ntb ---",
                   flush=True)
-            (top / phase).mkdir()
+            (top / phase).mkdir(exist_ok=True)  # --run-dir may be an earlier run's
             progress.running = [top / phase / role for role in PAIR_ROLES]
             rcs = [RcGuest(role, ctrl, f"{ntb_id} {PERF_LEAVE} sh /ntb_pair.sh {role} {phase}")
                    for role, ctrl in zip(PAIR_ROLES, controllers, strict=True)]

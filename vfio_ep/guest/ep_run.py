@@ -78,6 +78,7 @@ def run_ep_guest(run: EpGuestRun, *, kernel: Path | None = None, qemu: Path | No
                               + ("" if run.ep_linux else "; --ep-linux picks its line apart "
                                  "from the RC guest's --linux"))
         comp = run.controller()
+        run.setup_script()  # a preset or --configfs it refuses fails here, before any boot
         driver = run.driver()
         if run.ep_shell and driver not in (DEFAULT_FUNCTION, "pci_epf_vntb"):
             raise ConfigError(f"--ep-shell comes with pci-epf-test's and pci-epf-vntb's EP "
