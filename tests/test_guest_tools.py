@@ -15,7 +15,15 @@ from pathlib import Path
 import pytest
 from vfio_ep_cli import KSELFTEST_CASES
 
-from vfio_ep.guest import initramfs, kernel_build, launcher, provision, qemu_cmdline, results
+from vfio_ep.guest import (
+    ep_guest,
+    initramfs,
+    kernel_build,
+    launcher,
+    provision,
+    qemu_cmdline,
+    results,
+)
 from vfio_ep.guest.assets import TAP_LIB
 from vfio_ep.guest.run_dir import new_run_dir
 
@@ -419,3 +427,19 @@ def test_dmesg_joins_the_trace_on_the_hosts_clock(tmp_path: Path) -> None:
                      "dmesg|  continued", "guest| ok 2 b"]
     no_marker = launcher.GuestResult(0, "", tmp_path, "", None, [], None)
     assert "dmesg|" not in write_trace(no_marker).read_text()
+
+
+def test_an_ep_guest_whose_kernel_crashed_is_told_by_where() -> None:
+    """An EP guest that never started its controller because its kernel crashed (a real
+    console: 7.3.4's pci-epf-ntb on the RK3588 profile, its bind error path freeing the
+    config BAR twice) is reported by the crash, its RIP and the call trace's first frames,
+    not by the shell's last words after it."""
+    console = (Path(__file__).parent / "data" / "ep-guest-oops-console.txt").read_text()
+    assert ep_guest._last_words(console) == (
+        "BUG: unable to handle page fault for address: ffffea0000400000 (RIP "
+        "__free_pages_ok+0x16b/0x1f1; pci_epf_free_space+0x52/0x6a <- "
+        "epf_ntb_config_spad_bar_free+0x2b/0x50 [pci_epf_ntb] <- pci_epf_unbind+0x9a/0xbc "
+        "<- pci_epf_bind+0x1bd/0x1c9)")
+    assert ep_guest._last_words("booting\nvfio-ep: setup: echo 1 > start\n") == (
+        "vfio-ep: setup: echo 1 > start")
+

@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import shlex
 import shutil
 import sys
@@ -614,8 +615,30 @@ def _live(label: str, seen: Callable[[str], object] | None) -> Callable[[str], N
     return echo
 
 
+# A kernel's report of its own crash, as the console prints it after the timestamp.
+_CRASH = re.compile(r"^\[ *[\d.]+\] ((?:BUG|Oops|Kernel panic)\b.*)$")
+_RIP = re.compile(r"\] RIP: [0-9a-f]{4}:(\S+)")
+_FRAME = re.compile(r"^\[ *[\d.]+\]  (?:\? )?(\w\S*\+0x\S+(?: \[\w+\])?)$")
+CRASH_FRAMES = 4  # call-trace frames named, innermost first
+
+
 def _last_words(output: str) -> str:
-    lines = [line for line in output.splitlines() if line.strip()]
+    """Why the EP guest stopped short: where its kernel crashed (the first report, its RIP
+    and the call trace's first frames: a function's bind error path, say), else its last
+    line.  The crash ends the setup script's shell, whose own last words ("Killed", a
+    syntax error of a half-read script) say nothing of it."""
+    lines = [line.rstrip() for line in output.splitlines() if line.strip()]
+    for i, line in enumerate(lines):
+        crash = _CRASH.match(line)
+        if crash is None:
+            continue
+        after = lines[i + 1 :]
+        rip = next((m.group(1) for m in map(_RIP.search, after) if m), None)
+        start = next((j for j, a in enumerate(after) if a.endswith("Call Trace:")), len(after))
+        frames = [m.group(1) for m in map(_FRAME.match, after[start + 1 :]) if m]
+        where = "; ".join(part for part in (
+            f"RIP {rip}" if rip else "", " <- ".join(frames[:CRASH_FRAMES])) if part)
+        return f"{crash.group(1)}" + (f" ({where})" if where else "")
     return lines[-1] if lines else "it printed nothing (see ep/console.log)"
 
 
