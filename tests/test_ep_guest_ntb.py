@@ -104,6 +104,21 @@ def test_linux_pci_epf_ntb_in_the_ep_guest_joins_two_rc_guests(tmp_path: Path) -
         assert f"{label}-guest" in trace, trace[:2000]
 
 
+def test_an_ep_kernel_crash_in_pci_epf_ntb_bind_is_told_by_where(tmp_path: Path) -> None:
+    """7.3.4's pci-epf-ntb on RK3588's controller: its bind fails (the peer-SPAD BAR under
+    the 1 MiB a resizable BAR needs) and its error path frees the config BAR twice, an oops
+    (README, Upstream bugs found).  The run says where the EP kernel crashed, and stops
+    there rather than boot the same crash for every phase."""
+    proc, results = vfio_ep_run(tmp_path, *readme_example(
+        "vfio-ep run --ep-guest --function pci-epf-ntb --set profile=rk3588")[1:])
+    assert proc.returncode == 1 and not results["passed"]
+    said = " ".join(proc.stderr.split())
+    assert ("the EP guest did not start its controller: BUG: unable to handle page fault"
+            in said), proc.stderr[-3000:]
+    assert "epf_ntb_config_spad_bar_free" in said and "pci_epf_unbind" in said
+    assert [d.name for d in (tmp_path / "run").iterdir() if d.is_dir()] == ["tool"]
+
+
 def test_an_ep_shell_on_vntb_pings_the_rc(tmp_path: Path) -> None:
     """--ep-shell on vNTB: before the shell, the RC guest's ntb_hw_epf has the function and
     both sides' ntb_netdev are up, so the EP guest's shell reaches the RC at 10.0.0.10

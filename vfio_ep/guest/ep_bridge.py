@@ -78,6 +78,8 @@ def run_ntb_bridge(run: EpGuestRun, assets: GuestAssets, top: Path, facts: dict[
             if phase == phases[0]:  # each phase's EP guest runs the same script
                 progress.facts |= ep_facts(result.ep, run.setup_script())
             _finished(progress, result, top / phase, phase)
+            if not result.rcs:  # the EP guest never started its controller: nor would the
+                break  # next phase's, which runs the same setup
         return finish_suite(progress)
 
 
