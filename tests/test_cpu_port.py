@@ -74,6 +74,19 @@ class EpDriver:
             out.append(event)
         return out
 
+    def edma_read(self, ep_addr: int, rc_addr: int, size: int) -> None:
+        """A transfer on read channel 0 (RC -> EP), programmed as vepc_dma_start_seg()
+        does; returns once the eDMA's interrupt came."""
+        edma = v.EDMA_OFFSET
+        ch = edma + CH_BASE + RD_OFFSET
+        for off, value in ((TRANSFER_SIZE, size), (SAR_LO, rc_addr & 0xFFFFFFFF),
+                           (SAR_HI, rc_addr >> 32), (DAR_LO, ep_addr & 0xFFFFFFFF),
+                           (DAR_HI, ep_addr >> 32)):
+            self.w32(ch + off, value)
+        self.w32(edma + RD_ENGINE_EN, 1)
+        self.w32(edma + RD_DOORBELL, 0)
+        assert wait_eventfd(self.irq[v.VEC_EDMA])
+
     def start_pci_epf_test_like(self) -> None:
         """A function's epc_init and the configfs start: header, BAR0 in our RAM, MSI-X."""
         assert self.cmd("WRITE_HEADER", 0x16C3 | 0xEDDA << 16 | 0xFF << 56, 1 << 40)[0] == 0
@@ -179,16 +192,9 @@ def test_the_edma_copies_rc_memory_into_ep_guest_ram_and_interrupts_it(
     d, rc_mem = started.ep, started.rc_mem
     started.host.enable_interrupts(4, msix=True)
     rc_mem[:8] = b"from-rc!"
-    edma = v.EDMA_OFFSET
-    ch = edma + CH_BASE + RD_OFFSET  # read channel 0: RC -> EP
-    for off, value in ((TRANSFER_SIZE, 8), (SAR_LO, RC_RAM), (SAR_HI, 0),
-                       (DAR_LO, EP_RAM + 0x800), (DAR_HI, 0)):
-        d.w32(ch + off, value)
-    d.w32(edma + RD_ENGINE_EN, 1)
-    d.w32(edma + RD_DOORBELL, 0)
-    assert wait_eventfd(d.irq[v.VEC_EDMA])
+    d.edma_read(EP_RAM + 0x800, RC_RAM, 8)
     assert d.ram[0x800:0x808] == b"from-rc!"
-    assert d.r32(edma + RD_INT_STATUS) & 1  # done, channel 0
+    assert d.r32(v.EDMA_OFFSET + RD_INT_STATUS) & 1  # done, channel 0
 
 
 def test_the_edmas_status_is_read_without_the_event_loop(tmp_path: Path, path: str) -> None:
@@ -200,18 +206,13 @@ def test_the_edmas_status_is_read_without_the_event_loop(tmp_path: Path, path: s
         d.start_pci_epf_test_like()
         host = Client(rc.socket)
         host.guest_memory(RC_RAM, RC_RAM_SIZE)
-        edma, ch = v.EDMA_OFFSET, v.EDMA_OFFSET + CH_BASE + RD_OFFSET
+        edma = v.EDMA_OFFSET
 
         def stats() -> dict[str, int]:
             fast = srv.listener.active.fast
             return fast.stats() if fast else {"register_reads": 0, "to_python": 0}
 
-        for off, value in ((TRANSFER_SIZE, 8), (SAR_LO, RC_RAM), (SAR_HI, 0),
-                           (DAR_LO, EP_RAM + 0x800), (DAR_HI, 0)):
-            d.w32(ch + off, value)
-        d.w32(edma + RD_ENGINE_EN, 1)
-        d.w32(edma + RD_DOORBELL, 0)
-        assert wait_eventfd(d.irq[v.VEC_EDMA])
+        d.edma_read(EP_RAM + 0x800, RC_RAM, 8)
         before = srv.call(stats)
         assert d.r32(edma + RD_INT_STATUS) == 1 and d.r32(edma + CTRL) == 2 | 2 << 16
         after = srv.call(stats)
