@@ -364,7 +364,7 @@ def _ep_side(run: EpGuestRun, assets: GuestAssets, top: Path, controllers: Seque
 
 # EP functions that spin a CPU while they wait for the RC: nvmet-pci-epf's SQ poller runs
 # for 5 s after each command (NVMET_PCI_EPF_SQ_POLL_IDLE), the guest's one vCPU with it.
-SPINNING_FUNCTIONS = frozenset({"nvmet-pci-epf"})
+SPINNING_FUNCTIONS = frozenset({"nvmet_pci_epf"})
 
 
 @contextlib.contextmanager
@@ -382,7 +382,7 @@ def cpu_placement(run: EpGuestRun) -> Iterator[None]:
     which answer it: nvmet-pci-epf's 64 MiB reads take 1.5x as long there as across the
     two CPUs (11.7-12.1 s against 7.4-8.1 s, writes 1.4-1.8 s against 1.0-1.1 s)."""
     allowed = os.sched_getaffinity(0)
-    if run.function not in SPINNING_FUNCTIONS:
+    if run.driver() not in SPINNING_FUNCTIONS:
         os.sched_setaffinity(0, {max(allowed)})
     try:
         yield
@@ -638,7 +638,7 @@ def _last_words(output: str) -> str:
         frames = [m.group(1) for m in map(_FRAME.match, after[start + 1 :]) if m]
         where = "; ".join(part for part in (
             f"RIP {rip}" if rip else "", " <- ".join(frames[:CRASH_FRAMES])) if part)
-        return f"{crash.group(1)}" + (f" ({where})" if where else "")
+        return crash.group(1) + (f" ({where})" if where else "")
     return lines[-1] if lines else "it printed nothing (see ep/console.log)"
 
 
