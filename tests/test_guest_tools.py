@@ -435,11 +435,11 @@ def test_an_ep_guest_whose_kernel_crashed_is_told_by_where() -> None:
     config BAR twice) is reported by the crash, its RIP and the call trace's first frames,
     not by the shell's last words after it."""
     console = (Path(__file__).parent / "data" / "ep-guest-oops-console.txt").read_text()
-    assert ep_guest._last_words(console) == (
+    assert ep_guest.last_words(console) == (
         "BUG: unable to handle page fault for address: ffffea0000400000 (RIP "
         "__free_pages_ok+0x16b/0x1f1; pci_epf_free_space+0x52/0x6a <- "
         "epf_ntb_config_spad_bar_free+0x2b/0x50 [pci_epf_ntb] <- pci_epf_unbind+0x9a/0xbc "
         "<- pci_epf_bind+0x1bd/0x1c9)")
-    assert ep_guest._last_words("booting\nvfio-ep: setup: echo 1 > start\n") == (
+    assert ep_guest.last_words("booting\nvfio-ep: setup: echo 1 > start\n") == (
         "vfio-ep: setup: echo 1 > start")
 

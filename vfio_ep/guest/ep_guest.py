@@ -489,7 +489,7 @@ async def _boot_pair(ep: _EpSide, rc_assets: GuestAssets, names: Sequence[str], 
             result = await ep_run.collect() if not ep_done.done() else ep_done.result()
             return PairResult(result, [], log.read_text(errors="replace"),
                               "the EP guest did not start its controller: "
-                              + (result.error or _last_words(result.output)))
+                              + (result.error or last_words(result.output)))
         left = timeout - (time.monotonic() - started)
         rc_results = list(await asyncio.gather(*(
             _rc_guest(rc.script, rc_assets, sockets[rc.controller], top / rc.label,
@@ -545,7 +545,7 @@ async def _boot_shell(ep: _EpSide, rc_assets: GuestAssets, name: str, top: Path,
                     result = await ep_done  # the cue port closes with QEMU
                     return PairResult(result, [], log.read_text(errors="replace"),
                                       "the EP guest did not start its controller: "
-                                      + (result.error or _last_words(result.output)))
+                                      + (result.error or last_words(result.output)))
                 rc_run = _rc_guest(rc_script, rc_assets, sockets[name], top / "rc", rc_options,
                                    heard, files)
                 async with rc_run:
@@ -622,7 +622,7 @@ _FRAME = re.compile(r"^\[ *[\d.]+\]  (?:\? )?(\w\S*\+0x\S+(?: \[\w+\])?)$")
 CRASH_FRAMES = 4  # call-trace frames named, innermost first
 
 
-def _last_words(output: str) -> str:
+def last_words(output: str) -> str:
     """Why the EP guest stopped short: where its kernel crashed (the first report, its RIP
     and the call trace's first frames: a function's bind error path, say), else its last
     line.  The crash ends the setup script's shell, whose own last words ("Killed", a
