@@ -636,9 +636,9 @@ def last_words(output: str) -> str:
         rip = next((m.group(1) for m in map(_RIP.search, after) if m), None)
         start = next((j for j, a in enumerate(after) if a.endswith("Call Trace:")), len(after))
         frames = [m.group(1) for m in map(_FRAME.match, after[start + 1 :]) if m]
-        where = "; ".join(part for part in (
-            f"RIP {rip}" if rip else "", " <- ".join(frames[:CRASH_FRAMES])) if part)
-        return crash.group(1) + (f" ({where})" if where else "")
+        where = ([f"RIP {rip}"] if rip else []) + (
+            [" <- ".join(frames[:CRASH_FRAMES])] if frames else [])
+        return crash.group(1) + (f" ({'; '.join(where)})" if where else "")
     return lines[-1] if lines else "it printed nothing (see ep/console.log)"
 
 
