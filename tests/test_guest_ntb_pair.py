@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 from vfio_ep_cli import REPO, assert_passed, readme_example, vfio_ep_run
 
+from vfio_ep.guest.runner import TRANSPORT_LOADED
+
 pytestmark = pytest.mark.guest
 
 TOOL = ("driver_bound", "link_up")
@@ -48,6 +50,13 @@ def test_ntb_pair_suite(tmp_path: Path) -> None:
             measured[f"{label}.netdev.ping_100"])
     log = (tmp_path / "run" / "netdev" / "server.log").read_text()
     assert "serving controller ep0: func1 (pci_epf_ntb) 104c:b00d" in log
+    # b boots once a has loaded ntb_transport (runner.pair_cue): a's trace (its lines and
+    # the server's, in time order) has b's QEMU connect after it.
+    trace = (tmp_path / "run" / "netdev" / "a" / "trace.log").read_text().splitlines()
+    loaded = next(i for i, line in enumerate(trace)
+                  if line.endswith(f"guest| {TRANSPORT_LOADED}"))
+    connected = [i for i, line in enumerate(trace) if line.endswith(" connected")]
+    assert len(connected) == 2 and connected[0] < loaded < connected[1]
     assert "serving controller ep1: func1 (pci_epf_ntb) 104c:b00d" in log
 
 

@@ -166,6 +166,20 @@ def test_tap_report_and_files(tmp_path: Path) -> None:
     assert (tmp_path / "results.tap").read_text() == TAP
 
 
+def test_a_suite_that_bails_out_reports_the_rest_not_run() -> None:
+    """tap_lib.sh's ``need``: a prerequisite that fails ends the suite with "Bail out!" at
+    once, and the tests it planned after it are errors that say why they never ran."""
+    script = (f". {TAP_LIB}; TAP_PREFIX=pair.; echo 1..3; need driver_bound 'no driver' true; "
+              "need link_up 'no carrier' false; check ping 'no reply' true")
+    run = subprocess.run(["sh", "-c", script], capture_output=True, text=True, check=False)
+    assert run.returncode == 1
+    assert run.stdout.splitlines()[-1] == "Bail out! pair.link_up: no carrier"
+    report = results.parse_tap(run.stdout)
+    assert [(t.number, t.status) for t in report.tests] == [(1, "pass"), (2, "fail"),
+                                                            (3, "error")]
+    assert report.tests[2].reason == "not run: Bail out! pair.link_up: no carrier"
+
+
 def test_tap_all_passing() -> None:
     report = results.parse_tap("1..1\nok 1 a.b.c\n# Totals: pass:1 fail:0 xfail:0 xpass:0 "
                                "skip:0 error:0\n")

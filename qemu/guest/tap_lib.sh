@@ -9,6 +9,16 @@ check() {
 	name=$1; reason=$2; shift 2
 	if "$@"; then ok "$name"; else not_ok "$name" "$reason"; fi
 }
+# need NAME REASON COMMAND...: a check the script's later tests cannot do without.  When it
+# fails, TAP's "Bail out!" ends the script: the later tests are reported as not run at
+# once, where each would wait out its own timeout first (minutes, in a guest pair).
+need() {
+	name=$1; reason=$2; shift 2
+	if "$@"; then ok "$name"; return 0; fi
+	not_ok "$name" "$reason"
+	echo "Bail out! $TAP_PREFIX$name: $reason"
+	exit 1
+}
 # wait_for SECONDS COMMAND...: poll COMMAND every 0.1 s until it succeeds.
 wait_for() {
 	tries=$(($1 * 10)); shift

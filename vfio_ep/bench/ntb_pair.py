@@ -21,7 +21,7 @@ from vfio_ep.bench.ntb import percentile
 from vfio_ep.guest.assets import NTB_PAIR, TAP_LIB
 from vfio_ep.guest.guests import GuestSpec, boot_guests
 from vfio_ep.guest.launcher import GuestResult
-from vfio_ep.guest.runner import PAIR_ROLES
+from vfio_ep.guest.runner import PAIR_ROLES, pair_cue
 
 SERVER_ARGS = ["--function", "pci-epf-ntb"]
 CONTROLLERS = ("ep0", "ep1")
@@ -42,7 +42,8 @@ def _virtio_nic(sockets: Path, role: str, peer: str) -> tuple[str, ...]:
 def _boot(phase: str, run_dir: Path, env: str = "", nics: Path | None = None
           ) -> list[GuestResult]:
     specs = [GuestSpec(role, ctrl, f"{env} sh /ntb_pair.sh {role} {phase}".strip(),
-                       qemu_args=_virtio_nic(nics, role, peer) if nics else ())
+                       qemu_args=_virtio_nic(nics, role, peer) if nics else (),
+                       cue=pair_cue(phase) if role == "b" else None)
              for role, peer, ctrl in zip(PAIR_ROLES, PAIR_ROLES[::-1], CONTROLLERS,
                                          strict=True)]
     results = boot_guests(specs, server_args=SERVER_ARGS, timeout=600, run_dir=run_dir,

@@ -30,7 +30,14 @@ from vfio_ep.guest.ep_ntb import FILES, pci_id
 from vfio_ep.guest.interrupt import keeping
 from vfio_ep.guest.provision import GuestAssets
 from vfio_ep.guest.qemu_cmdline import DEFAULT_OPTIONS, GuestOptions
-from vfio_ep.guest.runner import PAIR_PHASES, PAIR_ROLES, Progress, finish_suite, select_phases
+from vfio_ep.guest.runner import (
+    PAIR_PHASES,
+    PAIR_ROLES,
+    Progress,
+    finish_suite,
+    pair_cue,
+    select_phases,
+)
 from vfio_ep.guest.trace import write_trace
 
 # The NTB pair's phases but rejoin, whose b leaves and boots again while a stays: here
@@ -70,7 +77,8 @@ def run_ntb_bridge(run: EpGuestRun, assets: GuestAssets, top: Path, facts: dict[
                   flush=True)
             (top / phase).mkdir(exist_ok=True)  # --run-dir may be an earlier run's
             progress.running = [top / phase / role for role in PAIR_ROLES]
-            rcs = [RcGuest(role, ctrl, f"{ntb_id} {PERF_LEAVE} sh /ntb_pair.sh {role} {phase}")
+            rcs = [RcGuest(role, ctrl, f"{ntb_id} {PERF_LEAVE} sh /ntb_pair.sh {role} {phase}",
+                           cue=pair_cue(phase) if role == "b" else None)
                    for role, ctrl in zip(PAIR_ROLES, controllers, strict=True)]
             result = boot_ep_guests(run, assets, top / phase, controllers, rcs,
                                     timeout=timeout, options=options, rc_files=FILES)

@@ -31,6 +31,7 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,7 @@ from vfio_ep.configfs_script import board_script, parse_script
 from vfio_ep.epf.functions import DRIVERS
 from vfio_ep.guest.assets import EP_GUEST, KSELFTEST
 from vfio_ep.guest.children import run_async
+from vfio_ep.guest.guests import Cue, Cues, boot_when
 from vfio_ep.guest.kernel_build import (
     EPC_MODULE,
     build_epc_driver,
@@ -294,11 +296,13 @@ def boot_ep_pair(run: EpGuestRun, assets: GuestAssets, top: Path, rc_script: str
 @dataclass(frozen=True)
 class RcGuest:
     """An RC guest of an EP guest run: ``script`` on ``controller``'s RC side, its records
-    in ``label``/ under the run's directory and its lines so labelled."""
+    in ``label``/ under the run's directory and its lines so labelled; with ``cue``, it
+    boots once an RC guest before it has printed the line, as a ``GuestSpec``'s."""
 
     label: str
     controller: str
     script: str
+    cue: Cue | None = None
 
 
 def boot_ep_guests(run: EpGuestRun, assets: GuestAssets, top: Path, controllers: Sequence[str],
@@ -491,10 +495,16 @@ async def _boot_pair(ep: _EpSide, rc_assets: GuestAssets, names: Sequence[str], 
                               "the EP guest did not start its controller: "
                               + (result.error or last_words(result.output)))
         left = timeout - (time.monotonic() - started)
-        rc_results = list(await asyncio.gather(*(
-            _rc_guest(rc.script, rc_assets, sockets[rc.controller], top / rc.label,
-                      rc_options, _live(rc.label, None), files[1]).run(left)
-            for rc in rcs)))
+        cues = Cues(rc.cue for rc in rcs)
+        booting: dict[str, asyncio.Task[GuestResult]] = {}
+        for guest in rcs:
+            rc_run = _rc_guest(guest.script, rc_assets, sockets[guest.controller],
+                               top / guest.label, rc_options,
+                               _live(guest.label, partial(cues.heard, guest.label)), files[1])
+            booting[guest.label] = asyncio.create_task(boot_when(
+                rc_run, left,
+                cue=cues.wait(guest.cue, booting[guest.cue[0]]) if guest.cue else None))
+        rc_results = list(await asyncio.gather(*booting.values()))
         again = []
         for boot, script in enumerate(rc_again, len(rcs) + 1):
             label = f"rc{boot}"

@@ -4,7 +4,7 @@ host that comes back."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -15,18 +15,54 @@ from vfio_ep.guest.provision import GuestAssets, provision_all
 from vfio_ep.guest.qemu_cmdline import DEFAULT_OPTIONS, GuestOptions
 from vfio_ep.guest.server import running_server
 
+# (label, line): a guest boots once the guest so labelled has printed that line.
+Cue = tuple[str, str]
+
 
 @dataclass(frozen=True)
 class GuestSpec:
     """One guest of several against one server: attached to ``controller``'s socket.  With
     ``after``, it boots once the guest labelled so has exited: the same host coming back.
-    ``qemu_args`` go on its QEMU command line (a NIC, say)."""
+    With ``cue``, once that guest has printed that line (or exited): two hosts whose drivers
+    must not start at the same moment.  ``qemu_args`` go on its QEMU command line (a NIC,
+    say)."""
 
     label: str
     controller: str
     script: str
     after: str | None = None
     qemu_args: tuple[str, ...] = ()
+    cue: Cue | None = None
+
+
+class Cues:
+    """The lines some guests of a run wait for before they boot (:data:`Cue`): the guests'
+    live output goes through :meth:`heard`."""
+
+    def __init__(self, wanted: Iterable[Cue | None]) -> None:
+        self._said = {cue: asyncio.Event() for cue in wanted if cue is not None}
+
+    def heard(self, label: str, line: str) -> None:
+        if (said := self._said.get((label, line))) is not None:
+            said.set()
+
+    async def wait(self, cue: Cue, guest: asyncio.Task[GuestResult]) -> None:
+        """Until ``cue``'s guest, running as ``guest``, has printed its line or has ended
+        (its own result then says why it never did)."""
+        said = asyncio.create_task(self._said[cue].wait())
+        await asyncio.wait({said, guest}, return_when=asyncio.FIRST_COMPLETED)
+        said.cancel()
+
+
+async def boot_when(run: GuestRun, timeout: float, *,
+                    after: asyncio.Task[GuestResult] | None = None,
+                    cue: Awaitable[None] | None = None) -> GuestResult:
+    """``run``'s boot once the guest ``after`` runs as has ended and ``cue`` is done."""
+    if after is not None:
+        await asyncio.wait([after])  # its failure is its own result
+    if cue is not None:
+        await cue
+    return await run.run(timeout)
 
 
 def boot_guests(specs: Sequence[GuestSpec], *, server_args: list[str],
@@ -35,9 +71,10 @@ def boot_guests(specs: Sequence[GuestSpec], *, server_args: list[str],
                 live: Callable[[str, str], None] | None = None,
                 options: GuestOptions = DEFAULT_OPTIONS) -> list[GuestResult]:
     """Start one ``vfio-ep serve`` with a socket per controller the specs name, boot every
-    guest at once against it (run directory ``run_dir/<label>``; a guest with ``after`` when
-    that one has exited), and return their results in order, each with the server's log and
-    facts.  ``live`` gets (label, line) as each guest prints."""
+    guest at once against it (run directory ``run_dir/<label>``; a guest with ``after`` or
+    ``cue`` when that one has exited or printed the line; either names a guest before it),
+    and return their results in order, each with the server's log and facts.  ``live`` gets
+    (label, line) as each guest prints."""
     return run_async(_boot_guests(specs, server_args, assets or provision_all(), timeout,
                                   run_dir, files or {}, live, options))
 
@@ -49,6 +86,7 @@ async def _boot_guests(specs: Sequence[GuestSpec], server_args: list[str],
                        options: GuestOptions) -> list[GuestResult]:
     run_dir.mkdir(parents=True, exist_ok=True)
     log = run_dir / "server.log"
+    cues = Cues(s.cue for s in specs)
     async with running_server([s.controller for s in specs], server_args, log) as served:
         tasks: dict[str, asyncio.Task[GuestResult]] = {}
         for i, s in enumerate(specs):
@@ -57,16 +95,17 @@ async def _boot_guests(specs: Sequence[GuestSpec], server_args: list[str],
                 s.script, socket=served.sockets[s.controller], assets=assets,
                 run_dir=run_dir / s.label, files=files, qemu_args=s.qemu_args,
                 options=replace(options, gdb_port=gdb_port),
-                live=partial(live, s.label) if live else None))
-            tasks[s.label] = asyncio.create_task(_boot_after(
-                tasks[s.after] if s.after else None, run, timeout))
+                live=partial(_heard, cues, s.label, live)))
+            tasks[s.label] = asyncio.create_task(boot_when(
+                run, timeout, after=tasks[s.after] if s.after else None,
+                cue=cues.wait(s.cue, tasks[s.cue[0]]) if s.cue else None))
         results = await asyncio.gather(*tasks.values())
     server_log = log.read_text(errors="replace")
     return [replace(r, server_log=server_log, facts=served.facts) for r in results]
 
 
-async def _boot_after(before: asyncio.Task[GuestResult] | None, run: GuestRun,
-                      timeout: float) -> GuestResult:
-    if before is not None:
-        await asyncio.wait([before])  # its failure is its own result
-    return await run.run(timeout)
+def _heard(cues: Cues, label: str, live: Callable[[str, str], None] | None,
+           line: str) -> None:
+    cues.heard(label, line)
+    if live is not None:
+        live(label, line)

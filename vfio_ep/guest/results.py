@@ -1,7 +1,7 @@
 """Read the kselftest harness's TAP 13 and report it: a summary table, TAP, JUnit XML and JSON.
 
-A test the plan announced but the stream never reported (the guest died mid-run) counts as an
-error, so a truncated run can never look green.
+A test the plan announced but the stream never reported (the guest died mid-run, or the
+suite said "Bail out!") counts as an error, so a truncated run can never look green.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ _RESULT = re.compile(r"(not ok|ok) (\d+)(?: ([^#].*?))?(?:\s+#\s*(.*))?$")
 _DIRECTIVE = re.compile(r"(SKIP|XFAIL|XPASS|error)\b\s*(.*)", re.IGNORECASE)
 _PLAN = re.compile(r"1\.\.(\d+)")
 _TOTALS = re.compile(r"# Totals: (.*)")
+_BAIL_OUT = re.compile(r"Bail out!.*")
 _RUN = re.compile(r"#\s+RUN\s")
 _HARNESS_STATUS = re.compile(r"#\s+(OK|FAIL|SKIP|XFAIL|XPASS)\s")
 # What a suite measured, for the test it prints before: "# metrics: rtt_avg_ms=2.1 ..."
@@ -107,7 +108,9 @@ def parse_tap(text: str, line_times: list[tuple[float, str]] | None = None) -> R
             clock.start = when
         elif pending is not None and line.startswith("#") and not _HARNESS_STATUS.match(line):
             pending.append(line[1:].strip())
-    return Report(tests + _missing(tests, planned), planned, totals, text)
+    bailed = _BAIL_OUT.search(text)
+    return Report(tests + _missing(tests, planned, bailed[0] if bailed else None), planned,
+                  totals, text)
 
 
 class _LineClock:
@@ -162,9 +165,12 @@ def _test_case(match: re.Match[str], diagnostics: list[str]) -> TestCase:
     return TestCase(int(number), name or f"test {number}", status, reason, diagnostics)
 
 
-def _missing(tests: list[TestCase], planned: int | None) -> list[TestCase]:
+def _missing(tests: list[TestCase], planned: int | None, bailed: str | None) -> list[TestCase]:
+    """The planned tests the stream never reported, each an error: not run after the
+    suite's ``bailed`` line, if it has one."""
     seen = {test.number for test in tests}
-    return [TestCase(n, f"test {n}", "error", "planned but never reported")
+    why = f"not run: {bailed}" if bailed else "planned but never reported"
+    return [TestCase(n, f"test {n}", "error", why)
             for n in range(1, (planned or 0) + 1) if n not in seen]
 
 

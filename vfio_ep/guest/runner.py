@@ -23,7 +23,7 @@ from vfio_ep.config import ConfigError
 from vfio_ep.epc.core import EpcError
 from vfio_ep.guest.assets import KSELFTEST, NTB_PAIR, NTB_SUITE, TAP_LIB
 from vfio_ep.guest.children import LaunchError
-from vfio_ep.guest.guests import GuestSpec, boot_guests
+from vfio_ep.guest.guests import Cue, GuestSpec, boot_guests
 from vfio_ep.guest.initramfs import parse_console
 from vfio_ep.guest.interrupt import Interrupted, keeping
 from vfio_ep.guest.kernel_build import DEFAULT_LINUX
@@ -50,6 +50,16 @@ PAIR_ROLES = ("a", "b")
 NTB_PHASES = ("tool", "pingpong", "netdev")
 PAIR_PHASES = ("tool", "pingpong", "perf", "netdev", "rejoin")
 PINGPONG_DELAY_MS = 20  # the guest's ntb_pingpong is loaded with the same delay_ms
+# What ntb_pair.sh prints once its guest has loaded ntb_transport, and its phases that do.
+TRANSPORT_LOADED = "# ntb_transport loaded"
+TRANSPORT_PHASES = ("netdev", "bench", "ping")
+
+
+def pair_cue(phase: str) -> Cue | None:
+    """When b of an NTB pair boots in ``phase``: after a has loaded ntb_transport, if the
+    phase loads it (two hosts that enable its link at once can lose it: ntb_pair.sh's
+    transport_up says how), else with a."""
+    return ("a", TRANSPORT_LOADED) if phase in TRANSPORT_PHASES else None
 
 
 @dataclass(frozen=True)
@@ -461,7 +471,8 @@ def _run_ntb_pair(spec: RunSpec, assets: GuestAssets, controllers: tuple[str, st
     with keeping(progress.keep):
         for phase in select_phases("NTB pair phase", spec.guest_args, PAIR_PHASES):
             print(f"# --- {phase}: both guests run {phase} ---", flush=True)
-            guests = [GuestSpec(role, ctrl, f"sh /ntb_pair.sh {role} {phase}")
+            guests = [GuestSpec(role, ctrl, f"sh /ntb_pair.sh {role} {phase}",
+                                cue=pair_cue(phase) if role == "b" else None)
                       for role, ctrl in zip(PAIR_ROLES, controllers, strict=True)]
             if phase == "rejoin":  # b's QEMU is gone, and b boots again
                 guests.append(GuestSpec("b2", controllers[1],
