@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
 import os
@@ -17,6 +18,7 @@ from vfio_ep_cli import KSELFTEST_CASES
 
 from vfio_ep.guest import (
     ep_guest,
+    guests,
     initramfs,
     kernel_build,
     launcher,
@@ -178,6 +180,29 @@ def test_a_suite_that_bails_out_reports_the_rest_not_run() -> None:
     assert [(t.number, t.status) for t in report.tests] == [(1, "pass"), (2, "fail"),
                                                             (3, "error")]
     assert report.tests[2].reason == "not run: Bail out! pair.link_up: no carrier"
+
+
+def test_a_cued_guest_waits_for_the_line_or_the_guests_end() -> None:
+    """guests.Cues: a guest cued on ("a", LINE) boots once a has printed LINE (another
+    guest's line, or another line of a's, is no cue), or once a has ended without it."""
+    async def scenario() -> None:
+        cues = guests.Cues([("a", "# loaded"), None])
+        a_ends = asyncio.Event()
+        a = asyncio.create_task(a_ends.wait())
+        b = asyncio.create_task(cues.wait(("a", "# loaded"), a))
+        for label, line in (("b", "# loaded"), ("a", "# loaded later")):
+            cues.heard(label, line)
+            await asyncio.sleep(0.01)
+            assert not b.done()
+        cues.heard("a", "# loaded")
+        await asyncio.wait_for(b, 1)
+        never = asyncio.create_task(guests.Cues([("a", "never")]).wait(("a", "never"), a))
+        await asyncio.sleep(0.01)
+        assert not never.done()
+        a_ends.set()
+        await asyncio.wait_for(never, 1)
+
+    asyncio.run(scenario())
 
 
 def test_tap_all_passing() -> None:

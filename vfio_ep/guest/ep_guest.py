@@ -503,7 +503,7 @@ async def _boot_pair(ep: _EpSide, rc_assets: GuestAssets, names: Sequence[str], 
                                _live(guest.label, partial(cues.heard, guest.label)), files[1])
             booting[guest.label] = asyncio.create_task(boot_when(
                 rc_run, left,
-                cue=cues.wait(guest.cue, booting[guest.cue[0]]) if guest.cue else None))
+                cue=partial(cues.wait, guest.cue, booting[guest.cue[0]]) if guest.cue else None))
         rc_results = list(await asyncio.gather(*booting.values()))
         again = []
         for boot, script in enumerate(rc_again, len(rcs) + 1):

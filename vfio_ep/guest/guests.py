@@ -50,18 +50,20 @@ class Cues:
         """Until ``cue``'s guest, running as ``guest``, has printed its line or has ended
         (its own result then says why it never did)."""
         said = asyncio.create_task(self._said[cue].wait())
-        await asyncio.wait({said, guest}, return_when=asyncio.FIRST_COMPLETED)
-        said.cancel()
+        try:
+            await asyncio.wait({said, guest}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            said.cancel()
 
 
 async def boot_when(run: GuestRun, timeout: float, *,
                     after: asyncio.Task[GuestResult] | None = None,
-                    cue: Awaitable[None] | None = None) -> GuestResult:
-    """``run``'s boot once the guest ``after`` runs as has ended and ``cue`` is done."""
+                    cue: Callable[[], Awaitable[None]] | None = None) -> GuestResult:
+    """``run``'s boot once the guest ``after`` runs as has ended and ``cue()`` is done."""
     if after is not None:
         await asyncio.wait([after])  # its failure is its own result
     if cue is not None:
-        await cue
+        await cue()
     return await run.run(timeout)
 
 
@@ -98,7 +100,7 @@ async def _boot_guests(specs: Sequence[GuestSpec], server_args: list[str],
                 live=partial(_heard, cues, s.label, live)))
             tasks[s.label] = asyncio.create_task(boot_when(
                 run, timeout, after=tasks[s.after] if s.after else None,
-                cue=cues.wait(s.cue, tasks[s.cue[0]]) if s.cue else None))
+                cue=partial(cues.wait, s.cue, tasks[s.cue[0]]) if s.cue else None))
         results = await asyncio.gather(*tasks.values())
     server_log = log.read_text(errors="replace")
     return [replace(r, server_log=server_log, facts=served.facts) for r in results]
