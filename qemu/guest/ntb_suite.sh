@@ -25,11 +25,11 @@ DEV=$(ls /sys/bus/pci/drivers/ntb_hw_epf 2>/dev/null | grep : | head -n 1)
 phase_tool() {
 	echo "1..$((5 + DB_BITS))"
 	T=/sys/kernel/debug/ntb_tool/$DEV
-	check hw_epf_bound "no device bound to ntb_hw_epf" [ -n "$DEV" ]
+	need hw_epf_bound "no device bound to ntb_hw_epf" [ -n "$DEV" ]
 	insmod $MODULES/ntb_tool.ko
-	check tool_bound "ntb_tool made no $T" [ -d "$T" ]
+	need tool_bound "ntb_tool made no $T" [ -d "$T" ]
 	echo Y > "$T/link"
-	check link_up "peer0/link_event did not report the link up" \
+	need link_up "peer0/link_event did not report the link up" \
 		timeout 10 sh -c "echo Y > $T/peer0/link_event"
 
 	ALL=$(hex_of "$T/db_valid_mask")
@@ -78,10 +78,10 @@ phase_tool() {
 
 phase_pingpong() {
 	echo "1..3"
-	check hw_epf_bound "no device bound to ntb_hw_epf" [ -n "$DEV" ]
+	need hw_epf_bound "no device bound to ntb_hw_epf" [ -n "$DEV" ]
 	insmod $MODULES/ntb_pingpong.ko delay_ms=20
 	C=/sys/kernel/debug/ntb_pingpong/$DEV/count
-	check pingpong_bound "ntb_pingpong made no $C" [ -f "$C" ]
+	need pingpong_bound "ntb_pingpong made no $C" [ -f "$C" ]
 	counting() { [ "$(cat $C)" -ge 20 ]; }
 	wait_for 20 counting
 	check pingpong_counts "count is $(cat $C 2>/dev/null) after 20 s, want >= 20" counting
@@ -96,9 +96,9 @@ netdev_up() {
 
 phase_netdev() {
 	echo "1..8"
-	check hw_epf_bound "no device bound to ntb_hw_epf" [ -n "$DEV" ]
+	need hw_epf_bound "no device bound to ntb_hw_epf" [ -n "$DEV" ]
 	insmod $MODULES/ntb_transport.ko
-	check netdev_link_up "eth0 (ntb_netdev) got no carrier" netdev_up
+	need netdev_link_up "eth0 (ntb_netdev) got no carrier" netdev_up
 	check ping_100 "ping lost packets" pings 100 $PEER -A
 
 	dd if=/dev/urandom of=/tmp/data bs=1M count=16 2>/dev/null

@@ -29,8 +29,7 @@ md5_of_disk() { dd if=$DISK bs=1M count=$MIB 2>/dev/null | md5sum | cut -c1-32; 
 phase_first() {
 	echo "1..4"
 	disk_up; up=$?
-	check bound "no $DISK: the nvme driver did not bind the function" [ $up = 0 ]
-	[ $up = 0 ] || return
+	need bound "no $DISK: the nvme driver did not bind the function" [ $up = 0 ]
 	model=$(sed 's/ *$//' /sys/class/nvme/nvme0/model)
 	echo "# model $model, $(cat /sys/block/nvme0n1/size) sectors"
 	check model "model '$model', want the subsystem's Linux-pci-epf" [ "$model" = Linux-pci-epf ]
@@ -52,8 +51,7 @@ phase_first() {
 phase_again() {
 	echo "1..2"
 	disk_up; up=$?
-	check bound "no $DISK after the RC's reboot" [ $up = 0 ]
-	[ $up = 0 ] || return
+	need bound "no $DISK after the RC's reboot" [ $up = 0 ]
 	mark=$(dd if=$DISK bs=4096 skip=$MARK_BLOCK count=1 2>/dev/null | head -c 40 | tr -d '\0')
 	got=$(md5_of_disk)
 	echo "# after the reboot: md5 $got; written before it: ${mark#vfio-ep }"
