@@ -43,7 +43,7 @@ def _boot(phase: str, run_dir: Path, env: str = "", nics: Path | None = None
           ) -> list[GuestResult]:
     specs = [GuestSpec(role, ctrl, f"{env} sh /ntb_pair.sh {role} {phase}".strip(),
                        qemu_args=_virtio_nic(nics, role, peer) if nics else (),
-                       cue=pair_cue(phase) if role == "b" else None)
+                       cue=pair_cue(role, phase))
              for role, peer, ctrl in zip(PAIR_ROLES, PAIR_ROLES[::-1], CONTROLLERS,
                                          strict=True)]
     results = boot_guests(specs, server_args=SERVER_ARGS, timeout=600, run_dir=run_dir,

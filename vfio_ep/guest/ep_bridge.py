@@ -78,7 +78,7 @@ def run_ntb_bridge(run: EpGuestRun, assets: GuestAssets, top: Path, facts: dict[
             (top / phase).mkdir(exist_ok=True)  # --run-dir may be an earlier run's
             progress.running = [top / phase / role for role in PAIR_ROLES]
             rcs = [RcGuest(role, ctrl, f"{ntb_id} {PERF_LEAVE} sh /ntb_pair.sh {role} {phase}",
-                           cue=pair_cue(phase) if role == "b" else None)
+                           cue=pair_cue(role, phase))
                    for role, ctrl in zip(PAIR_ROLES, controllers, strict=True)]
             result = boot_ep_guests(run, assets, top / phase, controllers, rcs,
                                     timeout=timeout, options=options, rc_files=FILES)

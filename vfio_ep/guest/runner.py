@@ -55,11 +55,11 @@ TRANSPORT_LOADED = "# ntb_transport loaded"
 TRANSPORT_PHASES = ("netdev", "bench", "ping")
 
 
-def pair_cue(phase: str) -> Cue | None:
-    """When b of an NTB pair boots in ``phase``: after a has loaded ntb_transport, if the
-    phase loads it (two hosts that enable its link at once can lose it: ntb_pair.sh's
-    transport_up says how), else with a."""
-    return ("a", TRANSPORT_LOADED) if phase in TRANSPORT_PHASES else None
+def pair_cue(role: str, phase: str) -> Cue | None:
+    """When guest ``role`` of an NTB pair boots in ``phase``: b after a has loaded
+    ntb_transport, if the phase loads it (two hosts that enable its link at once can lose
+    it: ntb_pair.sh's transport_up says how); else with the other."""
+    return ("a", TRANSPORT_LOADED) if role == "b" and phase in TRANSPORT_PHASES else None
 
 
 @dataclass(frozen=True)
@@ -472,7 +472,7 @@ def _run_ntb_pair(spec: RunSpec, assets: GuestAssets, controllers: tuple[str, st
         for phase in select_phases("NTB pair phase", spec.guest_args, PAIR_PHASES):
             print(f"# --- {phase}: both guests run {phase} ---", flush=True)
             guests = [GuestSpec(role, ctrl, f"sh /ntb_pair.sh {role} {phase}",
-                                cue=pair_cue(phase) if role == "b" else None)
+                                cue=pair_cue(role, phase))
                       for role, ctrl in zip(PAIR_ROLES, controllers, strict=True)]
             if phase == "rejoin":  # b's QEMU is gone, and b boots again
                 guests.append(GuestSpec("b2", controllers[1],
