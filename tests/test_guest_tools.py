@@ -182,25 +182,38 @@ def test_a_suite_that_bails_out_reports_the_rest_not_run() -> None:
     assert report.tests[2].reason == "not run: Bail out! pair.link_up: no carrier"
 
 
+class _Boot:
+    """A guest's boot for guests.Cues, as the scheduler sees one: started, then ended."""
+
+    def __init__(self) -> None:
+        self.started, self.ends = asyncio.Event(), asyncio.Event()
+
+    async def run(self, timeout: float) -> None:
+        self.started.set()
+        await self.ends.wait()
+
+
 def test_a_cued_guest_waits_for_the_line_or_the_guests_end() -> None:
     """guests.Cues: a guest cued on ("a", LINE) boots once a has printed LINE (another
     guest's line, or another line of a's, is no cue), or once a has ended without it."""
     async def scenario() -> None:
-        cues = guests.Cues([("a", "# loaded"), None])
-        a_ends = asyncio.Event()
-        a = asyncio.create_task(a_ends.wait())
-        b = asyncio.create_task(cues.wait(("a", "# loaded"), a))
+        cues = guests.Cues([("a", "# loaded"), ("a", "never"), None])
+        a, b, c = _Boot(), _Boot(), _Boot()
+        booting = [cues.boot("a", a, 1), cues.boot("b", b, 1, cue=("a", "# loaded")),
+                   cues.boot("c", c, 1, cue=("a", "never"))]
+        await asyncio.wait_for(a.started.wait(), 1)
         for label, line in (("b", "# loaded"), ("a", "# loaded later")):
             cues.heard(label, line)
             await asyncio.sleep(0.01)
-            assert not b.done()
+            assert not b.started.is_set()
         cues.heard("a", "# loaded")
-        await asyncio.wait_for(b, 1)
-        never = asyncio.create_task(guests.Cues([("a", "never")]).wait(("a", "never"), a))
-        await asyncio.sleep(0.01)
-        assert not never.done()
-        a_ends.set()
-        await asyncio.wait_for(never, 1)
+        await asyncio.wait_for(b.started.wait(), 1)
+        assert not c.started.is_set()
+        a.ends.set()
+        await asyncio.wait_for(c.started.wait(), 1)
+        b.ends.set()
+        c.ends.set()
+        await asyncio.gather(*booting)
 
     asyncio.run(scenario())
 

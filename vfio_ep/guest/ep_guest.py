@@ -42,7 +42,7 @@ from vfio_ep.configfs_script import board_script, parse_script
 from vfio_ep.epf.functions import DRIVERS
 from vfio_ep.guest.assets import EP_GUEST, KSELFTEST
 from vfio_ep.guest.children import run_async
-from vfio_ep.guest.guests import Cue, Cues, boot_when
+from vfio_ep.guest.guests import Cue, Cues
 from vfio_ep.guest.kernel_build import (
     EPC_MODULE,
     build_epc_driver,
@@ -496,15 +496,12 @@ async def _boot_pair(ep: _EpSide, rc_assets: GuestAssets, names: Sequence[str], 
                               + (result.error or last_words(result.output)))
         left = timeout - (time.monotonic() - started)
         cues = Cues(rc.cue for rc in rcs)
-        booting: dict[str, asyncio.Task[GuestResult]] = {}
-        for guest in rcs:
-            rc_run = _rc_guest(guest.script, rc_assets, sockets[guest.controller],
-                               top / guest.label, rc_options,
-                               _live(guest.label, partial(cues.heard, guest.label)), files[1])
-            booting[guest.label] = asyncio.create_task(boot_when(
-                rc_run, left,
-                cue=partial(cues.wait, guest.cue, booting[guest.cue[0]]) if guest.cue else None))
-        rc_results = list(await asyncio.gather(*booting.values()))
+        rc_results = list(await asyncio.gather(*(
+            cues.boot(rc.label, _rc_guest(rc.script, rc_assets, sockets[rc.controller],
+                                          top / rc.label, rc_options,
+                                          _live(rc.label, partial(cues.heard, rc.label)),
+                                          files[1]), left, cue=rc.cue)
+            for rc in rcs)))
         again = []
         for boot, script in enumerate(rc_again, len(rcs) + 1):
             label = f"rc{boot}"

@@ -4,7 +4,7 @@ host that comes back."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -36,35 +36,44 @@ class GuestSpec:
 
 
 class Cues:
-    """The lines some guests of a run wait for before they boot (:data:`Cue`): the guests'
-    live output goes through :meth:`heard`."""
+    """The boots of a run's guests, each once what it waits for has happened (``after``: a
+    guest has exited; ``cue``, a :data:`Cue`: a guest has printed a line, or exited without
+    it).  The guests' live output goes through :meth:`heard`."""
 
     def __init__(self, wanted: Iterable[Cue | None]) -> None:
         self._said = {cue: asyncio.Event() for cue in wanted if cue is not None}
+        self._booting: dict[str, asyncio.Task[GuestResult]] = {}
 
     def heard(self, label: str, line: str) -> None:
         if (said := self._said.get((label, line))) is not None:
             said.set()
 
-    async def wait(self, cue: Cue, guest: asyncio.Task[GuestResult]) -> None:
-        """Until ``cue``'s guest, running as ``guest``, has printed its line or has ended
-        (its own result then says why it never did)."""
+    def boot(self, label: str, run: GuestRun, timeout: float, *, after: str | None = None,
+             cue: Cue | None = None) -> asyncio.Task[GuestResult]:
+        """``run``'s boot as guest ``label``, once guest ``after`` has exited and ``cue``
+        has come; either names a guest booted before this one."""
+        before = self._booting[after] if after else None
+        task = asyncio.create_task(self._boot(run, timeout, before, cue))
+        self._booting[label] = task
+        return task
+
+    async def _boot(self, run: GuestRun, timeout: float,
+                    before: asyncio.Task[GuestResult] | None, cue: Cue | None) -> GuestResult:
+        if before is not None:
+            await asyncio.wait([before])  # its failure is its own result
+        if cue is not None:
+            await self.wait(cue)
+        return await run.run(timeout)
+
+    async def wait(self, cue: Cue) -> None:
+        """Until ``cue``'s guest has printed its line or has ended (its own result then
+        says why it never did)."""
         said = asyncio.create_task(self._said[cue].wait())
         try:
-            await asyncio.wait({said, guest}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({said, self._booting[cue[0]]},
+                               return_when=asyncio.FIRST_COMPLETED)
         finally:
             said.cancel()
-
-
-async def boot_when(run: GuestRun, timeout: float, *,
-                    after: asyncio.Task[GuestResult] | None = None,
-                    cue: Callable[[], Awaitable[None]] | None = None) -> GuestResult:
-    """``run``'s boot once the guest ``after`` runs as has ended and ``cue()`` is done."""
-    if after is not None:
-        await asyncio.wait([after])  # its failure is its own result
-    if cue is not None:
-        await cue()
-    return await run.run(timeout)
 
 
 def boot_guests(specs: Sequence[GuestSpec], *, server_args: list[str],
@@ -90,7 +99,7 @@ async def _boot_guests(specs: Sequence[GuestSpec], server_args: list[str],
     log = run_dir / "server.log"
     cues = Cues(s.cue for s in specs)
     async with running_server([s.controller for s in specs], server_args, log) as served:
-        tasks: dict[str, asyncio.Task[GuestResult]] = {}
+        tasks = []
         for i, s in enumerate(specs):
             gdb_port = None if options.gdb_port is None else options.gdb_port + i
             run = GuestRun(GuestBoot(
@@ -98,10 +107,8 @@ async def _boot_guests(specs: Sequence[GuestSpec], server_args: list[str],
                 run_dir=run_dir / s.label, files=files, qemu_args=s.qemu_args,
                 options=replace(options, gdb_port=gdb_port),
                 live=partial(_heard, cues, s.label, live)))
-            tasks[s.label] = asyncio.create_task(boot_when(
-                run, timeout, after=tasks[s.after] if s.after else None,
-                cue=partial(cues.wait, s.cue, tasks[s.cue[0]]) if s.cue else None))
-        results = await asyncio.gather(*tasks.values())
+            tasks.append(cues.boot(s.label, run, timeout, after=s.after, cue=s.cue))
+        results = await asyncio.gather(*tasks)
     server_log = log.read_text(errors="replace")
     return [replace(r, server_log=server_log, facts=served.facts) for r in results]
 
